@@ -1,0 +1,1 @@
+"""Thin Typer commands: parse, call the core, render (STYLE 8)."""

@@ -1,0 +1,94 @@
+"""The `llama-orch` command: root options, sub-commands, one error handler."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from llama_orchestrator import __version__
+from llama_orchestrator.cli import config_cmd, demo, inspect, lifecycle, logs
+from llama_orchestrator.cli.context import AppContext, err
+from llama_orchestrator.errors import ConfigError, OrchError
+from llama_orchestrator.home import resolve_home
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="llama-orch",
+    help="A Docker-style process supervisor for llama.cpp's llama-server.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llama-orch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    home: Optional[Path] = typer.Option(
+        None, "--home", envvar="LLAMA_ORCH_HOME", help="The home folder (default: nearest with instances/)."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version."),
+) -> None:
+    app_ctx = AppContext(resolve_home(home), debug)
+    ctx.obj = app_ctx
+    ctx.call_on_close(app_ctx.close)
+
+
+lifecycle.register(app)
+inspect.register(app)
+logs.register(app)
+app.add_typer(config_cmd.app, name="config")
+app.command("demo")(demo.demo)
+
+
+def _report(exc: OrchError) -> None:
+    if isinstance(exc, ConfigError):
+        n = len(exc.problems)
+        err.print(f"[red]error:[/] {n} problem{'s' if n != 1 else ''} in the config:", markup=True)
+        for p in exc.problems:
+            err.print(f"  {p}", markup=False)
+        return
+    err.print("[red]error:[/] ", end="", markup=True)
+    err.print(str(exc), markup=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and turn every failure into one clear message.
+
+    Typer (in standalone mode) reports usage errors itself, exit 2; our own
+    errors and anything unexpected arrive here."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="llama-orch")
+    except OrchError as exc:
+        if debug:
+            traceback.print_exc()
+        _report(exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # a bug of ours: say so, without a wall of traceback
+        if debug:
+            traceback.print_exc()
+        else:
+            err.print(
+                f"[red]internal error:[/] {type(exc).__name__}: {exc}. "
+                "Run again with --debug for the traceback, and please report it.",
+                markup=True,
+            )
+        sys.exit(1)

@@ -1,0 +1,52 @@
+"""config validate | schema | show."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from llama_orchestrator.cli.context import app_context, err, out, print_json
+from llama_orchestrator.config import InstanceConfig, redacted
+from llama_orchestrator.errors import ConfigError, UnknownInstance
+from llama_orchestrator.validate import load_all, validate_home
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Check and show instance configs.", no_args_is_help=True)
+
+
+@app.command()
+def validate(ctx: typer.Context, name: Optional[str] = typer.Argument(None)) -> None:
+    """Check every instance (or one): schema, ports, model files, llama-server."""
+    a = app_context(ctx)
+    names = a.engine.resolve_names([name]) if name else None
+    problems = validate_home(a.home, names)
+    errors = [p for p in problems if p.severity == "error"]
+    for p in problems:
+        if p.severity == "warning":
+            err.print(f"warning: {p}", markup=False)
+    if errors:
+        raise ConfigError(errors)
+    count = len(names) if names else len(a.home.instance_names())
+    out.print(f"{count} instance config{'s' if count != 1 else ''} OK")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of instances/<name>/config.json (for editors)."""
+    print_json(InstanceConfig.model_json_schema())
+
+
+@app.command()
+def show(ctx: typer.Context, name: str = typer.Argument(...)) -> None:
+    """Print an instance's config with defaults filled in and secrets hidden."""
+    a = app_context(ctx)
+    (name,) = a.engine.resolve_names([name])
+    item = next((x for x in load_all(a.home) if x.name == name), None)
+    if item is None:  # known to the store only: its config folder is gone
+        raise UnknownInstance(name, a.home.instance_names())
+    if item.config is None:
+        raise ConfigError(item.problems)
+    out.print_json(json.dumps(redacted(item.config)))

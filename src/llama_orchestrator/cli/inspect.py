@@ -1,0 +1,144 @@
+"""ps, describe, health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from llama_orchestrator.cli.context import app_context, out, print_json
+from llama_orchestrator.config import redacted
+from llama_orchestrator.engine.status import collect, iso
+from llama_orchestrator.errors import OrchError
+from llama_orchestrator.timefmt import human_duration
+from llama_orchestrator.validate import load_all
+
+__all__ = ["register", "ps_table", "STATE_STYLES"]
+
+STATE_STYLES = {
+    "healthy": "green", "starting": "yellow", "unhealthy": "red", "backoff": "yellow",
+    "stopping": "yellow", "stopped": "dim", "created": "dim", "exited": "red", "failed": "bold red",
+}
+
+
+def ps_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("NAME", "STATE", "PID", "PORT", "ALIAS", "BACKEND", "RESTARTS", "UPTIME", "MODEL"):
+        table.add_column(col, no_wrap=col != "MODEL")
+    for r in rows:
+        state = r["state"]
+        if r["pid"] and not r["supervised"]:
+            state += "*"
+        if r["config_error"]:
+            state += " (bad config)"
+        gpus = ",".join(str(g) for g in r["gpu_devices"])
+        backend = f"{r['backend']}:{gpus}" if gpus else (r["backend"] or "-")
+        model = (r["model_path"] or "-").rsplit("/", 1)[-1]
+        table.add_row(
+            r["name"], f"[{STATE_STYLES.get(r['state'], '')}]{state}[/]", str(r["pid"] or "-"),
+            str(r["port"] or "-"), r["alias"] or "-", backend, str(r["restarts"]),
+            human_duration(r["uptime_s"]), model,
+        )
+    return table
+
+
+def ps(ctx: typer.Context, json_: bool = typer.Option(False, "--json", help="JSON output.")) -> None:
+    """List instances and their state."""
+    rows = collect(app_context(ctx).engine)
+    if json_:
+        print_json(rows)
+        return
+    if not rows:
+        out.print("No instances yet. Create one with: llama-orch init NAME --model PATH")
+        return
+    out.print(ps_table(rows))
+    if any(r["pid"] and not r["supervised"] for r in rows):
+        out.print("[dim]* unsupervised: no daemon runs, so nothing restarts it if it dies[/]")
+
+
+def _describe_data(ctx: typer.Context, name: str) -> dict[str, Any]:
+    app = app_context(ctx)
+    engine = app.engine
+    (name,) = engine.resolve_names([name])
+    data: dict[str, Any] = collect(engine, [name])[0]
+    loaded = {x.name: x for x in load_all(app.home)}
+    item = loaded.get(name)
+    if item is not None:
+        data["config_path"] = str(item.path)
+        if item.config is not None:
+            data["config"] = redacted(item.config)
+            try:
+                (prepared,) = engine.prepare([name])
+                launch = prepared.launch
+                data["command"] = launch.argv
+                data["env"] = {
+                    k: ("********" if k == "LLAMA_API_KEY" else v) for k, v in launch.added_env.items()
+                }
+            except OrchError as exc:
+                data["command_error"] = str(exc)
+    log_dir = app.home.log_dir(name)
+    data["logs"] = {s: str(log_dir / f"{s}.log") for s in ("stdout", "stderr")}
+    data["events"] = [
+        {**e.to_json(), "ts": iso(e.ts)} for e in engine.store.events(name, limit=10)
+    ]
+    return data
+
+
+def describe(
+    ctx: typer.Context,
+    name: str = typer.Argument(...),
+    json_: bool = typer.Option(False, "--json", help="JSON output."),
+) -> None:
+    """Everything about one instance: config, command, state, last exit, events."""
+    d = _describe_data(ctx, name)
+    if json_:
+        print_json(d)
+        return
+    state_style = STATE_STYLES.get(d["state"], "")
+    out.print(f"[bold]{d['name']}[/]  [{state_style}]{d['state']}[/]  (desired: {d['desired']})")
+    for key in ("pid", "host", "port", "alias", "model_path", "backend", "gpu_devices",
+                "restarts", "started_at", "uptime_s", "exit_code", "supervised", "config_path"):
+        out.print(f"  {key:<12} {d.get(key)}", markup=False)
+    if d.get("command"):
+        out.print("  command      " + " ".join(d["command"]), markup=False)
+        for k, v in d.get("env", {}).items():
+            out.print(f"  env          {k}={v}", markup=False)
+    if d.get("command_error"):
+        out.print(f"  [red]cannot start:[/] {d['command_error']}")
+    last = d.get("last_exit")
+    if last:
+        how = f"signal {last['signal']}" if last.get("signal") else f"code {last.get('code')}"
+        out.print(f"  last exit    {how} at {iso(last.get('at'))}", markup=False)
+        for line in last.get("stderr_tail", [])[-10:]:
+            out.print(f"    | {line}", markup=False)
+    out.print(f"  logs         {d['logs']['stderr']}", markup=False)
+    if d["events"]:
+        out.print("  events:")
+        for e in d["events"]:
+            out.print(f"    {e['ts']}  {e['kind']:<10} {e['message']}", markup=False)
+
+
+def health(
+    ctx: typer.Context,
+    name: str = typer.Argument(...),
+    json_: bool = typer.Option(False, "--json", help="JSON output."),
+) -> None:
+    """Probe /health once; exit 0 only if healthy."""
+    engine = app_context(ctx).engine
+    (name,) = engine.resolve_names([name])
+    p = engine.probe(name)
+    if json_:
+        print_json({
+            "name": name, "healthy": p.ok, "status": p.status, "http_status": p.http_status,
+            "latency_ms": round(p.latency_ms, 2), "error": p.error,
+        })
+    else:
+        detail = f"HTTP {p.http_status}" if p.http_status else (p.error or "")
+        out.print(f"{name}: {p.status} ({detail}, {p.latency_ms:.1f} ms)", markup=False)
+    raise typer.Exit(0 if p.ok else 1)
+
+
+def register(app: typer.Typer) -> None:
+    for cmd in (ps, describe, health):
+        app.command()(cmd)

@@ -1,0 +1,149 @@
+"""init, up, down, restart, rm."""
+
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+import typer
+
+from llama_orchestrator.cli.context import app_context, err, out
+from llama_orchestrator.config import BACKENDS
+from llama_orchestrator.create import create_instance
+from llama_orchestrator.engine.lifecycle import Progress, UpResult
+from llama_orchestrator.errors import UserError
+
+__all__ = ["register"]
+
+
+def _parse_gpus(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--gpu {text!r} is not a list of GPU indices.", hint="Use e.g. --gpu 0 or --gpu 0,3.") from None
+
+
+def init(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Instance name (lowercase letters, digits, . _ -)."),
+    model: str = typer.Option(..., "--model", "-m", help="Path to the GGUF model."),
+    port: Optional[int] = typer.Option(None, help="Port (default: the first free one from 8001)."),
+    host: str = typer.Option("127.0.0.1", help="Address llama-server listens on."),
+    backend: str = typer.Option("cpu", help=f"One of {', '.join(BACKENDS)}."),
+    gpu: Optional[str] = typer.Option(None, help="GPU index or list, e.g. 0 or 0,3."),
+    layers: Optional[int] = typer.Option(None, help="Layers to offload to the GPU (-ngl)."),
+    ctx_size: int = typer.Option(4096, "--ctx", help="Context size in tokens."),
+    parallel: int = typer.Option(1, help="Parallel request slots."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads."),
+    alias: Optional[str] = typer.Option(None, help="Model name clients ask for (default: NAME)."),
+    tag: List[str] = typer.Option([], "--tag", help="A tag (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing config."),
+    extra: Optional[List[str]] = typer.Argument(None, help="More llama-server arguments after --."),
+) -> None:
+    """Create instances/NAME/config.json."""
+    app = app_context(ctx)
+    path = create_instance(
+        app.home, name, model=model, port=port, host=host, backend=backend, gpus=_parse_gpus(gpu),
+        layers=layers, ctx=ctx_size, parallel=parallel, threads=threads, alias=alias, tags=tag,
+        extra_args=extra or [], force=force,
+    )
+    out.print(f"Created {path}")
+    out.print(f"Start it with: llama-orch up {name}")
+
+
+def _progress_printer() -> tuple[Progress, "object"]:
+    """A live status line on stderr while models load (nothing when piped)."""
+    status = err.status("Starting…") if err.is_terminal else None
+    if status is not None:
+        status.start()
+
+    def on_progress(name: str, phase: str, elapsed: float, detail: str) -> None:
+        if phase == "healthy":
+            err.print(f"[green]✔[/] {name} healthy after {elapsed:.1f}s", markup=True)
+        elif status is not None:
+            status.update(f"{name}: {phase} ({elapsed:.0f}s)  [dim]{detail[-80:]}[/]")
+
+    return on_progress, status
+
+
+def _report_up(results: list[UpResult]) -> None:
+    for r in results:
+        url = f"http://127.0.0.1:{r.port}"
+        if r.outcome == "already running":
+            out.print(f"{r.name} is already running (pid {r.pid}) on {url}")
+        else:
+            out.print(f"{r.name} started (pid {r.pid}) on {url}")
+
+
+def up(
+    ctx: typer.Context,
+    names: Optional[List[str]] = typer.Argument(None, help="Instances to start."),
+    all_: bool = typer.Option(False, "--all", help="Start every instance."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until /health answers 200."),
+    timeout: float = typer.Option(300, help="Seconds to wait for health."),
+    no_daemon: bool = typer.Option(False, "--no-daemon", help="Run unsupervised (no daemon)."),
+) -> None:
+    """Start instances in the background."""
+    app = app_context(ctx)
+    targets = app.engine.resolve_names(names or [], all_)
+    on_progress, status = _progress_printer()
+    try:
+        results = app.engine.up(targets, wait=wait, timeout=timeout, on_progress=on_progress)
+    finally:
+        if status is not None:
+            status.stop()  # type: ignore[attr-defined]
+    _report_up(results)
+
+
+def down(
+    ctx: typer.Context,
+    names: Optional[List[str]] = typer.Argument(None, help="Instances to stop."),
+    all_: bool = typer.Option(False, "--all", help="Stop every instance."),
+    timeout: Optional[float] = typer.Option(None, help="Seconds before a kill (default: stop_timeout)."),
+) -> None:
+    """Stop instances (SIGTERM, then kill the tree after the timeout)."""
+    app = app_context(ctx)
+    targets = app.engine.resolve_names(names or [], all_)
+    t0 = time.monotonic()
+    stopped = app.engine.down(targets, timeout)
+    for name in targets:
+        out.print(f"{name} {'stopped' if name in stopped else 'was not running'}")
+    if stopped:
+        err.print(f"[dim]({time.monotonic() - t0:.1f}s)[/]", markup=True)
+
+
+def restart(
+    ctx: typer.Context,
+    names: List[str] = typer.Argument(..., help="Instances to restart."),
+    timeout: float = typer.Option(300, help="Seconds to wait for health."),
+) -> None:
+    """Stop and start instances again."""
+    app = app_context(ctx)
+    targets = app.engine.resolve_names(names)
+    on_progress, status = _progress_printer()
+    try:
+        results = app.engine.restart(targets, timeout=timeout, on_progress=on_progress)
+    finally:
+        if status is not None:
+            status.stop()  # type: ignore[attr-defined]
+    _report_up(results)
+
+
+def rm(
+    ctx: typer.Context,
+    name: str = typer.Argument(...),
+    force: bool = typer.Option(False, "--force", "-f", help="Stop it first if it runs."),
+) -> None:
+    """Remove an instance: its config, logs and state."""
+    app = app_context(ctx)
+    (target,) = app.engine.resolve_names([name])
+    app.engine.rm(target, force)
+    out.print(f"{target} removed")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(init)
+    for cmd in (up, down, restart, rm):
+        app.command()(cmd)

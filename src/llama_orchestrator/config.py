@@ -1,0 +1,320 @@
+"""Instance configs and global settings: pydantic models, parsing with
+messages a user can act on, and atomic saving (DESIGN §1, §2).
+
+Parsing takes text; finding the file is the caller's business, so the same
+functions serve `config validate`, `up` and the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llama_orchestrator.errors import ConfigError, Problem
+from llama_orchestrator.home import NAME_RE
+
+__all__ = [
+    "Backend",
+    "BACKENDS",
+    "InstanceConfig",
+    "Settings",
+    "parse_config",
+    "parse_settings",
+    "load_config",
+    "load_settings",
+    "save_config",
+    "atomic_write_text",
+    "redacted",
+]
+
+Backend = Literal["cpu", "cuda", "rocm", "vulkan", "sycl", "metal"]
+BACKENDS: tuple[str, ...] = ("cpu", "cuda", "rocm", "vulkan", "sycl", "metal")
+RestartMode = Literal["no", "on-failure", "always", "unless-stopped"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelSection(_Section):
+    path: str
+    """Path to the GGUF file; relative paths resolve against the config file's folder."""
+    context_size: int = Field(4096, ge=0)
+    """Context size in tokens (-c); 0 lets llama-server use the model's own."""
+    batch_size: int | None = Field(None, ge=1)
+    """Logical batch size (-b)."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads for generation (-t)."""
+    alias: str | None = None
+    """The model name clients ask the router for; defaults to the instance name."""
+
+
+class ServerSection(_Section):
+    host: str = "127.0.0.1"
+    """Address llama-server listens on. Anything but loopback exposes it to the network."""
+    port: int = Field(ge=1, le=65535)
+    """TCP port llama-server listens on; unique per host."""
+    parallel: int = Field(1, ge=1)
+    """Number of parallel request slots (-np)."""
+    api_key: str | None = None
+    """API key llama-server requires; passed through the environment, never argv."""
+    extra_args: list[str] = Field(default_factory=list)
+    """More llama-server arguments, one list item per argv word (never a shell string)."""
+
+
+class GpuSection(_Section):
+    backend: Backend = "cpu"
+    """The llama.cpp backend to pin devices for: cpu, cuda, rocm, vulkan, sycl or metal."""
+    device_id: Union[int, list[int], None] = None
+    """GPU index, or a list of indices for a model split over several cards."""
+    layers: int | None = Field(None, ge=-1)
+    """Layers to offload to the GPU (-ngl); omitted means llama-server's default."""
+    split_mode: Literal["none", "layer", "row"] | None = None
+    """How a model is split over several GPUs (-sm)."""
+    tensor_split: list[float] | None = None
+    """Share of the model per pinned GPU, in device order (-ts), e.g. [3, 1]."""
+
+    @field_validator("device_id")
+    @classmethod
+    def _non_negative(cls, v: int | list[int] | None) -> int | list[int] | None:
+        ids = [v] if isinstance(v, int) else (v or [])
+        if any(i < 0 for i in ids):
+            raise ValueError("GPU indices are 0 or more")
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError("a GPU index appears twice")
+        return v
+
+    @property
+    def devices(self) -> list[int]:
+        if self.device_id is None:
+            return []
+        return [self.device_id] if isinstance(self.device_id, int) else list(self.device_id)
+
+
+class HealthcheckSection(_Section):
+    interval: float = Field(10, gt=0)
+    """Seconds between health probes."""
+    timeout: float = Field(5, gt=0)
+    """Seconds a probe may take before it counts as a failure."""
+    retries: int = Field(3, ge=1)
+    """Consecutive failures before the instance is unhealthy."""
+    start_period: float = Field(120, ge=0)
+    """Seconds after start during which a loading model (503) or a refused connection is not a failure."""
+    probe: Literal["health", "completion"] = "health"
+    """`health` probes GET /health; `completion` also sends a 1-token completion every deep_interval."""
+    deep_interval: float = Field(60, gt=0)
+    """Seconds between completion probes when probe is `completion`."""
+
+
+class RestartPolicySection(_Section):
+    enabled: bool = True
+    """Original format: false means mode `no`."""
+    mode: RestartMode | None = None
+    """no | on-failure | always | unless-stopped, as Docker's; default on-failure (or no when enabled is false)."""
+    max_retries: int = Field(5, ge=0)
+    """Restarts before the instance is `failed` and stays down until `up` or `restart`."""
+    backoff_initial: float = Field(1, ge=0)
+    """Seconds before the first restart; doubles with each further one."""
+    backoff_max: float = Field(60, ge=0)
+    """Upper bound of the restart delay in seconds."""
+    reset_after: float = Field(60, ge=0)
+    """Seconds an instance must stay up for its restart count to reset."""
+
+    @property
+    def effective_mode(self) -> str:
+        if self.mode is not None:
+            return self.mode
+        return "on-failure" if self.enabled else "no"
+
+
+class OnDemandSection(_Section):
+    idle_ttl: float = Field(300, gt=0)
+    """Seconds without requests after which the router stops the instance."""
+    load_timeout: float = Field(300, gt=0)
+    """Seconds a request waits for the model to load."""
+    group: str | None = None
+    """Swap group: at most `max_running` members run at once."""
+
+
+class InstanceConfig(_Section):
+    """One llama-server instance: `instances/<name>/config.json`."""
+
+    name: str | None = None
+    """Instance name; must match the folder name when given."""
+    model: ModelSection
+    server: ServerSection
+    gpu: GpuSection = Field(default_factory=GpuSection)
+    healthcheck: HealthcheckSection = Field(default_factory=HealthcheckSection)
+    restart_policy: RestartPolicySection = Field(default_factory=RestartPolicySection)
+    stop_timeout: float = Field(10, ge=0)
+    """Seconds between the graceful stop signal and killing the process tree."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment variables for llama-server."""
+    binary: str | None = None
+    """The llama-server executable for this instance (overrides every other lookup)."""
+    tags: list[str] = Field(default_factory=list)
+    """Tags that plans and the router can select by (`tags:worker`)."""
+    autostart: bool = False
+    """Start with the daemon / service."""
+    on_demand: OnDemandSection | None = None
+    """Started by the router on first request and stopped when idle."""
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.match(v):
+            raise ValueError("use lowercase letters, digits, '.', '_' or '-' (max 63)")
+        return v
+
+    def alias_or(self, name: str) -> str:
+        return self.model.alias or name
+
+    def model_path(self, config_dir: Path) -> Path:
+        """The model file, relative paths resolved against the config's folder."""
+        p = Path(self.model.path).expanduser()
+        return p if p.is_absolute() else (config_dir / p).resolve()
+
+
+class RouterSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    max_queue: int = Field(64, ge=0)
+    queue_timeout: float = Field(30, ge=0)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
+
+
+class LogSettings(_Section):
+    max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    """Size at which an instance log is rotated."""
+    backups: int = Field(3, ge=0)
+    """Rotated files kept (.1 .2 ...)."""
+
+
+class GpuSettings(_Section):
+    sample_interval: float = Field(5, gt=0)
+    temp_threshold: float = 85
+
+
+class Settings(_Section):
+    """Global settings: `<home>/llama-orch.json` (all optional)."""
+
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    logs: LogSettings = Field(default_factory=LogSettings)
+    gpu: GpuSettings = Field(default_factory=GpuSettings)
+
+
+# --- parsing -----------------------------------------------------------------
+
+_FIX_HINTS = {
+    "extra_forbidden": "unknown field; remove it or fix its spelling",
+    "missing": "required field is missing; add it",
+}
+
+
+def pydantic_problems(file: str, exc: ValidationError) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"])
+        hint = _FIX_HINTS.get(err["type"])
+        if err["type"] == "literal_error" and err["loc"][-1] == "backend":
+            msg = f"unknown backend {err['input']!r}; use one of {', '.join(BACKENDS)}"
+        elif hint:
+            msg = hint
+        else:
+            msg = f"{err['msg']} (got {json.dumps(err['input'], default=str)})"
+        problems.append(Problem(file, field, msg))
+    return problems
+
+
+def _parse_json(text: str, file: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            [Problem(file, "", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")]
+        ) from None
+
+
+def parse_config(text: str, file: str, name: str) -> InstanceConfig:
+    """Parse one instance config; raise ConfigError listing every problem."""
+    data = _parse_json(text, file)
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(file, "", "the config must be a JSON object {...}")])
+    try:
+        cfg = InstanceConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(pydantic_problems(file, exc)) from None
+    if cfg.name is not None and cfg.name != name:
+        raise ConfigError(
+            [Problem(file, "name", f"'{cfg.name}' differs from the folder name '{name}'; "
+                     "make them the same or remove the field")]
+        )
+    return cfg
+
+
+def parse_settings(text: str, file: str) -> Settings:
+    data = _parse_json(text, file)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(pydantic_problems(file, exc)) from None
+
+
+def load_config(path: Path) -> InstanceConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), "", f"cannot be read: {exc.strerror}")]) from None
+    return parse_config(text, str(path), path.parent.name)
+
+
+def load_settings(path: Path) -> Settings:
+    if not path.is_file():
+        return Settings()
+    return parse_settings(path.read_text(encoding="utf-8"), str(path))
+
+
+# --- saving ------------------------------------------------------------------
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder, fsync, then rename over `path`,
+    so a crash leaves either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if os.name == "posix":  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def save_config(path: Path, cfg: InstanceConfig) -> None:
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def redacted(cfg: InstanceConfig) -> dict[str, Any]:
+    """The config as JSON data with secrets replaced, for describe/show/events."""
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    if data["server"].get("api_key"):
+        data["server"]["api_key"] = "********"
+    for key in list(data.get("env", {})):
+        if any(s in key.upper() for s in ("KEY", "TOKEN", "SECRET", "PASSWORD")):
+            data["env"][key] = "********"
+    return data

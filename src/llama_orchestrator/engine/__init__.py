@@ -1,0 +1,1 @@
+"""The engine: building launches, processes, health, logs and the lifecycle."""

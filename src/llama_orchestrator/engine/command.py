@@ -1,0 +1,116 @@
+"""Build llama-server's argv and environment from a config (pure; DESIGN §3).
+
+No I/O: the binary and model path are resolved by the caller, so every
+decision here is tested without a process or a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama_orchestrator.config import InstanceConfig
+
+__all__ = ["Launch", "build_launch", "PIN_VARS", "MANAGED_FLAGS", "check_extra_args"]
+
+#: The environment variable that limits which GPUs each backend sees.
+PIN_VARS = {
+    "cuda": "CUDA_VISIBLE_DEVICES",
+    "rocm": "HIP_VISIBLE_DEVICES",
+    "vulkan": "GGML_VK_VISIBLE_DEVICES",
+    "sycl": "ONEAPI_DEVICE_SELECTOR",
+}
+
+#: Flags llama-orch sets itself; the same flag in extra_args would fight it.
+MANAGED_FLAGS = {
+    "-m": "model.path", "--model": "model.path",
+    "--host": "server.host", "--port": "server.port",
+    "-c": "model.context_size", "--ctx-size": "model.context_size",
+    "-np": "server.parallel", "--parallel": "server.parallel",
+    "--alias": "model.alias", "-a": "model.alias",
+    "--api-key": "server.api_key", "--api-key-file": "server.api_key",
+    "-ngl": "gpu.layers", "--gpu-layers": "gpu.layers", "--n-gpu-layers": "gpu.layers",
+}
+
+#: Marks a child as this home's instance, so it can be found again after a crash of ours.
+INSTANCE_ENV = "LLAMA_ORCH_INSTANCE"
+HOME_ENV = "LLAMA_ORCH_HOME"
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    env: dict[str, str]
+    #: Variables this launch set on top of the base environment (for describe).
+    added_env: dict[str, str] = field(default_factory=dict)
+
+
+def _flag_name(arg: str) -> str:
+    return arg.split("=", 1)[0]
+
+
+def check_extra_args(extra_args: list[str]) -> tuple[list[str], list[str]]:
+    """Return (errors, warnings) about `server.extra_args`."""
+    errors, warnings = [], []
+    for i, arg in enumerate(extra_args):
+        flag = _flag_name(arg)
+        if flag in MANAGED_FLAGS:
+            errors.append(
+                f"{flag} is managed by llama-orch; set {MANAGED_FLAGS[flag]} in the config instead"
+            )
+        if flag == "--host":
+            value = arg.split("=", 1)[1] if "=" in arg else (extra_args[i + 1:i + 2] or [""])[0]
+            if value in ("0.0.0.0", "::", "[::]"):
+                warnings.append("--host 0.0.0.0 opens the server to the network")
+    return errors, warnings
+
+
+def _pin_value(backend: str, devices: list[int]) -> str:
+    ids = ",".join(str(d) for d in devices)
+    return f"level_zero:{ids}" if backend == "sycl" else ids
+
+
+def build_launch(
+    cfg: InstanceConfig,
+    name: str,
+    binary: Path,
+    model_path: Path,
+    base_env: Mapping[str, str],
+    home: Path | None = None,
+) -> Launch:
+    """The exact argv and environment that start this instance."""
+    m, s, g = cfg.model, cfg.server, cfg.gpu
+    argv = [str(binary), "-m", str(model_path), "--host", s.host, "--port", str(s.port)]
+    argv += ["-c", str(m.context_size)]
+    if m.batch_size is not None:
+        argv += ["-b", str(m.batch_size)]
+    if m.threads is not None:
+        argv += ["-t", str(m.threads)]
+    argv += ["-np", str(s.parallel)]
+    if g.backend == "cpu":
+        argv += ["-ngl", "0"]
+    elif g.layers is not None:
+        argv += ["-ngl", "all" if g.layers < 0 else str(g.layers)]
+    if g.split_mode is not None:
+        argv += ["-sm", g.split_mode]
+    if g.tensor_split:
+        argv += ["-ts", ",".join(f"{x:g}" for x in g.tensor_split)]
+    argv += ["--alias", cfg.alias_or(name), "--metrics"]
+    argv += s.extra_args
+
+    added: dict[str, str] = dict(cfg.env)
+    pin_var = PIN_VARS.get(g.backend)
+    if pin_var and g.devices:
+        added[pin_var] = _pin_value(g.backend, g.devices)
+        if g.backend == "cuda":
+            # CUDA numbers cards fastest-first by default; nvidia-smi (and the
+            # operator) count in PCI bus order. Make the indices mean the same.
+            added.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if s.api_key:
+        added["LLAMA_API_KEY"] = s.api_key
+    added[INSTANCE_ENV] = name
+    if home is not None:
+        added[HOME_ENV] = str(home)
+    env = {**base_env, **added}
+    return Launch(argv=argv, env=env, added_env=added)

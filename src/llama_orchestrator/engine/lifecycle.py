@@ -1,0 +1,403 @@
+"""The lifecycle engine: up, down, restart, rm and observing instances.
+
+This is the one implementation the CLI, the demo and (later) the daemon and
+the TUI call. It works on SQLite + processes directly. Decisions live in pure
+modules (command, health.classify, states); this module wires them to I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from llama_orchestrator import platform
+from llama_orchestrator.binary import find_llama_server
+from llama_orchestrator.config import InstanceConfig, Settings, load_settings
+from llama_orchestrator.engine import health, logs
+from llama_orchestrator.engine.command import Launch, build_launch
+from llama_orchestrator.engine.process import ProcRef, create_time_of, find, is_alive, stop_tree
+from llama_orchestrator.errors import (
+    ConfigError, OrchError, PortConflict, StartFailed, UnknownInstance, UserError,
+)
+from llama_orchestrator.home import Home, check_name
+from llama_orchestrator.states import RUNNING_STATES, Desired, InstanceState as S
+from llama_orchestrator.store import InstanceRow, Store
+from llama_orchestrator.validate import Loaded, check_instance, load_all
+
+__all__ = ["Engine", "Prepared", "UpResult", "Progress", "EXIT_TAIL_LINES"]
+
+EXIT_TAIL_LINES = 20
+POLL_INTERVAL = 0.05  # seconds between health polls while waiting for `up`
+
+#: on_progress(name, phase, elapsed_s, detail): phase is "starting", "loading", "healthy"
+Progress = Callable[[str, str, float, str], None]
+
+
+@dataclass
+class Prepared:
+    """Everything needed to start one instance, checked before anything runs."""
+
+    name: str
+    config: InstanceConfig
+    config_path: Path
+    launch: Launch
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UpResult:
+    name: str
+    outcome: str  # "started" | "already running"
+    pid: int | None
+    port: int
+    healthy: bool = False
+    error: str | None = None
+
+
+class Engine:
+    """Operations on the instances of one home."""
+
+    def __init__(
+        self,
+        home: Home,
+        *,
+        clock: Callable[[], float] = time.time,
+        client: httpx.Client | None = None,
+        base_env: dict[str, str] | None = None,
+    ) -> None:
+        self.home = home
+        self.clock = clock
+        self._store: Store | None = None
+        self._client = client
+        self._base_env = base_env
+        self._settings: Settings | None = None
+        #: children this process spawned: their exit codes are ours to read
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    # --- lazily built adapters ---------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store.open(self.home.db_path, self.clock)
+        return self._store
+
+    @property
+    def client(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(trust_env=False)
+        return self._client
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.home.settings_path)
+        return self._settings
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        if self._client is not None:
+            self._client.close()
+
+    # --- names and configs ----------------------------------------------------
+
+    def known_names(self) -> list[str]:
+        """Instances with a config, plus any the store still tracks."""
+        names = set(self.home.instance_names())
+        names.update(r.name for r in self.store.all())
+        return sorted(names)
+
+    def resolve_names(self, names: Iterable[str], all_: bool = False) -> list[str]:
+        if all_:
+            return self.known_names()
+        known = self.known_names()
+        out = []
+        for n in names:
+            check_name(n)
+            if n not in known:
+                raise UnknownInstance(n, known)
+            out.append(n)
+        if not out:
+            raise UserError("Name at least one instance.", hint="Or use --all.")
+        return out
+
+    def prepare(self, names: list[str]) -> list[Prepared]:
+        """Validate the named instances fully; raise ConfigError listing every problem."""
+        loaded = {x.name: x for x in load_all(self.home)}
+        problems, prepared = [], []
+        for name in names:
+            item = loaded.get(name)
+            if item is None:
+                raise UnknownInstance(name, sorted(loaded))
+            if item.config is None:
+                problems += item.problems
+                continue
+            found = check_instance(self.home, item, list(loaded.values()))
+            problems += [p for p in found if p.severity == "error"]
+            warnings = [str(p) for p in found if p.severity == "warning"]
+            if any(p.severity == "error" for p in found):
+                continue
+            prepared.append(Prepared(name, item.config, item.path, self._launch(item), warnings))
+        if problems:
+            raise ConfigError(problems)
+        return prepared
+
+    def _launch(self, item: Loaded) -> Launch:
+        cfg = item.config
+        assert cfg is not None
+        binary = find_llama_server(cfg.binary, self.home.root, item.path.parent)
+        base = dict(os.environ) if self._base_env is None else self._base_env
+        return build_launch(
+            cfg, item.name, binary, cfg.model_path(item.path.parent), base, self.home.root
+        )
+
+    # --- observation ----------------------------------------------------------
+
+    def _ref(self, row: InstanceRow) -> ProcRef | None:
+        if row.pid is None or row.create_time is None:
+            return None
+        return ProcRef(row.pid, row.create_time)
+
+    def _exit_info(self, row: InstanceRow) -> dict[str, Any]:
+        code = None
+        child = self._children.pop(row.pid, None) if row.pid else None
+        if child is not None:
+            code = child.wait()
+        sig = -code if code is not None and code < 0 else None
+        tail = logs.tail_lines(logs.log_file(self.home.log_dir(row.name), "stderr"), EXIT_TAIL_LINES)
+        return {
+            "code": None if sig else code, "signal": sig, "at": self.clock(),
+            "stderr_tail": tail,
+        }
+
+    def observe(self, row: InstanceRow) -> InstanceRow:
+        """Record the death of an instance whose process is gone."""
+        if row.state not in RUNNING_STATES or is_alive(self._ref(row)):
+            return row
+        info = self._exit_info(row)
+        how = (
+            f"signal {info['signal']}" if info["signal"]
+            else f"code {info['code']}" if info["code"] is not None else "an unknown code"
+        )
+        new = S.STOPPED if row.state == S.STOPPING else S.EXITED
+        return self.store.set_state(
+            row, new, f"process {row.pid} exited with {how}", info,
+            exit_code=info["code"] if info["signal"] is None else -info["signal"],
+            exited_at=info["at"], last_exit=info,
+        )
+
+    def rows(self, names: list[str] | None = None) -> list[InstanceRow]:
+        """Fresh runtime rows (dead processes recorded as such)."""
+        with self.store.transaction():
+            wanted = names if names is not None else self.known_names()
+            return [self.observe(self.store.get_or_new(n)) for n in wanted]
+
+    # --- up -----------------------------------------------------------------
+
+    def _spawn(self, p: Prepared) -> UpResult:
+        """Start one instance unless its process already runs.
+
+        The check and the spawn happen inside one BEGIN IMMEDIATE transaction:
+        two `up` at the same moment serialise on SQLite's write lock, and the
+        second one finds the first one's live process."""
+        store = self.store
+        with store.transaction():
+            row = self.observe(store.get_or_new(p.name))
+            s = p.config.server
+            if is_alive(self._ref(row)):
+                if row.desired != Desired.RUNNING:
+                    row.desired = Desired.RUNNING
+                    store.save(row)
+                return UpResult(p.name, "already running", row.pid, s.port)
+            if not platform.port_is_free(s.host, s.port):
+                raise PortConflict(
+                    f"Port {s.port} on {s.host} is already in use by another program, "
+                    f"so instance '{p.name}' cannot listen there.",
+                    hint=f"Stop that program or change server.port in {p.config_path}.",
+                )
+            log_dir = self.home.log_dir(p.name)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            paths = {st: logs.log_file(log_dir, st) for st in logs.STREAMS}
+            for path in paths.values():
+                logs.rotate_if_needed(path, self.settings.logs.max_bytes, self.settings.logs.backups)
+            try:
+                with open(paths["stdout"], "ab") as out, open(paths["stderr"], "ab") as err:
+                    proc = platform.spawn(p.launch.argv, p.launch.env, p.config_path.parent, out, err)
+            except OSError as exc:
+                raise StartFailed(
+                    f"Instance '{p.name}' could not be started: {exc.strerror or exc} "
+                    f"({p.launch.argv[0]})."
+                ) from exc
+            self._children[proc.pid] = proc
+            try:
+                ct = create_time_of(proc.pid)
+            except Exception:  # already gone: record it with a time that matches nothing
+                ct = 0.0
+            store.set_state(
+                row, S.STARTING, f"started process {proc.pid} on port {s.port}",
+                {"pid": proc.pid, "port": s.port},
+                desired=Desired.RUNNING, pid=proc.pid, create_time=ct, host=s.host,
+                port=s.port, started_at=self.clock(), exited_at=None, exit_code=None,
+                supervised=False, next_restart_at=None,
+            )
+            return UpResult(p.name, "started", proc.pid, s.port)
+
+    def up(
+        self,
+        names: list[str],
+        *,
+        wait: bool = True,
+        timeout: float = 300,
+        on_progress: Progress | None = None,
+    ) -> list[UpResult]:
+        """Start the named instances (validated first, all or nothing) and,
+        with `wait`, return once each answers /health with 200.
+
+        Raises StartFailed (exit 1) naming each instance that died or timed
+        out, with its exit code and last stderr lines."""
+        prepared = self.prepare(names)
+        results = [self._spawn(p) for p in prepared]
+        if wait:
+            self._wait_healthy(results, {p.name: p.config for p in prepared}, timeout, on_progress)
+        failed = [r for r in results if r.error]
+        if failed:
+            raise StartFailed("\n".join(r.error for r in failed if r.error))
+        return results
+
+    def _wait_healthy(
+        self,
+        results: list[UpResult],
+        configs: dict[str, InstanceConfig],
+        timeout: float,
+        on_progress: Progress | None,
+    ) -> None:
+        start = time.monotonic()
+        pending = {r.name: r for r in results}
+        while pending:
+            elapsed = time.monotonic() - start
+            for name, res in list(pending.items()):
+                row = self.store.get_or_new(name)
+                row = self.observe(row)
+                if row.state not in RUNNING_STATES:
+                    res.error = self._death_message(name, row)
+                    del pending[name]
+                    continue
+                cfg = configs[name]
+                probe = health.probe(
+                    self.client, cfg.server.host, cfg.server.port, min(cfg.healthcheck.timeout, 2.0)
+                )
+                if probe.ok:
+                    res.healthy = True
+                    if row.state != S.HEALTHY:
+                        self.store.set_state(row, S.HEALTHY, "answered /health with 200")
+                    del pending[name]
+                    if on_progress:
+                        on_progress(name, "healthy", elapsed, "")
+                elif on_progress:
+                    phase = "loading" if probe.status == health.LOADING else "starting"
+                    last = logs.tail_lines(logs.log_file(self.home.log_dir(name), "stderr"), 1)
+                    on_progress(name, phase, elapsed, last[0] if last else "")
+            if not pending:
+                break
+            if elapsed >= timeout:
+                for name, res in pending.items():
+                    res.error = (
+                        f"Instance '{name}' was not healthy within {timeout:g}s; it keeps "
+                        f"starting in the background. See `llama-orch logs {name}`, or raise --timeout."
+                    )
+                break
+            time.sleep(POLL_INTERVAL)
+
+    def _death_message(self, name: str, row: InstanceRow) -> str:
+        info = row.last_exit or {}
+        how = (
+            f"was killed by signal {info['signal']}" if info.get("signal")
+            else f"exited with code {info.get('code')}"
+        )
+        tail = "\n".join(f"  | {ln}" for ln in (info.get("stderr_tail") or [])[-10:])
+        msg = f"Instance '{name}' {how} while starting."
+        return f"{msg} Last lines of its stderr:\n{tail}" if tail else msg
+
+    # --- down / restart / rm ----------------------------------------------------
+
+    def down(self, names: list[str], timeout: float | None = None) -> list[str]:
+        """Stop the named instances; return only when no process of theirs lives."""
+        to_stop: list[tuple[InstanceRow, float]] = []
+        loaded = {x.name: x.config for x in load_all(self.home)}
+        with self.store.transaction():
+            for name in names:
+                row = self.observe(self.store.get_or_new(name))
+                row.desired = Desired.STOPPED
+                if is_alive(self._ref(row)):
+                    cfg = loaded.get(name)
+                    grace = timeout if timeout is not None else (cfg.stop_timeout if cfg else 10.0)
+                    self.store.set_state(row, S.STOPPING, f"stopping process {row.pid}")
+                    to_stop.append((row, grace))
+                else:
+                    new = S.STOPPED if row.state != S.CREATED else S.CREATED
+                    self.store.set_state(row, new, "stopped")
+        with ThreadPoolExecutor(max_workers=max(1, len(to_stop))) as pool:
+            graceful = list(pool.map(lambda rg: self._stop_one(*rg), to_stop))
+        for (row, grace), ok in zip(to_stop, graceful):
+            code = self._children.pop(row.pid, None)
+            exit_code = code.wait() if code is not None else None
+            how = "stopped" if ok else f"killed after {grace:g}s without exiting"
+            self.store.set_state(
+                row, S.STOPPED, f"process {row.pid} {how}", {"graceful": ok},
+                exited_at=self.clock(), exit_code=exit_code,
+            )
+        return [row.name for row, _ in to_stop]
+
+    def _stop_one(self, row: InstanceRow, grace: float) -> bool:
+        ref = self._ref(row)
+        return stop_tree(ref, grace) if ref else True
+
+    def restart(self, names: list[str], *, timeout: float = 300,
+                on_progress: Progress | None = None) -> list[UpResult]:
+        self.prepare(names)  # refuse a broken config before stopping a working server
+        self.down(names)
+        return self.up(names, timeout=timeout, on_progress=on_progress)
+
+    def rm(self, name: str, force: bool = False) -> None:
+        """Remove an instance: its config folder, logs and state."""
+        import shutil
+
+        row = self.observe(self.store.get_or_new(name))
+        if is_alive(self._ref(row)):
+            if not force:
+                raise UserError(
+                    f"Instance '{name}' is running.",
+                    hint=f"Stop it with `llama-orch down {name}` first, or use `rm --force`.",
+                )
+            self.down([name])
+        with self.store.transaction():
+            self.store.delete(name)
+            self.store.add_event(name, "removed", f"instance {name} removed")
+        for folder in (self.home.instance_dir(name), self.home.log_dir(name)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # --- health -------------------------------------------------------------------
+
+    def probe(self, name: str) -> health.ProbeResult:
+        row = self.rows([name])[0]
+        loaded = {x.name: x for x in load_all(self.home)}
+        cfg = loaded[name].config if name in loaded else None
+        host = cfg.server.host if cfg else (row.host or "127.0.0.1")
+        port = cfg.server.port if cfg else row.port
+        if port is None or not is_alive(self._ref(row)):
+            return health.ProbeResult(health.DOWN, None, 0.0, f"instance is {row.state}")
+        timeout = cfg.healthcheck.timeout if cfg else 5.0
+        return health.probe(self.client, host, port, timeout)
+
+    def find_process(self, name: str) -> Any:
+        """The psutil.Process of a running instance, or None."""
+        return find(self._ref(self.store.get_or_new(name)))

@@ -1,0 +1,135 @@
+"""Per-instance log files: size rotation, tail and follow (DESIGN §1).
+
+The child writes straight into `stdout.log`/`stderr.log` (opened for append),
+so it keeps logging when llama-orch is not running. Rotation therefore uses
+copy-then-truncate: the child's O_APPEND writes simply continue at the new
+end of the truncated file. `follow` copes with both truncation and a
+rename-style rotation done by another tool (e.g. logrotate).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+__all__ = ["STREAMS", "log_file", "rotate_if_needed", "tail_lines", "follow"]
+
+STREAMS = ("stdout", "stderr")
+
+
+def log_file(log_dir: Path, stream: str) -> Path:
+    return log_dir / f"{stream}.log"
+
+
+def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
+    """Rotate `path` to .1 (.1 to .2 ...) when it is over `max_bytes`."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    if backups <= 0:
+        with open(path, "r+b") as f:
+            f.truncate(0)
+        return True
+    for i in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    with open(path, "r+b") as f:
+        f.truncate(0)
+    return True
+
+
+def tail_lines(path: Path, n: int, block: int = 8192) -> list[str]:
+    """The last `n` lines of a text file, reading from the end."""
+    if n <= 0:
+        return []
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return []
+    with f:
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
+        data = b""
+        while end > 0 and data.count(b"\n") <= n:
+            step = min(block, end)
+            end -= step
+            f.seek(end)
+            data = f.read(step) + data
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return lines[-n:]
+
+
+class _Follower:
+    """Reads lines appended to one file, surviving truncation and replacement."""
+
+    def __init__(self, path: Path, from_end: bool) -> None:
+        self.path = path
+        self.f = None
+        self.ino: int | None = None
+        self.buf = b""
+        self._open(seek_end=from_end)
+
+    def _open(self, seek_end: bool) -> None:
+        try:
+            self.f = open(self.path, "rb")
+        except FileNotFoundError:
+            self.f, self.ino = None, None
+            return
+        self.ino = os.fstat(self.f.fileno()).st_ino
+        if seek_end:
+            self.f.seek(0, os.SEEK_END)
+
+    def poll(self) -> list[str]:
+        out = self._drain()
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return out
+        if self.f is None or st.st_ino != self.ino:  # created, or replaced by a rename
+            if self.f is not None:
+                self.f.close()
+            self._open(seek_end=False)
+            out += self._drain()
+        elif st.st_size < self.f.tell():  # truncated (copytruncate rotation)
+            self.f.seek(0)
+            out += self._drain()
+        return out
+
+    def _drain(self) -> list[str]:
+        if self.f is None:
+            return []
+        self.buf += self.f.read()
+        *lines, self.buf = self.buf.split(b"\n")
+        return [ln.decode("utf-8", errors="replace") for ln in lines]
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def follow(
+    paths: dict[str, Path],
+    should_stop: Callable[[], bool] = lambda: False,
+    interval: float = 0.2,
+) -> Iterator[tuple[str, str]]:
+    """Yield (stream, line) for lines appended after the call, until should_stop()."""
+    followers = {name: _Follower(p, from_end=True) for name, p in paths.items()}
+    try:
+        while not should_stop():
+            got = False
+            for name, fol in followers.items():
+                for line in fol.poll():
+                    got = True
+                    yield name, line
+            if not got:
+                time.sleep(interval)  # polling a file: nothing to synchronise with
+    finally:
+        for fol in followers.values():
+            fol.close()

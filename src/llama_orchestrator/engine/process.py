@@ -1,0 +1,112 @@
+"""Process identity and stopping a process tree (DESIGN §3).
+
+A process is an instance's only if both its PID and its psutil create_time
+match what was recorded: PIDs are reused, the pair is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from llama_orchestrator import platform
+from llama_orchestrator.errors import OrchError
+
+__all__ = ["ProcRef", "find", "is_alive", "stop_tree", "create_time_of"]
+
+_CT_TOLERANCE = 0.05  # create_time is rounded differently across psutil calls
+
+
+@dataclass(frozen=True)
+class ProcRef:
+    pid: int
+    create_time: float
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of our own dead child so it stops being a zombie."""
+    if os.name == "posix":
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def find(ref: ProcRef | None) -> psutil.Process | None:
+    """The live process `ref` names, or None if it is gone (or a zombie)."""
+    if ref is None:
+        return None
+    try:
+        p = psutil.Process(ref.pid)
+        if abs(p.create_time() - ref.create_time) > _CT_TOLERANCE:
+            return None  # the PID now belongs to another process
+        if p.status() == psutil.STATUS_ZOMBIE:
+            _reap(ref.pid)
+            return None
+        return p
+    except psutil.Error:
+        return None
+
+
+def is_alive(ref: ProcRef | None) -> bool:
+    return find(ref) is not None
+
+
+def create_time_of(pid: int) -> float:
+    return psutil.Process(pid).create_time()
+
+
+def _tree(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return [p]
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process is gone (reaping our children); return the living."""
+    deadline = time.monotonic() + timeout
+    alive = procs
+    while alive:
+        _, alive = psutil.wait_procs(alive, timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+        alive = [p for p in alive if _still_running(p)]
+        if time.monotonic() >= deadline:
+            break
+    return alive
+
+
+def _still_running(p: psutil.Process) -> bool:
+    try:
+        if p.status() == psutil.STATUS_ZOMBIE:
+            _reap(p.pid)
+            return False
+        return p.is_running()
+    except psutil.Error:
+        return False
+
+
+def stop_tree(ref: ProcRef, timeout: float) -> bool:
+    """Ask the process and its children to stop, kill what is left after
+    `timeout` seconds, and return only when none of the tree lives.
+
+    Returns True when the graceful stop was enough. Raises OrchError if even
+    the kill leaves a process behind (e.g. one in uninterruptible sleep)."""
+    root = find(ref)
+    if root is None:
+        return True
+    tree = _tree(root)  # collected first: children re-parent once the root exits
+    platform.request_stop(ref.pid)
+    alive = _wait_gone(tree, timeout)
+    if not alive:
+        return True
+    platform.force_kill_group(ref.pid)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    alive = _wait_gone(alive, 10)
+    if alive:
+        pids = ", ".join(str(p.pid) for p in alive)
+        raise OrchError(f"Processes {pids} survived SIGKILL; they may be stuck in the kernel.")
+    return False

@@ -1,0 +1,105 @@
+"""What `ps`, `describe` and the dashboard show about instances.
+
+`status_view` is pure (config + row + clock -> dict with the DESIGN §8 keys);
+`collect` gathers the inputs, probing running instances concurrently so `ps`
+reports the health it sees now, not the health someone saw last.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.engine import health
+from llama_orchestrator.engine.lifecycle import Engine
+from llama_orchestrator.states import InstanceState as S
+from llama_orchestrator.store import InstanceRow
+from llama_orchestrator.validate import load_all
+
+__all__ = ["status_view", "observed_state", "collect", "iso"]
+
+PS_PROBE_TIMEOUT = 1.0
+_PROBED = (S.STARTING, S.HEALTHY, S.UNHEALTHY)
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def status_view(
+    name: str, cfg: InstanceConfig | None, row: InstanceRow, now: float,
+    config_dir: Any = None, config_error: str | None = None,
+) -> dict[str, Any]:
+    """One `ps --json` entry."""
+    running = row.state in (S.STARTING, S.HEALTHY, S.UNHEALTHY, S.STOPPING)
+    model_path = None
+    if cfg is not None:
+        model_path = str(cfg.model_path(config_dir)) if config_dir is not None else cfg.model.path
+    return {
+        "name": name,
+        "state": row.state.value,
+        "desired": row.desired.value,
+        "pid": row.pid if running else None,
+        "host": cfg.server.host if cfg else row.host,
+        "port": cfg.server.port if cfg else row.port,
+        "alias": cfg.alias_or(name) if cfg else None,
+        "model_path": model_path,
+        "backend": cfg.gpu.backend if cfg else None,
+        "gpu_devices": cfg.gpu.devices if cfg else [],
+        "restarts": row.restarts,
+        "started_at": iso(row.started_at) if running else None,
+        "uptime_s": round(now - row.started_at, 1) if running and row.started_at else None,
+        "exit_code": row.exit_code,
+        "last_exit": row.last_exit,
+        "supervised": row.supervised,
+        "next_restart_at": iso(row.next_restart_at),
+        "config_error": config_error,
+    }
+
+
+def observed_state(current: S, probe: health.ProbeResult) -> S:
+    """The state one probe of an unsupervised running instance shows (pure).
+
+    A model still loading, or a server not listening yet, keeps `starting`;
+    anything else that is not a 200 is `unhealthy`."""
+    if probe.ok:
+        return S.HEALTHY
+    if current == S.STARTING and probe.status in (health.LOADING, health.DOWN):
+        return S.STARTING
+    return S.UNHEALTHY
+
+
+def collect(engine: Engine, names: list[str] | None = None, probe: bool = True) -> list[dict[str, Any]]:
+    """Status of the named instances (all when None), sorted by name."""
+    loaded = {x.name: x for x in load_all(engine.home)}
+    rows = engine.rows(names)
+    if probe:
+        todo = [
+            (i, loaded[row.name].config) for i, row in enumerate(rows)
+            if not row.supervised and row.state in _PROBED
+            and row.name in loaded and loaded[row.name].config is not None
+        ]
+        if todo:
+            def one(t: tuple[int, InstanceConfig]) -> health.ProbeResult:
+                cfg = t[1]
+                return health.probe(engine.client, cfg.server.host, cfg.server.port, PS_PROBE_TIMEOUT)
+
+            with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
+                probes = list(pool.map(one, todo))
+            for (i, _), p in zip(todo, probes):
+                new = observed_state(rows[i].state, p)
+                if new != rows[i].state:
+                    why = "answered /health with 200" if p.ok else f"/health: {p.error or p.status}"
+                    rows[i] = engine.store.set_state(rows[i], new, why)
+    now = engine.clock()
+    out = []
+    for row in rows:
+        item = loaded.get(row.name)
+        cfg = item.config if item else None
+        err = "; ".join(str(p) for p in item.problems) if item and item.problems else None
+        out.append(status_view(row.name, cfg, row, now, item.path.parent if item else None, err))
+    return out

@@ -1,0 +1,94 @@
+"""One exception tree for llama-orch, with the CLI exit code of each class.
+
+    OrchError                 exit 1: an operation failed
+    ├── UserError             exit 2: bad input the user can fix
+    │   ├── ConfigError       an instance config is invalid (carries every problem)
+    │   ├── UnknownInstance   no such instance in this home
+    │   ├── PortConflict      the port is owned by another instance or process
+    │   └── BinaryNotFound    no llama-server anywhere we looked
+    ├── StateError            the state database cannot be read or written
+    └── StartFailed           an instance died or timed out while starting
+
+Foreign exceptions (OSError, sqlite3, httpx, pydantic) are translated where
+they enter, so the CLI's single handler only ever sees these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "OrchError",
+    "UserError",
+    "ConfigError",
+    "Problem",
+    "UnknownInstance",
+    "PortConflict",
+    "BinaryNotFound",
+    "StateError",
+    "StartFailed",
+]
+
+
+class OrchError(Exception):
+    """Base class; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} {self.hint}" if self.hint else self.message
+
+
+class UserError(OrchError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one config file: `file: field: message`."""
+
+    file: str
+    field: str
+    message: str
+    severity: str = "error"  # or "warning"
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.field}" if self.field else self.file
+        return f"{where}: {self.message}"
+
+
+class ConfigError(UserError):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class UnknownInstance(UserError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        choices = ", ".join(known) if known else "none yet"
+        super().__init__(
+            f"No instance named '{name}' in this home (known: {choices}).",
+            hint=f"Create it with `llama-orch init {name} --model PATH`.",
+        )
+
+
+class PortConflict(UserError):
+    pass
+
+
+class BinaryNotFound(UserError):
+    pass
+
+
+class StateError(OrchError):
+    pass
+
+
+class StartFailed(OrchError):
+    pass

@@ -1,0 +1,96 @@
+"""Home resolution and the paths inside a home (DESIGN §1)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from llama_orchestrator.errors import UserError
+
+__all__ = ["Home", "resolve_home", "NAME_RE", "check_name"]
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it is a valid instance name, else raise a UserError.
+
+    The pattern keeps names safe as a folder, a unit name and a metric label,
+    and rules out path traversal such as `../evil`.
+    """
+    if not NAME_RE.match(name) or name in {".", ".."} or ".." in name:
+        raise UserError(
+            f"'{name}' is not a valid instance name.",
+            hint="Use 1-63 characters: lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit.",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Home:
+    """One installation: configs, state, logs and optional binary."""
+
+    root: Path
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.root / "instances"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "state.sqlite"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def settings_path(self) -> Path:
+        return self.root / "llama-orch.json"
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.root / "bin"
+
+    def instance_dir(self, name: str) -> Path:
+        return self.instances_dir / check_name(name)
+
+    def config_path(self, name: str) -> Path:
+        return self.instance_dir(name) / "config.json"
+
+    def log_dir(self, name: str) -> Path:
+        return self.logs_dir / check_name(name)
+
+    def instance_names(self) -> list[str]:
+        """Names of every instance folder that holds a config.json, sorted."""
+        if not self.instances_dir.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.instances_dir.iterdir()
+            if p.is_dir() and NAME_RE.match(p.name) and (p / "config.json").is_file()
+        )
+
+
+def resolve_home(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> Home:
+    """Find the home: --home, then $LLAMA_ORCH_HOME, then the nearest folder
+    (from cwd upwards) that has `instances/`, then the per-user data folder."""
+    if explicit:
+        return Home(Path(explicit).expanduser().resolve())
+    env = os.environ.get("LLAMA_ORCH_HOME")
+    if env:
+        return Home(Path(env).expanduser().resolve())
+    here = (cwd or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "instances").is_dir():
+            return Home(folder)
+    return Home(Path(platformdirs.user_data_dir("llama-orch", appauthor=False)))

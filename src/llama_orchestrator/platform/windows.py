@@ -1,0 +1,89 @@
+"""Windows: hidden console per child; graceful stop by Ctrl+C on that console.
+
+Why Ctrl+C through a helper: llama-server on Windows installs a console
+control handler that reacts to CTRL_C_EVENT only. CTRL_BREAK_EVENT (the one
+Windows lets you send to a process group) falls through to the default
+handler, which ends the process without llama-server's cleanup; and
+CTRL_C_EVENT can only be sent to *every* process on a console, never to one
+group. So each child gets a console of its own (hidden), and a stop starts a
+short helper (`winctrl.py`) that attaches to that console and raises Ctrl+C
+there: it reaches the child's tree and nothing else, and the CLI never
+detaches from its own console. If that fails or times out, the caller falls
+back to killing the tree (psutil, then TerminateProcess).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import BinaryIO
+
+import psutil
+
+__all__ = ["spawn", "request_stop", "force_kill_group", "port_is_free"]
+
+CREATE_NEW_CONSOLE = 0x00000010
+CREATE_BREAKAWAY_FROM_JOB = 0x01000000
+CREATE_NO_WINDOW = 0x08000000
+STARTF_USESHOWWINDOW = 0x00000001
+SW_HIDE = 0
+
+
+def spawn(
+    argv: list[str], env: dict[str, str], cwd: Path, stdout: BinaryIO, stderr: BinaryIO
+) -> subprocess.Popen[bytes]:
+    info = subprocess.STARTUPINFO()  # type: ignore[attr-defined]
+    info.dwFlags |= STARTF_USESHOWWINDOW
+    info.wShowWindow = SW_HIDE
+    kwargs = dict(
+        stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env, cwd=cwd,
+        startupinfo=info, close_fds=True,
+    )
+    try:
+        # Break away from the CLI's job (terminals and ssh put us in one that
+        # is killed with the session) so the instance outlives the CLI.
+        return subprocess.Popen(
+            argv, creationflags=CREATE_NEW_CONSOLE | CREATE_BREAKAWAY_FROM_JOB, **kwargs
+        )
+    except PermissionError:  # the job forbids breakaway
+        return subprocess.Popen(argv, creationflags=CREATE_NEW_CONSOLE, **kwargs)
+
+
+def request_stop(pid: int) -> None:
+    helper = Path(__file__).with_name("winctrl.py")
+    try:
+        subprocess.run(
+            [sys.executable, str(helper), str(pid)],
+            creationflags=CREATE_NO_WINDOW, timeout=10, check=False,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # the caller's deadline falls back to force_kill_group
+
+
+def force_kill_group(pid: int) -> None:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in procs:
+        try:
+            p.kill()  # TerminateProcess
+        except psutil.Error:
+            pass
+
+
+def port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR on Windows would let us bind over a live listener;
+        # SO_EXCLUSIVEADDRUSE makes the bind fail as it should.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)  # type: ignore[attr-defined]
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True

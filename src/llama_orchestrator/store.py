@@ -1,0 +1,279 @@
+"""SQLite state: the one owner of `state/state.sqlite` (DESIGN §5, STYLE 10).
+
+WAL mode, synchronous=FULL and BEGIN IMMEDIATE for read-then-write, so two
+CLI processes (or the CLI and the daemon) serialise on the write lock and a
+process killed at any moment loses nothing it committed. The schema version
+lives in `PRAGMA user_version`; MIGRATIONS[i] upgrades version i to i+1.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from llama_orchestrator.errors import StateError
+from llama_orchestrator.states import Desired, InstanceState, is_allowed
+
+__all__ = ["Store", "InstanceRow", "Event", "SCHEMA_VERSION"]
+
+MIGRATIONS: list[str] = [
+    # 0 -> 1: the first release
+    """
+    CREATE TABLE instances (
+        name            TEXT PRIMARY KEY,
+        desired         TEXT NOT NULL DEFAULT 'stopped',
+        state           TEXT NOT NULL DEFAULT 'created',
+        pid             INTEGER,
+        create_time     REAL,
+        host            TEXT,
+        port            INTEGER,
+        started_at      REAL,
+        exited_at       REAL,
+        exit_code       INTEGER,
+        restarts        INTEGER NOT NULL DEFAULT 0,
+        last_exit       TEXT,
+        supervised      INTEGER NOT NULL DEFAULT 0,
+        next_restart_at REAL,
+        updated_at      REAL NOT NULL
+    );
+    CREATE TABLE events (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts       REAL NOT NULL,
+        instance TEXT,
+        kind     TEXT NOT NULL,
+        message  TEXT NOT NULL,
+        data     TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_by_instance ON events (instance, id);
+    CREATE INDEX events_by_ts ON events (ts);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class InstanceRow:
+    """Runtime facts about one instance (its config lives in config.json)."""
+
+    name: str
+    desired: Desired = Desired.STOPPED
+    state: InstanceState = InstanceState.CREATED
+    pid: int | None = None
+    create_time: float | None = None
+    host: str | None = None
+    port: int | None = None
+    started_at: float | None = None
+    exited_at: float | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+    last_exit: dict[str, Any] | None = None
+    supervised: bool = False
+    next_restart_at: float | None = None
+    updated_at: float = 0.0
+
+    @classmethod
+    def from_sql(cls, r: sqlite3.Row) -> InstanceRow:
+        d = dict(r)
+        d["desired"] = Desired(d["desired"])
+        d["state"] = InstanceState(d["state"])
+        d["last_exit"] = json.loads(d["last_exit"]) if d["last_exit"] else None
+        d["supervised"] = bool(d["supervised"])
+        return cls(**d)
+
+
+_COLUMNS = tuple(f.name for f in fields(InstanceRow))
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    ts: float
+    instance: str | None
+    kind: str
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "id"}
+
+
+def _sql_value(key: str, value: Any) -> Any:
+    if key == "last_exit":
+        return json.dumps(value) if value is not None else None
+    if isinstance(value, (InstanceState, Desired)):
+        return value.value
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+class Store:
+    """Typed access to the state database. Open with `Store.open(path)`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float]) -> None:
+        self._conn = conn
+        self.path = path
+        self.clock = clock
+
+    @classmethod
+    def open(cls, path: Path, clock: Callable[[], float] = time.time) -> Store:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=15, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 15000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            store = cls(conn, path, clock)
+            store._migrate()
+            return store
+        except (sqlite3.Error, OSError) as exc:
+            raise _state_error(path, exc) from exc
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"The state database {self.path} was written by a newer llama-orch "
+                    f"(schema {version}, this one knows {SCHEMA_VERSION}).",
+                    hint="Upgrade llama-orch.",
+                )
+            for i in range(version, SCHEMA_VERSION):
+                for stmt in MIGRATIONS[i].split(";"):
+                    if stmt.strip():
+                        self._conn.execute(stmt)
+                self._conn.execute(f"PRAGMA user_version = {i + 1}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT; nested use joins the outer transaction."""
+        if self._conn.in_transaction:
+            yield
+            return
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _state_error(self.path, exc) from exc
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._conn.execute("ROLLBACK")
+            raise _state_error(self.path, exc) from exc
+
+    def _exec(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        try:
+            return self._conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise _state_error(self.path, exc) from exc
+
+    # --- instances -----------------------------------------------------------
+
+    def get(self, name: str) -> InstanceRow | None:
+        r = self._exec("SELECT * FROM instances WHERE name = ?", (name,)).fetchone()
+        return InstanceRow.from_sql(r) if r else None
+
+    def get_or_new(self, name: str) -> InstanceRow:
+        return self.get(name) or InstanceRow(name=name)
+
+    def all(self) -> list[InstanceRow]:
+        rows = self._exec("SELECT * FROM instances ORDER BY name").fetchall()
+        return [InstanceRow.from_sql(r) for r in rows]
+
+    def save(self, row: InstanceRow) -> None:
+        row.updated_at = self.clock()
+        values = tuple(_sql_value(c, getattr(row, c)) for c in _COLUMNS)
+        cols = ", ".join(_COLUMNS)
+        marks = ", ".join("?" for _ in _COLUMNS)
+        self._exec(f"INSERT OR REPLACE INTO instances ({cols}) VALUES ({marks})", values)
+
+    def delete(self, name: str) -> None:
+        self._exec("DELETE FROM instances WHERE name = ?", (name,))
+
+    def set_state(
+        self,
+        row: InstanceRow,
+        new: InstanceState,
+        message: str,
+        data: dict[str, Any] | None = None,
+        **changes: Any,
+    ) -> InstanceRow:
+        """The one way a state changes: check the transition, apply `changes`,
+        save the row and record the event, all in one transaction."""
+        if not is_allowed(row.state, new):
+            raise StateError(f"Instance {row.name}: illegal transition {row.state} -> {new}.")
+        old = row.state
+        for key, value in changes.items():
+            if key not in _COLUMNS:
+                raise TypeError(f"unknown column {key}")
+            setattr(row, key, value)
+        row.state = new
+        with self.transaction():
+            self.save(row)
+            if old != new or data:
+                self.add_event(row.name, new.value, message, {"from": old.value, **(data or {})})
+        return row
+
+    # --- events --------------------------------------------------------------
+
+    def add_event(
+        self, instance: str | None, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        self._exec(
+            "INSERT INTO events (ts, instance, kind, message, data) VALUES (?, ?, ?, ?, ?)",
+            (self.clock(), instance, kind, message, json.dumps(data or {})),
+        )
+
+    def events(
+        self, instance: str | None = None, since: float | None = None, after_id: int = 0,
+        limit: int | None = None,
+    ) -> list[Event]:
+        sql = "SELECT * FROM events WHERE id > ?"
+        params: list[Any] = [after_id]
+        if instance is not None:
+            sql += " AND instance = ?"
+            params.append(instance)
+        if since is not None:
+            sql += " AND ts >= ?"
+            params.append(since)
+        if limit is not None:  # the newest `limit`, still returned oldest first
+            sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT ?) ORDER BY id"
+            params.append(limit)
+        else:
+            sql += " ORDER BY id"
+        rows = self._exec(sql, tuple(params)).fetchall()
+        return [
+            Event(r["id"], r["ts"], r["instance"], r["kind"], r["message"], json.loads(r["data"]))
+            for r in rows
+        ]
+
+
+def _state_error(path: Path, exc: BaseException) -> StateError:
+    detail = str(exc) or type(exc).__name__
+    if path.is_dir():
+        why = "it is a directory, not a database file"
+        fix = f"Move {path} aside and run the command again."
+    elif "disk" in detail.lower() or "full" in detail.lower():
+        why = "the disk is full"
+        fix = "Free some space and run the command again."
+    elif "locked" in detail.lower() or "busy" in detail.lower():
+        why = "another llama-orch process held it for too long"
+        fix = "Run the command again."
+    else:
+        why = detail
+        fix = f"Check that {path.parent} exists and is writable."
+    return StateError(f"The state database {path} cannot be used: {why}.", hint=fix)

@@ -1,0 +1,116 @@
+"""Checks of a whole home's configs, each problem as `file: field: message`.
+
+Used by `config validate` (every problem, errors and warnings) and by `up`
+(which refuses to start an instance with errors). Every check that needs the
+file system lives here, so the config models stay pure parsing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llama_orchestrator.binary import find_llama_server
+from llama_orchestrator.config import InstanceConfig, load_config
+from llama_orchestrator.engine.command import check_extra_args
+from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem
+from llama_orchestrator.gguf_meta import is_gguf
+from llama_orchestrator.home import Home
+
+__all__ = ["Loaded", "load_all", "check_instance", "validate_home", "hosts_overlap"]
+
+_WILDCARDS = {"0.0.0.0", "::", "[::]", ""}
+
+
+@dataclass
+class Loaded:
+    """One instance folder: its config, or why it could not be parsed."""
+
+    name: str
+    path: Path
+    config: InstanceConfig | None
+    problems: list[Problem]
+
+
+def load_all(home: Home) -> list[Loaded]:
+    out = []
+    for name in home.instance_names():
+        path = home.config_path(name)
+        try:
+            out.append(Loaded(name, path, load_config(path), []))
+        except ConfigError as exc:
+            out.append(Loaded(name, path, None, exc.problems))
+    return out
+
+
+def hosts_overlap(a: str, b: str) -> bool:
+    return a == b or a in _WILDCARDS or b in _WILDCARDS or {a, b} <= {"127.0.0.1", "localhost"}
+
+
+def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Problem]:
+    """Problems of one parsed instance beyond its schema."""
+    cfg = item.config
+    assert cfg is not None
+    file = str(item.path)
+    problems: list[Problem] = []
+
+    for other in others:
+        oc = other.config
+        if other.name == item.name or oc is None:
+            continue
+        if oc.server.port == cfg.server.port and hosts_overlap(oc.server.host, cfg.server.host):
+            problems.append(Problem(
+                file, "server.port",
+                f"port {cfg.server.port} is also used by instance '{other.name}'; "
+                "give each instance its own port",
+            ))
+
+    model = cfg.model_path(item.path.parent)
+    if not model.exists():
+        problems.append(Problem(
+            file, "model.path",
+            f"model file {model} does not exist; fix the path (relative paths start at "
+            f"{item.path.parent})",
+        ))
+    elif not model.is_file() or not is_gguf(model):
+        problems.append(Problem(
+            file, "model.path",
+            f"{model} is not a GGUF model (its first bytes are not 'GGUF'); point it at a .gguf file",
+        ))
+
+    try:
+        find_llama_server(cfg.binary, home.root, item.path.parent)
+    except BinaryNotFound as exc:
+        problems.append(Problem(file, "binary" if cfg.binary else "", str(exc)))
+
+    errors, warnings = check_extra_args(cfg.server.extra_args)
+    problems += [Problem(file, "server.extra_args", e) for e in errors]
+    problems += [Problem(file, "server.extra_args", w, "warning") for w in warnings]
+    if cfg.server.host in _WILDCARDS - {""}:
+        problems.append(Problem(
+            file, "server.host",
+            f"{cfg.server.host} exposes llama-server to the network; use 127.0.0.1 "
+            "unless that is what you want", "warning",
+        ))
+    if cfg.gpu.backend == "cpu" and cfg.gpu.devices:
+        problems.append(Problem(
+            file, "gpu.device_id", "is ignored with backend 'cpu'; set gpu.backend", "warning",
+        ))
+    if cfg.gpu.tensor_split and len(cfg.gpu.tensor_split) != max(1, len(cfg.gpu.devices)):
+        problems.append(Problem(
+            file, "gpu.tensor_split",
+            "needs one share per device in gpu.device_id; make the lists the same length",
+        ))
+    return problems
+
+
+def validate_home(home: Home, names: list[str] | None = None) -> list[Problem]:
+    """Every problem of the named instances (all when None)."""
+    loaded = load_all(home)
+    selected = [x for x in loaded if names is None or x.name in names]
+    problems: list[Problem] = []
+    for item in selected:
+        problems += item.problems
+        if item.config is not None:
+            problems += check_instance(home, item, loaded)
+    return problems
