@@ -8,7 +8,6 @@ modules (command, health.classify, states); this module wires them to I/O.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,9 @@ from llama_orchestrator.binary import find_llama_server
 from llama_orchestrator.config import InstanceConfig, Settings, load_settings
 from llama_orchestrator.engine import health, logs
 from llama_orchestrator.engine.command import Launch, build_launch
-from llama_orchestrator.engine.process import ProcRef, create_time_of, find, is_alive, stop_tree
+from llama_orchestrator.engine.process import (
+    ProcRef, create_time_of, exit_code, find, is_alive, stop_tree, track_child,
+)
 from llama_orchestrator.errors import (
     ConfigError, OrchError, PortConflict, StartFailed, UnknownInstance, UserError,
 )
@@ -79,8 +80,6 @@ class Engine:
         self._client = client
         self._base_env = base_env
         self._settings: Settings | None = None
-        #: children this process spawned: their exit codes are ours to read
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     # --- lazily built adapters ---------------------------------------------
 
@@ -168,10 +167,7 @@ class Engine:
         return ProcRef(row.pid, row.create_time)
 
     def _exit_info(self, row: InstanceRow) -> dict[str, Any]:
-        code = None
-        child = self._children.pop(row.pid, None) if row.pid else None
-        if child is not None:
-            code = child.wait()
+        code = exit_code(row.pid) if row.pid else None
         sig = -code if code is not None and code < 0 else None
         tail = logs.tail_lines(logs.log_file(self.home.log_dir(row.name), "stderr"), EXIT_TAIL_LINES)
         return {
@@ -237,7 +233,7 @@ class Engine:
                     f"Instance '{p.name}' could not be started: {exc.strerror or exc} "
                     f"({p.launch.argv[0]})."
                 ) from exc
-            self._children[proc.pid] = proc
+            track_child(proc)
             try:
                 ct = create_time_of(proc.pid)
             except Exception:  # already gone: record it with a time that matches nothing
@@ -348,12 +344,11 @@ class Engine:
         with ThreadPoolExecutor(max_workers=max(1, len(to_stop))) as pool:
             graceful = list(pool.map(lambda rg: self._stop_one(*rg), to_stop))
         for (row, grace), ok in zip(to_stop, graceful):
-            code = self._children.pop(row.pid, None)
-            exit_code = code.wait() if code is not None else None
+            code = exit_code(row.pid) if row.pid else None
             how = "stopped" if ok else f"killed after {grace:g}s without exiting"
             self.store.set_state(
                 row, S.STOPPED, f"process {row.pid} {how}", {"graceful": ok},
-                exited_at=self.clock(), exit_code=exit_code,
+                exited_at=self.clock(), exit_code=code,
             )
         return [row.name for row, _ in to_stop]
 

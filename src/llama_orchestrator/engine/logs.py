@@ -119,8 +119,17 @@ def follow(
     should_stop: Callable[[], bool] = lambda: False,
     interval: float = 0.2,
 ) -> Iterator[tuple[str, str]]:
-    """Yield (stream, line) for lines appended after the call, until should_stop()."""
+    """Yield (stream, line) for lines appended after the call, until should_stop().
+
+    The files are opened now, not at the first next(), so no line written in
+    between is lost."""
     followers = {name: _Follower(p, from_end=True) for name, p in paths.items()}
+    return _follow(followers, should_stop, interval)
+
+
+def _follow(
+    followers: dict[str, _Follower], should_stop: Callable[[], bool], interval: float
+) -> Iterator[tuple[str, str]]:
     try:
         while not should_stop():
             got = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import psutil
 from llama_orchestrator import platform
 from llama_orchestrator.errors import OrchError
 
-__all__ = ["ProcRef", "find", "is_alive", "stop_tree", "create_time_of"]
+__all__ = ["ProcRef", "find", "is_alive", "stop_tree", "create_time_of", "track_child", "exit_code"]
 
 _CT_TOLERANCE = 0.05  # create_time is rounded differently across psutil calls
 
@@ -27,11 +28,47 @@ class ProcRef:
     create_time: float
 
 
+# Children this process spawned, and exit codes collected from dead ones.
+# Only a parent can read a child's exit code, once: whoever reaps it first
+# (an identity check finding a zombie, a stop, a Popen) stores it here.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+_exit_codes: dict[int, int] = {}
+
+
+def track_child(proc: subprocess.Popen[bytes]) -> None:
+    _children[proc.pid] = proc
+
+
 def _reap(pid: int) -> None:
     """Collect the exit status of our own dead child so it stops being a zombie."""
+    proc = _children.get(pid)
+    if proc is not None:
+        code = proc.poll()
+        if code is not None:
+            _exit_codes[pid] = code
+            del _children[pid]
+        return
     if os.name == "posix":
         with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                _exit_codes[pid] = os.waitstatus_to_exitcode(status)
+
+
+def exit_code(pid: int, wait: float = 2.0) -> int | None:
+    """The exit code of a dead child of ours (negative: killed by that signal);
+    None when it was not our child.
+
+    Waits up to `wait` seconds: a multi-threaded process shows as a zombie as
+    soon as its main thread exits, but can be reaped only once every thread
+    has, which takes a moment after a SIGKILL."""
+    proc = _children.get(pid)
+    if proc is not None and pid not in _exit_codes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            _exit_codes[pid] = proc.wait(timeout=wait)
+            del _children[pid]
+    _reap(pid)
+    return _exit_codes.pop(pid, None)
 
 
 def find(ref: ProcRef | None) -> psutil.Process | None:

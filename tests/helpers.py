@@ -1,0 +1,63 @@
+"""Helpers the tests import: configs, the CLI as a process, polling."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llama_orchestrator.home import Home
+
+FAKE_SERVER = Path(__file__).parent / "fakes" / "fake_server.py"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(home: Home, name: str, model: Path | str, **overrides: Any) -> Path:
+    """Write instances/NAME/config.json: the tiny model, a free port, fast checks."""
+    cfg: dict[str, Any] = {
+        "model": {"path": str(model), "context_size": 512},
+        "server": {"host": "127.0.0.1", "port": free_port(), "parallel": 2},
+        "stop_timeout": 5,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    path = home.config_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def run_cli(home: Home | Path, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess[str]:
+    """Run the real `llama-orch` CLI in a separate process."""
+    root = home.root if isinstance(home, Home) else home
+    return subprocess.run(
+        [sys.executable, "-m", "llama_orchestrator", "--home", str(root), *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)

@@ -1,0 +1,143 @@
+"""The `llama-orch` command as a user runs it: separate processes, exit codes, messages."""
+
+import json
+import subprocess
+import sys
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import run_cli, write_config
+
+pytestmark = pytest.mark.integration
+
+PS_KEYS = {"name", "state", "desired", "pid", "host", "port", "alias", "model_path", "backend",
+           "gpu_devices", "restarts", "started_at", "uptime_s", "exit_code", "last_exit", "supervised"}
+
+
+@pytest.fixture()
+def cli_home(home):
+    yield home
+    run_cli(home, "down", "--all", "--timeout", "5")
+
+
+def ps(home):
+    r = run_cli(home, "ps", "--json")
+    assert r.returncode == 0, r.stderr
+    return {x["name"]: x for x in json.loads(r.stdout)}
+
+
+def test_init_up_ps_health_logs_describe_down(cli_home, tiny_model, server_bin):
+    home = cli_home
+    r = run_cli(home, "init", "a", "--model", str(tiny_model), "--ctx", "512", "--parallel", "2",
+                "--tag", "worker", "--", "--jinja")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(home.config_path("a").read_text())
+    assert cfg["server"]["port"] >= 8001 and cfg["server"]["extra_args"] == ["--jinja"]
+
+    r = run_cli(home, "up", "a")
+    assert r.returncode == 0, r.stderr
+    assert "a started" in r.stdout
+    row = ps(home)["a"]
+    assert PS_KEYS <= set(row)
+    assert row["state"] == "healthy" and row["supervised"] is False
+    proc = psutil.Process(row["pid"])  # it outlived the CLI that started it
+    assert proc.is_running() and proc.ppid() != 0
+    assert httpx.get(f"http://127.0.0.1:{row['port']}/health").status_code == 200
+
+    assert run_cli(home, "health", "a").returncode == 0
+    h = json.loads(run_cli(home, "health", "a", "--json").stdout)
+    assert h["healthy"] is True and h["http_status"] == 200
+
+    logs = run_cli(home, "logs", "a", "--tail", "5", "--stream", "stderr")
+    assert logs.returncode == 0 and 0 < len(logs.stderr.splitlines()) <= 5
+
+    d = json.loads(run_cli(home, "describe", "a", "--json").stdout)
+    assert d["command"][d["command"].index("--port") + 1] == str(row["port"])
+    assert [e["kind"] for e in d["events"]][-2:] == ["starting", "healthy"]
+
+    r = run_cli(home, "down", "a")
+    assert r.returncode == 0 and "a stopped" in r.stdout
+    assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    assert ps(home)["a"]["state"] == "stopped"
+    assert run_cli(home, "health", "a").returncode == 1
+
+    ev = run_cli(home, "events", "a", "--json")
+    kinds = [json.loads(line)["kind"] for line in ev.stdout.splitlines()]
+    assert kinds == ["starting", "healthy", "stopping", "stopped"]
+
+
+def test_two_concurrent_ups_start_exactly_one_process(cli_home, tiny_model):
+    write_config(cli_home, "a", tiny_model)
+    cmd = [sys.executable, "-m", "llama_orchestrator", "--home", str(cli_home.root), "up", "a"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    joined = "".join(o for o, _ in outs)
+    assert joined.count("a started") == 1 and joined.count("a is already running") == 1
+    servers = [p for p in psutil.process_iter(["environ"])
+               if (p.info["environ"] or {}).get("LLAMA_ORCH_INSTANCE") == "a"
+               and (p.info["environ"] or {}).get("LLAMA_ORCH_HOME") == str(cli_home.root)]
+    assert len(servers) == 1
+
+
+def test_up_all_and_down_all(cli_home, tiny_model):
+    for n in ("x", "y"):
+        write_config(cli_home, n, tiny_model)
+    assert run_cli(cli_home, "up", "--all").returncode == 0
+    assert {r["state"] for r in ps(cli_home).values()} == {"healthy"}
+    pids = [r["pid"] for r in ps(cli_home).values()]
+    r = run_cli(cli_home, "down", "--all")
+    assert r.returncode == 0 and "x stopped" in r.stdout and "y stopped" in r.stdout
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_restart_gives_a_new_process(cli_home, tiny_model):
+    write_config(cli_home, "a", tiny_model)
+    assert run_cli(cli_home, "up", "a").returncode == 0
+    old = ps(cli_home)["a"]["pid"]
+    r = run_cli(cli_home, "restart", "a")
+    assert r.returncode == 0, r.stderr
+    new = ps(cli_home)["a"]
+    assert new["state"] == "healthy" and new["pid"] != old
+
+
+def test_rm_refuses_a_running_instance_without_force(cli_home, tiny_model):
+    write_config(cli_home, "a", tiny_model)
+    assert run_cli(cli_home, "up", "a").returncode == 0
+    pid = ps(cli_home)["a"]["pid"]
+    r = run_cli(cli_home, "rm", "a")
+    assert r.returncode == 2 and "is running" in r.stderr
+    r = run_cli(cli_home, "rm", "a", "--force")
+    assert r.returncode == 0
+    assert not cli_home.instance_dir("a").exists() and "a" not in ps(cli_home)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_up_of_a_server_that_exits_at_once_exits_1_with_code_and_stderr(cli_home, tiny_model):
+    write_config(cli_home, "bad", tiny_model, server={"extra_args": ["--no-such-flag"]})
+    r = run_cli(cli_home, "up", "bad")
+    assert r.returncode == 1
+    assert "exited with code 1 while starting" in r.stderr and "no-such-flag" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert ps(cli_home)["bad"]["last_exit"]["code"] == 1
+
+
+def test_up_timeout_exits_1_and_says_so(cli_home, tiny_model, fake_bin):
+    write_config(cli_home, "slow", tiny_model, binary=str(fake_bin), env={"FAKE_HEALTH": "503"})
+    r = run_cli(cli_home, "up", "slow", "--timeout", "1")
+    assert r.returncode == 1 and "was not healthy within 1s" in r.stderr
+
+
+def test_demo_runs_end_to_end_and_leaves_nothing(tmp_path, server_bin):
+    before = {p.pid for p in psutil.process_iter() if "llama-server" in p.name()}
+    r = run_cli(tmp_path / "unused-home", "demo", timeout=120)
+    assert r.returncode == 0, r.stderr
+    for text in ("demo-a healthy", "demo-b healthy", "One completion from each", "nothing is left running",
+                 "llama-orch init my-model"):
+        assert text in r.stdout
+    after = {p.pid for p in psutil.process_iter()
+             if "llama-server" in p.name() and p.status() != psutil.STATUS_ZOMBIE}
+    assert after <= before

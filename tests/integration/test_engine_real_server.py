@@ -1,0 +1,119 @@
+"""The lifecycle engine against the real llama-server on the generated model."""
+
+import httpx
+import psutil
+import pytest
+
+from llama_orchestrator.engine.status import collect
+from llama_orchestrator.errors import ConfigError, PortConflict, StartFailed
+from llama_orchestrator.states import InstanceState as S
+from tests.helpers import wait_until, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_up_waits_for_health_and_the_server_answers(engine, home, tiny_model, server_bin):
+    write_config(home, "a", tiny_model)
+    (res,) = engine.up(["a"], timeout=60)
+    assert res.outcome == "started" and res.healthy
+    r = httpx.post(f"http://127.0.0.1:{res.port}/completion", json={"prompt": "hi", "n_predict": 4})
+    assert r.status_code == 200 and r.json()["tokens_predicted"] == 4
+    row = engine.store.get("a")
+    assert row is not None and row.state == S.HEALTHY and row.pid == res.pid
+    assert [e.kind for e in engine.store.events("a")] == ["starting", "healthy"]
+    cmd = psutil.Process(res.pid).cmdline()
+    assert cmd[0] == str(server_bin) and "--metrics" in cmd
+
+
+def test_gpu_pinning_reaches_the_running_child_environment(engine, home, tiny_model):
+    write_config(home, "split", tiny_model, gpu={"backend": "vulkan", "device_id": [0, 3], "layers": 99})
+    write_config(home, "one", tiny_model, gpu={"backend": "cuda", "device_id": 2})
+    results = {r.name: r for r in engine.up(["split", "one"], timeout=60)}
+    env_split = psutil.Process(results["split"].pid).environ()
+    env_one = psutil.Process(results["one"].pid).environ()
+    assert env_split["GGML_VK_VISIBLE_DEVICES"] == "0,3"
+    assert env_one["CUDA_VISIBLE_DEVICES"] == "2" and env_one["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env_split["LLAMA_ORCH_INSTANCE"] == "split"
+    cmd = psutil.Process(results["split"].pid).cmdline()
+    assert cmd[cmd.index("-ngl") + 1] == "99"
+
+
+def test_api_key_is_in_the_child_env_not_its_argv(engine, home, tiny_model):
+    write_config(home, "k", tiny_model, server={"api_key": "sk-test-123"})
+    (res,) = engine.up(["k"], timeout=60)
+    proc = psutil.Process(res.pid)
+    assert "sk-test-123" not in " ".join(proc.cmdline())
+    assert proc.environ()["LLAMA_API_KEY"] == "sk-test-123"
+    url = f"http://127.0.0.1:{res.port}/v1/models"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer sk-test-123"}).status_code == 200
+
+
+def test_down_stops_the_process_and_records_it(engine, home, tiny_model):
+    write_config(home, "a", tiny_model)
+    (res,) = engine.up(["a"], timeout=60)
+    assert engine.down(["a"]) == ["a"]
+    assert not psutil.pid_exists(res.pid) or psutil.Process(res.pid).status() == psutil.STATUS_ZOMBIE
+    row = engine.store.get("a")
+    assert row is not None and row.state == S.STOPPED and row.exit_code == 0
+    assert engine.down(["a"]) == []  # stopping a stopped instance is a no-op
+
+
+def test_up_of_a_running_instance_starts_nothing_new(engine, home, tiny_model):
+    write_config(home, "a", tiny_model)
+    (first,) = engine.up(["a"], timeout=60)
+    (second,) = engine.up(["a"], timeout=60)
+    assert second.outcome == "already running" and second.pid == first.pid
+
+
+def test_server_exiting_at_once_fails_with_code_and_stderr(engine, home, tiny_model):
+    write_config(home, "bad", tiny_model, server={"extra_args": ["--no-such-flag"]})
+    with pytest.raises(StartFailed) as info:
+        engine.up(["bad"], timeout=60)
+    msg = str(info.value)
+    assert "Instance 'bad' exited with code 1 while starting" in msg
+    assert "--no-such-flag" in msg  # llama-server's own complaint, from its stderr
+    row = engine.store.get("bad")
+    assert row is not None and row.state == S.EXITED and row.exit_code == 1
+    assert row.last_exit and row.last_exit["stderr_tail"]
+
+
+def test_a_port_held_by_a_foreign_process_is_refused(engine, home, tiny_model):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        write_config(home, "a", tiny_model, server={"port": s.getsockname()[1]})
+        with pytest.raises(PortConflict, match="already in use by another program"):
+            engine.up(["a"], timeout=10)
+    assert engine.store.get("a") is None  # nothing half-written
+
+
+def test_one_bad_config_starts_nothing(engine, home, tiny_model, tmp_path):
+    write_config(home, "good", tiny_model)
+    write_config(home, "bad", tmp_path / "missing.gguf")
+    with pytest.raises(ConfigError, match="missing.gguf does not exist"):
+        engine.up(["good", "bad"])
+    assert engine.store.all() == []
+
+
+def test_death_is_observed_with_the_signal(engine, home, tiny_model):
+    write_config(home, "a", tiny_model)
+    (res,) = engine.up(["a"], timeout=60)
+    psutil.Process(res.pid).kill()
+    rows = wait_until(lambda: [r for r in collect(engine) if r["state"] == "exited"])
+    assert rows[0]["last_exit"]["signal"] == 9 and rows[0]["pid"] is None
+    assert rows[0]["exit_code"] == -9
+
+
+def test_stop_kills_a_tree_that_ignores_sigterm_after_stop_timeout(engine, home, tiny_model, fake_bin):
+    write_config(home, "stubborn", tiny_model, binary=str(fake_bin), stop_timeout=0.5,
+                 env={"FAKE_IGNORE_SIGTERM": "1", "FAKE_CHILD": "1"})
+    (res,) = engine.up(["stubborn"], timeout=30)
+    root = psutil.Process(res.pid)
+    tree = [root, *wait_until(lambda: root.children(recursive=True))]
+    assert engine.down(["stubborn"]) == ["stubborn"]
+    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in tree)
+    ev = engine.store.events("stubborn")[-1]
+    assert ev.kind == "stopped" and ev.data["graceful"] is False

