@@ -17,13 +17,13 @@ from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.errors import BinaryNotFound
 from llama_orchestrator.home import Home
 from llama_orchestrator.tinymodel import write_tiny_model
-
 from tests.helpers import FAKE_SERVER
 
 _SESSION_START = time.time()
 
 
 # --- leak check ------------------------------------------------------------
+
 
 def _ours(p: psutil.Process) -> bool:
     """A server process started by this test session (real or fake)."""
@@ -52,11 +52,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             p.kill()
         except psutil.Error:
             pass
-    sys.stderr.write("\nLEAK: test processes were left running (now killed):\n" + "\n".join(lines) + "\n")
+    sys.stderr.write(
+        "\nLEAK: test processes were left running (now killed):\n" + "\n".join(lines) + "\n"
+    )
     session.exitstatus = 1
 
 
 # --- environment -------------------------------------------------------------
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -101,6 +104,6 @@ def engine(home: Home) -> Iterator[Engine]:
 def fake_bin(tmp_path: Path) -> Path:
     """An executable that runs the fake server (for `binary` in a config)."""
     path = tmp_path / "llama-orch-test-srv"
-    path.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE_SERVER} \"$@\"\n")
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_SERVER} "$@"\n')
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return path

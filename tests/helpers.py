@@ -41,13 +41,20 @@ def write_config(home: Home, name: str, model: Path | str, **overrides: Any) -> 
     return path
 
 
-def run_cli(home: Home | Path, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    home: Home | Path,
+    *args: str,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the real `llama-orch` CLI in a separate process."""
     root = home.root if isinstance(home, Home) else home
     return subprocess.run(
         [sys.executable, "-m", "llama_orchestrator", "--home", str(root), *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -38,46 +37,64 @@ RestartMode = Literal["no", "on-failure", "always", "unless-stopped"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class ModelSection(_Section):
-    path: str
-    """Path to the GGUF file; relative paths resolve against the config file's folder."""
-    context_size: int = Field(4096, ge=0)
-    """Context size in tokens (-c); 0 lets llama-server use the model's own."""
-    batch_size: int | None = Field(None, ge=1)
-    """Logical batch size (-b)."""
-    threads: int | None = Field(None, ge=1)
-    """CPU threads for generation (-t)."""
-    alias: str | None = None
-    """The model name clients ask the router for; defaults to the instance name."""
+    path: str = Field(
+        description="Path to the GGUF file; relative paths resolve against the config file's folder."
+    )
+    context_size: int = Field(
+        4096,
+        ge=0,
+        description="Context size in tokens (-c); 0 lets llama-server use the model's own.",
+    )
+    batch_size: int | None = Field(None, ge=1, description="Logical batch size (-b).")
+    threads: int | None = Field(None, ge=1, description="CPU threads for generation (-t).")
+    alias: str | None = Field(
+        None,
+        description="The model name clients ask the router for; defaults to the instance name.",
+    )
 
 
 class ServerSection(_Section):
-    host: str = "127.0.0.1"
-    """Address llama-server listens on. Anything but loopback exposes it to the network."""
-    port: int = Field(ge=1, le=65535)
-    """TCP port llama-server listens on; unique per host."""
-    parallel: int = Field(1, ge=1)
-    """Number of parallel request slots (-np)."""
-    api_key: str | None = None
-    """API key llama-server requires; passed through the environment, never argv."""
-    extra_args: list[str] = Field(default_factory=list)
-    """More llama-server arguments, one list item per argv word (never a shell string)."""
+    host: str = Field(
+        "127.0.0.1",
+        description="Address llama-server listens on. Anything but loopback exposes it to the network.",
+    )
+    port: int = Field(
+        ge=1, le=65535, description="TCP port llama-server listens on; unique per host."
+    )
+    parallel: int = Field(1, ge=1, description="Number of parallel request slots (-np).")
+    api_key: str | None = Field(
+        None,
+        description="API key llama-server requires; passed through the environment, never argv.",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="More llama-server arguments, one list item per argv word (never a shell string).",
+    )
 
 
 class GpuSection(_Section):
-    backend: Backend = "cpu"
-    """The llama.cpp backend to pin devices for: cpu, cuda, rocm, vulkan, sycl or metal."""
-    device_id: Union[int, list[int], None] = None
-    """GPU index, or a list of indices for a model split over several cards."""
-    layers: int | None = Field(None, ge=-1)
-    """Layers to offload to the GPU (-ngl); omitted means llama-server's default."""
-    split_mode: Literal["none", "layer", "row"] | None = None
-    """How a model is split over several GPUs (-sm)."""
-    tensor_split: list[float] | None = None
-    """Share of the model per pinned GPU, in device order (-ts), e.g. [3, 1]."""
+    backend: Backend = Field(
+        "cpu",
+        description="The llama.cpp backend to pin devices for: cpu, cuda, rocm, vulkan, sycl or metal.",
+    )
+    device_id: int | list[int] | None = Field(
+        None, description="GPU index, or a list of indices for a model split over several cards."
+    )
+    layers: int | None = Field(
+        None,
+        ge=-1,
+        description="Layers to offload to the GPU (-ngl); omitted means llama-server's default.",
+    )
+    split_mode: Literal["none", "layer", "row"] | None = Field(
+        None, description="How a model is split over several GPUs (-sm)."
+    )
+    tensor_split: list[float] | None = Field(
+        None, description="Share of the model per pinned GPU, in device order (-ts), e.g. [3, 1]."
+    )
 
     @field_validator("device_id")
     @classmethod
@@ -97,33 +114,45 @@ class GpuSection(_Section):
 
 
 class HealthcheckSection(_Section):
-    interval: float = Field(10, gt=0)
-    """Seconds between health probes."""
-    timeout: float = Field(5, gt=0)
-    """Seconds a probe may take before it counts as a failure."""
-    retries: int = Field(3, ge=1)
-    """Consecutive failures before the instance is unhealthy."""
-    start_period: float = Field(120, ge=0)
-    """Seconds after start during which a loading model (503) or a refused connection is not a failure."""
-    probe: Literal["health", "completion"] = "health"
-    """`health` probes GET /health; `completion` also sends a 1-token completion every deep_interval."""
-    deep_interval: float = Field(60, gt=0)
-    """Seconds between completion probes when probe is `completion`."""
+    interval: float = Field(10, gt=0, description="Seconds between health probes.")
+    timeout: float = Field(
+        5, gt=0, description="Seconds a probe may take before it counts as a failure."
+    )
+    retries: int = Field(
+        3, ge=1, description="Consecutive failures before the instance is unhealthy."
+    )
+    start_period: float = Field(
+        120,
+        ge=0,
+        description="Seconds after start during which a loading model (503) or a refused connection is not a failure.",
+    )
+    probe: Literal["health", "completion"] = Field(
+        "health",
+        description="`health` probes GET /health; `completion` also sends a 1-token completion every deep_interval.",
+    )
+    deep_interval: float = Field(
+        60, gt=0, description="Seconds between completion probes when probe is `completion`."
+    )
 
 
 class RestartPolicySection(_Section):
-    enabled: bool = True
-    """Original format: false means mode `no`."""
-    mode: RestartMode | None = None
-    """no | on-failure | always | unless-stopped, as Docker's; default on-failure (or no when enabled is false)."""
-    max_retries: int = Field(5, ge=0)
-    """Restarts before the instance is `failed` and stays down until `up` or `restart`."""
-    backoff_initial: float = Field(1, ge=0)
-    """Seconds before the first restart; doubles with each further one."""
-    backoff_max: float = Field(60, ge=0)
-    """Upper bound of the restart delay in seconds."""
-    reset_after: float = Field(60, ge=0)
-    """Seconds an instance must stay up for its restart count to reset."""
+    enabled: bool = Field(True, description="Original format: false means mode `no`.")
+    mode: RestartMode | None = Field(
+        None,
+        description="no | on-failure | always | unless-stopped, as Docker's; default on-failure (or no when enabled is false).",
+    )
+    max_retries: int = Field(
+        5,
+        ge=0,
+        description="Restarts before the instance is `failed` and stays down until `up` or `restart`.",
+    )
+    backoff_initial: float = Field(
+        1, ge=0, description="Seconds before the first restart; doubles with each further one."
+    )
+    backoff_max: float = Field(60, ge=0, description="Upper bound of the restart delay in seconds.")
+    reset_after: float = Field(
+        60, ge=0, description="Seconds an instance must stay up for its restart count to reset."
+    )
 
     @property
     def effective_mode(self) -> str:
@@ -133,36 +162,48 @@ class RestartPolicySection(_Section):
 
 
 class OnDemandSection(_Section):
-    idle_ttl: float = Field(300, gt=0)
-    """Seconds without requests after which the router stops the instance."""
-    load_timeout: float = Field(300, gt=0)
-    """Seconds a request waits for the model to load."""
-    group: str | None = None
-    """Swap group: at most `max_running` members run at once."""
+    idle_ttl: float = Field(
+        300, gt=0, description="Seconds without requests after which the router stops the instance."
+    )
+    load_timeout: float = Field(
+        300, gt=0, description="Seconds a request waits for the model to load."
+    )
+    group: str | None = Field(
+        None, description="Swap group: at most `max_running` members run at once."
+    )
 
 
 class InstanceConfig(_Section):
     """One llama-server instance: `instances/<name>/config.json`."""
 
-    name: str | None = None
-    """Instance name; must match the folder name when given."""
+    name: str | None = Field(
+        None, description="Instance name; must match the folder name when given."
+    )
     model: ModelSection
     server: ServerSection
     gpu: GpuSection = Field(default_factory=GpuSection)
     healthcheck: HealthcheckSection = Field(default_factory=HealthcheckSection)
     restart_policy: RestartPolicySection = Field(default_factory=RestartPolicySection)
-    stop_timeout: float = Field(10, ge=0)
-    """Seconds between the graceful stop signal and killing the process tree."""
-    env: dict[str, str] = Field(default_factory=dict)
-    """Extra environment variables for llama-server."""
-    binary: str | None = None
-    """The llama-server executable for this instance (overrides every other lookup)."""
-    tags: list[str] = Field(default_factory=list)
-    """Tags that plans and the router can select by (`tags:worker`)."""
-    autostart: bool = False
-    """Start with the daemon / service."""
-    on_demand: OnDemandSection | None = None
-    """Started by the router on first request and stopped when idle."""
+    stop_timeout: float = Field(
+        10,
+        ge=0,
+        description="Seconds between the graceful stop signal and killing the process tree.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables for llama-server."
+    )
+    binary: str | None = Field(
+        None,
+        description="The llama-server executable for this instance (overrides every other lookup).",
+    )
+    tags: list[str] = Field(
+        default_factory=list,
+        description="Tags that plans and the router can select by (`tags:worker`).",
+    )
+    autostart: bool = Field(False, description="Start with the daemon / service.")
+    on_demand: OnDemandSection | None = Field(
+        None, description="Started by the router on first request and stopped when idle."
+    )
 
     @field_validator("name")
     @classmethod
@@ -190,10 +231,10 @@ class RouterSettings(_Section):
 
 
 class LogSettings(_Section):
-    max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    """Size at which an instance log is rotated."""
-    backups: int = Field(3, ge=0)
-    """Rotated files kept (.1 .2 ...)."""
+    max_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Size at which an instance log is rotated."
+    )
+    backups: int = Field(3, ge=0, description="Rotated files kept (.1 .2 ...).")
 
 
 class GpuSettings(_Section):
@@ -252,8 +293,14 @@ def parse_config(text: str, file: str, name: str) -> InstanceConfig:
         raise ConfigError(pydantic_problems(file, exc)) from None
     if cfg.name is not None and cfg.name != name:
         raise ConfigError(
-            [Problem(file, "name", f"'{cfg.name}' differs from the folder name '{name}'; "
-                     "make them the same or remove the field")]
+            [
+                Problem(
+                    file,
+                    "name",
+                    f"'{cfg.name}' differs from the folder name '{name}'; "
+                    "make them the same or remove the field",
+                )
+            ]
         )
     return cfg
 
@@ -282,9 +329,12 @@ def load_settings(path: Path) -> Settings:
 
 # --- saving ------------------------------------------------------------------
 
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file in the same folder, fsync, then rename over `path`,
     so a crash leaves either the old file or the new one, never half of one."""
+    import tempfile  # lazily: most commands never write a config
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

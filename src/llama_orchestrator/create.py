@@ -60,7 +60,11 @@ def create_instance(
             hint="Use --force to overwrite it, or pick another name.",
         )
     others = [x for x in load_all(home) if x.name != name and x.config is not None]
-    taken = {x.config.server.port for x in others if x.config and hosts_overlap(x.config.server.host, host)}
+    taken = {
+        x.config.server.port
+        for x in others
+        if x.config and hosts_overlap(x.config.server.host, host)
+    }
     if port is None:
         port = pick_port(taken, lambda p: platform.port_is_free(host, p))
     elif port in taken:

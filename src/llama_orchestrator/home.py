@@ -7,8 +7,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
-
 from llama_orchestrator.errors import UserError
 
 __all__ = ["Home", "resolve_home", "NAME_RE", "check_name"]
@@ -93,4 +91,6 @@ def resolve_home(explicit: str | os.PathLike[str] | None = None, cwd: Path | Non
     for folder in (here, *here.parents):
         if (folder / "instances").is_dir():
             return Home(folder)
+    import platformdirs  # lazily: only the last fallback needs it
+
     return Home(Path(platformdirs.user_data_dir("llama-orch", appauthor=False)))

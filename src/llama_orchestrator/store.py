@@ -239,7 +239,10 @@ class Store:
         )
 
     def events(
-        self, instance: str | None = None, since: float | None = None, after_id: int = 0,
+        self,
+        instance: str | None = None,
+        since: float | None = None,
+        after_id: int = 0,
         limit: int | None = None,
     ) -> list[Event]:
         sql = "SELECT * FROM events WHERE id > ?"

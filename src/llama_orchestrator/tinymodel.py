@@ -57,7 +57,7 @@ def write_tiny_model(path: Path, *, seed: int = 0, name: str = "tiny-llama") -> 
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
 
-    def t(*shape: int, scale: float = 0.1) -> "np.ndarray":
+    def t(*shape: int, scale: float = 0.1) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     ones = np.ones(N_EMBD, dtype=np.float32)

@@ -59,24 +59,33 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
         if other.name == item.name or oc is None:
             continue
         if oc.server.port == cfg.server.port and hosts_overlap(oc.server.host, cfg.server.host):
-            problems.append(Problem(
-                file, "server.port",
-                f"port {cfg.server.port} is also used by instance '{other.name}'; "
-                "give each instance its own port",
-            ))
+            problems.append(
+                Problem(
+                    file,
+                    "server.port",
+                    f"port {cfg.server.port} is also used by instance '{other.name}'; "
+                    "give each instance its own port",
+                )
+            )
 
     model = cfg.model_path(item.path.parent)
     if not model.exists():
-        problems.append(Problem(
-            file, "model.path",
-            f"model file {model} does not exist; fix the path (relative paths start at "
-            f"{item.path.parent})",
-        ))
+        problems.append(
+            Problem(
+                file,
+                "model.path",
+                f"model file {model} does not exist; fix the path (relative paths start at "
+                f"{item.path.parent})",
+            )
+        )
     elif not model.is_file() or not is_gguf(model):
-        problems.append(Problem(
-            file, "model.path",
-            f"{model} is not a GGUF model (its first bytes are not 'GGUF'); point it at a .gguf file",
-        ))
+        problems.append(
+            Problem(
+                file,
+                "model.path",
+                f"{model} is not a GGUF model (its first bytes are not 'GGUF'); point it at a .gguf file",
+            )
+        )
 
     try:
         find_llama_server(cfg.binary, home.root, item.path.parent)
@@ -87,20 +96,32 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
     problems += [Problem(file, "server.extra_args", e) for e in errors]
     problems += [Problem(file, "server.extra_args", w, "warning") for w in warnings]
     if cfg.server.host in _WILDCARDS - {""}:
-        problems.append(Problem(
-            file, "server.host",
-            f"{cfg.server.host} exposes llama-server to the network; use 127.0.0.1 "
-            "unless that is what you want", "warning",
-        ))
+        problems.append(
+            Problem(
+                file,
+                "server.host",
+                f"{cfg.server.host} exposes llama-server to the network; use 127.0.0.1 "
+                "unless that is what you want",
+                "warning",
+            )
+        )
     if cfg.gpu.backend == "cpu" and cfg.gpu.devices:
-        problems.append(Problem(
-            file, "gpu.device_id", "is ignored with backend 'cpu'; set gpu.backend", "warning",
-        ))
+        problems.append(
+            Problem(
+                file,
+                "gpu.device_id",
+                "is ignored with backend 'cpu'; set gpu.backend",
+                "warning",
+            )
+        )
     if cfg.gpu.tensor_split and len(cfg.gpu.tensor_split) != max(1, len(cfg.gpu.devices)):
-        problems.append(Problem(
-            file, "gpu.tensor_split",
-            "needs one share per device in gpu.device_id; make the lists the same length",
-        ))
+        problems.append(
+            Problem(
+                file,
+                "gpu.tensor_split",
+                "needs one share per device in gpu.device_id; make the lists the same length",
+            )
+        )
     return problems
 
 

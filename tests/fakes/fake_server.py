@@ -42,13 +42,18 @@ def main() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.environ.get("FAKE_CHILD"):
         subprocess.Popen(
-            [sys.executable, "-c",
-             "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"]
+            [
+                sys.executable,
+                "-c",
+                "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)",
+            ]
         )
     exit_after = os.environ.get("FAKE_EXIT_AFTER")
     if exit_after:
         threading.Timer(float(exit_after), lambda: os._exit(3)).start()
-    server = ThreadingHTTPServer((_arg("--host", "127.0.0.1"), int(_arg("--port", "8080"))), Handler)
+    server = ThreadingHTTPServer(
+        (_arg("--host", "127.0.0.1"), int(_arg("--port", "8080"))), Handler
+    )
     print(f"fake llama-server listening on {server.server_address}", file=sys.stderr, flush=True)
     server.serve_forever()
 

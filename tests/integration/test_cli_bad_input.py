@@ -27,7 +27,9 @@ def test_invalid_json(home, tiny_model):
 
 def test_unknown_field(home, tiny_model):
     write_config(home, "a", tiny_model, servr={"port": 1})
-    assert_user_error(run_cli(home, "config", "validate", "a"), "a/config.json: servr: unknown field")
+    assert_user_error(
+        run_cli(home, "config", "validate", "a"), "a/config.json: servr: unknown field"
+    )
 
 
 def test_invalid_name_creates_nothing_outside_the_home(home, tiny_model, tmp_path):
@@ -41,8 +43,10 @@ def test_port_used_by_another_instance(home, tiny_model):
     write_config(home, "a", tiny_model, server={"port": 9555})
     write_config(home, "b", tiny_model, server={"port": 9555})
     assert_user_error(run_cli(home, "up", "b"), "port 9555 is also used by instance 'a'")
-    assert_user_error(run_cli(home, "init", "c", "--model", str(tiny_model), "--port", "9555"),
-                      "Port 9555 is already used by instance")
+    assert_user_error(
+        run_cli(home, "init", "c", "--model", str(tiny_model), "--port", "9555"),
+        "Port 9555 is already used by instance",
+    )
 
 
 def test_port_held_by_a_foreign_process(home, tiny_model):
@@ -68,8 +72,14 @@ def test_llama_server_missing(home, tiny_model, tmp_path):
 
 
 def test_unknown_instance(home):
-    for cmd in (["down", "ghost"], ["logs", "ghost"], ["describe", "ghost"], ["health", "ghost"],
-                ["restart", "ghost"], ["up", "ghost"]):
+    for cmd in (
+        ["down", "ghost"],
+        ["logs", "ghost"],
+        ["describe", "ghost"],
+        ["health", "ghost"],
+        ["restart", "ghost"],
+        ["up", "ghost"],
+    ):
         assert_user_error(run_cli(home, *cmd), "No instance named 'ghost'")
 
 
@@ -86,7 +96,9 @@ def test_usage_errors_exit_2(home):
     r = run_cli(home, "up", "--no-such-option")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert_user_error(run_cli(home, "up"), "Name at least one instance")
-    assert_user_error(run_cli(home, "init", "a", "--model", "m.gguf", "--gpu", "x,y"), "--gpu 'x,y'")
+    assert_user_error(
+        run_cli(home, "init", "a", "--model", "m.gguf", "--gpu", "x,y"), "--gpu 'x,y'"
+    )
 
 
 def test_config_validate_prints_every_problem_and_schema_works(home, tiny_model, tmp_path):

@@ -26,7 +26,9 @@ def test_up_waits_for_health_and_the_server_answers(engine, home, tiny_model, se
 
 
 def test_gpu_pinning_reaches_the_running_child_environment(engine, home, tiny_model):
-    write_config(home, "split", tiny_model, gpu={"backend": "vulkan", "device_id": [0, 3], "layers": 99})
+    write_config(
+        home, "split", tiny_model, gpu={"backend": "vulkan", "device_id": [0, 3], "layers": 99}
+    )
     write_config(home, "one", tiny_model, gpu={"backend": "cuda", "device_id": 2})
     results = {r.name: r for r in engine.up(["split", "one"], timeout=60)}
     env_split = psutil.Process(results["split"].pid).environ()
@@ -53,7 +55,9 @@ def test_down_stops_the_process_and_records_it(engine, home, tiny_model):
     write_config(home, "a", tiny_model)
     (res,) = engine.up(["a"], timeout=60)
     assert engine.down(["a"]) == ["a"]
-    assert not psutil.pid_exists(res.pid) or psutil.Process(res.pid).status() == psutil.STATUS_ZOMBIE
+    assert (
+        not psutil.pid_exists(res.pid) or psutil.Process(res.pid).status() == psutil.STATUS_ZOMBIE
+    )
     row = engine.store.get("a")
     assert row is not None and row.state == S.STOPPED and row.exit_code == 0
     assert engine.down(["a"]) == []  # stopping a stopped instance is a no-op
@@ -107,9 +111,17 @@ def test_death_is_observed_with_the_signal(engine, home, tiny_model):
     assert rows[0]["exit_code"] == -9
 
 
-def test_stop_kills_a_tree_that_ignores_sigterm_after_stop_timeout(engine, home, tiny_model, fake_bin):
-    write_config(home, "stubborn", tiny_model, binary=str(fake_bin), stop_timeout=0.5,
-                 env={"FAKE_IGNORE_SIGTERM": "1", "FAKE_CHILD": "1"})
+def test_stop_kills_a_tree_that_ignores_sigterm_after_stop_timeout(
+    engine, home, tiny_model, fake_bin
+):
+    write_config(
+        home,
+        "stubborn",
+        tiny_model,
+        binary=str(fake_bin),
+        stop_timeout=0.5,
+        env={"FAKE_IGNORE_SIGTERM": "1", "FAKE_CHILD": "1"},
+    )
     (res,) = engine.up(["stubborn"], timeout=30)
     root = psutil.Process(res.pid)
     tree = [root, *wait_until(lambda: root.children(recursive=True))]

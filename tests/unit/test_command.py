@@ -10,20 +10,45 @@ MODEL = Path("/models/m.gguf")
 
 
 def cfg(**gpu):
-    return InstanceConfig.model_validate({
-        "model": {"path": "m.gguf", "context_size": 2048, "batch_size": 256, "threads": 8},
-        "server": {"port": 8001, "parallel": 4, "api_key": "sk-secret", "extra_args": ["--jinja"]},
-        "gpu": gpu or {"backend": "cpu"},
-        "env": {"OMP_NUM_THREADS": "8"},
-    })
+    return InstanceConfig.model_validate(
+        {
+            "model": {"path": "m.gguf", "context_size": 2048, "batch_size": 256, "threads": 8},
+            "server": {
+                "port": 8001,
+                "parallel": 4,
+                "api_key": "sk-secret",
+                "extra_args": ["--jinja"],
+            },
+            "gpu": gpu or {"backend": "cpu"},
+            "env": {"OMP_NUM_THREADS": "8"},
+        }
+    )
 
 
 def test_argv_has_every_flag_in_order_and_extra_args_last():
     launch = build_launch(cfg(), "gpt", BIN, MODEL, {})
     assert launch.argv == [
-        "/opt/llama-server", "-m", "/models/m.gguf", "--host", "127.0.0.1", "--port", "8001",
-        "-c", "2048", "-b", "256", "-t", "8", "-np", "4", "-ngl", "0",
-        "--alias", "gpt", "--metrics", "--jinja",
+        "/opt/llama-server",
+        "-m",
+        "/models/m.gguf",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8001",
+        "-c",
+        "2048",
+        "-b",
+        "256",
+        "-t",
+        "8",
+        "-np",
+        "4",
+        "-ngl",
+        "0",
+        "--alias",
+        "gpt",
+        "--metrics",
+        "--jinja",
     ]
 
 
@@ -35,8 +60,12 @@ def test_api_key_goes_to_env_never_argv():
 
 @pytest.mark.parametrize(
     ("backend", "var", "value"),
-    [("cuda", "CUDA_VISIBLE_DEVICES", "0,3"), ("rocm", "HIP_VISIBLE_DEVICES", "0,3"),
-     ("vulkan", "GGML_VK_VISIBLE_DEVICES", "0,3"), ("sycl", "ONEAPI_DEVICE_SELECTOR", "level_zero:0,3")],
+    [
+        ("cuda", "CUDA_VISIBLE_DEVICES", "0,3"),
+        ("rocm", "HIP_VISIBLE_DEVICES", "0,3"),
+        ("vulkan", "GGML_VK_VISIBLE_DEVICES", "0,3"),
+        ("sycl", "ONEAPI_DEVICE_SELECTOR", "level_zero:0,3"),
+    ],
 )
 def test_gpu_pinning_by_backend_with_a_device_list(backend, var, value):
     launch = build_launch(cfg(backend=backend, device_id=[0, 3], layers=99), "g", BIN, MODEL, {})
@@ -64,14 +93,20 @@ def test_gpu_without_layers_leaves_ngl_to_llama_server_and_minus_one_means_all()
 
 def test_split_flags_follow_the_config():
     argv = build_launch(
-        cfg(backend="cuda", device_id=[0, 3], split_mode="row", tensor_split=[3, 1.5]), "g", BIN, MODEL, {}
+        cfg(backend="cuda", device_id=[0, 3], split_mode="row", tensor_split=[3, 1.5]),
+        "g",
+        BIN,
+        MODEL,
+        {},
     ).argv
     assert argv[argv.index("-sm") + 1] == "row"
     assert argv[argv.index("-ts") + 1] == "3,1.5"
 
 
 def test_env_merges_base_config_and_markers():
-    launch = build_launch(cfg(), "gpt", BIN, MODEL, {"PATH": "/bin", "OMP_NUM_THREADS": "1"}, Path("/h"))
+    launch = build_launch(
+        cfg(), "gpt", BIN, MODEL, {"PATH": "/bin", "OMP_NUM_THREADS": "1"}, Path("/h")
+    )
     assert launch.env["PATH"] == "/bin"
     assert launch.env["OMP_NUM_THREADS"] == "8"  # the config wins over the base environment
     assert launch.env["LLAMA_ORCH_INSTANCE"] == "gpt" and launch.env["LLAMA_ORCH_HOME"] == "/h"

@@ -1,10 +1,14 @@
 import json
-from pathlib import Path
 
 import pytest
 
 from llama_orchestrator.config import (
-    InstanceConfig, load_config, parse_config, parse_settings, redacted, save_config,
+    InstanceConfig,
+    load_config,
+    parse_config,
+    parse_settings,
+    redacted,
+    save_config,
 )
 from llama_orchestrator.errors import ConfigError
 
@@ -45,7 +49,9 @@ def test_config_invalid_json_reports_line_and_column():
 
 
 def test_config_every_problem_is_reported_at_once():
-    msgs = problems_of('{"model": {"path": "m.gguf", "threads": 0}, "server": {"port": 70000}, "x": 1}')
+    msgs = problems_of(
+        '{"model": {"path": "m.gguf", "threads": 0}, "server": {"port": 70000}, "x": 1}'
+    )
     assert len(msgs) == 3
     assert any("model.threads" in m for m in msgs)
     assert any("server.port" in m for m in msgs)
@@ -80,8 +86,12 @@ def test_config_not_an_object():
 
 @pytest.mark.parametrize(
     ("policy", "mode"),
-    [({"enabled": False}, "no"), ({}, "on-failure"), ({"enabled": False, "mode": "always"}, "always"),
-     ({"mode": "unless-stopped"}, "unless-stopped")],
+    [
+        ({"enabled": False}, "no"),
+        ({}, "on-failure"),
+        ({"enabled": False, "mode": "always"}, "always"),
+        ({"mode": "unless-stopped"}, "unless-stopped"),
+    ],
 )
 def test_config_restart_mode_from_original_and_new_format(policy, mode):
     data = {"model": {"path": "m"}, "server": {"port": 1}, "restart_policy": policy}

@@ -1,4 +1,3 @@
-import httpx
 import pytest
 
 from llama_orchestrator.engine import health
@@ -10,40 +9,78 @@ from llama_orchestrator.timefmt import human_duration, parse_since
 
 @pytest.mark.parametrize(
     ("status", "refused", "expected"),
-    [(200, False, "healthy"), (503, False, "loading"), (500, False, "error"),
-     (None, True, "down"), (None, False, "error")],
+    [
+        (200, False, "healthy"),
+        (503, False, "loading"),
+        (500, False, "error"),
+        (None, True, "down"),
+        (None, False, "error"),
+    ],
 )
 def test_classify(status, refused, expected):
     assert health.classify(status, refused) == expected
 
 
-def test_probe_uses_the_given_client_and_loopback_for_wildcards():
+def test_probe_uses_the_given_getter_and_loopback_for_wildcards():
     seen = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(str(request.url))
-        return httpx.Response(503, text='{"error":"Loading model"}')
+    def get(host, port, path, timeout):
+        seen.append((host, port, path, timeout))
+        return 503, '{"error":"Loading model"}'
 
-    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
-        r = health.probe(client, "0.0.0.0", 8001, 1.0)
-    assert seen == ["http://127.0.0.1:8001/health"]
+    r = health.probe("0.0.0.0", 8001, 1.5, get)
+    assert seen == [("127.0.0.1", 8001, "/health", 1.5)]
     assert r.status == "loading" and r.http_status == 503 and not r.ok
+    assert health.probe("::", 8001, 1, get) and seen[-1][0] == "::1"
 
 
-def test_probe_reports_a_timeout_as_error():
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow", request=request)
+@pytest.mark.parametrize(
+    ("exc", "status", "text"),
+    [
+        (ConnectionRefusedError(111, "refused"), "down", "connection refused"),
+        (TimeoutError(), "error", "no answer within 0.1s"),
+        (ConnectionResetError(104, "reset"), "error", "ConnectionResetError"),
+    ],
+)
+def test_probe_failures(exc, status, text):
+    def get(host, port, path, timeout):
+        raise exc
 
-    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
-        r = health.probe(client, "127.0.0.1", 1, 0.1)
-    assert r.status == "error" and "ReadTimeout" in (r.error or "")
+    r = health.probe("127.0.0.1", 1, 0.1, get)
+    assert r.status == status and text in (r.error or "")
+
+
+def test_http_get_against_a_real_socket_server():
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"status":"ok"}')
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.handle_request).start()
+    r = health.probe("127.0.0.1", srv.server_address[1], 2)
+    srv.server_close()
+    assert r.ok and r.http_status == 200
+    assert health.probe("127.0.0.1", srv.server_address[1], 0.5).status == "down"
 
 
 @pytest.mark.parametrize(
     ("current", "status", "expected"),
-    [(S.STARTING, "healthy", S.HEALTHY), (S.STARTING, "loading", S.STARTING),
-     (S.STARTING, "down", S.STARTING), (S.STARTING, "error", S.UNHEALTHY),
-     (S.HEALTHY, "loading", S.UNHEALTHY), (S.UNHEALTHY, "healthy", S.HEALTHY)],
+    [
+        (S.STARTING, "healthy", S.HEALTHY),
+        (S.STARTING, "loading", S.STARTING),
+        (S.STARTING, "down", S.STARTING),
+        (S.STARTING, "error", S.UNHEALTHY),
+        (S.HEALTHY, "loading", S.UNHEALTHY),
+        (S.UNHEALTHY, "healthy", S.HEALTHY),
+    ],
 )
 def test_observed_state_from_one_probe(current, status, expected):
     p = health.ProbeResult(status, 200 if status == "healthy" else None, 1.0)
@@ -59,4 +96,10 @@ def test_parse_since():
 
 
 def test_human_duration():
-    assert [human_duration(s) for s in (None, 5, 130, 3720, 90000)] == ["-", "5s", "2m10s", "1h02m", "1d1h"]
+    assert [human_duration(s) for s in (None, 5, 130, 3720, 90000)] == [
+        "-",
+        "5s",
+        "2m10s",
+        "1h02m",
+        "1d1h",
+    ]

@@ -1,4 +1,5 @@
-from llama_orchestrator.states import ALLOWED, InstanceState as S, is_allowed
+from llama_orchestrator.states import ALLOWED, is_allowed
+from llama_orchestrator.states import InstanceState as S
 
 
 def test_every_state_has_a_row_and_is_reachable():

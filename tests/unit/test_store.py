@@ -4,7 +4,8 @@ import threading
 import pytest
 
 from llama_orchestrator.errors import StateError
-from llama_orchestrator.states import Desired, InstanceState as S
+from llama_orchestrator.states import Desired
+from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import SCHEMA_VERSION, Store
 
 
@@ -33,10 +34,16 @@ def test_set_state_saves_row_and_records_event(tmp_path):
     clock.t = 1001
     store.set_state(row, S.HEALTHY, "ok")
     got = store.get("a")
-    assert got is not None and got.state == S.HEALTHY and got.pid == 5 and got.desired == Desired.RUNNING
+    assert (
+        got is not None
+        and got.state == S.HEALTHY
+        and got.pid == 5
+        and got.desired == Desired.RUNNING
+    )
     events = store.events("a")
     assert [(e.ts, e.kind, e.data.get("from")) for e in events] == [
-        (1000, "starting", "created"), (1001, "healthy", "starting")
+        (1000, "starting", "created"),
+        (1001, "healthy", "starting"),
     ]
     assert events[0].data["pid"] == 5
 
@@ -64,10 +71,9 @@ def test_events_filter_by_instance_time_and_limit(tmp_path):
 
 def test_failed_transaction_leaves_nothing(tmp_path):
     store = Store.open(tmp_path / "s.sqlite")
-    with pytest.raises(RuntimeError):
-        with store.transaction():
-            store.add_event("a", "k", "m")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), store.transaction():
+        store.add_event("a", "k", "m")
+        raise RuntimeError("boom")
     assert store.events() == []
 
 

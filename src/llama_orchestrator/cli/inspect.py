@@ -17,8 +17,15 @@ from llama_orchestrator.validate import load_all
 __all__ = ["register", "ps_table", "STATE_STYLES"]
 
 STATE_STYLES = {
-    "healthy": "green", "starting": "yellow", "unhealthy": "red", "backoff": "yellow",
-    "stopping": "yellow", "stopped": "dim", "created": "dim", "exited": "red", "failed": "bold red",
+    "healthy": "green",
+    "starting": "yellow",
+    "unhealthy": "red",
+    "backoff": "yellow",
+    "stopping": "yellow",
+    "stopped": "dim",
+    "created": "dim",
+    "exited": "red",
+    "failed": "bold red",
 }
 
 
@@ -36,14 +43,22 @@ def ps_table(rows: list[dict[str, Any]]) -> Table:
         backend = f"{r['backend']}:{gpus}" if gpus else (r["backend"] or "-")
         model = (r["model_path"] or "-").rsplit("/", 1)[-1]
         table.add_row(
-            r["name"], f"[{STATE_STYLES.get(r['state'], '')}]{state}[/]", str(r["pid"] or "-"),
-            str(r["port"] or "-"), r["alias"] or "-", backend, str(r["restarts"]),
-            human_duration(r["uptime_s"]), model,
+            r["name"],
+            f"[{STATE_STYLES.get(r['state'], '')}]{state}[/]",
+            str(r["pid"] or "-"),
+            str(r["port"] or "-"),
+            r["alias"] or "-",
+            backend,
+            str(r["restarts"]),
+            human_duration(r["uptime_s"]),
+            model,
         )
     return table
 
 
-def ps(ctx: typer.Context, json_: bool = typer.Option(False, "--json", help="JSON output.")) -> None:
+def ps(
+    ctx: typer.Context, json_: bool = typer.Option(False, "--json", help="JSON output.")
+) -> None:
     """List instances and their state."""
     rows = collect(app_context(ctx).engine)
     if json_:
@@ -73,15 +88,14 @@ def _describe_data(ctx: typer.Context, name: str) -> dict[str, Any]:
                 launch = prepared.launch
                 data["command"] = launch.argv
                 data["env"] = {
-                    k: ("********" if k == "LLAMA_API_KEY" else v) for k, v in launch.added_env.items()
+                    k: ("********" if k == "LLAMA_API_KEY" else v)
+                    for k, v in launch.added_env.items()
                 }
             except OrchError as exc:
                 data["command_error"] = str(exc)
     log_dir = app.home.log_dir(name)
     data["logs"] = {s: str(log_dir / f"{s}.log") for s in ("stdout", "stderr")}
-    data["events"] = [
-        {**e.to_json(), "ts": iso(e.ts)} for e in engine.store.events(name, limit=10)
-    ]
+    data["events"] = [{**e.to_json(), "ts": iso(e.ts)} for e in engine.store.events(name, limit=10)]
     return data
 
 
@@ -97,8 +111,21 @@ def describe(
         return
     state_style = STATE_STYLES.get(d["state"], "")
     out.print(f"[bold]{d['name']}[/]  [{state_style}]{d['state']}[/]  (desired: {d['desired']})")
-    for key in ("pid", "host", "port", "alias", "model_path", "backend", "gpu_devices",
-                "restarts", "started_at", "uptime_s", "exit_code", "supervised", "config_path"):
+    for key in (
+        "pid",
+        "host",
+        "port",
+        "alias",
+        "model_path",
+        "backend",
+        "gpu_devices",
+        "restarts",
+        "started_at",
+        "uptime_s",
+        "exit_code",
+        "supervised",
+        "config_path",
+    ):
         out.print(f"  {key:<12} {d.get(key)}", markup=False)
     if d.get("command"):
         out.print("  command      " + " ".join(d["command"]), markup=False)
@@ -129,10 +156,16 @@ def health(
     (name,) = engine.resolve_names([name])
     p = engine.probe(name)
     if json_:
-        print_json({
-            "name": name, "healthy": p.ok, "status": p.status, "http_status": p.http_status,
-            "latency_ms": round(p.latency_ms, 2), "error": p.error,
-        })
+        print_json(
+            {
+                "name": name,
+                "healthy": p.ok,
+                "status": p.status,
+                "http_status": p.http_status,
+                "latency_ms": round(p.latency_ms, 2),
+                "error": p.error,
+            }
+        )
     else:
         detail = f"HTTP {p.http_status}" if p.http_status else (p.error or "")
         out.print(f"{name}: {p.status} ({detail}, {p.latency_ms:.1f} ms)", markup=False)

@@ -22,7 +22,9 @@ def _parse_gpus(text: Optional[str]) -> Optional[list[int]]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"--gpu {text!r} is not a list of GPU indices.", hint="Use e.g. --gpu 0 or --gpu 0,3.") from None
+        raise UserError(
+            f"--gpu {text!r} is not a list of GPU indices.", hint="Use e.g. --gpu 0 or --gpu 0,3."
+        ) from None
 
 
 def init(
@@ -45,15 +47,27 @@ def init(
     """Create instances/NAME/config.json."""
     app = app_context(ctx)
     path = create_instance(
-        app.home, name, model=model, port=port, host=host, backend=backend, gpus=_parse_gpus(gpu),
-        layers=layers, ctx=ctx_size, parallel=parallel, threads=threads, alias=alias, tags=tag,
-        extra_args=extra or [], force=force,
+        app.home,
+        name,
+        model=model,
+        port=port,
+        host=host,
+        backend=backend,
+        gpus=_parse_gpus(gpu),
+        layers=layers,
+        ctx=ctx_size,
+        parallel=parallel,
+        threads=threads,
+        alias=alias,
+        tags=tag,
+        extra_args=extra or [],
+        force=force,
     )
     out.print(f"Created {path}")
     out.print(f"Start it with: llama-orch up {name}")
 
 
-def _progress_printer() -> tuple[Progress, "object"]:
+def _progress_printer() -> tuple[Progress, object]:
     """A live status line on stderr while models load (nothing when piped)."""
     status = err.status("Starting…") if err.is_terminal else None
     if status is not None:
@@ -101,7 +115,9 @@ def down(
     ctx: typer.Context,
     names: Optional[List[str]] = typer.Argument(None, help="Instances to stop."),
     all_: bool = typer.Option(False, "--all", help="Stop every instance."),
-    timeout: Optional[float] = typer.Option(None, help="Seconds before a kill (default: stop_timeout)."),
+    timeout: Optional[float] = typer.Option(
+        None, help="Seconds before a kill (default: stop_timeout)."
+    ),
 ) -> None:
     """Stop instances (SIGTERM, then kill the tree after the timeout)."""
     app = app_context(ctx)

@@ -79,10 +79,16 @@ def events(
 
     batch = engine.store.events(name, since=start)
     emit(batch)
-    last = batch[-1].id if batch else max((e.id for e in engine.store.events(name, limit=1)), default=0)
+    last = (
+        batch[-1].id
+        if batch
+        else max((e.id for e in engine.store.events(name, limit=1)), default=0)
+    )
     try:
         while follow:
-            time.sleep(EVENTS_POLL)  # the store is polled: SQLite has no change feed across processes
+            time.sleep(
+                EVENTS_POLL
+            )  # the store is polled: SQLite has no change feed across processes
             batch = engine.store.events(name, after_id=last)
             if batch:
                 emit(batch)

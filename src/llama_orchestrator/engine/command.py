@@ -24,13 +24,21 @@ PIN_VARS = {
 
 #: Flags llama-orch sets itself; the same flag in extra_args would fight it.
 MANAGED_FLAGS = {
-    "-m": "model.path", "--model": "model.path",
-    "--host": "server.host", "--port": "server.port",
-    "-c": "model.context_size", "--ctx-size": "model.context_size",
-    "-np": "server.parallel", "--parallel": "server.parallel",
-    "--alias": "model.alias", "-a": "model.alias",
-    "--api-key": "server.api_key", "--api-key-file": "server.api_key",
-    "-ngl": "gpu.layers", "--gpu-layers": "gpu.layers", "--n-gpu-layers": "gpu.layers",
+    "-m": "model.path",
+    "--model": "model.path",
+    "--host": "server.host",
+    "--port": "server.port",
+    "-c": "model.context_size",
+    "--ctx-size": "model.context_size",
+    "-np": "server.parallel",
+    "--parallel": "server.parallel",
+    "--alias": "model.alias",
+    "-a": "model.alias",
+    "--api-key": "server.api_key",
+    "--api-key-file": "server.api_key",
+    "-ngl": "gpu.layers",
+    "--gpu-layers": "gpu.layers",
+    "--n-gpu-layers": "gpu.layers",
 }
 
 #: Marks a child as this home's instance, so it can be found again after a crash of ours.
@@ -60,7 +68,7 @@ def check_extra_args(extra_args: list[str]) -> tuple[list[str], list[str]]:
                 f"{flag} is managed by llama-orch; set {MANAGED_FLAGS[flag]} in the config instead"
             )
         if flag == "--host":
-            value = arg.split("=", 1)[1] if "=" in arg else (extra_args[i + 1:i + 2] or [""])[0]
+            value = arg.split("=", 1)[1] if "=" in arg else (extra_args[i + 1 : i + 2] or [""])[0]
             if value in ("0.0.0.0", "::", "[::]"):
                 warnings.append("--host 0.0.0.0 opens the server to the network")
     return errors, warnings

@@ -1,22 +1,39 @@
 """Health probes against llama-server's GET /health (DESIGN §4).
 
-`classify` is the pure decision; `probe` does one request with a client the
-caller passes in (so tests can hand it a MockTransport).
+`classify` is the pure decision; `probe` does one request through a `Getter`
+the caller may pass in (tests hand it a fake). The default getter is the
+standard library's http.client: a probe is one GET on loopback, and httpx
+costs a short-lived CLI ~170 ms (import plus SSL context) before the first
+byte, several times what the probes of ten instances take together.
 """
 
 from __future__ import annotations
 
+import http.client
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
-
-__all__ = ["ProbeResult", "classify", "probe", "probe_host", "HEALTHY", "LOADING", "DOWN", "ERROR"]
+__all__ = [
+    "ProbeResult",
+    "Getter",
+    "classify",
+    "probe",
+    "probe_host",
+    "http_get",
+    "HEALTHY",
+    "LOADING",
+    "DOWN",
+    "ERROR",
+]
 
 HEALTHY = "healthy"  # 200
 LOADING = "loading"  # 503: the model is still loading
 DOWN = "down"  # connection refused: nothing listens (yet)
 ERROR = "error"  # timeout, other status, broken response
+
+#: get(host, port, path, timeout) -> (status, body); raises OSError on failure
+Getter = Callable[[str, int, str, float], "tuple[int, str]"]
 
 
 @dataclass(frozen=True)
@@ -50,18 +67,31 @@ def probe_host(host: str) -> str:
     return host
 
 
-def probe(client: httpx.Client, host: str, port: int, timeout: float) -> ProbeResult:
-    h = probe_host(host)
-    url = f"http://[{h}]:{port}/health" if ":" in h else f"http://{h}:{port}/health"
+def http_get(host: str, port: int, path: str, timeout: float) -> tuple[int, str]:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        return resp.status, resp.read(4096).decode("utf-8", errors="replace")
+    except http.client.HTTPException as exc:  # a broken response is an OSError to callers
+        raise OSError(f"bad HTTP response: {exc!r}") from exc
+    finally:
+        conn.close()
+
+
+def probe(host: str, port: int, timeout: float, get: Getter = http_get) -> ProbeResult:
     start = time.perf_counter()
     try:
-        r = client.get(url, timeout=timeout)
-    except httpx.ConnectError as exc:
+        status, body = get(probe_host(host), port, "/health", timeout)
+    except ConnectionRefusedError as exc:
         ms = (time.perf_counter() - start) * 1000
-        return ProbeResult(classify(None, refused=True), None, ms, f"connection refused ({exc})")
-    except httpx.HTTPError as exc:
+        return ProbeResult(DOWN, None, ms, f"connection refused ({exc})")
+    except TimeoutError:
+        ms = (time.perf_counter() - start) * 1000
+        return ProbeResult(ERROR, None, ms, f"no answer within {timeout:g}s")
+    except OSError as exc:
         ms = (time.perf_counter() - start) * 1000
         return ProbeResult(ERROR, None, ms, f"{type(exc).__name__}: {exc}")
     ms = (time.perf_counter() - start) * 1000
-    status = classify(r.status_code)
-    return ProbeResult(status, r.status_code, ms, None if status == HEALTHY else r.text[:200])
+    result = classify(status)
+    return ProbeResult(result, status, ms, None if result == HEALTHY else body[:200])

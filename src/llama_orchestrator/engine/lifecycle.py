@@ -15,21 +15,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from llama_orchestrator import platform
 from llama_orchestrator.binary import find_llama_server
 from llama_orchestrator.config import InstanceConfig, Settings, load_settings
 from llama_orchestrator.engine import health, logs
 from llama_orchestrator.engine.command import Launch, build_launch
 from llama_orchestrator.engine.process import (
-    ProcRef, create_time_of, exit_code, find, is_alive, stop_tree, track_child,
+    ProcRef,
+    create_time_of,
+    exit_code,
+    find,
+    is_alive,
+    stop_tree,
+    track_child,
 )
 from llama_orchestrator.errors import (
-    ConfigError, OrchError, PortConflict, StartFailed, UnknownInstance, UserError,
+    ConfigError,
+    PortConflict,
+    StartFailed,
+    UnknownInstance,
+    UserError,
 )
 from llama_orchestrator.home import Home, check_name
-from llama_orchestrator.states import RUNNING_STATES, Desired, InstanceState as S
+from llama_orchestrator.states import RUNNING_STATES, Desired
+from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
 from llama_orchestrator.validate import Loaded, check_instance, load_all
 
@@ -71,13 +80,13 @@ class Engine:
         home: Home,
         *,
         clock: Callable[[], float] = time.time,
-        client: httpx.Client | None = None,
+        get: health.Getter = health.http_get,
         base_env: dict[str, str] | None = None,
     ) -> None:
         self.home = home
         self.clock = clock
         self._store: Store | None = None
-        self._client = client
+        self.get = get
         self._base_env = base_env
         self._settings: Settings | None = None
 
@@ -90,12 +99,6 @@ class Engine:
         return self._store
 
     @property
-    def client(self) -> httpx.Client:
-        if self._client is None:
-            self._client = httpx.Client(trust_env=False)
-        return self._client
-
-    @property
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = load_settings(self.home.settings_path)
@@ -104,8 +107,6 @@ class Engine:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
-        if self._client is not None:
-            self._client.close()
 
     # --- names and configs ----------------------------------------------------
 
@@ -169,9 +170,13 @@ class Engine:
     def _exit_info(self, row: InstanceRow) -> dict[str, Any]:
         code = exit_code(row.pid) if row.pid else None
         sig = -code if code is not None and code < 0 else None
-        tail = logs.tail_lines(logs.log_file(self.home.log_dir(row.name), "stderr"), EXIT_TAIL_LINES)
+        tail = logs.tail_lines(
+            logs.log_file(self.home.log_dir(row.name), "stderr"), EXIT_TAIL_LINES
+        )
         return {
-            "code": None if sig else code, "signal": sig, "at": self.clock(),
+            "code": None if sig else code,
+            "signal": sig,
+            "at": self.clock(),
             "stderr_tail": tail,
         }
 
@@ -181,14 +186,21 @@ class Engine:
             return row
         info = self._exit_info(row)
         how = (
-            f"signal {info['signal']}" if info["signal"]
-            else f"code {info['code']}" if info["code"] is not None else "an unknown code"
+            f"signal {info['signal']}"
+            if info["signal"]
+            else f"code {info['code']}"
+            if info["code"] is not None
+            else "an unknown code"
         )
         new = S.STOPPED if row.state == S.STOPPING else S.EXITED
         return self.store.set_state(
-            row, new, f"process {row.pid} exited with {how}", info,
+            row,
+            new,
+            f"process {row.pid} exited with {how}",
+            info,
             exit_code=info["code"] if info["signal"] is None else -info["signal"],
-            exited_at=info["at"], last_exit=info,
+            exited_at=info["at"],
+            last_exit=info,
         )
 
     def rows(self, names: list[str] | None = None) -> list[InstanceRow]:
@@ -224,10 +236,14 @@ class Engine:
             log_dir.mkdir(parents=True, exist_ok=True)
             paths = {st: logs.log_file(log_dir, st) for st in logs.STREAMS}
             for path in paths.values():
-                logs.rotate_if_needed(path, self.settings.logs.max_bytes, self.settings.logs.backups)
+                logs.rotate_if_needed(
+                    path, self.settings.logs.max_bytes, self.settings.logs.backups
+                )
             try:
                 with open(paths["stdout"], "ab") as out, open(paths["stderr"], "ab") as err:
-                    proc = platform.spawn(p.launch.argv, p.launch.env, p.config_path.parent, out, err)
+                    proc = platform.spawn(
+                        p.launch.argv, p.launch.env, p.config_path.parent, out, err
+                    )
             except OSError as exc:
                 raise StartFailed(
                     f"Instance '{p.name}' could not be started: {exc.strerror or exc} "
@@ -239,11 +255,20 @@ class Engine:
             except Exception:  # already gone: record it with a time that matches nothing
                 ct = 0.0
             store.set_state(
-                row, S.STARTING, f"started process {proc.pid} on port {s.port}",
+                row,
+                S.STARTING,
+                f"started process {proc.pid} on port {s.port}",
                 {"pid": proc.pid, "port": s.port},
-                desired=Desired.RUNNING, pid=proc.pid, create_time=ct, host=s.host,
-                port=s.port, started_at=self.clock(), exited_at=None, exit_code=None,
-                supervised=False, next_restart_at=None,
+                desired=Desired.RUNNING,
+                pid=proc.pid,
+                create_time=ct,
+                host=s.host,
+                port=s.port,
+                started_at=self.clock(),
+                exited_at=None,
+                exit_code=None,
+                supervised=False,
+                next_restart_at=None,
             )
             return UpResult(p.name, "started", proc.pid, s.port)
 
@@ -289,7 +314,7 @@ class Engine:
                     continue
                 cfg = configs[name]
                 probe = health.probe(
-                    self.client, cfg.server.host, cfg.server.port, min(cfg.healthcheck.timeout, 2.0)
+                    cfg.server.host, cfg.server.port, min(cfg.healthcheck.timeout, 2.0), self.get
                 )
                 if probe.ok:
                     res.healthy = True
@@ -316,7 +341,8 @@ class Engine:
     def _death_message(self, name: str, row: InstanceRow) -> str:
         info = row.last_exit or {}
         how = (
-            f"was killed by signal {info['signal']}" if info.get("signal")
+            f"was killed by signal {info['signal']}"
+            if info.get("signal")
             else f"exited with code {info.get('code')}"
         )
         tail = "\n".join(f"  | {ln}" for ln in (info.get("stderr_tail") or [])[-10:])
@@ -343,12 +369,16 @@ class Engine:
                     self.store.set_state(row, new, "stopped")
         with ThreadPoolExecutor(max_workers=max(1, len(to_stop))) as pool:
             graceful = list(pool.map(lambda rg: self._stop_one(*rg), to_stop))
-        for (row, grace), ok in zip(to_stop, graceful):
+        for (row, grace), ok in zip(to_stop, graceful, strict=True):
             code = exit_code(row.pid) if row.pid else None
             how = "stopped" if ok else f"killed after {grace:g}s without exiting"
             self.store.set_state(
-                row, S.STOPPED, f"process {row.pid} {how}", {"graceful": ok},
-                exited_at=self.clock(), exit_code=code,
+                row,
+                S.STOPPED,
+                f"process {row.pid} {how}",
+                {"graceful": ok},
+                exited_at=self.clock(),
+                exit_code=code,
             )
         return [row.name for row, _ in to_stop]
 
@@ -356,8 +386,9 @@ class Engine:
         ref = self._ref(row)
         return stop_tree(ref, grace) if ref else True
 
-    def restart(self, names: list[str], *, timeout: float = 300,
-                on_progress: Progress | None = None) -> list[UpResult]:
+    def restart(
+        self, names: list[str], *, timeout: float = 300, on_progress: Progress | None = None
+    ) -> list[UpResult]:
         self.prepare(names)  # refuse a broken config before stopping a working server
         self.down(names)
         return self.up(names, timeout=timeout, on_progress=on_progress)
@@ -391,7 +422,7 @@ class Engine:
         if port is None or not is_alive(self._ref(row)):
             return health.ProbeResult(health.DOWN, None, 0.0, f"instance is {row.state}")
         timeout = cfg.healthcheck.timeout if cfg else 5.0
-        return health.probe(self.client, host, port, timeout)
+        return health.probe(host, port, timeout, self.get)
 
     def find_process(self, name: str) -> Any:
         """The psutil.Process of a running instance, or None."""

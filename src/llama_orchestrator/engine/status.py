@@ -31,8 +31,12 @@ def iso(ts: float | None) -> str | None:
 
 
 def status_view(
-    name: str, cfg: InstanceConfig | None, row: InstanceRow, now: float,
-    config_dir: Any = None, config_error: str | None = None,
+    name: str,
+    cfg: InstanceConfig | None,
+    row: InstanceRow,
+    now: float,
+    config_dir: Any = None,
+    config_error: str | None = None,
 ) -> dict[str, Any]:
     """One `ps --json` entry."""
     running = row.state in (S.STARTING, S.HEALTHY, S.UNHEALTHY, S.STOPPING)
@@ -73,24 +77,30 @@ def observed_state(current: S, probe: health.ProbeResult) -> S:
     return S.UNHEALTHY
 
 
-def collect(engine: Engine, names: list[str] | None = None, probe: bool = True) -> list[dict[str, Any]]:
+def collect(
+    engine: Engine, names: list[str] | None = None, probe: bool = True
+) -> list[dict[str, Any]]:
     """Status of the named instances (all when None), sorted by name."""
     loaded = {x.name: x for x in load_all(engine.home)}
     rows = engine.rows(names)
     if probe:
         todo = [
-            (i, loaded[row.name].config) for i, row in enumerate(rows)
-            if not row.supervised and row.state in _PROBED
-            and row.name in loaded and loaded[row.name].config is not None
+            (i, loaded[row.name].config)
+            for i, row in enumerate(rows)
+            if not row.supervised
+            and row.state in _PROBED
+            and row.name in loaded
+            and loaded[row.name].config is not None
         ]
         if todo:
+
             def one(t: tuple[int, InstanceConfig]) -> health.ProbeResult:
                 cfg = t[1]
-                return health.probe(engine.client, cfg.server.host, cfg.server.port, PS_PROBE_TIMEOUT)
+                return health.probe(cfg.server.host, cfg.server.port, PS_PROBE_TIMEOUT, engine.get)
 
             with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
                 probes = list(pool.map(one, todo))
-            for (i, _), p in zip(todo, probes):
+            for (i, _), p in zip(todo, probes, strict=True):
                 new = observed_state(rows[i].state, p)
                 if new != rows[i].state:
                     why = "answered /health with 200" if p.ok else f"/health: {p.error or p.status}"

@@ -18,8 +18,14 @@ def spawn(
     # A new session detaches the child from our terminal (no SIGINT/SIGHUP
     # from it) and makes it a group leader, so a stop reaches its whole tree.
     return subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-        env=env, cwd=cwd, start_new_session=True, close_fds=True,
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        close_fds=True,
     )
 
 

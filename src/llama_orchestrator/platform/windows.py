@@ -14,6 +14,7 @@ back to killing the tree (psutil, then TerminateProcess).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -38,8 +39,13 @@ def spawn(
     info.dwFlags |= STARTF_USESHOWWINDOW
     info.wShowWindow = SW_HIDE
     kwargs = dict(
-        stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env, cwd=cwd,
-        startupinfo=info, close_fds=True,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        env=env,
+        cwd=cwd,
+        startupinfo=info,
+        close_fds=True,
     )
     try:
         # Break away from the CLI's job (terminals and ssh put us in one that
@@ -53,14 +59,17 @@ def spawn(
 
 def request_stop(pid: int) -> None:
     helper = Path(__file__).with_name("winctrl.py")
-    try:
+    # On failure the caller's deadline falls back to force_kill_group.
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
         subprocess.run(
             [sys.executable, str(helper), str(pid)],
-            creationflags=CREATE_NO_WINDOW, timeout=10, check=False,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            creationflags=CREATE_NO_WINDOW,
+            timeout=10,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
-    except (OSError, subprocess.TimeoutExpired):
-        pass  # the caller's deadline falls back to force_kill_group
 
 
 def force_kill_group(pid: int) -> None:
@@ -70,10 +79,8 @@ def force_kill_group(pid: int) -> None:
     except psutil.Error:
         return
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()  # TerminateProcess
-        except psutil.Error:
-            pass
 
 
 def port_is_free(host: str, port: int) -> bool:

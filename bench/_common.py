@@ -1,0 +1,75 @@
+"""Shared bits of the benchmarks: a scratch home, the tiny model, timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from llama_orchestrator.binary import find_llama_server
+from llama_orchestrator.tinymodel import write_tiny_model
+
+POLL = 0.05  # the same interval `llama-orch up` polls /health with
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli(home: Path, *args: str) -> float:
+    """Run `llama-orch` as a user would; return its wall time in seconds."""
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "llama_orchestrator", "--home", str(home), *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - t
+
+
+def write_instance(home: Path, name: str, model: Path, port: int) -> None:
+    d = home / "instances" / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "model": {"path": str(model), "context_size": 512},
+                "server": {"host": "127.0.0.1", "port": port, "parallel": 1},
+            }
+        )
+    )
+
+
+def wait_healthy(client: httpx.Client, port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if client.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(POLL)
+    raise RuntimeError(f"port {port} never became healthy")
+
+
+def median_ms(xs: list[float]) -> float:
+    return statistics.median(xs) * 1000
+
+
+def model_and_binary(tmp: Path, model: str | None) -> tuple[Path, Path]:
+    path = Path(model) if model else write_tiny_model(tmp / "tiny.gguf")
+    return path, find_llama_server(None, tmp)
+
+
+def env_without_home() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "LLAMA_ORCH_HOME"}
