@@ -67,7 +67,7 @@ def test_init_up_ps_health_logs_describe_down(cli_home, tiny_model, server_bin):
 
     r = run_cli(home, "up", "a")
     assert r.returncode == 0, r.stderr
-    assert "a started" in r.stdout
+    assert "a healthy (pid" in r.stdout
     row = ps(home)["a"]
     assert set(row) >= PS_KEYS
     assert row["state"] == "healthy" and row["supervised"] is False
@@ -107,7 +107,7 @@ def test_two_concurrent_ups_start_exactly_one_process(cli_home, tiny_model):
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     joined = "".join(o for o, _ in outs)
-    assert joined.count("a started") == 1 and joined.count("a is already running") == 1
+    assert joined.count("a healthy (pid") == 1 and joined.count("a is already running") == 1
     servers = [
         p
         for p in psutil.process_iter(["environ"])

@@ -103,3 +103,23 @@ def test_human_duration():
         "1h02m",
         "1d1h",
     ]
+
+
+def test_http_get_rejects_something_that_is_not_http():
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def answer():
+        conn, _ = srv.accept()
+        conn.recv(1024)
+        conn.sendall(b"SSH-2.0-OpenSSH\r\n")
+        conn.close()
+
+    threading.Thread(target=answer).start()
+    r = health.probe("127.0.0.1", srv.getsockname()[1], 2)
+    srv.close()
+    assert r.status == "error" and "not an HTTP response" in (r.error or "")

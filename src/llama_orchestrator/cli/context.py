@@ -8,15 +8,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import typer
-from rich.console import Console
 
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.home import Home
 
-__all__ = ["AppContext", "app_context", "out", "err", "print_json"]
+__all__ = ["AppContext", "app_context", "out", "err", "say", "print_json"]
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+class _LazyConsole:
+    """A rich Console built on first use: importing rich costs ~60 ms, and
+    commands that print a plain line never need it."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr, highlight=False, soft_wrap=True)
+        return getattr(self._console, name)
+
+
+out: Any = _LazyConsole(stderr=False)
+err: Any = _LazyConsole(stderr=True)
+
+
+def say(text: str, *, to_err: bool = False) -> None:
+    """Print one plain line (no rich import)."""
+    (sys.stderr if to_err else sys.stdout).write(text + "\n")
 
 
 @dataclass

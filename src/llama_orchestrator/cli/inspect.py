@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from llama_orchestrator.cli.context import app_context, out, print_json
 from llama_orchestrator.config import redacted
@@ -29,7 +28,10 @@ STATE_STYLES = {
 }
 
 
-def ps_table(rows: list[dict[str, Any]]) -> Table:
+def ps_table(rows: list[dict[str, Any]]) -> Any:
+    """The `ps` table as a rich Table."""
+    from rich.table import Table  # lazily: ~20 ms that `up` and `--json` never need
+
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("NAME", "STATE", "PID", "PORT", "ALIAS", "BACKEND", "RESTARTS", "UPTIME", "MODEL"):
         table.add_column(col, no_wrap=col != "MODEL")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import List, Optional
 
 import typer
 
-from llama_orchestrator.cli.context import app_context, err, out
+from llama_orchestrator.cli.context import app_context, err, say
 from llama_orchestrator.config import BACKENDS
 from llama_orchestrator.create import create_instance
 from llama_orchestrator.engine.lifecycle import Progress, UpResult
@@ -63,19 +64,20 @@ def init(
         extra_args=extra or [],
         force=force,
     )
-    out.print(f"Created {path}")
-    out.print(f"Start it with: llama-orch up {name}")
+    say(f"Created {path}")
+    say(f"Start it with: llama-orch up {name}")
 
 
 def _progress_printer() -> tuple[Progress, object]:
     """A live status line on stderr while models load (nothing when piped)."""
-    status = err.status("Starting…") if err.is_terminal else None
+    status = err.status("Starting…") if sys.stderr.isatty() else None
     if status is not None:
         status.start()
 
     def on_progress(name: str, phase: str, elapsed: float, detail: str) -> None:
         if phase == "healthy":
-            err.print(f"[green]✔[/] {name} healthy after {elapsed:.1f}s", markup=True)
+            if status is not None:
+                err.print(f"[green]✔[/] {name} healthy after {elapsed:.1f}s", markup=True)
         elif status is not None:
             status.update(f"{name}: {phase} ({elapsed:.0f}s)  [dim]{detail[-80:]}[/]")
 
@@ -86,9 +88,13 @@ def _report_up(results: list[UpResult]) -> None:
     for r in results:
         url = f"http://127.0.0.1:{r.port}"
         if r.outcome == "already running":
-            out.print(f"{r.name} is already running (pid {r.pid}) on {url}")
+            say(f"{r.name} is already running (pid {r.pid}) on {url}")
         else:
-            out.print(f"{r.name} started (pid {r.pid}) on {url}")
+            say(
+                f"{r.name} healthy (pid {r.pid}) on {url}"
+                if r.healthy
+                else f"{r.name} started (pid {r.pid}) on {url}"
+            )
 
 
 def up(
@@ -125,9 +131,9 @@ def down(
     t0 = time.monotonic()
     stopped = app.engine.down(targets, timeout)
     for name in targets:
-        out.print(f"{name} {'stopped' if name in stopped else 'was not running'}")
-    if stopped:
-        err.print(f"[dim]({time.monotonic() - t0:.1f}s)[/]", markup=True)
+        say(f"{name} {'stopped' if name in stopped else 'was not running'}")
+    if stopped and sys.stderr.isatty():
+        say(f"({time.monotonic() - t0:.1f}s)", to_err=True)
 
 
 def restart(
@@ -156,7 +162,7 @@ def rm(
     app = app_context(ctx)
     (target,) = app.engine.resolve_names([name])
     app.engine.rm(target, force)
-    out.print(f"{target} removed")
+    say(f"{target} removed")
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,7 @@ byte, several times what the probes of ten instances take together.
 
 from __future__ import annotations
 
-import http.client
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,15 +68,23 @@ def probe_host(host: str) -> str:
 
 
 def http_get(host: str, port: int, path: str, timeout: float) -> tuple[int, str]:
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Connection": "close"})
-        resp = conn.getresponse()
-        return resp.status, resp.read(4096).decode("utf-8", errors="replace")
-    except http.client.HTTPException as exc:  # a broken response is an OSError to callers
-        raise OSError(f"bad HTTP response: {exc!r}") from exc
-    finally:
-        conn.close()
+    """GET http://host:port/path; return (status, body). Raises OSError on failure."""
+    deadline = time.monotonic() + timeout
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+        sock.sendall(request.encode("ascii"))
+        data = b""
+        while len(data) < 65536:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = sock.recv(8192)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise OSError(f"not an HTTP response: {head[:60]!r}")
+    return int(parts[1]), body.decode("utf-8", errors="replace")
 
 
 def probe(host: str, port: int, timeout: float, get: Getter = http_get) -> ProbeResult:

@@ -7,7 +7,6 @@ reports the health it sees now, not the health someone saw last.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -97,6 +96,8 @@ def collect(
             def one(t: tuple[int, InstanceConfig]) -> health.ProbeResult:
                 cfg = t[1]
                 return health.probe(cfg.server.host, cfg.server.port, PS_PROBE_TIMEOUT, engine.get)
+
+            from concurrent.futures import ThreadPoolExecutor  # ~17 ms: only when probing
 
             with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
                 probes = list(pool.map(one, todo))
