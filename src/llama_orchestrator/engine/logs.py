@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["STREAMS", "log_file", "rotate_if_needed", "tail_lines", "follow"]
 
@@ -71,7 +72,7 @@ class _Follower:
 
     def __init__(self, path: Path, from_end: bool) -> None:
         self.path = path
-        self.f = None
+        self.f: BinaryIO | None = None
         self.ino: int | None = None
         self.buf = b""
         self._open(seek_end=from_end)
