@@ -8,6 +8,7 @@ import typer
 
 from llama_orchestrator.cli.context import app_context, out, print_json
 from llama_orchestrator.config import redacted
+from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.engine.status import collect, iso
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.timefmt import human_duration
@@ -137,8 +138,7 @@ def describe(
         out.print(f"  [red]cannot start:[/] {d['command_error']}")
     last = d.get("last_exit")
     if last:
-        how = f"signal {last['signal']}" if last.get("signal") else f"code {last.get('code')}"
-        out.print(f"  last exit    {how} at {iso(last.get('at'))}", markup=False)
+        out.print(f"  last exit    {exit_text(last)} at {iso(last.get('at'))}", markup=False)
         for line in last.get("stderr_tail", [])[-10:]:
             out.print(f"    | {line}", markup=False)
     out.print(f"  logs         {d['logs']['stderr']}", markup=False)

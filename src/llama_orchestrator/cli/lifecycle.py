@@ -68,6 +68,14 @@ def init(
     say(f"Start it with: llama-orch up {name}")
 
 
+def _log_message(line: str, width: int = 70) -> str:
+    """llama.cpp's log line without its `0.01.072.502 I srv ` prefix, cut to width."""
+    parts = line.split(None, 3)
+    if len(parts) == 4 and parts[0].count(".") == 3 and len(parts[1]) == 1:
+        line = parts[3]
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
 def _progress_printer() -> tuple[Progress, object]:
     """A live status line on stderr while models load (nothing when piped)."""
     status = err.status("Starting…") if sys.stderr.isatty() else None
@@ -79,7 +87,11 @@ def _progress_printer() -> tuple[Progress, object]:
             if status is not None:
                 err.print(f"[green]✔[/] {name} healthy after {elapsed:.1f}s", markup=True)
         elif status is not None:
-            status.update(f"{name}: {phase} ({elapsed:.0f}s)  [dim]{detail[-80:]}[/]")
+            from rich.markup import escape
+
+            status.update(
+                f"{name}: {phase} ({elapsed:.0f}s)  [dim]{escape(_log_message(detail))}[/]"
+            )
 
     return on_progress, status
 

@@ -41,7 +41,7 @@ from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
 from llama_orchestrator.validate import Loaded, check_instance, load_all
 
-__all__ = ["Engine", "Prepared", "UpResult", "Progress", "EXIT_TAIL_LINES"]
+__all__ = ["Engine", "Prepared", "UpResult", "Progress", "EXIT_TAIL_LINES", "exit_text"]
 
 EXIT_TAIL_LINES = 20
 POLL_INTERVAL = 0.05  # seconds between health polls while waiting for `up`
@@ -69,6 +69,17 @@ class UpResult:
     port: int
     healthy: bool = False
     error: str | None = None
+
+
+def exit_text(info: dict[str, Any]) -> str:
+    """How a process ended, from a `last_exit` record, for people."""
+    if info.get("signal"):
+        return f"was killed by signal {info['signal']} ({platform.signal_name(info['signal'])})"
+    if info.get("code") is not None:
+        return f"exited with code {info['code']}"
+    # Only a process's parent learns its exit code; an instance started by a
+    # CLI that has since exited has no parent of ours (the daemon fixes that).
+    return "exited (exit code unknown: llama-orch was not its parent)"
 
 
 class Engine:
@@ -184,18 +195,11 @@ class Engine:
         if row.state not in RUNNING_STATES or is_alive(self._ref(row)):
             return row
         info = self._exit_info(row)
-        how = (
-            f"signal {info['signal']}"
-            if info["signal"]
-            else f"code {info['code']}"
-            if info["code"] is not None
-            else "an unknown code"
-        )
         new = S.STOPPED if row.state == S.STOPPING else S.EXITED
         return self.store.set_state(
             row,
             new,
-            f"process {row.pid} exited with {how}",
+            f"process {row.pid} {exit_text(info)}",
             info,
             exit_code=info["code"] if info["signal"] is None else -info["signal"],
             exited_at=info["at"],
@@ -339,13 +343,8 @@ class Engine:
 
     def _death_message(self, name: str, row: InstanceRow) -> str:
         info = row.last_exit or {}
-        how = (
-            f"was killed by signal {info['signal']}"
-            if info.get("signal")
-            else f"exited with code {info.get('code')}"
-        )
         tail = "\n".join(f"  | {ln}" for ln in (info.get("stderr_tail") or [])[-10:])
-        msg = f"Instance '{name}' {how} while starting."
+        msg = f"Instance '{name}' {exit_text(info)} while starting."
         return f"{msg} Last lines of its stderr:\n{tail}" if tail else msg
 
     # --- down / restart / rm ----------------------------------------------------

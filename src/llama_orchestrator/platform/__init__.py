@@ -7,6 +7,7 @@ imports `signal`, calls `os.kill` or sets process-creation flags.
     request_stop(pid)                                 the graceful stop signal
     force_kill_group(pid)                             kill what is left of the group
     port_is_free(host, port) -> bool                  nothing listens there
+    signal_name(signum) -> str                        SIGKILL, SIGSEGV, ...
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ if os.name == "nt":
         force_kill_group,
         port_is_free,
         request_stop,
+        signal_name,
         spawn,
     )
 else:
@@ -25,7 +27,8 @@ else:
         force_kill_group,
         port_is_free,
         request_stop,
+        signal_name,
         spawn,
     )
 
-__all__ = ["spawn", "request_stop", "force_kill_group", "port_is_free"]
+__all__ = ["spawn", "request_stop", "force_kill_group", "port_is_free", "signal_name"]

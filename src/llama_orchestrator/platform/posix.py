@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["spawn", "request_stop", "force_kill_group", "port_is_free"]
+__all__ = ["spawn", "request_stop", "force_kill_group", "port_is_free", "signal_name"]
 
 
 def spawn(
@@ -70,3 +70,10 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import psutil
 
-__all__ = ["spawn", "request_stop", "force_kill_group", "port_is_free"]
+__all__ = ["spawn", "request_stop", "force_kill_group", "port_is_free", "signal_name"]
 
 CREATE_NEW_CONSOLE = 0x00000010
 CREATE_BREAKAWAY_FROM_JOB = 0x01000000
@@ -94,3 +94,8 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def signal_name(signum: int) -> str:
+    # Windows processes end with exit codes, not signals; kept for one interface.
+    return f"signal {signum}"
