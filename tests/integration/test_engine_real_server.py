@@ -67,7 +67,11 @@ def test_up_of_a_running_instance_starts_nothing_new(engine, home, tiny_model):
     write_config(home, "a", tiny_model)
     (first,) = engine.up(["a"], timeout=60)
     (second,) = engine.up(["a"], timeout=60)
-    assert second.outcome == "already running" and second.pid == first.pid
+    assert second.outcome == "already running" and second.pid == first.pid and not second.stale
+    cfg_path = home.config_path("a")
+    cfg_path.write_text(cfg_path.read_text().replace('"context_size": 512', '"context_size": 256'))
+    (third,) = engine.up(["a"], timeout=60)
+    assert third.outcome == "already running" and third.pid == first.pid and third.stale
 
 
 def test_server_exiting_at_once_fails_with_code_and_stderr(engine, home, tiny_model):

@@ -101,6 +101,12 @@ def _report_up(results: list[UpResult]) -> None:
         url = f"http://127.0.0.1:{r.port}"
         if r.outcome == "already running":
             say(f"{r.name} is already running (pid {r.pid}) on {url}")
+            if r.stale:
+                say(
+                    f"warning: {r.name}'s config changed since it started; "
+                    f"`llama-orch restart {r.name}` applies it.",
+                    to_err=True,
+                )
         else:
             say(
                 f"{r.name} healthy (pid {r.pid}) on {url}"

@@ -69,6 +69,8 @@ class UpResult:
     port: int
     healthy: bool = False
     error: str | None = None
+    #: running with a command line that differs from what its config gives now
+    stale: bool = False
 
 
 def exit_text(info: dict[str, Any]) -> str:
@@ -224,11 +226,16 @@ class Engine:
         with store.transaction():
             row = self.observe(store.get_or_new(p.name))
             s = p.config.server
-            if is_alive(self._ref(row)):
+            running = find(self._ref(row))
+            if running is not None:
                 if row.desired != Desired.RUNNING:
                     row.desired = Desired.RUNNING
                     store.save(row)
-                return UpResult(p.name, "already running", row.pid, s.port)
+                try:
+                    stale = running.cmdline() != p.launch.argv
+                except Exception:  # psutil may be refused another user's cmdline
+                    stale = False
+                return UpResult(p.name, "already running", row.pid, s.port, stale=stale)
             if not platform.port_is_free(s.host, s.port):
                 raise PortConflict(
                     f"Port {s.port} on {s.host} is already in use by another program, "
