@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import List, Optional
 
 import typer
@@ -76,24 +78,28 @@ def _log_message(line: str, width: int = 70) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
-def _progress_printer() -> tuple[Progress, object]:
+@contextmanager
+def _progress() -> Iterator[Progress]:
     """A live status line on stderr while models load (nothing when piped)."""
     status = err.status("Starting…") if sys.stderr.isatty() else None
-    if status is not None:
-        status.start()
 
     def on_progress(name: str, phase: str, elapsed: float, detail: str) -> None:
+        if status is None:
+            return
         if phase == "healthy":
-            if status is not None:
-                err.print(f"[green]✔[/] {name} healthy after {elapsed:.1f}s", markup=True)
-        elif status is not None:
+            err.print(f"[green]✔[/] {name} healthy after {elapsed:.1f}s", markup=True)
+        else:
             from rich.markup import escape
 
             status.update(
                 f"{name}: {phase} ({elapsed:.0f}s)  [dim]{escape(_log_message(detail))}[/]"
             )
 
-    return on_progress, status
+    if status is None:
+        yield on_progress
+        return
+    with status:
+        yield on_progress
 
 
 def _report_up(results: list[UpResult]) -> None:
@@ -126,12 +132,8 @@ def up(
     """Start instances in the background."""
     app = app_context(ctx)
     targets = app.engine.resolve_names(names or [], all_)
-    on_progress, status = _progress_printer()
-    try:
+    with _progress() as on_progress:
         results = app.engine.up(targets, wait=wait, timeout=timeout, on_progress=on_progress)
-    finally:
-        if status is not None:
-            status.stop()  # type: ignore[attr-defined]
     _report_up(results)
 
 
@@ -162,12 +164,8 @@ def restart(
     """Stop and start instances again."""
     app = app_context(ctx)
     targets = app.engine.resolve_names(names)
-    on_progress, status = _progress_printer()
-    try:
+    with _progress() as on_progress:
         results = app.engine.restart(targets, timeout=timeout, on_progress=on_progress)
-    finally:
-        if status is not None:
-            status.stop()  # type: ignore[attr-defined]
     _report_up(results)
 
 
