@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from llama_orchestrator import platform
 from llama_orchestrator.config import InstanceConfig, pydantic_problems, save_config
 from llama_orchestrator.errors import ConfigError, PortConflict, UserError
+from llama_orchestrator.fit import GPU_BACKENDS, gib, pick_devices
+from llama_orchestrator.gguf_meta import ModelError, ModelInfo, estimate, read_model
+from llama_orchestrator.gpu import Discovery, discover
 from llama_orchestrator.home import Home, check_name
 from llama_orchestrator.validate import hosts_overlap, load_all
 
-__all__ = ["create_instance", "pick_port", "FIRST_PORT"]
+__all__ = ["create_instance", "pick_port", "Created", "FIRST_PORT", "DEFAULT_CTX"]
 
 FIRST_PORT = 8001
+DEFAULT_CTX = 4096
+
+
+@dataclass
+class Created:
+    path: Path
+    notes: list[str] = field(default_factory=list)  # what was chosen for the user, and why
 
 
 def pick_port(
@@ -37,22 +48,26 @@ def create_instance(
     port: int | None = None,
     host: str = "127.0.0.1",
     backend: str = "cpu",
-    gpus: list[int] | None = None,
+    gpus: list[int] | Literal["auto"] | None = None,
     layers: int | None = None,
-    ctx: int = 4096,
+    ctx: int | None = None,
     parallel: int = 1,
     threads: int | None = None,
     alias: str | None = None,
     tags: list[str] | None = None,
     extra_args: list[str] | None = None,
     force: bool = False,
-) -> Path:
-    """Write `instances/NAME/config.json` and return its path.
+    find_gpus: Callable[[], Discovery] = discover,
+) -> Created:
+    """Write `instances/NAME/config.json`.
 
-    The model path is stored as given when absolute, else made absolute from
-    the caller's working directory (a relative path in the file would be read
-    against the config's folder, which is not what the user typed it against)."""
+    The model path is made absolute from the caller's working directory (a
+    relative path in the file would be read against the config's folder, not
+    where the user typed it). Unset `ctx` becomes min(model context, 4096);
+    `gpus="auto"` takes the device(s) with the most free VRAM that hold the
+    model; unset `layers` on a GPU backend becomes all when the estimate fits."""
     check_name(name)
+    notes: list[str] = []
     path = home.config_path(name)
     if path.exists() and not force:
         raise UserError(
@@ -73,14 +88,37 @@ def create_instance(
             f"Port {port} is already used by instance '{owner}'.",
             hint="Pick another --port, or leave it out to get a free one.",
         )
+    model_path = Path(model).expanduser().absolute()
+    info: ModelInfo | None = None
+    try:
+        info = read_model(model_path)
+    except ModelError as exc:
+        notes.append(f"could not read the model's metadata ({exc.message}); defaults used")
+    if ctx is None:
+        ctx = min(info.context_length or DEFAULT_CTX, DEFAULT_CTX) if info else DEFAULT_CTX
+        notes.append(f"context size {ctx} tokens")
+    devices: list[int] = []
+    if backend in GPU_BACKENDS and (gpus == "auto" or layers is None):
+        found = find_gpus().gpus
+        if gpus == "auto":
+            if info is None:
+                raise UserError("--gpu auto needs the model's metadata.", hint="Check --model.")
+            devices = pick_devices(info, ctx, parallel, layers, found)
+            notes.append(f"--gpu auto chose GPU {','.join(map(str, devices))} (most free VRAM)")
+        else:
+            devices = list(gpus or [])
+        if layers is None and info is not None and devices:
+            layers = _all_layers_if_they_fit(info, ctx, parallel, devices, found, notes)
+    elif isinstance(gpus, list):
+        devices = gpus
     gpu: dict[str, Any] = {"backend": backend}
-    if gpus:
-        gpu["device_id"] = gpus[0] if len(gpus) == 1 else gpus
+    if devices:
+        gpu["device_id"] = devices[0] if len(devices) == 1 else devices
     if layers is not None:
         gpu["layers"] = layers
     data: dict[str, Any] = {
         "name": name,
-        "model": {"path": str(Path(model).expanduser().absolute()), "context_size": ctx},
+        "model": {"path": str(model_path), "context_size": ctx},
         "server": {"host": host, "port": port, "parallel": parallel},
         "gpu": gpu,
     }
@@ -97,4 +135,23 @@ def create_instance(
     except ValidationError as exc:
         raise ConfigError(pydantic_problems(f"init {name}", exc)) from None
     save_config(path, cfg)
-    return path
+    return Created(path, notes)
+
+
+def _all_layers_if_they_fit(
+    info: ModelInfo, ctx: int, parallel: int, devices: list[int], gpus: list[Any], notes: list[str]
+) -> int | None:
+    """-1 (all layers) when the full offload fits the free VRAM of `devices`."""
+    free = {g.index: g.memory_free_mib * 1024 * 1024 for g in gpus}
+    if not all(d in free for d in devices):
+        notes.append("GPU memory unknown here; gpu.layers left to llama-server")
+        return None
+    need = estimate(info, ctx, parallel, None).per_device(devices)
+    if all(need[d] <= free[d] for d in devices):
+        notes.append(f"all {info.layers} layers on the GPU ({gib(sum(need.values()))} estimated)")
+        return -1
+    notes.append(
+        f"the whole model ({gib(sum(need.values()))}) does not fit the free VRAM; "
+        "gpu.layers left to llama-server (set it to offload part)"
+    )
+    return None

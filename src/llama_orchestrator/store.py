@@ -258,7 +258,16 @@ class Store:
             params.append(limit)
         else:
             sql += " ORDER BY id"
-        rows = self._exec(sql, tuple(params)).fetchall()
+        return self._events(sql, tuple(params))
+
+    def latest_of_kinds(self, kinds: tuple[str, ...], limit: int = 500) -> list[Event]:
+        """The newest events of these kinds, newest first."""
+        marks = ", ".join("?" for _ in kinds)
+        sql = f"SELECT * FROM events WHERE kind IN ({marks}) ORDER BY id DESC LIMIT ?"
+        return self._events(sql, (*kinds, limit))
+
+    def _events(self, sql: str, params: tuple[Any, ...]) -> list[Event]:
+        rows = self._exec(sql, params).fetchall()
         return [
             Event(r["id"], r["ts"], r["instance"], r["kind"], r["message"], json.loads(r["data"]))
             for r in rows

@@ -7,6 +7,7 @@ file system lives here, so the config models stay pure parsing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +15,20 @@ from llama_orchestrator.binary import find_llama_server
 from llama_orchestrator.config import InstanceConfig, load_config
 from llama_orchestrator.engine.command import check_extra_args
 from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem
-from llama_orchestrator.gguf_meta import is_gguf
+from llama_orchestrator.fit import GPU_BACKENDS, demand, overcommits
+from llama_orchestrator.gguf_meta import ModelError, is_gguf, read_model
+from llama_orchestrator.gpu import Discovery, discover
 from llama_orchestrator.home import Home
 
-__all__ = ["Loaded", "load_all", "check_instance", "validate_home", "hosts_overlap"]
+__all__ = [
+    "Loaded",
+    "load_all",
+    "check_instance",
+    "validate_home",
+    "hosts_overlap",
+    "pinned_devices",
+    "vram_problems",
+]
 
 _WILDCARDS = {"0.0.0.0", "::", "[::]", ""}
 
@@ -125,8 +136,54 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
     return problems
 
 
-def validate_home(home: Home, names: list[str] | None = None) -> list[Problem]:
-    """Every problem of the named instances (all when None)."""
+def pinned_devices(items: list[Loaded]) -> dict[int, list[str]]:
+    """GPU index -> names of the instances whose config pins it."""
+    out: dict[int, list[str]] = {}
+    for item in items:
+        cfg = item.config
+        if cfg is not None and cfg.gpu.backend in GPU_BACKENDS:
+            for d in cfg.gpu.devices:
+                out.setdefault(d, []).append(item.name)
+    return out
+
+
+def vram_problems(
+    items: list[Loaded], find_gpus: Callable[[], Discovery], strict: bool = False
+) -> list[Problem]:
+    """Devices whose pinned instances (all of `items` running together) need more
+    VRAM than the card has: warnings, or errors when `strict`. No GPU pinned
+    anywhere means no discovery at all (CPU-only setups pay nothing)."""
+    if not pinned_devices(items):
+        return []
+    demands: dict[str, dict[int, int]] = {}
+    paths: dict[str, Path] = {}
+    for item in items:
+        cfg = item.config
+        if cfg is None or cfg.gpu.backend not in GPU_BACKENDS or not cfg.gpu.devices:
+            continue
+        try:
+            info = read_model(cfg.model_path(item.path.parent))
+        except ModelError:
+            continue  # check_instance reports an unreadable model
+        demands[item.name] = demand(cfg, info)
+        paths[item.name] = item.path
+    gpus = find_gpus().gpus
+    severity = "error" if strict else "warning"
+    return [
+        Problem(str(paths[oc.instances[-1][0]]), "gpu.device_id", oc.message(), severity)
+        for oc in overcommits(demands, gpus)
+    ]
+
+
+def validate_home(
+    home: Home,
+    names: list[str] | None = None,
+    *,
+    strict: bool = False,
+    find_gpus: Callable[[], Discovery] = discover,
+) -> list[Problem]:
+    """Every problem of the named instances (all when None); VRAM is checked as
+    if every instance ran at once."""
     loaded = load_all(home)
     selected = [x for x in loaded if names is None or x.name in names]
     problems: list[Problem] = []
@@ -134,4 +191,9 @@ def validate_home(home: Home, names: list[str] | None = None) -> list[Problem]:
         problems += item.problems
         if item.config is not None:
             problems += check_instance(home, item, loaded)
-    return problems
+    wanted = {x.name for x in selected}
+    return problems + [
+        p
+        for p in vram_problems(loaded, find_gpus, strict)
+        if names is None or Path(p.file).parent.name in wanted
+    ]

@@ -5,6 +5,7 @@ import pytest
 from llama_orchestrator import binary
 from llama_orchestrator.create import create_instance, pick_port
 from llama_orchestrator.errors import BinaryNotFound, PortConflict, UserError
+from llama_orchestrator.gpu import Discovery
 from llama_orchestrator.home import Home
 from llama_orchestrator.validate import validate_home
 from tests.helpers import write_config
@@ -96,7 +97,8 @@ def test_create_writes_a_valid_config_and_refuses_to_overwrite(home, gguf, monke
         gpus=[0, 3],
         tags=["worker"],
         extra_args=["--jinja"],
-    )
+        find_gpus=lambda: Discovery("none", []),
+    ).path
     data = json.loads(path.read_text())
     assert data["gpu"] == {"backend": "cuda", "device_id": [0, 3]}
     assert data["server"]["port"] >= 8001 and data["tags"] == ["worker"]

@@ -18,11 +18,15 @@ app = typer.Typer(help="Check and show instance configs.", no_args_is_help=True)
 
 
 @app.command()
-def validate(ctx: typer.Context, name: Optional[str] = typer.Argument(None)) -> None:
-    """Check every instance (or one): schema, ports, model files, llama-server."""
+def validate(
+    ctx: typer.Context,
+    name: Optional[str] = typer.Argument(None),
+    strict: bool = typer.Option(False, "--strict", help="Treat VRAM overcommit as an error."),
+) -> None:
+    """Check every instance (or one): schema, ports, model files, llama-server, VRAM."""
     a = app_context(ctx)
     names = a.engine.resolve_names([name]) if name else None
-    problems = validate_home(a.home, names)
+    problems = validate_home(a.home, names, strict=strict)
     errors = [p for p in problems if p.severity == "error"]
     for p in problems:
         if p.severity == "warning":

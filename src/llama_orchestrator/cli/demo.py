@@ -41,7 +41,7 @@ def run_demo(root: Path, model: Path | None) -> None:
             out.print(f"1. Using your model: {model}")
             prompt, ctx = "The capital of France is", 2048
         for name in NAMES:
-            path = create_instance(home, name, model=str(model), ctx=ctx, parallel=2)
+            path = create_instance(home, name, model=str(model), ctx=ctx, parallel=2).path
             out.print(
                 f"2. llama-orch init {name} --model … → {path.relative_to(root)}", markup=False
             )

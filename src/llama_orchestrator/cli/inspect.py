@@ -6,13 +6,16 @@ from typing import Any
 
 import typer
 
-from llama_orchestrator.cli.context import app_context, out, print_json
-from llama_orchestrator.config import redacted
+from llama_orchestrator.cli.context import AppContext, app_context, err, out, print_json
+from llama_orchestrator.cli.hardware import gpu_status
+from llama_orchestrator.config import InstanceConfig, redacted
 from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.engine.status import collect, iso
 from llama_orchestrator.errors import OrchError
+from llama_orchestrator.fit import GPU_BACKENDS, demand, gib
+from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
 from llama_orchestrator.timefmt import human_duration
-from llama_orchestrator.validate import load_all
+from llama_orchestrator.validate import load_all, pinned_devices
 
 __all__ = ["register", "ps_table", "STATE_STYLES"]
 
@@ -66,6 +69,7 @@ def ps(
     rows = collect(app_context(ctx).engine)
     if json_:
         print_json(rows)
+        _gpu_warnings(app_context(ctx))
         return
     if not rows:
         out.print("No instances yet. Create one with: llama-orch init NAME --model PATH")
@@ -73,6 +77,15 @@ def ps(
     out.print(ps_table(rows))
     if any(r["pid"] and not r["supervised"] for r in rows):
         out.print("[dim]* unsupervised: no daemon runs, so nothing restarts it if it dies[/]")
+    _gpu_warnings(app_context(ctx))
+
+
+def _gpu_warnings(app: AppContext) -> None:
+    """Hot or missing cards that instances are pinned to (only if any are pinned)."""
+    if not pinned_devices(load_all(app.home)):
+        return
+    for w in gpu_status(app)[1]:
+        err.print(f"warning: {w}", markup=False)
 
 
 def _describe_data(ctx: typer.Context, name: str) -> dict[str, Any]:
@@ -86,6 +99,7 @@ def _describe_data(ctx: typer.Context, name: str) -> dict[str, Any]:
         data["config_path"] = str(item.path)
         if item.config is not None:
             data["config"] = redacted(item.config)
+            data.update(_model_and_gpus(app, item.config, item.path.parent))
             try:
                 (prepared,) = engine.prepare([name])
                 launch = prepared.launch
@@ -100,6 +114,33 @@ def _describe_data(ctx: typer.Context, name: str) -> dict[str, Any]:
     data["logs"] = {s: str(log_dir / f"{s}.log") for s in ("stdout", "stderr")}
     data["events"] = [{**e.to_json(), "ts": iso(e.ts)} for e in engine.store.events(name, limit=10)]
     return data
+
+
+def _model_and_gpus(app: AppContext, cfg: InstanceConfig, folder: Any) -> dict[str, Any]:
+    """The model's metadata and estimate, and live figures of the pinned GPUs."""
+    extra: dict[str, Any] = {}
+    try:
+        info = read_model(cfg.model_path(folder))
+    except ModelError as exc:
+        return {"model_error": exc.message}
+    est = estimate(
+        info,
+        cfg.model.context_size,
+        cfg.server.parallel,
+        cfg.gpu.layers if cfg.gpu.backend in GPU_BACKENDS else 0,
+    )
+    extra["model"] = {
+        **info.to_json(),
+        "estimate_gpu_bytes": est.gpu_bytes,
+        "estimate_per_device": demand(cfg, info),
+    }
+    if cfg.gpu.backend in GPU_BACKENDS and cfg.gpu.devices:
+        live = {g.index: g for g in gpu_status(app)[0]}
+        extra["gpus"] = [
+            live[d].to_json() if d in live else {"index": d, "missing": True}
+            for d in cfg.gpu.devices
+        ]
+    return extra
 
 
 def describe(
@@ -141,6 +182,24 @@ def describe(
         out.print(f"  last exit    {exit_text(last)} at {iso(last.get('at'))}", markup=False)
         for line in last.get("stderr_tail", [])[-10:]:
             out.print(f"    | {line}", markup=False)
+    m = d.get("model")
+    if m:
+        line = (
+            f"{m['architecture']} {m['parameters'] / 1e9:.2f}B {m['file_type']}, "
+            f"{m['layers']} layers, context {m['context_length']}"
+        )
+        if d.get("backend") != "cpu":
+            line += f"; needs ~{gib(m['estimate_gpu_bytes'])} on the GPU(s)"
+        out.print(f"  model        {line}", markup=False)
+    for g in d.get("gpus", []):
+        if g.get("missing"):
+            out.print(f"  [red]gpu {g['index']}      not reported by the driver[/]")
+        else:
+            out.print(
+                f"  gpu {g['index']:<8} {g['name']}: {g['memory_used_mib']}/{g['memory_total_mib']} MiB, "
+                f"{g['temperature_c']}°C, {g['utilization_pct']}% busy",
+                markup=False,
+            )
     out.print(f"  logs         {d['logs']['stderr']}", markup=False)
     if d["events"]:
         out.print("  events:")

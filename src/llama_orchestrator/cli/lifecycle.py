@@ -6,7 +6,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import List, Optional
+from typing import List, Literal, Optional, Union
 
 import typer
 
@@ -19,14 +19,17 @@ from llama_orchestrator.errors import UserError
 __all__ = ["register"]
 
 
-def _parse_gpus(text: Optional[str]) -> Optional[list[int]]:
+def _parse_gpus(text: Optional[str]) -> Union[list[int], Literal["auto"], None]:
     if not text:
         return None
+    if text == "auto":
+        return "auto"
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(
-            f"--gpu {text!r} is not a list of GPU indices.", hint="Use e.g. --gpu 0 or --gpu 0,3."
+            f"--gpu {text!r} is not a list of GPU indices.",
+            hint="Use e.g. --gpu 0, --gpu 0,3 or --gpu auto.",
         ) from None
 
 
@@ -37,9 +40,11 @@ def init(
     port: Optional[int] = typer.Option(None, help="Port (default: the first free one from 8001)."),
     host: str = typer.Option("127.0.0.1", help="Address llama-server listens on."),
     backend: str = typer.Option("cpu", help=f"One of {', '.join(BACKENDS)}."),
-    gpu: Optional[str] = typer.Option(None, help="GPU index or list, e.g. 0 or 0,3."),
+    gpu: Optional[str] = typer.Option(None, help="GPU index or list (0 or 0,3), or auto."),
     layers: Optional[int] = typer.Option(None, help="Layers to offload to the GPU (-ngl)."),
-    ctx_size: int = typer.Option(4096, "--ctx", help="Context size in tokens."),
+    ctx_size: Optional[int] = typer.Option(
+        None, "--ctx", help="Context size in tokens (default: the model's, at most 4096)."
+    ),
     parallel: int = typer.Option(1, help="Parallel request slots."),
     threads: Optional[int] = typer.Option(None, help="CPU threads."),
     alias: Optional[str] = typer.Option(None, help="Model name clients ask for (default: NAME)."),
@@ -49,7 +54,7 @@ def init(
 ) -> None:
     """Create instances/NAME/config.json."""
     app = app_context(ctx)
-    path = create_instance(
+    created = create_instance(
         app.home,
         name,
         model=model,
@@ -66,7 +71,9 @@ def init(
         extra_args=extra or [],
         force=force,
     )
-    say(f"Created {path}")
+    say(f"Created {created.path}")
+    for note in created.notes:
+        say(f"  {note}")
     say(f"Start it with: llama-orch up {name}")
 
 
@@ -104,6 +111,8 @@ def _progress() -> Iterator[Progress]:
 
 def _report_up(results: list[UpResult]) -> None:
     for r in results:
+        for w in r.warnings:
+            say(f"warning: {w}", to_err=True)
         url = f"http://127.0.0.1:{r.port}"
         if r.outcome == "already running":
             say(f"{r.name} is already running (pid {r.pid}) on {url}")
@@ -128,12 +137,15 @@ def up(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until /health answers 200."),
     timeout: float = typer.Option(300, help="Seconds to wait for health."),
     no_daemon: bool = typer.Option(False, "--no-daemon", help="Run unsupervised (no daemon)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse to overcommit a GPU's VRAM."),
 ) -> None:
     """Start instances in the background."""
     app = app_context(ctx)
     targets = app.engine.resolve_names(names or [], all_)
     with _progress() as on_progress:
-        results = app.engine.up(targets, wait=wait, timeout=timeout, on_progress=on_progress)
+        results = app.engine.up(
+            targets, wait=wait, timeout=timeout, on_progress=on_progress, strict=strict
+        )
     _report_up(results)
 
 

@@ -35,11 +35,12 @@ from llama_orchestrator.errors import (
     UnknownInstance,
     UserError,
 )
+from llama_orchestrator.gpu import Discovery, discover
 from llama_orchestrator.home import Home, check_name
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
-from llama_orchestrator.validate import Loaded, check_instance, load_all
+from llama_orchestrator.validate import Loaded, check_instance, load_all, vram_problems
 
 __all__ = ["Engine", "Prepared", "UpResult", "Progress", "EXIT_TAIL_LINES", "exit_text"]
 
@@ -71,6 +72,7 @@ class UpResult:
     error: str | None = None
     #: running with a command line that differs from what its config gives now
     stale: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 def exit_text(info: dict[str, Any]) -> str:
@@ -94,12 +96,14 @@ class Engine:
         clock: Callable[[], float] = time.time,
         get: health.Getter = health.http_get,
         base_env: dict[str, str] | None = None,
+        find_gpus: Callable[[], Discovery] = discover,
     ) -> None:
         self.home = home
         self.clock = clock
         self._store: Store | None = None
         self.get = get
         self._base_env = base_env
+        self.find_gpus = find_gpus
         self._settings: Settings | None = None
 
     # --- lazily built adapters ---------------------------------------------
@@ -142,8 +146,11 @@ class Engine:
             raise UserError("Name at least one instance.", hint="Or use --all.")
         return out
 
-    def prepare(self, names: list[str]) -> list[Prepared]:
-        """Validate the named instances fully; raise ConfigError listing every problem."""
+    def prepare(self, names: list[str], strict: bool = False) -> list[Prepared]:
+        """Validate the named instances fully; raise ConfigError listing every problem.
+
+        VRAM is checked for what will run together: the instances running now
+        plus these. Over a card's total it is a warning, an error with `strict`."""
         loaded = {x.name: x for x in load_all(self.home)}
         problems, prepared = [], []
         for name in names:
@@ -161,6 +168,18 @@ class Engine:
             prepared.append(Prepared(name, item.config, item.path, self._launch(item), warnings))
         if problems:
             raise ConfigError(problems)
+        together = set(names) | {
+            r.name for r in self.store.all() if r.state in RUNNING_STATES and is_alive(self._ref(r))
+        }
+        vram = vram_problems(
+            [loaded[n] for n in sorted(together) if n in loaded], self.find_gpus, strict
+        )
+        if any(p.severity == "error" for p in vram):
+            raise ConfigError(vram)
+        for problem in vram:
+            for prep in prepared:
+                if Path(problem.file) == prep.config_path:
+                    prep.warnings.append(str(problem))
         return prepared
 
     def _launch(self, item: Loaded) -> Launch:
@@ -289,14 +308,17 @@ class Engine:
         wait: bool = True,
         timeout: float = 300,
         on_progress: Progress | None = None,
+        strict: bool = False,
     ) -> list[UpResult]:
         """Start the named instances (validated first, all or nothing) and,
         with `wait`, return once each answers /health with 200.
 
         Raises StartFailed (exit 1) naming each instance that died or timed
         out, with its exit code and last stderr lines."""
-        prepared = self.prepare(names)
+        prepared = self.prepare(names, strict)
         results = [self._spawn(p) for p in prepared]
+        for p, r in zip(prepared, results, strict=True):
+            r.warnings = p.warnings
         if wait:
             self._wait_healthy(results, {p.name: p.config for p in prepared}, timeout, on_progress)
         failed = [r for r in results if r.error]

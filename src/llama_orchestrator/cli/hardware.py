@@ -1,0 +1,189 @@
+"""gpus, models list, models inspect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from llama_orchestrator.cli.context import AppContext, app_context, err, out, print_json, say
+from llama_orchestrator.fit import gib
+from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
+from llama_orchestrator.gpu import GpuInfo, discover
+from llama_orchestrator.gpuwatch import alerts, record_changes
+from llama_orchestrator.validate import load_all, pinned_devices
+
+__all__ = ["register", "gpu_status"]
+
+models_app = typer.Typer(
+    help="Read GGUF models: metadata and memory estimates.", no_args_is_help=True
+)
+
+
+def gpu_status(app: AppContext) -> tuple[list[GpuInfo], list[str], str]:
+    """Live GPUs with the instances pinned to each, warnings (new alerts are
+    recorded as events), and the source they came from."""
+    pinned = pinned_devices(load_all(app.home))
+    found = discover()
+    for g in found.gpus:
+        g.instances = pinned.get(g.index, [])
+    threshold = app.engine.settings.gpu.temp_threshold
+    current = alerts(found.gpus, pinned, threshold)
+    record_changes(app.engine.store, current, {g.index for g in found.gpus} | set(pinned))
+    return found.gpus, [a.message for a in current] + found.notes, found.source
+
+
+def gpus(
+    ctx: typer.Context, json_: bool = typer.Option(False, "--json", help="JSON output.")
+) -> None:
+    """GPUs with VRAM, utilisation, temperature, power and the instances pinned to each."""
+    app = app_context(ctx)
+    found, warnings, source = gpu_status(app)
+    if json_:
+        print_json([g.to_json() for g in found])
+    elif not found:
+        say("no GPU found (looked for NVML, nvidia-smi and rocm-smi)")
+    else:
+        from rich.table import Table
+
+        threshold = app.engine.settings.gpu.temp_threshold
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for col in (
+            "GPU",
+            "NAME",
+            "BACKEND",
+            "VRAM USED/TOTAL",
+            "FREE",
+            "UTIL",
+            "TEMP",
+            "POWER",
+            "INSTANCES",
+        ):
+            table.add_column(col)
+        for g in found:
+            hot = g.temperature_c is not None and g.temperature_c > threshold
+            temp = "-" if g.temperature_c is None else f"{g.temperature_c:.0f}°C"
+            table.add_row(
+                str(g.index),
+                g.name,
+                g.backend,
+                f"{g.memory_used_mib}/{g.memory_total_mib} MiB",
+                f"{g.memory_free_mib} MiB",
+                "-" if g.utilization_pct is None else f"{g.utilization_pct:.0f}%",
+                f"[bold red]{temp}[/]" if hot else temp,
+                "-" if g.power_w is None else f"{g.power_w:.0f} W",
+                ", ".join(g.instances) or "-",
+            )
+        out.print(table)
+        out.print(f"[dim](from {source})[/]")
+    for w in warnings:
+        err.print(f"warning: {w}", markup=False)
+
+
+@models_app.command("list")
+def models_list(
+    ctx: typer.Context,
+    folder: Optional[Path] = typer.Argument(
+        None, help="Folder to search (default: <home>/models, else .)."
+    ),
+    json_: bool = typer.Option(False, "--json", help="JSON output."),
+) -> None:
+    """Every .gguf file under a folder, with its metadata."""
+    app = app_context(ctx)
+    root = folder or (
+        app.home.root / "models" if (app.home.root / "models").is_dir() else Path.cwd()
+    )
+    rows: list[dict[str, Any]] = []
+    for path in sorted(root.rglob("*.gguf")):
+        try:
+            rows.append(read_model(path).to_json())
+        except ModelError as exc:
+            rows.append({"path": str(path), "error": exc.message})
+    if json_:
+        print_json(rows)
+        return
+    if not rows:
+        say(f"no .gguf files under {root}")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("MODEL", "ARCH", "PARAMS", "QUANT", "CONTEXT", "LAYERS", "SIZE"):
+        table.add_column(col)
+    for r in rows:
+        name = str(Path(r["path"]).relative_to(root))
+        if "error" in r:
+            table.add_row(name, f"[red]{r['error']}[/]", "", "", "", "", "")
+            continue
+        table.add_row(
+            name,
+            r["architecture"],
+            f"{r['parameters'] / 1e9:.2f}B",
+            r["file_type"],
+            str(r["context_length"] or "-"),
+            str(r["layers"]),
+            gib(r["size_bytes"]),
+        )
+    out.print(table)
+
+
+@models_app.command("inspect")
+def models_inspect(
+    path: Path = typer.Argument(..., help="A .gguf file."),
+    ctx_size: int = typer.Option(
+        4096, "--ctx", help="Context size for the estimate (0: the model's)."
+    ),
+    parallel: int = typer.Option(1, "--parallel", help="Slots (-np) for the estimate."),
+    layers: int = typer.Option(
+        -1, "--layers", help="Layers on the GPU for the estimate (-1: all)."
+    ),
+    json_: bool = typer.Option(False, "--json", help="JSON output."),
+) -> None:
+    """Metadata of one model and the memory it needs."""
+    info = read_model(path)
+    est = estimate(info, ctx_size, parallel, layers)
+    data = {
+        **info.to_json(),
+        "estimate": {
+            "context": est.context,
+            "context_per_slot": est.context_per_slot,
+            "layers_on_gpu": est.layers_on_gpu,
+            "gpu_bytes": est.gpu_bytes,
+            "weights_gpu_bytes": est.weights_gpu_bytes,
+            "kv_gpu_bytes": est.kv_gpu_bytes,
+            "overhead_bytes": est.overhead_bytes,
+            "host_bytes": est.weights_host_bytes + est.kv_host_bytes,
+        },
+    }
+    if json_:
+        print_json(data)
+        return
+    for key in (
+        "path",
+        "architecture",
+        "name",
+        "file_type",
+        "context_length",
+        "layers",
+        "embedding_length",
+        "head_count",
+        "head_count_kv",
+    ):
+        say(f"{key:<17} {data[key]}")
+    say(f"{'parameters':<17} {info.parameters:,} ({info.parameters / 1e9:.2f}B)")
+    say(f"{'size':<17} {gib(info.size_bytes)} ({info.size_bytes:,} bytes)")
+    say(
+        f"estimate for -c {est.context} -np {parallel} -ngl {'all' if layers < 0 else layers}"
+        f" ({est.context_per_slot} tokens per slot):"
+    )
+    say(
+        f"  on the GPU(s)   {gib(est.gpu_bytes)} = weights {gib(est.weights_gpu_bytes)} + KV cache "
+        f"{gib(est.kv_gpu_bytes)} + overhead {gib(est.overhead_bytes)}"
+    )
+    say(f"  on the host     {gib(est.weights_host_bytes + est.kv_host_bytes)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(gpus)
+    app.add_typer(models_app, name="models")

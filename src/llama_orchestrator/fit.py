@@ -1,0 +1,89 @@
+"""VRAM fit: what each instance needs per device, whether a device holds
+everything pinned to it, and which device(s) `--gpu auto` should take (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.errors import UserError
+from llama_orchestrator.gguf_meta import COMPUTE_OVERHEAD_BYTES, MIB, ModelInfo, estimate
+from llama_orchestrator.gpu import GpuInfo
+
+__all__ = ["GPU_BACKENDS", "demand", "Overcommit", "overcommits", "pick_devices", "gib"]
+
+GPU_BACKENDS = frozenset({"cuda", "rocm", "vulkan", "sycl", "metal"})
+
+
+def gib(n_bytes: float) -> str:
+    """Bytes for people: `253 MiB` below a GiB, `5.1 GB` above."""
+    if n_bytes < 1024 * MIB:
+        return f"{n_bytes / MIB:.0f} MiB"
+    return f"{n_bytes / (1024 * MIB):.1f} GB"
+
+
+def demand(cfg: InstanceConfig, info: ModelInfo) -> dict[int, int]:
+    """Bytes this instance needs on each pinned device ({} when it pins none)."""
+    g = cfg.gpu
+    if g.backend not in GPU_BACKENDS or not g.devices:
+        return {}
+    est = estimate(info, cfg.model.context_size, cfg.server.parallel, g.layers)
+    return est.per_device(g.devices, g.tensor_split)
+
+
+@dataclass(frozen=True)
+class Overcommit:
+    device: int
+    name: str
+    total_bytes: int
+    needed_bytes: int
+    instances: tuple[tuple[str, int], ...]  # (name, bytes) in the order given
+
+    def message(self) -> str:
+        who = " + ".join(f"{n} ({gib(b)})" for n, b in self.instances)
+        return (
+            f"GPU {self.device} ({self.name}, {gib(self.total_bytes)}) cannot hold {who} = "
+            f"{gib(self.needed_bytes)}; lower gpu.layers or model.context_size, or pin one "
+            "instance to another GPU"
+        )
+
+
+def overcommits(demands: dict[str, dict[int, int]], gpus: list[GpuInfo]) -> list[Overcommit]:
+    """Devices whose pinned instances need more than the card's total VRAM."""
+    by_index = {g.index: g for g in gpus}
+    out = []
+    devices = sorted({d for per in demands.values() for d in per})
+    for dev in devices:
+        gpu = by_index.get(dev)
+        if gpu is None:
+            continue  # a missing card is reported by gpuwatch, not as a fit problem
+        users = tuple((name, per[dev]) for name, per in demands.items() if dev in per)
+        needed = sum(b for _, b in users)
+        total = gpu.memory_total_mib * MIB
+        if needed > total:
+            out.append(Overcommit(dev, gpu.name, total, needed, users))
+    return out
+
+
+def pick_devices(
+    info: ModelInfo, ctx: int, parallel: int, layers: int | None, gpus: list[GpuInfo]
+) -> list[int]:
+    """The fewest devices, most free VRAM first, whose free memory holds the
+    model; UserError when even all of them together do not."""
+    if not gpus:
+        raise UserError("--gpu auto found no GPU.", hint="Pass --gpu N or use --backend cpu.")
+    est = estimate(info, ctx, parallel, layers)
+    variable = est.weights_gpu_bytes + est.kv_gpu_bytes
+    ranked = sorted(gpus, key=lambda g: (-g.memory_free_mib, g.index))
+    chosen: list[GpuInfo] = []
+    for g in ranked:
+        chosen.append(g)
+        free = sum(c.memory_free_mib * MIB - COMPUTE_OVERHEAD_BYTES for c in chosen)
+        if free >= variable:
+            return sorted(c.index for c in chosen)
+    total_free = sum(g.memory_free_mib for g in gpus) * MIB
+    raise UserError(
+        f"The model needs about {gib(est.gpu_bytes)} of VRAM and all GPUs together have "
+        f"{gib(total_free)} free.",
+        hint="Offload fewer layers (--layers), use a smaller --ctx, or a smaller quantisation.",
+    )

@@ -1,0 +1,65 @@
+"""Card health: too hot, or gone (pure alerts + recording new ones as events).
+
+`ps` and `gpus` call `check`; the daemon (issue 3) should call it every
+`gpu.sample_interval` seconds. An alert is recorded once, when it starts, and
+its end once, when it clears."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llama_orchestrator.gpu import GpuInfo
+from llama_orchestrator.store import Store
+
+__all__ = ["Alert", "alerts", "record_changes"]
+
+
+@dataclass(frozen=True)
+class Alert:
+    device: int
+    kind: str  # "gpu_hot" | "gpu_missing"
+    message: str
+
+
+def alerts(gpus: list[GpuInfo], pinned: dict[int, list[str]], threshold: float) -> list[Alert]:
+    """Cards over `threshold` °C, and pinned cards that no longer report."""
+    out = []
+    present = {g.index for g in gpus}
+    for g in gpus:
+        if g.temperature_c is not None and g.temperature_c > threshold:
+            who = f" (used by {', '.join(pinned[g.index])})" if pinned.get(g.index) else ""
+            out.append(
+                Alert(
+                    g.index,
+                    "gpu_hot",
+                    f"GPU {g.index} ({g.name}) is at {g.temperature_c:.0f} °C, over the "
+                    f"{threshold:.0f} °C threshold{who}",
+                )
+            )
+    for dev in sorted(set(pinned) - present):
+        out.append(
+            Alert(
+                dev,
+                "gpu_missing",
+                f"GPU {dev} is pinned by {', '.join(pinned[dev])} but no longer reported "
+                "(fell off the bus? check risers, power and `nvidia-smi`)",
+            )
+        )
+    return out
+
+
+def record_changes(store: Store, current: list[Alert], checked: set[int]) -> list[Alert]:
+    """Record alerts that started and cleared since the last check; return the new ones."""
+    last: dict[int, str] = {}
+    for e in store.latest_of_kinds(("gpu_hot", "gpu_missing", "gpu_ok")):  # newest first
+        if "device" in e.data:
+            last.setdefault(int(e.data["device"]), e.kind)
+    now = {a.device: a for a in current}
+    started = [a for a in current if last.get(a.device) != a.kind]
+    with store.transaction():
+        for a in started:
+            store.add_event(None, a.kind, a.message, {"device": a.device})
+        for dev in sorted(checked):
+            if dev not in now and last.get(dev) in ("gpu_hot", "gpu_missing"):
+                store.add_event(None, "gpu_ok", f"GPU {dev} is back to normal", {"device": dev})
+    return started
