@@ -23,10 +23,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(home: Home, name: str, model: Path | str, **overrides: Any) -> Path:
+def write_config(home: Home, name: str, model_path: Path | str, **overrides: Any) -> Path:
     """Write instances/NAME/config.json: the tiny model, a free port, fast checks."""
     cfg: dict[str, Any] = {
-        "model": {"path": str(model), "context_size": 512},
+        "model": {"path": str(model_path), "context_size": 512},
         "server": {"host": "127.0.0.1", "port": free_port(), "parallel": 2},
         "stop_timeout": 5,
     }

@@ -13,18 +13,24 @@ from pathlib import Path
 
 __all__ = ["write_tiny_model"]
 
-N_EMBD = 32
-N_HEAD = 4
-N_HEAD_KV = 2
-N_FF = 64
-N_LAYER = 2
-N_CTX = 2048
 
 _UNKNOWN, _NORMAL, _CONTROL, _UNUSED, _BYTE = 2, 1, 3, 5, 6
 
 
-def write_tiny_model(path: Path, *, seed: int = 0, name: str = "tiny-llama") -> Path:
-    """Write the model to `path` (atomically) and return the path."""
+def write_tiny_model(
+    path: Path,
+    *,
+    seed: int = 0,
+    name: str = "tiny-llama",
+    n_layer: int = 2,
+    n_embd: int = 32,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 64,
+    n_ctx: int = 2048,
+) -> Path:
+    """Write the model to `path` (atomically) and return the path. The default
+    shape is ~150 KB; others exist for metadata and estimate tests."""
     import gguf  # imported here: numpy + gguf cost ~0.2 s and most commands never need them
     import numpy as np
 
@@ -32,18 +38,18 @@ def write_tiny_model(path: Path, *, seed: int = 0, name: str = "tiny-llama") -> 
     tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{b:02X}>".encode() for b in range(256)]
     types = [_UNKNOWN, _CONTROL, _CONTROL] + [_BYTE if b < 0x80 else _UNUSED for b in range(256)]
     n_vocab = len(tokens)
-    head_dim = N_EMBD // N_HEAD
+    head_dim = n_embd // n_head
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     w = gguf.GGUFWriter(str(tmp), "llama")
     w.add_name(name)
-    w.add_context_length(N_CTX)
-    w.add_embedding_length(N_EMBD)
-    w.add_block_count(N_LAYER)
-    w.add_feed_forward_length(N_FF)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD_KV)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(n_vocab)
@@ -60,21 +66,21 @@ def write_tiny_model(path: Path, *, seed: int = 0, name: str = "tiny-llama") -> 
     def t(*shape: int, scale: float = 0.1) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    ones = np.ones(N_EMBD, dtype=np.float32)
-    w.add_tensor("token_embd.weight", t(n_vocab, N_EMBD))
+    ones = np.ones(n_embd, dtype=np.float32)
+    w.add_tensor("token_embd.weight", t(n_vocab, n_embd))
     w.add_tensor("output_norm.weight", ones)
-    w.add_tensor("output.weight", t(n_vocab, N_EMBD))
-    kv = N_HEAD_KV * head_dim
-    for i in range(N_LAYER):
+    w.add_tensor("output.weight", t(n_vocab, n_embd))
+    kv = n_head_kv * head_dim
+    for i in range(n_layer):
         w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
-        w.add_tensor(f"blk.{i}.attn_q.weight", t(N_EMBD, N_EMBD))
-        w.add_tensor(f"blk.{i}.attn_k.weight", t(kv, N_EMBD))
-        w.add_tensor(f"blk.{i}.attn_v.weight", t(kv, N_EMBD))
-        w.add_tensor(f"blk.{i}.attn_output.weight", t(N_EMBD, N_EMBD))
+        w.add_tensor(f"blk.{i}.attn_q.weight", t(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.attn_k.weight", t(kv, n_embd))
+        w.add_tensor(f"blk.{i}.attn_v.weight", t(kv, n_embd))
+        w.add_tensor(f"blk.{i}.attn_output.weight", t(n_embd, n_embd))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", t(N_FF, N_EMBD))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", t(N_FF, N_EMBD))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", t(N_EMBD, N_FF))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", t(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", t(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", t(n_embd, n_ff))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -34,6 +34,14 @@ def gpu_status(app: AppContext) -> tuple[list[GpuInfo], list[str], str]:
     return found.gpus, [a.message for a in current] + found.notes, found.source
 
 
+def _short(name: str) -> str:
+    """`NVIDIA GeForce GTX 1060 6GB` -> `GTX 1060 6GB`: the vendor is in BACKEND."""
+    for prefix in ("NVIDIA GeForce ", "NVIDIA ", "AMD Radeon ", "AMD "):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
 def gpus(
     ctx: typer.Context, json_: bool = typer.Option(False, "--json", help="JSON output.")
 ) -> None:
@@ -49,24 +57,15 @@ def gpus(
 
         threshold = app.engine.settings.gpu.temp_threshold
         table = Table(box=None, header_style="bold", pad_edge=False)
-        for col in (
-            "GPU",
-            "NAME",
-            "BACKEND",
-            "VRAM USED/TOTAL",
-            "FREE",
-            "UTIL",
-            "TEMP",
-            "POWER",
-            "INSTANCES",
-        ):
-            table.add_column(col)
+        columns = ("GPU", "NAME", "BACKEND", "VRAM", "FREE", "UTIL", "TEMP", "POWER", "INSTANCES")
+        for col in columns:
+            table.add_column(col, no_wrap=col != "INSTANCES")
         for g in found:
             hot = g.temperature_c is not None and g.temperature_c > threshold
             temp = "-" if g.temperature_c is None else f"{g.temperature_c:.0f}°C"
             table.add_row(
                 str(g.index),
-                g.name,
+                _short(g.name),
                 g.backend,
                 f"{g.memory_used_mib}/{g.memory_total_mib} MiB",
                 f"{g.memory_free_mib} MiB",

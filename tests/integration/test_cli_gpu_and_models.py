@@ -1,0 +1,247 @@
+"""gpus, models, VRAM fit and card alerts through the CLI, with recorded
+nvidia-smi / rocm-smi outputs replayed by fake tools on PATH."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from llama_orchestrator.tinymodel import write_tiny_model
+from tests.helpers import run_cli, write_config
+
+pytestmark = pytest.mark.integration
+
+FAKES = Path(__file__).parents[1] / "fakes"
+
+
+def gpu_env(nvidia=None, rocm=None, **extra):
+    env = {
+        "PATH": f"{FAKES / 'gpu_bin'}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(FAKES / "no_nvml"),  # NVML absent whatever is installed
+        "FAKE_NVIDIA_SMI": str(FAKES / "gpu_outputs" / nvidia) if nvidia else "",
+        "FAKE_ROCM_SMI": str(FAKES / "gpu_outputs" / rocm) if rocm else "",
+    }
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def kv_heavy(tmp_path_factory):
+    """Small file, big KV cache: 2048 bytes per token of context."""
+    return write_tiny_model(
+        tmp_path_factory.mktemp("m") / "kv.gguf",
+        n_layer=4,
+        n_embd=128,
+        n_head=2,
+        n_head_kv=2,
+        n_ff=64,
+    )
+
+
+def test_gpus_lists_cards_with_pinned_instances(home, tiny_model):
+    write_config(home, "big", tiny_model, gpu={"backend": "cuda", "device_id": [0, 3]})
+    write_config(home, "w1", tiny_model, gpu={"backend": "cuda", "device_id": 1})
+    r = run_cli(home, "gpus", "--json", env=gpu_env("five_1060.csv"))
+    assert r.returncode == 0, r.stderr
+    gpus = json.loads(r.stdout)
+    assert len(gpus) == 5
+    keys = {
+        "index",
+        "name",
+        "backend",
+        "memory_total_mib",
+        "memory_used_mib",
+        "utilization_pct",
+        "temperature_c",
+        "power_w",
+        "instances",
+    }
+    assert keys <= set(gpus[0])
+    assert [g["instances"] for g in gpus] == [["big"], ["w1"], [], ["big"], []]
+    table = run_cli(home, "gpus", env=gpu_env("five_1060.csv"))
+    assert "GTX 1060" in table.stdout and "4012/6144 MiB" in table.stdout
+
+
+def test_gpus_from_rocm_smi_and_with_none(home):
+    r = run_cli(home, "gpus", "--json", env=gpu_env(rocm="rocm_two.json"))
+    assert [g["backend"] for g in json.loads(r.stdout)] == ["rocm", "rocm"]
+    r = run_cli(
+        home,
+        "gpus",
+        env={"PATH": str(Path(os.sys.executable).parent), "PYTHONPATH": str(FAKES / "no_nvml")},
+    )
+    assert (
+        r.returncode == 0
+        and r.stdout.strip() == "no GPU found (looked for NVML, nvidia-smi and rocm-smi)"
+    )
+    assert r.stderr == ""
+
+
+def test_garbage_from_a_tool_is_a_warning_not_a_crash(home):
+    r = run_cli(home, "gpus", env=gpu_env("garbage.txt"))
+    assert r.returncode == 0 and "no GPU found" in r.stdout
+    assert "warning: nvidia-smi line 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_vram_overcommit_is_a_warning_and_an_error_with_strict(home, kv_heavy):
+    # each needs ~3.1 GB on GPU 1 (a 6 GB card): together they do not fit
+    for name in ("a", "b"):
+        write_config(
+            home,
+            name,
+            kv_heavy,
+            model={"context_size": 1_500_000},
+            gpu={"backend": "cuda", "device_id": 1},
+        )
+    env = gpu_env("five_1060.csv")
+    r = run_cli(home, "config", "validate", env=env)
+    assert r.returncode == 0, r.stderr
+    assert (
+        "warning:" in r.stderr
+        and "GPU 1 (NVIDIA GeForce GTX 1060 6GB, 6.0 GB) cannot hold a (3.1 GB) + b (3.1 GB)"
+        in r.stderr
+    )
+    r = run_cli(home, "config", "validate", "--strict", env=env)
+    assert r.returncode == 2 and "cannot hold a (3.1 GB) + b (3.1 GB)" in r.stderr
+    r = run_cli(home, "up", "a", "b", "--strict", env=env)
+    assert r.returncode == 2 and "cannot hold" in r.stderr
+    assert all(row["pid"] is None for row in json.loads(run_cli(home, "ps", "--json").stdout))
+
+
+def test_up_warns_about_overcommit_with_what_already_runs(home, kv_heavy, tiny_model):
+    env = gpu_env("five_1060.csv")
+    write_config(
+        home, "a", tiny_model, model={"context_size": 512}, gpu={"backend": "cuda", "device_id": 2}
+    )
+    # b's estimate alone is over GPU 2's 6 GB (KV cache of 3.5M tokens)
+    write_config(
+        home,
+        "b",
+        kv_heavy,
+        model={"context_size": 3_500_000},
+        gpu={"backend": "cuda", "device_id": 2},
+    )
+    r = run_cli(home, "config", "validate", "b", env=env)
+    assert "cannot hold" in r.stderr and r.returncode == 0
+    try:
+        r = run_cli(home, "up", "a", env=env)  # a alone fits: no warning
+        assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    finally:
+        run_cli(home, "down", "--all")
+
+
+def test_init_gpu_auto_and_defaults_from_the_model(home, kv_heavy, tiny_model):
+    env = gpu_env("five_1060.csv")
+    r = run_cli(
+        home,
+        "init",
+        "auto1",
+        "--model",
+        str(kv_heavy),
+        "--backend",
+        "cuda",
+        "--gpu",
+        "auto",
+        "--ctx",
+        "1500000",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(home.config_path("auto1").read_text())
+    assert (
+        cfg["gpu"]["device_id"] == 2 and cfg["gpu"]["layers"] == -1
+    )  # the emptiest card; all fits
+    assert "--gpu auto chose GPU 2" in r.stdout
+    r = run_cli(
+        home,
+        "init",
+        "auto2",
+        "--model",
+        str(kv_heavy),
+        "--backend",
+        "cuda",
+        "--gpu",
+        "auto",
+        "--ctx",
+        "4000000",
+        env=env,
+    )
+    assert json.loads(home.config_path("auto2").read_text())["gpu"]["device_id"] == [0, 2]
+    r = run_cli(home, "init", "plain", "--model", str(tiny_model), env=env)
+    assert (
+        json.loads(home.config_path("plain").read_text())["model"]["context_size"] == 2048
+    )  # model's < 4096
+    r = run_cli(
+        home,
+        "init",
+        "nope",
+        "--model",
+        str(kv_heavy),
+        "--backend",
+        "cuda",
+        "--gpu",
+        "auto",
+        "--ctx",
+        "40000000",
+        env=env,
+    )
+    assert r.returncode == 2 and "all GPUs together have" in r.stderr
+    assert not home.config_path("nope").exists()
+
+
+def test_ps_warns_about_a_hot_card_and_records_it_once(home, tiny_model):
+    write_config(home, "qwen", tiny_model, gpu={"backend": "cuda", "device_id": 1})
+    hot = gpu_env("one_hot.csv")
+    for _ in range(2):
+        r = run_cli(home, "ps", env=hot)
+        assert r.returncode == 0 and "GPU 1 (NVIDIA GeForce GTX 1060 6GB) is at 90 °C" in r.stderr
+    r = run_cli(home, "ps", env=gpu_env("five_1060.csv"))
+    assert "warning" not in r.stderr
+    kinds = [json.loads(x)["kind"] for x in run_cli(home, "events", "--json").stdout.splitlines()]
+    assert kinds == ["gpu_hot", "gpu_ok"]
+
+
+def test_ps_warns_about_a_missing_card(home, tiny_model):
+    write_config(home, "big", tiny_model, gpu={"backend": "cuda", "device_id": [0, 3]})
+    r = run_cli(home, "ps", env=gpu_env("card3_missing.csv"))
+    assert "GPU 3 is pinned by big but no longer reported" in r.stderr
+
+
+def test_describe_shows_model_and_live_gpu_of_a_running_pinned_instance(home, tiny_model):
+    env = gpu_env("five_1060.csv")
+    write_config(home, "w1", tiny_model, gpu={"backend": "cuda", "device_id": 1, "layers": 99})
+    try:
+        assert run_cli(home, "up", "w1", env=env).returncode == 0
+        d = json.loads(run_cli(home, "describe", "w1", "--json", env=env).stdout)
+        assert d["model"]["architecture"] == "llama" and d["model"]["parameters"] == 35168
+        assert d["gpus"][0]["index"] == 1 and d["gpus"][0]["temperature_c"] == 68
+        assert d["env"]["CUDA_VISIBLE_DEVICES"] == "1"
+        text = run_cli(home, "describe", "w1", env=env).stdout
+        assert "gpu 1" in text and "4012/6144 MiB" in text
+    finally:
+        run_cli(home, "down", "w1")
+
+
+def test_models_list_and_inspect(home, tiny_model, tmp_path):
+    models = home.root / "models"
+    models.mkdir()
+    (models / "tiny.gguf").write_bytes(tiny_model.read_bytes())
+    (models / "broken.gguf").write_bytes(tiny_model.read_bytes()[:100])
+    r = run_cli(home, "models", "list", "--json")
+    rows = {Path(x["path"]).name: x for x in json.loads(r.stdout)}
+    assert rows["tiny.gguf"]["parameters"] == 35168 and "truncated" in rows["broken.gguf"]["error"]
+    r = run_cli(home, "models", "inspect", str(tiny_model), "--json", "--ctx", "512")
+    data = json.loads(r.stdout)
+    assert {
+        "path",
+        "architecture",
+        "parameters",
+        "file_type",
+        "context_length",
+        "layers",
+        "embedding_length",
+        "size_bytes",
+    } <= set(data)
+    assert data["estimate"]["kv_gpu_bytes"] == 65536
+    r = run_cli(home, "models", "inspect", str(models / "broken.gguf"))
+    assert r.returncode == 2 and "is truncated" in r.stderr and "Traceback" not in r.stderr
