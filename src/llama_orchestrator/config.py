@@ -81,15 +81,17 @@ class GpuSection(_Section):
         "cpu",
         description="The llama.cpp backend to pin devices for: cpu, cuda, rocm, vulkan, sycl or metal.",
     )
-    device_id: int | list[int] | None = Field(
-        None, description="GPU index, or a list of indices for a model split over several cards."
+    device_id: int | list[int] | Literal["auto"] | None = Field(
+        None,
+        description="GPU index, a list of indices for a model split over several cards, or "
+        "`auto`: at each start, the card(s) with the most free VRAM that hold the model.",
     )
     layers: int | None = Field(
         None,
         ge=-1,
         description="Layers to offload to the GPU (-ngl); omitted means llama-server's default.",
     )
-    split_mode: Literal["none", "layer", "row"] | None = Field(
+    split_mode: Literal["none", "layer", "row", "tensor"] | None = Field(
         None, description="How a model is split over several GPUs (-sm)."
     )
     tensor_split: list[float] | None = Field(
@@ -98,8 +100,8 @@ class GpuSection(_Section):
 
     @field_validator("device_id")
     @classmethod
-    def _non_negative(cls, v: int | list[int] | None) -> int | list[int] | None:
-        ids = [v] if isinstance(v, int) else (v or [])
+    def _non_negative(cls, v: int | list[int] | str | None) -> int | list[int] | str | None:
+        ids = [v] if isinstance(v, int) else (v if isinstance(v, list) else [])
         if any(i < 0 for i in ids):
             raise ValueError("GPU indices are 0 or more")
         if isinstance(v, list) and len(set(v)) != len(v):
@@ -107,10 +109,15 @@ class GpuSection(_Section):
         return v
 
     @property
+    def auto(self) -> bool:
+        return self.device_id == "auto"
+
+    @property
     def devices(self) -> list[int]:
-        if self.device_id is None:
-            return []
-        return [self.device_id] if isinstance(self.device_id, int) else list(self.device_id)
+        """The pinned indices; empty when unpinned or `auto` (chosen at start)."""
+        if isinstance(self.device_id, int):
+            return [self.device_id]
+        return list(self.device_id) if isinstance(self.device_id, list) else []
 
 
 class HealthcheckSection(_Section):

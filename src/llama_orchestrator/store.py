@@ -53,6 +53,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX events_by_instance ON events (instance, id);
     CREATE INDEX events_by_ts ON events (ts);
     """,
+    # 1 -> 2: the GPUs a run actually got (`device_id: auto` is chosen at each start)
+    """
+    ALTER TABLE instances ADD COLUMN gpu_devices TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -76,18 +80,21 @@ class InstanceRow:
     supervised: bool = False
     next_restart_at: float | None = None
     updated_at: float = 0.0
+    gpu_devices: list[int] | None = None
 
     @classmethod
     def from_sql(cls, r: sqlite3.Row) -> InstanceRow:
         d = dict(r)
         d["desired"] = Desired(d["desired"])
         d["state"] = InstanceState(d["state"])
-        d["last_exit"] = json.loads(d["last_exit"]) if d["last_exit"] else None
+        for key in _JSON_COLUMNS:
+            d[key] = json.loads(d[key]) if d[key] else None
         d["supervised"] = bool(d["supervised"])
         return cls(**d)
 
 
 _COLUMNS = tuple(f.name for f in fields(InstanceRow))
+_JSON_COLUMNS = ("last_exit", "gpu_devices")
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,7 @@ class Event:
 
 
 def _sql_value(key: str, value: Any) -> Any:
-    if key == "last_exit":
+    if key in _JSON_COLUMNS:
         return json.dumps(value) if value is not None else None
     if isinstance(value, (InstanceState, Desired)):
         return value.value
@@ -128,7 +135,7 @@ class Store:
             conn = sqlite3.connect(path, timeout=15, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA busy_timeout = 15000")
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn)
             conn.execute("PRAGMA synchronous = FULL")
             store = cls(conn, path, clock)
             store._migrate()
@@ -272,6 +279,24 @@ class Store:
             Event(r["id"], r["ts"], r["instance"], r["kind"], r["message"], json.loads(r["data"]))
             for r in rows
         ]
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout: float = 15.0) -> None:
+    """Switch a new database to WAL (a no-op once it is).
+
+    The switch needs an exclusive lock, and SQLite answers "database is locked"
+    at once, without its busy handler, while another process is creating the
+    same database (seen with two `up` at the same moment). So: retry briefly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _state_error(path: Path, exc: BaseException) -> StateError:

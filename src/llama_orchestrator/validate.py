@@ -116,7 +116,7 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
                 "warning",
             )
         )
-    if cfg.gpu.backend == "cpu" and cfg.gpu.devices:
+    if cfg.gpu.backend == "cpu" and cfg.gpu.device_id is not None:
         problems.append(
             Problem(
                 file,
@@ -125,7 +125,11 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
                 "warning",
             )
         )
-    if cfg.gpu.tensor_split and len(cfg.gpu.tensor_split) != max(1, len(cfg.gpu.devices)):
+    if (
+        cfg.gpu.tensor_split
+        and not cfg.gpu.auto
+        and len(cfg.gpu.tensor_split) != max(1, len(cfg.gpu.devices))
+    ):
         problems.append(
             Problem(
                 file,

@@ -245,3 +245,22 @@ def test_models_list_and_inspect(home, tiny_model, tmp_path):
     assert data["estimate"]["kv_gpu_bytes"] == 65536
     r = run_cli(home, "models", "inspect", str(models / "broken.gguf"))
     assert r.returncode == 2 and "is truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_device_id_auto_is_resolved_at_each_up(home, tiny_model):
+    write_config(home, "w", tiny_model, gpu={"backend": "cuda", "device_id": "auto", "layers": 99})
+    try:
+        r = run_cli(home, "up", "w", env=gpu_env("five_1060.csv"))
+        assert r.returncode == 0, r.stderr
+        assert "w: device_id auto chose GPU 2 (most free VRAM)" in r.stdout
+        row = json.loads(run_cli(home, "ps", "--json").stdout)[0]
+        assert row["gpu_devices"] == [2]
+        import psutil
+
+        assert psutil.Process(row["pid"]).environ()["CUDA_VISIBLE_DEVICES"] == "2"
+        run_cli(home, "down", "w")
+        assert json.loads(run_cli(home, "ps", "--json").stdout)[0]["gpu_devices"] == []
+        r = run_cli(home, "up", "w", env=gpu_env())  # no GPU anywhere: a clear refusal
+        assert r.returncode == 2 and "--gpu auto found no GPU" in r.stderr
+    finally:
+        run_cli(home, "down", "--all")

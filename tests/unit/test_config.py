@@ -132,3 +132,12 @@ def test_schema_has_field_descriptions():
     schema = InstanceConfig.model_json_schema()
     props = schema["$defs"]["ServerSection"]["properties"]
     assert "never argv" in props["api_key"]["description"]
+
+
+def test_device_id_auto_is_chosen_at_start():
+    data = json.loads(DESIGN_EXAMPLE)
+    data["gpu"]["device_id"] = "auto"
+    g = parse_config(json.dumps(data), "f", "gpt-oss").gpu
+    assert g.auto and g.devices == []
+    data["gpu"]["device_id"] = "best"
+    assert "gpu.device_id" in problems_of(json.dumps(data))[0]

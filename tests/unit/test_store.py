@@ -117,3 +117,31 @@ def test_concurrent_read_then_write_transactions_serialise(tmp_path):
         t.join()
     row = Store.open(path).get("a")
     assert row is not None and row.restarts == 200
+
+
+def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
+    from llama_orchestrator.store import MIGRATIONS
+
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0])
+    conn.execute(
+        "INSERT INTO instances (name, state, pid, restarts, updated_at) VALUES ('a', 'exited', 7, 3, 1)"
+    )
+    conn.execute("INSERT INTO events (ts, instance, kind, message) VALUES (1, 'a', 'exited', 'x')")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    store = Store.open(path)
+    row = store.get("a")
+    assert row is not None and (row.state, row.pid, row.restarts, row.gpu_devices) == (
+        S.EXITED,
+        7,
+        3,
+        None,
+    )
+    assert [e.message for e in store.events()] == ["x"]
+    row.gpu_devices = [0, 3]
+    store.save(row)
+    assert store.get("a").gpu_devices == [0, 3]
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

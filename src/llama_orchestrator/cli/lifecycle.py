@@ -113,6 +113,8 @@ def _report_up(results: list[UpResult]) -> None:
     for r in results:
         for w in r.warnings:
             say(f"warning: {w}", to_err=True)
+        for n in r.notes:
+            say(f"{r.name}: {n}")
         url = f"http://127.0.0.1:{r.port}"
         if r.outcome == "already running":
             say(f"{r.name} is already running (pid {r.pid}) on {url}")

@@ -35,12 +35,14 @@ from llama_orchestrator.errors import (
     UnknownInstance,
     UserError,
 )
+from llama_orchestrator.fit import GPU_BACKENDS, pick_devices
+from llama_orchestrator.gguf_meta import read_model
 from llama_orchestrator.gpu import Discovery, discover
 from llama_orchestrator.home import Home, check_name
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
-from llama_orchestrator.validate import Loaded, check_instance, load_all, vram_problems
+from llama_orchestrator.validate import check_instance, load_all, vram_problems
 
 __all__ = ["Engine", "Prepared", "UpResult", "Progress", "EXIT_TAIL_LINES", "exit_text"]
 
@@ -60,6 +62,9 @@ class Prepared:
     config_path: Path
     launch: Launch
     warnings: list[str] = field(default_factory=list)
+    #: the GPUs this run gets (from the config, or chosen now for `device_id: auto`)
+    devices: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +78,7 @@ class UpResult:
     #: running with a command line that differs from what its config gives now
     stale: bool = False
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def exit_text(info: dict[str, Any]) -> str:
@@ -165,7 +171,12 @@ class Engine:
             warnings = [str(p) for p in found if p.severity == "warning"]
             if any(p.severity == "error" for p in found):
                 continue
-            prepared.append(Prepared(name, item.config, item.path, self._launch(item), warnings))
+            notes: list[str] = []
+            cfg, devices = self._resolve_auto(item.config, item.path.parent, notes)
+            launch = self._launch(item.name, cfg, item.path.parent)
+            prepared.append(
+                Prepared(name, item.config, item.path, launch, warnings, devices, notes)
+            )
         if problems:
             raise ConfigError(problems)
         together = set(names) | {
@@ -182,14 +193,26 @@ class Engine:
                     prep.warnings.append(str(problem))
         return prepared
 
-    def _launch(self, item: Loaded) -> Launch:
-        cfg = item.config
-        assert cfg is not None
-        binary = find_llama_server(cfg.binary, self.home.root, item.path.parent)
-        base = dict(os.environ) if self._base_env is None else self._base_env
-        return build_launch(
-            cfg, item.name, binary, cfg.model_path(item.path.parent), base, self.home.root
+    def _resolve_auto(
+        self, cfg: InstanceConfig, folder: Path, notes: list[str]
+    ) -> tuple[InstanceConfig, list[int]]:
+        """For `device_id: auto` on a GPU backend: a copy of the config pinned to
+        the card(s) with the most free VRAM now. Other configs pass unchanged."""
+        if not (cfg.gpu.auto and cfg.gpu.backend in GPU_BACKENDS):
+            return cfg, cfg.gpu.devices
+        info = read_model(cfg.model_path(folder))
+        devices = pick_devices(
+            info, cfg.model.context_size, cfg.server.parallel, cfg.gpu.layers, self.find_gpus().gpus
         )
+        notes.append(f"device_id auto chose GPU {','.join(map(str, devices))} (most free VRAM)")
+        pinned = cfg.model_copy(deep=True)
+        pinned.gpu.device_id = devices
+        return pinned, devices
+
+    def _launch(self, name: str, cfg: InstanceConfig, folder: Path) -> Launch:
+        binary = find_llama_server(cfg.binary, self.home.root, folder)
+        base = dict(os.environ) if self._base_env is None else self._base_env
+        return build_launch(cfg, name, binary, cfg.model_path(folder), base, self.home.root)
 
     # --- observation ----------------------------------------------------------
 
@@ -293,6 +316,7 @@ class Engine:
                 create_time=ct,
                 host=s.host,
                 port=s.port,
+                gpu_devices=p.devices,
                 started_at=self.clock(),
                 exited_at=None,
                 exit_code=None,
@@ -318,7 +342,7 @@ class Engine:
         prepared = self.prepare(names, strict)
         results = [self._spawn(p) for p in prepared]
         for p, r in zip(prepared, results, strict=True):
-            r.warnings = p.warnings
+            r.warnings, r.notes = p.warnings, p.notes
         if wait:
             self._wait_healthy(results, {p.name: p.config for p in prepared}, timeout, on_progress)
         failed = [r for r in results if r.error]

@@ -52,7 +52,9 @@ def status_view(
         "alias": cfg.alias_or(name) if cfg else None,
         "model_path": model_path,
         "backend": cfg.gpu.backend if cfg else None,
-        "gpu_devices": cfg.gpu.devices if cfg else [],
+        "gpu_devices": row.gpu_devices
+        if running and row.gpu_devices is not None
+        else (cfg.gpu.devices if cfg else []),
         "restarts": row.restarts,
         "started_at": iso(row.started_at) if running else None,
         "uptime_s": round(now - row.started_at, 1) if running and row.started_at else None,
