@@ -6,12 +6,13 @@ its end once, when it clears."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from llama_orchestrator.gpu import GpuInfo
+from llama_orchestrator.gpu import Discovery, GpuInfo, discover
 from llama_orchestrator.store import Store
 
-__all__ = ["Alert", "alerts", "record_changes"]
+__all__ = ["Alert", "alerts", "record_changes", "GpuStatus", "check"]
 
 
 @dataclass(frozen=True)
@@ -63,3 +64,28 @@ def record_changes(store: Store, current: list[Alert], checked: set[int]) -> lis
             if dev not in now and last.get(dev) in ("gpu_hot", "gpu_missing"):
                 store.add_event(None, "gpu_ok", f"GPU {dev} is back to normal", {"device": dev})
     return started
+
+
+@dataclass
+class GpuStatus:
+    gpus: list[GpuInfo]
+    warnings: list[str]
+    source: str
+
+
+def check(
+    pinned: dict[int, list[str]],
+    store: Store,
+    threshold: float,
+    find_gpus: Callable[[], Discovery] = discover,
+) -> GpuStatus:
+    """One sample: live GPUs with the instances pinned to each, the warnings to
+    show (alerts and unreadable sources), alerts recorded as events. What `ps`,
+    `gpus` and `describe` call, and what the daemon should call every
+    `gpu.sample_interval` seconds."""
+    found = find_gpus()
+    for g in found.gpus:
+        g.instances = pinned.get(g.index, [])
+    current = alerts(found.gpus, pinned, threshold)
+    record_changes(store, current, {g.index for g in found.gpus} | set(pinned))
+    return GpuStatus(found.gpus, [a.message for a in current] + found.notes, found.source)

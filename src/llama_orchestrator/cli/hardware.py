@@ -7,31 +7,16 @@ from typing import Any, Optional
 
 import typer
 
-from llama_orchestrator.cli.context import AppContext, app_context, err, out, print_json, say
+from llama_orchestrator.cli.context import app_context, err, out, print_json, say
+from llama_orchestrator.engine import views
 from llama_orchestrator.fit import gib
 from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
-from llama_orchestrator.gpu import GpuInfo, discover
-from llama_orchestrator.gpuwatch import alerts, record_changes
-from llama_orchestrator.validate import load_all, pinned_devices
 
-__all__ = ["register", "gpu_status"]
+__all__ = ["register"]
 
 models_app = typer.Typer(
     help="Read GGUF models: metadata and memory estimates.", no_args_is_help=True
 )
-
-
-def gpu_status(app: AppContext) -> tuple[list[GpuInfo], list[str], str]:
-    """Live GPUs with the instances pinned to each, warnings (new alerts are
-    recorded as events), and the source they came from."""
-    pinned = pinned_devices(load_all(app.home))
-    found = discover()
-    for g in found.gpus:
-        g.instances = pinned.get(g.index, [])
-    threshold = app.engine.settings.gpu.temp_threshold
-    current = alerts(found.gpus, pinned, threshold)
-    record_changes(app.engine.store, current, {g.index for g in found.gpus} | set(pinned))
-    return found.gpus, [a.message for a in current] + found.notes, found.source
 
 
 def _short(name: str) -> str:
@@ -47,7 +32,8 @@ def gpus(
 ) -> None:
     """GPUs with VRAM, utilisation, temperature, power and the instances pinned to each."""
     app = app_context(ctx)
-    found, warnings, source = gpu_status(app)
+    status = views.gpu_sample(app.engine)
+    found, warnings, source = status.gpus, status.warnings, status.source
     if json_:
         print_json([g.to_json() for g in found])
     elif not found:

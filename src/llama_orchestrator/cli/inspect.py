@@ -7,15 +7,11 @@ from typing import Any
 import typer
 
 from llama_orchestrator.cli.context import AppContext, app_context, err, out, print_json
-from llama_orchestrator.cli.hardware import gpu_status
-from llama_orchestrator.config import InstanceConfig, redacted
+from llama_orchestrator.engine import views
 from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.engine.status import collect, iso
-from llama_orchestrator.errors import OrchError
-from llama_orchestrator.fit import GPU_BACKENDS, demand, gib
-from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
+from llama_orchestrator.fit import gib
 from llama_orchestrator.timefmt import human_duration
-from llama_orchestrator.validate import load_all, pinned_devices
 
 __all__ = ["register", "ps_table", "STATE_STYLES"]
 
@@ -82,65 +78,8 @@ def ps(
 
 def _gpu_warnings(app: AppContext) -> None:
     """Hot or missing cards that instances are pinned to (only if any are pinned)."""
-    if not pinned_devices(load_all(app.home)):
-        return
-    for w in gpu_status(app)[1]:
+    for w in views.pinned_gpu_warnings(app.engine):
         err.print(f"warning: {w}", markup=False)
-
-
-def _describe_data(ctx: typer.Context, name: str) -> dict[str, Any]:
-    app = app_context(ctx)
-    engine = app.engine
-    (name,) = engine.resolve_names([name])
-    data: dict[str, Any] = collect(engine, [name])[0]
-    loaded = {x.name: x for x in load_all(app.home)}
-    item = loaded.get(name)
-    if item is not None:
-        data["config_path"] = str(item.path)
-        if item.config is not None:
-            data["config"] = redacted(item.config)
-            data.update(_model_and_gpus(app, item.config, item.path.parent))
-            try:
-                (prepared,) = engine.prepare([name])
-                launch = prepared.launch
-                data["command"] = launch.argv
-                data["env"] = {
-                    k: ("********" if k == "LLAMA_API_KEY" else v)
-                    for k, v in launch.added_env.items()
-                }
-            except OrchError as exc:
-                data["command_error"] = str(exc)
-    log_dir = app.home.log_dir(name)
-    data["logs"] = {s: str(log_dir / f"{s}.log") for s in ("stdout", "stderr")}
-    data["events"] = [{**e.to_json(), "ts": iso(e.ts)} for e in engine.store.events(name, limit=10)]
-    return data
-
-
-def _model_and_gpus(app: AppContext, cfg: InstanceConfig, folder: Any) -> dict[str, Any]:
-    """The model's metadata and estimate, and live figures of the pinned GPUs."""
-    extra: dict[str, Any] = {}
-    try:
-        info = read_model(cfg.model_path(folder))
-    except ModelError as exc:
-        return {"model_error": exc.message}
-    est = estimate(
-        info,
-        cfg.model.context_size,
-        cfg.server.parallel,
-        cfg.gpu.layers if cfg.gpu.backend in GPU_BACKENDS else 0,
-    )
-    extra["model"] = {
-        **info.to_json(),
-        "estimate_gpu_bytes": est.gpu_bytes,
-        "estimate_per_device": demand(cfg, info),
-    }
-    if cfg.gpu.backend in GPU_BACKENDS and cfg.gpu.devices:
-        live = {g.index: g for g in gpu_status(app)[0]}
-        extra["gpus"] = [
-            live[d].to_json() if d in live else {"index": d, "missing": True}
-            for d in cfg.gpu.devices
-        ]
-    return extra
 
 
 def describe(
@@ -149,7 +88,9 @@ def describe(
     json_: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Everything about one instance: config, command, state, last exit, events."""
-    d = _describe_data(ctx, name)
+    engine = app_context(ctx).engine
+    (name,) = engine.resolve_names([name])
+    d = views.describe(engine, name)
     if json_:
         print_json(d)
         return

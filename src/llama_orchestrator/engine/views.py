@@ -1,0 +1,81 @@
+"""Read-only views of an instance for people and programs: `describe`, GPU samples.
+
+The CLI renders these; the dashboard and the daemon's API serve the same data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llama_orchestrator.config import InstanceConfig, redacted
+from llama_orchestrator.engine.lifecycle import Engine
+from llama_orchestrator.engine.status import collect, iso
+from llama_orchestrator.errors import OrchError
+from llama_orchestrator.fit import GPU_BACKENDS, demand
+from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
+from llama_orchestrator.gpuwatch import GpuStatus, check
+from llama_orchestrator.validate import load_all, pinned_devices
+
+__all__ = ["describe", "gpu_sample", "pinned_gpu_warnings"]
+
+
+def gpu_sample(engine: Engine) -> GpuStatus:
+    """Live GPUs of this home with pinned instances; new alerts recorded as events."""
+    pinned = pinned_devices(load_all(engine.home))
+    return check(pinned, engine.store, engine.settings.gpu.temp_threshold, engine.find_gpus)
+
+
+def pinned_gpu_warnings(engine: Engine) -> list[str]:
+    """Warnings about cards instances are pinned to; no discovery when none is."""
+    if not pinned_devices(load_all(engine.home)):
+        return []
+    return gpu_sample(engine).warnings
+
+
+def describe(engine: Engine, name: str) -> dict[str, Any]:
+    """Everything about one instance: `ps` keys plus config (secrets hidden),
+    exact command and added environment, model and GPUs, logs, recent events."""
+    data: dict[str, Any] = collect(engine, [name])[0]
+    item = next((x for x in load_all(engine.home) if x.name == name), None)
+    if item is not None:
+        data["config_path"] = str(item.path)
+        if item.config is not None:
+            data["config"] = redacted(item.config)
+            data.update(_model_and_gpus(engine, item.config, item.path.parent))
+            try:
+                (prepared,) = engine.prepare([name])
+                data["command"] = prepared.launch.argv
+                data["env"] = {
+                    k: ("********" if k == "LLAMA_API_KEY" else v)
+                    for k, v in prepared.launch.added_env.items()
+                }
+            except OrchError as exc:
+                data["command_error"] = str(exc)
+    log_dir = engine.home.log_dir(name)
+    data["logs"] = {s: str(log_dir / f"{s}.log") for s in ("stdout", "stderr")}
+    data["events"] = [{**e.to_json(), "ts": iso(e.ts)} for e in engine.store.events(name, limit=10)]
+    return data
+
+
+def _model_and_gpus(engine: Engine, cfg: InstanceConfig, folder: Path) -> dict[str, Any]:
+    """The model's metadata and estimate, and live figures of the pinned GPUs."""
+    try:
+        info = read_model(cfg.model_path(folder))
+    except ModelError as exc:
+        return {"model_error": exc.message}
+    gpu = cfg.gpu.backend in GPU_BACKENDS
+    est = estimate(info, cfg.model.context_size, cfg.server.parallel, cfg.gpu.layers if gpu else 0)
+    extra: dict[str, Any] = {
+        "model": {
+            **info.to_json(),
+            "estimate_gpu_bytes": est.gpu_bytes,
+            "estimate_per_device": demand(cfg, info),
+        }
+    }
+    if gpu and cfg.gpu.devices:
+        live = {g.index: g for g in gpu_sample(engine).gpus}
+        extra["gpus"] = [
+            live[d].to_json() if d in live else {"index": d, "missing": True}
+            for d in cfg.gpu.devices
+        ]
+    return extra
