@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from llama_orchestrator import __version__
-from llama_orchestrator.cli import config_cmd, demo, hardware, inspect, lifecycle, logs
+from llama_orchestrator.cli import config_cmd, dashboard, demo, hardware, inspect, lifecycle, logs
 from llama_orchestrator.cli.context import AppContext, err
 from llama_orchestrator.errors import ConfigError, OrchError
 from llama_orchestrator.home import resolve_home
@@ -57,6 +57,7 @@ logs.register(app)
 hardware.register(app)
 app.add_typer(config_cmd.app, name="config")
 app.command("demo")(demo.demo)
+app.command("dashboard")(dashboard.dashboard)
 
 
 def _report(exc: OrchError) -> None:

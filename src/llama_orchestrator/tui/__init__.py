@@ -1,0 +1,2 @@
+"""The `llama-orch dashboard` TUI (Textual). Business logic stays in the core:
+the app gets a DataSource and only renders what it returns and forwards actions."""

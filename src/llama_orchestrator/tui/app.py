@@ -1,0 +1,452 @@
+"""`llama-orch dashboard`: a live view of every instance, with actions.
+
+The app is built around a DataSource passed to its constructor (STYLE 11):
+snapshots are taken in a worker thread every `refresh` seconds and applied
+on the UI thread; actions run in worker threads through the same core
+functions the CLI uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Log, Static
+from textual.worker import get_current_worker
+
+from llama_orchestrator.engine.logs import follow, tail_lines
+from llama_orchestrator.fit import gib
+from llama_orchestrator.timefmt import human_duration
+from llama_orchestrator.tui.data import DataSource, InstanceView, Snapshot, matches
+
+__all__ = ["DashboardApp", "MIN_WIDTH", "MIN_HEIGHT"]
+
+MIN_WIDTH, MIN_HEIGHT = 70, 14
+STATE_STYLES = {
+    "healthy": "green",
+    "starting": "yellow",
+    "unhealthy": "red",
+    "backoff": "yellow",
+    "stopping": "yellow",
+    "stopped": "dim",
+    "created": "dim",
+    "exited": "red",
+    "failed": "bold red",
+}
+HEALTH = {"healthy": "ok", "unhealthy": "failing", "starting": "loading"}
+COLUMNS = (
+    "NAME",
+    "STATE",
+    "HEALTH",
+    "PID",
+    "PORT",
+    "ALIAS",
+    "BACKEND",
+    "RESTARTS",
+    "UPTIME",
+    "CPU%",
+    "RSS",
+    "ACTIVE",
+    "TOK/S",
+    "NEXT TRY",
+)
+KEYS_HELP = """\
+[b]Keys[/b]
+  ↑/↓, mouse   select an instance
+  u            up: start the selected instance
+  d            down: stop it (asks first)
+  r            restart it (asks first)
+  l            full-screen logs of it (s: stdout/stderr, esc: back)
+  s            switch the log tail between stderr and stdout
+  /            filter by name, alias or state (esc clears)
+  e  g  p      events, GPU, plans pane (again: back to details)
+  ?            this help
+  q            quit
+"""
+
+
+def cells(v: InstanceView) -> tuple[Text | str, ...]:
+    """The table row of one instance (pure)."""
+    s = v.status
+    state = s["state"] + ("*" if s["pid"] and not s["supervised"] else "")
+    gpus = ",".join(str(g) for g in s["gpu_devices"])
+    backend = f"{s['backend']}:{gpus}" if gpus else (s["backend"] or "-")
+    dash = "-"
+    return (
+        s["name"],
+        Text(state, style=STATE_STYLES.get(s["state"], "")),
+        HEALTH.get(s["state"], dash),
+        str(s["pid"] or dash),
+        str(s["port"] or dash),
+        s["alias"] or dash,
+        backend,
+        str(s["restarts"]),
+        human_duration(s["uptime_s"]),
+        dash if v.cpu_pct is None else f"{v.cpu_pct:.0f}",
+        dash if v.rss_mib is None else f"{v.rss_mib:.0f}M",
+        dash if v.active is None else str(v.active),
+        dash if v.tokens_per_s is None else f"{v.tokens_per_s:.1f}",
+        (s.get("next_restart_at") or dash)[11:19] if s.get("next_restart_at") else dash,
+    )
+
+
+class LogTail(Log):
+    """The last lines of one instance's log, following new ones (and rotation)."""
+
+    def show(self, source: DataSource, name: str, stream: str) -> None:
+        self.clear()
+        self.border_title = f"{name} {stream}"
+        self._tail(source, name, stream)
+
+    @work(thread=True, exclusive=True, group="tail")
+    def _tail(self, source: DataSource, name: str, stream: str) -> None:
+        worker = get_current_worker()
+        path = source.log_paths(name)[stream]
+        lines = follow({stream: path}, should_stop=lambda: worker.is_cancelled, interval=0.25)
+        first = tail_lines(path, 300)
+        if first:
+            self.app.call_from_thread(self.write_lines, first)
+        for _, line in lines:
+            self.app.call_from_thread(self.write_line, line)
+
+
+class LogScreen(Screen[None]):
+    BINDINGS: ClassVar = [
+        Binding("escape,l,q", "app.pop_screen", "Back"),
+        Binding("s", "switch", "stdout/stderr"),
+    ]
+
+    def __init__(self, source: DataSource, name: str, stream: str) -> None:
+        super().__init__()
+        self.source, self.instance, self.stream = source, name, stream
+
+    def compose(self) -> ComposeResult:
+        yield LogTail(id="fulllog", highlight=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(LogTail).show(self.source, self.instance, self.stream)
+
+    def action_switch(self) -> None:
+        self.stream = "stdout" if self.stream == "stderr" else "stderr"
+        self.query_one(LogTail).show(self.source, self.instance, self.stream)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    BINDINGS: ClassVar = [
+        Binding("y", "answer(True)", "Yes"),
+        Binding("n,escape", "answer(False)", "No"),
+    ]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        yield Static(f"{self.question}\n\n[b]y[/b] yes    [b]n[/b] no", id="dialog")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS: ClassVar = [Binding("escape,question_mark,q", "app.pop_screen", "Close")]
+
+    def compose(self) -> ComposeResult:
+        yield Static(KEYS_HELP, id="dialog")
+
+
+class DashboardApp(App[None]):
+    TITLE = "llama-orch"
+    CSS = """
+    #status { height: 1; background: $boost; padding: 0 1; }
+    #filter { display: none; height: 3; }
+    #filter.visible { display: block; }
+    #instances { height: 1fr; }
+    #empty { height: 1fr; content-align: center middle; display: none; }
+    #bottom { height: 45%; border-top: solid $primary; }
+    #config { width: 44; padding: 0 1; }
+    #logtail { border-left: solid $primary-darken-2; }
+    #too-small { display: none; width: 100%; height: 100%; content-align: center middle; }
+    Screen.too-small #main { display: none; }
+    Screen.too-small #too-small { display: block; }
+    #dialog { width: 64; height: auto; padding: 1 2; border: thick $primary; background: $surface; }
+    ConfirmScreen, HelpScreen { align: center middle; }
+    """
+    BINDINGS: ClassVar = [
+        Binding("u", "up", "Up"),
+        Binding("d", "down", "Down"),
+        Binding("r", "restart", "Restart"),
+        Binding("l", "logs", "Logs"),
+        Binding("slash", "filter", "Filter"),
+        Binding("e", "pane('events')", "Events"),
+        Binding("g", "pane('gpus')", "GPUs"),
+        Binding("p", "pane('plans')", "Plans"),
+        Binding("s", "stream", "stdout/err", show=False),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+        Binding("escape", "clear_filter", show=False),
+    ]
+
+    def __init__(self, source: DataSource, refresh: float = 2.0) -> None:
+        super().__init__()
+        self.source = source
+        self.refresh_every = refresh
+        self.query_text = ""
+        self.pane = "detail"
+        self.stream = "stderr"
+        self.selected: str | None = None
+        self.snapshot: Snapshot | None = None
+        self._seen_event = 0
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="main"):
+            yield Static("loading…", id="status")
+            yield Input(placeholder="filter: name, alias or state", id="filter", disabled=True)
+            yield DataTable(id="instances", cursor_type="row", zebra_stripes=True)
+            yield Static(
+                "No instances yet. Create one with:  llama-orch init NAME --model PATH", id="empty"
+            )
+            with ContentSwitcher(initial="detail", id="bottom"):
+                with Horizontal(id="detail"):
+                    yield Static("", id="config")
+                    yield LogTail(id="logtail", highlight=False)
+                yield Log(id="events", highlight=False)
+                yield DataTable(id="gpus", cursor_type="none")
+                yield Static("", id="plans")
+            yield Footer()
+        yield Static("", id="too-small")
+
+    def on_mount(self) -> None:
+        table = self.query_one("#instances", DataTable)
+        for col in COLUMNS:
+            table.add_column(col, key=col)
+        gpus = self.query_one("#gpus", DataTable)
+        for col in ("GPU", "NAME", "VRAM", "UTIL", "TEMP", "POWER", "INSTANCES"):
+            gpus.add_column(col)
+        table.focus()
+        self.refresh_data()
+        self.set_interval(self.refresh_every, self.refresh_data)
+        self._check_size(self.size.width, self.size.height)
+
+    # --- data -------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="snapshot")
+    def refresh_data(self) -> None:
+        try:
+            snap = self.source.snapshot(with_gpus=self.pane == "gpus")
+        except Exception as exc:  # a broken store or a dying daemon: say so, keep running
+            snap = Snapshot("", error=f"{type(exc).__name__}: {exc}")
+        self.call_from_thread(self.apply, snap)
+
+    def apply(self, snap: Snapshot) -> None:
+        self.snapshot = snap
+        status = self.query_one("#status", Static)
+        if snap.error:
+            status.update(
+                Text(f"{self.source.home.root} — cannot read state: {snap.error}", style="bold red")
+            )
+            return
+        status.update(f"{self.source.home.root} — {snap.mode}")
+        self._apply_table([v for v in snap.instances if matches(v, self.query_text)])
+        self._apply_events(snap)
+        self._apply_gpus(snap)
+        self.query_one("#plans", Static).update(
+            "No plans: this build has no plan runner yet (`llama-orch plan run` arrives with plans)."
+            if snap.plans is None
+            else f"{len(snap.plans)} plan runs"
+        )
+
+    def _apply_table(self, rows: list[InstanceView]) -> None:
+        table = self.query_one("#instances", DataTable)
+        empty = self.query_one("#empty", Static)
+        no_instances = not (self.snapshot and self.snapshot.instances)
+        empty.display = no_instances
+        table.display = not no_instances
+        wanted = [v.name for v in rows]
+        current = [str(k.value) for k in table.rows]
+        if wanted != current:  # instances came, went or the filter changed: rebuild in order
+            table.clear()
+            for v in rows:
+                table.add_row(*cells(v), key=v.name)
+            if self.selected in wanted:
+                table.move_cursor(row=wanted.index(self.selected))
+        else:  # same rows: update changed cells in place (no flicker, cursor stays)
+            for v in rows:
+                for col, value in zip(COLUMNS, cells(v), strict=True):
+                    if str(table.get_cell(v.name, col)) != str(value):
+                        table.update_cell(v.name, col, value)
+        if rows and self.selected not in wanted:
+            self._select(rows[table.cursor_row if table.cursor_row < len(rows) else 0].name)
+
+    def _apply_events(self, snap: Snapshot) -> None:
+        log = self.query_one("#events", Log)
+        for e in snap.events:
+            if e["id"] > self._seen_event:
+                log.write_line(
+                    f"{e['ts']}  {e['instance'] or '-':<14} {e['kind']:<10} {e['message']}"
+                )
+                self._seen_event = e["id"]
+
+    def _apply_gpus(self, snap: Snapshot) -> None:
+        if snap.gpus is None:
+            return
+        table = self.query_one("#gpus", DataTable)
+        table.clear()
+        if not snap.gpus.gpus:
+            table.add_row("-", "no GPU found", "", "", "", "", "")
+        for g in snap.gpus.gpus:
+            hot = g.temperature_c is not None and g.temperature_c > 85
+            temp = "-" if g.temperature_c is None else f"{g.temperature_c:.0f}°C"
+            table.add_row(
+                str(g.index),
+                g.name,
+                f"{g.memory_used_mib}/{g.memory_total_mib} MiB",
+                "-" if g.utilization_pct is None else f"{g.utilization_pct:.0f}%",
+                Text(temp, style="bold red" if hot else ""),
+                "-" if g.power_w is None else f"{g.power_w:.0f} W",
+                ", ".join(g.instances) or "-",
+            )
+        for w in snap.gpus.warnings:
+            table.add_row("!", Text(w, style="yellow"), "", "", "", "", "")
+
+    # --- selection and detail -----------------------------------------------
+
+    @on(DataTable.RowHighlighted, "#instances")
+    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key.value is not None:
+            self._select(str(event.row_key.value))
+
+    def _select(self, name: str) -> None:
+        if name == self.selected:
+            return
+        self.selected = name
+        self.query_one("#logtail", LogTail).show(self.source, name, self.stream)
+        self._load_detail(name)
+
+    @work(thread=True, exclusive=True, group="detail")
+    def _load_detail(self, name: str) -> None:
+        try:
+            d = self.source.describe(name)
+        except Exception as exc:
+            text = f"{name}: {exc}"
+        else:
+            cfg = d.get("config", {})
+            model = d.get("model") or {}
+            text = "\n".join(
+                [
+                    f"[b]{name}[/b]  {d['state']} (desired {d['desired']})",
+                    f"model   {(d.get('model_path') or '-').rsplit('/', 1)[-1]}",
+                    f"        {model.get('architecture', '')} {model.get('file_type', '')}"
+                    + (
+                        f", ~{gib(model['estimate_gpu_bytes'])} GPU"
+                        if model.get("estimate_gpu_bytes")
+                        else ""
+                    ),
+                    f"listen  {d['host']}:{d['port']}  alias {d['alias']}",
+                    f"ctx     {cfg.get('model', {}).get('context_size')}  slots {cfg.get('server', {}).get('parallel')}",
+                    f"gpu     {d['backend']} {d['gpu_devices'] or ''}",
+                    f"restart {cfg.get('restart_policy', {}).get('mode') or 'on-failure'}",
+                    f"last    {(d.get('last_exit') or {}).get('code', '-')}",
+                ]
+            )
+        self.call_from_thread(self.query_one("#config", Static).update, text)
+
+    # --- actions ----------------------------------------------------------------
+
+    def _target(self) -> str | None:
+        if self.selected is None:
+            self.notify("No instance selected.", severity="warning")
+        return self.selected
+
+    def action_up(self) -> None:
+        if name := self._target():
+            self._run("up", name)
+
+    def action_down(self) -> None:
+        self._confirm_then("down", "Stop")
+
+    def action_restart(self) -> None:
+        self._confirm_then("restart", "Restart")
+
+    def _confirm_then(self, verb: str, question: str) -> None:
+        name = self._target()
+        if name is None:
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._run(verb, name)
+
+        self.push_screen(ConfirmScreen(f"{question} [b]{name}[/b]?"), answered)
+
+    @work(thread=True, group="actions")
+    def _run(self, verb: str, name: str) -> None:
+        self.call_from_thread(self.notify, f"{verb} {name}…")
+        try:
+            getattr(self.source, verb)(name)
+        except Exception as exc:  # the core's one-sentence errors, shown as they are
+            self.call_from_thread(
+                self.notify, str(exc), title=f"{verb} {name} failed", severity="error", timeout=10
+            )
+        self.call_from_thread(self.refresh_data)
+
+    def action_logs(self) -> None:
+        if name := self._target():
+            self.push_screen(LogScreen(self.source, name, self.stream))
+
+    def action_stream(self) -> None:
+        self.stream = "stdout" if self.stream == "stderr" else "stderr"
+        if self.selected:
+            self.query_one("#logtail", LogTail).show(self.source, self.selected, self.stream)
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.disabled = False
+        box.add_class("visible")
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.query_text = event.value
+        if self.snapshot:
+            self.apply(self.snapshot)
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self) -> None:
+        self.query_one("#instances", DataTable).focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.value = ""
+        box.remove_class("visible")
+        box.disabled = True
+        self.query_one("#instances", DataTable).focus()
+
+    def action_pane(self, pane: str) -> None:
+        self.pane = "detail" if self.pane == pane else pane
+        self.query_one("#bottom", ContentSwitcher).current = self.pane
+        if self.pane == "gpus":
+            self.refresh_data()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    # --- size ---------------------------------------------------------------------
+
+    def on_resize(self, event: Any) -> None:
+        self._check_size(event.size.width, event.size.height)
+
+    def _check_size(self, width: int, height: int) -> None:
+        small = width < MIN_WIDTH or height < MIN_HEIGHT
+        self.screen.set_class(small, "too-small")
+        if small:
+            self.query_one("#too-small", Static).update(
+                f"The terminal is {width}×{height}; the dashboard needs at least "
+                f"{MIN_WIDTH}×{MIN_HEIGHT}. Make the window larger."
+            )

@@ -1,0 +1,191 @@
+"""What the dashboard shows, and where it comes from.
+
+`parse_metrics`, `per_second`, `matches` and `Snapshot` are pure. `EngineSource`
+gathers a snapshot with the same core functions the CLI uses (status,
+views, logs); it runs in a worker thread, never in the UI's event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+from llama_orchestrator.engine import health, views
+from llama_orchestrator.engine.lifecycle import Engine
+from llama_orchestrator.engine.logs import STREAMS, log_file
+from llama_orchestrator.engine.status import collect, iso
+from llama_orchestrator.gpuwatch import GpuStatus
+from llama_orchestrator.home import Home
+
+__all__ = [
+    "InstanceView",
+    "Snapshot",
+    "DataSource",
+    "EngineSource",
+    "parse_metrics",
+    "per_second",
+    "matches",
+]
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format -> {name: value} (labels dropped; llama-server uses none)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) >= 2:
+            try:
+                out[parts[0].split("{", 1)[0]] = float(parts[1])
+            except ValueError:
+                continue
+    return out
+
+
+def per_second(prev: tuple[float, float] | None, now: tuple[float, float]) -> float | None:
+    """Rate between two (time, counter) samples; None without a usable previous one."""
+    if prev is None or now[0] <= prev[0] or now[1] < prev[1]:  # a restart resets counters
+        return None
+    return (now[1] - prev[1]) / (now[0] - prev[0])
+
+
+@dataclass
+class InstanceView:
+    """One table row: `ps --json` keys plus live process and server figures."""
+
+    status: dict[str, Any]
+    cpu_pct: float | None = None
+    rss_mib: float | None = None
+    active: int | None = None  # requests being processed + deferred
+    tokens_per_s: float | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.status["name"])
+
+
+def matches(view: InstanceView, query: str) -> bool:
+    """The `/` filter: a case-insensitive substring of name, alias or state."""
+    q = query.strip().lower()
+    if not q:
+        return True
+    s = view.status
+    return any(q in str(s.get(k) or "").lower() for k in ("name", "alias", "state"))
+
+
+@dataclass
+class Snapshot:
+    mode: str  # what the header says about where the data comes from
+    instances: list[InstanceView] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    gpus: GpuStatus | None = None
+    plans: list[dict[str, Any]] | None = None  # None: this build has no plans yet
+    error: str | None = None
+
+
+class DataSource(Protocol):
+    home: Home
+
+    def snapshot(self, with_gpus: bool) -> Snapshot: ...
+    def up(self, name: str) -> None: ...
+    def down(self, name: str) -> None: ...
+    def restart(self, name: str) -> None: ...
+    def describe(self, name: str) -> dict[str, Any]: ...
+    def log_paths(self, name: str) -> dict[str, Path]: ...
+
+
+class EngineSource:
+    """Reads the store and probes directly (no daemon exists yet: DESIGN §5's
+    CLI-without-daemon path). Actions use a fresh Engine each, so a restart
+    waiting for health never blocks the next snapshot's database reads."""
+
+    def __init__(
+        self,
+        home: Home,
+        get: health.Getter = health.http_get,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.home = home
+        self._engine = Engine(home)
+        self._get = get
+        self._clock = clock
+        self._lock = threading.Lock()  # one snapshot at a time on this engine's connection
+        self._procs: dict[int, psutil.Process] = {}
+        self._counters: dict[str, tuple[float, float]] = {}
+
+    def snapshot(self, with_gpus: bool = False) -> Snapshot:
+        with self._lock:
+            engine = self._engine
+            rows = collect(engine)
+            views_ = [self._live(r) for r in rows]
+            events = [
+                {**e.to_json(), "id": e.id, "ts": iso(e.ts)} for e in engine.store.events(limit=200)
+            ]
+            gpus = views.gpu_sample(engine) if with_gpus else None
+        return Snapshot("no daemon: reading state and probing directly", views_, events, gpus)
+
+    def _live(self, status: dict[str, Any]) -> InstanceView:
+        view = InstanceView(status)
+        pid = status.get("pid")
+        if not pid:
+            return view
+        proc = self._procs.get(pid)
+        try:
+            if proc is None:
+                proc = self._procs[pid] = psutil.Process(pid)
+                proc.cpu_percent(None)  # the first call only starts the measurement
+            else:
+                view.cpu_pct = proc.cpu_percent(None)
+            view.rss_mib = proc.memory_info().rss / (1024 * 1024)
+        except psutil.Error:
+            self._procs.pop(pid, None)
+        if status["state"] == "healthy" and status.get("port"):
+            try:
+                code, body = self._get(
+                    health.probe_host(status["host"]), status["port"], "/metrics", 1.0
+                )
+            except OSError:
+                return view
+            if code == 200:
+                m = parse_metrics(body)
+                view.active = int(
+                    m.get("llamacpp:requests_processing", 0)
+                    + m.get("llamacpp:requests_deferred", 0)
+                )
+                sample = (self._clock(), m.get("llamacpp:tokens_predicted_total", 0.0))
+                view.tokens_per_s = per_second(self._counters.get(view.name), sample)
+                self._counters[view.name] = sample
+        return view
+
+    def _act(self, fn: Callable[[Engine], object]) -> None:
+        engine = Engine(self.home)
+        try:
+            fn(engine)
+        finally:
+            engine.close()
+
+    def up(self, name: str) -> None:
+        self._act(lambda e: e.up([name], wait=False))
+
+    def down(self, name: str) -> None:
+        self._act(lambda e: e.down([name]))
+
+    def restart(self, name: str) -> None:
+        self._act(lambda e: e.restart([name]))
+
+    def describe(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            return views.describe(self._engine, name)
+
+    def log_paths(self, name: str) -> dict[str, Path]:
+        return {s: log_file(self.home.log_dir(name), s) for s in STREAMS}
+
+    def close(self) -> None:
+        self._engine.close()

@@ -1,0 +1,153 @@
+"""The dashboard driven with Textual's Pilot, as a person would use it."""
+
+from textual.widgets import DataTable, Log, Static
+
+from llama_orchestrator.tui.app import ConfirmScreen, DashboardApp, HelpScreen, LogScreen
+from tests.tui.conftest import until
+from tests.tui.fake_source import FakeSource
+
+
+def rows(app):
+    table = app.query_one("#instances", DataTable)
+    return [(str(k.value), str(table.get_cell(k, "STATE"))) for k in table.rows]
+
+
+async def test_table_shows_every_instance_and_selection_drives_the_detail(source):
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await until(lambda: len(rows(app)) == 3)
+        assert rows(app) == [
+            ("gpt-oss", "healthy*"),
+            ("qwen-7b", "starting*"),
+            ("llama-8b", "exited"),
+        ]
+        table = app.query_one("#instances", DataTable)
+        assert str(table.get_cell("gpt-oss", "BACKEND")) == "cuda:0,3"
+        assert str(table.get_cell("gpt-oss", "TOK/S")) == "41.5"
+        assert str(table.get_cell("gpt-oss", "UPTIME")) == "2m05s"
+        await until(lambda: app.selected == "gpt-oss")
+        await pilot.press("down")
+        await until(lambda: app.selected == "qwen-7b")
+        log = app.query_one("#logtail", Log)
+        await until(lambda: "qwen-7b stderr line 4" in "\n".join(log.lines))
+        config = app.query_one("#config", Static)
+        await until(lambda: "qwen-7b" in str(config.render()))
+        assert "Q4_K_M" in str(config.render())
+        await pilot.press("s")  # switch the tail to stdout
+        await until(lambda: "qwen-7b stdout line" in "\n".join(log.lines))
+
+
+async def test_filter_by_name_alias_or_state(source):
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await until(lambda: len(rows(app)) == 3)
+        await pilot.press("slash", *"exit")
+        await until(lambda: [n for n, _ in rows(app)] == ["llama-8b"])
+        await pilot.press("escape")
+        await until(lambda: len(rows(app)) == 3)
+
+
+async def test_up_acts_at_once_and_down_and_restart_ask_first(source):
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await until(lambda: app.selected == "gpt-oss")
+        await pilot.press("down", "down")
+        await until(lambda: app.selected == "llama-8b")
+        await pilot.press("u")
+        await until(lambda: ("up", "llama-8b") in source.calls)
+        await until(
+            lambda: ("llama-8b", "healthy*") in rows(app) or ("llama-8b", "healthy") in rows(app)
+        )
+        await pilot.press("d")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        assert ("down", "llama-8b") not in source.calls and not isinstance(
+            app.screen, ConfirmScreen
+        )
+        await pilot.press("d", "y")
+        await until(lambda: ("down", "llama-8b") in source.calls)
+        await pilot.press("r", "y")
+        await until(lambda: ("restart", "llama-8b") in source.calls)
+
+
+async def test_a_failed_action_is_shown_and_the_app_keeps_running(source):
+    source.fail = "Port 8003 on 127.0.0.1 is already in use by another program."
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await until(lambda: app.selected == "gpt-oss")
+        await pilot.press("u")
+        await until(lambda: any("already in use" in str(n.message) for n in app._notifications))
+        assert app.is_running
+
+
+async def test_full_screen_logs_and_back(source):
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await until(lambda: app.selected == "gpt-oss")
+        await pilot.press("l")
+        assert isinstance(app.screen, LogScreen)
+        log = app.screen.query_one(Log)
+        await until(lambda: "gpt-oss stderr line 0" in "\n".join(log.lines))
+        await pilot.press("s")
+        await until(lambda: "gpt-oss stdout line" in "\n".join(log.lines))
+        await pilot.press("escape")
+        assert not isinstance(app.screen, LogScreen)
+
+
+async def test_events_gpu_plans_and_help_panes(source):
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await until(lambda: len(rows(app)) == 3)
+        await pilot.press("e")
+        events = app.query_one("#events", Log)
+        await until(lambda: "answered /health with 200" in "\n".join(events.lines))
+        await pilot.press("g")
+        gpus = app.query_one("#gpus", DataTable)
+        await until(lambda: gpus.row_count >= 3)
+        cells = [str(gpus.get_row_at(i)) for i in range(gpus.row_count)]
+        assert any("90°C" in c for c in cells) and any(
+            "over the 85 °C threshold" in c for c in cells
+        )
+        await pilot.press("p")
+        assert "no plan runner yet" in str(app.query_one("#plans", Static).render())
+        await pilot.press("p")  # again: back to the details
+        assert app.pane == "detail"
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+
+
+async def test_terminal_too_small_says_so(source):
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(50, 10)):
+        msg = app.query_one("#too-small", Static)
+        await until(lambda: msg.display and "needs at least 70×14" in str(msg.render()))
+        assert not app.query_one("#main").display
+
+
+async def test_no_instances_and_a_broken_store_are_messages(tmp_path):
+    empty = FakeSource(tmp_path, n=0)
+    app = DashboardApp(empty, refresh=60)
+    async with app.run_test(size=(130, 36)):
+        await until(lambda: app.query_one("#empty").display)
+        assert "llama-orch init NAME --model PATH" in str(app.query_one("#empty", Static).render())
+
+    broken = FakeSource(tmp_path)
+
+    def boom(with_gpus):
+        raise RuntimeError("state.sqlite cannot be used: it is a directory")
+
+    broken.snapshot = boom
+    app = DashboardApp(broken, refresh=60)
+    async with app.run_test(size=(130, 36)):
+        status = app.query_one("#status", Static)
+        await until(lambda: "cannot read state" in str(status.render()))
+        assert app.is_running
+
+
+async def test_fifty_instances_load(tmp_path):
+    app = DashboardApp(FakeSource(tmp_path, n=50), refresh=60)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await until(lambda: len(rows(app)) == 50)
+        await pilot.press(*["down"] * 49)
+        await until(lambda: app.selected == "worker-46")
