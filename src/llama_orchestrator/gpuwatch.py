@@ -71,6 +71,7 @@ class GpuStatus:
     gpus: list[GpuInfo]
     warnings: list[str]
     source: str
+    threshold: float = 85.0  # °C above which a card is hot
 
 
 def check(
@@ -88,4 +89,6 @@ def check(
         g.instances = pinned.get(g.index, [])
     current = alerts(found.gpus, pinned, threshold)
     record_changes(store, current, {g.index for g in found.gpus} | set(pinned))
-    return GpuStatus(found.gpus, [a.message for a in current] + found.notes, found.source)
+    return GpuStatus(
+        found.gpus, [a.message for a in current] + found.notes, found.source, threshold
+    )

@@ -37,6 +37,14 @@ async def test_table_shows_every_instance_and_selection_drives_the_detail(source
         await until(lambda: "qwen-7b stdout line" in "\n".join(log.lines))
 
 
+async def test_a_click_selects_a_row(source):
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await until(lambda: app.selected == "gpt-oss")
+        await pilot.click("#instances", offset=(3, 3))  # header, gpt-oss, qwen-7b, llama-8b
+        await until(lambda: app.selected == "llama-8b")
+
+
 async def test_filter_by_name_alias_or_state(source):
     app = DashboardApp(source, refresh=60)
     async with app.run_test(size=(130, 36)) as pilot:

@@ -301,7 +301,7 @@ class DashboardApp(App[None]):
         if not snap.gpus.gpus:
             table.add_row("-", "no GPU found", "", "", "", "", "")
         for g in snap.gpus.gpus:
-            hot = g.temperature_c is not None and g.temperature_c > 85
+            hot = g.temperature_c is not None and g.temperature_c > snap.gpus.threshold
             temp = "-" if g.temperature_c is None else f"{g.temperature_c:.0f}°C"
             table.add_row(
                 str(g.index),
