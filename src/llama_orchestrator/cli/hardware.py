@@ -11,20 +11,13 @@ from llama_orchestrator.cli.context import app_context, err, out, print_json, sa
 from llama_orchestrator.engine import views
 from llama_orchestrator.fit import gib
 from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
+from llama_orchestrator.present import GPU_COLUMNS, gpu_cells
 
 __all__ = ["register"]
 
 models_app = typer.Typer(
     help="Read GGUF models: metadata and memory estimates.", no_args_is_help=True
 )
-
-
-def _short(name: str) -> str:
-    """`NVIDIA GeForce GTX 1060 6GB` -> `GTX 1060 6GB`: the vendor is in BACKEND."""
-    for prefix in ("NVIDIA GeForce ", "NVIDIA ", "AMD Radeon ", "AMD "):
-        if name.startswith(prefix):
-            return name[len(prefix) :]
-    return name
 
 
 def gpus(
@@ -41,25 +34,15 @@ def gpus(
     else:
         from rich.table import Table
 
-        threshold = app.engine.settings.gpu.temp_threshold
         table = Table(box=None, header_style="bold", pad_edge=False)
-        columns = ("GPU", "NAME", "BACKEND", "VRAM", "FREE", "UTIL", "TEMP", "POWER", "INSTANCES")
-        for col in columns:
+        for col in GPU_COLUMNS:
             table.add_column(col, no_wrap=col != "INSTANCES")
         for g in found:
-            hot = g.temperature_c is not None and g.temperature_c > threshold
-            temp = "-" if g.temperature_c is None else f"{g.temperature_c:.0f}°C"
-            table.add_row(
-                str(g.index),
-                _short(g.name),
-                g.backend,
-                f"{g.memory_used_mib}/{g.memory_total_mib} MiB",
-                f"{g.memory_free_mib} MiB",
-                "-" if g.utilization_pct is None else f"{g.utilization_pct:.0f}%",
-                f"[bold red]{temp}[/]" if hot else temp,
-                "-" if g.power_w is None else f"{g.power_w:.0f} W",
-                ", ".join(g.instances) or "-",
-            )
+            row, hot = gpu_cells(g, status.threshold)
+            if hot:
+                temp = GPU_COLUMNS.index("TEMP")
+                row[temp] = f"[bold red]{row[temp]}[/]"
+            table.add_row(*row)
         out.print(table)
         out.print(f"[dim](from {source})[/]")
     for w in warnings:

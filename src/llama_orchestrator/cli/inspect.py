@@ -11,21 +11,10 @@ from llama_orchestrator.engine import views
 from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.engine.status import collect, iso
 from llama_orchestrator.fit import gib
+from llama_orchestrator.present import STATE_STYLES, backend_label, state_label
 from llama_orchestrator.timefmt import human_duration
 
-__all__ = ["register", "ps_table", "STATE_STYLES"]
-
-STATE_STYLES = {
-    "healthy": "green",
-    "starting": "yellow",
-    "unhealthy": "red",
-    "backoff": "yellow",
-    "stopping": "yellow",
-    "stopped": "dim",
-    "created": "dim",
-    "exited": "red",
-    "failed": "bold red",
-}
+__all__ = ["register", "ps_table"]
 
 
 def ps_table(rows: list[dict[str, Any]]) -> Any:
@@ -36,13 +25,10 @@ def ps_table(rows: list[dict[str, Any]]) -> Any:
     for col in ("NAME", "STATE", "PID", "PORT", "ALIAS", "BACKEND", "RESTARTS", "UPTIME", "MODEL"):
         table.add_column(col, no_wrap=col != "MODEL")
     for r in rows:
-        state = r["state"]
-        if r["pid"] and not r["supervised"]:
-            state += "*"
+        state = state_label(r)
         if r["config_error"]:
             state += " (bad config)"
-        gpus = ",".join(str(g) for g in r["gpu_devices"])
-        backend = f"{r['backend']}:{gpus}" if gpus else (r["backend"] or "-")
+        backend = backend_label(r)
         model = (r["model_path"] or "-").rsplit("/", 1)[-1]
         table.add_row(
             r["name"],

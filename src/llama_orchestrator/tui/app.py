@@ -21,23 +21,19 @@ from textual.worker import get_current_worker
 
 from llama_orchestrator.engine.logs import follow, tail_lines
 from llama_orchestrator.fit import gib
+from llama_orchestrator.present import (
+    GPU_COLUMNS,
+    STATE_STYLES,
+    backend_label,
+    gpu_cells,
+    state_label,
+)
 from llama_orchestrator.timefmt import human_duration
 from llama_orchestrator.tui.data import DataSource, InstanceView, Snapshot, matches
 
 __all__ = ["DashboardApp", "MIN_WIDTH", "MIN_HEIGHT"]
 
 MIN_WIDTH, MIN_HEIGHT = 70, 14
-STATE_STYLES = {
-    "healthy": "green",
-    "starting": "yellow",
-    "unhealthy": "red",
-    "backoff": "yellow",
-    "stopping": "yellow",
-    "stopped": "dim",
-    "created": "dim",
-    "exited": "red",
-    "failed": "bold red",
-}
 HEALTH = {"healthy": "ok", "unhealthy": "failing", "starting": "loading"}
 COLUMNS = (
     "NAME",
@@ -73,9 +69,8 @@ KEYS_HELP = """\
 def cells(v: InstanceView) -> tuple[Text | str, ...]:
     """The table row of one instance (pure)."""
     s = v.status
-    state = s["state"] + ("*" if s["pid"] and not s["supervised"] else "")
-    gpus = ",".join(str(g) for g in s["gpu_devices"])
-    backend = f"{s['backend']}:{gpus}" if gpus else (s["backend"] or "-")
+    state = state_label(s)
+    backend = backend_label(s)
     dash = "-"
     return (
         s["name"],
@@ -172,6 +167,8 @@ class DashboardApp(App[None]):
     #bottom { height: 45%; border-top: solid $primary; }
     #config { width: 44; padding: 0 1; }
     #logtail { border-left: solid $primary-darken-2; }
+    #gpu-table { height: auto; max-height: 80%; }
+    #gpu-warnings { padding: 1 1 0 1; }
     #too-small { display: none; width: 100%; height: 100%; content-align: center middle; }
     Screen.too-small #main { display: none; }
     Screen.too-small #too-small { display: block; }
@@ -217,7 +214,9 @@ class DashboardApp(App[None]):
                     yield Static("", id="config")
                     yield LogTail(id="logtail", highlight=False)
                 yield Log(id="events", highlight=False)
-                yield DataTable(id="gpus", cursor_type="none")
+                with Vertical(id="gpus"):
+                    yield DataTable(id="gpu-table", cursor_type="none")
+                    yield Static("", id="gpu-warnings")
                 yield Static("", id="plans")
             yield Footer()
         yield Static("", id="too-small")
@@ -226,8 +225,8 @@ class DashboardApp(App[None]):
         table = self.query_one("#instances", DataTable)
         for col in COLUMNS:
             table.add_column(col, key=col)
-        gpus = self.query_one("#gpus", DataTable)
-        for col in ("GPU", "NAME", "VRAM", "UTIL", "TEMP", "POWER", "INSTANCES"):
+        gpus = self.query_one("#gpu-table", DataTable)
+        for col in GPU_COLUMNS:
             gpus.add_column(col)
         table.focus()
         self.refresh_data()
@@ -296,24 +295,18 @@ class DashboardApp(App[None]):
     def _apply_gpus(self, snap: Snapshot) -> None:
         if snap.gpus is None:
             return
-        table = self.query_one("#gpus", DataTable)
+        table = self.query_one("#gpu-table", DataTable)
         table.clear()
         if not snap.gpus.gpus:
-            table.add_row("-", "no GPU found", "", "", "", "", "")
+            table.add_row("-", "no GPU found", *[""] * (len(GPU_COLUMNS) - 2))
         for g in snap.gpus.gpus:
-            hot = g.temperature_c is not None and g.temperature_c > snap.gpus.threshold
-            temp = "-" if g.temperature_c is None else f"{g.temperature_c:.0f}°C"
+            row, hot = gpu_cells(g, snap.gpus.threshold)
+            temp = GPU_COLUMNS.index("TEMP")
             table.add_row(
-                str(g.index),
-                g.name,
-                f"{g.memory_used_mib}/{g.memory_total_mib} MiB",
-                "-" if g.utilization_pct is None else f"{g.utilization_pct:.0f}%",
-                Text(temp, style="bold red" if hot else ""),
-                "-" if g.power_w is None else f"{g.power_w:.0f} W",
-                ", ".join(g.instances) or "-",
+                *row[:temp], Text(row[temp], style="bold red" if hot else ""), *row[temp + 1 :]
             )
-        for w in snap.gpus.warnings:
-            table.add_row("!", Text(w, style="yellow"), "", "", "", "", "")
+        warnings = "\n".join(f"⚠ {w}" for w in snap.gpus.warnings)
+        self.query_one("#gpu-warnings", Static).update(Text(warnings, style="yellow"))
 
     # --- selection and detail -----------------------------------------------
 

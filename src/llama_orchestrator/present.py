@@ -1,0 +1,67 @@
+"""Shared presentation for the CLI and the dashboard: labels and colours (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llama_orchestrator.gpu import GpuInfo
+
+__all__ = [
+    "GPU_COLUMNS",
+    "STATE_STYLES",
+    "state_label",
+    "backend_label",
+    "short_gpu_name",
+    "gpu_cells",
+]
+
+#: rich style per instance state
+STATE_STYLES = {
+    "healthy": "green",
+    "starting": "yellow",
+    "unhealthy": "red",
+    "backoff": "yellow",
+    "stopping": "yellow",
+    "stopped": "dim",
+    "created": "dim",
+    "exited": "red",
+    "failed": "bold red",
+}
+
+
+GPU_COLUMNS = ("GPU", "NAME", "BACKEND", "VRAM", "FREE", "UTIL", "TEMP", "POWER", "INSTANCES")
+
+
+def state_label(status: dict[str, Any]) -> str:
+    """`healthy*`: the star marks a running instance nothing supervises."""
+    return status["state"] + ("*" if status["pid"] and not status["supervised"] else "")
+
+
+def backend_label(status: dict[str, Any]) -> str:
+    """`cuda:0,3`, or the backend alone when nothing is pinned."""
+    gpus = ",".join(str(g) for g in status["gpu_devices"])
+    return f"{status['backend']}:{gpus}" if gpus else (status["backend"] or "-")
+
+
+def short_gpu_name(name: str) -> str:
+    """`NVIDIA GeForce GTX 1060 6GB` -> `GTX 1060 6GB`: the vendor is in the backend."""
+    for prefix in ("NVIDIA GeForce ", "NVIDIA ", "AMD Radeon ", "AMD "):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def gpu_cells(g: GpuInfo, threshold: float) -> tuple[list[str], bool]:
+    """The GPU_COLUMNS cells of one card, and whether it is over `threshold`."""
+    hot = g.temperature_c is not None and g.temperature_c > threshold
+    return [
+        str(g.index),
+        short_gpu_name(g.name),
+        g.backend,
+        f"{g.memory_used_mib}/{g.memory_total_mib} MiB",
+        f"{g.memory_free_mib} MiB",
+        "-" if g.utilization_pct is None else f"{g.utilization_pct:.0f}%",
+        "-" if g.temperature_c is None else f"{g.temperature_c:.0f}°C",
+        "-" if g.power_w is None else f"{g.power_w:.0f} W",
+        ", ".join(g.instances) or "-",
+    ], hot
