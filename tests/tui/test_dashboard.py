@@ -110,12 +110,11 @@ async def test_events_gpu_plans_and_help_panes(source):
         events = app.query_one("#events", Log)
         await until(lambda: "answered /health with 200" in "\n".join(events.lines))
         await pilot.press("g")
-        gpus = app.query_one("#gpus", DataTable)
-        await until(lambda: gpus.row_count >= 3)
-        cells = [str(gpus.get_row_at(i)) for i in range(gpus.row_count)]
-        assert any("90°C" in c for c in cells) and any(
-            "over the 85 °C threshold" in c for c in cells
-        )
+        gpus = app.query_one("#gpu-table", DataTable)
+        await until(lambda: gpus.row_count == 2)
+        assert str(gpus.get_cell_at((1, 6))) == "90°C"
+        warnings = app.query_one("#gpu-warnings", Static)
+        await until(lambda: "over the 85 °C threshold" in str(warnings.render()))
         await pilot.press("p")
         assert "no plan runner yet" in str(app.query_one("#plans", Static).render())
         await pilot.press("p")  # again: back to the details
