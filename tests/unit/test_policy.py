@@ -1,0 +1,167 @@
+"""Restart policy: examples, and a Hypothesis state machine against a simple model."""
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from llama_orchestrator.config import RestartPolicySection
+from llama_orchestrator.engine.policy import (
+    Ending,
+    RestartBook,
+    after_exit,
+    after_start,
+    backoff_delay,
+    wants_restart,
+)
+from llama_orchestrator.states import Desired, is_allowed
+from llama_orchestrator.states import InstanceState as S
+
+R, STOP = Desired.RUNNING, Desired.STOPPED
+
+
+@pytest.mark.parametrize(
+    ("mode", "ending", "desired", "expected"),
+    [
+        ("no", Ending(code=1), R, False),
+        ("on-failure", Ending(code=1), R, True),
+        ("on-failure", Ending(code=0), R, False),
+        ("on-failure", Ending(signal=9), R, True),
+        ("on-failure", Ending(unhealthy=True), R, True),
+        ("always", Ending(code=0), R, True),
+        ("unless-stopped", Ending(code=0), R, True),
+        ("always", Ending(code=1), STOP, False),
+    ],
+)
+def test_wants_restart_like_docker(mode, ending, desired, expected):
+    assert wants_restart(mode, ending, desired) is expected
+
+
+def test_backoff_doubles_up_to_the_maximum_with_bounded_jitter():
+    p = RestartPolicySection(backoff_initial=1, backoff_max=60)
+    assert [backoff_delay(p, n, 0) for n in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert backoff_delay(p, 2, 1) == pytest.approx(4.4) and backoff_delay(
+        p, 2, -1
+    ) == pytest.approx(3.6)
+    assert backoff_delay(p, 10_000, 0) == 60  # no overflow on long crash loops
+
+
+def test_a_crash_loop_fails_after_max_retries_and_up_gives_the_budget_back():
+    p = RestartPolicySection(max_retries=2, backoff_initial=0.1, reset_after=60)
+    book, now, states = after_start(RestartBook(), 0.0), 0.0, []
+    for _ in range(3):
+        d = after_exit(p, book, Ending(code=1), R, now, 0)
+        states.append(d.state)
+        book, now = after_start(d.book, d.restart_at or now), (d.restart_at or now) + 1
+    assert states == [S.BACKOFF, S.BACKOFF, S.FAILED] and book.restarts == 2
+    fresh = after_start(RestartBook.fresh(book.restarts), now)
+    assert after_exit(p, fresh, Ending(code=1), R, now + 1, 0).state == S.BACKOFF
+
+
+def test_staying_up_reset_after_seconds_resets_the_streak():
+    p = RestartPolicySection(max_retries=1, backoff_initial=1, reset_after=30)
+    d = after_exit(p, after_start(RestartBook(), 0), Ending(code=1), R, 5, 0)
+    d2 = after_exit(p, after_start(d.book, d.restart_at), Ending(code=1), R, d.restart_at + 31, 0)
+    assert d2.state == S.BACKOFF and d2.book.streak == 1 and d2.book.restarts == 2
+
+
+class PolicyMachine(RuleBasedStateMachine):
+    """Drives the policy like a supervisor would, with a clock it controls."""
+
+    @initialize(
+        mode=st.sampled_from(["no", "on-failure", "always", "unless-stopped"]),
+        max_retries=st.integers(0, 5),
+        initial=st.floats(0, 10),
+        maximum=st.floats(0, 300),
+        reset_after=st.floats(0.5, 120),
+    )
+    def setup(self, mode, max_retries, initial, maximum, reset_after):
+        self.policy = RestartPolicySection(
+            mode=mode,
+            max_retries=max_retries,
+            backoff_initial=initial,
+            backoff_max=maximum,
+            reset_after=reset_after,
+        )
+        self.now = 0.0
+        self.book = RestartBook()
+        self.state = S.CREATED
+        self.desired = R
+        self.restart_at = None
+        # the model
+        self.quick_failures = 0  # restarts in a row, as the spec counts them
+        self.restarts = 0
+        self._start()
+
+    def _go(self, new):
+        assert is_allowed(self.state, new), f"{self.state} -> {new}"
+        self.state = new
+
+    def _start(self):
+        self._go(S.STARTING)
+        self._go(S.HEALTHY)
+        self.started_at = self.now
+        self.book = after_start(self.book, self.now)
+
+    @rule(dt=st.floats(0, 200))
+    def time_passes(self, dt):
+        self.now += dt
+
+    @precondition(lambda self: self.state == S.HEALTHY)
+    @rule(
+        code=st.one_of(st.none(), st.integers(0, 255)),
+        signal=st.one_of(st.none(), st.sampled_from([9, 11, 15])),
+        unhealthy=st.booleans(),
+        jitter=st.floats(-1, 1),
+        user_stop=st.booleans(),
+    )
+    def run_ends(self, code, signal, unhealthy, jitter, user_stop):
+        ending = Ending(code=code, signal=signal, unhealthy=unhealthy)
+        if user_stop:
+            self.desired = STOP
+            self._go(S.STOPPING)
+        stayed_up = self.now - self.started_at >= self.policy.reset_after
+        streak = 0 if stayed_up else self.quick_failures
+        d = after_exit(self.policy, self.book, ending, self.desired, self.now, jitter)
+        self._go(d.state)
+        if self.desired == STOP:
+            assert d.state == S.STOPPED
+        elif not wants_restart(self.policy.effective_mode, ending, self.desired):
+            assert d.state == S.EXITED
+        elif streak >= self.policy.max_retries:
+            assert d.state == S.FAILED  # failed exactly when the budget is spent
+        else:
+            assert d.state == S.BACKOFF
+            base = min(self.policy.backoff_max, self.policy.backoff_initial * 2**streak)
+            delay = d.restart_at - self.now
+            assert base * 0.9 - 1e-9 <= delay <= base * 1.1 + 1e-9
+            streak += 1
+            self.restarts += 1
+            self.restart_at = d.restart_at
+        self.quick_failures = streak
+        self.book = d.book
+
+    @precondition(lambda self: self.state == S.BACKOFF)
+    @rule()
+    def backoff_elapses(self):
+        self.now = self.restart_at
+        self._start()
+
+    @precondition(lambda self: self.state in (S.FAILED, S.EXITED, S.STOPPED))
+    @rule()
+    def user_up(self):
+        self.desired = R
+        self.book = RestartBook.fresh(self.book.restarts)
+        self.quick_failures = 0
+        self._start()
+
+    @invariant()
+    def counters_match_the_model(self):
+        if hasattr(self, "book"):
+            assert self.book.restarts == self.restarts
+            assert self.book.streak == self.quick_failures
+            assert self.book.streak <= self.policy.max_retries
+
+
+PolicyMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+test_policy_state_machine = PolicyMachine.TestCase
