@@ -8,7 +8,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import run_cli, write_config
+from tests.helpers import run_cli, wait_until, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -165,6 +165,7 @@ def test_up_timeout_exits_1_and_says_so(cli_home, tiny_model, fake_bin):
     write_config(cli_home, "slow", tiny_model, binary=str(fake_bin), env={"FAKE_HEALTH": "503"})
     r = run_cli(cli_home, "up", "slow", "--timeout", "1")
     assert r.returncode == 1 and "was not healthy within 1s" in r.stderr
+    assert '| fake: "GET /health HTTP/1.1" 503' in r.stderr  # the server's own last words
 
 
 def test_demo_runs_end_to_end_and_leaves_nothing(tmp_path, server_bin):
@@ -185,3 +186,19 @@ def test_demo_runs_end_to_end_and_leaves_nothing(tmp_path, server_bin):
         if "llama-server" in p.name() and p.status() != psutil.STATUS_ZOMBIE
     }
     assert after <= before
+
+
+def test_ctrl_c_while_up_waits_stops_the_waiting_not_the_instance(cli_home, tiny_model, fake_bin):
+    import signal
+
+    write_config(cli_home, "slow", tiny_model, binary=str(fake_bin), env={"FAKE_HEALTH": "503"})
+    cmd = [sys.executable, "-m", "llama_orchestrator", "--home", str(cli_home.root), "up", "slow"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: ps(cli_home)["slow"]["pid"], timeout=20)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert (
+        proc.returncode == 130 and "Stopped waiting; slow keeps starting in the background" in err
+    )
+    assert "Traceback" not in err
+    assert psutil.Process(ps(cli_home)["slow"]["pid"]).is_running()

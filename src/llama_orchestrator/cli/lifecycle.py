@@ -86,6 +86,21 @@ def _log_message(line: str, width: int = 70) -> str:
 
 
 @contextmanager
+def _interrupt_note(names: list[str]) -> Iterator[None]:
+    """Ctrl+C while waiting stops the waiting, not the instances: say so."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        say(
+            f"Stopped waiting; {', '.join(names)} {'keeps' if len(names) == 1 else 'keep'} "
+            "starting in the background "
+            "(`llama-orch ps` shows them, `llama-orch down` stops them).",
+            to_err=True,
+        )
+        raise
+
+
+@contextmanager
 def _progress() -> Iterator[Progress]:
     """A live status line on stderr while models load (nothing when piped)."""
     status = err.status("Starting…") if sys.stderr.isatty() else None
@@ -144,7 +159,7 @@ def up(
     """Start instances in the background."""
     app = app_context(ctx)
     targets = app.engine.resolve_names(names or [], all_)
-    with _progress() as on_progress:
+    with _progress() as on_progress, _interrupt_note(targets):
         results = app.engine.up(
             targets, wait=wait, timeout=timeout, on_progress=on_progress, strict=strict
         )

@@ -92,6 +92,12 @@ def exit_text(info: dict[str, Any]) -> str:
     return "exited (exit code unknown: llama-orch was not its parent)"
 
 
+def _with_tail(message: str, lines: list[str]) -> str:
+    if not lines:
+        return message
+    return message + " Last lines of its stderr:\n" + "\n".join(f"  | {ln}" for ln in lines)
+
+
 class Engine:
     """Operations on the instances of one home."""
 
@@ -387,18 +393,21 @@ class Engine:
                 break
             if elapsed >= timeout:
                 for name, res in pending.items():
-                    res.error = (
+                    tail = logs.tail_lines(logs.log_file(self.home.log_dir(name), "stderr"), 10)
+                    res.error = _with_tail(
                         f"Instance '{name}' was not healthy within {timeout:g}s; it keeps "
-                        f"starting in the background. See `llama-orch logs {name}`, or raise --timeout."
+                        f"starting in the background. See `llama-orch logs {name}`, or raise --timeout.",
+                        tail,
                     )
                 break
             time.sleep(POLL_INTERVAL)
 
     def _death_message(self, name: str, row: InstanceRow) -> str:
         info = row.last_exit or {}
-        tail = "\n".join(f"  | {ln}" for ln in (info.get("stderr_tail") or [])[-10:])
-        msg = f"Instance '{name}' {exit_text(info)} while starting."
-        return f"{msg} Last lines of its stderr:\n{tail}" if tail else msg
+        return _with_tail(
+            f"Instance '{name}' {exit_text(info)} while starting.",
+            (info.get("stderr_tail") or [])[-10:],
+        )
 
     # --- down / restart / rm ----------------------------------------------------
 
