@@ -133,3 +133,19 @@ def test_stop_kills_a_tree_that_ignores_sigterm_after_stop_timeout(
     assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in tree)
     ev = engine.store.events("stubborn")[-1]
     assert ev.kind == "stopped" and ev.data["graceful"] is False
+
+
+def test_logs_of_a_running_instance_rotate_when_someone_looks(engine, home, tiny_model):
+    home.settings_path.write_text('{"logs": {"max_bytes": 4096, "backups": 2}}')
+    write_config(home, "a", tiny_model)
+    (res,) = engine.up(["a"], timeout=60)
+    stderr = home.log_dir("a") / "stderr.log"
+    with open(stderr, "ab") as f:  # as if the server had been chatty for a long time
+        f.write(b"x" * 10_000 + b"\n")
+    collect(engine)  # what `ps` does
+    assert stderr.stat().st_size < 4096
+    assert (home.log_dir("a") / "stderr.log.1").stat().st_size > 10_000
+    # the server keeps writing into the truncated file through its own fd
+    httpx.post(f"http://127.0.0.1:{res.port}/completion", json={"prompt": "hi", "n_predict": 2})
+    wait_until(lambda: stderr.stat().st_size > 0)
+    assert b"\0" not in stderr.read_bytes()  # appended at the new end, no hole

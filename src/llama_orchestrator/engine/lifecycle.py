@@ -257,10 +257,26 @@ class Engine:
         )
 
     def rows(self, names: list[str] | None = None) -> list[InstanceRow]:
-        """Fresh runtime rows (dead processes recorded as such)."""
+        """Fresh runtime rows (dead processes recorded as such); logs of running
+        instances are rotated on the way when over `logs.max_bytes`."""
         with self.store.transaction():
             wanted = names if names is not None else self.known_names()
-            return [self.observe(self.store.get_or_new(n)) for n in wanted]
+            rows = [self.observe(self.store.get_or_new(n)) for n in wanted]
+        for row in rows:
+            if row.state in RUNNING_STATES:
+                self.rotate_logs(row.name)
+        return rows
+
+    def rotate_logs(self, name: str) -> None:
+        """Copy-truncate rotation: safe while the child writes (it appends), so
+        whoever looks at an instance (ps, the dashboard, later the daemon) rotates."""
+        log_dir = self.home.log_dir(name)
+        for stream in logs.STREAMS:
+            logs.rotate_if_needed(
+                logs.log_file(log_dir, stream),
+                self.settings.logs.max_bytes,
+                self.settings.logs.backups,
+            )
 
     # --- up -----------------------------------------------------------------
 
@@ -293,10 +309,7 @@ class Engine:
             log_dir = self.home.log_dir(p.name)
             log_dir.mkdir(parents=True, exist_ok=True)
             paths = {st: logs.log_file(log_dir, st) for st in logs.STREAMS}
-            for path in paths.values():
-                logs.rotate_if_needed(
-                    path, self.settings.logs.max_bytes, self.settings.logs.backups
-                )
+            self.rotate_logs(p.name)
             try:
                 with open(paths["stdout"], "ab") as out, open(paths["stderr"], "ab") as err:
                     proc = platform.spawn(
