@@ -15,3 +15,20 @@ def test_log_message_strips_llama_cpp_prefix_and_cuts_at_the_end():
     assert _log_message("plain warning text") == "plain warning text"
     cut = _log_message("x" * 100, width=10)
     assert cut == "x" * 9 + "…"
+
+
+def test_columns_pads_like_docker_ps_and_colours_only_when_asked():
+    from llama_orchestrator.present import columns
+
+    text = columns(
+        ["NAME", "STATE", "MODEL"],
+        [["a", "healthy*", "m.gguf"], ["long-name", "exited", "x"]],
+        ["green", "red"],
+    )
+    assert text.splitlines() == [
+        "NAME       STATE     MODEL",
+        "a          healthy*  m.gguf",
+        "long-name  exited    x",
+    ]
+    coloured = columns(["NAME", "STATE"], [["a", "failed"]], ["bold red"], color=True)
+    assert coloured.splitlines()[1] == "a     \x1b[1;31mfailed\x1b[0m"

@@ -65,7 +65,7 @@ def run_demo(root: Path, model: Path | None) -> None:
                     markup=False,
                 )
         out.print("5. llama-orch ps")
-        out.print(ps_table(collect(engine)))
+        out.print(ps_table(collect(engine)), markup=False, highlight=False)
     finally:
         stopped = engine.down(engine.known_names())
         engine.close()

@@ -2,46 +2,44 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import typer
 
-from llama_orchestrator.cli.context import AppContext, app_context, err, out, print_json
+from llama_orchestrator.cli.context import AppContext, app_context, err, out, print_json, say
 from llama_orchestrator.engine import views
 from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.engine.status import collect, iso
 from llama_orchestrator.fit import gib
-from llama_orchestrator.present import STATE_STYLES, backend_label, state_label
+from llama_orchestrator.present import STATE_STYLES, backend_label, columns, state_label
 from llama_orchestrator.timefmt import human_duration
 
 __all__ = ["register", "ps_table"]
 
 
-def ps_table(rows: list[dict[str, Any]]) -> Any:
-    """The `ps` table as a rich Table."""
-    from rich.table import Table  # lazily: ~20 ms that `up` and `--json` never need
+PS_COLUMNS = ["NAME", "STATE", "PID", "PORT", "ALIAS", "BACKEND", "RESTARTS", "UPTIME", "MODEL"]
 
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("NAME", "STATE", "PID", "PORT", "ALIAS", "BACKEND", "RESTARTS", "UPTIME", "MODEL"):
-        table.add_column(col, no_wrap=col != "MODEL")
+
+def ps_table(rows: list[dict[str, Any]], color: bool = False) -> str:
+    """The `ps` table as plain text (ANSI colours for the state when `color`)."""
+    cells = []
     for r in rows:
-        state = state_label(r)
-        if r["config_error"]:
-            state += " (bad config)"
-        backend = backend_label(r)
-        model = (r["model_path"] or "-").rsplit("/", 1)[-1]
-        table.add_row(
-            r["name"],
-            f"[{STATE_STYLES.get(r['state'], '')}]{state}[/]",
-            str(r["pid"] or "-"),
-            str(r["port"] or "-"),
-            r["alias"] or "-",
-            backend,
-            str(r["restarts"]),
-            human_duration(r["uptime_s"]),
-            model,
+        state = state_label(r) + (" (bad config)" if r["config_error"] else "")
+        cells.append(
+            [
+                r["name"],
+                state,
+                str(r["pid"] or "-"),
+                str(r["port"] or "-"),
+                r["alias"] or "-",
+                backend_label(r),
+                str(r["restarts"]),
+                human_duration(r["uptime_s"]),
+                (r["model_path"] or "-").rsplit("/", 1)[-1],
+            ]
         )
-    return table
+    return columns(PS_COLUMNS, cells, [STATE_STYLES.get(r["state"]) for r in rows], color)
 
 
 def ps(
@@ -54,11 +52,11 @@ def ps(
         _gpu_warnings(app_context(ctx))
         return
     if not rows:
-        out.print("No instances yet. Create one with: llama-orch init NAME --model PATH")
+        say("No instances yet. Create one with: llama-orch init NAME --model PATH")
         return
-    out.print(ps_table(rows))
+    say(ps_table(rows, color=sys.stdout.isatty()))
     if any(r["pid"] and not r["supervised"] for r in rows):
-        out.print("[dim]* unsupervised: no daemon runs, so nothing restarts it if it dies[/]")
+        say("* unsupervised: no daemon runs, so nothing restarts it if it dies")
     _gpu_warnings(app_context(ctx))
 
 
