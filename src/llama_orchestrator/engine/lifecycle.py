@@ -11,14 +11,12 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from llama_orchestrator import platform
-from llama_orchestrator.binary import find_llama_server
 from llama_orchestrator.config import InstanceConfig, Settings, load_settings
 from llama_orchestrator.engine import health, logs
-from llama_orchestrator.engine.command import Launch, build_launch
+from llama_orchestrator.engine.prepare import Prepared, prepare
 from llama_orchestrator.engine.process import (
     ProcRef,
     create_time_of,
@@ -28,21 +26,13 @@ from llama_orchestrator.engine.process import (
     stop_tree,
     track_child,
 )
-from llama_orchestrator.errors import (
-    ConfigError,
-    PortConflict,
-    StartFailed,
-    UnknownInstance,
-    UserError,
-)
-from llama_orchestrator.fit import GPU_BACKENDS, pick_devices
-from llama_orchestrator.gguf_meta import read_model
+from llama_orchestrator.errors import PortConflict, StartFailed, UnknownInstance, UserError
 from llama_orchestrator.gpu import Discovery, discover
 from llama_orchestrator.home import Home, check_name
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
-from llama_orchestrator.validate import check_instance, load_all, vram_problems
+from llama_orchestrator.validate import load_all
 
 __all__ = ["Engine", "Prepared", "UpResult", "Progress", "EXIT_TAIL_LINES", "exit_text"]
 
@@ -51,20 +41,6 @@ POLL_INTERVAL = 0.05  # seconds between health polls while waiting for `up`
 
 #: on_progress(name, phase, elapsed_s, detail): phase is "starting", "loading", "healthy"
 Progress = Callable[[str, str, float, str], None]
-
-
-@dataclass
-class Prepared:
-    """Everything needed to start one instance, checked before anything runs."""
-
-    name: str
-    config: InstanceConfig
-    config_path: Path
-    launch: Launch
-    warnings: list[str] = field(default_factory=list)
-    #: the GPUs this run gets (from the config, or chosen now for `device_id: auto`)
-    devices: list[int] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -159,66 +135,13 @@ class Engine:
         return out
 
     def prepare(self, names: list[str], strict: bool = False) -> list[Prepared]:
-        """Validate the named instances fully; raise ConfigError listing every problem.
-
-        VRAM is checked for what will run together: the instances running now
-        plus these. Over a card's total it is a warning, an error with `strict`."""
-        loaded = {x.name: x for x in load_all(self.home)}
-        problems, prepared = [], []
-        for name in names:
-            item = loaded.get(name)
-            if item is None:
-                raise UnknownInstance(name, sorted(loaded))
-            if item.config is None:
-                problems += item.problems
-                continue
-            found = check_instance(self.home, item, list(loaded.values()))
-            problems += [p for p in found if p.severity == "error"]
-            warnings = [str(p) for p in found if p.severity == "warning"]
-            if any(p.severity == "error" for p in found):
-                continue
-            notes: list[str] = []
-            cfg, devices = self._resolve_auto(item.config, item.path.parent, notes)
-            launch = self._launch(item.name, cfg, item.path.parent)
-            prepared.append(
-                Prepared(name, item.config, item.path, launch, warnings, devices, notes)
-            )
-        if problems:
-            raise ConfigError(problems)
-        together = set(names) | {
+        """Validate the named instances fully and build their launches (see
+        engine.prepare); VRAM is checked against what runs now plus these."""
+        running = {
             r.name for r in self.store.all() if r.state in RUNNING_STATES and is_alive(self._ref(r))
         }
-        vram = vram_problems(
-            [loaded[n] for n in sorted(together) if n in loaded], self.find_gpus, strict
-        )
-        if any(p.severity == "error" for p in vram):
-            raise ConfigError(vram)
-        for problem in vram:
-            for prep in prepared:
-                if Path(problem.file) == prep.config_path:
-                    prep.warnings.append(str(problem))
-        return prepared
-
-    def _resolve_auto(
-        self, cfg: InstanceConfig, folder: Path, notes: list[str]
-    ) -> tuple[InstanceConfig, list[int]]:
-        """For `device_id: auto` on a GPU backend: a copy of the config pinned to
-        the card(s) with the most free VRAM now. Other configs pass unchanged."""
-        if not (cfg.gpu.auto and cfg.gpu.backend in GPU_BACKENDS):
-            return cfg, cfg.gpu.devices
-        info = read_model(cfg.model_path(folder))
-        devices = pick_devices(
-            info, cfg.model.context_size, cfg.server.parallel, cfg.gpu.layers, self.find_gpus().gpus
-        )
-        notes.append(f"device_id auto chose GPU {','.join(map(str, devices))} (most free VRAM)")
-        pinned = cfg.model_copy(deep=True)
-        pinned.gpu.device_id = devices
-        return pinned, devices
-
-    def _launch(self, name: str, cfg: InstanceConfig, folder: Path) -> Launch:
-        binary = find_llama_server(cfg.binary, self.home.root, folder)
         base = dict(os.environ) if self._base_env is None else self._base_env
-        return build_launch(cfg, name, binary, cfg.model_path(folder), base, self.home.root)
+        return prepare(self.home, names, running, base, self.find_gpus, strict)
 
     # --- observation ----------------------------------------------------------
 

@@ -1,0 +1,100 @@
+"""Before anything starts: validate instances fully and build their launches.
+
+All or nothing: every problem of every named instance is collected into one
+ConfigError, so a typo in one config never leaves half of an `up --all` started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama_orchestrator.binary import find_llama_server
+from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.engine.command import Launch, build_launch
+from llama_orchestrator.errors import ConfigError, Problem, UnknownInstance
+from llama_orchestrator.fit import GPU_BACKENDS, pick_devices
+from llama_orchestrator.gguf_meta import read_model
+from llama_orchestrator.gpu import Discovery
+from llama_orchestrator.home import Home
+from llama_orchestrator.validate import check_instance, load_all, vram_problems
+
+__all__ = ["Prepared", "prepare"]
+
+
+@dataclass
+class Prepared:
+    """Everything needed to start one instance, checked before anything runs."""
+
+    name: str
+    config: InstanceConfig
+    config_path: Path
+    launch: Launch
+    warnings: list[str] = field(default_factory=list)
+    #: the GPUs this run gets (from the config, or chosen now for `device_id: auto`)
+    devices: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare(
+    home: Home,
+    names: list[str],
+    running: set[str],
+    base_env: Mapping[str, str],
+    find_gpus: Callable[[], Discovery],
+    strict: bool = False,
+) -> list[Prepared]:
+    """Check the named instances and build their launches; raise ConfigError
+    listing every problem. VRAM is summed over `running` plus `names`: over a
+    card's total it is a warning, an error with `strict`."""
+    loaded = {x.name: x for x in load_all(home)}
+    problems: list[Problem] = []
+    prepared: list[Prepared] = []
+    for name in names:
+        item = loaded.get(name)
+        if item is None:
+            raise UnknownInstance(name, sorted(loaded))
+        if item.config is None:
+            problems += item.problems
+            continue
+        found = check_instance(home, item, list(loaded.values()))
+        if any(p.severity == "error" for p in found):
+            problems += [p for p in found if p.severity == "error"]
+            continue
+        warnings = [str(p) for p in found]
+        notes: list[str] = []
+        folder = item.path.parent
+        cfg, devices = _resolve_auto(item.config, folder, find_gpus, notes)
+        binary = find_llama_server(cfg.binary, home.root, folder)
+        launch = build_launch(cfg, name, binary, cfg.model_path(folder), base_env, home.root)
+        prepared.append(Prepared(name, item.config, item.path, launch, warnings, devices, notes))
+    if problems:
+        raise ConfigError(problems)
+    together = sorted((running | set(names)) & set(loaded))
+    vram = vram_problems([loaded[n] for n in together], find_gpus, strict)
+    if any(p.severity == "error" for p in vram):
+        raise ConfigError(vram)
+    for problem in vram:
+        for prep in prepared:
+            if Path(problem.file) == prep.config_path:
+                prep.warnings.append(str(problem))
+    return prepared
+
+
+def _resolve_auto(
+    cfg: InstanceConfig, folder: Path, find_gpus: Callable[[], Discovery], notes: list[str]
+) -> tuple[InstanceConfig, list[int]]:
+    """For `device_id: auto` on a GPU backend: a copy of the config pinned to
+    the card(s) with the most free VRAM now. Other configs pass unchanged."""
+    if not (cfg.gpu.auto and cfg.gpu.backend in GPU_BACKENDS):
+        return cfg, cfg.gpu.devices
+    info = read_model(cfg.model_path(folder))
+    g = cfg.gpu
+    devices = pick_devices(
+        info, cfg.model.context_size, cfg.server.parallel, g.layers, find_gpus().gpus
+    )
+    notes.append(f"device_id auto chose GPU {','.join(map(str, devices))} (most free VRAM)")
+    pinned = cfg.model_copy(deep=True)
+    pinned.gpu.device_id = devices
+    return pinned, devices
