@@ -202,3 +202,80 @@ def test_ctrl_c_while_up_waits_stops_the_waiting_not_the_instance(cli_home, tiny
     )
     assert "Traceback" not in err
     assert psutil.Process(ps(cli_home)["slow"]["pid"]).is_running()
+
+
+def _reader(proc):
+    """Collect a child's stdout lines in the background (readline would block the test)."""
+    import threading
+
+    lines = []
+
+    def run():
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=run, daemon=True).start()
+    return lines
+
+
+def test_logs_follow_keeps_working_across_a_rotation(cli_home, tiny_model):
+    from llama_orchestrator.engine.logs import rotate_if_needed
+
+    write_config(cli_home, "a", tiny_model)
+    assert run_cli(cli_home, "up", "a").returncode == 0
+    stdout_log = cli_home.log_dir("a") / "stdout.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_orchestrator",
+        "--home",
+        str(cli_home.root),
+        "logs",
+        "a",
+        "-f",
+        "--tail",
+        "0",
+        "--stream",
+        "stdout",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = _reader(proc)
+        with open(stdout_log, "a") as f:  # stand-in for the server's writes, through an append fd
+
+            def ping() -> bool:  # until the follower is reading (it starts at the end)
+                f.write("ping\n")
+                f.flush()
+                return "ping" in lines
+
+            wait_until(ping, timeout=20, interval=0.1)
+            rotate_if_needed(stdout_log, max_bytes=1, backups=1)  # copy-truncate under the follower
+            f.write("after rotation\n")  # refills past the follower's old position at once
+            f.flush()
+        wait_until(lambda: "after rotation" in lines)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_events_follow_shows_new_transitions_live(cli_home, tiny_model):
+    write_config(cli_home, "a", tiny_model)
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_orchestrator",
+        "--home",
+        str(cli_home.root),
+        "events",
+        "-f",
+        "--json",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = _reader(proc)
+        assert run_cli(cli_home, "up", "a").returncode == 0
+        wait_until(lambda: [json.loads(x)["kind"] for x in lines] == ["starting", "healthy"])
+        assert {"ts", "instance", "kind", "message", "data"} <= set(json.loads(lines[0]))
+    finally:
+        proc.terminate()
+        proc.wait(10)

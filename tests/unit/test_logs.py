@@ -70,3 +70,20 @@ def _wait(cond, timeout=10.0):
     while not cond():
         assert time.monotonic() < deadline, "follow did not deliver in time"
         time.sleep(0.01)
+
+
+def test_follow_sees_a_truncate_and_refill_past_its_position_between_polls(tmp_path):
+    from llama_orchestrator.engine.logs import _Follower
+
+    p = tmp_path / "stdout.log"
+    p.write_text("")
+    fol = _Follower(p, from_end=True)
+    with open(p, "ab") as w:
+        w.write(b"ping\n")
+        w.flush()
+        assert fol.poll() == ["ping"]
+        rotate_if_needed(p, max_bytes=1, backups=1)
+        w.write(b"a longer line written after the rotation\n")  # past the old position (5)
+        w.flush()
+    assert fol.poll() == ["a longer line written after the rotation"]
+    fol.close()

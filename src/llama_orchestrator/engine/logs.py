@@ -68,16 +68,25 @@ def tail_lines(path: Path, n: int, block: int = 8192) -> list[str]:
 
 
 class _Follower:
-    """Reads lines appended to one file, surviving truncation and replacement."""
+    """Reads lines appended to one file, surviving truncation and replacement.
+
+    Copy-truncate rotation can truncate *and* refill a file past our position
+    between two polls, so "the size shrank" alone misses it (as `tail -F`
+    does). The follower therefore keeps the last bytes it read and checks they
+    are still where it left them; if not, the file was rewritten: read it anew."""
+
+    SIGNATURE = 64
 
     def __init__(self, path: Path, from_end: bool) -> None:
         self.path = path
         self.f: BinaryIO | None = None
         self.ino: int | None = None
         self.buf = b""
+        self.sig = b""  # the last bytes read, ending at the current position
         self._open(seek_end=from_end)
 
     def _open(self, seek_end: bool) -> None:
+        self.buf, self.sig = b"", b""
         try:
             self.f = open(self.path, "rb")
         except FileNotFoundError:
@@ -85,28 +94,43 @@ class _Follower:
             return
         self.ino = os.fstat(self.f.fileno()).st_ino
         if seek_end:
-            self.f.seek(0, os.SEEK_END)
+            end = self.f.seek(0, os.SEEK_END)
+            self.f.seek(max(0, end - self.SIGNATURE))
+            self.sig = self.f.read()
 
     def poll(self) -> list[str]:
-        out = self._drain()
         try:
             st = self.path.stat()
-        except FileNotFoundError:
-            return out
+        except FileNotFoundError:  # renamed away, no new file yet: finish the old one
+            return self._drain()
         if self.f is None or st.st_ino != self.ino:  # created, or replaced by a rename
+            out = self._drain()
             if self.f is not None:
                 self.f.close()
             self._open(seek_end=False)
-            out += self._drain()
-        elif st.st_size < self.f.tell():  # truncated (copytruncate rotation)
+            return out + self._drain()
+        if self._rewritten(st.st_size):
             self.f.seek(0)
-            out += self._drain()
-        return out
+            self.buf, self.sig = b"", b""
+        return self._drain()
+
+    def _rewritten(self, size: int) -> bool:
+        assert self.f is not None
+        pos = self.f.tell()
+        if size < pos:
+            return True
+        if not self.sig:
+            return False
+        self.f.seek(pos - len(self.sig))
+        return self.f.read(len(self.sig)) != self.sig  # leaves the position where it was
 
     def _drain(self) -> list[str]:
         if self.f is None:
             return []
-        self.buf += self.f.read()
+        data = self.f.read()
+        if data:
+            self.sig = (self.sig + data)[-self.SIGNATURE :]
+        self.buf += data
         *lines, self.buf = self.buf.split(b"\n")
         return [ln.decode("utf-8", errors="replace") for ln in lines]
 
