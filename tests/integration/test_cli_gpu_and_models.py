@@ -258,6 +258,8 @@ def test_device_id_auto_is_resolved_at_each_up(home, tiny_model):
         import psutil
 
         assert psutil.Process(row["pid"]).environ()["CUDA_VISIBLE_DEVICES"] == "2"
+        gpus = json.loads(run_cli(home, "gpus", "--json", env=gpu_env("five_1060.csv")).stdout)
+        assert [g["instances"] for g in gpus] == [[], [], ["w"], [], []]  # where auto put it
         run_cli(home, "down", "w")
         assert json.loads(run_cli(home, "ps", "--json").stdout)[0]["gpu_devices"] == []
         r = run_cli(home, "up", "w", env=gpu_env())  # no GPU anywhere: a clear refusal

@@ -14,20 +14,31 @@ from llama_orchestrator.errors import OrchError
 from llama_orchestrator.fit import GPU_BACKENDS, demand
 from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
 from llama_orchestrator.gpuwatch import GpuStatus, check
+from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.validate import load_all, pinned_devices
 
-__all__ = ["describe", "gpu_sample", "pinned_gpu_warnings"]
+__all__ = ["describe", "gpu_sample", "pinned", "pinned_gpu_warnings"]
+
+
+def pinned(engine: Engine) -> dict[int, list[str]]:
+    """GPU index -> instances on it: pinned by config, or given it at start (`device_id: auto`)."""
+    out = pinned_devices(load_all(engine.home))
+    for row in engine.store.all():
+        if row.state in RUNNING_STATES and row.gpu_devices:
+            for d in row.gpu_devices:
+                if row.name not in out.setdefault(d, []):
+                    out[d].append(row.name)
+    return out
 
 
 def gpu_sample(engine: Engine) -> GpuStatus:
-    """Live GPUs of this home with pinned instances; new alerts recorded as events."""
-    pinned = pinned_devices(load_all(engine.home))
-    return check(pinned, engine.store, engine.settings.gpu.temp_threshold, engine.find_gpus)
+    """Live GPUs of this home with the instances on each; new alerts recorded as events."""
+    return check(pinned(engine), engine.store, engine.settings.gpu.temp_threshold, engine.find_gpus)
 
 
 def pinned_gpu_warnings(engine: Engine) -> list[str]:
     """Warnings about cards instances are pinned to; no discovery when none is."""
-    if not pinned_devices(load_all(engine.home)):
+    if not pinned(engine):
         return []
     return gpu_sample(engine).warnings
 
