@@ -29,6 +29,7 @@ __all__ = [
     "save_config",
     "atomic_write_text",
     "redacted",
+    "is_secret_name",
 ]
 
 Backend = Literal["cpu", "cuda", "rocm", "vulkan", "sycl", "metal"]
@@ -372,6 +373,11 @@ def redacted(cfg: InstanceConfig) -> dict[str, Any]:
     if data["server"].get("api_key"):
         data["server"]["api_key"] = "********"
     for key in list(data.get("env", {})):
-        if any(s in key.upper() for s in ("KEY", "TOKEN", "SECRET", "PASSWORD")):
+        if is_secret_name(key):
             data["env"][key] = "********"
     return data
+
+
+def is_secret_name(name: str) -> bool:
+    """Environment variables whose values are never shown (API keys, tokens, passwords)."""
+    return any(s in name.upper() for s in ("KEY", "TOKEN", "SECRET", "PASSWORD"))

@@ -111,7 +111,18 @@ def test_config_validate_prints_every_problem_and_schema_works(home, tiny_model,
     assert "model" in schema["properties"]
 
 
-def test_config_show_hides_secrets(home, tiny_model):
-    write_config(home, "a", tiny_model, server={"api_key": "sk-hidden"})
+def test_config_show_and_describe_hide_secrets(home, tiny_model):
+    write_config(
+        home,
+        "a",
+        tiny_model,
+        server={"api_key": "sk-hidden"},
+        env={"HF_TOKEN": "hf-hidden", "OMP_NUM_THREADS": "2"},
+    )
     r = run_cli(home, "config", "show", "a")
-    assert r.returncode == 0 and "sk-hidden" not in r.stdout and "********" in r.stdout
+    assert r.returncode == 0 and "sk-hidden" not in r.stdout and "hf-hidden" not in r.stdout
+    assert "********" in r.stdout
+    for args in (["describe", "a"], ["describe", "a", "--json"]):
+        r = run_cli(home, *args)
+        assert r.returncode == 0 and "sk-hidden" not in r.stdout and "hf-hidden" not in r.stdout
+        assert "OMP_NUM_THREADS" in r.stdout  # ordinary variables stay visible

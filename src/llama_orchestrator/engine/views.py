@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.config import InstanceConfig, redacted
+from llama_orchestrator.config import InstanceConfig, is_secret_name, redacted
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.status import collect, iso
 from llama_orchestrator.errors import OrchError
@@ -57,7 +57,7 @@ def describe(engine: Engine, name: str) -> dict[str, Any]:
                 (prepared,) = engine.prepare([name])
                 data["command"] = prepared.launch.argv
                 data["env"] = {
-                    k: ("********" if k == "LLAMA_API_KEY" else v)
+                    k: ("********" if is_secret_name(k) else v)
                     for k, v in prepared.launch.added_env.items()
                 }
             except OrchError as exc:
