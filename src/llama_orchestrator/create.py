@@ -14,7 +14,7 @@ from llama_orchestrator.config import InstanceConfig, pydantic_problems, save_co
 from llama_orchestrator.errors import ConfigError, PortConflict, UserError
 from llama_orchestrator.fit import GPU_BACKENDS, gib, pick_devices
 from llama_orchestrator.gguf_meta import ModelError, ModelInfo, estimate, read_model
-from llama_orchestrator.gpu import Discovery, discover
+from llama_orchestrator.gpu import Discovery, GpuInfo, discover
 from llama_orchestrator.home import Home, check_name
 from llama_orchestrator.validate import hosts_overlap, load_all
 
@@ -139,7 +139,12 @@ def create_instance(
 
 
 def _all_layers_if_they_fit(
-    info: ModelInfo, ctx: int, parallel: int, devices: list[int], gpus: list[Any], notes: list[str]
+    info: ModelInfo,
+    ctx: int,
+    parallel: int,
+    devices: list[int],
+    gpus: list[GpuInfo],
+    notes: list[str],
 ) -> int | None:
     """-1 (all layers) when the full offload fits the free VRAM of `devices`."""
     free = {g.index: g.memory_free_mib * 1024 * 1024 for g in gpus}

@@ -32,3 +32,37 @@ def test_columns_pads_like_docker_ps_and_colours_only_when_asked():
     ]
     coloured = columns(["NAME", "STATE"], [["a", "failed"]], ["bold red"], color=True)
     assert coloured.splitlines()[1] == "a     \x1b[1;31mfailed\x1b[0m"
+
+
+def test_dashboard_row_for_an_instance_in_backoff():
+    from llama_orchestrator.tui.app import cells
+    from llama_orchestrator.tui.data import InstanceView
+    from tests.tui.fake_source import status
+
+    s = status(
+        "qwen",
+        "backoff",
+        8002,
+        None,
+        restarts=3,
+        supervised=True,
+        next_restart_at="2026-11-22T06:30:15+00:00",
+        gpu_devices=[0, 3],
+    )
+    row = [str(c) for c in cells(InstanceView(s))]
+    assert row == [
+        "qwen",
+        "backoff",
+        "-",
+        "-",
+        "8002",
+        "qwen",
+        "cuda:0,3",
+        "3",
+        "-",
+        "-",
+        "-",
+        "-",
+        "-",
+        "06:30:15",
+    ]
