@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import httpx
 import psutil
@@ -204,18 +205,25 @@ def test_ctrl_c_while_up_waits_stops_the_waiting_not_the_instance(cli_home, tiny
     assert psutil.Process(ps(cli_home)["slow"]["pid"]).is_running()
 
 
-def _reader(proc):
-    """Collect a child's stdout lines in the background (readline would block the test)."""
+@contextmanager
+def following(home, *args):
+    """Run `llama-orch ARGS` (a -f command) in the background; yield its stdout lines so far."""
     import threading
 
-    lines = []
+    cmd = [sys.executable, "-m", "llama_orchestrator", "--home", str(home.root), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
 
-    def run():
+    def read():  # readline in the test itself would block it
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
 
-    threading.Thread(target=run, daemon=True).start()
-    return lines
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        yield lines
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_logs_follow_keeps_working_across_a_rotation(cli_home, tiny_model):
@@ -224,23 +232,7 @@ def test_logs_follow_keeps_working_across_a_rotation(cli_home, tiny_model):
     write_config(cli_home, "a", tiny_model)
     assert run_cli(cli_home, "up", "a").returncode == 0
     stdout_log = cli_home.log_dir("a") / "stdout.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "llama_orchestrator",
-        "--home",
-        str(cli_home.root),
-        "logs",
-        "a",
-        "-f",
-        "--tail",
-        "0",
-        "--stream",
-        "stdout",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        lines = _reader(proc)
+    with following(cli_home, "logs", "a", "-f", "--tail", "0", "--stream", "stdout") as lines:
         with open(stdout_log, "a") as f:  # stand-in for the server's writes, through an append fd
 
             def ping() -> bool:  # until the follower is reading (it starts at the end)
@@ -253,29 +245,11 @@ def test_logs_follow_keeps_working_across_a_rotation(cli_home, tiny_model):
             f.write("after rotation\n")  # refills past the follower's old position at once
             f.flush()
         wait_until(lambda: "after rotation" in lines)
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_events_follow_shows_new_transitions_live(cli_home, tiny_model):
     write_config(cli_home, "a", tiny_model)
-    cmd = [
-        sys.executable,
-        "-m",
-        "llama_orchestrator",
-        "--home",
-        str(cli_home.root),
-        "events",
-        "-f",
-        "--json",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        lines = _reader(proc)
+    with following(cli_home, "events", "-f", "--json") as lines:
         assert run_cli(cli_home, "up", "a").returncode == 0
         wait_until(lambda: [json.loads(x)["kind"] for x in lines] == ["starting", "healthy"])
         assert {"ts", "instance", "kind", "message", "data"} <= set(json.loads(lines[0]))
-    finally:
-        proc.terminate()
-        proc.wait(10)
