@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from llama_orchestrator import platform
 from llama_orchestrator.config import InstanceConfig, pydantic_problems, save_config
 from llama_orchestrator.errors import ConfigError, PortConflict, UserError
-from llama_orchestrator.fit import GPU_BACKENDS, gib, pick_devices
+from llama_orchestrator.fit import GPU_BACKENDS, human_bytes, pick_devices
 from llama_orchestrator.gguf_meta import ModelError, ModelInfo, estimate, read_model
 from llama_orchestrator.gpu import Discovery, GpuInfo, discover
 from llama_orchestrator.home import Home, check_name
@@ -153,10 +153,12 @@ def _all_layers_if_they_fit(
         return None
     need = estimate(info, ctx, parallel, None).per_device(devices)
     if all(need[d] <= free[d] for d in devices):
-        notes.append(f"all {info.layers} layers on the GPU ({gib(sum(need.values()))} estimated)")
+        notes.append(
+            f"all {info.layers} layers on the GPU ({human_bytes(sum(need.values()))} estimated)"
+        )
         return -1
     notes.append(
-        f"the whole model ({gib(sum(need.values()))}) does not fit the free VRAM; "
+        f"the whole model ({human_bytes(sum(need.values()))}) does not fit the free VRAM; "
         "gpu.layers left to llama-server (set it to offload part)"
     )
     return None

@@ -10,12 +10,12 @@ from llama_orchestrator.errors import UserError
 from llama_orchestrator.gguf_meta import COMPUTE_OVERHEAD_BYTES, MIB, ModelInfo, estimate
 from llama_orchestrator.gpu import GpuInfo
 
-__all__ = ["GPU_BACKENDS", "demand", "Overcommit", "overcommits", "pick_devices", "gib"]
+__all__ = ["GPU_BACKENDS", "demand", "Overcommit", "overcommits", "pick_devices", "human_bytes"]
 
 GPU_BACKENDS = frozenset({"cuda", "rocm", "vulkan", "sycl", "metal"})
 
 
-def gib(n_bytes: float) -> str:
+def human_bytes(n_bytes: float) -> str:
     """Bytes for people: `253 MiB` below a GiB, `5.1 GB` above."""
     if n_bytes < 1024 * MIB:
         return f"{n_bytes / MIB:.0f} MiB"
@@ -40,10 +40,10 @@ class Overcommit:
     instances: tuple[tuple[str, int], ...]  # (name, bytes) in the order given
 
     def message(self) -> str:
-        who = " + ".join(f"{n} ({gib(b)})" for n, b in self.instances)
+        who = " + ".join(f"{n} ({human_bytes(b)})" for n, b in self.instances)
         return (
-            f"GPU {self.device} ({self.name}, {gib(self.total_bytes)}) cannot hold {who} = "
-            f"{gib(self.needed_bytes)}; lower gpu.layers or model.context_size, or pin one "
+            f"GPU {self.device} ({self.name}, {human_bytes(self.total_bytes)}) cannot hold {who} = "
+            f"{human_bytes(self.needed_bytes)}; lower gpu.layers or model.context_size, or pin one "
             "instance to another GPU"
         )
 
@@ -83,7 +83,7 @@ def pick_devices(
             return sorted(c.index for c in chosen)
     total_free = sum(g.memory_free_mib for g in gpus) * MIB
     raise UserError(
-        f"The model needs about {gib(est.gpu_bytes)} of VRAM and all GPUs together have "
-        f"{gib(total_free)} free.",
+        f"The model needs about {human_bytes(est.gpu_bytes)} of VRAM and all GPUs together have "
+        f"{human_bytes(total_free)} free.",
         hint="Offload fewer layers (--layers), use a smaller --ctx, or a smaller quantisation.",
     )

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from llama_orchestrator.errors import UserError
-from llama_orchestrator.fit import gib, overcommits, pick_devices
+from llama_orchestrator.fit import human_bytes, overcommits, pick_devices
 from llama_orchestrator.gguf_meta import MIB, read_model
 from llama_orchestrator.gpu import parse_nvidia_smi
 from llama_orchestrator.gpuwatch import alerts, record_changes
@@ -77,4 +77,4 @@ def test_record_changes_records_start_once_and_the_end(tmp_path):
 
 
 def test_gib_for_people():
-    assert gib(253 * MIB) == "253 MiB" and gib(5.1 * GIB) == "5.1 GB"
+    assert human_bytes(253 * MIB) == "253 MiB" and human_bytes(5.1 * GIB) == "5.1 GB"

@@ -9,7 +9,7 @@ import typer
 
 from llama_orchestrator.cli.context import app_context, err, out, print_json, say
 from llama_orchestrator.engine import views
-from llama_orchestrator.fit import gib
+from llama_orchestrator.fit import human_bytes
 from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
 from llama_orchestrator.present import GPU_COLUMNS, gpu_cells
 
@@ -91,7 +91,7 @@ def models_list(
             r["file_type"],
             str(r["context_length"] or "-"),
             str(r["layers"]),
-            gib(r["size_bytes"]),
+            human_bytes(r["size_bytes"]),
         )
     out.print(table)
 
@@ -140,16 +140,16 @@ def models_inspect(
     ):
         say(f"{key:<17} {data[key]}")
     say(f"{'parameters':<17} {info.parameters:,} ({info.parameters / 1e9:.2f}B)")
-    say(f"{'size':<17} {gib(info.size_bytes)} ({info.size_bytes:,} bytes)")
+    say(f"{'size':<17} {human_bytes(info.size_bytes)} ({info.size_bytes:,} bytes)")
     say(
         f"estimate for -c {est.context} -np {parallel} -ngl {'all' if layers < 0 else layers}"
         f" ({est.context_per_slot} tokens per slot):"
     )
     say(
-        f"  on the GPU(s)   {gib(est.gpu_bytes)} = weights {gib(est.weights_gpu_bytes)} + KV cache "
-        f"{gib(est.kv_gpu_bytes)} + overhead {gib(est.overhead_bytes)}"
+        f"  on the GPU(s)   {human_bytes(est.gpu_bytes)} = weights {human_bytes(est.weights_gpu_bytes)} + KV cache "
+        f"{human_bytes(est.kv_gpu_bytes)} + overhead {human_bytes(est.overhead_bytes)}"
     )
-    say(f"  on the host     {gib(est.weights_host_bytes + est.kv_host_bytes)}")
+    say(f"  on the host     {human_bytes(est.weights_host_bytes + est.kv_host_bytes)}")
 
 
 def register(app: typer.Typer) -> None:

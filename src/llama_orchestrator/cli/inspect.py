@@ -11,7 +11,7 @@ from llama_orchestrator.cli.context import AppContext, app_context, err, out, pr
 from llama_orchestrator.engine import views
 from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.engine.status import collect, iso
-from llama_orchestrator.fit import gib
+from llama_orchestrator.fit import human_bytes
 from llama_orchestrator.present import STATE_STYLES, backend_label, columns, state_label
 from llama_orchestrator.timefmt import human_duration
 
@@ -114,7 +114,7 @@ def describe(
             f"{m['layers']} layers, context {m['context_length']}"
         )
         if d.get("backend") != "cpu":
-            line += f"; needs ~{gib(m['estimate_gpu_bytes'])} on the GPU(s)"
+            line += f"; needs ~{human_bytes(m['estimate_gpu_bytes'])} on the GPU(s)"
         out.print(f"  model        {line}", markup=False)
     for g in d.get("gpus", []):
         if g.get("missing"):

@@ -421,7 +421,3 @@ class Engine:
             return health.ProbeResult(health.DOWN, None, 0.0, f"instance is {row.state}")
         timeout = cfg.healthcheck.timeout if cfg else 5.0
         return health.probe(host, port, timeout, self.get)
-
-    def find_process(self, name: str) -> Any:
-        """The psutil.Process of a running instance, or None."""
-        return find(self._ref(self.store.get_or_new(name)))

@@ -13,6 +13,7 @@ from typing import Any
 from llama_orchestrator.config import InstanceConfig
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import Engine
+from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow
 from llama_orchestrator.validate import load_all
@@ -38,7 +39,7 @@ def status_view(
     config_error: str | None = None,
 ) -> dict[str, Any]:
     """One `ps --json` entry."""
-    running = row.state in (S.STARTING, S.HEALTHY, S.UNHEALTHY, S.STOPPING)
+    running = row.state in RUNNING_STATES
     model_path = None
     if cfg is not None:
         model_path = str(cfg.model_path(config_dir)) if config_dir is not None else cfg.model.path

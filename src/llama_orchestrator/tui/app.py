@@ -20,7 +20,7 @@ from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Log, Stat
 from textual.worker import get_current_worker
 
 from llama_orchestrator.engine.logs import follow, tail_lines
-from llama_orchestrator.fit import gib
+from llama_orchestrator.fit import human_bytes
 from llama_orchestrator.present import (
     GPU_COLUMNS,
     STATE_STYLES,
@@ -339,7 +339,7 @@ class DashboardApp(App[None]):
                     f"model   {(d.get('model_path') or '-').rsplit('/', 1)[-1]}",
                     f"        {model.get('architecture', '')} {model.get('file_type', '')}"
                     + (
-                        f", ~{gib(model['estimate_gpu_bytes'])} GPU"
+                        f", ~{human_bytes(model['estimate_gpu_bytes'])} GPU"
                         if model.get("estimate_gpu_bytes")
                         else ""
                     ),
