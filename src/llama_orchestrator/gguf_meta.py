@@ -228,6 +228,18 @@ def read_model(path: Path) -> ModelInfo:
     )
 
 
+def scan_models(root: Path) -> list[dict[str, Any]]:
+    """Metadata of every .gguf file under `root` (sorted); an unreadable one
+    appears as {path, error} instead of stopping the scan."""
+    rows: list[dict[str, Any]] = []
+    for path in sorted(root.rglob("*.gguf")):
+        try:
+            rows.append(read_model(path).to_json())
+        except ModelError as exc:
+            rows.append({"path": str(path), "error": exc.message})
+    return rows
+
+
 def _file_type(code: Any) -> str:
     if not isinstance(code, int):
         return "unknown"
@@ -255,6 +267,22 @@ class Estimate:
     @property
     def gpu_bytes(self) -> int:
         return self.weights_gpu_bytes + self.kv_gpu_bytes + self.overhead_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.weights_host_bytes + self.kv_host_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "context": self.context,
+            "context_per_slot": self.context_per_slot,
+            "layers_on_gpu": self.layers_on_gpu,
+            "gpu_bytes": self.gpu_bytes,
+            "weights_gpu_bytes": self.weights_gpu_bytes,
+            "kv_gpu_bytes": self.kv_gpu_bytes,
+            "overhead_bytes": self.overhead_bytes,
+            "host_bytes": self.host_bytes,
+        }
 
     def per_device(
         self, devices: list[int], tensor_split: list[float] | None = None

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
 from llama_orchestrator.cli.context import app_context, err, out, print_json, say
 from llama_orchestrator.engine import views
 from llama_orchestrator.fit import human_bytes
-from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
+from llama_orchestrator.gguf_meta import estimate, read_model, scan_models
 from llama_orchestrator.present import GPU_COLUMNS, gpu_cells
 
 __all__ = ["register"]
@@ -62,12 +62,7 @@ def models_list(
     root = folder or (
         app.home.root / "models" if (app.home.root / "models").is_dir() else Path.cwd()
     )
-    rows: list[dict[str, Any]] = []
-    for path in sorted(root.rglob("*.gguf")):
-        try:
-            rows.append(read_model(path).to_json())
-        except ModelError as exc:
-            rows.append({"path": str(path), "error": exc.message})
+    rows = scan_models(root)
     if json_:
         print_json(rows)
         return
@@ -111,19 +106,7 @@ def models_inspect(
     """Metadata of one model and the memory it needs."""
     info = read_model(path)
     est = estimate(info, ctx_size, parallel, layers)
-    data = {
-        **info.to_json(),
-        "estimate": {
-            "context": est.context,
-            "context_per_slot": est.context_per_slot,
-            "layers_on_gpu": est.layers_on_gpu,
-            "gpu_bytes": est.gpu_bytes,
-            "weights_gpu_bytes": est.weights_gpu_bytes,
-            "kv_gpu_bytes": est.kv_gpu_bytes,
-            "overhead_bytes": est.overhead_bytes,
-            "host_bytes": est.weights_host_bytes + est.kv_host_bytes,
-        },
-    }
+    data = {**info.to_json(), "estimate": est.to_json()}
     if json_:
         print_json(data)
         return
@@ -149,7 +132,7 @@ def models_inspect(
         f"  on the GPU(s)   {human_bytes(est.gpu_bytes)} = weights {human_bytes(est.weights_gpu_bytes)} + KV cache "
         f"{human_bytes(est.kv_gpu_bytes)} + overhead {human_bytes(est.overhead_bytes)}"
     )
-    say(f"  on the host     {human_bytes(est.weights_host_bytes + est.kv_host_bytes)}")
+    say(f"  on the host     {human_bytes(est.host_bytes)}")
 
 
 def register(app: typer.Typer) -> None:

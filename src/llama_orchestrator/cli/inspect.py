@@ -142,16 +142,7 @@ def health(
     (name,) = engine.resolve_names([name])
     p = engine.probe(name)
     if json_:
-        print_json(
-            {
-                "name": name,
-                "healthy": p.ok,
-                "status": p.status,
-                "http_status": p.http_status,
-                "latency_ms": round(p.latency_ms, 2),
-                "error": p.error,
-            }
-        )
+        print_json({"name": name, **p.to_json()})
     else:
         detail = f"HTTP {p.http_status}" if p.http_status else (p.error or "")
         out.print(f"{name}: {p.status} ({detail}, {p.latency_ms:.1f} ms)", markup=False)

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "ProbeResult",
@@ -46,6 +47,15 @@ class ProbeResult:
     @property
     def ok(self) -> bool:
         return self.status == HEALTHY
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "healthy": self.ok,
+            "status": self.status,
+            "http_status": self.http_status,
+            "latency_ms": round(self.latency_ms, 2),
+            "error": self.error,
+        }
 
 
 def classify(http_status: int | None, refused: bool = False) -> str:
