@@ -82,6 +82,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
 
 
+@pytest.fixture(scope="session")
+def kv_heavy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small file, big KV cache: 4 layers x 2 KV heads of 64 = 2048 bytes of f16 cache per token,
+    so a large context_size makes VRAM estimates of gigabytes from a ~1 MB file."""
+    return write_tiny_model(
+        tmp_path_factory.mktemp("kv") / "kv.gguf",
+        n_layer=4,
+        n_embd=128,
+        n_head=2,
+        n_head_kv=2,
+        n_ff=64,
+    )
+
+
 @pytest.fixture()
 def home(tmp_path: Path) -> Home:
     root = tmp_path / "home"

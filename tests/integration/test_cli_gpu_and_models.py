@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from llama_orchestrator.tinymodel import write_tiny_model
 from tests.helpers import run_cli, write_config
 
 pytestmark = pytest.mark.integration
@@ -23,19 +22,6 @@ def gpu_env(nvidia=None, rocm=None, **extra):
         "FAKE_ROCM_SMI": str(FAKES / "gpu_outputs" / rocm) if rocm else "",
     }
     return {**env, **extra}
-
-
-@pytest.fixture(scope="module")
-def kv_heavy(tmp_path_factory):
-    """Small file, big KV cache: 2048 bytes per token of context."""
-    return write_tiny_model(
-        tmp_path_factory.mktemp("m") / "kv.gguf",
-        n_layer=4,
-        n_embd=128,
-        n_head=2,
-        n_head_kv=2,
-        n_ff=64,
-    )
 
 
 def test_gpus_lists_cards_with_pinned_instances(home, tiny_model):
@@ -83,13 +69,13 @@ def test_garbage_from_a_tool_is_a_warning_not_a_crash(home):
     assert "warning: nvidia-smi line 1" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_vram_overcommit_is_a_warning_and_an_error_with_strict(home, kv_heavy):
+def test_vram_overcommit_is_a_warning_and_an_error_with_strict(home, kv_heavy_model):
     # each needs ~3.1 GB on GPU 1 (a 6 GB card): together they do not fit
     for name in ("a", "b"):
         write_config(
             home,
             name,
-            kv_heavy,
+            kv_heavy_model,
             model={"context_size": 1_500_000},
             gpu={"backend": "cuda", "device_id": 1},
         )
@@ -108,7 +94,7 @@ def test_vram_overcommit_is_a_warning_and_an_error_with_strict(home, kv_heavy):
     assert all(row["pid"] is None for row in json.loads(run_cli(home, "ps", "--json").stdout))
 
 
-def test_up_warns_about_overcommit_with_what_already_runs(home, kv_heavy, tiny_model):
+def test_up_warns_about_overcommit_with_what_already_runs(home, kv_heavy_model, tiny_model):
     env = gpu_env("five_1060.csv")
     write_config(
         home, "a", tiny_model, model={"context_size": 512}, gpu={"backend": "cuda", "device_id": 2}
@@ -117,7 +103,7 @@ def test_up_warns_about_overcommit_with_what_already_runs(home, kv_heavy, tiny_m
     write_config(
         home,
         "b",
-        kv_heavy,
+        kv_heavy_model,
         model={"context_size": 3_500_000},
         gpu={"backend": "cuda", "device_id": 2},
     )
@@ -130,61 +116,39 @@ def test_up_warns_about_overcommit_with_what_already_runs(home, kv_heavy, tiny_m
         run_cli(home, "down", "--all")
 
 
-def test_init_gpu_auto_and_defaults_from_the_model(home, kv_heavy, tiny_model):
+def test_init_gpu_auto_and_defaults_from_the_model(home, kv_heavy_model, tiny_model):
     env = gpu_env("five_1060.csv")
-    r = run_cli(
-        home,
-        "init",
-        "auto1",
-        "--model",
-        str(kv_heavy),
-        "--backend",
-        "cuda",
-        "--gpu",
-        "auto",
-        "--ctx",
-        "1500000",
-        env=env,
-    )
+
+    def init_auto(name, ctx):
+        return run_cli(
+            home,
+            "init",
+            name,
+            "--model",
+            str(kv_heavy_model),
+            "--backend",
+            "cuda",
+            "--gpu",
+            "auto",
+            "--ctx",
+            str(ctx),
+            env=env,
+        )
+
+    r = init_auto("auto1", 1_500_000)
     assert r.returncode == 0, r.stderr
     cfg = json.loads(home.config_path("auto1").read_text())
     assert (
         cfg["gpu"]["device_id"] == 2 and cfg["gpu"]["layers"] == -1
     )  # the emptiest card; all fits
     assert "--gpu auto chose GPU 2" in r.stdout
-    r = run_cli(
-        home,
-        "init",
-        "auto2",
-        "--model",
-        str(kv_heavy),
-        "--backend",
-        "cuda",
-        "--gpu",
-        "auto",
-        "--ctx",
-        "4000000",
-        env=env,
-    )
+    init_auto("auto2", 4_000_000)
     assert json.loads(home.config_path("auto2").read_text())["gpu"]["device_id"] == [0, 2]
-    r = run_cli(home, "init", "plain", "--model", str(tiny_model), env=env)
+    run_cli(home, "init", "plain", "--model", str(tiny_model), env=env)
     assert (
         json.loads(home.config_path("plain").read_text())["model"]["context_size"] == 2048
     )  # model's < 4096
-    r = run_cli(
-        home,
-        "init",
-        "nope",
-        "--model",
-        str(kv_heavy),
-        "--backend",
-        "cuda",
-        "--gpu",
-        "auto",
-        "--ctx",
-        "40000000",
-        env=env,
-    )
+    r = init_auto("nope", 40_000_000)
     assert r.returncode == 2 and "all GPUs together have" in r.stderr
     assert not home.config_path("nope").exists()
 

@@ -8,7 +8,6 @@ from llama_orchestrator.gguf_meta import MIB, read_model
 from llama_orchestrator.gpu import parse_nvidia_smi
 from llama_orchestrator.gpuwatch import alerts, record_changes
 from llama_orchestrator.store import Store
-from llama_orchestrator.tinymodel import write_tiny_model
 
 OUTPUTS = Path(__file__).parents[1] / "fakes" / "gpu_outputs"
 GIB = 1024 * MIB
@@ -30,19 +29,9 @@ def test_overcommit_names_instances_and_numbers():
     assert overcommits({"a": {9: 10 * GIB}}, cards()) == []  # missing cards are gpuwatch's business
 
 
-@pytest.fixture(scope="module")
-def kv_heavy(tmp_path_factory):
-    # 4 layers, 2 KV heads of 64: 2048 bytes of f16 KV cache per token
-    return read_model(
-        write_tiny_model(
-            tmp_path_factory.mktemp("m") / "kv.gguf",
-            n_layer=4,
-            n_embd=128,
-            n_head=2,
-            n_head_kv=2,
-            n_ff=64,
-        )
-    )
+@pytest.fixture()
+def kv_heavy(kv_heavy_model):
+    return read_model(kv_heavy_model)
 
 
 def test_pick_devices_most_free_first_then_fewest(kv_heavy):
