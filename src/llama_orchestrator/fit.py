@@ -10,16 +10,34 @@ from llama_orchestrator.errors import UserError
 from llama_orchestrator.gguf_meta import COMPUTE_OVERHEAD_BYTES, MIB, ModelInfo, estimate
 from llama_orchestrator.gpu import GpuInfo
 
-__all__ = ["GPU_BACKENDS", "demand", "Overcommit", "overcommits", "pick_devices", "human_bytes"]
+__all__ = [
+    "GPU_BACKENDS",
+    "human_count",
+    "demand",
+    "Overcommit",
+    "overcommits",
+    "pick_devices",
+    "human_bytes",
+]
 
 GPU_BACKENDS = frozenset({"cuda", "rocm", "vulkan", "sycl", "metal"})
 
 
 def human_bytes(n_bytes: float) -> str:
-    """Bytes for people: `253 MiB` below a GiB, `5.1 GB` above."""
+    """Bytes for people: `145 KiB`, `253 MiB`, `5.1 GB`."""
+    if n_bytes < MIB:
+        return f"{n_bytes / 1024:.0f} KiB"
     if n_bytes < 1024 * MIB:
         return f"{n_bytes / MIB:.0f} MiB"
     return f"{n_bytes / (1024 * MIB):.1f} GB"
+
+
+def human_count(n: int) -> str:
+    """Parameter counts as model cards say them: `7.24B`, `268M`, `35K`."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}B" if unit == "B" else f"{n / scale:.0f}{unit}"
+    return str(n)
 
 
 def demand(cfg: InstanceConfig, info: ModelInfo) -> dict[int, int]:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from llama_orchestrator.errors import UserError
-from llama_orchestrator.fit import human_bytes, overcommits, pick_devices
+from llama_orchestrator.fit import human_bytes, human_count, overcommits, pick_devices
 from llama_orchestrator.gguf_meta import MIB, read_model
 from llama_orchestrator.gpu import parse_nvidia_smi
 from llama_orchestrator.gpuwatch import alerts, record_changes
@@ -65,5 +65,12 @@ def test_record_changes_records_start_once_and_the_end(tmp_path):
     assert store.events()[0].data == {"device": 1}
 
 
-def test_gib_for_people():
+def test_sizes_and_counts_for_people():
     assert human_bytes(253 * MIB) == "253 MiB" and human_bytes(5.1 * GIB) == "5.1 GB"
+    assert human_bytes(148_448) == "145 KiB"
+    assert [human_count(n) for n in (7_241_732_096, 268_098_176, 35_168, 12)] == [
+        "7.24B",
+        "268M",
+        "35K",
+        "12",
+    ]

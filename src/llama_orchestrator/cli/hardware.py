@@ -9,7 +9,7 @@ import typer
 
 from llama_orchestrator.cli.context import app_context, err, out, print_json, say
 from llama_orchestrator.engine import views
-from llama_orchestrator.fit import human_bytes
+from llama_orchestrator.fit import human_bytes, human_count
 from llama_orchestrator.gguf_meta import estimate, read_model, scan_models
 from llama_orchestrator.present import GPU_COLUMNS, gpu_cells
 
@@ -82,7 +82,7 @@ def models_list(
         table.add_row(
             name,
             r["architecture"],
-            f"{r['parameters'] / 1e9:.2f}B",
+            human_count(r["parameters"]),
             r["file_type"],
             str(r["context_length"] or "-"),
             str(r["layers"]),
@@ -110,19 +110,10 @@ def models_inspect(
     if json_:
         print_json(data)
         return
-    for key in (
-        "path",
-        "architecture",
-        "name",
-        "file_type",
-        "context_length",
-        "layers",
-        "embedding_length",
-        "head_count",
-        "head_count_kv",
-    ):
-        say(f"{key:<17} {data[key]}")
-    say(f"{'parameters':<17} {info.parameters:,} ({info.parameters / 1e9:.2f}B)")
+    for key, value in info.to_json().items():
+        if key not in ("parameters", "size_bytes"):  # shown below, formatted
+            say(f"{key:<17} {value}")
+    say(f"{'parameters':<17} {info.parameters:,} ({human_count(info.parameters)})")
     say(f"{'size':<17} {human_bytes(info.size_bytes)} ({info.size_bytes:,} bytes)")
     say(
         f"estimate for -c {est.context} -np {parallel} -ngl {'all' if layers < 0 else layers}"

@@ -11,7 +11,7 @@ from llama_orchestrator.cli.context import AppContext, app_context, err, out, pr
 from llama_orchestrator.engine import views
 from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.engine.status import collect, iso
-from llama_orchestrator.fit import human_bytes
+from llama_orchestrator.fit import human_bytes, human_count
 from llama_orchestrator.present import STATE_STYLES, backend_label, columns, state_label
 from llama_orchestrator.timefmt import human_duration
 
@@ -110,7 +110,7 @@ def describe(
     m = d.get("model")
     if m:
         line = (
-            f"{m['architecture']} {m['parameters'] / 1e9:.2f}B {m['file_type']}, "
+            f"{m['architecture']} {human_count(m['parameters'])} {m['file_type']}, "
             f"{m['layers']} layers, context {m['context_length']}"
         )
         if d.get("backend") != "cpu":
