@@ -20,7 +20,7 @@ app = typer.Typer(help="Check and show instance configs.", no_args_is_help=True)
 @app.command()
 def validate(
     ctx: typer.Context,
-    name: Optional[str] = typer.Argument(None),
+    name: Optional[str] = typer.Argument(None, metavar="NAME"),
     strict: bool = typer.Option(False, "--strict", help="Treat VRAM overcommit as an error."),
 ) -> None:
     """Check every instance (or one): schema, ports, model files, llama-server, VRAM."""
@@ -44,7 +44,7 @@ def schema() -> None:
 
 
 @app.command()
-def show(ctx: typer.Context, name: str = typer.Argument(...)) -> None:
+def show(ctx: typer.Context, name: str = typer.Argument(..., metavar="NAME")) -> None:
     """Print an instance's config with defaults filled in and secrets hidden."""
     a = app_context(ctx)
     (name,) = a.engine.resolve_names([name])

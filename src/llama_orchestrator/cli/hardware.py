@@ -53,7 +53,7 @@ def gpus(
 def models_list(
     ctx: typer.Context,
     folder: Optional[Path] = typer.Argument(
-        None, help="Folder to search (default: <home>/models, else .)."
+        None, help="Folder to search (default: <home>/models, else .).", metavar="DIR"
     ),
     json_: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
@@ -93,7 +93,7 @@ def models_list(
 
 @models_app.command("inspect")
 def models_inspect(
-    path: Path = typer.Argument(..., help="A .gguf file."),
+    path: Path = typer.Argument(..., help="A .gguf file.", metavar="PATH"),
     ctx_size: int = typer.Option(
         4096, "--ctx", help="Context size for the estimate (0: the model's)."
     ),

@@ -68,7 +68,7 @@ def _gpu_warnings(app: AppContext) -> None:
 
 def describe(
     ctx: typer.Context,
-    name: str = typer.Argument(...),
+    name: str = typer.Argument(..., metavar="NAME"),
     json_: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Everything about one instance: config, command, state, last exit, events."""
@@ -134,7 +134,7 @@ def describe(
 
 def health(
     ctx: typer.Context,
-    name: str = typer.Argument(...),
+    name: str = typer.Argument(..., metavar="NAME"),
     json_: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Probe /health once; exit 0 only if healthy."""

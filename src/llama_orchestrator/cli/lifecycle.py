@@ -35,7 +35,9 @@ def _parse_gpus(text: Optional[str]) -> Union[list[int], Literal["auto"], None]:
 
 def init(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="Instance name (lowercase letters, digits, . _ -)."),
+    name: str = typer.Argument(
+        ..., help="Instance name (lowercase letters, digits, . _ -).", metavar="NAME"
+    ),
     model: str = typer.Option(..., "--model", "-m", help="Path to the GGUF model."),
     port: Optional[int] = typer.Option(None, help="Port (default: the first free one from 8001)."),
     host: str = typer.Option("127.0.0.1", help="Address llama-server listens on."),
@@ -149,7 +151,9 @@ def _report_up(results: list[UpResult]) -> None:
 
 def up(
     ctx: typer.Context,
-    names: Optional[List[str]] = typer.Argument(None, help="Instances to start."),
+    names: Optional[List[str]] = typer.Argument(
+        None, help="Instances to start.", metavar="NAME"
+    ),
     all_: bool = typer.Option(False, "--all", help="Start every instance."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until /health answers 200."),
     timeout: float = typer.Option(300, help="Seconds to wait for health."),
@@ -168,7 +172,7 @@ def up(
 
 def down(
     ctx: typer.Context,
-    names: Optional[List[str]] = typer.Argument(None, help="Instances to stop."),
+    names: Optional[List[str]] = typer.Argument(None, help="Instances to stop.", metavar="NAME"),
     all_: bool = typer.Option(False, "--all", help="Stop every instance."),
     timeout: Optional[float] = typer.Option(
         None, help="Seconds before a kill (default: stop_timeout)."
@@ -187,7 +191,7 @@ def down(
 
 def restart(
     ctx: typer.Context,
-    names: List[str] = typer.Argument(..., help="Instances to restart."),
+    names: List[str] = typer.Argument(..., help="Instances to restart.", metavar="NAME"),
     timeout: float = typer.Option(300, help="Seconds to wait for health."),
 ) -> None:
     """Stop and start instances again."""
@@ -200,7 +204,7 @@ def restart(
 
 def rm(
     ctx: typer.Context,
-    name: str = typer.Argument(...),
+    name: str = typer.Argument(..., metavar="NAME"),
     force: bool = typer.Option(False, "--force", "-f", help="Stop it first if it runs."),
 ) -> None:
     """Remove an instance: its config, logs and state."""

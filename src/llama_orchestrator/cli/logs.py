@@ -22,7 +22,7 @@ EVENTS_POLL = 0.25
 
 def logs(
     ctx: typer.Context,
-    name: str = typer.Argument(...),
+    name: str = typer.Argument(..., metavar="NAME"),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
     tail: Optional[int] = typer.Option(None, "--tail", "-n", help="Only the last N lines."),
     stream: str = typer.Option("both", help="stdout, stderr or both."),
@@ -56,7 +56,7 @@ def _event_line(e: Event) -> str:
 
 def events(
     ctx: typer.Context,
-    name: Optional[str] = typer.Argument(None, help="Only this instance's events."),
+    name: Optional[str] = typer.Argument(None, help="Only this instance's events.", metavar="NAME"),
     since: Optional[str] = typer.Option(None, help="E.g. 10m, 2h, 1d or an ISO time."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events."),
     json_: bool = typer.Option(False, "--json", help="One JSON object a line."),
