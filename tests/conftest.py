@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from llama_orchestrator.binary import find_llama_server
+from llama_orchestrator.daemon.main import stop as stop_daemon
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.errors import BinaryNotFound
 from llama_orchestrator.home import Home
@@ -31,7 +32,8 @@ def _ours(p: psutil.Process) -> bool:
         if p.create_time() < _SESSION_START - 1:
             return False
         cmd = " ".join(p.cmdline())
-        return "llama-server" in cmd or "fake_server.py" in cmd or "llama-orch-test-srv" in cmd
+        servers = ("llama-server", "fake_server.py", "llama-orch-test-srv")
+        return any(s in cmd for s in servers) or "daemon start --foreground" in cmd
     except psutil.Error:
         return False
 
@@ -97,10 +99,13 @@ def kv_heavy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture()
-def home(tmp_path: Path) -> Home:
+def home(tmp_path: Path) -> Iterator[Home]:
+    """An empty home; a daemon a test started there is stopped with its instances."""
     root = tmp_path / "home"
     (root / "instances").mkdir(parents=True)
-    return Home(root)
+    home = Home(root)
+    yield home
+    stop_daemon(home, all_=True)
 
 
 @pytest.fixture()

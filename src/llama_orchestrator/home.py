@@ -59,6 +59,25 @@ class Home:
     def bin_dir(self) -> Path:
         return self.root / "bin"
 
+    # --- the daemon's files (see llama_orchestrator.daemon) ---
+
+    @property
+    def daemon_socket(self) -> Path:
+        return self.state_dir / "daemon.sock"
+
+    @property
+    def daemon_lock(self) -> Path:
+        return self.state_dir / "daemon.lock"
+
+    @property
+    def daemon_info(self) -> Path:
+        """pid, address and token of the running daemon (JSON, mode 0600)."""
+        return self.state_dir / "daemon.json"
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.logs_dir / "daemon.log"
+
     def instance_dir(self, name: str) -> Path:
         return self.instances_dir / check_name(name)
 

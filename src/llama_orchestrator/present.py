@@ -35,7 +35,10 @@ GPU_COLUMNS = ("GPU", "NAME", "BACKEND", "VRAM", "FREE", "UTIL", "TEMP", "POWER"
 
 
 def state_label(status: dict[str, Any]) -> str:
-    """`healthy*`: the star marks a running instance nothing supervises."""
+    """`healthy*`: the star marks a running instance nothing supervises;
+    `backoff (3.2s)`: the next restart is due in 3.2 seconds."""
+    if status.get("next_try_s") is not None:
+        return f"{status['state']} ({status['next_try_s']:g}s)"
     return status["state"] + ("*" if status["pid"] and not status["supervised"] else "")
 
 

@@ -57,6 +57,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE instances ADD COLUMN gpu_devices TEXT;
     """,
+    # 2 -> 3: restarts in a row (the backoff exponent), so a daemon that is
+    # killed and started again resumes the count where it was
+    """
+    ALTER TABLE instances ADD COLUMN streak INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -81,6 +86,7 @@ class InstanceRow:
     next_restart_at: float | None = None
     updated_at: float = 0.0
     gpu_devices: list[int] | None = None
+    streak: int = 0  # restarts since the instance last stayed up reset_after seconds
 
     @classmethod
     def from_sql(cls, r: sqlite3.Row) -> InstanceRow:
@@ -127,6 +133,8 @@ class Store:
         self._conn = conn
         self.path = path
         self.clock = clock
+        #: on_event(instance, kind, message, data) after each event is added (the daemon logs them)
+        self.on_event: Callable[[str | None, str, str, dict[str, Any]], None] | None = None
 
     @classmethod
     def open(cls, path: Path, clock: Callable[[], float] = time.time) -> Store:
@@ -244,6 +252,8 @@ class Store:
             "INSERT INTO events (ts, instance, kind, message, data) VALUES (?, ?, ?, ?, ?)",
             (self.clock(), instance, kind, message, json.dumps(data or {})),
         )
+        if self.on_event is not None:
+            self.on_event(instance, kind, message, data or {})
 
     def events(
         self,

@@ -226,7 +226,9 @@ def test_device_id_auto_is_resolved_at_each_up(home, tiny_model):
         assert [g["instances"] for g in gpus] == [[], [], ["w"], [], []]  # where auto put it
         run_cli(home, "down", "w")
         assert json.loads(run_cli(home, "ps", "--json").stdout)[0]["gpu_devices"] == []
-        r = run_cli(home, "up", "w", env=gpu_env())  # no GPU anywhere: a clear refusal
+        # no GPU anywhere: a clear refusal (--no-daemon: the daemon that the first
+        # `up` started sees the GPUs of its own environment, not of this command)
+        r = run_cli(home, "up", "w", "--no-daemon", env=gpu_env())
         assert r.returncode == 2 and "--gpu auto found no GPU" in r.stderr
     finally:
         run_cli(home, "down", "--all")

@@ -71,9 +71,11 @@ def test_init_up_ps_health_logs_describe_down(cli_home, tiny_model, server_bin):
     assert "a healthy (pid" in r.stdout
     row = ps(home)["a"]
     assert set(row) >= PS_KEYS
-    assert row["state"] == "healthy" and row["supervised"] is False
-    proc = psutil.Process(row["pid"])  # it outlived the CLI that started it
-    assert proc.is_running() and proc.ppid() != 0
+    assert row["state"] == "healthy" and row["supervised"] is True
+    daemon = json.loads(run_cli(home, "daemon", "status", "--json").stdout)
+    assert daemon["running"] and daemon["instances"] == ["a"]
+    proc = psutil.Process(row["pid"])  # the daemon `up` started is its parent
+    assert proc.is_running() and proc.ppid() == daemon["pid"]
     assert httpx.get(f"http://127.0.0.1:{row['port']}/health").status_code == 200
 
     assert run_cli(home, "health", "a").returncode == 0
@@ -251,5 +253,22 @@ def test_events_follow_shows_new_transitions_live(cli_home, tiny_model):
     write_config(cli_home, "a", tiny_model)
     with following(cli_home, "events", "-f", "--json") as lines:
         assert run_cli(cli_home, "up", "a").returncode == 0
-        wait_until(lambda: [json.loads(x)["kind"] for x in lines] == ["starting", "healthy"])
+        wait_until(
+            lambda: [json.loads(x)["kind"] for x in lines if json.loads(x)["instance"] == "a"]
+            == ["starting", "healthy"]
+        )
         assert {"ts", "instance", "kind", "message", "data"} <= set(json.loads(lines[0]))
+        assert json.loads(lines[0])["kind"] == "daemon_started"  # `up` started the daemon
+
+
+def test_up_no_daemon_runs_the_instance_unsupervised(home, tiny_model):
+    from llama_orchestrator.daemon.info import lock_is_held
+
+    write_config(home, "a", tiny_model)
+    r = run_cli(home, "up", "a", "--no-daemon")
+    assert r.returncode == 0, r.stderr
+    assert not lock_is_held(home) and "daemon" not in r.stderr  # none was started
+    text = run_cli(home, "ps").stdout
+    assert "healthy*" in text and "* unsupervised" in text
+    assert ps(home)["a"]["supervised"] is False
+    assert run_cli(home, "down", "a").returncode == 0

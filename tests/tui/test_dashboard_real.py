@@ -35,7 +35,7 @@ async def test_up_and_down_from_the_dashboard_on_a_real_server(home, tiny_model,
         async with app.run_test(size=(130, 36)) as pilot:
             await until(lambda: state_of(app, "alpha") == "created")
             await pilot.press("u")  # alpha is selected first
-            await until(lambda: state_of(app, "alpha") == "healthy*", timeout=30)
+            await until(lambda: state_of(app, "alpha") == "healthy", timeout=30)
             await pilot.press("d", "y")
             await until(lambda: state_of(app, "alpha") == "stopped", timeout=30)
             assert state_of(app, "beta") == "created"

@@ -9,7 +9,16 @@ from typing import Optional
 import typer
 
 from llama_orchestrator import __version__
-from llama_orchestrator.cli import config_cmd, dashboard, demo, hardware, inspect, lifecycle, logs
+from llama_orchestrator.cli import (
+    config_cmd,
+    daemon_cmd,
+    dashboard,
+    demo,
+    hardware,
+    inspect,
+    lifecycle,
+    logs,
+)
 from llama_orchestrator.cli.context import AppContext, err
 from llama_orchestrator.errors import ConfigError, OrchError
 from llama_orchestrator.home import resolve_home
@@ -56,6 +65,7 @@ inspect.register(app)
 logs.register(app)
 hardware.register(app)
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(daemon_cmd.app, name="daemon")
 app.command("demo")(demo.demo)
 app.command("dashboard")(dashboard.dashboard)
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.home import Home
+
+if TYPE_CHECKING:
+    from llama_orchestrator.daemon import Control
+    from llama_orchestrator.daemon.info import DaemonInfo
 
 __all__ = ["AppContext", "app_context", "out", "err", "say", "print_json"]
 
@@ -51,6 +55,19 @@ class AppContext:
         if self._engine is None:
             self._engine = Engine(self.home)
         return self._engine
+
+    def control(self, start_daemon: bool = False) -> Control:
+        """Where up/down/restart/rm go: the home's daemon when it runs (started
+        first with `start_daemon`), else the engine (instances run unsupervised)."""
+        from llama_orchestrator.daemon import control
+
+        def started(info: DaemonInfo) -> None:
+            say(
+                f"Started the llama-orch daemon (pid {info.pid}); it supervises what `up` starts.",
+                to_err=True,
+            )
+
+        return control(self.engine, start_daemon, started)
 
     def close(self) -> None:
         if self._engine is not None:

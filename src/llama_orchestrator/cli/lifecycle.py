@@ -151,20 +151,21 @@ def _report_up(results: list[UpResult]) -> None:
 
 def up(
     ctx: typer.Context,
-    names: Optional[List[str]] = typer.Argument(
-        None, help="Instances to start.", metavar="NAME"
-    ),
+    names: Optional[List[str]] = typer.Argument(None, help="Instances to start.", metavar="NAME"),
     all_: bool = typer.Option(False, "--all", help="Start every instance."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until /health answers 200."),
     timeout: float = typer.Option(300, help="Seconds to wait for health."),
-    no_daemon: bool = typer.Option(False, "--no-daemon", help="Run unsupervised (no daemon)."),
+    no_daemon: bool = typer.Option(
+        False, "--no-daemon", help="Start them here, unsupervised (no daemon, no restarts)."
+    ),
     strict: bool = typer.Option(False, "--strict", help="Refuse to overcommit a GPU's VRAM."),
 ) -> None:
     """Start instances in the background."""
     app = app_context(ctx)
     targets = app.engine.resolve_names(names or [], all_)
+    ctl = app.engine if no_daemon else app.control(start_daemon=True)
     with _progress() as on_progress, _interrupt_note(targets):
-        results = app.engine.up(
+        results = ctl.up(
             targets, wait=wait, timeout=timeout, on_progress=on_progress, strict=strict
         )
     _report_up(results)
@@ -182,7 +183,7 @@ def down(
     app = app_context(ctx)
     targets = app.engine.resolve_names(names or [], all_)
     t0 = time.monotonic()
-    stopped = app.engine.down(targets, timeout)
+    stopped = app.control().down(targets, timeout)
     for name in targets:
         say(f"{name} {'stopped' if name in stopped else 'was not running'}")
     if stopped and sys.stderr.isatty():
@@ -198,7 +199,7 @@ def restart(
     app = app_context(ctx)
     targets = app.engine.resolve_names(names)
     with _progress() as on_progress:
-        results = app.engine.restart(targets, timeout=timeout, on_progress=on_progress)
+        results = app.control().restart(targets, timeout=timeout, on_progress=on_progress)
     _report_up(results)
 
 
@@ -210,7 +211,7 @@ def rm(
     """Remove an instance: its config, logs and state."""
     app = app_context(ctx)
     (target,) = app.engine.resolve_names([name])
-    app.engine.rm(target, force)
+    app.control().rm(target, force)
     say(f"{target} removed")
 
 

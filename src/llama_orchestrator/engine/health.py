@@ -22,6 +22,8 @@ __all__ = [
     "probe",
     "probe_host",
     "http_get",
+    "http_request",
+    "probe_completion",
     "HEALTHY",
     "LOADING",
     "DOWN",
@@ -79,10 +81,26 @@ def probe_host(host: str) -> str:
 
 def http_get(host: str, port: int, path: str, timeout: float) -> tuple[int, str]:
     """GET http://host:port/path; return (status, body). Raises OSError on failure."""
+    return http_request(host, port, "GET", path, timeout)
+
+
+def http_request(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    timeout: float,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, str]:
+    """One HTTP/1.1 request with `Connection: close`; (status, body)."""
     deadline = time.monotonic() + timeout
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
-        sock.sendall(request.encode("ascii"))
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+        if body:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         data = b""
         while len(data) < 65536:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -98,9 +116,26 @@ def http_get(host: str, port: int, path: str, timeout: float) -> tuple[int, str]
 
 
 def probe(host: str, port: int, timeout: float, get: Getter = http_get) -> ProbeResult:
+    return _timed(lambda: get(probe_host(host), port, "/health", timeout), timeout)
+
+
+def probe_completion(
+    host: str, port: int, timeout: float, api_key: str | None = None
+) -> ProbeResult:
+    """The deep check: a 1-token completion must succeed within `timeout`
+    (a server can answer /health while every generation fails)."""
+    body = b'{"prompt": "Hi", "n_predict": 1, "cache_prompt": false}'
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    return _timed(
+        lambda: http_request(probe_host(host), port, "POST", "/completion", timeout, body, headers),
+        timeout,
+    )
+
+
+def _timed(call: Callable[[], tuple[int, str]], timeout: float) -> ProbeResult:
     start = time.perf_counter()
     try:
-        status, body = get(probe_host(host), port, "/health", timeout)
+        status, body = call()
     except ConnectionRefusedError as exc:
         ms = (time.perf_counter() - start) * 1000
         return ProbeResult(DOWN, None, ms, f"connection refused ({exc})")

@@ -1,8 +1,12 @@
 """The lifecycle engine: up, down, restart, rm and observing instances.
 
-This is the one implementation the CLI, the demo and (later) the daemon and
-the TUI call. It works on SQLite + processes directly. Decisions live in pure
-modules (command, health.classify, states); this module wires them to I/O.
+This is the one implementation the CLI, the demo, the TUI and the daemon call.
+It works on SQLite + processes directly. Decisions live in pure modules
+(command, health.classify, policy, states); this module wires them to I/O.
+
+Ownership: while a daemon runs, it alone writes the state of the instances it
+supervises (`row.supervised`); other engines (`supervisor=False`) read those
+rows and leave them alone. Without a daemon, whoever looks records what it sees.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llama_orchestrator import platform
-from llama_orchestrator.config import InstanceConfig, Settings, load_settings
+from llama_orchestrator.config import Settings, load_settings
 from llama_orchestrator.engine import health, logs
 from llama_orchestrator.engine.prepare import Prepared, prepare
 from llama_orchestrator.engine.process import (
@@ -85,8 +89,11 @@ class Engine:
         get: health.Getter = health.http_get,
         base_env: dict[str, str] | None = None,
         find_gpus: Callable[[], Discovery] = discover,
+        supervisor: bool = False,
     ) -> None:
         self.home = home
+        self.is_supervisor = supervisor
+        self._daemon_checked: tuple[float, bool] | None = None
         self.clock = clock
         self._store: Store | None = None
         self.get = get
@@ -111,6 +118,22 @@ class Engine:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+    def daemon_alive(self) -> bool:
+        """Whether a daemon runs for this home (looked up at most once a second)."""
+        if self.is_supervisor:
+            return True
+        now = time.monotonic()
+        if self._daemon_checked is None or now - self._daemon_checked[0] > 1.0:
+            from llama_orchestrator.daemon.info import lock_is_held
+
+            self._daemon_checked = (now, lock_is_held(self.home))
+        return self._daemon_checked[1]
+
+    def owns(self, row: InstanceRow) -> bool:
+        """May this engine record what it sees of `row`? Not while a daemon
+        supervises it (unless this engine is that daemon's)."""
+        return self.is_supervisor or not (row.supervised and self.daemon_alive())
 
     # --- names and configs ----------------------------------------------------
 
@@ -165,7 +188,7 @@ class Engine:
 
     def observe(self, row: InstanceRow) -> InstanceRow:
         """Record the death of an instance whose process is gone."""
-        if row.state not in RUNNING_STATES or is_alive(self._ref(row)):
+        if row.state not in RUNNING_STATES or not self.owns(row) or is_alive(self._ref(row)):
             return row
         info = self._exit_info(row)
         new = S.STOPPED if row.state == S.STOPPING else S.EXITED
@@ -203,8 +226,11 @@ class Engine:
 
     # --- up -----------------------------------------------------------------
 
-    def _spawn(self, p: Prepared) -> UpResult:
+    def spawn(self, p: Prepared, fresh: bool = True) -> UpResult:
         """Start one instance unless its process already runs.
+
+        `fresh`: a user's up/restart, which gives a failed instance its restart
+        budget back; the daemon's own restarts keep the counts.
 
         The check and the spawn happen inside one BEGIN IMMEDIATE transaction:
         two `up` at the same moment serialise on SQLite's write lock, and the
@@ -215,8 +241,13 @@ class Engine:
             s = p.config.server
             running = find(self._ref(row))
             if running is not None:
-                if row.desired != Desired.RUNNING:
+                if row.desired != Desired.RUNNING or row.supervised != self.is_supervisor:
+                    if self.is_supervisor and not row.supervised:
+                        store.add_event(
+                            p.name, "supervised", f"daemon supervises process {row.pid}"
+                        )
                     row.desired = Desired.RUNNING
+                    row.supervised = row.supervised or self.is_supervisor
                     store.save(row)
                 try:
                     stale = running.cmdline() != p.launch.argv
@@ -262,8 +293,9 @@ class Engine:
                 started_at=self.clock(),
                 exited_at=None,
                 exit_code=None,
-                supervised=False,
+                supervised=self.is_supervisor,
                 next_restart_at=None,
+                **({"restarts": 0, "streak": 0} if fresh else {}),
             )
             return UpResult(p.name, "started", proc.pid, s.port)
 
@@ -282,47 +314,53 @@ class Engine:
         Raises StartFailed (exit 1) naming each instance that died or timed
         out, with its exit code and last stderr lines."""
         prepared = self.prepare(names, strict)
-        results = [self._spawn(p) for p in prepared]
+        results = [self.spawn(p) for p in prepared]
         for p, r in zip(prepared, results, strict=True):
             r.warnings, r.notes = p.warnings, p.notes
         if wait:
-            self._wait_healthy(results, {p.name: p.config for p in prepared}, timeout, on_progress)
+            self.wait_healthy(results, timeout, on_progress)
         failed = [r for r in results if r.error]
         if failed:
             raise StartFailed("\n".join(r.error for r in failed if r.error))
         return results
 
-    def _wait_healthy(
-        self,
-        results: list[UpResult],
-        configs: dict[str, InstanceConfig],
-        timeout: float,
-        on_progress: Progress | None,
+    def wait_healthy(
+        self, results: list[UpResult], timeout: float, on_progress: Progress | None = None
     ) -> None:
+        """Wait until each instance is healthy, died, or `timeout` passed; set
+        `error` on the results that did not make it. An instance a daemon
+        supervises is healthy when the daemon says so; others are probed here."""
+        configs = {x.name: x.config for x in load_all(self.home) if x.config is not None}
         start = time.monotonic()
         pending = {r.name: r for r in results}
         while pending:
             elapsed = time.monotonic() - start
             for name, res in list(pending.items()):
-                row = self.store.get_or_new(name)
-                row = self.observe(row)
-                if row.state not in RUNNING_STATES:
+                row = self.observe(self.store.get_or_new(name))
+                if row.state not in RUNNING_STATES or row.pid != res.pid:
                     res.error = self._death_message(name, row)
                     del pending[name]
                     continue
-                cfg = configs[name]
-                probe = health.probe(
-                    cfg.server.host, cfg.server.port, min(cfg.healthcheck.timeout, 2.0), self.get
-                )
-                if probe.ok:
-                    res.healthy = True
-                    if row.state != S.HEALTHY:
+                if self.owns(row):
+                    cfg = configs[name]
+                    probe = health.probe(
+                        cfg.server.host,
+                        cfg.server.port,
+                        min(cfg.healthcheck.timeout, 2.0),
+                        self.get,
+                    )
+                    healthy, loading = probe.ok, probe.status == health.LOADING
+                    if probe.ok and row.state != S.HEALTHY:
                         self.store.set_state(row, S.HEALTHY, "answered /health with 200")
+                else:
+                    healthy, loading = row.state == S.HEALTHY, row.state == S.STARTING
+                if healthy:
+                    res.healthy = True
                     del pending[name]
                     if on_progress:
                         on_progress(name, "healthy", elapsed, "")
                 elif on_progress:
-                    phase = "loading" if probe.status == health.LOADING else "starting"
+                    phase = "loading" if loading else "starting"
                     last = logs.tail_lines(logs.log_file(self.home.log_dir(name), "stderr"), 1)
                     on_progress(name, phase, elapsed, last[0] if last else "")
             if not pending:
@@ -340,10 +378,15 @@ class Engine:
 
     def _death_message(self, name: str, row: InstanceRow) -> str:
         info = row.last_exit or {}
-        return _with_tail(
-            f"Instance '{name}' {exit_text(info)} while starting.",
-            (info.get("stderr_tail") or [])[-10:],
-        )
+        message = f"Instance '{name}' {exit_text(info)} while starting."
+        if row.state == S.BACKOFF and row.next_restart_at is not None:
+            wait = max(0.0, row.next_restart_at - self.clock())
+            message += f" The daemon tries again in {wait:.1f}s (restart {row.restarts})."
+        elif row.state in RUNNING_STATES:
+            message += f" The daemon restarted it (restart {row.restarts}, pid {row.pid})."
+        elif row.state == S.FAILED:
+            message += f" It failed {row.restarts} restarts in a row; the daemon gave up."
+        return _with_tail(message, (info.get("stderr_tail") or [])[-10:])
 
     # --- down / restart / rm ----------------------------------------------------
 

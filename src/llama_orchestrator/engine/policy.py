@@ -1,8 +1,9 @@
-"""Restart policy and backoff (DESIGN §4): pure decisions with an injected clock.
+"""Health verdicts, restart policy and backoff (DESIGN §4): pure decisions.
 
-The supervisor daemon (issue 3) calls `after_exit` when an instance's process
-ends or is declared unhealthy, and `after_start` when it starts one; nothing
-here does I/O or reads a clock.
+The supervisor daemon calls `after_probe` with each health-check result,
+`after_exit` when an instance's process ends (or was stopped for being
+unhealthy), and `after_start` when it starts one. Nothing here does I/O or
+reads a clock: the caller passes `now`, ages and its random draw.
 
     delay = min(backoff_max, backoff_initial * 2**n) * (1 +/- 10 %)
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from llama_orchestrator.config import RestartPolicySection
+from llama_orchestrator.config import HealthcheckSection, RestartPolicySection
+from llama_orchestrator.engine.health import DOWN, HEALTHY, LOADING
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
 
@@ -27,6 +29,8 @@ __all__ = [
     "backoff_delay",
     "after_start",
     "after_exit",
+    "Verdict",
+    "after_probe",
 ]
 
 JITTER = 0.10
@@ -42,9 +46,18 @@ class Ending:
 
     @property
     def failed(self) -> bool:
-        return (
-            self.unhealthy or self.signal is not None or (self.code is not None and self.code != 0)
-        )
+        """A non-zero code, a signal, a failed health check, or an unknown end
+        (a process that was not our child: nobody can tell, so assume the worst)."""
+        if self.unhealthy or self.signal is not None:
+            return True
+        return self.code != 0
+
+    @classmethod
+    def of(cls, last_exit: dict[str, object] | None) -> Ending:
+        """From a `last_exit` record (see Engine.observe)."""
+        info = last_exit or {}
+        code, sig = info.get("code"), info.get("signal")
+        return cls(code if isinstance(code, int) else None, sig if isinstance(sig, int) else None)
 
 
 @dataclass(frozen=True)
@@ -115,3 +128,53 @@ def after_exit(
     delay = backoff_delay(policy, streak, jitter)
     book = replace(book, restarts=book.restarts + 1, streak=streak + 1)
     return Decision(S.BACKOFF, book, now + delay, f"restart {streak + 1} in {delay:.2f}s")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one health-check result means for a running instance."""
+
+    state: S  # STARTING, HEALTHY or UNHEALTHY
+    failures: int  # consecutive failures counted so far
+    restart: bool = False  # stop it now and let `after_exit` decide what follows
+    reason: str = ""
+
+
+def after_probe(
+    hc: HealthcheckSection,
+    mode: str,
+    desired: Desired,
+    state: S,
+    failures: int,
+    status: str,
+    age: float,
+    detail: str = "",
+) -> Verdict:
+    """Docker's health semantics for one probe `status` (health.HEALTHY, ...)
+    of a run that is `age` seconds old.
+
+    While an instance has not been healthy yet and is within `start_period`,
+    failures do not count (a model loading answers 503; a server not yet
+    listening refuses). After that, `retries` failures in a row make it
+    unhealthy, and an unhealthy instance is restarted when its policy says so.
+    """
+    if status == HEALTHY:
+        return Verdict(S.HEALTHY, 0, reason="answered /health with 200")
+    what = detail or status
+    if state == S.STARTING and age < hc.start_period:
+        why = (
+            "model loading"
+            if status == LOADING
+            else "not listening yet"
+            if status == DOWN
+            else what
+        )
+        return Verdict(S.STARTING, 0, reason=why)
+    failures += 1
+    if failures < hc.retries:
+        return Verdict(
+            state, failures, reason=f"health check failed ({what}), {failures} of {hc.retries}"
+        )
+    reason = f"{failures} health checks failed in a row (last: {what})"
+    restart = state != S.UNHEALTHY and wants_restart(mode, Ending(unhealthy=True), desired)
+    return Verdict(S.UNHEALTHY, failures, restart, reason)

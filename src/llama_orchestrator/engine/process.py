@@ -17,7 +17,16 @@ import psutil
 from llama_orchestrator import platform
 from llama_orchestrator.errors import OrchError
 
-__all__ = ["ProcRef", "find", "is_alive", "stop_tree", "create_time_of", "track_child", "exit_code"]
+__all__ = [
+    "ProcRef",
+    "find",
+    "is_alive",
+    "stop_tree",
+    "create_time_of",
+    "track_child",
+    "exit_code",
+    "wait_exit",
+]
 
 _CT_TOLERANCE = 0.05  # create_time is rounded differently across psutil calls
 
@@ -69,6 +78,21 @@ def exit_code(pid: int, wait: float = 2.0) -> int | None:
             del _children[pid]
     _reap(pid)
     return _exit_codes.pop(pid, None)
+
+
+def wait_exit(ref: ProcRef) -> None:
+    """Block until the process `ref` names has ended (the thread-based watch
+    where the OS has no pidfd). A child of ours is waited for through its
+    Popen, which keeps its exit code for `exit_code`."""
+    proc = _children.get(ref.pid)
+    if proc is not None:
+        with contextlib.suppress(Exception):
+            proc.wait()
+        return
+    p = find(ref)
+    if p is not None:
+        with contextlib.suppress(psutil.Error):
+            p.wait()
 
 
 def find(ref: ProcRef | None) -> psutil.Process | None:

@@ -7,6 +7,7 @@ reports the health it sees now, not the health someone saw last.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -63,6 +64,9 @@ def status_view(
         "last_exit": row.last_exit,
         "supervised": row.supervised,
         "next_restart_at": iso(row.next_restart_at),
+        "next_try_s": round(max(0.0, row.next_restart_at - now), 1)
+        if row.state == S.BACKOFF and row.next_restart_at is not None
+        else None,
         "config_error": config_error,
     }
 
@@ -84,7 +88,8 @@ def collect(
 ) -> list[dict[str, Any]]:
     """Status of the named instances (all when None), sorted by name."""
     loaded = {x.name: x for x in load_all(engine.home)}
-    rows = engine.rows(names)
+    # `supervised` as it is now: a row keeps the flag when its daemon is killed
+    rows = [replace(r, supervised=not engine.owns(r)) for r in engine.rows(names)]
     if probe:
         todo = [
             (i, loaded[row.name].config)

@@ -8,6 +8,10 @@ imports `signal`, calls `os.kill` or sets process-creation flags.
     force_kill_group(pid)                             kill what is left of the group
     port_is_free(host, port) -> bool                  nothing listens there
     signal_name(signum) -> str                        SIGKILL, SIGSEGV, ...
+    try_lock(path) -> file | None                     an exclusive lock held while open
+    exit_fd(pid) -> int | None                        readable when pid exits (Linux pidfd)
+    on_stop_signals(callback)                         SIGTERM/SIGINT/... -> callback(name)
+    CONTROL_TRANSPORT, bind_control, connect_control  the daemon's control socket
 """
 
 from __future__ import annotations
@@ -16,19 +20,43 @@ import os
 
 if os.name == "nt":
     from llama_orchestrator.platform.windows import (
+        CONTROL_TRANSPORT,
+        bind_control,
+        connect_control,
+        exit_fd,
         force_kill_group,
+        on_stop_signals,
         port_is_free,
         request_stop,
         signal_name,
         spawn,
+        try_lock,
     )
 else:
     from llama_orchestrator.platform.posix import (
+        CONTROL_TRANSPORT,
+        bind_control,
+        connect_control,
+        exit_fd,
         force_kill_group,
+        on_stop_signals,
         port_is_free,
         request_stop,
         signal_name,
         spawn,
+        try_lock,
     )
 
-__all__ = ["spawn", "request_stop", "force_kill_group", "port_is_free", "signal_name"]
+__all__ = [
+    "CONTROL_TRANSPORT",
+    "bind_control",
+    "connect_control",
+    "exit_fd",
+    "force_kill_group",
+    "on_stop_signals",
+    "port_is_free",
+    "request_stop",
+    "signal_name",
+    "spawn",
+    "try_lock",
+]

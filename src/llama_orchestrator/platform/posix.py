@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
-__all__ = ["spawn", "request_stop", "force_kill_group", "port_is_free", "signal_name"]
+__all__ = [
+    "spawn",
+    "request_stop",
+    "force_kill_group",
+    "port_is_free",
+    "signal_name",
+    "try_lock",
+    "exit_fd",
+    "on_stop_signals",
+    "CONTROL_TRANSPORT",
+    "bind_control",
+    "connect_control",
+]
+
+#: the daemon's control API listens on a unix socket (mode 0600)
+CONTROL_TRANSPORT = "unix"
+_SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 104 (macOS) or 108 (Linux) bytes
 
 
 def spawn(
@@ -77,3 +95,78 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+def try_lock(path: Path) -> IO[str] | None:
+    """An exclusive lock on `path`, held while the returned file stays open
+    (the kernel drops it when the process dies, even by SIGKILL); None when
+    another process holds it."""
+    import fcntl
+
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def exit_fd(pid: int) -> int | None:
+    """A file descriptor that becomes readable when `pid` exits (Linux pidfd),
+    for any process, not only our children; None where there is none."""
+    if not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+def on_stop_signals(callback: Callable[[str], None]) -> None:
+    """Call `callback(signal name)` on SIGTERM, SIGINT and SIGHUP (main thread)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: callback(signal.Signals(signum).name))
+
+
+def _short(path: Path) -> tuple[str, int | None]:
+    """An address for `path` that fits sun_path: on Linux a long path is
+    reached through /proc/self/fd/N of its folder (N kept open by the caller)."""
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        return str(path), None
+    if not os.path.isdir("/proc/self/fd"):
+        raise OSError(f"the path {path} is too long for a unix socket")
+    fd = os.open(path.parent, os.O_RDONLY)
+    return f"/proc/self/fd/{fd}/{path.name}", fd
+
+
+def bind_control(path: Path) -> socket.socket:
+    """A listening unix socket at `path`, readable and writable by its owner only."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a socket left by a daemon that was killed
+    address, fd = _short(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # created 0600: no window where others may connect
+    try:
+        sock.bind(address)
+    finally:
+        os.umask(old)
+        if fd is not None:
+            os.close(fd)
+    sock.listen(128)
+    return sock
+
+
+def connect_control(path: Path, timeout: float) -> socket.socket:
+    address, fd = _short(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return sock

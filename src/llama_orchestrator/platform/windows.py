@@ -18,12 +18,29 @@ import contextlib
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import psutil
 
-__all__ = ["spawn", "request_stop", "force_kill_group", "port_is_free", "signal_name"]
+__all__ = [
+    "spawn",
+    "request_stop",
+    "force_kill_group",
+    "port_is_free",
+    "signal_name",
+    "try_lock",
+    "exit_fd",
+    "on_stop_signals",
+    "CONTROL_TRANSPORT",
+    "bind_control",
+    "connect_control",
+]
+
+#: no AF_UNIX in CPython on Windows: the control API listens on 127.0.0.1
+#: and the client proves it is the user with a token only the user can read
+CONTROL_TRANSPORT = "tcp"
 
 CREATE_NEW_CONSOLE = 0x00000010
 CREATE_BREAKAWAY_FROM_JOB = 0x01000000
@@ -99,3 +116,48 @@ def port_is_free(host: str, port: int) -> bool:
 def signal_name(signum: int) -> str:
     # Windows processes end with exit codes, not signals; kept for one interface.
     return f"signal {signum}"
+
+
+def try_lock(path: Path) -> IO[str] | None:
+    """An exclusive lock on the first byte of `path` while the file stays open;
+    Windows drops it when the process ends."""
+    import msvcrt
+
+    f = open(path, "a+")
+    try:
+        f.seek(0)
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def exit_fd(pid: int) -> int | None:
+    return None  # the caller waits on the process handle in a thread instead
+
+
+def on_stop_signals(callback: Callable[[str], None]) -> None:
+    """Ctrl+C, Ctrl+Break and the console's close/logoff/shutdown events."""
+    import signal
+
+    def handler(signum: int, _frame: object) -> None:
+        callback(signal.Signals(signum).name)
+
+    for name in ("SIGINT", "SIGBREAK", "SIGTERM"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, handler)
+
+
+def bind_control(path: Path) -> socket.socket:
+    """`path` is unused: Windows listens on a free loopback port (see CONTROL_TRANSPORT)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)  # type: ignore[attr-defined]
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+def connect_control(path: Path, timeout: float) -> socket.socket:
+    raise OSError("Windows connects to the control API over TCP")

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from llama_orchestrator.daemon import Control, control
 from llama_orchestrator.engine import health, views
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.logs import STREAMS, log_file
@@ -164,21 +165,23 @@ class EngineSource:
                 self._counters[view.name] = sample
         return view
 
-    def _act(self, fn: Callable[[Engine], object]) -> None:
+    def _act(self, fn: Callable[[Control], object], start_daemon: bool = True) -> None:
+        """As the CLI does: through the daemon (started for up/restart, as
+        `llama-orch up` starts it), on a fresh engine per action."""
         engine = Engine(self.home)
         try:
-            fn(engine)
+            fn(control(engine, start=start_daemon))
         finally:
             engine.close()
 
     def up(self, name: str) -> None:
-        self._act(lambda e: e.up([name], wait=False))
+        self._act(lambda c: c.up([name], wait=False))
 
     def down(self, name: str) -> None:
-        self._act(lambda e: e.down([name]))
+        self._act(lambda c: c.down([name]), start_daemon=False)
 
     def restart(self, name: str) -> None:
-        self._act(lambda e: e.restart([name]))
+        self._act(lambda c: c.restart([name]))
 
     def describe(self, name: str) -> dict[str, Any]:
         with self._lock:

@@ -1,0 +1,259 @@
+"""Starting, running and stopping the daemon of one home (DESIGN §5).
+
+run_foreground(home)     the daemon itself: lock, supervisor, control API
+start_background(home)   what `up` and `daemon start` call: spawn it detached
+stop(home, all_)         ask it to exit (optionally stopping instances first)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import logging.handlers
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from llama_orchestrator import __version__, platform
+from llama_orchestrator.config import load_settings
+from llama_orchestrator.daemon.info import (
+    DaemonInfo,
+    lock_is_held,
+    running,
+    wait_running,
+    write_info,
+)
+from llama_orchestrator.engine import logs
+from llama_orchestrator.engine.process import ProcRef, create_time_of, is_alive
+from llama_orchestrator.errors import OrchError
+from llama_orchestrator.home import Home
+
+__all__ = ["run_foreground", "start_background", "stop", "Started", "DAEMON_ENV"]
+
+#: set in the daemon's environment (tests and `ps` tell it from other Pythons)
+DAEMON_ENV = "LLAMA_ORCH_DAEMON"
+START_TIMEOUT = 30.0
+
+log = logging.getLogger("llama_orchestrator.daemon")
+
+
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+        }
+        for key in ("instance", "kind", "data", "instances"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _setup_logging(home: Home) -> logging.Handler:
+    settings = load_settings(home.settings_path)
+    home.logs_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        home.daemon_log,
+        maxBytes=settings.logs.max_bytes,
+        backupCount=settings.logs.backups,
+        encoding="utf-8",
+    )
+    handler.setFormatter(_JsonLines())
+    root = logging.getLogger("llama_orchestrator")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    return handler
+
+
+class AlreadyRunning(Exception):
+    def __init__(self, info: DaemonInfo | None) -> None:
+        super().__init__("already running")
+        self.info = info
+
+
+def run_foreground(home: Home) -> None:
+    """Be the daemon of `home` until SIGTERM/SIGINT or `daemon stop`.
+
+    Raises AlreadyRunning when another process holds the home's lock."""
+    home.state_dir.mkdir(parents=True, exist_ok=True)
+    lock = platform.try_lock(home.daemon_lock)
+    if lock is None:
+        raise AlreadyRunning(wait_running(home, 5.0))
+    try:
+        _setup_logging(home)
+        asyncio.run(_serve(home))
+    finally:
+        lock.close()
+
+
+def _quiet_server() -> type:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn without its own signal handlers: ours decide what a signal means."""
+
+        def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+            return contextlib.nullcontext()
+
+    return _Server
+
+
+async def _serve(home: Home) -> None:
+    import uvicorn
+
+    from llama_orchestrator.daemon.api import build_app
+    from llama_orchestrator.daemon.metrics import Metrics
+    from llama_orchestrator.daemon.supervisor import Supervisor
+
+    _Server = _quiet_server()
+
+    started_at = time.time()
+    sup = Supervisor(
+        home,  # every event the daemon records goes to daemon.log as well
+        on_event=lambda instance, kind, message, data: log.info(
+            message, extra={"instance": instance, "kind": kind, "data": data}
+        ),
+    )
+    metrics = Metrics(sup.engine.store)
+    sup.on_health = metrics.health
+    sock = platform.bind_control(home.daemon_socket)
+    transport = platform.CONTROL_TRANSPORT
+    token = secrets.token_urlsafe(32) if transport == "tcp" else None
+    port = sock.getsockname()[1] if transport == "tcp" else None
+    address = str(home.daemon_socket) if transport == "unix" else f"127.0.0.1:{port}"
+    stop_instances = False
+
+    def request_exit(all_: bool) -> None:
+        nonlocal stop_instances
+        stop_instances = stop_instances or all_
+        server.should_exit = True
+
+    app = build_app(
+        sup, metrics, started_at=started_at, address=address, token=token, request_exit=request_exit
+    )
+    server = _Server(
+        uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+        )
+    )
+    loop = asyncio.get_running_loop()
+
+    def on_signal(name: str) -> None:
+        loop.call_soon_threadsafe(_on_signal, name, request_exit)
+
+    platform.on_stop_signals(on_signal)
+    log.info(f"daemon {os.getpid()} started for {home.root}", extra={"data": {"address": address}})
+    sup.engine.store.add_event(None, "daemon_started", f"daemon {os.getpid()} started")
+    await sup.start()
+    write_info(
+        home,
+        DaemonInfo(
+            pid=os.getpid(),
+            create_time=create_time_of(os.getpid()),
+            started_at=started_at,
+            transport=transport,
+            socket=str(home.daemon_socket) if transport == "unix" else None,
+            port=port,
+            token=token,
+            version=__version__,
+        ),
+    )
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            home.daemon_info.unlink()
+        await sup.shutdown(stop_instances)
+        if transport == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                home.daemon_socket.unlink()
+        log.info(
+            f"daemon {os.getpid()} stopped", extra={"data": {"stopped_instances": stop_instances}}
+        )
+
+
+def _on_signal(name: str, request_exit: Any) -> None:
+    log.info(f"received {name}: stopping (instances keep running)")
+    request_exit(False)
+
+
+@dataclass(frozen=True)
+class Started:
+    info: DaemonInfo
+    new: bool  # False: one was running already
+
+
+def start_background(home: Home, timeout: float = START_TIMEOUT) -> Started:
+    """Start the daemon of `home` detached (its own session / process group,
+    output to logs/daemon.out) and wait until its control API answers."""
+    info = running(home)
+    if info is not None:
+        return Started(info, False)
+    if lock_is_held(home):  # one is starting right now (another `up`)
+        info = wait_running(home, timeout)
+        if info is not None:
+            return Started(info, False)
+    home.logs_dir.mkdir(parents=True, exist_ok=True)
+    out_path = home.logs_dir / "daemon.out"
+    argv = [
+        sys.executable,
+        "-m",
+        "llama_orchestrator",
+        "--home",
+        str(home.root),
+        "daemon",
+        "start",
+        "--foreground",
+    ]
+    env = {**os.environ, DAEMON_ENV: "1"}
+    with open(out_path, "ab") as out:
+        proc = platform.spawn(argv, env, home.root, out, out)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = running(home)
+        if info is not None:
+            return Started(info, info.pid == proc.pid)
+        code = proc.poll()
+        if code is not None and not lock_is_held(home):
+            tail = "\n".join(f"  | {ln}" for ln in logs.tail_lines(out_path, 10))
+            raise OrchError(
+                f"The llama-orch daemon exited at once (code {code}).\n{tail}".rstrip(),
+                hint=f"See {out_path} and {home.daemon_log}; `llama-orch up --no-daemon` runs without it.",
+            )
+        time.sleep(0.02)
+    raise OrchError(
+        f"The llama-orch daemon did not come up within {timeout:g}s.",
+        hint=f"See {out_path} and {home.daemon_log}.",
+    )
+
+
+def stop(home: Home, all_: bool, timeout: float = 120.0) -> DaemonInfo | None:
+    """Ask the daemon to exit and wait until it has; None when none ran."""
+    from llama_orchestrator.daemon.client import DaemonClient
+
+    info = running(home)
+    if info is None:
+        return None
+    try:
+        DaemonClient(info, timeout=10).call("POST", "/v1/shutdown", {"all": all_})
+    except OrchError:
+        platform.request_stop(info.pid)  # no answer: the signal works as well
+    ref = ProcRef(info.pid, info.create_time)
+    deadline = time.monotonic() + timeout
+    while is_alive(ref) or lock_is_held(home):
+        if time.monotonic() > deadline:
+            raise OrchError(
+                f"The llama-orch daemon (pid {info.pid}) did not exit within {timeout:g}s.",
+                hint=f"See {home.daemon_log}.",
+            )
+        time.sleep(0.02)
+    return info

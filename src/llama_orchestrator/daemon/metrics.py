@@ -1,0 +1,73 @@
+"""Prometheus metrics of the daemon (served on the control API's /metrics).
+
+Instance state and restart counts are read from the store at scrape time (one
+source of truth, nothing to keep in step); health-check results and latencies
+are counted as they happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from llama_orchestrator.engine.health import ProbeResult
+from llama_orchestrator.states import InstanceState
+from llama_orchestrator.store import Store
+
+__all__ = ["Metrics", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _StoreCollector(Collector):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        rows = self.store.all()
+        up = GaugeMetricFamily(
+            "llama_orch_instance_up", "1 when the instance is healthy.", labels=["instance"]
+        )
+        state = GaugeMetricFamily(
+            "llama_orch_instance_state",
+            "1 for the state the instance is in, 0 for the others.",
+            labels=["instance", "state"],
+        )
+        restarts = CounterMetricFamily(
+            "llama_orch_restarts", "Restarts done by the daemon.", labels=["instance"]
+        )
+        for row in rows:
+            up.add_metric([row.name], 1.0 if row.state == InstanceState.HEALTHY else 0.0)
+            for s in InstanceState:
+                state.add_metric([row.name, s.value], 1.0 if row.state == s else 0.0)
+            restarts.add_metric([row.name], float(row.restarts))
+        yield from (up, state, restarts)
+
+
+class Metrics:
+    def __init__(self, store: Store) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_StoreCollector(store))
+        self.checks = Counter(
+            "llama_orch_health_checks",
+            "Health checks by result (healthy, loading, down, error).",
+            ["instance", "result"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "llama_orch_health_check_latency_seconds",
+            "Time a health check took.",
+            ["instance"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+
+    def health(self, name: str, result: ProbeResult) -> None:
+        self.checks.labels(name, result.status).inc()
+        self.latency.labels(name).observe(result.latency_ms / 1000)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
