@@ -5,6 +5,8 @@ Accepts llama-server's argv (only --host/--port matter) and serves GET
   FAKE_IGNORE_SIGTERM=1   keep running on SIGTERM (tests the kill fallback)
   FAKE_CHILD=1            start a grandchild that also ignores SIGTERM (tests tree kill)
   FAKE_HEALTH=503         answer /health with this status forever
+  FAKE_HEALTH_HANG=1      accept /health requests and never answer them
+  FAKE_COMPLETION=500     answer POST /completion with this status (default 200)
   FAKE_EXIT_AFTER=S       exit with code 3 after S seconds
 """
 
@@ -25,8 +27,17 @@ def _arg(name: str, default: str) -> str:
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
+        if os.environ.get("FAKE_HEALTH_HANG"):
+            threading.Event().wait()
         status = int(os.environ.get("FAKE_HEALTH", "200"))
-        body = b'{"status":"ok"}' if status == 200 else b'{"error":"loading"}'
+        self._answer(status, b'{"status":"ok"}' if status == 200 else b'{"error":"loading"}')
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        status = int(os.environ.get("FAKE_COMPLETION", "200"))
+        self._answer(status, b'{"content":"x"}' if status == 200 else b'{"error":"broken"}')
+
+    def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -51,6 +62,7 @@ def main() -> None:
     exit_after = os.environ.get("FAKE_EXIT_AFTER")
     if exit_after:
         threading.Timer(float(exit_after), lambda: os._exit(3)).start()
+    ThreadingHTTPServer.daemon_threads = True  # hung handlers must not keep it alive
     server = ThreadingHTTPServer(
         (_arg("--host", "127.0.0.1"), int(_arg("--port", "8080"))), Handler
     )

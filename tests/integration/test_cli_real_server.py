@@ -254,8 +254,10 @@ def test_events_follow_shows_new_transitions_live(cli_home, tiny_model):
     with following(cli_home, "events", "-f", "--json") as lines:
         assert run_cli(cli_home, "up", "a").returncode == 0
         wait_until(
-            lambda: [json.loads(x)["kind"] for x in lines if json.loads(x)["instance"] == "a"]
-            == ["starting", "healthy"]
+            lambda: (
+                [json.loads(x)["kind"] for x in lines if json.loads(x)["instance"] == "a"]
+                == ["starting", "healthy"]
+            )
         )
         assert {"ts", "instance", "kind", "message", "data"} <= set(json.loads(lines[0]))
         assert json.loads(lines[0])["kind"] == "daemon_started"  # `up` started the daemon

@@ -362,6 +362,7 @@ class Supervisor:
             result = await asyncio.to_thread(health.probe, host, port, hc.timeout)
             if (
                 result.ok
+                and state == S.HEALTHY  # a deep check of a server that was healthy before
                 and hc.probe == "completion"
                 and time.monotonic() - slot.last_deep >= hc.deep_interval
             ):
