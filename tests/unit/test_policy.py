@@ -5,11 +5,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from llama_orchestrator.config import RestartPolicySection
+from llama_orchestrator.config import HealthcheckSection, RestartPolicySection
+from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING
 from llama_orchestrator.engine.policy import (
     Ending,
     RestartBook,
     after_exit,
+    after_probe,
     after_start,
     backoff_delay,
     wants_restart,
@@ -65,8 +67,49 @@ def test_staying_up_reset_after_seconds_resets_the_streak():
     assert d2.state == S.BACKOFF and d2.book.streak == 1 and d2.book.restarts == 2
 
 
+HC = HealthcheckSection(retries=3, start_period=30)
+
+
+@pytest.mark.parametrize(
+    ("state", "failures", "status", "age", "expected"),
+    [
+        (S.STARTING, 0, HEALTHY, 1, (S.HEALTHY, 0, False)),
+        (S.STARTING, 0, LOADING, 29, (S.STARTING, 0, False)),  # loading: not a failure
+        (S.STARTING, 0, DOWN, 29, (S.STARTING, 0, False)),  # not listening yet
+        (S.STARTING, 0, ERROR, 29, (S.STARTING, 0, False)),  # Docker: nothing counts yet
+        (S.STARTING, 0, LOADING, 31, (S.STARTING, 1, False)),  # start_period over
+        (S.STARTING, 2, LOADING, 31, (S.UNHEALTHY, 3, True)),
+        (S.HEALTHY, 0, ERROR, 1, (S.HEALTHY, 1, False)),  # once healthy, failures count
+        (S.HEALTHY, 1, DOWN, 100, (S.HEALTHY, 2, False)),
+        (S.HEALTHY, 2, ERROR, 100, (S.UNHEALTHY, 3, True)),
+        (S.UNHEALTHY, 3, ERROR, 100, (S.UNHEALTHY, 4, False)),  # restart asked once
+        (S.UNHEALTHY, 5, HEALTHY, 100, (S.HEALTHY, 0, False)),  # recovers
+    ],
+)
+def test_after_probe_follows_docker_health_semantics(state, failures, status, age, expected):
+    v = after_probe(HC, "on-failure", R, state, failures, status, age, "boom")
+    assert (v.state, v.failures, v.restart) == expected
+
+
+def test_an_unhealthy_instance_is_restarted_only_when_its_policy_says_so():
+    args = (S.HEALTHY, 2, ERROR, 100)
+    assert after_probe(HC, "no", R, *args).restart is False
+    assert after_probe(HC, "always", STOP, *args).restart is False
+    assert after_probe(HC, "on-failure", R, *args).state == S.UNHEALTHY
+    assert (
+        "3 health checks failed in a row (last: boom)"
+        in after_probe(HC, "always", R, *args, "boom").reason
+    )
+
+
+def test_an_unknown_ending_counts_as_a_failure():
+    assert Ending.of(None).failed and Ending.of({"code": None, "signal": None}).failed
+    assert Ending.of({"code": 0}).failed is False and Ending.of({"signal": 9}).signal == 9
+
+
 class PolicyMachine(RuleBasedStateMachine):
-    """Drives the policy like a supervisor would, with a clock it controls."""
+    """Drives health verdicts and the restart policy as the supervisor does,
+    with a clock it controls, against a simple model of DESIGN §4."""
 
     @initialize(
         mode=st.sampled_from(["no", "on-failure", "always", "unless-stopped"]),
@@ -74,8 +117,10 @@ class PolicyMachine(RuleBasedStateMachine):
         initial=st.floats(0, 10),
         maximum=st.floats(0, 300),
         reset_after=st.floats(0.5, 120),
+        retries=st.integers(1, 4),
+        start_period=st.floats(0, 60),
     )
-    def setup(self, mode, max_retries, initial, maximum, reset_after):
+    def setup(self, mode, max_retries, initial, maximum, reset_after, retries, start_period):
         self.policy = RestartPolicySection(
             mode=mode,
             max_retries=max_retries,
@@ -83,6 +128,8 @@ class PolicyMachine(RuleBasedStateMachine):
             backoff_max=maximum,
             reset_after=reset_after,
         )
+        self.hc = HealthcheckSection(retries=retries, start_period=start_period)
+        self.failures = 0
         self.now = 0.0
         self.book = RestartBook()
         self.state = S.CREATED
@@ -99,24 +146,58 @@ class PolicyMachine(RuleBasedStateMachine):
 
     def _start(self):
         self._go(S.STARTING)
-        self._go(S.HEALTHY)
         self.started_at = self.now
+        self.failures = 0
         self.book = after_start(self.book, self.now)
 
     @rule(dt=st.floats(0, 200))
     def time_passes(self, dt):
         self.now += dt
 
-    @precondition(lambda self: self.state == S.HEALTHY)
+    @precondition(lambda self: self.state in (S.STARTING, S.HEALTHY, S.UNHEALTHY))
+    @rule(status=st.sampled_from([HEALTHY, LOADING, DOWN, ERROR]), jitter=st.floats(-1, 1))
+    def probe(self, status, jitter):
+        before = self.state
+        v = after_probe(
+            self.hc,
+            self.policy.effective_mode,
+            self.desired,
+            self.state,
+            self.failures,
+            status,
+            self.now - self.started_at,
+        )
+        self._go(v.state)
+        # the model
+        if status == HEALTHY:
+            assert (v.state, v.failures, v.restart) == (S.HEALTHY, 0, False)
+        elif before == S.STARTING and self.now - self.started_at < self.hc.start_period:
+            assert (v.state, v.failures, v.restart) == (S.STARTING, 0, False)
+        else:
+            assert v.failures == self.failures + 1
+            if v.failures < self.hc.retries:
+                assert v.state == before and not v.restart
+            else:
+                assert v.state == S.UNHEALTHY
+                assert v.restart == (
+                    before != S.UNHEALTHY
+                    and wants_restart(self.policy.effective_mode, Ending(unhealthy=True), R)
+                )
+        self.failures = v.failures
+        if v.restart:  # the supervisor stops it; the policy decides what follows
+            self._end(Ending(unhealthy=True), jitter, user_stop=False)
+
+    @precondition(lambda self: self.state in (S.STARTING, S.HEALTHY, S.UNHEALTHY))
     @rule(
         code=st.one_of(st.none(), st.integers(0, 255)),
         signal=st.one_of(st.none(), st.sampled_from([9, 11, 15])),
-        unhealthy=st.booleans(),
         jitter=st.floats(-1, 1),
         user_stop=st.booleans(),
     )
-    def run_ends(self, code, signal, unhealthy, jitter, user_stop):
-        ending = Ending(code=code, signal=signal, unhealthy=unhealthy)
+    def run_ends(self, code, signal, jitter, user_stop):
+        self._end(Ending(code=code, signal=signal), jitter, user_stop)
+
+    def _end(self, ending, jitter, user_stop):
         if user_stop:
             self.desired = STOP
             self._go(S.STOPPING)
