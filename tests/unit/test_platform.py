@@ -143,3 +143,70 @@ def test_posix_refuses_to_signal_its_own_process_group(monkeypatch):
     monkeypatch.setattr(os, "kill", lambda *a: sent.append(("kill", a)))
     posix.request_stop(os.getpid())
     assert sent and sent[0][0] == "kill"  # our own group is never the target
+
+
+def test_posix_try_lock_is_exclusive_across_processes_and_dies_with_its_holder(tmp_path):
+    lock = tmp_path / "daemon.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from llama_orchestrator.platform import posix; "
+            f"f = posix.try_lock(__import__('pathlib').Path({str(lock)!r})); "
+            "print(f is not None, flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert posix.try_lock(lock) is None  # held by the other process
+        holder.kill()  # SIGKILL: the kernel drops the lock
+        holder.wait()
+        mine = posix.try_lock(lock)
+        assert mine is not None
+        mine.close()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_posix_exit_fd_becomes_readable_when_any_process_exits():
+    import select
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    fd = posix.exit_fd(proc.pid)
+    if fd is None:
+        pytest.skip("no pidfd on this kernel")
+    try:
+        assert select.select([fd], [], [], 0)[0] == []
+        proc.kill()
+        assert select.select([fd], [], [], 5)[0] == [fd]
+    finally:
+        import os
+
+        os.close(fd)
+        proc.wait()
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_posix_control_socket_is_private_and_works_with_long_paths(tmp_path, long):
+    import os
+    import stat
+
+    folder = tmp_path / ("x" * 120 if long else "s")
+    folder.mkdir()
+    path = folder / "daemon.sock"
+    server = posix.bind_control(path)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert (len(os.fsencode(path)) > 100) == long  # past sun_path's limit when long
+        client = posix.connect_control(path, 2)
+        conn, _ = server.accept()
+        client.sendall(b"ping")
+        assert conn.recv(4) == b"ping"
+        client.close()
+        conn.close()
+        assert os.path.exists(path)
+    finally:
+        server.close()
