@@ -90,7 +90,12 @@ def run_foreground(home: Home) -> None:
         raise AlreadyRunning(wait_running(home, 5.0))
     try:
         _setup_logging(home)
-        asyncio.run(_serve(home))
+        try:  # uvloop (uvicorn[standard] brings it on Linux and macOS) is a cheaper loop
+            import uvloop
+
+            uvloop.run(_serve(home))
+        except ImportError:
+            asyncio.run(_serve(home))
     finally:
         lock.close()
 

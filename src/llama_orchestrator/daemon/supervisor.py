@@ -181,7 +181,10 @@ class Supervisor:
             row.supervised = True
             store.save(row)
             store.add_event(
-                row.name, "adopted", f"daemon {os.getpid()} adopted process {row.pid}", {"pid": row.pid}
+                row.name,
+                "adopted",
+                f"daemon {os.getpid()} adopted process {row.pid}",
+                {"pid": row.pid},
             )
         if row.state == S.STOPPING or row.desired == Desired.STOPPED:
             # a `down` was under way when the last daemon died: finish it
@@ -359,7 +362,7 @@ class Supervisor:
         while True:
             pause = hc.interval if state != S.STARTING else min(hc.interval, START_PROBE_INTERVAL)
             await asyncio.sleep(pause)
-            result = await asyncio.to_thread(health.probe, host, port, hc.timeout)
+            result = await health.aprobe(host, port, hc.timeout)
             if (
                 result.ok
                 and state == S.HEALTHY  # a deep check of a server that was healthy before
@@ -367,9 +370,7 @@ class Supervisor:
                 and time.monotonic() - slot.last_deep >= hc.deep_interval
             ):
                 slot.last_deep = time.monotonic()
-                result = await asyncio.to_thread(
-                    health.probe_completion, host, port, hc.timeout, cfg.server.api_key
-                )
+                result = await health.aprobe(host, port, hc.timeout, True, cfg.server.api_key)
             if self.on_health is not None:
                 self.on_health(name, result)
             async with slot.lock:

@@ -9,6 +9,7 @@ byte, several times what the probes of ten instances take together.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Callable
@@ -23,7 +24,8 @@ __all__ = [
     "probe_host",
     "http_get",
     "http_request",
-    "probe_completion",
+    "ahttp_request",
+    "aprobe",
     "HEALTHY",
     "LOADING",
     "DOWN",
@@ -96,18 +98,55 @@ def http_request(
     """One HTTP/1.1 request with `Connection: close`; (status, body)."""
     deadline = time.monotonic() + timeout
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
-        if body:
-            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        sock.sendall(_request(host, port, method, path, body, headers))
         data = b""
-        while len(data) < 65536:
+        while len(data) < _MAX_ANSWER:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             chunk = sock.recv(8192)
             if not chunk:
                 break
             data += chunk
+    return _response(data)
+
+
+async def ahttp_request(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, str]:
+    """`http_request` on the running event loop (the caller bounds the time):
+    the daemon probes many servers without a thread per probe."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(_request(host, port, method, path, body, headers))
+        data = b""
+        while len(data) < _MAX_ANSWER:
+            chunk = await reader.read(8192)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        writer.close()
+    return _response(data)
+
+
+_MAX_ANSWER = 65536
+
+
+def _request(
+    host: str, port: int, method: str, path: str, body: bytes, headers: dict[str, str] | None
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+    if body:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _response(data: bytes) -> tuple[int, str]:
     head, _, body = data.partition(b"\r\n\r\n")
     parts = head.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
@@ -115,36 +154,51 @@ def http_request(
     return int(parts[1]), body.decode("utf-8", errors="replace")
 
 
+#: the deep check: a 1-token completion (a server can answer /health while
+#: every generation fails)
+_COMPLETION = b'{"prompt": "Hi", "n_predict": 1, "cache_prompt": false}'
+
+
+def _auth(api_key: str | None) -> dict[str, str] | None:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else None
+
+
 def probe(host: str, port: int, timeout: float, get: Getter = http_get) -> ProbeResult:
-    return _timed(lambda: get(probe_host(host), port, "/health", timeout), timeout)
-
-
-def probe_completion(
-    host: str, port: int, timeout: float, api_key: str | None = None
-) -> ProbeResult:
-    """The deep check: a 1-token completion must succeed within `timeout`
-    (a server can answer /health while every generation fails)."""
-    body = b'{"prompt": "Hi", "n_predict": 1, "cache_prompt": false}'
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    return _timed(
-        lambda: http_request(probe_host(host), port, "POST", "/completion", timeout, body, headers),
-        timeout,
-    )
-
-
-def _timed(call: Callable[[], tuple[int, str]], timeout: float) -> ProbeResult:
     start = time.perf_counter()
     try:
-        status, body = call()
-    except ConnectionRefusedError as exc:
-        ms = (time.perf_counter() - start) * 1000
-        return ProbeResult(DOWN, None, ms, f"connection refused ({exc})")
-    except TimeoutError:
-        ms = (time.perf_counter() - start) * 1000
-        return ProbeResult(ERROR, None, ms, f"no answer within {timeout:g}s")
+        answer = get(probe_host(host), port, "/health", timeout)
     except OSError as exc:
-        ms = (time.perf_counter() - start) * 1000
-        return ProbeResult(ERROR, None, ms, f"{type(exc).__name__}: {exc}")
+        return _failed(exc, start, timeout)
+    return _answered(*answer, start)
+
+
+async def aprobe(
+    host: str, port: int, timeout: float, completion: bool = False, api_key: str | None = None
+) -> ProbeResult:
+    """`probe` on the event loop; with `completion`, the deep check instead."""
+    method, path, body = (
+        ("POST", "/completion", _COMPLETION) if completion else ("GET", "/health", b"")
+    )
+    start = time.perf_counter()
+    try:
+        answer = await asyncio.wait_for(
+            ahttp_request(probe_host(host), port, method, path, body, _auth(api_key)), timeout
+        )
+    except (OSError, asyncio.TimeoutError) as exc:
+        return _failed(exc, start, timeout)
+    return _answered(*answer, start)
+
+
+def _failed(exc: BaseException, start: float, timeout: float) -> ProbeResult:
+    ms = (time.perf_counter() - start) * 1000
+    if isinstance(exc, ConnectionRefusedError):
+        return ProbeResult(DOWN, None, ms, f"connection refused ({exc})")
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return ProbeResult(ERROR, None, ms, f"no answer within {timeout:g}s")
+    return ProbeResult(ERROR, None, ms, f"{type(exc).__name__}: {exc}")
+
+
+def _answered(status: int, body: str, start: float) -> ProbeResult:
     ms = (time.perf_counter() - start) * 1000
     result = classify(status)
     return ProbeResult(result, status, ms, None if result == HEALTHY else body[:200])
