@@ -275,13 +275,21 @@ def test_completion_probe_catches_a_server_whose_generations_fail(home, tiny_mod
         tiny_model,
         binary=str(fake_bin),
         env={"FAKE_COMPLETION": "500"},
-        healthcheck={**FAST, "probe": "completion", "deep_interval": 0.1, "retries": 1},
+        healthcheck={
+            **FAST,
+            "probe": "completion",
+            "deep_interval": 0.1,
+            "retries": 1,
+            "start_period": 10,  # not listening yet at the first probe is no failure
+        },
         restart_policy={"backoff_initial": 0.05, "max_retries": 1},
     )
-    up(home, "broken")  # /health answers 200, so it is healthy at first
+    run_cli(home, "up", "broken", "--no-wait")
     wait_until(lambda: row(home, "broken").state == S.FAILED, timeout=30)
-    unhealthy = [e for e in events(home, "broken") if e.kind == "unhealthy"]
-    assert unhealthy and "broken" in unhealthy[0].message  # the failed completion's answer
+    evs = events(home, "broken")
+    # /health answers 200, so it is healthy at first; the deep check then fails it
+    assert [e.kind for e in evs][:3] == ["starting", "healthy", "unhealthy"]
+    assert "broken" in evs[2].message  # the failed completion's answer
 
 
 def test_completion_probe_passes_on_the_real_server(home, tiny_model, server_bin):

@@ -41,13 +41,15 @@ from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow
 from llama_orchestrator.validate import load_all
 
-__all__ = ["Supervisor", "START_PROBE_INTERVAL", "HealthHook"]
+__all__ = ["Supervisor", "HealthHook", "EventHook"]
 
 T = TypeVar("T")
 
-#: probe a starting instance this often (at most `interval`), so `up --wait`
-#: returns soon after the model loads rather than at the next health tick
-START_PROBE_INTERVAL = 0.25
+#: a starting instance is probed first after 50 ms, then at intervals growing
+#: by a quarter up to 0.5 s (never beyond `interval`), so `up --wait` returns
+#: soon after a small model loads without probing a big one 20 times a second
+START_PROBE_FIRST = 0.05
+START_PROBE_MAX = 0.5
 HOUSEKEEPING_INTERVAL = 5.0  # log rotation, GPU alerts
 
 #: hook(name, result) after every health check (the metrics use it)
@@ -359,8 +361,13 @@ class Supervisor:
         hc, host, port = cfg.healthcheck, cfg.server.host, cfg.server.port
         slot = self.slot(name)
         state = S.STARTING
+        start_pause = START_PROBE_FIRST
         while True:
-            pause = hc.interval if state != S.STARTING else min(hc.interval, START_PROBE_INTERVAL)
+            if state == S.STARTING:
+                pause = min(hc.interval, start_pause)
+                start_pause = min(START_PROBE_MAX, start_pause * 1.25)
+            else:
+                pause = hc.interval
             await asyncio.sleep(pause)
             result = await health.aprobe(host, port, hc.timeout)
             if (

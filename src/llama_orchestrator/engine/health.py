@@ -9,7 +9,6 @@ byte, several times what the probes of ten instances take together.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from collections.abc import Callable
@@ -119,6 +118,8 @@ async def ahttp_request(
 ) -> tuple[int, str]:
     """`http_request` on the running event loop (the caller bounds the time):
     the daemon probes many servers without a thread per probe."""
+    import asyncio  # here: a CLI importing this module never needs it
+
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(_request(host, port, method, path, body, headers))
@@ -176,6 +177,8 @@ async def aprobe(
     host: str, port: int, timeout: float, completion: bool = False, api_key: str | None = None
 ) -> ProbeResult:
     """`probe` on the event loop; with `completion`, the deep check instead."""
+    import asyncio
+
     method, path, body = (
         ("POST", "/completion", _COMPLETION) if completion else ("GET", "/health", b"")
     )
@@ -184,7 +187,9 @@ async def aprobe(
         answer = await asyncio.wait_for(
             ahttp_request(probe_host(host), port, method, path, body, _auth(api_key)), timeout
         )
-    except (OSError, asyncio.TimeoutError) as exc:
+    except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+        return _failed(TimeoutError(), start, timeout)
+    except OSError as exc:
         return _failed(exc, start, timeout)
     return _answered(*answer, start)
 
@@ -193,7 +198,7 @@ def _failed(exc: BaseException, start: float, timeout: float) -> ProbeResult:
     ms = (time.perf_counter() - start) * 1000
     if isinstance(exc, ConnectionRefusedError):
         return ProbeResult(DOWN, None, ms, f"connection refused ({exc})")
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+    if isinstance(exc, TimeoutError):
         return ProbeResult(ERROR, None, ms, f"no answer within {timeout:g}s")
     return ProbeResult(ERROR, None, ms, f"{type(exc).__name__}: {exc}")
 

@@ -41,7 +41,8 @@ from llama_orchestrator.validate import load_all
 __all__ = ["Engine", "Prepared", "UpResult", "Progress", "EXIT_TAIL_LINES", "exit_text"]
 
 EXIT_TAIL_LINES = 20
-POLL_INTERVAL = 0.05  # seconds between health polls while waiting for `up`
+POLL_INTERVAL = 0.05  # seconds between health probes while waiting for `up`
+STATE_POLL_INTERVAL = 0.02  # seconds between reads of the state a daemon writes
 
 #: on_progress(name, phase, elapsed_s, detail): phase is "starting", "loading", "healthy"
 Progress = Callable[[str, str, float, str], None]
@@ -335,6 +336,7 @@ class Engine:
         pending = {r.name: r for r in results}
         while pending:
             elapsed = time.monotonic() - start
+            probed = False
             for name, res in list(pending.items()):
                 row = self.observe(self.store.get_or_new(name))
                 if row.state not in RUNNING_STATES or row.pid != res.pid:
@@ -342,6 +344,7 @@ class Engine:
                     del pending[name]
                     continue
                 if self.owns(row):
+                    probed = True
                     cfg = configs[name]
                     probe = health.probe(
                         cfg.server.host,
@@ -374,7 +377,7 @@ class Engine:
                         tail,
                     )
                 break
-            time.sleep(POLL_INTERVAL)
+            time.sleep(POLL_INTERVAL if probed else STATE_POLL_INTERVAL)
 
     def _death_message(self, name: str, row: InstanceRow) -> str:
         info = row.last_exit or {}
