@@ -38,7 +38,8 @@ RestartMode = Literal["no", "on-failure", "always", "unless-stopped"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # defer_build: schemas are built on first use, not at import (~90 ms off every command)
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class ModelSection(_Section):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llama_orchestrator import platform
-from llama_orchestrator.config import Settings, load_settings
+from llama_orchestrator.config import InstanceConfig, Settings, load_settings
 from llama_orchestrator.engine import health, logs
 from llama_orchestrator.engine.prepare import Prepared, prepare
 from llama_orchestrator.engine.process import (
@@ -331,7 +331,7 @@ class Engine:
         """Wait until each instance is healthy, died, or `timeout` passed; set
         `error` on the results that did not make it. An instance a daemon
         supervises is healthy when the daemon says so; others are probed here."""
-        configs = {x.name: x.config for x in load_all(self.home) if x.config is not None}
+        configs: dict[str, InstanceConfig] = {}  # read only when this engine probes
         start = time.monotonic()
         pending = {r.name: r for r in results}
         while pending:
@@ -345,6 +345,8 @@ class Engine:
                     continue
                 if self.owns(row):
                     probed = True
+                    if not configs:
+                        configs = {x.name: x.config for x in load_all(self.home) if x.config}
                     cfg = configs[name]
                     probe = health.probe(
                         cfg.server.host,
