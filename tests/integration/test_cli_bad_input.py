@@ -126,3 +126,12 @@ def test_config_show_and_describe_hide_secrets(home, tiny_model):
         r = run_cli(home, *args)
         assert r.returncode == 0 and "sk-hidden" not in r.stdout and "hf-hidden" not in r.stdout
         assert "OMP_NUM_THREADS" in r.stdout  # ordinary variables stay visible
+
+
+def test_a_broken_settings_file_is_reported_before_a_daemon_starts(home, tiny_model):
+    from llama_orchestrator.daemon.info import lock_is_held
+
+    write_config(home, "a", tiny_model)
+    home.settings_path.write_text('{"logs": {"max_bytes": "lots"}}')
+    assert_user_error(run_cli(home, "up", "a"), "llama-orch.json: logs.max_bytes")
+    assert not lock_is_held(home)

@@ -9,6 +9,7 @@ event loop thread, where the supervisor and its store live.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -88,7 +89,8 @@ def build_app(
             return _error(
                 421, "BadHost", f"Host {request.headers.get('host')!r} is not served here."
             )
-        if token is not None and request.headers.get("authorization") != f"Bearer {token}":
+        given = request.headers.get("authorization", "")
+        if token is not None and not secrets.compare_digest(given, f"Bearer {token}"):
             return _error(401, "Unauthorized", "A valid daemon token is required.")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):

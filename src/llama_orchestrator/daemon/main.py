@@ -181,9 +181,6 @@ async def _serve(home: Home) -> None:
         if transport == "unix":
             with contextlib.suppress(FileNotFoundError):
                 home.daemon_socket.unlink()
-        log.info(
-            f"daemon {os.getpid()} stopped", extra={"data": {"stopped_instances": stop_instances}}
-        )
 
 
 def _on_signal(name: str, request_exit: Any) -> None:
@@ -207,6 +204,7 @@ def start_background(home: Home, timeout: float = START_TIMEOUT) -> Started:
         info = wait_running(home, timeout)
         if info is not None:
             return Started(info, False)
+    load_settings(home.settings_path)  # a broken llama-orch.json: say so here, exit 2
     home.logs_dir.mkdir(parents=True, exist_ok=True)
     out_path = home.logs_dir / "daemon.out"
     argv = [

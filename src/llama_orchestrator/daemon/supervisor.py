@@ -250,7 +250,12 @@ class Supervisor:
                 if row.supervised:
                     row.supervised = False
                     store.save(row)
-            store.add_event(None, "daemon_stopped", f"daemon {os.getpid()} stopped")
+            store.add_event(
+                None,
+                "daemon_stopped",
+                f"daemon {os.getpid()} stopped",
+                {"stopped_instances": stop_instances},
+            )
 
     # --- watching processes ---------------------------------------------------
 

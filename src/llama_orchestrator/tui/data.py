@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import psutil
 
 from llama_orchestrator.daemon import Control, control
+from llama_orchestrator.daemon.info import running
 from llama_orchestrator.engine import health, views
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.logs import STREAMS, log_file
@@ -103,9 +104,9 @@ class DataSource(Protocol):
 
 
 class EngineSource:
-    """Reads the store and probes directly (no daemon exists yet: DESIGN §5's
-    CLI-without-daemon path). Actions use a fresh Engine each, so a restart
-    waiting for health never blocks the next snapshot's database reads."""
+    """Reads the store (what the daemon records) and probes the instances no
+    daemon supervises, as `ps` does. Actions use a fresh Engine each, so a
+    restart waiting for health never blocks the next snapshot's database reads."""
 
     def __init__(
         self,
@@ -130,7 +131,13 @@ class EngineSource:
                 {**e.to_json(), "id": e.id, "ts": iso(e.ts)} for e in engine.store.events(limit=200)
             ]
             gpus = views.gpu_sample(engine) if with_gpus else None
-        return Snapshot("no daemon: reading state and probing directly", views_, events, gpus)
+        info = running(self.home)
+        source = (
+            f"daemon pid {info.pid} supervises"
+            if info is not None
+            else "no daemon: reading state and probing directly"
+        )
+        return Snapshot(source, views_, events, gpus)
 
     def _live(self, status: dict[str, Any]) -> InstanceView:
         view = InstanceView(status)
