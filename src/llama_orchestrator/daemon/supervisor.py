@@ -302,7 +302,9 @@ class Supervisor:
             row = self.engine.store.get(name)
             if row is None or row.pid != ref.pid:
                 return
-            row = self.engine.observe(row)  # records exit code, signal, stderr tail
+            # records exit code, signal and stderr tail; in a thread, as reaping
+            # a process whose threads are still exiting may take a moment
+            row = await self._in_thread(partial(Engine.observe, row=row))
             if row.state == S.EXITED:
                 ending = Ending(unhealthy=True) if unhealthy else Ending.of(row.last_exit)
                 self._decide(row, ending)
