@@ -1,7 +1,8 @@
 """`llama-orch up` to healthy versus starting llama-server directly.
 
 Both sides start the same binary on the same model and poll /health the same
-way (every 50 ms); the `up` side includes the CLI's own start. Also times
+way (every 50 ms); the `up` side includes the CLI's own start and goes through
+the home's daemon, started once before the rounds (as after the first `up`). Also times
 `llama-orch ps` with 20 instances defined (10 running) against a bare
 `python -c 'import llama_orchestrator'`.
 
@@ -65,13 +66,14 @@ def main() -> None:
         home = tmp / "home"
         write_instance(home, "bench", model, free_port())
         direct, orch = [], []
+        cli(home, "daemon", "start")
         try:
             for _ in range(args.rounds):  # interleaved, so drift hits both sides alike
                 direct.append(direct_round(binary, model, free_port(), client))
                 orch.append(cli(home, "up", "bench"))
                 cli(home, "down", "bench")
         finally:
-            cli(home, "down", "--all")
+            cli(home, "daemon", "stop", "--all")
         d, o = median_ms(direct), median_ms(orch)
         print(f"up to healthy, {args.rounds} rounds, poll {POLL * 1000:.0f} ms, model {model.name}")
         print(f"  direct llama-server : median {d:7.1f} ms")
@@ -90,7 +92,7 @@ def main() -> None:
                 subprocess.run([sys.executable, "-c", "import llama_orchestrator"], check=True)
                 base.append(time.perf_counter() - t)
         finally:
-            cli(ps_home, "down", "--all")
+            cli(ps_home, "daemon", "stop", "--all")
         p, b = median_ms(ps_times), median_ms(base)
         print("ps with 20 instances defined, 10 running")
         print(f"  python -c 'import llama_orchestrator': median {b:7.1f} ms")
