@@ -438,3 +438,21 @@ def test_cli_commands_racing_the_daemon_never_double_spawn(home, tiny_model, fak
         assert store._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         store.close()
+
+
+def test_a_new_daemon_starts_what_should_run_but_died_meanwhile(home, tiny_model, server_bin):
+    write_config(home, "a", tiny_model)
+    write_config(home, "b", tiny_model)
+    write_config(home, "c", tiny_model, autostart=True)  # never started by anyone
+    up(home, "a", "b")
+    assert run_cli(home, "down", "b").returncode == 0  # the user wants b stopped
+    first = row(home, "a")
+    os.kill(daemon_pid(home), signal.SIGKILL)
+    wait_until(lambda: not lock_is_held(home))
+    os.kill(first.pid, signal.SIGKILL)  # as after a reboot: nothing runs any more
+
+    assert run_cli(home, "daemon", "start").returncode == 0
+    a = wait_until(lambda: (x := row(home, "a")).state == S.HEALTHY and x, timeout=30)
+    c = wait_until(lambda: (x := row(home, "c")).state == S.HEALTHY and x, timeout=30)
+    assert a.pid != first.pid and a.supervised and c.supervised
+    assert row(home, "b").state == S.STOPPED  # still what the user asked for

@@ -24,6 +24,11 @@ def start(
     foreground: bool = typer.Option(
         False, "--foreground", help="Run in this process (for systemd, NSSM, or to watch it)."
     ),
+    stop_instances: bool = typer.Option(
+        False,
+        "--stop-instances",
+        help="With --foreground: SIGTERM/Ctrl+C stops the instances first (as services do).",
+    ),
 ) -> None:
     """Start the daemon of this home (one per home)."""
     from llama_orchestrator.daemon.main import AlreadyRunning, run_foreground, start_background
@@ -31,7 +36,7 @@ def start(
     home = app_context(ctx).home
     if foreground:
         try:
-            run_foreground(home)
+            run_foreground(home, stop_instances)
         except AlreadyRunning as exc:
             pid = f" (pid {exc.info.pid})" if exc.info else ""
             say(f"A llama-orch daemon is already running for {home.root}{pid}.")

@@ -80,8 +80,11 @@ class AlreadyRunning(Exception):
         self.info = info
 
 
-def run_foreground(home: Home) -> None:
+def run_foreground(home: Home, stop_instances_on_signal: bool = False) -> None:
     """Be the daemon of `home` until SIGTERM/SIGINT or `daemon stop`.
+
+    `stop_instances_on_signal`: a signal stops the instances first (what a
+    service manager's stop means); otherwise they keep running, to be adopted.
 
     Raises AlreadyRunning when another process holds the home's lock."""
     home.state_dir.mkdir(parents=True, exist_ok=True)
@@ -93,9 +96,10 @@ def run_foreground(home: Home) -> None:
         try:  # uvloop (uvicorn[standard] brings it on Linux and macOS) is a cheaper loop
             import uvloop
 
-            uvloop.run(_serve(home))
+            runner: Any = uvloop.run
         except ImportError:
-            asyncio.run(_serve(home))
+            runner = asyncio.run
+        runner(_serve(home, stop_instances_on_signal))
     finally:
         lock.close()
 
@@ -112,7 +116,7 @@ def _quiet_server() -> type:
     return _Server
 
 
-async def _serve(home: Home) -> None:
+async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     import uvicorn
 
     from llama_orchestrator.daemon.api import build_app
@@ -153,7 +157,7 @@ async def _serve(home: Home) -> None:
     loop = asyncio.get_running_loop()
 
     def on_signal(name: str) -> None:
-        loop.call_soon_threadsafe(_on_signal, name, request_exit)
+        loop.call_soon_threadsafe(_on_signal, name, request_exit, stop_instances_on_signal)
 
     platform.on_stop_signals(on_signal)
     log.info(f"daemon {os.getpid()} started for {home.root}", extra={"data": {"address": address}})
@@ -183,9 +187,10 @@ async def _serve(home: Home) -> None:
                 home.daemon_socket.unlink()
 
 
-def _on_signal(name: str, request_exit: Any) -> None:
-    log.info(f"received {name}: stopping (instances keep running)")
-    request_exit(False)
+def _on_signal(name: str, request_exit: Any, stop_instances: bool) -> None:
+    what = "stopping the instances, then the daemon" if stop_instances else "instances keep running"
+    log.info(f"received {name}: {what}")
+    request_exit(stop_instances)
 
 
 @dataclass(frozen=True)

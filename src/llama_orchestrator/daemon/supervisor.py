@@ -150,28 +150,29 @@ class Supervisor:
     # --- start: adopt what runs, resume what was pending ----------------------
 
     async def start(self) -> None:
-        """Adopt every instance that still runs (pid + create_time), resume
-        pending restarts, apply the restart policy to instances that died while
-        no daemon watched, and start the `autostart` ones."""
+        """Reconcile: adopt every instance that still runs (pid + create_time),
+        resume pending restarts, and start the instances that should run but
+        do not (desired `running`, e.g. after a reboot, or `autostart`)."""
         self._loop = asyncio.get_running_loop()
         rows = await self._in_thread(lambda e: e.rows())
         configs = {x.name: x.config for x in load_all(self.home)}
-        autostart = []
+        to_start = []
         for row in rows:
             cfg = configs.get(row.name)
             async with self.slot(row.name).lock:
                 if row.state in RUNNING_STATES:  # alive: rows() recorded the dead
                     await self._adopt(row)
+                elif row.state == S.FAILED:
+                    continue  # stays down until the user's up or restart
                 elif row.desired == Desired.RUNNING and row.state == S.BACKOFF:
                     self._schedule(row.name, row.next_restart_at or self.clock())
-                elif row.desired == Desired.RUNNING and row.state == S.EXITED:
-                    self._decide(row, Ending.of(row.last_exit))
-                elif cfg is not None and cfg.autostart and row.state != S.FAILED:
-                    autostart.append(row.name)
-        if autostart:
-            log.info("autostart", extra={"instances": autostart})
-            with contextlib.suppress(OrchError):
-                await self.up(autostart)
+                elif row.desired == Desired.RUNNING or (cfg is not None and cfg.autostart):
+                    to_start.append(row.name)
+        for name in to_start:  # one by one: a broken config must not stop the others
+            try:
+                await self.up([name])
+            except OrchError as exc:
+                self.engine.store.add_event(name, "start_failed", f"daemon start: {exc}")
         self._housekeeping = asyncio.create_task(self._housekeep())
 
     async def _adopt(self, row: InstanceRow) -> None:
