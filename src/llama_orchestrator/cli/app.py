@@ -18,6 +18,7 @@ from llama_orchestrator.cli import (
     inspect,
     lifecycle,
     logs,
+    service_cmd,
 )
 from llama_orchestrator.cli.context import AppContext, err
 from llama_orchestrator.errors import ConfigError, OrchError
@@ -66,6 +67,7 @@ logs.register(app)
 hardware.register(app)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(daemon_cmd.app, name="daemon")
+app.add_typer(service_cmd.app, name="service")
 app.command("demo")(demo.demo)
 app.command("dashboard")(dashboard.dashboard)
 
