@@ -14,7 +14,7 @@ from pathlib import Path
 from llama_orchestrator.binary import find_llama_server
 from llama_orchestrator.config import InstanceConfig, load_config
 from llama_orchestrator.engine.command import check_extra_args
-from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem
+from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem, UserError
 from llama_orchestrator.fit import GPU_BACKENDS, demand, overcommits
 from llama_orchestrator.gguf_meta import ModelError, is_gguf, read_model
 from llama_orchestrator.gpu import Discovery, discover
@@ -201,3 +201,18 @@ def validate_home(
         for p in vram_problems(loaded, find_gpus, strict)
         if names is None or Path(p.file).parent.name in wanted
     ]
+
+
+def replicas_of(home: Home, alias: str) -> list[str]:
+    """The instances serving `alias` (or the instance of that name), sorted."""
+    loaded = [x for x in load_all(home) if x.config is not None]
+    names = [x.name for x in loaded if x.config is not None and x.config.alias_or(x.name) == alias]
+    if not names and alias in {x.name for x in loaded}:
+        names = [alias]
+    if not names:
+        aliases = sorted({x.config.alias_or(x.name) for x in loaded if x.config is not None})
+        raise UserError(
+            f"No instance serves the alias '{alias}' (aliases: {', '.join(aliases) or 'none'}).",
+            hint="`llama-orch ps` lists instances and their aliases.",
+        )
+    return sorted(names)

@@ -192,14 +192,34 @@ def down(
 
 def restart(
     ctx: typer.Context,
-    names: List[str] = typer.Argument(..., help="Instances to restart.", metavar="NAME"),
+    names: List[str] = typer.Argument(
+        ..., help="Instances to restart (with --rolling: an alias).", metavar="NAME"
+    ),
     timeout: float = typer.Option(300, help="Seconds to wait for health."),
+    rolling: bool = typer.Option(
+        False, "--rolling", help="One replica at a time, drained first: no failed requests."
+    ),
 ) -> None:
     """Stop and start instances again."""
     app = app_context(ctx)
-    targets = app.engine.resolve_names(names)
+    if not rolling:
+        targets = app.engine.resolve_names(names)
+        with _progress() as on_progress:
+            results = app.control().restart(targets, timeout=timeout, on_progress=on_progress)
+        _report_up(results)
+        return
+    from llama_orchestrator.daemon.client import Supervised
+    from llama_orchestrator.validate import replicas_of
+
+    targets = [n for alias in names for n in replicas_of(app.home, alias)]
+    ctl = app.control()
+    if not isinstance(ctl, Supervised):
+        raise UserError(
+            "A rolling restart needs the daemon (its router drains each replica).",
+            hint="Start it with `llama-orch daemon start`, or restart without --rolling.",
+        )
     with _progress() as on_progress:
-        results = app.control().restart(targets, timeout=timeout, on_progress=on_progress)
+        results = ctl.restart(targets, timeout=timeout, on_progress=on_progress, rolling=True)
     _report_up(results)
 
 

@@ -47,6 +47,7 @@ class DownBody(_Body):
 
 class RestartBody(_Body):
     names: list[str] = Field(min_length=1)
+    rolling: bool = False
 
 
 class RmBody(_Body):
@@ -78,6 +79,7 @@ def build_app(
     address: str,
     token: str | None,
     request_exit: Callable[[bool], None],
+    router_url: str | None = None,
 ) -> FastAPI:
     app = FastAPI(title="llama-orch daemon", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -125,7 +127,7 @@ def build_app(
             "uptime_s": round(time.time() - started_at, 1),
             "home": str(sup.home.root),
             "socket": address,
-            "router_url": None,
+            "router_url": router_url,
             "version": __version__,
             **sup.status(),
         }
@@ -141,7 +143,7 @@ def build_app(
 
     @app.post("/v1/restart")
     async def restart(body: RestartBody) -> dict[str, Any]:
-        results = await sup.restart(names(body.names))
+        results = await sup.restart(names(body.names), body.rolling)
         return {"results": [r.__dict__ for r in results]}
 
     @app.post("/v1/rm")

@@ -125,9 +125,16 @@ class Supervised:
         return self._finish(answer, wait, timeout, on_progress)
 
     def restart(
-        self, names: list[str], *, timeout: float = 300, on_progress: Progress | None = None
+        self,
+        names: list[str],
+        *,
+        timeout: float = 300,
+        on_progress: Progress | None = None,
+        rolling: bool = False,
     ) -> list[UpResult]:
-        answer = self.client.call("POST", "/v1/restart", {"names": names})
+        """`rolling`: the daemon restarts them one at a time, each drained by
+        the router first and healthy again before the next."""
+        answer = self.client.call("POST", "/v1/restart", {"names": names, "rolling": rolling})
         return self._finish(answer, True, timeout, on_progress)
 
     def _finish(

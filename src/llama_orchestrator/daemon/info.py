@@ -31,6 +31,7 @@ class DaemonInfo:
     port: int | None = None
     token: str | None = None
     version: str = ""
+    router_url: str | None = None
 
     @property
     def address(self) -> str:

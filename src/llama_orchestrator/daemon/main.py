@@ -146,8 +146,15 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         stop_instances = stop_instances or all_
         server.should_exit = True
 
+    router_server, router_url = _router(home, sup, metrics, _Server)
     app = build_app(
-        sup, metrics, started_at=started_at, address=address, token=token, request_exit=request_exit
+        sup,
+        metrics,
+        started_at=started_at,
+        address=address,
+        token=token,
+        request_exit=request_exit,
+        router_url=router_url,
     )
     server = _Server(
         uvicorn.Config(
@@ -174,17 +181,72 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
             port=port,
             token=token,
             version=__version__,
+            router_url=router_url,
         ),
     )
+    router_task = asyncio.create_task(router_server()) if router_url else None
     try:
         await server.serve(sockets=[sock])
     finally:
         with contextlib.suppress(FileNotFoundError):
             home.daemon_info.unlink()
-        await sup.shutdown(stop_instances)
+        await sup.shutdown(stop_instances)  # drains the router's replicas on --all
+        if router_task is not None and sup.router is not None:
+            router_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await router_task
+            await sup.router.close()
         if transport == "unix":
             with contextlib.suppress(FileNotFoundError):
                 home.daemon_socket.unlink()
+
+
+def _router(home: Home, sup: Any, metrics: Any, server_class: type) -> tuple[Any, str | None]:
+    """The router's server (a coroutine function) and URL; (None, None) when it
+    cannot or must not listen: that is recorded, and supervision goes on."""
+    import socket
+
+    import uvicorn
+
+    from llama_orchestrator.router.app import build_router_app, is_loopback
+    from llama_orchestrator.router.proxy import Router
+
+    settings = load_settings(home.settings_path).router
+    if not is_loopback(settings.host) and not settings.api_keys:
+        sup.engine.store.add_event(
+            None,
+            "router_refused",
+            f"The router does not listen on {settings.host} without API keys; "
+            "set router.api_keys in llama-orch.json (or keep router.host on 127.0.0.1).",
+        )
+        return None, None
+    router = Router(settings, lambda: sup.replicas, sup.known_models)
+    router.metrics = metrics.watch_router(router)
+    sup.router = router
+    try:
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        sock = socket.create_server((settings.host, settings.port), family=family, backlog=1024)
+    except OSError as exc:
+        sup.engine.store.add_event(
+            None,
+            "router_failed",
+            f"The router cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); "
+            "change router.port in llama-orch.json and restart the daemon.",
+        )
+        sup.router = None
+        return None, None
+
+    def render() -> tuple[bytes, str]:
+        from llama_orchestrator.daemon.metrics import CONTENT_TYPE
+
+        return metrics.render(), CONTENT_TYPE
+
+    app = build_router_app(router, render)
+    server = server_class(
+        uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", backlog=1024)
+    )
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return (lambda: server.serve(sockets=[sock])), f"http://{host}:{settings.port}"
 
 
 def _on_signal(name: str, request_exit: Any, stop_instances: bool) -> None:

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llama_orchestrator.engine.health import ProbeResult
+from llama_orchestrator.router.proxy import Router, RouterMetrics
 from llama_orchestrator.states import InstanceState
 from llama_orchestrator.store import Store
 
@@ -47,6 +48,23 @@ class _StoreCollector(Collector):
         yield from (up, state, restarts)
 
 
+class _RouterCollector(Collector):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "llama_orch_router_queue_depth", "Requests waiting for a free slot."
+        )
+        depth.add_metric([], float(self.router.queue_depth()))
+        busy = GaugeMetricFamily(
+            "llama_orch_router_in_flight", "Requests in flight per instance.", labels=["instance"]
+        )
+        for name, n in sorted(self.router.in_flight.items()):
+            busy.add_metric([name], float(n))
+        yield from (depth, busy)
+
+
 class Metrics:
     def __init__(self, store: Store) -> None:
         self.registry = CollectorRegistry()
@@ -63,6 +81,46 @@ class Metrics:
             ["instance"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
+        )
+
+    def watch_router(self, router: Router) -> RouterMetrics:
+        """Request, latency, time-to-first-token and retry metrics of the router,
+        plus its queue depth and requests in flight per instance (read at scrape)."""
+        requests = Counter(
+            "llama_orch_router_requests",
+            "Requests by model, instance and HTTP status.",
+            ["model", "instance", "status"],
+            registry=self.registry,
+        )
+        latency = Histogram(
+            "llama_orch_router_request_seconds",
+            "Time from request to the last byte of the answer.",
+            ["model"],
+            registry=self.registry,
+        )
+        ttft = Histogram(
+            "llama_orch_router_first_byte_seconds",
+            "Time from request to the first byte of the answer (time to first token when streaming).",
+            ["model"],
+            registry=self.registry,
+        )
+        retries = Counter(
+            "llama_orch_router_retries",
+            "Requests sent to another replica after one failed before answering.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.registry.register(_RouterCollector(router))
+
+        def request(model: str, instance: str, status: int, secs: float) -> None:
+            requests.labels(model, instance, str(status)).inc()
+            if instance:
+                latency.labels(model).observe(secs)
+
+        return RouterMetrics(
+            request=request,
+            first_byte=lambda model, secs: ttft.labels(model).observe(secs),
+            retry=lambda model: retries.labels(model).inc(),
         )
 
     def health(self, name: str, result: ProbeResult) -> None:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llama_orchestrator import platform
 from llama_orchestrator.config import InstanceConfig
@@ -34,12 +34,16 @@ from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import Engine, UpResult
 from llama_orchestrator.engine.policy import Ending, RestartBook, after_exit, after_probe
 from llama_orchestrator.engine.process import ProcRef, find, stop_tree, wait_exit
-from llama_orchestrator.errors import OrchError
+from llama_orchestrator.errors import OrchError, StartFailed
 from llama_orchestrator.home import Home
+from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow
 from llama_orchestrator.validate import load_all
+
+if TYPE_CHECKING:
+    from llama_orchestrator.router.proxy import Router
 
 __all__ = ["Supervisor", "HealthHook", "EventHook"]
 
@@ -109,6 +113,11 @@ class Supervisor:
         self._local = threading.local()
         self._housekeeping: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: healthy instances, as the router sees them (kept by the health checks)
+        self.replicas: dict[str, Replica] = {}
+        #: the router, when the daemon runs one: drained before a stop, woken on changes
+        self.router: Router | None = None
+        self._known: tuple[float, set[str]] = (0.0, set())
 
     # --- plumbing -----------------------------------------------------------
 
@@ -218,22 +227,54 @@ class Supervisor:
         async def one(name: str) -> list[str]:
             slot = self.slot(name)
             async with slot.lock:
+                if self.router is not None and name in self.replicas:
+                    cfg = self._config(name)  # drain: no new requests, in-flight ones finish
+                    grace = timeout if timeout is not None else (cfg.stop_timeout if cfg else 10.0)
+                    await self.router.drain(name, grace)
                 slot.quiet(self.loop)
-                return await self._in_thread(lambda e: e.down([name], timeout))
+                self._set_replica(name, None)
+                try:
+                    return await self._in_thread(lambda e: e.down([name], timeout))
+                finally:
+                    if self.router is not None:
+                        self.router.undrain(name)
 
         stopped = await asyncio.gather(*(one(n) for n in names))
         return [n for part in stopped for n in part]
 
-    async def restart(self, names: list[str]) -> list[UpResult]:
+    async def restart(
+        self, names: list[str], rolling: bool = False, timeout: float = 300
+    ) -> list[UpResult]:
+        """Stop and start again. `rolling`: one at a time, each drained first and
+        healthy again before the next, so replicas keep serving throughout."""
         await self._in_thread(lambda e: e.prepare(names))  # refuse a broken config first
-        await self.down(names)
-        return await self.up(names)
+        if not rolling:
+            await self.down(names)
+            return await self.up(names)
+        results = []
+        for name in names:
+            await self.down([name])
+            (result,) = await self.up([name])
+            deadline = time.monotonic() + timeout
+            while name not in self.replicas:
+                row = self.engine.store.get(name)
+                if row is None or row.state not in RUNNING_STATES or time.monotonic() > deadline:
+                    raise StartFailed(
+                        f"Rolling restart stopped at '{name}': it did not become healthy "
+                        f"({row.state if row else 'gone'}); the replicas after it were not touched.",
+                        hint=f"See `llama-orch describe {name}`.",
+                    )
+                await asyncio.sleep(0.05)
+            result.healthy = True
+            results.append(result)
+        return results
 
     async def rm(self, name: str, force: bool) -> None:
         slot = self.slot(name)
         async with slot.lock:
             await self._in_thread(lambda e: e.rm(name, force))
             slot.quiet(self.loop)
+            self._set_replica(name, None)
         self.slots.pop(name, None)
 
     async def shutdown(self, stop_instances: bool) -> None:
@@ -245,6 +286,7 @@ class Supervisor:
             await self.down([r.name for r in self.engine.rows() if r.state in RUNNING_STATES])
         for slot in self.slots.values():
             slot.quiet(self.loop)
+        self.replicas.clear()
         store = self.engine.store
         with store.transaction():
             for row in store.all():
@@ -300,6 +342,7 @@ class Supervisor:
                 return  # a down or restart dealt with it meanwhile
             unhealthy = slot.unhealthy_stop
             slot.quiet(self.loop)
+            self._set_replica(name, None)
             row = self.engine.store.get(name)
             if row is None or row.pid != ref.pid:
                 return
@@ -408,6 +451,7 @@ class Supervisor:
                 if v.state != row.state:
                     self.engine.store.set_state(row, v.state, v.reason, {"probe": result.to_json()})
                 state = v.state
+                self._set_replica(name, cfg if v.state == S.HEALTHY else None)
                 if v.restart:
                     slot.unhealthy_stop = True
             if v.restart:  # the exit handler applies the policy once it is gone
@@ -432,6 +476,41 @@ class Supervisor:
                     await self._in_thread(views.pinned_gpu_warnings)
             except Exception:  # housekeeping must never take the daemon down
                 log.exception("housekeeping failed")
+
+    # --- what the router sees --------------------------------------------------
+
+    def _set_replica(self, name: str, cfg: InstanceConfig | None) -> None:
+        """Healthy (cfg given) or not: keep `replicas` and wake the router's queues."""
+        if cfg is None:
+            if self.replicas.pop(name, None) is None:
+                return
+        else:
+            replica = Replica(
+                name=name,
+                alias=cfg.alias_or(name),
+                tags=tuple(cfg.tags),
+                host=health.probe_host(cfg.server.host),
+                port=cfg.server.port,
+                slots=cfg.server.parallel,
+                api_key=cfg.server.api_key,
+            )
+            if self.replicas.get(name) == replica:
+                return
+            self.replicas[name] = replica
+        if self.router is not None:
+            self.router.wake()
+
+    def known_models(self) -> set[str]:
+        """Every alias and `tags:` name the configs offer (re-read every 2 s)."""
+        now = time.monotonic()
+        if now - self._known[0] > 2.0:
+            names: set[str] = set()
+            for item in load_all(self.home):
+                if item.config is not None:
+                    names.add(item.config.alias_or(item.name))
+                    names.update(f"tags:{t}" for t in item.config.tags)
+            self._known = (now, names)
+        return self._known[1]
 
     def status(self) -> dict[str, Any]:
         return {"instances": self.supervised()}

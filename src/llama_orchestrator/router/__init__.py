@@ -1,0 +1,1 @@
+"""The router: an OpenAI-compatible proxy to healthy instances (DESIGN §6)."""

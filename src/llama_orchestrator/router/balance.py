@@ -1,0 +1,63 @@
+"""Which instance gets a request (DESIGN §6): pure functions, no I/O.
+
+A request names a `model`: an instance alias (several instances may share
+one: replicas) or `tags:<tag>`. Among the healthy, non-draining candidates
+with a free slot the least busy wins: the lowest share of its `parallel`
+slots in use, then the fewest requests in flight, then the name (stable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+__all__ = ["Replica", "matches", "candidates", "least_busy", "model_names"]
+
+TAG_PREFIX = "tags:"
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A healthy instance as the router sees it."""
+
+    name: str
+    alias: str
+    tags: tuple[str, ...]
+    host: str
+    port: int
+    slots: int  # llama-server's parallel slots (-np)
+    api_key: str | None = None
+
+
+def matches(model: str, r: Replica) -> bool:
+    if model.startswith(TAG_PREFIX):
+        return model[len(TAG_PREFIX) :] in r.tags
+    return model == r.alias
+
+
+def candidates(model: str, replicas: Iterable[Replica]) -> list[Replica]:
+    return [r for r in replicas if matches(model, r)]
+
+
+def least_busy(
+    cands: Iterable[Replica], in_flight: Mapping[str, int], exclude: frozenset[str] = frozenset()
+) -> Replica | None:
+    """The candidate to use now, or None when every one is full (or excluded)."""
+    free = [
+        r for r in cands if r.name not in exclude and in_flight.get(r.name, 0) < max(1, r.slots)
+    ]
+    if not free:
+        return None
+    return min(
+        free,
+        key=lambda r: (
+            in_flight.get(r.name, 0) / max(1, r.slots),
+            in_flight.get(r.name, 0),
+            r.name,
+        ),
+    )
+
+
+def model_names(replicas: Iterable[Replica]) -> list[str]:
+    """What /v1/models lists: the aliases of healthy instances."""
+    return sorted({r.alias for r in replicas})

@@ -1,0 +1,292 @@
+"""The router: one OpenAI-compatible endpoint in front of the healthy
+instances (DESIGN §6). Choosing is `balance`'s; this module keeps the slot
+counts, the bounded per-model queues and the draining set, and forwards.
+
+Forwarding uses aiohttp: measured against httpx as the upstream client in
+`bench/router.py` (httpx is markedly slower under concurrency, httpx #3215).
+A failure before the first upstream byte (refused, reset, 5xx answer) is
+retried on another replica; nothing is retried once bytes reached the client,
+so a request that crashes a server is not replayed into every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from llama_orchestrator.config import RouterSettings
+from llama_orchestrator.router.balance import Replica, candidates, least_busy
+
+__all__ = ["Router", "RouterMetrics", "openai_error"]
+
+RETRY_AFTER = "1"
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "content-encoding",
+}
+
+
+def openai_error(status: int, message: str, kind: str, **extra: Any) -> JSONResponse:
+    headers = {"Retry-After": RETRY_AFTER} if status in (429, 503) else None
+    body = {"error": {"message": message, "type": kind, "code": status, **extra}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Refusal(Exception):
+    def __init__(self, response: JSONResponse) -> None:
+        self.response = response
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future[Replica]
+    exclude: frozenset[str]
+
+
+@dataclass
+class RouterMetrics:
+    """Hooks the daemon's Prometheus metrics fill in (no-ops by default)."""
+
+    request: Callable[[str, str, int, float], None] = lambda model, inst, status, secs: None
+    first_byte: Callable[[str, float], None] = lambda model, secs: None
+    retry: Callable[[str], None] = lambda model: None
+
+
+@dataclass
+class Router:
+    settings: RouterSettings
+    #: the healthy instances now (the supervisor keeps this up to date)
+    healthy: Callable[[], dict[str, Replica]]
+    #: every model name a config offers (aliases, tags:...), healthy or not
+    known: Callable[[], set[str]]
+    metrics: RouterMetrics = field(default_factory=RouterMetrics)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    draining: set[str] = field(default_factory=set)
+    _queues: dict[str, deque[_Waiter]] = field(default_factory=dict)
+    _session: aiohttp.ClientSession | None = None
+
+    # --- slots and queues -----------------------------------------------------
+
+    def replicas(self) -> list[Replica]:
+        return [r for r in self.healthy().values() if r.name not in self.draining]
+
+    def queue_depth(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def _take(self, r: Replica) -> Replica:
+        self.in_flight[r.name] = self.in_flight.get(r.name, 0) + 1
+        return r
+
+    def release(self, r: Replica) -> None:
+        self.in_flight[r.name] = max(0, self.in_flight.get(r.name, 0) - 1)
+        self.wake()
+
+    def wake(self) -> None:
+        """Give freed (or newly healthy) slots to the oldest waiters, per model."""
+        replicas = self.replicas()
+        for model, queue in self._queues.items():
+            while queue:
+                head = queue[0]
+                if head.future.done():
+                    queue.popleft()
+                    continue
+                r = least_busy(candidates(model, replicas), self.in_flight, head.exclude)
+                if r is None:
+                    break
+                queue.popleft()
+                head.future.set_result(self._take(r))
+
+    async def acquire(self, model: str, exclude: frozenset[str]) -> Replica:
+        """A slot on the least busy replica, waiting in the model's FIFO queue
+        when all are busy. Raises _Refusal (503 none healthy, 429 queue full
+        or waited too long)."""
+        cands = [c for c in candidates(model, self.replicas()) if c.name not in exclude]
+        if not cands:
+            raise _Refusal(
+                openai_error(
+                    503,
+                    f"No healthy instance serves '{model}' right now; try again shortly.",
+                    "unavailable",
+                )
+            )
+        queue = self._queues.setdefault(model, deque())
+        if not queue:
+            r = least_busy(cands, self.in_flight, exclude)
+            if r is not None:
+                return self._take(r)
+        if len(queue) >= self.settings.max_queue:
+            raise _Refusal(
+                openai_error(
+                    429, f"Every slot for '{model}' is busy and the queue is full.", "busy"
+                )
+            )
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), exclude)
+        queue.append(waiter)
+        try:
+            await asyncio.wait({waiter.future}, timeout=self.settings.queue_timeout)
+        except asyncio.CancelledError:  # the client left while waiting
+            if waiter.future.done():
+                self.release(waiter.future.result())  # granted at that very moment
+            else:
+                self._forget(queue, waiter)
+            raise
+        if not waiter.future.done():
+            self._forget(queue, waiter)
+            raise _Refusal(
+                openai_error(
+                    429,
+                    f"Every slot for '{model}' stayed busy for {self.settings.queue_timeout:g}s.",
+                    "busy",
+                )
+            )
+        return waiter.future.result()
+
+    @staticmethod
+    def _forget(queue: deque[_Waiter], waiter: _Waiter) -> None:
+        waiter.future.cancel()
+        if waiter in queue:
+            queue.remove(waiter)
+
+    async def drain(self, name: str, timeout: float) -> None:
+        """No new requests for `name`; wait (at most `timeout`) for those in flight."""
+        self.draining.add(name)
+        deadline = time.monotonic() + timeout
+        while self.in_flight.get(name, 0) > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    def undrain(self, name: str) -> None:
+        self.draining.discard(name)
+
+    # --- forwarding -------------------------------------------------------------
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def forward(self, request: Request, body: bytes, model: str) -> Response:
+        start = time.perf_counter()
+        tried: set[str] = set()
+        last_error = ""
+        session = await self.session()
+        while True:
+            try:
+                r = await self.acquire(model, frozenset(tried))
+            except _Refusal as refusal:
+                if tried:  # every replica failed before answering
+                    return openai_error(
+                        503,
+                        f"Every instance serving '{model}' failed this request ({last_error}).",
+                        "unavailable",
+                    )
+                self.metrics.request(model, "", refusal.response.status_code, 0.0)
+                return refusal.response
+            headers = {"Content-Type": request.headers.get("content-type", "application/json")}
+            if r.api_key:
+                headers["Authorization"] = f"Bearer {r.api_key}"
+            url = f"http://{r.host}:{r.port}{request.url.path}"
+            try:
+                upstream = await session.request(request.method, url, data=body, headers=headers)
+            except (aiohttp.ClientError, OSError) as exc:
+                self.release(r)
+                tried.add(r.name)
+                last_error = f"{r.name}: {type(exc).__name__}"
+                self.metrics.retry(model)
+                continue
+            if upstream.status >= 500 and len(tried) + 1 < len(
+                candidates(model, self.healthy().values())
+            ):
+                upstream.release()
+                self.release(r)
+                tried.add(r.name)
+                last_error = f"{r.name}: HTTP {upstream.status}"
+                self.metrics.retry(model)
+                continue
+            return StreamingResponse(
+                self._relay(upstream, r, model, start),
+                status_code=upstream.status,
+                headers={k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP},
+            )
+
+    async def _relay(
+        self, upstream: aiohttp.ClientResponse, r: Replica, model: str, start: float
+    ) -> AsyncIterator[bytes]:
+        """Chunks as they arrive; a client that leaves closes the upstream
+        connection, which makes llama-server stop generating and free the slot."""
+        first = True
+        complete = False
+        try:
+            async for chunk in upstream.content.iter_any():
+                if first:
+                    self.metrics.first_byte(model, time.perf_counter() - start)
+                    first = False
+                yield chunk
+            complete = True
+        finally:
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()
+            self.release(r)
+            self.metrics.request(model, r.name, upstream.status, time.perf_counter() - start)
+
+    # --- the HTTP surface ------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        """POST /v1/chat/completions, /v1/completions, /v1/embeddings, /completion."""
+        limit = self.settings.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return openai_error(413, f"Request bodies are limited to {limit} bytes.", "too_large")
+        body = b""
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                return openai_error(
+                    413, f"Request bodies are limited to {limit} bytes.", "too_large"
+                )
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            return openai_error(
+                400, f"The request body is not valid JSON ({exc}).", "invalid_request_error"
+            )
+        if not isinstance(data, dict):
+            return openai_error(
+                400, "The request body must be a JSON object.", "invalid_request_error"
+            )
+        model = data.get("model")
+        known = self.known()
+        if model is None and request.url.path == "/completion":
+            aliases = sorted(m for m in known if not m.startswith("tags:"))
+            model = aliases[0] if len(aliases) == 1 else None
+        if not isinstance(model, str) or model not in known:
+            available = sorted(m for m in known if not m.startswith("tags:"))
+            what = f"The model '{model}' does not exist" if model else "Name a model"
+            return openai_error(
+                404 if model else 400,
+                f"{what}; available: {', '.join(available) or 'none'}.",
+                "model_not_found" if model else "invalid_request_error",
+                available=available,
+            )
+        return await self.forward(request, body, model)
