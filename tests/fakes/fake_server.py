@@ -6,7 +6,8 @@ Accepts llama-server's argv (only --host/--port matter) and serves GET
   FAKE_CHILD=1            start a grandchild that also ignores SIGTERM (tests tree kill)
   FAKE_HEALTH=503         answer /health with this status forever
   FAKE_HEALTH_HANG=1      accept /health requests and never answer them
-  FAKE_COMPLETION=500     answer POST /completion with this status (default 200)
+  FAKE_COMPLETION=500     answer POST requests with this status (default 200)
+  a POST body containing "slow" is answered only after 60 seconds
   FAKE_EXIT_AFTER=S       exit with code 3 after S seconds
 """
 
@@ -33,7 +34,9 @@ class Handler(BaseHTTPRequestHandler):
         self._answer(status, b'{"status":"ok"}' if status == 200 else b'{"error":"loading"}')
 
     def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if b"slow" in body:
+            threading.Event().wait(60)
         status = int(os.environ.get("FAKE_COMPLETION", "200"))
         self._answer(status, b'{"content":"x"}' if status == 200 else b'{"error":"broken"}')
 

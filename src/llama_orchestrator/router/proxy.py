@@ -12,6 +12,7 @@ so a request that crashes a server is not replayed into every replica.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import deque
@@ -42,6 +43,16 @@ def openai_error(status: int, message: str, kind: str, **extra: Any) -> JSONResp
     headers = {"Retry-After": RETRY_AFTER} if status in (429, 503) else None
     body = {"error": {"message": message, "type": kind, "code": status, **extra}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read before)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Refusal(Exception):
@@ -174,7 +185,11 @@ class Router:
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
+                # No keep-alive upstream: llama-server's HTTP server gives each open
+                # connection a thread of a small pool (as few as cores - 1) until its
+                # keep-alive timeout, so idle pooled connections stall new requests
+                # for seconds. A fresh loopback connection costs ~0.1 ms.
+                connector=aiohttp.TCPConnector(limit=0, force_close=True),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
                 auto_decompress=False,
             )
@@ -206,7 +221,10 @@ class Router:
                 headers["Authorization"] = f"Bearer {r.api_key}"
             url = f"http://{r.host}:{r.port}{request.url.path}"
             try:
-                upstream = await session.request(request.method, url, data=body, headers=headers)
+                upstream = await self._send(request, session, url, body, headers)
+            except _ClientGone:
+                self.release(r)  # the upstream request was cancelled with it
+                return Response(status_code=499)
             except (aiohttp.ClientError, OSError) as exc:
                 self.release(r)
                 tried.add(r.name)
@@ -227,6 +245,31 @@ class Router:
                 status_code=upstream.status,
                 headers={k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP},
             )
+
+    @staticmethod
+    async def _send(
+        request: Request,
+        session: aiohttp.ClientSession,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> aiohttp.ClientResponse:
+        """The upstream request, abandoned (its connection closed, so llama-server
+        stops generating) if the client disconnects before the answer starts."""
+        send = asyncio.ensure_future(
+            session.request(request.method, url, data=body, headers=headers)
+        )
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({send, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not send.done():
+            send.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, OSError):
+                await send
+            raise _ClientGone
+        return send.result()
 
     async def _relay(
         self, upstream: aiohttp.ClientResponse, r: Replica, model: str, start: float
