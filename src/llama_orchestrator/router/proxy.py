@@ -240,11 +240,28 @@ class Router:
                 last_error = f"{r.name}: HTTP {upstream.status}"
                 self.metrics.retry(model)
                 continue
-            return StreamingResponse(
-                self._relay(upstream, r, model, start),
-                status_code=upstream.status,
-                headers={k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP},
-            )
+            headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+            if "text/event-stream" in upstream.headers.get("content-type", ""):
+                return StreamingResponse(
+                    self._relay(upstream, r, model, start),
+                    status_code=upstream.status,
+                    headers=headers,
+                )
+            # not streamed: read it whole (llama-server sends it in one piece), so
+            # a failure while reading still reaches no client byte and is retried
+            try:
+                data = await upstream.read()
+            except (aiohttp.ClientError, OSError) as exc:
+                tried.add(r.name)
+                last_error = f"{r.name}: {type(exc).__name__}"
+                self.metrics.retry(model)
+                continue
+            finally:
+                upstream.release()
+                self.release(r)
+            self.metrics.first_byte(model, time.perf_counter() - start)
+            self.metrics.request(model, r.name, upstream.status, time.perf_counter() - start)
+            return Response(data, status_code=upstream.status, headers=headers)
 
     @staticmethod
     async def _send(

@@ -1,0 +1,40 @@
+"""The router's choice: pure, every case by example."""
+
+from llama_orchestrator.router.balance import (
+    Replica,
+    candidates,
+    least_busy,
+    matches,
+    model_names,
+)
+
+
+def rep(name, alias="m", slots=2, tags=()):
+    return Replica(name, alias, tuple(tags), "127.0.0.1", 8000, slots)
+
+
+A, B, C = rep("a"), rep("b", slots=4), rep("c", alias="other", tags=("worker",))
+
+
+def test_models_match_by_alias_or_tag():
+    assert matches("m", A) and not matches("m", C)
+    assert matches("tags:worker", C) and not matches("tags:worker", A)
+    assert matches("other", C) and not matches("tags:", A)
+    assert candidates("m", [A, B, C]) == [A, B]
+    assert model_names([A, B, C]) == ["m", "other"]
+
+
+def test_the_least_busy_share_of_slots_wins():
+    assert least_busy([A, B], {}) == A  # tie on 0: by name
+    assert least_busy([A, B], {"a": 1}) == B  # 1/2 busy vs 0/4
+    assert least_busy([A, B], {"a": 1, "b": 2}) == A  # 1/2 = 2/4: fewer in flight
+    assert least_busy([A, B], {"a": 1, "b": 3}) == A  # 1/2 < 3/4
+
+
+def test_full_or_excluded_replicas_are_not_chosen():
+    assert least_busy([A, B], {"a": 2, "b": 4}) is None
+    assert least_busy([A, B], {"b": 4}) == A
+    assert least_busy([A, B], {}, frozenset({"a"})) == B
+    assert least_busy([A, B], {}, frozenset({"a", "b"})) is None
+    assert least_busy([], {}) is None
+    assert least_busy([rep("z", slots=0)], {}) == rep("z", slots=0)  # at least one slot
