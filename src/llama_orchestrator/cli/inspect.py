@@ -57,6 +57,11 @@ def ps(
     say(ps_table(rows, color=sys.stdout.isatty()))
     if any(r["pid"] and not r["supervised"] for r in rows):
         say("* unsupervised: no daemon runs, so nothing restarts it if it dies")
+    from llama_orchestrator.daemon.info import running
+
+    info = running(app_context(ctx).home)
+    if info is not None and info.router_url:
+        say(f"router: {info.router_url}/v1 (OpenAI-compatible; model = an alias or tags:TAG)")
     _gpu_warnings(app_context(ctx))
 
 
