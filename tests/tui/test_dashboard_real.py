@@ -91,7 +91,8 @@ def test_the_real_command_in_tmux_shows_the_instances(home, tiny_model):
     write_config(home, "smoke-one", tiny_model)
     write_config(home, "smoke-two", tiny_model)
     session = f"llama-orch-test-{time.monotonic_ns()}"
-    cmd = f"{sys.executable} -m llama_orchestrator --home {home.root} dashboard"
+    # started after a pause: tmux sizes a new pane after creating it
+    cmd = f"sleep 1; exec {sys.executable} -m llama_orchestrator --home {home.root} dashboard"
     subprocess.run(
         ["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", cmd], check=True
     )

@@ -275,13 +275,17 @@ class DashboardApp(App[None]):
             table.clear()
             for v in rows:
                 table.add_row(*cells(v), key=v.name)
+                # measured now: widths left to Textual's deferred pass were at
+                # times those of the labels alone ("smok" for smoke-one)
+                for col, value in zip(COLUMNS, cells(v), strict=True):
+                    table.update_cell(v.name, col, value, update_width=True)
             if self.selected in wanted:
                 table.move_cursor(row=wanted.index(self.selected))
         else:  # same rows: update changed cells in place (no flicker, cursor stays)
             for v in rows:
                 for col, value in zip(COLUMNS, cells(v), strict=True):
                     if str(table.get_cell(v.name, col)) != str(value):
-                        table.update_cell(v.name, col, value)
+                        table.update_cell(v.name, col, value, update_width=True)
         if rows and self.selected not in wanted:
             self._select(rows[table.cursor_row if table.cursor_row < len(rows) else 0].name)
 
