@@ -73,3 +73,41 @@ def model_and_binary(tmp: Path, model: str | None) -> tuple[Path, Path]:
 
 def env_without_home() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "LLAMA_ORCH_HOME"}
+
+
+def supervisord_exe() -> str | None:
+    """supervisord (PyPI `supervisor`, a benchmark-only tool), or None."""
+    import shutil
+
+    exe = shutil.which("supervisord") or str(Path(sys.executable).with_name("supervisord"))
+    return exe if Path(exe).exists() else None
+
+
+def start_supervisord(folder: Path, programs: dict[str, str], extra: str = "") -> Path:
+    """Run supervisord (daemonized) with one [program:NAME] per command; its config path."""
+    folder.mkdir()
+    sections = "".join(
+        f"[program:{name}]\ncommand={command}\nautorestart=true\n{extra}"
+        f"stdout_logfile={folder}/{name}.out\nstderr_logfile={folder}/{name}.err\n"
+        for name, command in programs.items()
+    )
+    conf = folder / "supervisord.conf"
+    conf.write_text(
+        f"""[unix_http_server]
+file={folder}/s.sock
+[supervisord]
+logfile={folder}/supervisord.log
+pidfile={folder}/supervisord.pid
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+[supervisorctl]
+serverurl=unix://{folder}/s.sock
+{sections}"""
+    )
+    subprocess.run([supervisord_exe() or "supervisord", "-c", str(conf)], check=True)
+    return conf
+
+
+def stop_supervisord(conf: Path) -> None:
+    ctl = Path(supervisord_exe() or "supervisord").with_name("supervisorctl")
+    subprocess.run([str(ctl), "-c", str(conf), "shutdown"], capture_output=True)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +24,16 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import cli, free_port, model_and_binary, wait_healthy, write_instance  # noqa: E402
+from _common import (  # noqa: E402
+    cli,
+    free_port,
+    model_and_binary,
+    start_supervisord,
+    stop_supervisord,
+    supervisord_exe,
+    wait_healthy,
+    write_instance,
+)
 
 RSS_TARGET_MB = 80
 CPU_TARGET_PCT = 2.0
@@ -48,41 +55,20 @@ def start_llama_orch(tmp: Path, model: Path, n: int, client: httpx.Client) -> ps
     return psutil.Process(info["pid"])
 
 
-def start_supervisord(
+def run_supervisord(
     tmp: Path, binary: Path, model: Path, n: int, client: httpx.Client
 ) -> tuple[psutil.Process, Path] | None:
-    exe = shutil.which("supervisord") or str(Path(sys.executable).with_name("supervisord"))
-    if not Path(exe).exists():
+    if supervisord_exe() is None:
         return None
-    d = tmp / "supervisord"
-    d.mkdir()
     ports = [free_port() for _ in range(n)]
-    programs = "".join(
-        f"""[program:i{i}]
-command={binary} -m {model} --host 127.0.0.1 --port {port} -c 512 -np 1
-autorestart=true
-stdout_logfile={d}/i{i}.out
-stderr_logfile={d}/i{i}.err
-"""
+    commands = {
+        f"i{i}": f"{binary} -m {model} --host 127.0.0.1 --port {port} -c 512 -np 1"
         for i, port in enumerate(ports)
-    )
-    conf = d / "supervisord.conf"
-    conf.write_text(
-        f"""[unix_http_server]
-file={d}/s.sock
-[supervisord]
-logfile={d}/supervisord.log
-pidfile={d}/supervisord.pid
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-[supervisorctl]
-serverurl=unix://{d}/s.sock
-{programs}"""
-    )
-    subprocess.run([exe, "-c", str(conf)], check=True)
+    }
+    conf = start_supervisord(tmp / "supervisord", commands)
     for port in ports:
         wait_healthy(client, port)
-    pid = int((d / "supervisord.pid").read_text())
+    pid = int((conf.parent / "supervisord.pid").read_text())
     return psutil.Process(pid), conf
 
 
@@ -116,7 +102,7 @@ def main() -> None:
         sup = None
         try:
             procs = {"llama-orch": start_llama_orch(tmp, model, args.instances, client)}
-            sup = start_supervisord(tmp, binary, model, args.instances, client)
+            sup = run_supervisord(tmp, binary, model, args.instances, client)
             if sup is not None:
                 procs["supervisord"] = sup[0]
             time.sleep(2)  # past start-up work
@@ -124,8 +110,7 @@ def main() -> None:
         finally:
             cli(tmp / "orch", "daemon", "stop", "--all")
             if sup is not None:
-                ctl = Path(sys.executable).with_name("supervisorctl")
-                subprocess.run([str(ctl), "-c", str(sup[1]), "shutdown"], capture_output=True)
+                stop_supervisord(sup[1])
                 time.sleep(1)
 
     print(f"{args.instances} healthy instances, health checks every 1 s, {args.seconds:g} s window")

@@ -31,7 +31,16 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import cli, free_port, model_and_binary, wait_healthy, write_instance  # noqa: E402
+from _common import (  # noqa: E402
+    cli,
+    free_port,
+    model_and_binary,
+    start_supervisord,
+    stop_supervisord,
+    supervisord_exe,
+    wait_healthy,
+    write_instance,
+)
 
 TARGET_S = 0.05
 
@@ -104,37 +113,17 @@ def run_llama_orch(tmp: Path, binary: Path, model: Path, rounds: int, client: ht
 
 
 def run_supervisord(tmp: Path, binary: Path, model: Path, rounds: int, client: httpx.Client):
-    exe = shutil.which("supervisord") or str(Path(sys.executable).with_name("supervisord"))
-    if not Path(exe).exists():
+    if supervisord_exe() is None:
         return "supervisord not installed (pip install supervisor)"
-    port, d = free_port(), tmp / "supervisord"
-    d.mkdir()
-    conf = d / "supervisord.conf"
-    conf.write_text(
-        f"""[unix_http_server]
-file={d}/s.sock
-[supervisord]
-logfile={d}/supervisord.log
-pidfile={d}/supervisord.pid
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-[supervisorctl]
-serverurl=unix://{d}/s.sock
-[program:llama]
-command={" ".join(argv(binary, model, port))}
-autorestart=true
-startsecs=0
-startretries=10000
-stdout_logfile={d}/out.log
-stderr_logfile={d}/err.log
-"""
+    port = free_port()
+    command = " ".join(argv(binary, model, port))
+    conf = start_supervisord(
+        tmp / "supervisord", {"llama": command}, "startsecs=0\nstartretries=10000\n"
     )
-    subprocess.run([exe, "-c", str(conf)], check=True)
     try:
         return [one_round(port, client) for _ in range(rounds)]
     finally:
-        ctl = Path(exe).with_name("supervisorctl")
-        subprocess.run([str(ctl), "-c", str(conf), "shutdown"], capture_output=True)
+        stop_supervisord(conf)
         wait_for(lambda: not server_pids(port), 30)
 
 
