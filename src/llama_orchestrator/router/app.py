@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llama_orchestrator.router.balance import model_names
 from llama_orchestrator.router.proxy import Router, openai_error
@@ -39,7 +40,7 @@ def _host_of(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-def build_router_app(router: Router, render_metrics: Callable[[], tuple[bytes, str]]) -> Starlette:
+def build_router_app(router: Router, render_metrics: Callable[[], tuple[bytes, str]]) -> ASGIApp:
     settings = router.settings
     keys = [f"Bearer {k}" for k in settings.api_keys]
     # Bound to loopback: only loopback names may reach us (DNS rebinding);
@@ -73,10 +74,22 @@ def build_router_app(router: Router, render_metrics: Callable[[], tuple[bytes, s
         body, content_type = render_metrics()
         return Response(body, media_type=content_type)
 
-    routes = [Route(p, guarded(router.handle), methods=["POST"]) for p in PROXIED]
-    routes += [
-        Route("/v1/models", guarded(models), methods=["GET"]),
-        Route("/health", guarded(health, auth=False), methods=["GET"]),
-        Route("/metrics", guarded(metrics), methods=["GET"]),
-    ]
-    return Starlette(routes=routes)
+    proxied = guarded(router.handle)
+    rest = Starlette(
+        routes=[
+            Route("/v1/models", guarded(models), methods=["GET"]),
+            Route("/health", guarded(health, auth=False), methods=["GET"]),
+            Route("/metrics", guarded(metrics), methods=["GET"]),
+        ]
+    )
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        """The proxied routes straight to the router (the hot path skips
+        Starlette's routing and middleware); everything else through Starlette."""
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PROXIED:
+            response = await proxied(Request(scope, receive))
+            await response(scope, receive, send)
+        else:
+            await rest(scope, receive, send)
+
+    return app
