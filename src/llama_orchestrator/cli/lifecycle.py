@@ -160,7 +160,7 @@ def up(
     ),
     strict: bool = typer.Option(False, "--strict", help="Refuse to overcommit a GPU's VRAM."),
 ) -> None:
-    """Start instances in the background."""
+    """Start instances in the background, supervised by the daemon (started if needed)."""
     app = app_context(ctx)
     targets = app.engine.resolve_names(names or [], all_)
     ctl = app.engine if no_daemon else app.control(start_daemon=True)
