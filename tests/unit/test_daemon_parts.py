@@ -2,7 +2,6 @@
 
 import pytest
 
-from llama_orchestrator.daemon.api import _hostname
 from llama_orchestrator.daemon.client import error_from_json, error_to_json
 from llama_orchestrator.errors import (
     ConfigError,
@@ -12,6 +11,7 @@ from llama_orchestrator.errors import (
     UnknownInstance,
     UserError,
 )
+from llama_orchestrator.router.app import host_of
 
 
 @pytest.mark.parametrize(
@@ -44,5 +44,5 @@ def test_an_error_crosses_the_api_as_the_same_message_and_exit_code(exc):
         ("", ""),
     ],
 )
-def test_hostname_drops_the_port(header, host):
-    assert _hostname(header) == host
+def test_host_of_drops_the_port(header, host):
+    assert host_of(header) == host

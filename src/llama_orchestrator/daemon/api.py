@@ -24,6 +24,7 @@ from llama_orchestrator.daemon.client import HOST, error_to_json
 from llama_orchestrator.daemon.metrics import CONTENT_TYPE, Metrics
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.errors import OrchError, UnknownInstance, UserError
+from llama_orchestrator.router.app import host_of
 
 __all__ = ["build_app", "MAX_BODY_BYTES"]
 
@@ -59,13 +60,6 @@ class ShutdownBody(_Body):
     all: bool = False
 
 
-def _hostname(header: str) -> str:
-    """`Host` without its port: "[::1]:9" -> "[::1]", "localhost:9" -> "localhost"."""
-    if header.startswith("["):
-        return header.split("]")[0] + "]"
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
 def _error(status: int, kind: str, message: str, hint: str | None = None) -> JSONResponse:
     body = {"kind": kind, "message": message, "hint": hint, "exit_code": 2 if status < 500 else 1}
     return JSONResponse({"error": body}, status_code=status)
@@ -87,7 +81,7 @@ def build_app(
     async def guard(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        if _hostname(request.headers.get("host", "")) not in _LOOPBACK:
+        if host_of(request.headers.get("host", "")) not in _LOOPBACK:
             return _error(
                 421, "BadHost", f"Host {request.headers.get('host')!r} is not served here."
             )

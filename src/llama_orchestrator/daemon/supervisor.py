@@ -29,7 +29,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from llama_orchestrator import platform
-from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.config import InstanceConfig, load_config
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import Engine, UpResult
 from llama_orchestrator.engine.policy import Ending, RestartBook, after_exit, after_probe
@@ -76,6 +76,12 @@ class Slot:
     timer: asyncio.TimerHandle | None = None
     exit_fd: int | None = None
 
+    def close_exit_fd(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.exit_fd is not None:
+            loop.remove_reader(self.exit_fd)
+            os.close(self.exit_fd)
+            self.exit_fd = None
+
     def quiet(self, loop: asyncio.AbstractEventLoop) -> None:
         """Forget the watched process: no health checks, no restart pending."""
         if self.timer is not None:
@@ -84,10 +90,7 @@ class Slot:
         if self.health_task is not None and self.health_task is not asyncio.current_task():
             self.health_task.cancel()
         self.health_task = None
-        if self.exit_fd is not None:
-            loop.remove_reader(self.exit_fd)
-            os.close(self.exit_fd)
-            self.exit_fd = None
+        self.close_exit_fd(loop)
         self.ref = None
         self.failures = 0
         self.unhealthy_stop = False
@@ -117,7 +120,8 @@ class Supervisor:
         self.replicas: dict[str, Replica] = {}
         #: the router, when the daemon runs one: drained before a stop, woken on changes
         self.router: Router | None = None
-        self._known: tuple[float, set[str]] = (0.0, set())
+        #: every alias and `tags:` name the configs offer (refreshed off the loop)
+        self._known: set[str] = set()
 
     # --- plumbing -----------------------------------------------------------
 
@@ -147,10 +151,11 @@ class Supervisor:
         return self.slots[name]
 
     def _config(self, name: str) -> InstanceConfig | None:
-        for item in load_all(self.home):
-            if item.name == name:
-                return item.config
-        return None
+        """The instance's config as it is now on disk (one file), or None."""
+        try:
+            return load_config(self.home.config_path(name))
+        except OrchError:
+            return None
 
     def supervised(self) -> list[str]:
         """Names of the instances with a process or a restart in our care."""
@@ -182,6 +187,7 @@ class Supervisor:
                 await self.up([name])
             except OrchError as exc:
                 self.engine.store.add_event(name, "start_failed", f"daemon start: {exc}")
+        await self._refresh_known()
         self._housekeeping = asyncio.create_task(self._housekeep())
 
     async def _adopt(self, row: InstanceRow) -> None:
@@ -221,6 +227,7 @@ class Supervisor:
                     if row.pid and row.create_time:
                         self._watch(p.name, ProcRef(row.pid, row.create_time))
             results.append(result)
+        await self._refresh_known()
         return results
 
     async def down(self, names: list[str], timeout: float | None = None) -> list[str]:
@@ -329,10 +336,7 @@ class Supervisor:
         slot = self.slots.get(name)
         if slot is None or slot.ref != ref:
             return  # an old process of this instance, already handled
-        if slot.exit_fd is not None:
-            self.loop.remove_reader(slot.exit_fd)
-            os.close(slot.exit_fd)
-            slot.exit_fd = None
+        slot.close_exit_fd(self.loop)
         asyncio.create_task(self._on_exit(name, ref))
 
     async def _on_exit(self, name: str, ref: ProcRef) -> None:
@@ -461,13 +465,15 @@ class Supervisor:
     # --- housekeeping -----------------------------------------------------------
 
     async def _housekeep(self) -> None:
-        """Rotate the logs of running instances; record GPU alerts."""
+        """Rotate the logs of running instances; record GPU alerts; re-read the
+        model names the configs offer."""
         from llama_orchestrator.engine import views
 
         last_gpu = 0.0
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             try:
+                await self._refresh_known()
                 running = [n for n, s in self.slots.items() if s.ref is not None]
                 await self._in_thread(partial(_rotate_all, names=running))
                 interval = self.engine.settings.gpu.sample_interval
@@ -501,16 +507,13 @@ class Supervisor:
             self.router.wake()
 
     def known_models(self) -> set[str]:
-        """Every alias and `tags:` name the configs offer (re-read every 2 s)."""
-        now = time.monotonic()
-        if now - self._known[0] > 2.0:
-            names: set[str] = set()
-            for item in load_all(self.home):
-                if item.config is not None:
-                    names.add(item.config.alias_or(item.name))
-                    names.update(f"tags:{t}" for t in item.config.tags)
-            self._known = (now, names)
-        return self._known[1]
+        """What the router may answer 503 (known) rather than 404 for: read on
+        every request, so it is a cached set, refreshed at start, after each
+        up and by housekeeping, in a worker thread."""
+        return self._known
+
+    async def _refresh_known(self) -> None:
+        self._known = await asyncio.to_thread(_model_names, self.home)
 
     def status(self) -> dict[str, Any]:
         return {"instances": self.supervised()}
@@ -519,3 +522,12 @@ class Supervisor:
 def _rotate_all(engine: Engine, names: list[str]) -> None:
     for name in names:
         engine.rotate_logs(name)
+
+
+def _model_names(home: Home) -> set[str]:
+    names: set[str] = set()
+    for item in load_all(home):
+        if item.config is not None:
+            names.add(item.config.alias_or(item.name))
+            names.update(f"tags:{t}" for t in item.config.tags)
+    return names

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llama_orchestrator.router.balance import model_names
 from llama_orchestrator.router.proxy import Router, openai_error
 
-__all__ = ["build_router_app", "is_loopback", "PROXIED"]
+__all__ = ["build_router_app", "is_loopback", "host_of", "PROXIED"]
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/completion")
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
@@ -34,7 +34,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _host_of(header: str) -> str:
+def host_of(header: str) -> str:
+    """`Host` without its port: "[::1]:9" -> "[::1]", "localhost:9" -> "localhost"."""
     if header.startswith("["):
         return header.split("]")[0] + "]"
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
@@ -49,7 +50,7 @@ def build_router_app(router: Router, render_metrics: Callable[[], tuple[bytes, s
 
     def guarded(handler: Handler, auth: bool = True) -> Handler:
         async def wrapper(request: Request) -> Response:
-            if check_host and _host_of(request.headers.get("host", "")) not in _LOOPBACK_NAMES:
+            if check_host and host_of(request.headers.get("host", "")) not in _LOOPBACK_NAMES:
                 return openai_error(421, "This Host is not served here.", "bad_host")
             if auth and keys:
                 given = request.headers.get("authorization", "")
