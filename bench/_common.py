@@ -37,14 +37,16 @@ def cli(home: Path, *args: str) -> float:
     return time.perf_counter() - t
 
 
-def write_instance(home: Path, name: str, model: Path, port: int) -> None:
+def write_instance(
+    home: Path, name: str, model: Path, port: int, server: dict | None = None, **model_opts
+) -> None:
     d = home / "instances" / name
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(
         json.dumps(
             {
-                "model": {"path": str(model), "context_size": 512},
-                "server": {"host": "127.0.0.1", "port": port, "parallel": 1},
+                "model": {"path": str(model), "context_size": 512, **model_opts},
+                "server": {"host": "127.0.0.1", "port": port, "parallel": 1, **(server or {})},
             }
         )
     )

@@ -14,15 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from llama_orchestrator.config import RouterSettings
 from llama_orchestrator.router.balance import Replica, candidates, least_busy
@@ -49,10 +51,64 @@ class _ClientGone(Exception):
     pass
 
 
-async def _disconnected(request: Request) -> None:
+async def _disconnected(receive: Receive) -> None:
     """Returns when the client has gone (the body was read before)."""
-    while (await request.receive())["type"] != "http.disconnect":
+    while (await receive())["type"] != "http.disconnect":
         pass
+
+
+@contextlib.asynccontextmanager
+async def _unless_client_leaves(receive: Receive) -> AsyncIterator[None]:
+    """Runs the block; if the client disconnects meanwhile, the block is
+    cancelled and _ClientGone raised. One watcher task, no task group: this
+    wraps every proxied request."""
+    this = asyncio.current_task()
+    assert this is not None
+    active = True
+
+    def client_left(watcher: asyncio.Future[None]) -> None:
+        if active and not watcher.cancelled():
+            this.cancel()
+
+    gone = asyncio.ensure_future(_disconnected(receive))
+    gone.add_done_callback(client_left)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if gone.done() and not gone.cancelled():
+            if sys.version_info >= (3, 11):
+                this.uncancel()  # the cancel was ours, now a _ClientGone
+            raise _ClientGone from None
+        raise
+    finally:
+        active = False
+        gone.cancel()
+
+
+class _Relay(Response):
+    """A streamed answer passed on chunk by chunk (Starlette's StreamingResponse
+    runs a task group per response to notice a disconnect; this, one task)."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], status: int, headers: dict[str, str]):
+        # not Response.__init__: it would add "content-length: 0"
+        self.status_code = status
+        self.background = None
+        self.raw_headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+        ]
+        self.chunks = chunks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        try:
+            async with contextlib.aclosing(self.chunks), _unless_client_leaves(receive):
+                async for chunk in self.chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except _ClientGone:
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _Refusal(Exception):
@@ -185,11 +241,13 @@ class Router:
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                # No keep-alive upstream: llama-server's HTTP server gives each open
-                # connection a thread of a small pool (as few as cores - 1) until its
-                # keep-alive timeout, so idle pooled connections stall new requests
-                # for seconds. A fresh loopback connection costs ~0.1 ms.
-                connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                # Keep-alive upstream, but never more connections to a replica
+                # than requests in flight there (≤ its `parallel` slots, see
+                # `least_busy`): llama-server gives each open connection one
+                # thread of a pool of parallel + 2 until its 5 s keep-alive
+                # timeout, so more idle connections would stall new requests.
+                # Idle ones are closed after 2 s, before the server's timeout.
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
                 auto_decompress=False,
             )
@@ -242,11 +300,7 @@ class Router:
                 continue
             headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
             if "text/event-stream" in upstream.headers.get("content-type", ""):
-                return StreamingResponse(
-                    self._relay(upstream, r, model, start),
-                    status_code=upstream.status,
-                    headers=headers,
-                )
+                return _Relay(self._relay(upstream, r, model, start), upstream.status, headers)
             # not streamed: read it whole (llama-server sends it in one piece), so
             # a failure while reading still reaches no client byte and is retried
             try:
@@ -273,24 +327,13 @@ class Router:
     ) -> aiohttp.ClientResponse:
         """The upstream request, abandoned (its connection closed, so llama-server
         stops generating) if the client disconnects before the answer starts."""
-        send = asyncio.ensure_future(
-            session.request(request.method, url, data=body, headers=headers)
-        )
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({send, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not send.done():
-            send.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, OSError):
-                await send
-            raise _ClientGone
-        return send.result()
+        async with _unless_client_leaves(request.receive):
+            return await session.request(request.method, url, data=body, headers=headers)
+        raise AssertionError("unreachable")  # for mypy: the block returns or raises
 
     async def _relay(
         self, upstream: aiohttp.ClientResponse, r: Replica, model: str, start: float
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Chunks as they arrive; a client that leaves closes the upstream
         connection, which makes llama-server stop generating and free the slot."""
         first = True
