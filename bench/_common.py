@@ -38,7 +38,13 @@ def cli(home: Path, *args: str) -> float:
 
 
 def write_instance(
-    home: Path, name: str, model: Path, port: int, server: dict | None = None, **model_opts
+    home: Path,
+    name: str,
+    model: Path,
+    port: int,
+    server: dict | None = None,
+    gpu: dict | None = None,
+    **model_opts,
 ) -> None:
     d = home / "instances" / name
     d.mkdir(parents=True, exist_ok=True)
@@ -47,6 +53,7 @@ def write_instance(
             {
                 "model": {"path": str(model), "context_size": 512, **model_opts},
                 "server": {"host": "127.0.0.1", "port": port, "parallel": 1, **(server or {})},
+                **({"gpu": gpu} if gpu else {}),
             }
         )
     )

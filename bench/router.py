@@ -38,7 +38,8 @@ from _common import cli, free_port, model_and_binary, write_instance  # noqa: E4
 
 BODY = {"model": "a", "prompt": "Hi", "n_predict": 4, "cache_prompt": True}
 # part 2: long enough that where a request waits matters more than the proxy
-LONG = {"model": "rr", "prompt": "Once", "n_predict": 400, "ignore_eos": True}
+ROUNDS = 3  # runs of each measurement, interleaved; the median is reported
+LONG = {"model": "rr", "prompt": "Once", "ignore_eos": True}
 
 
 async def run_httpx(url: str, n: int, conc: int) -> tuple[float, list[float]]:
@@ -140,7 +141,7 @@ http {{
 
 
 def overhead(urls: dict[str, str], requests: int) -> tuple[float, float]:
-    print(f"1. {requests} /completion requests (n_predict 4), parallel 8, medians of 3 runs")
+    print(f"1. {requests} /completion requests (n_predict 4), parallel 8, medians of {ROUNDS} runs")
     names = [n for n in urls if n != "direct"]
     print(
         f"{'conc':>4} {'direct req/s':>13} "
@@ -150,7 +151,7 @@ def overhead(urls: dict[str, str], requests: int) -> tuple[float, float]:
     for conc in (1, 8, 32):
         rates: dict[str, list[float]] = {n: [] for n in urls}
         lats: dict[str, list[float]] = {n: [] for n in urls}
-        for _ in range(3):  # interleaved: drift hits every path alike
+        for _ in range(ROUNDS):  # interleaved: drift hits every path alike
             for name, url in urls.items():
                 rate, lat = asyncio.run(run_aiohttp(url, requests, conc))
                 rates[name].append(rate)
@@ -171,15 +172,15 @@ def overhead(urls: dict[str, str], requests: int) -> tuple[float, float]:
     return result
 
 
-def balancing(router_url: str, nginx_url: str | None) -> float | None:
-    print("2. 200 requests (n_predict 400) at concurrency 8 over parallel 1 + parallel 4")
+def balancing(router_url: str, nginx_url: str | None, tokens: int) -> float | None:
+    print(f"2. 200 requests (n_predict {tokens}) at concurrency 8 over parallel 1 + parallel 4")
     if nginx_url is None:
         print("   nginx not installed (apt install nginx-light): skipped")
         return None
     times: dict[str, list[float]] = {"router": [], "nginx round-robin": []}
-    for _ in range(3):
+    for _ in range(ROUNDS):
         for name, url in (("router", router_url), ("nginx round-robin", nginx_url)):
-            rate, _ = asyncio.run(run_aiohttp(url, 200, 8, LONG))
+            rate, _ = asyncio.run(run_aiohttp(url, 200, 8, {**LONG, "n_predict": tokens}))
             times[name].append(200 / rate)
     r, n = statistics.median(times["router"]), statistics.median(times["nginx round-robin"])
     print(f"   router {r:.2f} s  nginx round-robin {n:.2f} s  speed-up {n / r:.2f}x")
@@ -187,10 +188,10 @@ def balancing(router_url: str, nginx_url: str | None) -> float | None:
 
 
 def upstream_client(direct: str, requests: int) -> None:
-    print("3. upstream client, straight to the instance (req/s, median of 3)")
+    print(f"3. upstream client, straight to the instance (req/s, median of {ROUNDS})")
     for conc in (8, 32):
         rates: dict[str, list[float]] = {"httpx": [], "aiohttp": []}
-        for _ in range(3):
+        for _ in range(ROUNDS):
             rates["httpx"].append(asyncio.run(run_httpx(direct, requests, conc))[0])
             rates["aiohttp"].append(asyncio.run(run_aiohttp(direct, requests, conc))[0])
         h, a = statistics.median(rates["httpx"]), statistics.median(rates["aiohttp"])
@@ -201,19 +202,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--model", help="a GGUF model (default: the generated tiny one)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per measurement")
+    ap.add_argument("--tokens", type=int, default=400, help="n_predict in part 2")
+    ap.add_argument("--gpu", action="store_true", help="offload every instance to CUDA GPU 0")
     args = ap.parse_args()
+    global ROUNDS
+    ROUNDS = args.rounds
+    gpu = {"backend": "cuda", "device_id": 0, "layers": -1} if args.gpu else None
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         model, _ = model_and_binary(tmp, args.model)
         home, router_port = tmp / "home", free_port()
         ports = {name: free_port() for name in ("a", "p1", "p4")}
-        write_instance(home, "a", model, ports["a"], {"parallel": 8}, context_size=2048)
+        write_instance(home, "a", model, ports["a"], {"parallel": 8}, gpu, context_size=2048)
         # two servers sharing the cores: one thread each, or they spin on each other
-        write_instance(home, "p1", model, ports["p1"], alias="rr", threads=1, context_size=1024)
-        write_instance(
-            home, "p4", model, ports["p4"], {"parallel": 4}, alias="rr", threads=1,
-            context_size=4096,
-        )  # fmt: skip
+        for name, slots in (("p1", 1), ("p4", 4)):
+            write_instance(
+                home, name, model, ports[name], {"parallel": slots}, gpu,
+                alias="rr", threads=1, context_size=1024 * slots,
+            )  # fmt: skip
         (home / "llama-orch.json").write_text(json.dumps({"router": {"port": router_port}}))
         nginx = start_nginx(tmp / "nginx1", [ports["a"]], nginx_port := free_port())
         nginx_rr = start_nginx(tmp / "nginx2", [ports["p1"], ports["p4"]], rr_port := free_port())
@@ -230,7 +237,9 @@ def main() -> None:
             cli(home, "down", "a")
             cli(home, "up", "p1", "p4")
             speedup = balancing(
-                urls["router"], f"http://127.0.0.1:{rr_port}/completion" if nginx_rr else None
+                urls["router"],
+                f"http://127.0.0.1:{rr_port}/completion" if nginx_rr else None,
+                args.tokens,
             )
         finally:
             cli(home, "daemon", "stop", "--all")

@@ -17,7 +17,7 @@ from llama_orchestrator.engine.command import check_extra_args
 from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem, UserError
 from llama_orchestrator.fit import GPU_BACKENDS, demand, overcommits
 from llama_orchestrator.gguf_meta import ModelError, is_gguf, read_model
-from llama_orchestrator.gpu import Discovery, discover
+from llama_orchestrator.gpu import Discovery, GpuInfo, discover
 from llama_orchestrator.home import Home
 
 __all__ = [
@@ -173,10 +173,35 @@ def vram_problems(
         paths[item.name] = item.path
     gpus = find_gpus().gpus
     severity = "error" if strict else "warning"
-    return [
+    return absent_devices(items, gpus) + [
         Problem(str(paths[oc.instances[-1][0]]), "gpu.device_id", oc.message(), severity)
         for oc in overcommits(demands, gpus)
     ]
+
+
+def absent_devices(items: list[Loaded], gpus: list[GpuInfo]) -> list[Problem]:
+    """Pinned indices of a backend that discovery lists cards for, but not that
+    card: the backend would see no device and llama-server would silently run
+    on the CPU (seen on a real H100 with CUDA_VISIBLE_DEVICES=7). Nothing is
+    said when discovery found no card of that backend: it cannot tell."""
+    problems = []
+    for item in items:
+        cfg = item.config
+        if cfg is None:
+            continue
+        have = {g.index: g.name for g in gpus if g.backend == cfg.gpu.backend}
+        missing = [d for d in cfg.gpu.devices if d not in have]
+        if have and missing:
+            listed = ", ".join(f"{i} ({n})" for i, n in sorted(have.items()))
+            problems.append(
+                Problem(
+                    str(item.path),
+                    "gpu.device_id",
+                    f"GPU {', '.join(map(str, missing))} is not on this machine, which has "
+                    f"{cfg.gpu.backend} GPU {listed}; pin one of those, or use \"auto\".",
+                )
+            )
+    return problems
 
 
 def validate_home(

@@ -232,3 +232,21 @@ def test_device_id_auto_is_resolved_at_each_up(home, tiny_model):
         assert r.returncode == 2 and "--gpu auto found no GPU" in r.stderr
     finally:
         run_cli(home, "down", "--all")
+
+
+def test_pinning_a_card_the_machine_does_not_have_is_refused(home, tiny_model):
+    # CUDA_VISIBLE_DEVICES=7 on a machine without card 7 hides every card: a
+    # CUDA llama-server then runs on the CPU and answers /health as if all
+    # were well (seen on a real H100). Refuse before starting anything.
+    write_config(home, "a", tiny_model, gpu={"backend": "cuda", "device_id": [2, 7]})
+    env = gpu_env("five_1060.csv")
+    r = run_cli(home, "up", "a", env=env)
+    assert r.returncode == 2, r.stderr
+    assert "gpu.device_id: GPU 7 is not on this machine" in r.stderr
+    assert "0 (NVIDIA GeForce GTX 1060 6GB)" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads(run_cli(home, "ps", "--json").stdout)[0]["pid"] is None
+    r = run_cli(home, "config", "validate", env=env)
+    assert r.returncode == 2 and "GPU 7 is not on this machine" in r.stderr
+    # with no GPU tool at all nothing can be known: no error
+    r = run_cli(home, "config", "validate", env=gpu_env())
+    assert r.returncode == 0, r.stderr

@@ -45,6 +45,8 @@ def test_argv_has_every_flag_in_order_and_extra_args_last():
         "4",
         "-ngl",
         "0",
+        "--device",
+        "none",
         "--alias",
         "gpt",
         "--metrics",
@@ -79,10 +81,22 @@ def test_cuda_pinning_counts_cards_in_pci_order_like_nvidia_smi():
     assert launch.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
 
 
-def test_cpu_backend_offloads_nothing_and_pins_nothing():
+def test_cpu_backend_offloads_nothing_and_hides_the_cards():
     launch = build_launch(cfg(backend="cpu", device_id=2, layers=30), "g", BIN, MODEL, {})
     assert launch.argv[launch.argv.index("-ngl") + 1] == "0"
-    assert not {"CUDA_VISIBLE_DEVICES", "GGML_VK_VISIBLE_DEVICES"} & set(launch.env)
+    assert launch.argv[launch.argv.index("--device") + 1] == "none"
+    # a CUDA build of llama-server otherwise opens a context on every card it sees
+    assert launch.env["CUDA_VISIBLE_DEVICES"] == ""
+    assert "GGML_VK_VISIBLE_DEVICES" not in launch.env
+
+
+def test_cpu_backend_leaves_an_explicit_device_choice_alone():
+    c = cfg(backend="cpu")
+    c.server.extra_args = ["--device", "CPU"]
+    c.env = {"CUDA_VISIBLE_DEVICES": "1"}
+    launch = build_launch(c, "g", BIN, MODEL, {})
+    assert launch.argv.count("--device") == 1
+    assert launch.env["CUDA_VISIBLE_DEVICES"] == "1"
 
 
 def test_gpu_without_layers_leaves_ngl_to_llama_server_and_minus_one_means_all():

@@ -98,6 +98,10 @@ def build_launch(
     argv += ["-np", str(s.parallel)]
     if g.backend == "cpu":
         argv += ["-ngl", "0"]
+        if not {"--device", "-dev"} & {_flag_name(a) for a in s.extra_args}:
+            # a GPU build still offloads big batches to a card it sees (checked
+            # on an H100: 528 MiB taken by a "cpu" instance)
+            argv += ["--device", "none"]
     elif g.layers is not None:
         argv += ["-ngl", "all" if g.layers < 0 else str(g.layers)]
     if g.split_mode is not None:
@@ -108,6 +112,8 @@ def build_launch(
     argv += s.extra_args
 
     added: dict[str, str] = dict(cfg.env)
+    if g.backend == "cpu":
+        added.setdefault("CUDA_VISIBLE_DEVICES", "")  # no CUDA context on any card
     pin_var = PIN_VARS.get(g.backend)
     if pin_var and g.devices:
         added[pin_var] = _pin_value(g.backend, g.devices)
