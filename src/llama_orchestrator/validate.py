@@ -198,7 +198,7 @@ def absent_devices(items: list[Loaded], gpus: list[GpuInfo]) -> list[Problem]:
                     str(item.path),
                     "gpu.device_id",
                     f"GPU {', '.join(map(str, missing))} is not on this machine, which has "
-                    f"{cfg.gpu.backend} GPU {listed}; pin one of those, or use \"auto\".",
+                    f'{cfg.gpu.backend} GPU {listed}; pin one of those, or use "auto".',
                 )
             )
     return problems
