@@ -62,6 +62,35 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE instances ADD COLUMN streak INTEGER NOT NULL DEFAULT 0;
     """,
+    # 3 -> 4: plan runs (DESIGN §7) and their tasks, so a run survives the daemon
+    """
+    CREATE TABLE plan_runs (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        finished_at REAL,
+        source      TEXT NOT NULL,
+        plan        TEXT NOT NULL
+    );
+    CREATE TABLE plan_tasks (
+        run_id            TEXT NOT NULL,
+        task_id           TEXT NOT NULL,
+        idx               INTEGER NOT NULL,
+        state             TEXT NOT NULL,
+        attempts          INTEGER NOT NULL DEFAULT 0,
+        not_before        REAL NOT NULL DEFAULT 0,
+        started_at        REAL,
+        finished_at       REAL,
+        instance          TEXT,
+        error             TEXT,
+        prompt_tokens     INTEGER,
+        completion_tokens INTEGER,
+        pid               INTEGER,
+        create_time       REAL,
+        PRIMARY KEY (run_id, task_id)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -189,6 +218,10 @@ class Store:
         except sqlite3.Error as exc:
             self._conn.execute("ROLLBACK")
             raise _state_error(self.path, exc) from exc
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        """Raw SQL for the other tables' own modules (plans.records)."""
+        return self._exec(sql, params)
 
     def _exec(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         try:

@@ -241,3 +241,13 @@ def replicas_of(home: Home, alias: str) -> list[str]:
             hint="`llama-orch ps` lists instances and their aliases.",
         )
     return sorted(names)
+
+
+def model_names(home: Home) -> set[str]:
+    """What a request (or a plan's task) may name: every alias and tags:<tag>."""
+    names: set[str] = set()
+    for item in load_all(home):
+        if item.config is not None:
+            names.add(item.config.alias_or(item.name))
+            names.update(f"tags:{t}" for t in item.config.tags)
+    return names

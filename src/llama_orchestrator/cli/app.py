@@ -18,6 +18,7 @@ from llama_orchestrator.cli import (
     inspect,
     lifecycle,
     logs,
+    plan_cmd,
     service_cmd,
 )
 from llama_orchestrator.cli.context import AppContext, err
@@ -68,6 +69,7 @@ hardware.register(app)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(daemon_cmd.app, name="daemon")
 app.add_typer(service_cmd.app, name="service")
+app.add_typer(plan_cmd.app, name="plan")
 app.command("demo")(demo.demo)
 app.command("dashboard")(dashboard.dashboard)
 

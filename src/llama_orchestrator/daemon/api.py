@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llama_orchestrator import __version__
 from llama_orchestrator.daemon.client import HOST, error_to_json
 from llama_orchestrator.daemon.metrics import CONTENT_TYPE, Metrics
+from llama_orchestrator.daemon.plans import PlanRunner
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.errors import OrchError, UnknownInstance, UserError
 from llama_orchestrator.router.app import host_of
@@ -60,6 +61,13 @@ class ShutdownBody(_Body):
     all: bool = False
 
 
+class PlanBody(_Body):
+    text: str
+    source: str
+    base_dir: str
+    vars: dict[str, str] = {}
+
+
 def _error(status: int, kind: str, message: str, hint: str | None = None) -> JSONResponse:
     body = {"kind": kind, "message": message, "hint": hint, "exit_code": 2 if status < 500 else 1}
     return JSONResponse({"error": body}, status_code=status)
@@ -68,6 +76,7 @@ def _error(status: int, kind: str, message: str, hint: str | None = None) -> JSO
 def build_app(
     sup: Supervisor,
     metrics: Metrics,
+    plans: PlanRunner,
     *,
     started_at: float,
     address: str,
@@ -150,6 +159,18 @@ def build_app(
     async def shutdown(body: ShutdownBody) -> dict[str, Any]:
         request_exit(body.all)
         return {"stopping": True, "instances": "stop" if body.all else "keep running"}
+
+    @app.post("/v1/plans")
+    async def plan_run(body: PlanBody) -> dict[str, Any]:
+        return {"id": plans.submit(body.text, body.source, body.base_dir, body.vars)}
+
+    @app.post("/v1/plans/{run_id}/cancel")
+    async def plan_cancel(run_id: str) -> dict[str, Any]:
+        return {"cancelled": await plans.cancel(run_id)}
+
+    @app.post("/v1/plans/{run_id}/retry")
+    async def plan_retry(run_id: str) -> dict[str, Any]:
+        return {"requeued": plans.retry(run_id)}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -121,6 +121,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
 
     from llama_orchestrator.daemon.api import build_app
     from llama_orchestrator.daemon.metrics import Metrics
+    from llama_orchestrator.daemon.plans import PlanRunner
     from llama_orchestrator.daemon.supervisor import Supervisor
 
     _Server = _quiet_server()
@@ -147,9 +148,12 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         server.should_exit = True
 
     router_server, router_url = _router(home, sup, metrics, _Server)
+    assert sup.router is not None  # made whether or not it listens
+    plans = PlanRunner(home, sup.engine.store, sup.router, sup.known_models)
     app = build_app(
         sup,
         metrics,
+        plans,
         started_at=started_at,
         address=address,
         token=token,
@@ -170,6 +174,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     log.info(f"daemon {os.getpid()} started for {home.root}", extra={"data": {"address": address}})
     sup.engine.store.add_event(None, "daemon_started", f"daemon {os.getpid()} started")
     await sup.start()
+    await plans.start()
     write_info(
         home,
         DaemonInfo(
@@ -190,6 +195,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             home.daemon_info.unlink()
+        await plans.shutdown()  # runs stay open in the database: the next daemon resumes them
         await sup.shutdown(stop_instances)  # drains the router's replicas on --all
         if router_task is not None and sup.router is not None:
             router_task.cancel()
@@ -212,6 +218,9 @@ def _router(home: Home, sup: Any, metrics: Any, server_class: type) -> tuple[Any
     from llama_orchestrator.router.proxy import Router
 
     settings = load_settings(home.settings_path).router
+    router = Router(settings, lambda: sup.replicas, sup.known_models)
+    router.metrics = metrics.watch_router(router)
+    sup.router = router  # plans use it even when it does not listen
     if not is_loopback(settings.host) and not settings.api_keys:
         sup.engine.store.add_event(
             None,
@@ -220,9 +229,6 @@ def _router(home: Home, sup: Any, metrics: Any, server_class: type) -> tuple[Any
             "set router.api_keys in llama-orch.json (or keep router.host on 127.0.0.1).",
         )
         return None, None
-    router = Router(settings, lambda: sup.replicas, sup.known_models)
-    router.metrics = metrics.watch_router(router)
-    sup.router = router
     try:
         family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         sock = socket.create_server((settings.host, settings.port), family=family, backlog=1024)
@@ -233,7 +239,6 @@ def _router(home: Home, sup: Any, metrics: Any, server_class: type) -> tuple[Any
             f"The router cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); "
             "change router.port in llama-orch.json and restart the daemon.",
         )
-        sup.router = None
         return None, None
 
     def render() -> tuple[bytes, str]:

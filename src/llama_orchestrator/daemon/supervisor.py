@@ -40,7 +40,7 @@ from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow
-from llama_orchestrator.validate import load_all
+from llama_orchestrator.validate import load_all, model_names
 
 if TYPE_CHECKING:
     from llama_orchestrator.router.proxy import Router
@@ -513,7 +513,7 @@ class Supervisor:
         return self._known
 
     async def _refresh_known(self) -> None:
-        self._known = await asyncio.to_thread(_model_names, self.home)
+        self._known = await asyncio.to_thread(model_names, self.home)
 
     def status(self) -> dict[str, Any]:
         return {"instances": self.supervised()}
@@ -522,12 +522,3 @@ class Supervisor:
 def _rotate_all(engine: Engine, names: list[str]) -> None:
     for name in names:
         engine.rotate_logs(name)
-
-
-def _model_names(home: Home) -> set[str]:
-    names: set[str] = set()
-    for item in load_all(home):
-        if item.config is not None:
-            names.add(item.config.alias_or(item.name))
-            names.update(f"tags:{t}" for t in item.config.tags)
-    return names

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Replica", "matches", "candidates", "least_busy", "model_names"]
+__all__ = ["Replica", "matches", "candidates", "least_busy", "free_slots", "model_names"]
 
 TAG_PREFIX = "tags:"
 
@@ -55,6 +55,13 @@ def least_busy(
             in_flight.get(r.name, 0),
             r.name,
         ),
+    )
+
+
+def free_slots(model: str, replicas: Iterable[Replica], in_flight: Mapping[str, int]) -> int:
+    """Slots not in use over every replica that serves `model`."""
+    return sum(
+        max(0, max(1, r.slots) - in_flight.get(r.name, 0)) for r in candidates(model, replicas)
     )
 
 

@@ -29,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 from llama_orchestrator.config import RouterSettings
 from llama_orchestrator.router.balance import Replica, candidates, least_busy
 
-__all__ = ["Router", "RouterMetrics", "openai_error"]
+__all__ = ["Router", "RouterMetrics", "RouterError", "openai_error"]
 
 RETRY_AFTER = "1"
 _HOP_BY_HOP = {
@@ -114,6 +114,10 @@ class _Relay(Response):
 class _Refusal(Exception):
     def __init__(self, response: JSONResponse) -> None:
         self.response = response
+
+
+class RouterError(Exception):
+    """A request the router made for the daemon itself (a plan's task) failed."""
 
 
 @dataclass
@@ -352,6 +356,42 @@ class Router:
                 upstream.close()
             self.release(r)
             self.metrics.request(model, r.name, upstream.status, time.perf_counter() - start)
+
+    async def complete(
+        self, model: str, body: dict[str, Any], path: str = "/v1/chat/completions"
+    ) -> tuple[str, dict[str, Any]]:
+        """One request on behalf of the daemon (a plan's llm task), balanced and
+        queued like any client's: (the instance that answered, its JSON).
+        Raises RouterError. Cancelling it closes the upstream connection."""
+        try:
+            r = await self.acquire(model, frozenset())
+        except _Refusal as refusal:
+            raise RouterError(
+                json.loads(bytes(refusal.response.body))["error"]["message"]
+            ) from None
+        start = time.perf_counter()
+        status = 0
+        try:
+            headers = {"Authorization": f"Bearer {r.api_key}"} if r.api_key else {}
+            session = await self.session()
+            url = f"http://{r.host}:{r.port}{path}"
+            try:
+                async with session.post(url, json=body, headers=headers) as upstream:
+                    status = upstream.status
+                    raw = await upstream.read()
+            except (aiohttp.ClientError, OSError) as exc:
+                raise RouterError(f"{r.name}: {type(exc).__name__}: {exc}") from None
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                data = None
+            if status >= 400 or not isinstance(data, dict):
+                detail = raw[-300:].decode("utf-8", "replace")
+                raise RouterError(f"{r.name} answered HTTP {status}: {detail}")
+            return r.name, data
+        finally:
+            self.release(r)
+            self.metrics.request(model, r.name, status or 499, time.perf_counter() - start)
 
     # --- the HTTP surface ------------------------------------------------------
 

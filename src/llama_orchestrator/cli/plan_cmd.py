@@ -1,0 +1,208 @@
+"""plan run | status | list | cancel | retry."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from llama_orchestrator.cli.context import app_context, print_json, say
+from llama_orchestrator.present import columns
+from llama_orchestrator.timefmt import human_duration
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="Plans: DAGs of llm and shell tasks run on healthy instances.", no_args_is_help=True
+)
+
+_COLUMNS = ["TASK", "KIND", "STATE", "TRIES", "INSTANCE", "ELAPSED", "ERROR"]
+
+
+def _rows(data: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for t in data["tasks"]:
+        elapsed = "-" if t["elapsed_s"] is None else f"{t['elapsed_s']:.1f}s"
+        error = (t["error"] or "").replace("\n", " ")
+        rows.append(
+            [
+                t["id"],
+                t["kind"],
+                t["state"],
+                str(t["attempts"]),
+                t["instance"] or "-",
+                elapsed,
+                error[-60:],
+            ]
+        )
+    return rows
+
+
+def _summary(data: dict[str, Any]) -> str:
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(data["counts"].items()))
+    return f"plan run {data['id']} ({data['name']}): {data['state']} — {counts}"
+
+
+def _follow(app_ctx: Any, run_id: str) -> int:
+    """Live progress until the run ends; the exit code (0: every task completed)."""
+    from llama_orchestrator.plans.ops import follow
+
+    store = app_ctx.engine.store
+    if sys.stdout.isatty():
+        from rich.live import Live
+        from rich.text import Text
+
+        with Live(Text("waiting for the daemon..."), refresh_per_second=8) as live:
+
+            def show(v: Any) -> None:
+                data = v.to_json()
+                live.update(Text(_summary(data) + "\n" + columns(_COLUMNS, _rows(data))))
+
+            final = follow(store, run_id, show)
+    else:
+        seen: dict[str, tuple[str, int]] = {}
+
+        def show(v: Any) -> None:
+            for t in v.to_json()["tasks"]:
+                key = (t["state"], t["attempts"])
+                if seen.get(t["id"]) != key:
+                    seen[t["id"]] = key
+                    extra = (
+                        f" ({t['error'][-120:]})"
+                        if t["error"] and t["state"] != "completed"
+                        else ""
+                    )
+                    say(f"{t['id']}: {t['state']} (attempt {t['attempts']}){extra}")
+
+        final = follow(store, run_id, show)
+    data = final.to_json()
+    say(_summary(data))
+    if data["state"] != "completed":
+        say(
+            f"`llama-orch plan status {run_id}` shows each task; results in "
+            f"{app_ctx.home.root / 'plans' / run_id}",
+            to_err=True,
+        )
+    return 0 if data["state"] == "completed" else 1
+
+
+def _client(app_ctx: Any) -> Any:
+    from llama_orchestrator.plans.ops import daemon_client
+
+    return daemon_client(
+        app_ctx.home,
+        lambda info: say(f"Started the llama-orch daemon (pid {info.pid}).", to_err=True),
+    )
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., metavar="FILE", help="The plan (JSON)."),
+    var: list[str] = typer.Option([], "--var", help="KEY=VALUE for {{vars.KEY}}; repeatable."),
+    wait: bool = typer.Option(
+        False, "--wait", help="Follow it; exit 0 only if every task completed."
+    ),
+) -> None:
+    """Check a plan, hand it to the daemon and print its run id."""
+    from llama_orchestrator.plans.ops import check_file, submit
+    from llama_orchestrator.plans.spec import parse_vars
+
+    app_ctx = app_context(ctx)
+    given = parse_vars(var)
+    plan, text = check_file(app_ctx.home, file, given)  # every problem before anything runs
+    run_id = submit(_client(app_ctx), file, text, given)
+    say(run_id)
+    say(
+        f"plan run {run_id}: {len(plan.tasks)} tasks; `llama-orch plan status {run_id}`",
+        to_err=True,
+    )
+    if wait:
+        try:
+            raise typer.Exit(_follow(app_ctx, run_id))
+        except KeyboardInterrupt:
+            say(
+                f"\nThe plan keeps running; `llama-orch plan status {run_id}` follows it.",
+                to_err=True,
+            )
+            raise typer.Exit(130) from None
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., metavar="ID", help="A run id (`plan list`)."),
+    json_: bool = typer.Option(False, "--json", help="JSON output."),
+) -> None:
+    """Every task of a run: state, attempts, instance, elapsed, error."""
+    from llama_orchestrator.plans.ops import view
+
+    data = view(app_context(ctx).engine.store, run_id).to_json()
+    if json_:
+        print_json(data)
+        return
+    say(_summary(data))
+    say(columns(_COLUMNS, _rows(data)))
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context, json_: bool = typer.Option(False, "--json", help="JSON output.")
+) -> None:
+    """Plan runs, newest first."""
+    from llama_orchestrator.plans.records import list_runs
+
+    runs = [v.to_json() for v in list_runs(app_context(ctx).engine.store)]
+    if json_:
+        print_json([{k: v for k, v in r.items() if k != "tasks"} for r in runs])
+        return
+    if not runs:
+        say("No plan runs yet; `llama-orch plan run FILE` starts one.")
+        return
+    now = time.time()
+    rows = [
+        [
+            r["id"],
+            r["name"],
+            r["state"],
+            f"{r['counts'].get('completed', 0)}/{len(r['tasks'])}",
+            human_duration(now - r["created_at"]) + " ago",
+        ]
+        for r in runs
+    ]
+    say(columns(["ID", "NAME", "STATE", "DONE", "CREATED"], rows))
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context, run_id: str = typer.Argument(..., metavar="ID", help="A run id.")
+) -> None:
+    """Cancel a run: running tasks are stopped (requests aborted, processes killed)."""
+    from llama_orchestrator.plans.ops import view
+
+    app_ctx = app_context(ctx)
+    view(app_ctx.engine.store, run_id)  # an unknown id is an error before any daemon starts
+    stopped = _client(app_ctx).call("POST", f"/v1/plans/{run_id}/cancel")["cancelled"]
+    say(f"Cancelled plan run {run_id}" + (f" (stopped {', '.join(stopped)})." if stopped else "."))
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., metavar="ID", help="A run id."),
+    wait: bool = typer.Option(
+        False, "--wait", help="Follow it; exit 0 only if every task completed."
+    ),
+) -> None:
+    """Run a finished run's failed, skipped and cancelled tasks again (completed ones stay)."""
+    from llama_orchestrator.plans.ops import view
+
+    app_ctx = app_context(ctx)
+    view(app_ctx.engine.store, run_id)
+    again = _client(app_ctx).call("POST", f"/v1/plans/{run_id}/retry")["requeued"]
+    say(f"Plan run {run_id}: {len(again)} task(s) queued again ({', '.join(again)}).")
+    if wait:
+        raise typer.Exit(_follow(app_ctx, run_id))

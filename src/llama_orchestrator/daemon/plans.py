@@ -1,0 +1,356 @@
+"""The daemon's plan runner: carries out `plans.schedule`'s decisions.
+
+One asyncio task per active run. Each turn: collect finished attempts, cancel
+overdue ones, promote, pick by priority within the free slots (llm tasks: the
+router's own slot counts, so plan tasks and client requests share instances
+fairly; shell tasks: one per core), persist every change in one transaction,
+then start the picked attempts. llm attempts go through `Router.complete`
+(balancing, queueing); shell attempts are argv lists in their own process
+group, killed with their tree on timeout or cancel. A run whose daemon died is
+resumed at start: leftover shell processes are killed, running tasks run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llama_orchestrator import platform
+from llama_orchestrator.engine.process import ProcRef, create_time_of, stop_tree
+from llama_orchestrator.errors import UserError
+from llama_orchestrator.home import Home
+from llama_orchestrator.plans import schedule as S
+from llama_orchestrator.plans.records import RunFiles, create_run, load_run, open_runs, save
+from llama_orchestrator.plans.spec import Plan, Task, parse_plan
+from llama_orchestrator.plans.template import prompt_messages, render
+from llama_orchestrator.router.balance import free_slots
+from llama_orchestrator.router.proxy import Router, RouterError
+from llama_orchestrator.store import Store
+
+__all__ = ["PlanRunner"]
+
+log = logging.getLogger("llama_orchestrator.daemon")
+#: how often a run looks for slots freed by other traffic when nothing wakes it
+POLL_S = 0.5
+#: a shell task being stopped gets this long to exit before its tree is killed
+KILL_GRACE_S = 0.5
+
+
+@dataclass
+class _Active:
+    plan: Plan
+    records: dict[str, S.TaskRecord]
+    files: RunFiles
+    attempts: dict[str, asyncio.Task[dict[str, Any]]] = field(default_factory=dict)
+    timed_out: set[str] = field(default_factory=set)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    driver: asyncio.Task[None] | None = None
+
+
+class PlanRunner:
+    def __init__(
+        self,
+        home: Home,
+        store: Store,
+        router: Router,
+        known_models: Callable[[], set[str]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.home = home
+        self.store = store
+        self.router = router
+        self.known_models = known_models
+        self.clock = clock
+        self.shell_slots = os.cpu_count() or 2
+        self.active: dict[str, _Active] = {}
+
+    # --- the API's verbs --------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume every run a previous daemon left unfinished."""
+        for run_id in open_runs(self.store):
+            view = load_run(self.store, run_id)
+            if view is None:
+                continue
+            for r in view.records.values():
+                if r.state == S.RUNNING and r.pid and r.create_time:
+                    stop_tree(ProcRef(r.pid, r.create_time), KILL_GRACE_S)  # a leftover
+            moved = S.resume(view.records)
+            save(self.store, run_id, view.plan, [view.records[t] for t in moved])
+            files = RunFiles(self.run_dir(run_id))
+            for task_id in moved:
+                files.event(task=task_id, state=S.READY, note="requeued after a daemon restart")
+            self._launch(run_id, _Active(view.plan, view.records, files))
+            log.info(f"plan run {run_id} resumed ({len(moved)} task(s) requeued)")
+
+    def submit(self, text: str, source: str, base_dir: str, given_vars: dict[str, str]) -> str:
+        plan = parse_plan(
+            text,
+            source,
+            known_models=self.known_models(),
+            given_vars=given_vars,
+            base_dir=Path(base_dir),
+        )
+        run_id = secrets.token_hex(4)
+        files = RunFiles(self.run_dir(run_id))
+        files.create(plan, text)
+        now = self.clock()
+        create_run(self.store, run_id, plan, source, now)
+        view = load_run(self.store, run_id)
+        assert view is not None
+        self.store.add_event(None, "plan_started", f"plan run {run_id} ({plan.name}) started")
+        self._launch(run_id, _Active(plan, view.records, files))
+        return run_id
+
+    async def cancel(self, run_id: str) -> list[str]:
+        active = self.active.get(run_id)
+        if active is None:
+            self._require(run_id)
+            raise UserError(f"Plan run {run_id} has already finished; nothing to cancel.")
+        running = S.cancel(active.records, self.clock())
+        for task_id in running:
+            active.attempts[task_id].cancel()
+        if running:
+            await asyncio.wait([active.attempts[t] for t in running])
+        save(self.store, run_id, active.plan, active.records.values(), self.clock())
+        for task_id in running:
+            active.files.event(task=task_id, state=S.CANCELLED)
+        active.wake.set()
+        return running
+
+    def retry(self, run_id: str) -> list[str]:
+        if run_id in self.active:
+            raise UserError(
+                f"Plan run {run_id} is still running.",
+                hint=f"Wait for it, or `llama-orch plan cancel {run_id}` first.",
+            )
+        view = self._require(run_id)
+        again = S.retry(view.records)
+        if not again:
+            raise UserError(f"Plan run {run_id} has no failed, skipped or cancelled task.")
+        save(self.store, run_id, view.plan, [view.records[t] for t in again])
+        files = RunFiles(self.run_dir(run_id))
+        for task_id in again:
+            files.event(task=task_id, state=S.PENDING, note="retry")
+        self._launch(run_id, _Active(view.plan, view.records, files))
+        return again
+
+    async def shutdown(self) -> None:
+        """Daemon stop: runs stay `running` in the database (the next daemon
+        resumes them); their shell processes are killed, nothing leaks."""
+        for active in self.active.values():
+            if active.driver is not None:
+                active.driver.cancel()
+            for attempt in active.attempts.values():
+                attempt.cancel()
+        pending = [a for x in self.active.values() for a in (*x.attempts.values(), x.driver) if a]
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.home.root / "plans" / run_id
+
+    def _require(self, run_id: str) -> Any:
+        view = load_run(self.store, run_id)
+        if view is None:
+            raise UserError(
+                f"No plan run '{run_id}' in this home.", hint="`llama-orch plan list` shows them."
+            )
+        return view
+
+    # --- one run ------------------------------------------------------------------
+
+    def _launch(self, run_id: str, active: _Active) -> None:
+        self.active[run_id] = active
+        active.driver = asyncio.create_task(self._drive(run_id, active))
+
+    async def _drive(self, run_id: str, active: _Active) -> None:
+        plan, records = active.plan, active.records
+        try:
+            while True:
+                now = self.clock()
+                changed = self._collect(active, now)
+                for task_id in S.overdue(plan, records, now):
+                    if task_id not in active.timed_out:
+                        active.timed_out.add(task_id)
+                        active.attempts[task_id].cancel()
+                changed += S.promote(plan, records)
+                picked = S.pick(plan, records, now, self._free(plan, records))
+                for task_id in picked:
+                    S.start(records, task_id, now)
+                if changed or picked:
+                    touched = {*changed, *picked}
+                    save(self.store, run_id, plan, [records[t] for t in touched], now)
+                    for task_id in sorted(touched, key=plan.index):
+                        self._event(active, task_id)
+                state = S.run_state(records)
+                for task_id in picked:
+                    active.attempts[task_id] = asyncio.create_task(
+                        self._attempt(run_id, active, plan.task(task_id))
+                    )
+                if state != "running" and not active.attempts:
+                    self.store.add_event(
+                        None, "plan_finished", f"plan run {run_id} finished: {state}"
+                    )
+                    return
+                await self._sleep(active, now)
+        finally:
+            self.active.pop(run_id, None)
+
+    def _collect(self, active: _Active, now: float) -> list[str]:
+        """Finished attempts -> records (unless cancelled meanwhile)."""
+        changed = []
+        for task_id, attempt in list(active.attempts.items()):
+            if not attempt.done():
+                continue
+            del active.attempts[task_id]
+            record = active.records[task_id]
+            if record.state != S.RUNNING:  # cancelled: already recorded
+                continue
+            error: str | None
+            if attempt.cancelled():
+                error = f"timed out after {active.plan.task(task_id).timeout:g}s"
+                active.timed_out.discard(task_id)
+            elif attempt.exception() is not None:
+                exc = attempt.exception()
+                error = str(exc) or type(exc).__name__
+            else:
+                result = attempt.result()
+                error = result.pop("error", None)
+                for key, value in result.items():
+                    setattr(record, key, value)
+            changed += [task_id, *S.finish(active.plan, active.records, task_id, now, error)]
+        return changed
+
+    def _free(self, plan: Plan, records: dict[str, S.TaskRecord]) -> dict[str, int]:
+        router = self.router
+        replicas = router.replicas()
+        keys = {t.slot_key for t in plan.tasks if records[t.id].state == S.READY}
+        free = {k: free_slots(k, replicas, router.in_flight) for k in keys if k != "shell"}
+        running_shell = sum(
+            1 for t in plan.tasks if t.kind == "shell" and records[t.id].state == S.RUNNING
+        )
+        free["shell"] = max(0, self.shell_slots - running_shell)
+        return free
+
+    async def _sleep(self, active: _Active, now: float) -> None:
+        deadlines = [
+            (active.records[t].started_at or now) + active.plan.task(t).timeout
+            for t in active.attempts
+        ]
+        wakeup = S.next_wakeup(active.records, now)
+        until = min([now + POLL_S, *deadlines, *([wakeup] if wakeup else [])])
+        active.wake.clear()
+        waiter = asyncio.ensure_future(active.wake.wait())
+        try:
+            await asyncio.wait(
+                [waiter, *active.attempts.values()],
+                timeout=max(0.0, until - self.clock()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            waiter.cancel()
+
+    def _event(self, active: _Active, task_id: str) -> None:
+        r = active.records[task_id]
+        data: dict[str, Any] = {"task": task_id, "state": r.state, "attempt": r.attempts}
+        if r.instance:
+            data["instance"] = r.instance
+        if r.state in S.TERMINAL and r.started_at and r.finished_at:
+            data["duration_ms"] = round((r.finished_at - r.started_at) * 1000, 1)
+        if r.completion_tokens is not None and r.state == S.COMPLETED:
+            data["tokens"] = {"prompt": r.prompt_tokens, "completion": r.completion_tokens}
+        if r.error and r.state != S.COMPLETED:
+            data["error"] = r.error
+        active.files.event(**data)
+
+    # --- attempts -----------------------------------------------------------------
+
+    async def _attempt(self, run_id: str, active: _Active, task: Task) -> dict[str, Any]:
+        """One try: a dict of record fields (with "error" when it failed)."""
+        outputs = {d: active.files.read_output(d) for d in task.depends_on}
+        base = Path(active.plan.base_dir)
+
+        def read_file(rel: str) -> str:
+            return (base / rel).read_text(encoding="utf-8", errors="replace")
+
+        if task.kind == "llm":
+            return await self._llm(active, task, outputs, read_file)
+        return await self._shell(run_id, active, task, outputs, read_file)
+
+    async def _llm(
+        self,
+        active: _Active,
+        task: Task,
+        outputs: dict[str, str],
+        read_file: Callable[[str], str],
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": task.model,
+            "messages": prompt_messages(task, outputs, active.plan.vars, read_file),
+            "max_tokens": task.max_tokens,
+        }
+        if task.temperature is not None:
+            body["temperature"] = task.temperature
+        assert task.model is not None
+        try:
+            instance, data = await self.router.complete(task.model, body)
+        except RouterError as exc:
+            return {"error": str(exc)}
+        try:
+            text = data["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            return {"error": f"{instance} answered without a message: {str(data)[-200:]}"}
+        active.files.write_output(task.id, text)
+        usage = data.get("usage") or {}
+        return {
+            "instance": instance,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+        }
+
+    async def _shell(
+        self,
+        run_id: str,
+        active: _Active,
+        task: Task,
+        outputs: dict[str, str],
+        read_file: Callable[[str], str],
+    ) -> dict[str, Any]:
+        argv = [
+            render(a, task, outputs, active.plan.vars, read_file, wrap=False)[0]
+            for a in task.command
+        ]
+        cwd = Path(active.plan.base_dir) / (task.cwd or ".")
+        out_path, err_path = (
+            active.files.output_path(task.id),
+            active.files.output_path(task.id, "err"),
+        )
+        try:
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                proc = platform.spawn(argv, {**os.environ, **task.env}, cwd, out, err)
+        except OSError as exc:
+            return {"error": f"cannot run {argv[0]!r}: {exc.strerror or exc}"}
+        record = active.records[task.id]
+        record.pid, record.create_time = proc.pid, create_time_of(proc.pid)
+        save(self.store, run_id, active.plan, [record])  # a dead daemon's successor kills it
+        try:
+            code = await asyncio.to_thread(proc.wait)
+        except asyncio.CancelledError:  # timed out or cancelled: the whole tree goes
+            ref = ProcRef(proc.pid, record.create_time)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.to_thread(stop_tree, ref, KILL_GRACE_S))
+            raise
+        result: dict[str, Any] = {"pid": None, "create_time": None}
+        if code != 0:
+            tail = err_path.read_text(encoding="utf-8", errors="replace").strip()[-200:]
+            result["error"] = f"exit code {code}" + (f": {tail}" if tail else "")
+        return result

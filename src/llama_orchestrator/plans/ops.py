@@ -1,0 +1,87 @@
+"""What the `plan` commands do, behind the Typer layer: read and check a plan
+file, hand it to the daemon (started if needed), follow a run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llama_orchestrator.daemon.client import DaemonClient
+from llama_orchestrator.daemon.info import DaemonInfo, running
+from llama_orchestrator.errors import UserError
+from llama_orchestrator.home import Home
+from llama_orchestrator.plans.records import RunView, load_run
+from llama_orchestrator.plans.spec import Plan, parse_plan
+from llama_orchestrator.store import Store
+from llama_orchestrator.validate import model_names
+
+__all__ = ["check_file", "daemon_client", "submit", "view", "follow"]
+
+
+def check_file(home: Home, path: Path, given_vars: dict[str, str]) -> tuple[Plan, str]:
+    """The plan checked as the daemon will check it, and its text."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(
+            f"No plan file {path}.", hint="Give the path of a plan's JSON file."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"Cannot read the plan file {path}: {exc}.") from None
+    plan = parse_plan(
+        text, str(path), known_models=model_names(home), given_vars=given_vars, base_dir=path.parent
+    )
+    return plan, text
+
+
+def daemon_client(home: Home, on_start: Callable[[DaemonInfo], None] | None = None) -> DaemonClient:
+    """The home's daemon, started in the background if none runs."""
+    info = running(home)
+    if info is None:
+        from llama_orchestrator.daemon.main import start_background
+
+        started = start_background(home)
+        info = started.info
+        if started.new and on_start is not None:
+            on_start(info)
+    return DaemonClient(info)
+
+
+def submit(client: DaemonClient, path: Path, text: str, given_vars: dict[str, str]) -> str:
+    body = {
+        "text": text,
+        "source": str(path.resolve()),
+        "base_dir": str(path.resolve().parent),
+        "vars": given_vars,
+    }
+    return str(client.call("POST", "/v1/plans", body)["id"])
+
+
+def view(store: Store, run_id: str) -> RunView:
+    found = load_run(store, run_id)
+    if found is None:
+        raise UserError(
+            f"No plan run '{run_id}' in this home.", hint="`llama-orch plan list` shows them."
+        )
+    return found
+
+
+def follow(
+    store: Store,
+    run_id: str,
+    on_change: Callable[[RunView], Any],
+    interval: float = 0.2,
+) -> RunView:
+    """Poll the run until it finishes, calling on_change with each new view."""
+    last: Any = None
+    while True:
+        current = view(store, run_id)
+        key = (current.state, [(r.state, r.attempts) for r in current.records.values()])
+        if key != last:
+            on_change(current)
+            last = key
+        if current.state != "running":
+            return current
+        time.sleep(interval)

@@ -1,0 +1,171 @@
+"""Plan runs in the state database and in `<home>/plans/<run-id>/`: the plan
+as submitted (plan.json), one file per task output (<task>.out, shell stderr
+in <task>.err) and run.jsonl, one JSON event per transition."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from llama_orchestrator.plans.schedule import TaskRecord, run_state
+from llama_orchestrator.plans.spec import Plan
+from llama_orchestrator.store import Store
+
+__all__ = ["RunView", "RunFiles", "create_run", "save", "load_run", "list_runs", "open_runs"]
+
+_COLUMNS = [f.name for f in fields(TaskRecord) if f.name != "id"]
+
+
+@dataclass
+class RunView:
+    id: str
+    name: str
+    state: str
+    created_at: float
+    finished_at: float | None
+    source: str
+    plan: Plan
+    records: dict[str, TaskRecord]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.records.values():
+            out[r.state] = out.get(r.state, 0) + 1
+        return out
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        now = now or time.time()
+        tasks = []
+        for t in self.plan.tasks:
+            r = self.records[t.id]
+            end = r.finished_at if r.finished_at is not None else now
+            tasks.append(
+                {
+                    "id": t.id,
+                    "kind": t.kind,
+                    "state": r.state,
+                    "attempts": r.attempts,
+                    "instance": r.instance,
+                    "elapsed_s": round(end - r.started_at, 2) if r.started_at else None,
+                    "error": r.error,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                }
+            )
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "source": self.source,
+            "counts": self.counts(),
+            "tasks": tasks,
+        }
+
+
+def create_run(store: Store, run_id: str, plan: Plan, source: str, now: float) -> None:
+    with store.transaction():
+        store.execute(
+            "INSERT INTO plan_runs (id, name, state, created_at, source, plan) "
+            "VALUES (?, ?, 'running', ?, ?, ?)",
+            (run_id, plan.name, now, source, json.dumps(plan.to_json())),
+        )
+        save(store, run_id, plan, [TaskRecord(t.id) for t in plan.tasks])
+
+
+def save(
+    store: Store, run_id: str, plan: Plan, records: Iterable[TaskRecord], now: float | None = None
+) -> str:
+    """Write these records (one transaction) and the run's state; returns it."""
+    with store.transaction():
+        for r in records:
+            values = [getattr(r, c) for c in _COLUMNS]
+            store.execute(
+                f"INSERT INTO plan_tasks (run_id, task_id, idx, {', '.join(_COLUMNS)}) "
+                f"VALUES (?, ?, ?, {', '.join('?' for _ in _COLUMNS)}) "
+                "ON CONFLICT (run_id, task_id) DO UPDATE SET "
+                + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS),
+                (run_id, r.id, plan.index(r.id), *values),
+            )
+        rows = store.execute("SELECT * FROM plan_tasks WHERE run_id = ?", (run_id,)).fetchall()
+        state = run_state({row["task_id"]: _record(row) for row in rows})
+        finished = (now or time.time()) if state != "running" else None
+        store.execute(
+            "UPDATE plan_runs SET state = ?, finished_at = ? WHERE id = ?",
+            (state, finished, run_id),
+        )
+    return state
+
+
+def _record(row: Any) -> TaskRecord:
+    return TaskRecord(row["task_id"], **{c: row[c] for c in _COLUMNS})
+
+
+def load_run(store: Store, run_id: str) -> RunView | None:
+    run = store.execute("SELECT * FROM plan_runs WHERE id = ?", (run_id,)).fetchone()
+    if run is None:
+        return None
+    rows = store.execute(
+        "SELECT * FROM plan_tasks WHERE run_id = ? ORDER BY idx", (run_id,)
+    ).fetchall()
+    return RunView(
+        run["id"],
+        run["name"],
+        run["state"],
+        run["created_at"],
+        run["finished_at"],
+        run["source"],
+        Plan.from_json(json.loads(run["plan"])),
+        {row["task_id"]: _record(row) for row in rows},
+    )
+
+
+def list_runs(store: Store, limit: int = 50) -> list[RunView]:
+    ids = store.execute(
+        "SELECT id FROM plan_runs ORDER BY created_at DESC LIMIT ?", (limit,)
+    ).fetchall()
+    return [v for v in (load_run(store, row["id"]) for row in ids) if v is not None]
+
+
+def open_runs(store: Store) -> list[str]:
+    rows = store.execute(
+        "SELECT id FROM plan_runs WHERE state = 'running' ORDER BY created_at"
+    ).fetchall()
+    return [row["id"] for row in rows]
+
+
+class RunFiles:
+    """The run's folder. Outputs are written whole (temp file + rename)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def create(self, plan: Plan, submitted: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._write("plan.json", submitted)
+        self._write("plan.resolved.json", json.dumps(plan.to_json(), indent=2))
+
+    def _write(self, name: str, text: str) -> None:
+        tmp = self.folder / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.folder / name)
+
+    def output_path(self, task_id: str, suffix: str = "out") -> Path:
+        return self.folder / f"{task_id}.{suffix}"
+
+    def write_output(self, task_id: str, text: str) -> None:
+        self._write(f"{task_id}.out", text)
+
+    def read_output(self, task_id: str) -> str:
+        return self.output_path(task_id).read_text(encoding="utf-8", errors="replace")
+
+    def event(self, **data: Any) -> None:
+        line = json.dumps({"ts": round(time.time(), 3), **data})
+        with open(self.folder / "run.jsonl", "a", encoding="utf-8") as f:
+            f.write(line + "\n")

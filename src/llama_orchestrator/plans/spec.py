@@ -1,0 +1,339 @@
+"""Plan files (DESIGN §7): parsing and every check, before anything runs.
+
+A plan is JSON: `{"name", "vars": {NAME: default}, "tasks": [...]}`; a task
+has `id`, `kind` (llm or shell), `depends_on`, `priority` 1-10, `retries`,
+`timeout`, `backoff`; llm: `model` (an alias or `tags:<tag>`) or `tags`,
+`prompt`, `system`, `max_tokens`, `temperature`, `untrusted`; shell: `command`
+(an argv list), `cwd`, `env`. Prompts (and shell arguments) may reference
+`{{task_id}}` (a dependency's output), `{{vars.NAME}}` and `{{file:PATH}}`.
+
+Pure: the models a plan may name and the --var values are passed in; every
+problem is collected into one PlanError (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llama_orchestrator.errors import UserError
+
+__all__ = [
+    "Plan",
+    "Task",
+    "PlanError",
+    "parse_plan",
+    "parse_vars",
+    "references",
+    "TEMPLATE",
+]
+
+#: {{ name }}: a task id, vars.NAME or file:PATH
+TEMPLATE = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class PlanError(UserError):
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.problems = problems
+        head = f"The plan {source} has {len(problems)} problem{'s' * (len(problems) > 1)}:"
+        super().__init__("\n".join([head, *(f"  {p}" for p in problems)]))
+
+
+class _TaskModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    kind: Literal["llm", "shell"]
+    depends_on: list[str] = []
+    priority: int = Field(5, ge=1, le=10)
+    retries: int = Field(3, ge=0, le=100)
+    timeout: float = Field(300, gt=0)
+    backoff: float = Field(1.0, ge=0, description="seconds before the first retry; doubles")
+    # llm
+    model: str | None = None
+    tags: str | None = None
+    prompt: str | None = None
+    system: str | None = None
+    max_tokens: int = Field(256, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    untrusted: list[str] = []
+    # shell
+    command: list[str] | None = None
+    cwd: str | None = None
+    env: dict[str, str] = {}
+
+
+class _PlanModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    vars: dict[str, str] = {}
+    tasks: list[dict[str, Any]] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    kind: str
+    depends_on: tuple[str, ...] = ()
+    priority: int = 5
+    retries: int = 3
+    timeout: float = 300
+    backoff: float = 1.0
+    #: what the router is asked for: an alias or tags:<tag> (llm tasks)
+    model: str | None = None
+    prompt: str = ""
+    system: str | None = None
+    max_tokens: int = 256
+    temperature: float | None = None
+    untrusted: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def slot_key(self) -> str:
+        """What the task waits for a free slot of: its model, or "shell"."""
+        return self.model if self.kind == "llm" and self.model else "shell"
+
+    def templates(self) -> list[str]:
+        return [self.prompt, *(self.system or "",)] + list(self.command)
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    tasks: tuple[Task, ...]
+    #: every variable's value, --var over the plan's defaults
+    vars: dict[str, str]
+    #: the plan file's folder: relative cwd and file: references start there
+    base_dir: str
+
+    def task(self, task_id: str) -> Task:
+        return next(t for t in self.tasks if t.id == task_id)
+
+    def index(self, task_id: str) -> int:
+        return next(i for i, t in enumerate(self.tasks) if t.id == task_id)
+
+    def dependants(self, task_id: str) -> list[str]:
+        """Every task that needs `task_id`, directly or not, in plan order."""
+        found: set[str] = set()
+        frontier = {task_id}
+        while frontier:
+            frontier = {
+                t.id for t in self.tasks if set(t.depends_on) & frontier and t.id not in found
+            }
+            found |= frontier
+        return [t.id for t in self.tasks if t.id in found]
+
+    def to_json(self) -> dict[str, Any]:
+        tasks = []
+        for t in self.tasks:
+            d = {k: v for k, v in t.__dict__.items()}
+            d["depends_on"] = list(t.depends_on)
+            d["untrusted"] = list(t.untrusted)
+            d["command"] = list(t.command)
+            tasks.append(d)
+        return {"name": self.name, "vars": self.vars, "base_dir": self.base_dir, "tasks": tasks}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        """A plan as `to_json` stored it (already checked when submitted)."""
+        tasks = []
+        for d in data["tasks"]:
+            d = dict(d)
+            for key in ("depends_on", "untrusted", "command"):
+                d[key] = tuple(d.get(key) or ())
+            tasks.append(Task(**d))
+        return cls(data["name"], tuple(tasks), dict(data["vars"]), data["base_dir"])
+
+
+def references(text: str) -> list[str]:
+    return TEMPLATE.findall(text)
+
+
+def parse_vars(pairs: list[str]) -> dict[str, str]:
+    """--var KEY=VALUE, repeated."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(
+                f"--var {pair!r} is not KEY=VALUE.", hint="Write it as --var topic=llamas."
+            )
+        out[key.strip()] = value
+    return out
+
+
+def parse_plan(
+    text: str,
+    source: str,
+    *,
+    known_models: set[str],
+    given_vars: dict[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> Plan:
+    """The checked plan, or PlanError naming every problem."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise PlanError(source, [f"not valid JSON: {exc}"]) from None
+    try:
+        top = _PlanModel.model_validate(raw)
+    except ValidationError as exc:
+        raise PlanError(source, [_pydantic(exc)]) from None
+    base = base_dir or Path(source).parent
+    problems: list[str] = []
+    tasks: list[Task] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(top.tasks):
+        where = f"tasks[{i}]" + (f" ({entry['id']})" if isinstance(entry.get("id"), str) else "")
+        if isinstance(entry.get("command"), str):
+            problems.append(
+                f"{where}: command must be a list of arguments, not a string (no shell runs "
+                f'it): write ["python", "-c", "..."] instead of "python -c ...".'
+            )
+            continue
+        try:
+            m = _TaskModel.model_validate(entry)
+        except ValidationError as exc:
+            problems.append(f"{where}: {_pydantic(exc)}")
+            continue
+        if not _ID.match(m.id):
+            problems.append(f"{where}: id must be letters, digits, '_', '.', '-' (up to 64).")
+        if m.id in seen:
+            problems.append(f"{where}: duplicate task id '{m.id}'.")
+        seen.add(m.id)
+        problems += _kind_problems(m, where, known_models)
+        model = m.model or (f"tags:{m.tags}" if m.tags else None)
+        tasks.append(
+            Task(
+                id=m.id,
+                kind=m.kind,
+                depends_on=tuple(m.depends_on),
+                priority=m.priority,
+                retries=m.retries,
+                timeout=m.timeout,
+                backoff=m.backoff,
+                model=model,
+                prompt=m.prompt or "",
+                system=m.system,
+                max_tokens=m.max_tokens,
+                temperature=m.temperature,
+                untrusted=tuple(m.untrusted),
+                command=tuple(m.command or ()),
+                cwd=m.cwd,
+                env=dict(m.env),
+            )
+        )
+    values = {**top.vars, **(given_vars or {})}
+    ids = {t.id for t in tasks}
+    for t in tasks:
+        for dep in t.depends_on:
+            if dep not in ids:
+                problems.append(f"{t.id}: depends_on names '{dep}', which is not a task here.")
+        problems += _template_problems(t, values, base)
+    cycle = find_cycle(tasks)
+    if cycle:
+        problems.append(
+            f"the dependencies form a cycle: {' -> '.join(cycle)} (each depends on the next)."
+        )
+    if problems:
+        raise PlanError(source, problems)
+    return Plan(top.name or Path(source).stem, tuple(tasks), values, str(base))
+
+
+def _kind_problems(m: _TaskModel, where: str, known_models: set[str]) -> list[str]:
+    if m.kind == "shell":
+        if not m.command:
+            return [f"{where}: a shell task needs command, a list of arguments."]
+        return []
+    out = []
+    if m.command is not None:
+        out.append(f"{where}: command is for shell tasks; an llm task has a prompt.")
+    if not m.prompt:
+        out.append(f"{where}: an llm task needs a prompt.")
+    if bool(m.model) == bool(m.tags):
+        out.append(f"{where}: an llm task names either model (an alias) or tags, one of them.")
+        return out
+    wanted = m.model or f"tags:{m.tags}"
+    if wanted not in known_models:
+        aliases = sorted(x for x in known_models if not x.startswith("tags:"))
+        tags = sorted(x for x in known_models if x.startswith("tags:"))
+        out.append(
+            f"{where}: no instance serves '{wanted}'; models: {', '.join(aliases) or 'none'}"
+            + (f"; tags: {', '.join(t[5:] for t in tags)}" if tags else "")
+            + "."
+        )
+    return out
+
+
+def _template_problems(t: Task, values: dict[str, str], base: Path) -> list[str]:
+    out = []
+    for text in t.templates():
+        for ref in references(text):
+            if ref.startswith("vars."):
+                if ref[5:] not in values:
+                    out.append(
+                        f"{t.id}: {{{{{ref}}}}} has no value; give it with --var {ref[5:]}=VALUE "
+                        "or in the plan's vars."
+                    )
+            elif ref.startswith("file:"):
+                if not (base / ref[5:]).is_file():
+                    out.append(f"{t.id}: {{{{{ref}}}}}: no such file {base / ref[5:]}.")
+            elif ref not in t.depends_on:
+                out.append(
+                    f"{t.id}: {{{{{ref}}}}} is not one of its dependencies; add '{ref}' to "
+                    "depends_on (outputs exist only once a dependency has completed)."
+                )
+    for ref in t.untrusted:
+        if not (ref.startswith("file:") or ref in t.depends_on):
+            out.append(f"{t.id}: untrusted names '{ref}', neither a dependency nor file:PATH.")
+    return out
+
+
+def find_cycle(tasks: list[Task]) -> list[str] | None:
+    """One dependency cycle as [a, b, ..., a], or None."""
+    deps = {t.id: [d for d in t.depends_on] for t in tasks}
+    state: dict[str, int] = {}  # 1 = on the path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in deps.get(node, []):
+            if dep not in deps:
+                continue
+            if state.get(dep) == 1:
+                return path[path.index(dep) :] + [dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for t in tasks:
+        if t.id not in state:
+            found = visit(t.id)
+            if found:
+                return found
+    return None
+
+
+def _pydantic(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
