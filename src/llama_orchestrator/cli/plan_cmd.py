@@ -114,8 +114,14 @@ def run(
     app_ctx = app_context(ctx)
     given = parse_vars(var)
     plan, text = check_file(app_ctx.home, file, given)  # every problem before anything runs
-    run_id = submit(_client(app_ctx), file, text, given)
+    run_id, unserved = submit(_client(app_ctx), file, text, given)
     say(run_id)
+    if unserved:
+        say(
+            f"warning: no healthy instance serves {', '.join(unserved)} right now; those tasks "
+            "wait until one does (`llama-orch up NAME`, `llama-orch ps`).",
+            to_err=True,
+        )
     say(
         f"plan run {run_id}: {len(plan.tasks)} tasks; `llama-orch plan status {run_id}`",
         to_err=True,

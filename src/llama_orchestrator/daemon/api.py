@@ -162,7 +162,8 @@ def build_app(
 
     @app.post("/v1/plans")
     async def plan_run(body: PlanBody) -> dict[str, Any]:
-        return {"id": plans.submit(body.text, body.source, body.base_dir, body.vars)}
+        run_id, unserved = plans.submit(body.text, body.source, body.base_dir, body.vars)
+        return {"id": run_id, "unserved": unserved}
 
     @app.post("/v1/plans/{run_id}/cancel")
     async def plan_cancel(run_id: str) -> dict[str, Any]:

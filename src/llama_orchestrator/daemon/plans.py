@@ -91,7 +91,11 @@ class PlanRunner:
             self._launch(run_id, _Active(view.plan, view.records, files))
             log.info(f"plan run {run_id} resumed ({len(moved)} task(s) requeued)")
 
-    def submit(self, text: str, source: str, base_dir: str, given_vars: dict[str, str]) -> str:
+    def submit(
+        self, text: str, source: str, base_dir: str, given_vars: dict[str, str]
+    ) -> tuple[str, list[str]]:
+        """The new run's id, and the models its tasks name that no healthy
+        instance serves now (those tasks wait until one does)."""
         plan = parse_plan(
             text,
             source,
@@ -108,7 +112,9 @@ class PlanRunner:
         assert view is not None
         self.store.add_event(None, "plan_started", f"plan run {run_id} ({plan.name}) started")
         self._launch(run_id, _Active(plan, view.records, files))
-        return run_id
+        replicas = self.router.replicas()
+        wanted = sorted({t.model for t in plan.tasks if t.model})
+        return run_id, [m for m in wanted if free_slots(m, replicas, {}) == 0]
 
     async def cancel(self, run_id: str) -> list[str]:
         active = self.active.get(run_id)
@@ -216,6 +222,7 @@ class PlanRunner:
             if record.state != S.RUNNING:  # cancelled: already recorded
                 continue
             error: str | None
+            final = False
             if attempt.cancelled():
                 error = f"timed out after {active.plan.task(task_id).timeout:g}s"
                 active.timed_out.discard(task_id)
@@ -225,9 +232,11 @@ class PlanRunner:
             else:
                 result = attempt.result()
                 error = result.pop("error", None)
+                final = result.pop("final", False)
                 for key, value in result.items():
                     setattr(record, key, value)
-            changed += [task_id, *S.finish(active.plan, active.records, task_id, now, error)]
+            skipped = S.finish(active.plan, active.records, task_id, now, error, final)
+            changed += [task_id, *skipped]
         return changed
 
     def _free(self, plan: Plan, records: dict[str, S.TaskRecord]) -> dict[str, int]:
@@ -304,7 +313,7 @@ class PlanRunner:
         try:
             instance, data = await self.router.complete(task.model, body)
         except RouterError as exc:
-            return {"error": str(exc)}
+            return {"error": str(exc), "final": exc.final}
         try:
             text = data["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):

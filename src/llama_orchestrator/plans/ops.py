@@ -49,14 +49,18 @@ def daemon_client(home: Home, on_start: Callable[[DaemonInfo], None] | None = No
     return DaemonClient(info)
 
 
-def submit(client: DaemonClient, path: Path, text: str, given_vars: dict[str, str]) -> str:
+def submit(
+    client: DaemonClient, path: Path, text: str, given_vars: dict[str, str]
+) -> tuple[str, list[str]]:
+    """The run id, and the models no healthy instance serves now."""
     body = {
         "text": text,
         "source": str(path.resolve()),
         "base_dir": str(path.resolve().parent),
         "vars": given_vars,
     }
-    return str(client.call("POST", "/v1/plans", body)["id"])
+    answer = client.call("POST", "/v1/plans", body)
+    return str(answer["id"]), list(answer.get("unserved", []))
 
 
 def view(store: Store, run_id: str) -> RunView:

@@ -109,11 +109,16 @@ def start(records: Records, task_id: str, now: float) -> None:
 
 
 def finish(
-    plan: Plan, records: Records, task_id: str, now: float, error: str | None = None
+    plan: Plan,
+    records: Records,
+    task_id: str,
+    now: float,
+    error: str | None = None,
+    final: bool = False,
 ) -> list[str]:
     """The end of a running attempt: completed, back to ready after a backoff
-    (retries left), or failed with every dependant skipped. Returns the tasks
-    whose state changed besides `task_id`."""
+    (retries left, unless the error is `final`), or failed with every dependant
+    skipped. Returns the tasks whose state changed besides `task_id`."""
     r = records[task_id]
     r.finished_at = now
     if error is None:
@@ -121,7 +126,7 @@ def finish(
         return []
     r.error = error[-ERROR_CHARS:]
     task = plan.task(task_id)
-    if r.attempts <= task.retries:
+    if r.attempts <= task.retries and not final:
         r.state = READY
         r.not_before = now + backoff(task.backoff, r.attempts)
         return []

@@ -117,7 +117,13 @@ class _Refusal(Exception):
 
 
 class RouterError(Exception):
-    """A request the router made for the daemon itself (a plan's task) failed."""
+    """A request the router made for the daemon itself (a plan's task) failed.
+    `final`: the instance refused the request itself (4xx): sending it again
+    cannot help."""
+
+    def __init__(self, message: str, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final
 
 
 @dataclass
@@ -386,8 +392,11 @@ class Router:
             except ValueError:
                 data = None
             if status >= 400 or not isinstance(data, dict):
-                detail = raw[-300:].decode("utf-8", "replace")
-                raise RouterError(f"{r.name} answered HTTP {status}: {detail}")
+                error = data.get("error") if isinstance(data, dict) else None
+                detail = error.get("message") if isinstance(error, dict) else None
+                detail = detail or raw[-300:].decode("utf-8", "replace")
+                final = 400 <= status < 500 and status not in (408, 429)
+                raise RouterError(f"{r.name} answered HTTP {status}: {detail}", final)
             return r.name, data
         finally:
             self.release(r)
