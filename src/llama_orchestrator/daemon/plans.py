@@ -84,7 +84,7 @@ class PlanRunner:
                 if r.state == S.RUNNING and r.pid and r.create_time:
                     stop_tree(ProcRef(r.pid, r.create_time), KILL_GRACE_S)  # a leftover
             moved = S.resume(view.records)
-            save(self.store, run_id, view.plan, [view.records[t] for t in moved])
+            save(self.store, run_id, view.plan, view.records, moved)
             files = RunFiles(self.run_dir(run_id))
             for task_id in moved:
                 files.event(task=task_id, state=S.READY, note="requeued after a daemon restart")
@@ -126,7 +126,7 @@ class PlanRunner:
             active.attempts[task_id].cancel()
         if running:
             await asyncio.wait([active.attempts[t] for t in running])
-        save(self.store, run_id, active.plan, active.records.values(), self.clock())
+        save(self.store, run_id, active.plan, active.records, active.records, self.clock())
         for task_id in running:
             active.files.event(task=task_id, state=S.CANCELLED)
         active.wake.set()
@@ -142,7 +142,7 @@ class PlanRunner:
         again = S.retry(view.records)
         if not again:
             raise UserError(f"Plan run {run_id} has no failed, skipped or cancelled task.")
-        save(self.store, run_id, view.plan, [view.records[t] for t in again])
+        save(self.store, run_id, view.plan, view.records, again)
         files = RunFiles(self.run_dir(run_id))
         for task_id in again:
             files.event(task=task_id, state=S.PENDING, note="retry")
@@ -194,9 +194,10 @@ class PlanRunner:
                     S.start(records, task_id, now)
                 if changed or picked:
                     touched = {*changed, *picked}
-                    save(self.store, run_id, plan, [records[t] for t in touched], now)
-                    for task_id in sorted(touched, key=plan.index):
-                        self._event(active, task_id)
+                    save(self.store, run_id, plan, records, touched, now)
+                    active.files.events(
+                        [self._event(active, t) for t in sorted(touched, key=plan.index)]
+                    )
                 state = S.run_state(records)
                 for task_id in picked:
                     active.attempts[task_id] = asyncio.create_task(
@@ -242,7 +243,7 @@ class PlanRunner:
     def _free(self, plan: Plan, records: dict[str, S.TaskRecord]) -> dict[str, int]:
         router = self.router
         replicas = router.replicas()
-        keys = {t.slot_key for t in plan.tasks if records[t.id].state == S.READY}
+        keys = {plan.task(r.id).slot_key for r in records.values() if r.state == S.READY}
         free = {k: free_slots(k, replicas, router.in_flight) for k in keys if k != "shell"}
         running_shell = sum(
             1 for t in plan.tasks if t.kind == "shell" and records[t.id].state == S.RUNNING
@@ -268,7 +269,7 @@ class PlanRunner:
         finally:
             waiter.cancel()
 
-    def _event(self, active: _Active, task_id: str) -> None:
+    def _event(self, active: _Active, task_id: str) -> dict[str, Any]:
         r = active.records[task_id]
         data: dict[str, Any] = {"task": task_id, "state": r.state, "attempt": r.attempts}
         if r.instance:
@@ -279,7 +280,7 @@ class PlanRunner:
             data["tokens"] = {"prompt": r.prompt_tokens, "completion": r.completion_tokens}
         if r.error and r.state != S.COMPLETED:
             data["error"] = r.error
-        active.files.event(**data)
+        return data
 
     # --- attempts -----------------------------------------------------------------
 
@@ -350,7 +351,9 @@ class PlanRunner:
             return {"error": f"cannot run {argv[0]!r}: {exc.strerror or exc}"}
         record = active.records[task.id]
         record.pid, record.create_time = proc.pid, create_time_of(proc.pid)
-        save(self.store, run_id, active.plan, [record])  # a dead daemon's successor kills it
+        save(
+            self.store, run_id, active.plan, active.records, [task.id]
+        )  # a dead daemon's successor kills it
         try:
             code = await asyncio.to_thread(proc.wait)
         except asyncio.CancelledError:  # timed out or cancelled: the whole tree goes

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -76,15 +76,23 @@ def create_run(store: Store, run_id: str, plan: Plan, source: str, now: float) -
             "VALUES (?, ?, 'running', ?, ?, ?)",
             (run_id, plan.name, now, source, json.dumps(plan.to_json())),
         )
-        save(store, run_id, plan, [TaskRecord(t.id) for t in plan.tasks])
+        records = {t.id: TaskRecord(t.id) for t in plan.tasks}
+        save(store, run_id, plan, records, records)
 
 
 def save(
-    store: Store, run_id: str, plan: Plan, records: Iterable[TaskRecord], now: float | None = None
+    store: Store,
+    run_id: str,
+    plan: Plan,
+    records: Mapping[str, TaskRecord],
+    changed: Iterable[str],
+    now: float | None = None,
 ) -> str:
-    """Write these records (one transaction) and the run's state; returns it."""
+    """Write the changed records and the run's state (one transaction); returns it."""
+    state = run_state(records)
     with store.transaction():
-        for r in records:
+        for task_id in changed:
+            r = records[task_id]
             values = [getattr(r, c) for c in _COLUMNS]
             store.execute(
                 f"INSERT INTO plan_tasks (run_id, task_id, idx, {', '.join(_COLUMNS)}) "
@@ -93,8 +101,6 @@ def save(
                 + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS),
                 (run_id, r.id, plan.index(r.id), *values),
             )
-        rows = store.execute("SELECT * FROM plan_tasks WHERE run_id = ?", (run_id,)).fetchall()
-        state = run_state({row["task_id"]: _record(row) for row in rows})
         finished = (now or time.time()) if state != "running" else None
         store.execute(
             "UPDATE plan_runs SET state = ?, finished_at = ? WHERE id = ?",
@@ -141,7 +147,7 @@ def open_runs(store: Store) -> list[str]:
 
 
 class RunFiles:
-    """The run's folder. Outputs are written whole (temp file + rename)."""
+    """The run's folder."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -160,12 +166,18 @@ class RunFiles:
         return self.folder / f"{task_id}.{suffix}"
 
     def write_output(self, task_id: str, text: str) -> None:
-        self._write(f"{task_id}.out", text)
+        # no temp file: a torn output belongs to an attempt still recorded as
+        # running, which runs again after a crash and rewrites it
+        self.output_path(task_id).write_text(text, encoding="utf-8")
 
     def read_output(self, task_id: str) -> str:
         return self.output_path(task_id).read_text(encoding="utf-8", errors="replace")
 
     def event(self, **data: Any) -> None:
-        line = json.dumps({"ts": round(time.time(), 3), **data})
+        self.events([data])
+
+    def events(self, batch: list[dict[str, Any]]) -> None:
+        ts = round(time.time(), 3)
+        lines = "".join(json.dumps({"ts": ts, **data}) + "\n" for data in batch)
         with open(self.folder / "run.jsonl", "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write(lines)

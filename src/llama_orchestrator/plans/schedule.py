@@ -88,17 +88,22 @@ def pick(plan: Plan, records: Records, now: float, free: Mapping[str, int]) -> l
     """Ready tasks to start now: highest priority first, ties in plan order,
     each taking one free slot of its model (or of "shell"). A task whose model
     has no free slot does not hold back a lower-priority one that has."""
-    left = dict(free)
-    chosen = []
+    left = {k: n for k, n in free.items() if n > 0}
+    chosen: list[str] = []
+    if not left:
+        return chosen
     ready = [
-        (-t.priority, i, t)
+        (-t.priority, i)
         for i, t in enumerate(plan.tasks)
         if records[t.id].state == READY and records[t.id].not_before <= now
     ]
-    for _, _, t in sorted(ready, key=lambda x: (x[0], x[1])):
+    for _, i in sorted(ready):
+        t = plan.tasks[i]
         if left.get(t.slot_key, 0) > 0:
             left[t.slot_key] -= 1
             chosen.append(t.id)
+            if not any(left.values()):
+                break
     return chosen
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,11 +116,15 @@ class Plan:
     #: the plan file's folder: relative cwd and file: references start there
     base_dir: str
 
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        return {t.id: i for i, t in enumerate(self.tasks)}
+
     def task(self, task_id: str) -> Task:
-        return next(t for t in self.tasks if t.id == task_id)
+        return self.tasks[self._positions[task_id]]
 
     def index(self, task_id: str) -> int:
-        return next(i for i, t in enumerate(self.tasks) if t.id == task_id)
+        return self._positions[task_id]
 
     def dependants(self, task_id: str) -> list[str]:
         """Every task that needs `task_id`, directly or not, in plan order."""
