@@ -209,6 +209,15 @@ class PlanRunner:
                     )
                     return
                 await self._sleep(active, now)
+        except Exception as exc:  # a bug or a broken database: say so, the run stays open
+            log.exception(f"plan run {run_id} stopped")
+            with contextlib.suppress(Exception):
+                self.store.add_event(
+                    None,
+                    "plan_error",
+                    f"plan run {run_id} stopped: {type(exc).__name__}: {exc}; "
+                    "`llama-orch daemon stop` and `daemon start` resume it",
+                )
         finally:
             self.active.pop(run_id, None)
 
