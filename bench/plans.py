@@ -76,7 +76,7 @@ def run_plan(home: Path, folder: Path, n: int, tokens: int) -> tuple[float, dict
             break
         time.sleep(0.2)
     assert data["state"] == "completed", data["counts"]
-    return data["finished_at"] - data["created_at"], data
+    return data["elapsed_s"], data
 
 
 def main() -> None:

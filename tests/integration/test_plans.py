@@ -106,7 +106,23 @@ def test_a_diamond_with_templates_and_shell_steps_runs_in_order(two, tmp_path):
     assert len(finished) == 6 and all("duration_ms" in e for e in finished)
     assert {e["task"] for e in finished if "tokens" in e} == {"root", "left", "join", "last"}
     listed = json.loads(run_cli(home, "plan", "list", "--json").stdout)
-    assert [(x["id"], x["name"], x["state"]) for x in listed] == [(run_id, "diamond", "completed")]
+    assert [
+        (x["id"], x["name"], x["state"], x["tasks_total"], x["tasks_done"]) for x in listed
+    ] == [(run_id, "diamond", "completed", 6, 6)]
+    assert listed[0]["created_at"].endswith("+00:00") and listed[0]["elapsed_s"] > 0
+    r = run_cli(home, "plan", "list")
+    assert r.stdout.splitlines()[0].split() == ["ID", "NAME", "STATE", "DONE", "CREATED", "ELAPSED"]
+    assert r.stdout.splitlines()[1].split()[:4] == [run_id, "diamond", "completed", "6/6"]
+    r = run_cli(home, "plan", "status", run_id)
+    assert r.stdout.splitlines()[1].split() == [
+        "TASK",
+        "KIND",
+        "STATE",
+        "TRIES",
+        "INSTANCE",
+        "ELAPSED",
+        "ERROR",
+    ]
 
 
 def test_a_failing_task_cascades_then_retry_reruns_only_what_failed(two, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -168,18 +167,18 @@ def list_(
     if not runs:
         say("No plan runs yet; `llama-orch plan run FILE` starts one.")
         return
-    now = time.time()
     rows = [
         [
             r["id"],
             r["name"],
             r["state"],
-            f"{r['counts'].get('completed', 0)}/{len(r['tasks'])}",
-            human_duration(now - r["created_at"]) + " ago",
+            f"{r['tasks_done']}/{r['tasks_total']}",
+            r["created_at"],
+            human_duration(r["elapsed_s"]),
         ]
         for r in runs
     ]
-    say(columns(["ID", "NAME", "STATE", "DONE", "CREATED"], rows))
+    say(columns(["ID", "NAME", "STATE", "DONE", "CREATED", "ELAPSED"], rows))
 
 
 @app.command()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from llama_orchestrator.engine.status import iso
 from llama_orchestrator.plans.schedule import TaskRecord, run_state
 from llama_orchestrator.plans.spec import Plan
 from llama_orchestrator.store import Store
@@ -57,14 +58,18 @@ class RunView:
                     "completion_tokens": r.completion_tokens,
                 }
             )
+        counts = self.counts()
         return {
             "id": self.id,
             "name": self.name,
             "state": self.state,
-            "created_at": self.created_at,
-            "finished_at": self.finished_at,
+            "created_at": iso(self.created_at),
+            "finished_at": iso(self.finished_at),
+            "elapsed_s": round((self.finished_at or now) - self.created_at, 3),
             "source": self.source,
-            "counts": self.counts(),
+            "tasks_total": len(tasks),
+            "tasks_done": counts.get("completed", 0),
+            "counts": counts,
             "tasks": tasks,
         }
 
