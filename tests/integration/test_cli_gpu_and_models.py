@@ -250,3 +250,16 @@ def test_pinning_a_card_the_machine_does_not_have_is_refused(home, tiny_model):
     # with no GPU tool at all nothing can be known: no error
     r = run_cli(home, "config", "validate", env=gpu_env())
     assert r.returncode == 0, r.stderr
+
+
+def test_cpu_instances_oversubscribing_the_cores_get_a_warning(home, tiny_model):
+    cores = os.cpu_count() or 1
+    write_config(home, "a", tiny_model, model={"threads": cores})
+    write_config(home, "b", tiny_model, model={"threads": 1})
+    r = run_cli(home, "config", "validate")
+    assert r.returncode == 0, r.stderr
+    assert f"ask for {cores + 1} threads on {cores} cores" in r.stderr
+    assert "b/config.json: model.threads:" in r.stderr
+    write_config(home, "a", tiny_model, model={"threads": max(1, cores - 1)})
+    r = run_cli(home, "config", "validate")
+    assert "threads" not in r.stderr or cores == 1

@@ -117,3 +117,26 @@ def test_create_refuses_a_port_of_another_instance_and_bad_names(home, gguf, tmp
         create_instance(home, "../evil", model=str(gguf))
     assert not (tmp_path / "evil").exists() and not (home.root / "evil").exists()
     assert Home(home.root).instance_names() == ["a"]
+
+
+def test_cpu_instances_asking_for_more_threads_than_cores_are_warned_about(home, gguf):
+    from llama_orchestrator.validate import cpu_thread_problems, load_all
+
+    write_config(home, "a", gguf, model={"threads": 2})
+    write_config(home, "b", gguf)  # no threads: llama-server takes every core
+    write_config(home, "g", gguf, gpu={"backend": "cuda", "device_id": 0})
+    loaded = load_all(home)
+    (warning,) = cpu_thread_problems(loaded, cores=4)
+    assert warning.severity == "warning" and warning.field == "model.threads"
+    assert warning.file.endswith("b/config.json")
+    assert warning.message == (
+        "CPU instances a (2 threads), b (4 threads, the default) ask for 6 threads on 4 cores "
+        "and will slow each other down many times over; set model.threads so they add up "
+        "to 4 or less."
+    )
+    # an instance on the default always takes every core: any other CPU instance is too many
+    assert len(cpu_thread_problems(loaded, cores=64)) == 1
+    write_config(home, "b", gguf, model={"threads": 2})
+    assert cpu_thread_problems(load_all(home), cores=4) == []
+    only_one = [x for x in load_all(home) if x.name in ("a", "g")]
+    assert cpu_thread_problems(only_one, cores=1) == []

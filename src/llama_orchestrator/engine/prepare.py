@@ -6,6 +6,7 @@ ConfigError, so a typo in one config never leaves half of an `up --all` started.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from llama_orchestrator.fit import GPU_BACKENDS, pick_devices
 from llama_orchestrator.gguf_meta import read_model
 from llama_orchestrator.gpu import Discovery
 from llama_orchestrator.home import Home
-from llama_orchestrator.validate import check_instance, load_all, vram_problems
+from llama_orchestrator.validate import check_instance, cpu_thread_problems, load_all, vram_problems
 
 __all__ = ["Prepared", "prepare"]
 
@@ -73,6 +74,7 @@ def prepare(
         raise ConfigError(problems)
     together = sorted((running | set(names)) & set(loaded))
     vram = vram_problems([loaded[n] for n in together], find_gpus, strict)
+    vram += cpu_thread_problems([loaded[n] for n in together], os.cpu_count() or 1)
     if any(p.severity == "error" for p in vram):
         raise ConfigError(vram)
     for problem in vram:
