@@ -50,7 +50,8 @@ def _follow(app_ctx: Any, run_id: str) -> int:
     from llama_orchestrator.plans.ops import follow
 
     store = app_ctx.engine.store
-    if sys.stdout.isatty():
+    live_view = sys.stdout.isatty()
+    if live_view:
         from rich.live import Live
         from rich.text import Text
 
@@ -78,7 +79,8 @@ def _follow(app_ctx: Any, run_id: str) -> int:
 
         final = follow(store, run_id, show)
     data = final.to_json()
-    say(_summary(data))
+    if not live_view:  # the live table already ends with it
+        say(_summary(data))
     if data["state"] != "completed":
         say(
             f"`llama-orch plan status {run_id}` shows each task; results in "
