@@ -84,6 +84,15 @@ def test_a_final_error_fails_at_once_whatever_the_retries():
     assert (r["a"].state, r["a"].attempts) == (S.FAILED, 1)
 
 
+def test_an_attempt_that_never_reached_an_instance_is_not_counted():
+    p, r = make(llm("a", retries=0))
+    S.promote(p, r)
+    S.start(r, "a", 0)
+    S.postpone(r, "a", 1.0)
+    assert (r["a"].state, r["a"].attempts, r["a"].not_before) == (S.READY, 0, 1.0)
+    assert S.pick(p, r, 0.5, {"m": 1}) == [] and S.pick(p, r, 1.0, {"m": 1}) == ["a"]
+
+
 def test_backoff_is_capped():
     assert S.backoff(1, 1) == 1 and S.backoff(1, 4) == 8 and S.backoff(1, 30) == S.BACKOFF_MAX
 

@@ -40,6 +40,8 @@ __all__ = ["PlanRunner"]
 log = logging.getLogger("llama_orchestrator.daemon")
 #: how often a run looks for slots freed by other traffic when nothing wakes it
 POLL_S = 0.5
+#: a task that found no healthy instance or no slot in time tries again this much later
+POSTPONE_S = 1.0
 #: a shell task being stopped gets this long to exit before its tree is killed
 KILL_GRACE_S = 0.5
 
@@ -241,6 +243,10 @@ class PlanRunner:
                 error = str(exc) or type(exc).__name__
             else:
                 result = attempt.result()
+                if result.pop("busy", False):  # never reached an instance
+                    S.postpone(active.records, task_id, now + POSTPONE_S)
+                    changed.append(task_id)
+                    continue
                 error = result.pop("error", None)
                 final = result.pop("final", False)
                 for key, value in result.items():
@@ -323,7 +329,7 @@ class PlanRunner:
         try:
             instance, data = await self.router.complete(task.model, body)
         except RouterError as exc:
-            return {"error": str(exc), "final": exc.final}
+            return {"error": str(exc), "final": exc.final, "busy": exc.busy}
         try:
             text = data["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):

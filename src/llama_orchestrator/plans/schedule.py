@@ -29,6 +29,7 @@ __all__ = [
     "pick",
     "start",
     "finish",
+    "postpone",
     "overdue",
     "resume",
     "cancel",
@@ -144,6 +145,14 @@ def finish(
             d.error = f"skipped: {task_id} failed"
             skipped.append(dep_id)
     return skipped
+
+
+def postpone(records: Records, task_id: str, until: float) -> None:
+    """A running attempt that never got to an instance (none healthy, no slot
+    in time): ready again at `until`, the attempt not counted."""
+    r = records[task_id]
+    r.state, r.attempts, r.not_before = READY, max(0, r.attempts - 1), until
+    r.started_at = None
 
 
 def overdue(plan: Plan, records: Records, now: float) -> list[str]:

@@ -119,11 +119,13 @@ class _Refusal(Exception):
 class RouterError(Exception):
     """A request the router made for the daemon itself (a plan's task) failed.
     `final`: the instance refused the request itself (4xx): sending it again
-    cannot help."""
+    cannot help. `busy`: it was never sent (no healthy instance, or no slot
+    in time): not the request's fault, try again later."""
 
-    def __init__(self, message: str, final: bool = False) -> None:
+    def __init__(self, message: str, final: bool = False, busy: bool = False) -> None:
         super().__init__(message)
         self.final = final
+        self.busy = busy
 
 
 @dataclass
@@ -372,9 +374,8 @@ class Router:
         try:
             r = await self.acquire(model, frozenset())
         except _Refusal as refusal:
-            raise RouterError(
-                json.loads(bytes(refusal.response.body))["error"]["message"]
-            ) from None
+            message = json.loads(bytes(refusal.response.body))["error"]["message"]
+            raise RouterError(message, busy=True) from None
         start = time.perf_counter()
         status = 0
         try:
