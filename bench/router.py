@@ -38,7 +38,6 @@ from _common import cli, free_port, model_and_binary, write_instance  # noqa: E4
 
 BODY = {"model": "a", "prompt": "Hi", "n_predict": 4, "cache_prompt": True}
 # part 2: long enough that where a request waits matters more than the proxy
-ROUNDS = 3  # runs of each measurement, interleaved; the median is reported
 LONG = {"model": "rr", "prompt": "Once", "ignore_eos": True}
 
 
@@ -140,8 +139,8 @@ http {{
     raise RuntimeError(f"nginx did not listen; see {folder / 'error.log'}")
 
 
-def overhead(urls: dict[str, str], requests: int) -> tuple[float, float]:
-    print(f"1. {requests} /completion requests (n_predict 4), parallel 8, medians of {ROUNDS} runs")
+def overhead(urls: dict[str, str], requests: int, rounds: int) -> tuple[float, float]:
+    print(f"1. {requests} /completion requests (n_predict 4), parallel 8, medians of {rounds} runs")
     names = [n for n in urls if n != "direct"]
     print(
         f"{'conc':>4} {'direct req/s':>13} "
@@ -151,7 +150,7 @@ def overhead(urls: dict[str, str], requests: int) -> tuple[float, float]:
     for conc in (1, 8, 32):
         rates: dict[str, list[float]] = {n: [] for n in urls}
         lats: dict[str, list[float]] = {n: [] for n in urls}
-        for _ in range(ROUNDS):  # interleaved: drift hits every path alike
+        for _ in range(rounds):  # interleaved: drift hits every path alike
             for name, url in urls.items():
                 rate, lat = asyncio.run(run_aiohttp(url, requests, conc))
                 rates[name].append(rate)
@@ -172,13 +171,13 @@ def overhead(urls: dict[str, str], requests: int) -> tuple[float, float]:
     return result
 
 
-def balancing(router_url: str, nginx_url: str | None, tokens: int) -> float | None:
+def balancing(router_url: str, nginx_url: str | None, tokens: int, rounds: int) -> float | None:
     print(f"2. 200 requests (n_predict {tokens}) at concurrency 8 over parallel 1 + parallel 4")
     if nginx_url is None:
         print("   nginx not installed (apt install nginx-light): skipped")
         return None
     times: dict[str, list[float]] = {"router": [], "nginx round-robin": []}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for name, url in (("router", router_url), ("nginx round-robin", nginx_url)):
             rate, _ = asyncio.run(run_aiohttp(url, 200, 8, {**LONG, "n_predict": tokens}))
             times[name].append(200 / rate)
@@ -187,11 +186,11 @@ def balancing(router_url: str, nginx_url: str | None, tokens: int) -> float | No
     return n / r
 
 
-def upstream_client(direct: str, requests: int) -> None:
-    print(f"3. upstream client, straight to the instance (req/s, median of {ROUNDS})")
+def upstream_client(direct: str, requests: int, rounds: int) -> None:
+    print(f"3. upstream client, straight to the instance (req/s, median of {rounds})")
     for conc in (8, 32):
         rates: dict[str, list[float]] = {"httpx": [], "aiohttp": []}
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             rates["httpx"].append(asyncio.run(run_httpx(direct, requests, conc))[0])
             rates["aiohttp"].append(asyncio.run(run_aiohttp(direct, requests, conc))[0])
         h, a = statistics.median(rates["httpx"]), statistics.median(rates["aiohttp"])
@@ -206,8 +205,6 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=400, help="n_predict in part 2")
     ap.add_argument("--gpu", action="store_true", help="offload every instance to CUDA GPU 0")
     args = ap.parse_args()
-    global ROUNDS
-    ROUNDS = args.rounds
     gpu = {"backend": "cuda", "device_id": 0, "layers": -1} if args.gpu else None
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
@@ -232,14 +229,15 @@ def main() -> None:
         try:
             for url in urls.values():  # warm up every path
                 asyncio.run(run_aiohttp(url, 50, 4))
-            ratio, p50 = overhead(urls, args.requests)
-            upstream_client(urls["direct"], args.requests)
+            ratio, p50 = overhead(urls, args.requests, args.rounds)
+            upstream_client(urls["direct"], args.requests, args.rounds)
             cli(home, "down", "a")
             cli(home, "up", "p1", "p4")
             speedup = balancing(
                 urls["router"],
                 f"http://127.0.0.1:{rr_port}/completion" if nginx_rr else None,
                 args.tokens,
+                args.rounds,
             )
         finally:
             cli(home, "daemon", "stop", "--all")

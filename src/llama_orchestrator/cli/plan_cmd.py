@@ -145,9 +145,9 @@ def status(
     json_: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Every task of a run: state, attempts, instance, elapsed, error."""
-    from llama_orchestrator.plans.ops import view
+    from llama_orchestrator.plans.records import require_run
 
-    data = view(app_context(ctx).engine.store, run_id).to_json()
+    data = require_run(app_context(ctx).engine.store, run_id).to_json()
     if json_:
         print_json(data)
         return
@@ -188,10 +188,10 @@ def cancel(
     ctx: typer.Context, run_id: str = typer.Argument(..., metavar="ID", help="A run id.")
 ) -> None:
     """Cancel a run: running tasks are stopped (requests aborted, processes killed)."""
-    from llama_orchestrator.plans.ops import view
+    from llama_orchestrator.plans.records import require_run
 
     app_ctx = app_context(ctx)
-    view(app_ctx.engine.store, run_id)  # an unknown id is an error before any daemon starts
+    require_run(app_ctx.engine.store, run_id)  # an unknown id is an error before any daemon starts
     stopped = _client(app_ctx).call("POST", f"/v1/plans/{run_id}/cancel")["cancelled"]
     say(f"Cancelled plan run {run_id}" + (f" (stopped {', '.join(stopped)})." if stopped else "."))
 
@@ -205,10 +205,10 @@ def retry(
     ),
 ) -> None:
     """Run a finished run's failed, skipped and cancelled tasks again (completed ones stay)."""
-    from llama_orchestrator.plans.ops import view
+    from llama_orchestrator.plans.records import require_run
 
     app_ctx = app_context(ctx)
-    view(app_ctx.engine.store, run_id)
+    require_run(app_ctx.engine.store, run_id)
     again = _client(app_ctx).call("POST", f"/v1/plans/{run_id}/retry")["requeued"]
     say(f"Plan run {run_id}: {len(again)} task(s) queued again ({', '.join(again)}).")
     if wait:

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from llama_orchestrator.daemon.client import Supervised
 from llama_orchestrator.daemon.info import DaemonInfo, running
 from llama_orchestrator.engine.lifecycle import Engine
+from llama_orchestrator.home import Home
 
-__all__ = ["Control", "control"]
+__all__ = ["Control", "control", "ensure_running"]
 
 #: both offer up(), down(), restart() and rm() with the same signatures
 Control = Engine | Supervised
@@ -23,12 +24,18 @@ def control(
 ) -> Control:
     """The daemon of engine's home if it runs (or once started, with `start`);
     else the engine itself, and what it starts runs unsupervised."""
-    info = running(engine.home)
-    if info is None and start:
+    info = ensure_running(engine.home, on_start) if start else running(engine.home)
+    return Supervised(engine, info) if info is not None else engine
+
+
+def ensure_running(home: Home, on_start: Callable[[DaemonInfo], None] | None = None) -> DaemonInfo:
+    """The home's daemon; started in the background (on_start told) if none runs."""
+    info = running(home)
+    if info is None:
         from llama_orchestrator.daemon.main import start_background
 
-        started = start_background(engine.home)
+        started = start_background(home)
         info = started.info
         if started.new and on_start is not None:
             on_start(info)
-    return Supervised(engine, info) if info is not None else engine
+    return info

@@ -28,7 +28,14 @@ from llama_orchestrator.engine.process import ProcRef, create_time_of, stop_tree
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.home import Home
 from llama_orchestrator.plans import schedule as S
-from llama_orchestrator.plans.records import RunFiles, create_run, load_run, open_runs, save
+from llama_orchestrator.plans.records import (
+    RunFiles,
+    create_run,
+    load_run,
+    open_runs,
+    require_run,
+    save,
+)
 from llama_orchestrator.plans.spec import Plan, Task, parse_plan
 from llama_orchestrator.plans.template import prompt_messages, render
 from llama_orchestrator.router.balance import free_slots
@@ -121,7 +128,7 @@ class PlanRunner:
     async def cancel(self, run_id: str) -> list[str]:
         active = self.active.get(run_id)
         if active is None:
-            self._require(run_id)
+            require_run(self.store, run_id)
             raise UserError(f"Plan run {run_id} has already finished; nothing to cancel.")
         running = S.cancel(active.records, self.clock())
         for task_id in running:
@@ -140,7 +147,7 @@ class PlanRunner:
                 f"Plan run {run_id} is still running.",
                 hint=f"Wait for it, or `llama-orch plan cancel {run_id}` first.",
             )
-        view = self._require(run_id)
+        view = require_run(self.store, run_id)
         again = S.retry(view.records)
         if not again:
             raise UserError(f"Plan run {run_id} has no failed, skipped or cancelled task.")
@@ -165,14 +172,6 @@ class PlanRunner:
 
     def run_dir(self, run_id: str) -> Path:
         return self.home.root / "plans" / run_id
-
-    def _require(self, run_id: str) -> Any:
-        view = load_run(self.store, run_id)
-        if view is None:
-            raise UserError(
-                f"No plan run '{run_id}' in this home.", hint="`llama-orch plan list` shows them."
-            )
-        return view
 
     # --- one run ------------------------------------------------------------------
 
@@ -260,8 +259,11 @@ class PlanRunner:
         replicas = router.replicas()
         keys = {plan.task(r.id).slot_key for r in records.values() if r.state == S.READY}
         free = {k: free_slots(k, replicas, router.in_flight) for k in keys if k != "shell"}
-        running_shell = sum(
-            1 for t in plan.tasks if t.kind == "shell" and records[t.id].state == S.RUNNING
+        running_shell = sum(  # shell slots are the machine's cores, shared by every run
+            1
+            for other in self.active.values()
+            for task_id in other.attempts
+            if other.plan.task(task_id).kind == "shell"
         )
         free["shell"] = max(0, self.shell_slots - running_shell)
         return free

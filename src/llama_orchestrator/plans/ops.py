@@ -8,16 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llama_orchestrator.daemon import ensure_running
 from llama_orchestrator.daemon.client import DaemonClient
-from llama_orchestrator.daemon.info import DaemonInfo, running
+from llama_orchestrator.daemon.info import DaemonInfo
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.home import Home
-from llama_orchestrator.plans.records import RunView, load_run
+from llama_orchestrator.plans.records import RunView, require_run
 from llama_orchestrator.plans.spec import Plan, parse_plan
 from llama_orchestrator.store import Store
 from llama_orchestrator.validate import model_names
 
-__all__ = ["check_file", "daemon_client", "submit", "view", "follow"]
+__all__ = ["check_file", "daemon_client", "submit", "follow"]
 
 
 def check_file(home: Home, path: Path, given_vars: dict[str, str]) -> tuple[Plan, str]:
@@ -38,15 +39,7 @@ def check_file(home: Home, path: Path, given_vars: dict[str, str]) -> tuple[Plan
 
 def daemon_client(home: Home, on_start: Callable[[DaemonInfo], None] | None = None) -> DaemonClient:
     """The home's daemon, started in the background if none runs."""
-    info = running(home)
-    if info is None:
-        from llama_orchestrator.daemon.main import start_background
-
-        started = start_background(home)
-        info = started.info
-        if started.new and on_start is not None:
-            on_start(info)
-    return DaemonClient(info)
+    return DaemonClient(ensure_running(home, on_start))
 
 
 def submit(
@@ -63,15 +56,6 @@ def submit(
     return str(answer["id"]), list(answer.get("unserved", []))
 
 
-def view(store: Store, run_id: str) -> RunView:
-    found = load_run(store, run_id)
-    if found is None:
-        raise UserError(
-            f"No plan run '{run_id}' in this home.", hint="`llama-orch plan list` shows them."
-        )
-    return found
-
-
 def follow(
     store: Store,
     run_id: str,
@@ -81,7 +65,7 @@ def follow(
     """Poll the run until it finishes, calling on_change with each new view."""
     last: Any = None
     while True:
-        current = view(store, run_id)
+        current = require_run(store, run_id)
         key = (current.state, [(r.state, r.attempts) for r in current.records.values()])
         if key != last:
             on_change(current)

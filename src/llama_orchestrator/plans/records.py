@@ -13,11 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from llama_orchestrator.engine.status import iso
+from llama_orchestrator.errors import UserError
 from llama_orchestrator.plans.schedule import TaskRecord, run_state
 from llama_orchestrator.plans.spec import Plan
 from llama_orchestrator.store import Store
 
-__all__ = ["RunView", "RunFiles", "create_run", "save", "load_run", "list_runs", "open_runs"]
+__all__ = [
+    "RunView",
+    "RunFiles",
+    "create_run",
+    "save",
+    "load_run",
+    "require_run",
+    "list_runs",
+    "open_runs",
+]
 
 _COLUMNS = [f.name for f in fields(TaskRecord) if f.name != "id"]
 
@@ -135,6 +145,15 @@ def load_run(store: Store, run_id: str) -> RunView | None:
         Plan.from_json(json.loads(run["plan"])),
         {row["task_id"]: _record(row) for row in rows},
     )
+
+
+def require_run(store: Store, run_id: str) -> RunView:
+    found = load_run(store, run_id)
+    if found is None:
+        raise UserError(
+            f"No plan run '{run_id}' in this home.", hint="`llama-orch plan list` shows them."
+        )
+    return found
 
 
 def list_runs(store: Store, limit: int = 50) -> list[RunView]:

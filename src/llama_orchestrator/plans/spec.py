@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -104,7 +104,7 @@ class Task:
         return self.model if self.kind == "llm" and self.model else "shell"
 
     def templates(self) -> list[str]:
-        return [self.prompt, *(self.system or "",)] + list(self.command)
+        return [self.prompt, self.system or "", *self.command]
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,7 @@ class Plan:
         return [t.id for t in self.tasks if t.id in found]
 
     def to_json(self) -> dict[str, Any]:
-        tasks = []
-        for t in self.tasks:
-            d = {k: v for k, v in t.__dict__.items()}
-            d["depends_on"] = list(t.depends_on)
-            d["untrusted"] = list(t.untrusted)
-            d["command"] = list(t.command)
-            tasks.append(d)
+        tasks = [asdict(t) for t in self.tasks]  # tuples become JSON lists
         return {"name": self.name, "vars": self.vars, "base_dir": self.base_dir, "tasks": tasks}
 
     @classmethod

@@ -112,8 +112,15 @@ class _Relay(Response):
 
 
 class _Refusal(Exception):
-    def __init__(self, response: JSONResponse) -> None:
-        self.response = response
+    """No slot for the request: 503 (none healthy) or 429 (busy)."""
+
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+    @property
+    def response(self) -> JSONResponse:
+        return openai_error(self.status, self.message, self.kind)
 
 
 class RouterError(Exception):
@@ -194,11 +201,9 @@ class Router:
         cands = [c for c in candidates(model, self.replicas()) if c.name not in exclude]
         if not cands:
             raise _Refusal(
-                openai_error(
-                    503,
-                    f"No healthy instance serves '{model}' right now; try again shortly.",
-                    "unavailable",
-                )
+                503,
+                f"No healthy instance serves '{model}' right now; try again shortly.",
+                "unavailable",
             )
         queue = self._queues.setdefault(model, deque())
         if not queue:
@@ -206,11 +211,7 @@ class Router:
             if r is not None:
                 return self._take(r)
         if len(queue) >= self.settings.max_queue:
-            raise _Refusal(
-                openai_error(
-                    429, f"Every slot for '{model}' is busy and the queue is full.", "busy"
-                )
-            )
+            raise _Refusal(429, f"Every slot for '{model}' is busy and the queue is full.", "busy")
         waiter = _Waiter(asyncio.get_running_loop().create_future(), exclude)
         queue.append(waiter)
         try:
@@ -224,11 +225,9 @@ class Router:
         if not waiter.future.done():
             self._forget(queue, waiter)
             raise _Refusal(
-                openai_error(
-                    429,
-                    f"Every slot for '{model}' stayed busy for {self.settings.queue_timeout:g}s.",
-                    "busy",
-                )
+                429,
+                f"Every slot for '{model}' stayed busy for {self.settings.queue_timeout:g}s.",
+                "busy",
             )
         return waiter.future.result()
 
@@ -284,7 +283,7 @@ class Router:
                         f"Every instance serving '{model}' failed this request ({last_error}).",
                         "unavailable",
                     )
-                self.metrics.request(model, "", refusal.response.status_code, 0.0)
+                self.metrics.request(model, "", refusal.status, 0.0)
                 return refusal.response
             headers = {"Content-Type": request.headers.get("content-type", "application/json")}
             if r.api_key:
@@ -374,8 +373,7 @@ class Router:
         try:
             r = await self.acquire(model, frozenset())
         except _Refusal as refusal:
-            message = json.loads(bytes(refusal.response.body))["error"]["message"]
-            raise RouterError(message, busy=True) from None
+            raise RouterError(refusal.message, busy=True) from None
         start = time.perf_counter()
         status = 0
         try:
