@@ -1,8 +1,15 @@
 """The dashboard driven with Textual's Pilot, as a person would use it."""
 
+from rich.text import Text
 from textual.widgets import DataTable, Log, Static
 
-from llama_orchestrator.tui.app import ConfirmScreen, DashboardApp, HelpScreen, LogScreen
+from llama_orchestrator.tui.app import (
+    ConfirmScreen,
+    DashboardApp,
+    HelpScreen,
+    LogScreen,
+    column_widths,
+)
 from tests.tui.conftest import until
 from tests.tui.fake_source import FakeSource
 
@@ -158,3 +165,31 @@ async def test_fifty_instances_load(tmp_path):
         await until(lambda: len(rows(app)) == 50)
         await pilot.press(*["down"] * 49)
         await until(lambda: app.selected == "worker-46")
+
+
+async def test_columns_are_sized_in_the_same_call_that_changes_the_cells(source):
+    """Regression (flaky tmux test): a paint before Textual's deferred measuring
+    was cached with the labels' widths, showing "smok" for smoke-one."""
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(130, 36)):
+        await until(lambda: len(rows(app)) == 3)
+        table = app.query_one("#instances", DataTable)
+        width = {str(k.value): c for k, c in table.columns.items()}
+        source.instances[1].status["state"] = "backoff"
+        source.instances[1].status["next_restart_at"] = "2026-11-22T06:00:03+00:00"
+        app.apply(source.snapshot(with_gpus=False))  # no await: nothing idles in between
+        assert width["NEXT TRY"].content_width == len("06:00:03")  # a cell changed in place
+        source.instances[0].status["name"] = "a-much-longer-instance-name"
+        app.apply(source.snapshot(with_gpus=False))  # the rows are rebuilt
+        assert width["NAME"].content_width == len("a-much-longer-instance-name")
+        source.instances[0].status["name"] = "gpt"  # narrower again: the column shrinks
+        app.apply(source.snapshot(with_gpus=False))
+        assert width["NAME"].content_width == len("llama-8b")
+
+
+def test_column_widths_are_the_widest_cell_or_the_label():
+    assert column_widths(["NAME", "STATE"], []) == [4, 5]
+    assert column_widths(
+        ["NAME", "STATE"], [("smoke-one", Text("healthy")), ("a", Text("backoff (3.2s)"))]
+    ) == [9, 14]
+    assert column_widths(["GPU"], [("显卡",)]) == [4]  # wide characters take two cells

@@ -8,13 +8,17 @@ functions the CLI uses.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from typing import Any, ClassVar
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen, Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Log, Static
 from textual.worker import get_current_worker
@@ -90,6 +94,31 @@ def cells(v: InstanceView) -> tuple[Text | str, ...]:
         if s.get("next_restart_at")
         else dash,  # HH:MM:SS of the ISO time
     )
+
+
+def column_widths(labels: Sequence[str], rows: Iterable[Sequence[Text | str]]) -> list[int]:
+    """Each column's content width: its widest cell, at least its label (pure)."""
+    widths = [cell_len(label) for label in labels]
+    for row in rows:
+        for i, cell in enumerate(row):
+            text = (
+                Text.from_markup(cell) if isinstance(cell, str) else cell
+            )  # as DataTable draws it
+            widths[i] = max(widths[i], text.cell_len)
+    return widths
+
+
+def fit_columns(table: DataTable, rows: Sequence[Sequence[Text | str]]) -> None:
+    """Size the columns now, in the same call that changed the cells.
+
+    Textual measures them on the table's next idle, and a paint that came first
+    was cached with the labels' widths ("smok" for smoke-one) until a cell changed.
+    """
+    columns = table.ordered_columns
+    for column, width in zip(
+        columns, column_widths([c.label.plain for c in columns], rows), strict=True
+    ):
+        column.content_width = width
 
 
 class LogTail(Log):
@@ -243,7 +272,11 @@ class DashboardApp(App[None]):
             snap = self.source.snapshot(with_gpus=self.pane == "gpus")
         except Exception as exc:  # a broken store or a dying daemon: say so, keep running
             snap = Snapshot("", error=f"{type(exc).__name__}: {exc}")
-        self.call_from_thread(self.apply, snap)
+        self.call_from_thread(self._apply_unless_quitting, snap)
+
+    def _apply_unless_quitting(self, snap: Snapshot) -> None:
+        with suppress(NoMatches):  # a snapshot that arrived while the app quits
+            self.apply(snap)
 
     def apply(self, snap: Snapshot) -> None:
         self.snapshot = snap
@@ -271,21 +304,19 @@ class DashboardApp(App[None]):
         table.display = not no_instances
         wanted = [v.name for v in rows]
         current = [str(k.value) for k in table.rows]
+        values = {v.name: cells(v) for v in rows}
         if wanted != current:  # instances came, went or the filter changed: rebuild in order
             table.clear()
-            for v in rows:
-                table.add_row(*cells(v), key=v.name)
-                # measured now: widths left to Textual's deferred pass were at
-                # times those of the labels alone ("smok" for smoke-one)
-                for col, value in zip(COLUMNS, cells(v), strict=True):
-                    table.update_cell(v.name, col, value, update_width=True)
+            for name, row in values.items():
+                table.add_row(*row, key=name)
             if self.selected in wanted:
                 table.move_cursor(row=wanted.index(self.selected))
         else:  # same rows: update changed cells in place (no flicker, cursor stays)
-            for v in rows:
-                for col, value in zip(COLUMNS, cells(v), strict=True):
-                    if str(table.get_cell(v.name, col)) != str(value):
-                        table.update_cell(v.name, col, value, update_width=True)
+            for name, row in values.items():
+                for col, value in zip(COLUMNS, row, strict=True):
+                    if str(table.get_cell(name, col)) != str(value):
+                        table.update_cell(name, col, value, update_width=True)
+        fit_columns(table, list(values.values()))
         if rows and self.selected not in wanted:
             self._select(rows[table.cursor_row if table.cursor_row < len(rows) else 0].name)
 
@@ -302,15 +333,19 @@ class DashboardApp(App[None]):
         if snap.gpus is None:
             return
         table = self.query_one("#gpu-table", DataTable)
-        table.clear()
-        if not snap.gpus.gpus:
-            table.add_row("-", "no GPU found", *[""] * (len(GPU_COLUMNS) - 2))
+        temp = GPU_COLUMNS.index("TEMP")
+        rows: list[list[Text | str]] = []
         for g in snap.gpus.gpus:
             row, hot = gpu_cells(g, snap.gpus.threshold)
-            temp = GPU_COLUMNS.index("TEMP")
-            table.add_row(
-                *row[:temp], Text(row[temp], style="bold red" if hot else ""), *row[temp + 1 :]
+            rows.append(
+                [*row[:temp], Text(row[temp], style="bold red" if hot else ""), *row[temp + 1 :]]
             )
+        if not rows:
+            rows.append(["-", "no GPU found", *[""] * (len(GPU_COLUMNS) - 2)])
+        table.clear()
+        for r in rows:
+            table.add_row(*r)
+        fit_columns(table, rows)
         warnings = "\n".join(f"⚠ {w}" for w in snap.gpus.warnings)
         self.query_one("#gpu-warnings", Static).update(Text(warnings, style="yellow"))
 
@@ -324,8 +359,12 @@ class DashboardApp(App[None]):
     def _select(self, name: str) -> None:
         if name == self.selected:
             return
+        try:
+            tail = self.query_one("#logtail", LogTail)
+        except NoMatches:  # a highlight that arrived while the app quits
+            return
         self.selected = name
-        self.query_one("#logtail", LogTail).show(self.source, name, self.stream)
+        tail.show(self.source, name, self.stream)
         self._load_detail(name)
 
     @work(thread=True, exclusive=True, group="detail")
@@ -354,7 +393,11 @@ class DashboardApp(App[None]):
                     f"last    {(d.get('last_exit') or {}).get('code', '-')}",
                 ]
             )
-        self.call_from_thread(self.query_one("#config", Static).update, text)
+        self.call_from_thread(self._show_detail, text)
+
+    def _show_detail(self, text: str) -> None:
+        with suppress(NoMatches):  # a detail that arrived while the app quits
+            self.query_one("#config", Static).update(text)
 
     # --- actions ----------------------------------------------------------------
 
