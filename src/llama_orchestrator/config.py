@@ -99,6 +99,12 @@ class GpuSection(_Section):
     tensor_split: list[float] | None = Field(
         None, description="Share of the model per pinned GPU, in device order (-ts), e.g. [3, 1]."
     )
+    vram_mib: int | None = Field(
+        None,
+        gt=0,
+        description="MiB this instance needs on each pinned GPU, instead of the estimate from the "
+        "model file (fit checks and on-demand swapping use it; measure with `llama-orch gpus`).",
+    )
 
     @field_validator("device_id")
     @classmethod
@@ -251,10 +257,21 @@ class GpuSettings(_Section):
     temp_threshold: float = 85
 
 
+class GroupSettings(_Section):
+    max_running: int = Field(
+        1, ge=1, description="Members of this on-demand group that may run at once."
+    )
+
+
 class Settings(_Section):
     """Global settings: `<home>/llama-orch.json` (all optional)."""
 
     router: RouterSettings = Field(default_factory=RouterSettings)
+    groups: dict[str, GroupSettings] = Field(
+        default_factory=dict,
+        description='On-demand swap groups (`on_demand.group`): {"big": {"max_running": 1}}; '
+        "a group not listed runs one member at a time.",
+    )
     logs: LogSettings = Field(default_factory=LogSettings)
     gpu: GpuSettings = Field(default_factory=GpuSettings)
 

@@ -40,10 +40,16 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-def demand(cfg: InstanceConfig, info: ModelInfo) -> dict[int, int]:
-    """Bytes this instance needs on each pinned device ({} when it pins none)."""
+def demand(cfg: InstanceConfig, info: ModelInfo | None) -> dict[int, int]:
+    """Bytes this instance needs on each pinned device ({} when it pins none):
+    `gpu.vram_mib` when the operator set it, else the estimate from `info`
+    (None: the model is not read, so only the override counts)."""
     g = cfg.gpu
     if g.backend not in GPU_BACKENDS or not g.devices:
+        return {}
+    if g.vram_mib is not None:  # the operator measured it
+        return {d: g.vram_mib * MIB for d in g.devices}
+    if info is None:
         return {}
     est = estimate(info, cfg.model.context_size, cfg.server.parallel, g.layers)
     return est.per_device(g.devices, g.tensor_split)

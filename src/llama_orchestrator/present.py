@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from llama_orchestrator.gpu import GpuInfo
+from llama_orchestrator.timefmt import human_duration
 
 __all__ = [
     "ANSI",
@@ -12,6 +14,8 @@ __all__ = [
     "GPU_COLUMNS",
     "STATE_STYLES",
     "state_label",
+    "ago",
+    "on_demand_line",
     "backend_label",
     "short_gpu_name",
     "gpu_cells",
@@ -36,10 +40,35 @@ GPU_COLUMNS = ("GPU", "NAME", "BACKEND", "VRAM", "FREE", "UTIL", "TEMP", "POWER"
 
 def state_label(status: dict[str, Any]) -> str:
     """`healthy*`: the star marks a running instance nothing supervises;
-    `backoff (3.2s)`: the next restart is due in 3.2 seconds."""
+    `backoff (3.2s)`: the next restart is due in 3.2 seconds; `idle (on demand)`:
+    stopped until a request names it; `healthy (idle stop 4m12s)`: an on-demand
+    instance stops after that long without requests."""
     if status.get("next_try_s") is not None:
         return f"{status['state']} ({status['next_try_s']:g}s)"
+    if status.get("on_demand") and status["state"] in ("created", "stopped"):
+        return "idle (on demand)"
+    if status.get("idle_stop_in_s") is not None:
+        return f"{status['state']} (idle stop {human_duration(status['idle_stop_in_s'])})"
     return status["state"] + ("*" if status["pid"] and not status["supervised"] else "")
+
+
+def ago(iso_time: str | None, now: float) -> str:
+    """`12s ago` for an ISO time, `-` for none."""
+    if iso_time is None:
+        return "-"
+    return human_duration(max(0.0, now - datetime.fromisoformat(iso_time).timestamp())) + " ago"
+
+
+def on_demand_line(status: dict[str, Any], idle_ttl: float | None, now: float) -> str | None:
+    """`on demand: idle stop after 300s; last used 12s ago; stops in 4m48s`
+    (`describe` and the dashboard's detail), None for an always-on instance."""
+    if not status.get("on_demand"):
+        return None
+    parts = [f"idle stop after {idle_ttl:g}s" if idle_ttl else "on demand"]
+    parts.append(f"last used {ago(status.get('last_used_at'), now)}")
+    if status.get("idle_stop_in_s") is not None:
+        parts.append(f"stops in {human_duration(status['idle_stop_in_s'])}")
+    return "; ".join(parts)
 
 
 def backend_label(status: dict[str, Any]) -> str:

@@ -91,6 +91,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, task_id)
     );
     """,
+    # 4 -> 5: when an on-demand instance last served a request (its idle clock)
+    """
+    ALTER TABLE instances ADD COLUMN last_used_at REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -116,6 +120,7 @@ class InstanceRow:
     updated_at: float = 0.0
     gpu_devices: list[int] | None = None
     streak: int = 0  # restarts since the instance last stayed up reset_after seconds
+    last_used_at: float | None = None  # an on-demand instance's last request (the daemon writes it)
 
     @classmethod
     def from_sql(cls, r: sqlite3.Row) -> InstanceRow:
@@ -129,6 +134,7 @@ class InstanceRow:
 
 
 _COLUMNS = tuple(f.name for f in fields(InstanceRow))
+_SAVED = tuple(c for c in _COLUMNS if c != "last_used_at")
 _JSON_COLUMNS = ("last_exit", "gpu_devices")
 
 
@@ -243,11 +249,24 @@ class Store:
         return [InstanceRow.from_sql(r) for r in rows]
 
     def save(self, row: InstanceRow) -> None:
+        """Write the row; `last_used_at` only `mark_used` writes (the router's
+        clock must not be set back by a row read a moment earlier)."""
         row.updated_at = self.clock()
-        values = tuple(_sql_value(c, getattr(row, c)) for c in _COLUMNS)
-        cols = ", ".join(_COLUMNS)
-        marks = ", ".join("?" for _ in _COLUMNS)
-        self._exec(f"INSERT OR REPLACE INTO instances ({cols}) VALUES ({marks})", values)
+        values = tuple(_sql_value(c, getattr(row, c)) for c in _SAVED)
+        cols = ", ".join(_SAVED)
+        marks = ", ".join("?" for _ in _SAVED)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _SAVED if c != "name")
+        self._exec(
+            f"INSERT INTO instances ({cols}) VALUES ({marks}) "
+            f"ON CONFLICT (name) DO UPDATE SET {updates}",
+            values,
+        )
+
+    def mark_used(self, used: dict[str, float]) -> None:
+        """When each named on-demand instance last served a request."""
+        with self.transaction():
+            for name, ts in used.items():
+                self._exec("UPDATE instances SET last_used_at = ? WHERE name = ?", (ts, name))
 
     def delete(self, name: str) -> None:
         self._exec("DELETE FROM instances WHERE name = ?", (name,))

@@ -8,7 +8,7 @@ file system lives here, so the config models stay pure parsing.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +167,7 @@ def vram_problems(
         if cfg is None or cfg.gpu.backend not in GPU_BACKENDS or not cfg.gpu.devices:
             continue
         try:
-            info = read_model(cfg.model_path(item.path.parent))
+            info = None if cfg.gpu.vram_mib else read_model(cfg.model_path(item.path.parent))
         except ModelError:
             continue  # check_instance reports an unreadable model
         demands[item.name] = demand(cfg, info)
@@ -213,7 +213,8 @@ def validate_home(
     find_gpus: Callable[[], Discovery] = discover,
 ) -> list[Problem]:
     """Every problem of the named instances (all when None); VRAM is checked as
-    if every instance ran at once."""
+    if every always-on instance ran at once, with each on-demand one in turn
+    (the router swaps those, so they need not fit together)."""
     loaded = load_all(home)
     selected = [x for x in loaded if names is None or x.name in names]
     problems: list[Problem] = []
@@ -222,9 +223,13 @@ def validate_home(
         if item.config is not None:
             problems += check_instance(home, item, loaded)
     wanted = {x.name for x in selected}
-    together = vram_problems(loaded, find_gpus, strict) + cpu_thread_problems(
-        loaded, os.cpu_count() or 1
-    )
+    lazy = [x for x in loaded if x.config is not None and x.config.on_demand is not None]
+    always = [x for x in loaded if x not in lazy]
+    found = find_gpus() if pinned_devices(loaded) else Discovery("none", [])
+    together: list[Problem] = []
+    for group in [always] + [always + [x] for x in lazy]:
+        together += [p for p in vram_problems(group, lambda: found, strict) if p not in together]
+    together += cpu_thread_problems(loaded, os.cpu_count() or 1)
     return problems + [p for p in together if names is None or Path(p.file).parent.name in wanted]
 
 
@@ -275,9 +280,13 @@ def replicas_of(home: Home, alias: str) -> list[str]:
 
 def model_names(home: Home) -> set[str]:
     """What a request (or a plan's task) may name: every alias and tags:<tag>."""
+    return offered_names({x.name: x.config for x in load_all(home) if x.config is not None})
+
+
+def offered_names(configs: Mapping[str, InstanceConfig]) -> set[str]:
+    """Every alias and tags:<tag> of these configs (by instance name)."""
     names: set[str] = set()
-    for item in load_all(home):
-        if item.config is not None:
-            names.add(item.config.alias_or(item.name))
-            names.update(f"tags:{t}" for t in item.config.tags)
+    for name, cfg in configs.items():
+        names.add(cfg.alias_or(name))
+        names.update(f"tags:{t}" for t in cfg.tags)
     return names

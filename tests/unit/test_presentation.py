@@ -66,3 +66,51 @@ def test_dashboard_row_for_an_instance_in_backoff():
         "-",
         "06:30:15",
     ]
+
+
+def test_on_demand_state_countdown_and_ps_column():
+    from dataclasses import replace
+
+    from llama_orchestrator.cli.inspect import ps_table
+    from llama_orchestrator.config import InstanceConfig
+    from llama_orchestrator.engine.status import status_view
+    from llama_orchestrator.present import on_demand_line, state_label
+    from llama_orchestrator.states import Desired
+    from llama_orchestrator.states import InstanceState as S
+    from llama_orchestrator.store import InstanceRow
+
+    cfg = InstanceConfig.model_validate(
+        {"model": {"path": "m.gguf"}, "server": {"port": 8001}, "on_demand": {"idle_ttl": 300}}
+    )
+    always = cfg.model_copy(update={"on_demand": None})
+    stopped = InstanceRow("od", last_used_at=1000.0)
+    running = InstanceRow(
+        "od", Desired.RUNNING, S.HEALTHY, pid=7, started_at=900.0, last_used_at=1000.0,
+        supervised=True,
+    )  # fmt: skip
+    idle = status_view("od", cfg, stopped, now=1060.0)
+    busy = status_view("od", cfg, running, now=1060.0)
+    plain = status_view("od", always, running, now=1060.0)
+    assert (idle["on_demand"], idle["last_used_at"], idle["idle_stop_in_s"]) == (
+        True,
+        "1970-01-01T00:16:40+00:00",
+        None,
+    )
+    assert busy["idle_stop_in_s"] == 240.0  # 300 s from the last use, 60 s ago
+    assert (plain["on_demand"], plain["idle_stop_in_s"]) == (False, None)
+    assert state_label(idle) == "idle (on demand)"
+    assert state_label(busy) == "healthy (idle stop 4m00s)"
+    assert state_label(plain) == "healthy"
+    no_daemon = status_view("od", cfg, replace(running, supervised=False), now=1060.0)
+    assert no_daemon["idle_stop_in_s"] is None  # only the daemon stops idle instances
+    assert on_demand_line(busy, 300, now=1060.0) == (
+        "idle stop after 300s; last used 1m00s ago; stops in 4m00s"
+    )
+    assert on_demand_line(plain, None, now=1060.0) is None
+    table = ps_table([idle, busy], now=1060.0).splitlines()
+    assert table[0].split() == [
+        "NAME", "STATE", "PID", "PORT", "ALIAS", "BACKEND", "RESTARTS", "UPTIME", "LAST", "USED",
+        "MODEL",
+    ]  # fmt: skip
+    assert "idle (on demand)" in table[1] and "1m00s ago" in table[1]
+    assert "LAST USED" not in ps_table([plain], now=1060.0)  # only when any is on demand

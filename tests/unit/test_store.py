@@ -6,7 +6,7 @@ import pytest
 from llama_orchestrator.errors import StateError
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import SCHEMA_VERSION, Store
+from llama_orchestrator.store import SCHEMA_VERSION, InstanceRow, Store
 
 
 class Clock:
@@ -144,4 +144,17 @@ def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
     row.gpu_devices = [0, 3]
     store.save(row)
     assert store.get("a").gpu_devices == [0, 3]
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+
+
+def test_last_used_is_written_only_by_mark_used(tmp_path):
+    """A row read before the daemon marked an instance used must not set its
+    idle clock back when it is saved (save is an upsert of the other columns)."""
+    store = Store.open(tmp_path / "s.sqlite")
+    store.save(InstanceRow("a"))
+    stale = store.get("a")
+    store.mark_used({"a": 123.5, "unknown": 1.0})
+    stale.restarts = 2
+    store.save(stale)
+    row = store.get("a")
+    assert (row.last_used_at, row.restarts) == (123.5, 2)

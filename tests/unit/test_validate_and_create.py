@@ -140,3 +140,25 @@ def test_cpu_instances_asking_for_more_threads_than_cores_are_warned_about(home,
     assert cpu_thread_problems(load_all(home), cores=4) == []
     only_one = [x for x in load_all(home) if x.name in ("a", "g")]
     assert cpu_thread_problems(only_one, cores=1) == []
+
+
+def test_on_demand_instances_are_checked_one_at_a_time_next_to_the_always_on_ones(
+    home, tiny_model
+):
+    from llama_orchestrator.gpu import GpuInfo
+
+    card = GpuInfo(0, "GTX 1060 6GB", "cuda", 6144, 0, 0.0, 40.0, 50.0)
+
+    def pinned(name, mib, on_demand=True):
+        extra = {"on_demand": {"idle_ttl": 60}} if on_demand else {}
+        gpu = {"backend": "cuda", "device_id": 0, "vram_mib": mib}
+        write_config(home, name, tiny_model, gpu=gpu, **extra)
+
+    pinned("base", 2048, on_demand=False)
+    pinned("a", 3584)
+    pinned("b", 3584)  # a + b + base = 9 GB: fine, they are swapped
+    found = lambda: Discovery("nvidia-smi", [card])  # noqa: E731
+    assert [p for p in validate_home(home, find_gpus=found) if p.field == "gpu.device_id"] == []
+    pinned("huge", 4608)  # cannot run even alone next to base
+    (problem,) = [p for p in validate_home(home, find_gpus=found) if p.field == "gpu.device_id"]
+    assert "huge" in problem.file and "base (2.0 GB) + huge (4.5 GB)" in problem.message

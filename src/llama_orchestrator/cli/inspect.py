@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import typer
@@ -12,7 +13,14 @@ from llama_orchestrator.engine import views
 from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.engine.status import collect, iso
 from llama_orchestrator.fit import human_bytes, human_count
-from llama_orchestrator.present import STATE_STYLES, backend_label, columns, state_label
+from llama_orchestrator.present import (
+    STATE_STYLES,
+    ago,
+    backend_label,
+    columns,
+    on_demand_line,
+    state_label,
+)
 from llama_orchestrator.timefmt import human_duration
 
 __all__ = ["register", "ps_table"]
@@ -21,8 +29,11 @@ __all__ = ["register", "ps_table"]
 PS_COLUMNS = ["NAME", "STATE", "PID", "PORT", "ALIAS", "BACKEND", "RESTARTS", "UPTIME", "MODEL"]
 
 
-def ps_table(rows: list[dict[str, Any]], color: bool = False) -> str:
-    """The `ps` table as plain text (ANSI colours for the state when `color`)."""
+def ps_table(rows: list[dict[str, Any]], color: bool = False, now: float | None = None) -> str:
+    """The `ps` table as plain text (ANSI colours for the state when `color`);
+    with a LAST USED column when any instance is on demand."""
+    on_demand = any(r.get("on_demand") for r in rows)
+    now = time.time() if now is None else now
     cells = []
     for r in rows:
         state = state_label(r) + (" (bad config)" if r["config_error"] else "")
@@ -36,10 +47,12 @@ def ps_table(rows: list[dict[str, Any]], color: bool = False) -> str:
                 backend_label(r),
                 str(r["restarts"]),
                 human_duration(r["uptime_s"]),
+                *([ago(r["last_used_at"], now)] if on_demand else []),
                 (r["model_path"] or "-").rsplit("/", 1)[-1],
             ]
         )
-    return columns(PS_COLUMNS, cells, [STATE_STYLES.get(r["state"]) for r in rows], color)
+    headers = PS_COLUMNS[:-1] + ["LAST USED"] * on_demand + PS_COLUMNS[-1:]
+    return columns(headers, cells, [STATE_STYLES.get(r["state"]) for r in rows], color)
 
 
 def ps(
@@ -101,6 +114,9 @@ def describe(
         "config_path",
     ):
         out.print(f"  {key:<12} {d.get(key)}", markup=False)
+    od = (d.get("config") or {}).get("on_demand") or {}
+    if line := on_demand_line(d, od.get("idle_ttl"), time.time()):
+        out.print(f"  on demand    {line}", markup=False)
     if d.get("command"):
         out.print("  command      " + " ".join(d["command"]), markup=False)
         for k, v in d.get("env", {}).items():

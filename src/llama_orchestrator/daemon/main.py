@@ -121,6 +121,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
 
     from llama_orchestrator.daemon.api import build_app
     from llama_orchestrator.daemon.metrics import Metrics
+    from llama_orchestrator.daemon.ondemand import OnDemand
     from llama_orchestrator.daemon.plans import PlanRunner
     from llama_orchestrator.daemon.supervisor import Supervisor
 
@@ -149,6 +150,8 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
 
     router_server, router_url = _router(home, sup, metrics, _Server)
     assert sup.router is not None  # made whether or not it listens
+    on_demand = OnDemand(sup, sup.router, load_settings(home.settings_path))
+    sup.router.loader = on_demand
     plans = PlanRunner(home, sup.engine.store, sup.router, sup.known_models)
     app = build_app(
         sup,
@@ -174,6 +177,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     log.info(f"daemon {os.getpid()} started for {home.root}", extra={"data": {"address": address}})
     sup.engine.store.add_event(None, "daemon_started", f"daemon {os.getpid()} started")
     await sup.start()
+    on_demand.start()
     await plans.start()
     write_info(
         home,
@@ -196,6 +200,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         with contextlib.suppress(FileNotFoundError):
             home.daemon_info.unlink()
         await plans.shutdown()  # runs stay open in the database: the next daemon resumes them
+        await on_demand.close()
         await sup.shutdown(stop_instances)  # drains the router's replicas on --all
         if router_task is not None and sup.router is not None:
             router_task.cancel()

@@ -40,7 +40,7 @@ from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow
-from llama_orchestrator.validate import load_all, model_names
+from llama_orchestrator.validate import load_all, offered_names
 
 if TYPE_CHECKING:
     from llama_orchestrator.router.proxy import Router
@@ -122,6 +122,10 @@ class Supervisor:
         self.router: Router | None = None
         #: every alias and `tags:` name the configs offer (refreshed off the loop)
         self._known: set[str] = set()
+        #: the valid configs as last read (with `_known`)
+        self.configs: dict[str, InstanceConfig] = {}
+        #: starting instances requests wait for (on demand): probed every 50 ms
+        self.eager: set[str] = set()
 
     # --- plumbing -----------------------------------------------------------
 
@@ -180,6 +184,8 @@ class Supervisor:
                     continue  # stays down until the user's up or restart
                 elif row.desired == Desired.RUNNING and row.state == S.BACKOFF:
                     self._schedule(row.name, row.next_restart_at or self.clock())
+                elif cfg is not None and cfg.on_demand:
+                    continue  # the router starts it when a request names it
                 elif row.desired == Desired.RUNNING or (cfg is not None and cfg.autostart):
                     to_start.append(row.name)
         for name in to_start:  # one by one: a broken config must not stop the others
@@ -419,7 +425,7 @@ class Supervisor:
         start_pause = START_PROBE_FIRST
         while True:
             if state == S.STARTING:
-                pause = min(hc.interval, start_pause)
+                pause = START_PROBE_FIRST if name in self.eager else min(hc.interval, start_pause)
                 start_pause = min(START_PROBE_MAX, start_pause * 1.25)
             else:
                 pause = hc.interval
@@ -513,7 +519,9 @@ class Supervisor:
         return self._known
 
     async def _refresh_known(self) -> None:
-        self._known = await asyncio.to_thread(model_names, self.home)
+        loaded = await asyncio.to_thread(load_all, self.home)
+        self.configs = {x.name: x.config for x in loaded if x.config is not None}
+        self._known = offered_names(self.configs)
 
     def status(self) -> dict[str, Any]:
         return {"instances": self.supervised()}

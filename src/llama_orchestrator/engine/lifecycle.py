@@ -158,6 +158,12 @@ class Engine:
             raise UserError("Name at least one instance.", hint="Or use --all.")
         return out
 
+    def on_demand_names(self) -> list[str]:
+        """Instances the router starts when a request names them (not `up --all`)."""
+        return sorted(
+            x.name for x in load_all(self.home) if x.config is not None and x.config.on_demand
+        )
+
     def prepare(self, names: list[str], strict: bool = False) -> list[Prepared]:
         """Validate the named instances fully and build their launches (see
         engine.prepare); VRAM is checked against what runs now plus these."""

@@ -17,9 +17,10 @@ from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow
+from llama_orchestrator.swap import idle_left
 from llama_orchestrator.validate import load_all
 
-__all__ = ["status_view", "observed_state", "collect", "iso"]
+__all__ = ["status_view", "on_demand_view", "observed_state", "collect", "iso"]
 
 PS_PROBE_TIMEOUT = 1.0
 _PROBED = (S.STARTING, S.HEALTHY, S.UNHEALTHY)
@@ -68,6 +69,25 @@ def status_view(
         if row.state == S.BACKOFF and row.next_restart_at is not None
         else None,
         "config_error": config_error,
+        **on_demand_view(cfg, row, now),
+    }
+
+
+def on_demand_view(cfg: InstanceConfig | None, row: InstanceRow, now: float) -> dict[str, Any]:
+    """`on_demand`, `last_used_at` and `idle_stop_in_s`: the idle countdown of a
+    running on-demand instance the daemon supervises (it is what stops them; it
+    keeps last_used_at current while requests are in flight, so the countdown
+    never runs during one)."""
+    od = cfg.on_demand if cfg else None
+    last = row.last_used_at
+    running = row.state in RUNNING_STATES
+    left = None
+    if od is not None and running and row.supervised and row.state != S.STOPPING:
+        left = idle_left(max(last or 0.0, row.started_at or 0.0), od.idle_ttl, False, now)
+    return {
+        "on_demand": od is not None,
+        "last_used_at": iso(last),
+        "idle_stop_in_s": None if left is None else round(left, 1),
     }
 
 

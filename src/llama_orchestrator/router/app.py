@@ -14,7 +14,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llama_orchestrator.router.balance import model_names
 from llama_orchestrator.router.proxy import Router, openai_error
 
 __all__ = ["build_router_app", "is_loopback", "host_of", "PROXIED"]
@@ -63,7 +62,7 @@ def build_router_app(router: Router, render_metrics: Callable[[], tuple[bytes, s
     async def models(request: Request) -> Response:
         data = [
             {"id": m, "object": "model", "created": 0, "owned_by": "llama-orch"}
-            for m in model_names(router.replicas())
+            for m in router.models()
         ]
         return JSONResponse({"object": "list", "data": data})
 

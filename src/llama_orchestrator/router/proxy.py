@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from starlette.requests import Request
@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from llama_orchestrator.config import RouterSettings
-from llama_orchestrator.router.balance import Replica, candidates, least_busy
+from llama_orchestrator.router.balance import Replica, candidates, least_busy, model_names
 
 __all__ = ["Router", "RouterMetrics", "RouterError", "openai_error"]
 
@@ -141,6 +141,20 @@ class _Waiter:
     exclude: frozenset[str]
 
 
+class Loader(Protocol):
+    """Starts on-demand instances (the daemon's `OnDemand`)."""
+
+    def wake(self, model: str) -> float | None:
+        """Start (or keep starting) what serves `model` when it is on demand:
+        how long a request may wait for it to load; None when nothing is."""
+
+    def models(self) -> set[str]:
+        """The aliases a request may name although nothing serves them yet."""
+
+    def idle(self, name: str) -> None:
+        """The last request in flight on `name` ended."""
+
+
 @dataclass
 class RouterMetrics:
     """Hooks the daemon's Prometheus metrics fill in (no-ops by default)."""
@@ -159,7 +173,10 @@ class Router:
     known: Callable[[], set[str]]
     metrics: RouterMetrics = field(default_factory=RouterMetrics)
     in_flight: dict[str, int] = field(default_factory=dict)
+    #: when each instance last began or ended a request (time.time())
+    last_used: dict[str, float] = field(default_factory=dict)
     draining: set[str] = field(default_factory=set)
+    loader: Loader | None = None
     _queues: dict[str, deque[_Waiter]] = field(default_factory=dict)
     _session: aiohttp.ClientSession | None = None
 
@@ -168,16 +185,37 @@ class Router:
     def replicas(self) -> list[Replica]:
         return [r for r in self.healthy().values() if r.name not in self.draining]
 
+    def models(self) -> list[str]:
+        """What /v1/models lists: healthy aliases and those loaded on demand."""
+        lazy = self.loader.models() if self.loader is not None else set()
+        return sorted(set(model_names(self.replicas())) | lazy)
+
     def queue_depth(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
     def _take(self, r: Replica) -> Replica:
         self.in_flight[r.name] = self.in_flight.get(r.name, 0) + 1
+        self.last_used[r.name] = time.time()
         return r
 
     def release(self, r: Replica) -> None:
-        self.in_flight[r.name] = max(0, self.in_flight.get(r.name, 0) - 1)
+        left = self.in_flight[r.name] = max(0, self.in_flight.get(r.name, 0) - 1)
+        self.last_used[r.name] = time.time()
         self.wake()
+        if not left and self.loader is not None:
+            self.loader.idle(r.name)
+
+    def waiting_models(self) -> list[str]:
+        """Models some request is queued for."""
+        return [m for m, q in self._queues.items() if any(not w.future.done() for w in q)]
+
+    def refuse_waiting(self, models: set[str], message: str) -> None:
+        """Answer every request queued for `models` with 503 and `message`
+        (what they wait for will not come: an on-demand start failed)."""
+        for model in models:
+            for waiter in self._queues.pop(model, deque()):
+                if not waiter.future.done():
+                    waiter.future.set_exception(_Refusal(503, message, "unavailable"))
 
     def wake(self) -> None:
         """Give freed (or newly healthy) slots to the oldest waiters, per model."""
@@ -198,15 +236,22 @@ class Router:
         """A slot on the least busy replica, waiting in the model's FIFO queue
         when all are busy. Raises _Refusal (503 none healthy, 429 queue full
         or waited too long)."""
-        cands = [c for c in candidates(model, self.replicas()) if c.name not in exclude]
+        serving = candidates(model, self.replicas())
+        cands = [c for c in serving if c.name not in exclude]
+        timeout = self.settings.queue_timeout
+        loading = None  # seconds to wait for an on-demand instance to load
         if not cands:
-            raise _Refusal(
-                503,
-                f"No healthy instance serves '{model}' right now; try again shortly.",
-                "unavailable",
-            )
+            if not serving and self.loader is not None:
+                loading = self.loader.wake(model)
+            if loading is None:
+                raise _Refusal(
+                    503,
+                    f"No healthy instance serves '{model}' right now; try again shortly.",
+                    "unavailable",
+                )
+            timeout = loading
         queue = self._queues.setdefault(model, deque())
-        if not queue:
+        if not queue and cands:
             r = least_busy(cands, self.in_flight, exclude)
             if r is not None:
                 return self._take(r)
@@ -215,21 +260,25 @@ class Router:
         waiter = _Waiter(asyncio.get_running_loop().create_future(), exclude)
         queue.append(waiter)
         try:
-            await asyncio.wait({waiter.future}, timeout=self.settings.queue_timeout)
+            await asyncio.wait({waiter.future}, timeout=timeout)
         except asyncio.CancelledError:  # the client left while waiting
-            if waiter.future.done():
+            if (
+                waiter.future.done()
+                and not waiter.future.cancelled()
+                and waiter.future.exception() is None
+            ):
                 self.release(waiter.future.result())  # granted at that very moment
             else:
                 self._forget(queue, waiter)
             raise
         if not waiter.future.done():
             self._forget(queue, waiter)
-            raise _Refusal(
-                429,
-                f"Every slot for '{model}' stayed busy for {self.settings.queue_timeout:g}s.",
-                "busy",
-            )
-        return waiter.future.result()
+            if loading is not None:
+                raise _Refusal(
+                    503, f"'{model}' did not finish loading within {loading:g}s.", "unavailable"
+                )
+            raise _Refusal(429, f"Every slot for '{model}' stayed busy for {timeout:g}s.", "busy")
+        return waiter.future.result()  # or the refusal an on-demand start failed with
 
     @staticmethod
     def _forget(queue: deque[_Waiter], waiter: _Waiter) -> None:

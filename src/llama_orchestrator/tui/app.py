@@ -8,6 +8,7 @@ functions the CLI uses.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from typing import Any, ClassVar
@@ -30,6 +31,7 @@ from llama_orchestrator.present import (
     STATE_STYLES,
     backend_label,
     gpu_cells,
+    on_demand_line,
     state_label,
 )
 from llama_orchestrator.timefmt import human_duration
@@ -393,6 +395,9 @@ class DashboardApp(App[None]):
                     f"last    {(d.get('last_exit') or {}).get('code', '-')}",
                 ]
             )
+            od = cfg.get("on_demand") or {}
+            if line := on_demand_line(d, od.get("idle_ttl"), time.time()):
+                text += f"\nidle    {line}"
         self.call_from_thread(self._show_detail, text)
 
     def _show_detail(self, text: str) -> None:

@@ -1,0 +1,276 @@
+"""On-demand instances in the daemon (issue 9): the router wakes one when a
+request names it, idle ones are stopped, and VRAM is made by swapping out the
+least recently used idle ones. The decisions are `swap`'s (pure); this is the
+asyncio shell that gathers the facts and acts through the supervisor, so a
+stop drains like any `down` and every start goes through `up`'s checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llama_orchestrator.config import InstanceConfig, Settings
+from llama_orchestrator.errors import OrchError
+from llama_orchestrator.fit import demand
+from llama_orchestrator.gguf_meta import MIB, ModelError, ModelInfo, read_model
+from llama_orchestrator.gpu import discover
+from llama_orchestrator.router.balance import TAG_PREFIX, candidates
+from llama_orchestrator.states import RUNNING_STATES
+from llama_orchestrator.swap import Member, StartPlan, idle_due, plan_start
+
+if TYPE_CHECKING:
+    from llama_orchestrator.daemon.supervisor import Supervisor
+    from llama_orchestrator.engine.lifecycle import Engine
+    from llama_orchestrator.router.proxy import Router
+
+__all__ = ["OnDemand", "serves"]
+
+#: how often idle stops are checked and last-used times written
+TICK = 0.25
+#: last-used times are written when they moved by this much (ps, the dashboard)
+WRITE_EVERY = 1.0
+
+log = logging.getLogger("llama_orchestrator.daemon")
+
+
+def serves(name: str, cfg: InstanceConfig, model: str) -> bool:
+    if model.startswith(TAG_PREFIX):
+        return model[len(TAG_PREFIX) :] in cfg.tags
+    return model == cfg.alias_or(name)
+
+
+class OnDemand:
+    """The router's `Loader`: starts, swaps and idle-stops on-demand instances."""
+
+    def __init__(self, sup: Supervisor, router: Router, settings: Settings) -> None:
+        self.sup = sup
+        self.router = router
+        self.max_running = {g: s.max_running for g, s in settings.groups.items()}
+        self.starting: dict[str, asyncio.Task[None]] = {}
+        self.stopping: set[str] = set()
+        self._written: dict[str, float] = {}
+        self._changed = asyncio.Event()  # a request ended or an instance stopped
+        self._waiting = 0  # starts waiting for room
+        self._models: dict[tuple[str, int, int], ModelInfo] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def close(self) -> None:
+        for task in [self._task, *self.starting.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    # --- the router's Loader --------------------------------------------------
+
+    def _lazy(self) -> dict[str, InstanceConfig]:
+        return {n: c for n, c in self.sup.configs.items() if c.on_demand is not None}
+
+    def models(self) -> set[str]:
+        return {cfg.alias_or(name) for name, cfg in self._lazy().items()}
+
+    def idle(self, name: str) -> None:
+        if self._waiting:  # a start waits for room: this one may be a victim now
+            self._notify()
+
+    def wake(self, model: str) -> float | None:
+        names = sorted(n for n, c in self._lazy().items() if serves(n, c, model))
+        if not names:
+            return None
+        loads = {n: self._lazy()[n].on_demand.load_timeout for n in names}  # type: ignore[union-attr]
+        for name in names:  # one already on its way (or coming back: a restart pending)
+            slot = self.sup.slots.get(name)
+            busy = slot is not None and (slot.ref is not None or slot.timer is not None)
+            if name in self.starting or name in self.stopping or busy:
+                return loads[name]
+        name = names[0]
+        self.starting[name] = asyncio.create_task(self._bring_up(name, model))
+        return loads[name]
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # --- starting ---------------------------------------------------------------
+
+    async def _bring_up(self, name: str, model: str) -> None:
+        cfg = self._lazy()[name]
+        assert cfg.on_demand is not None
+        store = self.sup.engine.store
+        deadline = time.monotonic() + cfg.on_demand.load_timeout
+        said_wait = False
+        try:
+            while True:
+                changed = self._changed
+                plan = await self.sup._in_thread(lambda e: self._plan(e, name))
+                if plan.wait is None:
+                    if any(self.router.in_flight.get(v, 0) for v, _ in plan.stop):
+                        continue  # a request reached one meanwhile: plan again
+                    for victim, _ in plan.stop:  # no request reaches them from now on
+                        self.router.draining.add(victim)
+                        self.stopping.add(victim)
+                    break
+                if not said_wait:
+                    store.add_event(name, "on_demand_wait", f"waiting to start: {plan.wait}")
+                    said_wait = True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._give_up(name, cfg, f"'{model}' cannot start: {plan.wait}.")
+                    return
+                self._waiting += 1
+                try:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(changed.wait(), min(left, 1.0))
+                finally:
+                    self._waiting -= 1
+            for victim, reason in plan.stop:
+                store.add_event(victim, "swapped_out", reason, {"for": name})
+                await self._stop(victim)
+            store.add_event(
+                name, "on_demand_start", f"started for a request to '{model}'", {"model": model}
+            )
+            self.sup.eager.add(name)  # requests wait: notice the end of the load at once
+            await self.sup.up([name])
+            self.router.last_used[name] = time.time()
+            while name not in self.sup.replicas:  # loading; the router's queue waits for it
+                row = store.get(name)
+                slot = self.sup.slots.get(name)
+                if row is None or (
+                    row.state not in RUNNING_STATES and (slot is None or slot.timer is None)
+                ):
+                    why = (row.last_exit or {}).get("reason") if row else None
+                    self._give_up(name, cfg, f"'{model}' failed to start ({why or 'exited'}).")
+                    return
+                if time.monotonic() > deadline:
+                    return  # the queued requests time out with 503 themselves
+                await asyncio.sleep(0.05)
+        except OrchError as exc:
+            store.add_event(name, "start_failed", f"on-demand start: {exc}")
+            self._give_up(name, cfg, f"'{model}' cannot start: {exc}")
+        finally:
+            self.sup.eager.discard(name)
+            self.starting.pop(name, None)
+            self._notify()  # no longer busy: a start waiting for room may go on
+
+    def _give_up(self, name: str, cfg: InstanceConfig, message: str) -> None:
+        served = {cfg.alias_or(name), *(f"{TAG_PREFIX}{t}" for t in cfg.tags)}
+        self.router.refuse_waiting(served, message)
+
+    def _plan(self, engine: Engine, name: str) -> StartPlan:
+        """What to stop for `name` to start (in a worker thread: reads the store,
+        model files and the GPUs)."""
+        configs = self.sup.configs
+        rows = {r.name: r for r in engine.store.all()}
+        members = []
+        for n, cfg in configs.items():
+            row = rows.get(n)
+            running = row is not None and row.state in RUNNING_STATES
+            devices = row.gpu_devices if running and row and row.gpu_devices else None
+            members.append(
+                Member(
+                    n,
+                    on_demand=cfg.on_demand is not None,
+                    running=running and n not in self.stopping,
+                    # loading (or failing its checks) counts as busy: never a victim
+                    busy=self.router.in_flight.get(n, 0) > 0
+                    or n in self.starting
+                    or (running and n not in self.sup.replicas),
+                    last_used=self.router.last_used.get(n, (row.started_at if row else 0) or 0),
+                    demand=self._demand(cfg, n, devices) if running or n == name else {},
+                    group=cfg.on_demand.group if cfg.on_demand else None,
+                )
+            )
+        target = next(m for m in members if m.name == name)
+        if not target.demand:
+            return plan_start(target, members, {}, None, self.max_running)
+        gpus = discover().gpus
+        total = {g.index: g.memory_total_mib * MIB for g in gpus}
+        free = {g.index: g.memory_free_mib * MIB for g in gpus}
+        return plan_start(target, members, total, free, self.max_running)
+
+    def _demand(self, cfg: InstanceConfig, name: str, devices: list[int] | None) -> dict[int, int]:
+        """Bytes per device (`devices`: where it actually runs, for `auto`)."""
+        if devices:
+            cfg = cfg.model_copy(deep=True)
+            cfg.gpu.device_id = devices
+        if not cfg.gpu.devices or cfg.gpu.vram_mib is not None:
+            return demand(cfg, None)
+        path = cfg.model_path(self.sup.home.config_path(name).parent)
+        try:
+            info = self._model(path)
+        except (ModelError, OSError):
+            return {}
+        return demand(cfg, info)
+
+    def _model(self, path: Path) -> ModelInfo:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        if key not in self._models:
+            self._models[key] = read_model(path)
+        return self._models[key]
+
+    # --- stopping ---------------------------------------------------------------
+
+    async def _stop(self, name: str) -> None:
+        """Stop `name` (marked stopping and draining by the caller, so no new
+        request reaches it), then start whatever requests now wait for."""
+        try:
+            await self.sup.down([name])
+        finally:
+            self.stopping.discard(name)
+            self._notify()
+        for model in self.router.waiting_models():
+            self.wake(model)
+
+    async def _loop(self) -> None:
+        """Idle stops, and the last-used times `ps` and the dashboard show."""
+        while True:
+            await asyncio.sleep(TICK)
+            try:
+                self._tick()
+            except Exception:  # never take the daemon down
+                log.exception("on-demand housekeeping failed")
+
+    def _tick(self) -> None:
+        now = time.time()
+        lazy = self._lazy()
+        members = []
+        for name in lazy:
+            slot = self.sup.slots.get(name)
+            if slot is None or slot.ref is None or name in self.stopping:
+                continue
+            busy = self.router.in_flight.get(name, 0) > 0 or name in self.starting
+            if busy:
+                self.router.last_used[name] = now  # used now: the idle clock waits
+            last = self.router.last_used.setdefault(name, now)  # first seen: counts from now
+            members.append(Member(name, on_demand=True, running=True, busy=busy, last_used=last))
+        ttl = {n: c.on_demand.idle_ttl for n, c in lazy.items() if c.on_demand}
+        for name in idle_due(members, ttl, now):
+            self.sup.engine.store.add_event(
+                name,
+                "idle_stop",
+                f"no request for {ttl[name]:g}s: stopping",
+                {"idle_ttl": ttl[name]},
+            )
+            self.router.draining.add(name)  # at once: no request may reach it any more
+            self.stopping.add(name)
+            asyncio.create_task(self._stop(name))
+        for model in self.router.waiting_models():  # e.g. after a user's `down`
+            if not candidates(model, self.router.replicas()):
+                self.wake(model)
+        used = {
+            m.name: m.last_used
+            for m in members
+            if abs(m.last_used - self._written.get(m.name, 0.0)) >= WRITE_EVERY
+        }
+        if used:
+            self.sup.engine.store.mark_used(used)
+            self._written.update(used)
