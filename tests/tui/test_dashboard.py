@@ -193,3 +193,16 @@ def test_column_widths_are_the_widest_cell_or_the_label():
         ["NAME", "STATE"], [("smoke-one", Text("healthy")), ("a", Text("backoff (3.2s)"))]
     ) == [9, 14]
     assert column_widths(["GPU"], [("显卡",)]) == [4]  # wide characters take two cells
+
+
+async def test_on_demand_instances_show_idle_and_the_countdown(source):
+    source.instances[0].status.update(on_demand=True, idle_stop_in_s=252.0, supervised=True)
+    source.instances[2].status.update(on_demand=True, state="stopped")
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(130, 36)):
+        await until(lambda: len(rows(app)) == 3)
+        assert rows(app) == [
+            ("gpt-oss", "healthy (idle stop 4m12s)"),
+            ("qwen-7b", "starting*"),
+            ("llama-8b", "idle (on demand)"),
+        ]
