@@ -25,7 +25,14 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import POLL, cli, free_port, model_and_binary, write_instance  # noqa: E402
+from _common import (  # noqa: E402
+    POLL,
+    cli,
+    free_port,
+    model_and_binary,
+    wait_healthy,
+    write_instance,
+)
 
 from llama_orchestrator.config import load_config  # noqa: E402
 from llama_orchestrator.engine.command import build_launch  # noqa: E402
@@ -65,15 +72,8 @@ def by_hand(home: Path, client: httpx.Client, binary: Path, port: int) -> float:
         launch.argv, env=launch.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            try:
-                if client.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(POLL)
-        first_token(client, url)
+        wait_healthy(client, port, timeout=300)
+        first_token(client, f"http://127.0.0.1:{port}")
         return time.perf_counter() - t0
     finally:  # not measured; SIGTERM waits for idle keep-alive connections to close
         proc.kill()

@@ -142,9 +142,7 @@ def test_cpu_instances_asking_for_more_threads_than_cores_are_warned_about(home,
     assert cpu_thread_problems(only_one, cores=1) == []
 
 
-def test_on_demand_instances_are_checked_one_at_a_time_next_to_the_always_on_ones(
-    home, tiny_model
-):
+def test_on_demand_instances_are_checked_one_at_a_time_next_to_the_always_on_ones(home, tiny_model):
     from llama_orchestrator.gpu import GpuInfo
 
     card = GpuInfo(0, "GTX 1060 6GB", "cuda", 6144, 0, 0.0, 40.0, 50.0)
