@@ -187,5 +187,5 @@ def test_a_start_that_fails_answers_the_waiting_requests_at_once(
     home.config_path("od").write_text(json.dumps(cfg))
     r = chat(url, "od")
     assert r.status_code == 503 and r.headers["retry-after"]
-    assert "'od'" in r.json()["error"]["message"]
+    assert r.json()["error"]["message"].startswith("'od' failed to start: the server exited")
     assert servers_of(home, "od") == []

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llama_orchestrator.config import InstanceConfig, Settings
+from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.fit import demand
 from llama_orchestrator.gguf_meta import MIB, ModelError, ModelInfo, read_model
@@ -110,7 +111,7 @@ class OnDemand:
         try:
             while True:
                 changed = self._changed
-                plan = await self.sup._in_thread(lambda e: self._plan(e, name))
+                plan = await self.sup.in_thread(lambda e: self._plan(e, name))
                 if plan.wait is None:
                     if any(self.router.in_flight.get(v, 0) for v, _ in plan.stop):
                         continue  # a request reached one meanwhile: plan again
@@ -146,8 +147,8 @@ class OnDemand:
                 if row is None or (
                     row.state not in RUNNING_STATES and (slot is None or slot.timer is None)
                 ):
-                    why = (row.last_exit or {}).get("reason") if row else None
-                    self._give_up(name, cfg, f"'{model}' failed to start ({why or 'exited'}).")
+                    how = exit_text(row.last_exit) if row and row.last_exit else "stopped"
+                    self._give_up(name, cfg, f"'{model}' failed to start: the server {how}.")
                     return
                 if time.monotonic() > deadline:
                     return  # the queued requests time out with 503 themselves

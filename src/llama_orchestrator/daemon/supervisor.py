@@ -145,7 +145,7 @@ class Supervisor:
             eng = self._local.engine = self._new_engine()
         return eng
 
-    async def _in_thread(self, fn: Callable[[Engine], T]) -> T:
+    async def in_thread(self, fn: Callable[[Engine], T]) -> T:
         """Run fn(engine) in a worker thread with that thread's own engine."""
         return await asyncio.to_thread(lambda: fn(self._worker_engine()))
 
@@ -172,7 +172,7 @@ class Supervisor:
         resume pending restarts, and start the instances that should run but
         do not (desired `running`, e.g. after a reboot, or `autostart`)."""
         self._loop = asyncio.get_running_loop()
-        rows = await self._in_thread(lambda e: e.rows())
+        rows = await self.in_thread(lambda e: e.rows())
         configs = {x.name: x.config for x in load_all(self.home)}
         to_start = []
         for row in rows:
@@ -212,7 +212,7 @@ class Supervisor:
             )
         if row.state == S.STOPPING or row.desired == Desired.STOPPED:
             # a `down` was under way when the last daemon died: finish it
-            await self._in_thread(lambda e: e.down([row.name]))
+            await self.in_thread(lambda e: e.down([row.name]))
             return
         self._watch(row.name, ref)
 
@@ -220,12 +220,12 @@ class Supervisor:
 
     async def up(self, names: list[str], strict: bool = False) -> list[UpResult]:
         """Validate all, then start each (or take over one already running)."""
-        prepared = await self._in_thread(lambda e: e.prepare(names, strict))
+        prepared = await self.in_thread(lambda e: e.prepare(names, strict))
         results = []
         for p in prepared:
             slot = self.slot(p.name)
             async with slot.lock:
-                result = await self._in_thread(partial(Engine.spawn, p=p, fresh=True))
+                result = await self.in_thread(partial(Engine.spawn, p=p, fresh=True))
                 result.warnings, result.notes = p.warnings, p.notes
                 if result.outcome == "started" or slot.ref is None:
                     slot.quiet(self.loop)
@@ -247,7 +247,7 @@ class Supervisor:
                 slot.quiet(self.loop)
                 self._set_replica(name, None)
                 try:
-                    return await self._in_thread(lambda e: e.down([name], timeout))
+                    return await self.in_thread(lambda e: e.down([name], timeout))
                 finally:
                     if self.router is not None:
                         self.router.undrain(name)
@@ -260,7 +260,7 @@ class Supervisor:
     ) -> list[UpResult]:
         """Stop and start again. `rolling`: one at a time, each drained first and
         healthy again before the next, so replicas keep serving throughout."""
-        await self._in_thread(lambda e: e.prepare(names))  # refuse a broken config first
+        await self.in_thread(lambda e: e.prepare(names))  # refuse a broken config first
         if not rolling:
             await self.down(names)
             return await self.up(names)
@@ -285,7 +285,7 @@ class Supervisor:
     async def rm(self, name: str, force: bool) -> None:
         slot = self.slot(name)
         async with slot.lock:
-            await self._in_thread(lambda e: e.rm(name, force))
+            await self.in_thread(lambda e: e.rm(name, force))
             slot.quiet(self.loop)
             self._set_replica(name, None)
         self.slots.pop(name, None)
@@ -358,7 +358,7 @@ class Supervisor:
                 return
             # records exit code, signal and stderr tail; in a thread, as reaping
             # a process whose threads are still exiting may take a moment
-            row = await self._in_thread(partial(Engine.observe, row=row))
+            row = await self.in_thread(partial(Engine.observe, row=row))
             if row.state == S.EXITED:
                 ending = Ending(unhealthy=True) if unhealthy else Ending.of(row.last_exit)
                 self._decide(row, ending)
@@ -402,8 +402,8 @@ class Supervisor:
             if row is None or row.state != S.BACKOFF or row.desired != Desired.RUNNING:
                 return
             try:
-                prepared = await self._in_thread(lambda e: e.prepare([name]))
-                result = await self._in_thread(lambda e: e.spawn(prepared[0], fresh=False))
+                prepared = await self.in_thread(lambda e: e.prepare([name]))
+                result = await self.in_thread(lambda e: e.spawn(prepared[0], fresh=False))
             except OrchError as exc:  # config broken meanwhile, port taken, ...
                 row = self.engine.store.get_or_new(name)
                 self.engine.store.add_event(name, "start_failed", str(exc))
@@ -481,11 +481,11 @@ class Supervisor:
             try:
                 await self._refresh_known()
                 running = [n for n, s in self.slots.items() if s.ref is not None]
-                await self._in_thread(partial(_rotate_all, names=running))
+                await self.in_thread(partial(_rotate_all, names=running))
                 interval = self.engine.settings.gpu.sample_interval
                 if time.monotonic() - last_gpu >= interval:
                     last_gpu = time.monotonic()
-                    await self._in_thread(views.pinned_gpu_warnings)
+                    await self.in_thread(views.pinned_gpu_warnings)
             except Exception:  # housekeeping must never take the daemon down
                 log.exception("housekeeping failed")
 
