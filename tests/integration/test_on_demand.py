@@ -39,7 +39,9 @@ def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("long") / "long.gguf", n_ctx=16384)
 
 
-def setup(home: Home, tiny_model: Path, names: list[str], idle_ttl: float, **extra) -> str:
+def setup(
+    home: Home, tiny_model: Path, names: list[str], idle_ttl: float, load_timeout=60, **extra
+) -> str:
     port = free_port()
     home.settings_path.write_text(json.dumps({"router": {"port": port}}))
     for name in names:
@@ -48,8 +50,8 @@ def setup(home: Home, tiny_model: Path, names: list[str], idle_ttl: float, **ext
             name,
             tiny_model,
             model={"threads": 1, "context_size": 16384},
-            healthcheck={"interval": 0.5},
-            on_demand={"idle_ttl": idle_ttl, "load_timeout": 60},
+            healthcheck=extra.pop("healthcheck", {"interval": 0.5}),
+            on_demand={"idle_ttl": idle_ttl, "load_timeout": load_timeout},
             **extra,
         )
     r = run_cli(home, "up", "--all", env=ONE_6GB_CARD)  # starts the daemon, not them
@@ -189,3 +191,24 @@ def test_a_start_that_fails_answers_the_waiting_requests_at_once(
     assert r.status_code == 503 and r.headers["retry-after"]
     assert r.json()["error"]["message"].startswith("'od' failed to start: the server exited")
     assert servers_of(home, "od") == []
+
+
+def test_a_model_still_loading_after_load_timeout_is_503_with_retry_after(
+    home, tiny_model, fake_bin
+):
+    url = setup(
+        home,
+        tiny_model,
+        ["od"],
+        idle_ttl=1,
+        load_timeout=1,
+        binary=str(fake_bin),
+        env={"FAKE_HEALTH": "503"},  # loading forever
+        healthcheck={"interval": 0.5, "start_period": 60},
+    )
+    r = chat(url, "od")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["message"] == "'od' did not finish loading within 1s."
+    # no request waits for it any more: it is stopped once idle
+    wait_until(lambda: events(home, "idle_stop", "od"), timeout=30, interval=0.2)
+    wait_until(lambda: ps(home)["od"]["state"] == "stopped", timeout=30, interval=0.2)
