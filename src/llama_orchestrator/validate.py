@@ -104,6 +104,16 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
     except BinaryNotFound as exc:
         problems.append(Problem(file, "binary" if cfg.binary else "", str(exc)))
 
+    if cfg.autostart and cfg.on_demand is not None:
+        problems.append(
+            Problem(
+                file,
+                "autostart",
+                "an on-demand instance is started by the first request that names it, not with "
+                "the daemon; remove autostart or on_demand",
+                "warning",
+            )
+        )
     errors, warnings = check_extra_args(cfg.server.extra_args)
     problems += [Problem(file, "server.extra_args", e) for e in errors]
     problems += [Problem(file, "server.extra_args", w, "warning") for w in warnings]

@@ -40,7 +40,13 @@ def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def setup(
-    home: Home, tiny_model: Path, names: list[str], idle_ttl: float, load_timeout=60, **extra
+    home: Home,
+    tiny_model: Path,
+    names: list[str],
+    idle_ttl: float,
+    load_timeout: float = 60,
+    on_demand_group: str | None = None,
+    **extra,
 ) -> str:
     port = free_port()
     home.settings_path.write_text(json.dumps({"router": {"port": port}}))
@@ -51,7 +57,11 @@ def setup(
             tiny_model,
             model={"threads": 1, "context_size": 16384},
             healthcheck=extra.pop("healthcheck", {"interval": 0.5}),
-            on_demand={"idle_ttl": idle_ttl, "load_timeout": load_timeout},
+            on_demand={
+                "idle_ttl": idle_ttl,
+                "load_timeout": load_timeout,
+                "group": on_demand_group,
+            },
             **extra,
         )
     r = run_cli(home, "up", "--all", env=ONE_6GB_CARD)  # starts the daemon, not them
@@ -212,3 +222,18 @@ def test_a_model_still_loading_after_load_timeout_is_503_with_retry_after(
     # no request waits for it any more: it is stopped once idle
     wait_until(lambda: events(home, "idle_stop", "od"), timeout=30, interval=0.2)
     wait_until(lambda: ps(home)["od"]["state"] == "stopped", timeout=30, interval=0.2)
+
+
+def test_a_group_runs_max_running_members_at_once(home, tiny_model, server_bin):
+    url = setup(home, tiny_model, ["a", "b", "c"], idle_ttl=300, on_demand_group="big")
+    groups = {"router": json.loads(home.settings_path.read_text())["router"]}
+    groups["groups"] = {"big": {"max_running": 2}}
+    home.settings_path.write_text(json.dumps(groups))
+    run_cli(home, "daemon", "stop")  # settings are read when the daemon starts
+    assert run_cli(home, "daemon", "start").returncode == 0
+    for name in ("a", "b", "c"):
+        assert chat(url, name).status_code == 200
+    (swap,) = events(home, "swapped_out")
+    assert (swap.instance, swap.message) == ("a", "swapped out for c: group 'big' runs at most 2")
+    view = ps(home)
+    assert [view[n]["state"] for n in ("a", "b", "c")] == ["stopped", "healthy", "healthy"]

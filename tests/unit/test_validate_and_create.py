@@ -160,3 +160,10 @@ def test_on_demand_instances_are_checked_one_at_a_time_next_to_the_always_on_one
     pinned("huge", 4608)  # cannot run even alone next to base
     (problem,) = [p for p in validate_home(home, find_gpus=found) if p.field == "gpu.device_id"]
     assert "huge" in problem.file and "base (2.0 GB) + huge (4.5 GB)" in problem.message
+
+
+def test_autostart_on_an_on_demand_instance_is_a_warning(home, tiny_model):
+    write_config(home, "od", tiny_model, autostart=True, on_demand={"idle_ttl": 60})
+    (problem,) = validate_home(home, find_gpus=lambda: Discovery("none", []))
+    assert (problem.field, problem.severity) == ("autostart", "warning")
+    assert "remove autostart or on_demand" in problem.message
