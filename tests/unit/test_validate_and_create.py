@@ -167,3 +167,13 @@ def test_autostart_on_an_on_demand_instance_is_a_warning(home, tiny_model):
     (problem,) = validate_home(home, find_gpus=lambda: Discovery("none", []))
     assert (problem.field, problem.severity) == ("autostart", "warning")
     assert "remove autostart or on_demand" in problem.message
+
+
+def test_describe_reports_the_operators_vram_figure_over_the_estimate(engine, tiny_model):
+    from llama_orchestrator.engine.views import describe
+
+    gpu = {"backend": "cuda", "device_id": 0, "vram_mib": 3584}
+    write_config(engine.home, "od", tiny_model, gpu=gpu)
+    model = describe(engine, "od")["model"]
+    assert model["estimate_gpu_bytes"] == 3584 * 1024 * 1024
+    assert model["estimate_per_device"] == {0: 3584 * 1024 * 1024}

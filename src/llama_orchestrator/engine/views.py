@@ -76,11 +76,14 @@ def _model_and_gpus(engine: Engine, cfg: InstanceConfig, folder: Path) -> dict[s
         return {"model_error": exc.message}
     gpu = cfg.gpu.backend in GPU_BACKENDS
     est = estimate(info, cfg.model.context_size, cfg.server.parallel, cfg.gpu.layers if gpu else 0)
+    per_device = demand(cfg, info)  # gpu.vram_mib when set
     extra: dict[str, Any] = {
         "model": {
             **info.to_json(),
-            "estimate_gpu_bytes": est.gpu_bytes,
-            "estimate_per_device": demand(cfg, info),
+            "estimate_gpu_bytes": sum(per_device.values())
+            if cfg.gpu.vram_mib is not None
+            else est.gpu_bytes,
+            "estimate_per_device": per_device,
         }
     }
     if gpu and cfg.gpu.devices:
