@@ -337,7 +337,7 @@ class Router:
             headers = {"Content-Type": request.headers.get("content-type", "application/json")}
             if r.api_key:
                 headers["Authorization"] = f"Bearer {r.api_key}"
-            url = f"http://{r.host}:{r.port}{request.url.path}"
+            url = f"http://{r.host}:{r.port}{request.scope['path']}"  # not .url: that builds a URL
             try:
                 upstream = await self._send(request, session, url, body, headers)
             except _ClientGone:
@@ -477,7 +477,7 @@ class Router:
             )
         model = data.get("model")
         known = self.known()
-        if model is None and request.url.path == "/completion":
+        if model is None and request.scope["path"] == "/completion":
             aliases = sorted(m for m in known if not m.startswith("tags:"))
             model = aliases[0] if len(aliases) == 1 else None
         if not isinstance(model, str) or model not in known:
