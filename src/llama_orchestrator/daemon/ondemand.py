@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -236,11 +237,15 @@ class OnDemand:
         while True:
             await asyncio.sleep(TICK)
             try:
-                self._tick()
+                used = self._tick()
+                if used:  # an fsync: not on the loop the router runs on
+                    await self.sup.in_thread(partial(_mark_used, used=used))
+                    self._written.update(used)
             except Exception:  # never take the daemon down
                 log.exception("on-demand housekeeping failed")
 
-    def _tick(self) -> None:
+    def _tick(self) -> dict[str, float]:
+        """Start the idle stops that are due; the last-used times to write."""
         now = time.time()
         lazy = self._lazy()
         members = []
@@ -267,11 +272,12 @@ class OnDemand:
         for model in self.router.waiting_models():  # e.g. after a user's `down`
             if not candidates(model, self.router.replicas()):
                 self.wake(model)
-        used = {
+        return {
             m.name: m.last_used
             for m in members
             if abs(m.last_used - self._written.get(m.name, 0.0)) >= WRITE_EVERY
         }
-        if used:
-            self.sup.engine.store.mark_used(used)
-            self._written.update(used)
+
+
+def _mark_used(engine: Engine, used: dict[str, float]) -> None:
+    engine.store.mark_used(used)
