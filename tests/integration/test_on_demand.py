@@ -185,6 +185,14 @@ def test_a_request_for_b_swaps_idle_a_out_and_waits_while_a_is_busy(home, long_m
     assert b_stopped and b_stopped[0].ts >= waited.ts
     view = ps(home)
     assert (view["a"]["state"], view["b"]["state"]) == ("healthy", "stopped")
+    metrics = httpx.get(f"{url}/metrics").text
+    for line in (
+        'llama_orch_on_demand_events_total{instance="a",kind="swapped_out"} 1.0',
+        'llama_orch_on_demand_events_total{instance="b",kind="swapped_out"} 1.0',
+        'llama_orch_on_demand_events_total{instance="a",kind="on_demand_start"} 2.0',
+        'llama_orch_on_demand_events_total{instance="a",kind="on_demand_wait"} 1.0',
+    ):
+        assert line in metrics, line
 
 
 def test_a_start_that_fails_answers_the_waiting_requests_at_once(

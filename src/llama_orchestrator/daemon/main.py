@@ -128,12 +128,15 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     _Server = _quiet_server()
 
     started_at = time.time()
-    sup = Supervisor(
-        home,  # every event the daemon records goes to daemon.log as well
-        on_event=lambda instance, kind, message, data: log.info(
-            message, extra={"instance": instance, "kind": kind, "data": data}
-        ),
-    )
+    metrics: Metrics | None = None
+
+    def on_event(instance: str | None, kind: str, message: str, data: dict[str, Any]) -> None:
+        """Every event the daemon records goes to daemon.log, and is counted."""
+        log.info(message, extra={"instance": instance, "kind": kind, "data": data})
+        if metrics is not None:
+            metrics.event(instance, kind)
+
+    sup = Supervisor(home, on_event=on_event)
     metrics = Metrics(sup.engine.store)
     sup.on_health = metrics.health
     sock = platform.bind_control(home.daemon_socket)

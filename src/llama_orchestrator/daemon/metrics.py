@@ -21,6 +21,7 @@ from llama_orchestrator.store import Store
 __all__ = ["Metrics", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ON_DEMAND_EVENTS = frozenset({"on_demand_start", "on_demand_wait", "swapped_out", "idle_stop"})
 
 
 class _StoreCollector(Collector):
@@ -82,6 +83,12 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.on_demand = Counter(
+            "llama_orch_on_demand_events",
+            "On-demand instances: on_demand_start, on_demand_wait, swapped_out, idle_stop.",
+            ["instance", "kind"],
+            registry=self.registry,
+        )
 
     def watch_router(self, router: Router) -> RouterMetrics:
         """Request, latency, time-to-first-token and retry metrics of the router,
@@ -122,6 +129,11 @@ class Metrics:
             first_byte=lambda model, secs: ttft.labels(model).observe(secs),
             retry=lambda model: retries.labels(model).inc(),
         )
+
+    def event(self, instance: str | None, kind: str) -> None:
+        """Count the on-demand events (starts, waits, swaps, idle stops)."""
+        if kind in ON_DEMAND_EVENTS and instance is not None:
+            self.on_demand.labels(instance, kind).inc()
 
     def health(self, name: str, result: ProbeResult) -> None:
         self.checks.labels(name, result.status).inc()
