@@ -162,12 +162,9 @@ def up(
 ) -> None:
     """Start instances in the background, supervised by the daemon (started if needed)."""
     app = app_context(ctx)
-    targets = app.engine.resolve_names(names or [], all_)
-    if all_:  # on-demand instances wait for a request (named ones start: the user asked)
-        lazy = app.engine.on_demand_names()
-        targets = [t for t in targets if t not in lazy]
-        for name in lazy:
-            say(f"{name} is on demand: the router starts it when a request names it")
+    targets, lazy = app.engine.up_names(names or [], all_)
+    for name in lazy:
+        say(f"{name} is on demand: the router starts it when a request names it")
     ctl = app.engine if no_daemon else app.control(start_daemon=True)
     if not targets:
         return  # every one is on demand: the daemon (and its router) is what they need

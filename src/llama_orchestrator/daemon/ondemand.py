@@ -21,16 +21,17 @@ from llama_orchestrator.errors import OrchError
 from llama_orchestrator.fit import demand
 from llama_orchestrator.gguf_meta import MIB, ModelError, ModelInfo, read_model
 from llama_orchestrator.gpu import discover
-from llama_orchestrator.router.balance import TAG_PREFIX, candidates
+from llama_orchestrator.router.balance import candidates, serves
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.swap import Member, StartPlan, idle_due, plan_start
+from llama_orchestrator.validate import offered_names
 
 if TYPE_CHECKING:
     from llama_orchestrator.daemon.supervisor import Supervisor
     from llama_orchestrator.engine.lifecycle import Engine
     from llama_orchestrator.router.proxy import Router
 
-__all__ = ["OnDemand", "serves"]
+__all__ = ["OnDemand"]
 
 #: how often idle stops are checked and last-used times written
 TICK = 0.25
@@ -38,12 +39,6 @@ TICK = 0.25
 WRITE_EVERY = 1.0
 
 log = logging.getLogger("llama_orchestrator.daemon")
-
-
-def serves(name: str, cfg: InstanceConfig, model: str) -> bool:
-    if model.startswith(TAG_PREFIX):
-        return model[len(TAG_PREFIX) :] in cfg.tags
-    return model == cfg.alias_or(name)
 
 
 class OnDemand:
@@ -84,7 +79,7 @@ class OnDemand:
             self._notify()
 
     def wake(self, model: str) -> float | None:
-        names = sorted(n for n, c in self._lazy().items() if serves(n, c, model))
+        names = sorted(n for n, c in self._lazy().items() if serves(model, c.alias_or(n), c.tags))
         if not names:
             return None
         loads = {n: self._lazy()[n].on_demand.load_timeout for n in names}  # type: ignore[union-attr]
@@ -163,8 +158,7 @@ class OnDemand:
             self._notify()  # no longer busy: a start waiting for room may go on
 
     def _give_up(self, name: str, cfg: InstanceConfig, message: str) -> None:
-        served = {cfg.alias_or(name), *(f"{TAG_PREFIX}{t}" for t in cfg.tags)}
-        self.router.refuse_waiting(served, message)
+        self.router.refuse_waiting(offered_names({name: cfg}), message)
 
     def _plan(self, engine: Engine, name: str) -> StartPlan:
         """What to stop for `name` to start (in a worker thread: reads the store,

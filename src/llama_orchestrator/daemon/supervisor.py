@@ -173,7 +173,8 @@ class Supervisor:
         do not (desired `running`, e.g. after a reboot, or `autostart`)."""
         self._loop = asyncio.get_running_loop()
         rows = await self.in_thread(lambda e: e.rows())
-        configs = {x.name: x.config for x in load_all(self.home)}
+        await self._refresh_known()
+        configs = self.configs
         to_start = []
         for row in rows:
             cfg = configs.get(row.name)
@@ -193,7 +194,6 @@ class Supervisor:
                 await self.up([name])
             except OrchError as exc:
                 self.engine.store.add_event(name, "start_failed", f"daemon start: {exc}")
-        await self._refresh_known()
         self._housekeeping = asyncio.create_task(self._housekeep())
 
     async def _adopt(self, row: InstanceRow) -> None:

@@ -158,11 +158,14 @@ class Engine:
             raise UserError("Name at least one instance.", hint="Or use --all.")
         return out
 
-    def on_demand_names(self) -> list[str]:
-        """Instances the router starts when a request names them (not `up --all`)."""
-        return sorted(
-            x.name for x in load_all(self.home) if x.config is not None and x.config.on_demand
-        )
+    def up_names(self, names: Iterable[str], all_: bool) -> tuple[list[str], list[str]]:
+        """(what `up` starts, the on-demand instances it leaves to the router).
+        `--all` leaves those to the first request; named ones start (asked for)."""
+        targets = self.resolve_names(names, all_)
+        if not all_:
+            return targets, []
+        lazy = {x.name for x in load_all(self.home) if x.config is not None and x.config.on_demand}
+        return [t for t in targets if t not in lazy], sorted(lazy)
 
     def prepare(self, names: list[str], strict: bool = False) -> list[Prepared]:
         """Validate the named instances fully and build their launches (see

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Replica", "matches", "candidates", "least_busy", "free_slots", "model_names"]
+__all__ = ["Replica", "serves", "matches", "candidates", "least_busy", "free_slots", "model_names"]
 
 TAG_PREFIX = "tags:"
 
@@ -29,10 +29,15 @@ class Replica:
     api_key: str | None = None
 
 
-def matches(model: str, r: Replica) -> bool:
+def serves(model: str, alias: str, tags: Iterable[str]) -> bool:
+    """Whether an instance with this alias and these tags serves `model`."""
     if model.startswith(TAG_PREFIX):
-        return model[len(TAG_PREFIX) :] in r.tags
-    return model == r.alias
+        return model[len(TAG_PREFIX) :] in tags
+    return model == alias
+
+
+def matches(model: str, r: Replica) -> bool:
+    return serves(model, r.alias, r.tags)
 
 
 def candidates(model: str, replicas: Iterable[Replica]) -> list[Replica]:
