@@ -6,7 +6,8 @@
 2. slot-aware balancing: 200 requests at concurrency 8 over two replicas, one
    with `parallel: 1` and one with `parallel: 4`, through the router and
    through nginx's round-robin upstream;
-3. the upstream client choice: httpx against aiohttp, straight to the instance.
+3. the upstream client choice: httpx, aiohttp and llama-orch's own
+   (router/upstream.py), straight to the instance.
 
     python bench/router.py [--requests 300] [--model PATH]
 
@@ -36,6 +37,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cli, free_port, model_and_binary, write_instance  # noqa: E402
 
+from llama_orchestrator.router.upstream import Upstream  # noqa: E402
+
 BODY = {"model": "a", "prompt": "Hi", "n_predict": 4, "cache_prompt": True}
 # part 2: long enough that where a request waits matters more than the proxy
 LONG = {"model": "rr", "prompt": "Once", "ignore_eos": True}
@@ -60,6 +63,25 @@ async def run_aiohttp(url: str, n: int, conc: int, body: dict = BODY) -> tuple[f
                 r.raise_for_status()
 
         return await _drive(one, n, conc)
+
+
+async def run_upstream(url: str, n: int, conc: int) -> tuple[float, list[float]]:
+    """llama-orch's own upstream client (what the router forwards with)."""
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    path = "/" + url.removeprefix("http://").split("/", 1)[1]
+    up, body = Upstream(), json.dumps(BODY).encode()
+    headers = {"Content-Type": "application/json"}
+
+    async def one() -> None:
+        ex = await up.open(host, int(port), "POST", path, headers, body)
+        await ex.body()
+        up.finish(ex)
+        assert ex.status == 200
+
+    try:
+        return await _drive(one, n, conc)
+    finally:
+        up.close()
 
 
 async def _drive(
@@ -188,13 +210,19 @@ def balancing(router_url: str, nginx_url: str | None, tokens: int, rounds: int) 
 
 def upstream_client(direct: str, requests: int, rounds: int) -> None:
     print(f"3. upstream client, straight to the instance (req/s, median of {rounds})")
+    clients = {"httpx": run_httpx, "aiohttp": run_aiohttp, "llama-orch": run_upstream}
     for conc in (8, 32):
-        rates: dict[str, list[float]] = {"httpx": [], "aiohttp": []}
+        rates: dict[str, list[float]] = {name: [] for name in clients}
         for _ in range(rounds):
-            rates["httpx"].append(asyncio.run(run_httpx(direct, requests, conc))[0])
-            rates["aiohttp"].append(asyncio.run(run_aiohttp(direct, requests, conc))[0])
-        h, a = statistics.median(rates["httpx"]), statistics.median(rates["aiohttp"])
-        print(f"   conc {conc:>2}: httpx {h:7.0f}  aiohttp {a:7.0f}  aiohttp/httpx {a / h:.2f}x")
+            for name, run in clients.items():
+                rates[name].append(asyncio.run(run(direct, requests, conc))[0])
+        m = {name: statistics.median(r) for name, r in rates.items()}
+        print(
+            f"   conc {conc:>2}: "
+            + "  ".join(f"{name} {rate:7.0f}" for name, rate in m.items())
+            + f"  llama-orch/aiohttp {m['llama-orch'] / m['aiohttp']:.2f}x"
+            + f"  llama-orch/httpx {m['llama-orch'] / m['httpx']:.2f}x"
+        )
 
 
 def main() -> None:

@@ -151,7 +151,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         stop_instances = stop_instances or all_
         server.should_exit = True
 
-    router_server, router_url = _router(home, sup, metrics, _Server)
+    router_server, router_url = _router(home, sup, metrics)
     assert sup.router is not None  # made whether or not it listens
     on_demand = OnDemand(sup, sup.router, load_settings(home.settings_path))
     sup.router.loader = on_demand
@@ -215,14 +215,13 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
                 home.daemon_socket.unlink()
 
 
-def _router(home: Home, sup: Any, metrics: Any, server_class: type) -> tuple[Any, str | None]:
+def _router(home: Home, sup: Any, metrics: Any) -> tuple[Any, str | None]:
     """The router's server (a coroutine function) and URL; (None, None) when it
     cannot or must not listen: that is recorded, and supervision goes on."""
     import socket
 
-    import uvicorn
-
-    from llama_orchestrator.router.app import build_router_app, is_loopback
+    from llama_orchestrator.router.app import RouterSite, is_loopback
+    from llama_orchestrator.router.front import serve
     from llama_orchestrator.router.proxy import Router
 
     settings = load_settings(home.settings_path).router
@@ -254,12 +253,9 @@ def _router(home: Home, sup: Any, metrics: Any, server_class: type) -> tuple[Any
 
         return metrics.render(), CONTENT_TYPE
 
-    app = build_router_app(router, render)
-    server = server_class(
-        uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", backlog=1024)
-    )
+    site = RouterSite(router, render)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    return (lambda: server.serve(sockets=[sock])), f"http://{host}:{settings.port}"
+    return (lambda: serve(sock, site)), f"http://{host}:{settings.port}"
 
 
 def _on_signal(name: str, request_exit: Any, stop_instances: bool) -> None:

@@ -1,27 +1,23 @@
-"""The router's HTTP surface (Starlette: FastAPI's core, without per-request
-validation on the hot path). Auth, the Host check and body limits are here;
-everything else is `Router`'s."""
+"""The router's HTTP surface: which route does what, and who may ask.
+Auth, the Host check and the body limit are decided on a request's head,
+before its body is read; the proxied routes are `Router.handle`'s. The wire
+(HTTP/1.1, keep-alive, streaming) is `front`'s."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
-
+from llama_orchestrator.router.front import Reply, Request, Stream
 from llama_orchestrator.router.proxy import Router, openai_error
 
-__all__ = ["build_router_app", "is_loopback", "host_of", "PROXIED"]
+__all__ = ["RouterSite", "is_loopback", "host_of", "PROXIED"]
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/completion")
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
-
-Handler = Callable[[Request], Awaitable[Response]]
+_GET = {"/v1/models", "/health", "/metrics"}
 
 
 def is_loopback(host: str) -> bool:
@@ -40,56 +36,59 @@ def host_of(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-def build_router_app(router: Router, render_metrics: Callable[[], tuple[bytes, str]]) -> ASGIApp:
-    settings = router.settings
-    keys = [f"Bearer {k}" for k in settings.api_keys]
-    # Bound to loopback: only loopback names may reach us (DNS rebinding);
-    # bound wider, API keys are required and a browser cannot present one.
-    check_host = is_loopback(settings.host)
+class RouterSite:
+    """What `front.serve` answers with: the routes of DESIGN §6."""
 
-    def guarded(handler: Handler, auth: bool = True) -> Handler:
-        async def wrapper(request: Request) -> Response:
-            if check_host and host_of(request.headers.get("host", "")) not in _LOOPBACK_NAMES:
-                return openai_error(421, "This Host is not served here.", "bad_host")
-            if auth and keys:
-                given = request.headers.get("authorization", "")
-                if not any(secrets.compare_digest(given, k) for k in keys):
-                    return openai_error(401, "A valid API key is required.", "unauthorized")
-            return await handler(request)
+    def __init__(self, router: Router, render_metrics: Callable[[], tuple[bytes, str]]) -> None:
+        self.router = router
+        self.render_metrics = render_metrics
+        settings = router.settings
+        self.keys = [f"Bearer {k}" for k in settings.api_keys]
+        # Bound to loopback: only loopback names may reach us (DNS rebinding);
+        # bound wider, API keys are required and a browser cannot present one.
+        self.check_host = is_loopback(settings.host)
+        self.limit = settings.max_body_bytes
 
-        return wrapper
+    def check(self, request: Request) -> Reply | None:
+        headers = request.headers
+        if self.check_host and host_of(headers.get("host", "")) not in _LOOPBACK_NAMES:
+            return openai_error(421, "This Host is not served here.", "bad_host")
+        if self.keys and request.path != "/health":
+            given = headers.get("authorization", "")
+            if not any(secrets.compare_digest(given, k) for k in self.keys):
+                return openai_error(401, "A valid API key is required.", "unauthorized")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            return self.too_large()
+        return None
 
-    async def models(request: Request) -> Response:
-        data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "llama-orch"}
-            for m in router.models()
-        ]
-        return JSONResponse({"object": "list", "data": data})
+    def too_large(self) -> Reply:
+        return openai_error(413, f"Request bodies are limited to {self.limit} bytes.", "too_large")
 
-    async def health(request: Request) -> Response:
-        n = len(router.replicas())
-        return JSONResponse({"status": "ok", "healthy_instances": n})
+    async def handle(self, request: Request) -> Reply | Stream:
+        if request.method == "POST" and request.path in PROXIED:
+            return await self.router.handle(request)
+        if request.method in ("GET", "HEAD") and request.path in _GET:
+            return self._get(request.path)
+        if request.path in PROXIED or request.path in _GET:
+            allowed = "POST" if request.path in PROXIED else "GET"
+            reply = openai_error(405, f"{request.path} takes {allowed}.", "method_not_allowed")
+            reply.headers.append(("allow", allowed))
+            return reply
+        return openai_error(404, f"There is no route {request.path}.", "not_found")
 
-    async def metrics(request: Request) -> Response:
-        body, content_type = render_metrics()
-        return Response(body, media_type=content_type)
+    def _get(self, path: str) -> Reply:
+        if path == "/v1/models":
+            data = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "llama-orch"}
+                for m in self.router.models()
+            ]
+            return _json({"object": "list", "data": data})
+        if path == "/health":
+            return _json({"status": "ok", "healthy_instances": len(self.router.replicas())})
+        body, content_type = self.render_metrics()
+        return Reply(200, body, [("content-type", content_type)])
 
-    proxied = guarded(router.handle)
-    rest = Starlette(
-        routes=[
-            Route("/v1/models", guarded(models), methods=["GET"]),
-            Route("/health", guarded(health, auth=False), methods=["GET"]),
-            Route("/metrics", guarded(metrics), methods=["GET"]),
-        ]
-    )
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        """The proxied routes straight to the router (the hot path skips
-        Starlette's routing and middleware); everything else through Starlette."""
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PROXIED:
-            response = await proxied(Request(scope, receive))
-            await response(scope, receive, send)
-        else:
-            await rest(scope, receive, send)
-
-    return app
+def _json(data: object) -> Reply:
+    return Reply(200, json.dumps(data).encode(), [("content-type", "application/json")])

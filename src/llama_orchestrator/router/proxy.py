@@ -1,114 +1,58 @@
 """The router: one OpenAI-compatible endpoint in front of the healthy
 instances (DESIGN §6). Choosing is `balance`'s; this module keeps the slot
-counts, the bounded per-model queues and the draining set, and forwards.
+counts, the bounded per-model queues and the draining set, and forwards
+(over `upstream`, answering through `front`).
 
-Forwarding uses aiohttp: measured against httpx as the upstream client in
-`bench/router.py` (httpx is markedly slower under concurrency, httpx #3215).
-A failure before the first upstream byte (refused, reset, 5xx answer) is
-retried on another replica; nothing is retried once bytes reached the client,
-so a request that crashes a server is not replayed into every replica.
+What is retried (`may_retry`): a replica that could not be reached, or that
+answered 5xx while another can take the request, is skipped transparently.
+A replica that took the request and died before any byte of an answer (a
+`kill -9`, a crash) is replaced once: a request that crashes servers is not
+replayed into every replica. Nothing is retried once the answer began.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import sys
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import aiohttp
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
-
 from llama_orchestrator.config import RouterSettings
 from llama_orchestrator.router.balance import Replica, candidates, least_busy, model_names
+from llama_orchestrator.router.front import Reply, Request, Stream
+from llama_orchestrator.router.upstream import Exchange, Upstream, UpstreamError
 
-__all__ = ["Router", "RouterMetrics", "RouterError", "openai_error"]
+__all__ = ["Router", "RouterMetrics", "RouterError", "openai_error", "may_retry", "MAX_REPLAYS"]
 
 RETRY_AFTER = "1"
+#: how many times a request whose replica died while working on it is sent again
+MAX_REPLAYS = 1
 _HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "transfer-encoding",
-    "content-length",
-    "content-encoding",
+    b"connection",
+    b"keep-alive",
+    b"transfer-encoding",
+    b"content-length",
+    b"content-encoding",
 }
+_JSON = ("content-type", "application/json")
 
 
-def openai_error(status: int, message: str, kind: str, **extra: Any) -> JSONResponse:
-    headers = {"Retry-After": RETRY_AFTER} if status in (429, 503) else None
+def openai_error(status: int, message: str, kind: str, **extra: Any) -> Reply:
+    headers = [_JSON, ("retry-after", RETRY_AFTER)] if status in (429, 503) else [_JSON]
     body = {"error": {"message": message, "type": kind, "code": status, **extra}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return Reply(status, json.dumps(body).encode(), headers)
 
 
-class _ClientGone(Exception):
-    pass
-
-
-async def _disconnected(receive: Receive) -> None:
-    """Returns when the client has gone (the body was read before)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-@contextlib.asynccontextmanager
-async def _unless_client_leaves(receive: Receive) -> AsyncIterator[None]:
-    """Runs the block; if the client disconnects meanwhile, the block is
-    cancelled and _ClientGone raised. One watcher task, no task group: this
-    wraps every proxied request."""
-    this = asyncio.current_task()
-    assert this is not None
-    active = True
-
-    def client_left(watcher: asyncio.Future[None]) -> None:
-        if active and not watcher.cancelled():
-            this.cancel()
-
-    gone = asyncio.ensure_future(_disconnected(receive))
-    gone.add_done_callback(client_left)
-    try:
-        yield
-    except asyncio.CancelledError:
-        if gone.done() and not gone.cancelled():
-            if sys.version_info >= (3, 11):
-                this.uncancel()  # the cancel was ours, now a _ClientGone
-            raise _ClientGone from None
-        raise
-    finally:
-        active = False
-        gone.cancel()
-
-
-class _Relay(Response):
-    """A streamed answer passed on chunk by chunk (Starlette's StreamingResponse
-    runs a task group per response to notice a disconnect; this, one task)."""
-
-    def __init__(self, chunks: AsyncGenerator[bytes, None], status: int, headers: dict[str, str]):
-        # not Response.__init__: it would add "content-length: 0"
-        self.status_code = status
-        self.background = None
-        self.raw_headers = [
-            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
-        ]
-        self.chunks = chunks
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
-        try:
-            async with contextlib.aclosing(self.chunks), _unless_client_leaves(receive):
-                async for chunk in self.chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except _ClientGone:
-            return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+def may_retry(error: UpstreamError, replays: int) -> bool:
+    """Whether a request that failed on a replica goes to another one:
+    never once the answer began; once (MAX_REPLAYS) when the replica took it
+    and died; always when it was never delivered."""
+    if error.answered:
+        return False
+    return not error.delivered or replays < MAX_REPLAYS
 
 
 class _Refusal(Exception):
@@ -119,7 +63,7 @@ class _Refusal(Exception):
         self.status, self.message, self.kind = status, message, kind
 
     @property
-    def response(self) -> JSONResponse:
+    def response(self) -> Reply:
         return openai_error(self.status, self.message, self.kind)
 
 
@@ -177,8 +121,8 @@ class Router:
     last_used: dict[str, float] = field(default_factory=dict)
     draining: set[str] = field(default_factory=set)
     loader: Loader | None = None
+    upstream: Upstream = field(default_factory=Upstream)
     _queues: dict[str, deque[_Waiter]] = field(default_factory=dict)
-    _session: aiohttp.ClientSession | None = None
 
     # --- slots and queues -----------------------------------------------------
 
@@ -219,6 +163,8 @@ class Router:
 
     def wake(self) -> None:
         """Give freed (or newly healthy) slots to the oldest waiters, per model."""
+        if not any(self._queues.values()):
+            return  # the common case: nobody waits
         replicas = self.replicas()
         for model, queue in self._queues.items():
             while queue:
@@ -298,30 +244,18 @@ class Router:
 
     # --- forwarding -------------------------------------------------------------
 
-    async def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                # Keep-alive upstream, but never more connections to a replica
-                # than requests in flight there (≤ its `parallel` slots, see
-                # `least_busy`): llama-server gives each open connection one
-                # thread of a pool of parallel + 2 until its 5 s keep-alive
-                # timeout, so more idle connections would stall new requests.
-                # Idle ones are closed after 2 s, before the server's timeout.
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-                auto_decompress=False,
-            )
-        return self._session
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self.upstream.close()
 
-    async def forward(self, request: Request, body: bytes, model: str) -> Response:
+    async def forward(self, request: Request, model: str) -> Reply | Stream:
+        """Sends the request to the least busy replica serving `model`
+        (retrying as `may_retry` allows). Cancelling it (the client left)
+        closes the upstream connection, which frees the llama-server slot."""
         start = time.perf_counter()
         tried: set[str] = set()
+        replays = 0
         last_error = ""
-        session = await self.session()
+        headers = {"Content-Type": request.headers.get("content-type", "application/json")}
         while True:
             try:
                 r = await self.acquire(model, frozenset(tried))
@@ -334,84 +268,80 @@ class Router:
                     )
                 self.metrics.request(model, "", refusal.status, 0.0)
                 return refusal.response
-            headers = {"Content-Type": request.headers.get("content-type", "application/json")}
             if r.api_key:
                 headers["Authorization"] = f"Bearer {r.api_key}"
-            url = f"http://{r.host}:{r.port}{request.scope['path']}"  # not .url: that builds a URL
+            else:
+                headers.pop("Authorization", None)
             try:
-                upstream = await self._send(request, session, url, body, headers)
-            except _ClientGone:
-                self.release(r)  # the upstream request was cancelled with it
-                return Response(status_code=499)
-            except (aiohttp.ClientError, OSError) as exc:
+                answer = await self.upstream.open(
+                    r.host, r.port, request.method, request.path, headers, request.body
+                )
+            except UpstreamError as exc:
                 self.release(r)
+                if not may_retry(exc, replays):
+                    return self._broken(model, r, exc, start)
+                replays += exc.delivered
                 tried.add(r.name)
-                last_error = f"{r.name}: {type(exc).__name__}"
+                last_error = f"{r.name}: {exc}"
                 self.metrics.retry(model)
                 continue
-            if upstream.status >= 500 and len(tried) + 1 < len(
+            except BaseException:
+                self.release(r)
+                raise
+            if answer.status >= 500 and len(tried) + 1 < len(
                 candidates(model, self.healthy().values())
             ):
-                upstream.release()
+                answer.close()
                 self.release(r)
                 tried.add(r.name)
-                last_error = f"{r.name}: HTTP {upstream.status}"
+                last_error = f"{r.name}: HTTP {answer.status}"
                 self.metrics.retry(model)
                 continue
-            headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
-            if "text/event-stream" in upstream.headers.get("content-type", ""):
-                return _Relay(self._relay(upstream, r, model, start), upstream.status, headers)
-            # not streamed: read it whole (llama-server sends it in one piece), so
-            # a failure while reading still reaches no client byte and is retried
-            try:
-                data = await upstream.read()
-            except (aiohttp.ClientError, OSError) as exc:
-                tried.add(r.name)
-                last_error = f"{r.name}: {type(exc).__name__}"
-                self.metrics.retry(model)
-                continue
-            finally:
-                upstream.release()
-                self.release(r)
-            self.metrics.first_byte(model, time.perf_counter() - start)
-            self.metrics.request(model, r.name, upstream.status, time.perf_counter() - start)
-            return Response(data, status_code=upstream.status, headers=headers)
+            return await self._answer(answer, r, model, start)
 
-    @staticmethod
-    async def _send(
-        request: Request,
-        session: aiohttp.ClientSession,
-        url: str,
-        body: bytes,
-        headers: dict[str, str],
-    ) -> aiohttp.ClientResponse:
-        """The upstream request, abandoned (its connection closed, so llama-server
-        stops generating) if the client disconnects before the answer starts."""
-        async with _unless_client_leaves(request.receive):
-            return await session.request(request.method, url, data=body, headers=headers)
-        raise AssertionError("unreachable")  # for mypy: the block returns or raises
+    async def _answer(
+        self, answer: Exchange, r: Replica, model: str, start: float
+    ) -> Reply | Stream:
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in answer.headers
+            if k.lower() not in _HOP_BY_HOP
+        ]
+        if any(k.lower() == "content-type" and "event-stream" in v for k, v in headers):
+            return Stream(answer.status, self._relay(answer, r, model, start), headers)
+        try:
+            body = await answer.body()
+        except UpstreamError as exc:
+            return self._broken(model, r, exc, start)
+        finally:
+            self.upstream.finish(answer)
+            self.release(r)
+        self.metrics.first_byte(model, time.perf_counter() - start)
+        self.metrics.request(model, r.name, answer.status, time.perf_counter() - start)
+        return Reply(answer.status, body, headers)
+
+    def _broken(self, model: str, r: Replica, exc: UpstreamError, start: float) -> Reply:
+        self.metrics.request(model, r.name, 502, time.perf_counter() - start)
+        return openai_error(
+            502, f"The instance '{r.name}' failed while answering ({exc}).", "upstream_error"
+        )
 
     async def _relay(
-        self, upstream: aiohttp.ClientResponse, r: Replica, model: str, start: float
-    ) -> AsyncGenerator[bytes, None]:
+        self, answer: Exchange, r: Replica, model: str, start: float
+    ) -> AsyncIterator[bytes]:
         """Chunks as they arrive; a client that leaves closes the upstream
         connection, which makes llama-server stop generating and free the slot."""
         first = True
-        complete = False
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in answer.chunks():
                 if first:
                     self.metrics.first_byte(model, time.perf_counter() - start)
                     first = False
                 yield chunk
-            complete = True
         finally:
-            if complete:
-                upstream.release()
-            else:
-                upstream.close()
+            self.upstream.finish(answer)  # closed unless read to its end
             self.release(r)
-            self.metrics.request(model, r.name, upstream.status, time.perf_counter() - start)
+            self.metrics.request(model, r.name, answer.status, time.perf_counter() - start)
 
     async def complete(
         self, model: str, body: dict[str, Any], path: str = "/v1/chat/completions"
@@ -426,15 +356,20 @@ class Router:
         start = time.perf_counter()
         status = 0
         try:
-            headers = {"Authorization": f"Bearer {r.api_key}"} if r.api_key else {}
-            session = await self.session()
-            url = f"http://{r.host}:{r.port}{path}"
+            headers = {"Content-Type": "application/json"}
+            if r.api_key:
+                headers["Authorization"] = f"Bearer {r.api_key}"
             try:
-                async with session.post(url, json=body, headers=headers) as upstream:
-                    status = upstream.status
-                    raw = await upstream.read()
-            except (aiohttp.ClientError, OSError) as exc:
-                raise RouterError(f"{r.name}: {type(exc).__name__}: {exc}") from None
+                answer = await self.upstream.open(
+                    r.host, r.port, "POST", path, headers, json.dumps(body).encode()
+                )
+                try:
+                    status = answer.status
+                    raw = await answer.body()
+                finally:
+                    self.upstream.finish(answer)
+            except UpstreamError as exc:
+                raise RouterError(f"{r.name}: {exc}") from None
             try:
                 data = json.loads(raw)
             except ValueError:
@@ -450,23 +385,13 @@ class Router:
             self.release(r)
             self.metrics.request(model, r.name, status or 499, time.perf_counter() - start)
 
-    # --- the HTTP surface ------------------------------------------------------
+    # --- the proxied routes ----------------------------------------------------
 
-    async def handle(self, request: Request) -> Response:
-        """POST /v1/chat/completions, /v1/completions, /v1/embeddings, /completion."""
-        limit = self.settings.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return openai_error(413, f"Request bodies are limited to {limit} bytes.", "too_large")
-        body = b""
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                return openai_error(
-                    413, f"Request bodies are limited to {limit} bytes.", "too_large"
-                )
+    async def handle(self, request: Request) -> Reply | Stream:
+        """POST /v1/chat/completions, /v1/completions, /v1/embeddings, /completion
+        (the body's size was checked on the head, by the site)."""
         try:
-            data = json.loads(body)
+            data = json.loads(request.body)
         except ValueError as exc:
             return openai_error(
                 400, f"The request body is not valid JSON ({exc}).", "invalid_request_error"
@@ -477,7 +402,7 @@ class Router:
             )
         model = data.get("model")
         known = self.known()
-        if model is None and request.scope["path"] == "/completion":
+        if model is None and request.path == "/completion":
             aliases = sorted(m for m in known if not m.startswith("tags:"))
             model = aliases[0] if len(aliases) == 1 else None
         if not isinstance(model, str) or model not in known:
@@ -489,4 +414,4 @@ class Router:
                 "model_not_found" if model else "invalid_request_error",
                 available=available,
             )
-        return await self.forward(request, body, model)
+        return await self.forward(request, model)
