@@ -5,7 +5,8 @@
    at concurrency 1, 8 and 32, interleaved; plus streaming time to first byte;
 2. slot-aware balancing: 200 requests at concurrency 8 over two replicas, one
    with `parallel: 1` and one with `parallel: 4`, through the router and
-   through nginx's round-robin upstream;
+   through nginx's round-robin upstream (on a generated model whose tokens
+   are memory-bound, see WIDE, or on --model);
 3. the upstream client choice: httpx, aiohttp and llama-orch's own
    (router/upstream.py), straight to the instance.
 
@@ -38,10 +39,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import cli, free_port, model_and_binary, write_instance  # noqa: E402
 
 from llama_orchestrator.router.upstream import Upstream  # noqa: E402
+from llama_orchestrator.tinymodel import write_tiny_model  # noqa: E402
 
 BODY = {"model": "a", "prompt": "Hi", "n_predict": 4, "cache_prompt": True}
 # part 2: long enough that where a request waits matters more than the proxy
 LONG = {"model": "rr", "prompt": "Once", "ignore_eos": True}
+# Part 2's generated model: wide F32 layers, so that a token costs reading the
+# weights (memory-bound, as a real model on a GPU) and a batch of 4 sequences
+# costs little more than 1. On the tiny model a token's cost is per sequence
+# (sampling, bookkeeping): 4 slots hold no more capacity than 1, and knowing
+# the slots cannot help (measured: parallel 4 at concurrency 4 gave 1.04x the
+# requests/s of concurrency 1 on the tiny model, 2.9x on this one).
+WIDE = {"n_layer": 2, "n_embd": 1024, "n_head": 16, "n_head_kv": 8, "n_ff": 4096, "n_ctx": 4096}
 
 
 async def run_httpx(url: str, n: int, conc: int) -> tuple[float, list[float]]:
@@ -230,20 +239,21 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--model", help="a GGUF model (default: the generated tiny one)")
     ap.add_argument("--rounds", type=int, default=3, help="runs per measurement")
-    ap.add_argument("--tokens", type=int, default=400, help="n_predict in part 2")
+    ap.add_argument("--tokens", type=int, default=16, help="n_predict in part 2")
     ap.add_argument("--gpu", action="store_true", help="offload every instance to CUDA GPU 0")
     args = ap.parse_args()
     gpu = {"backend": "cuda", "device_id": 0, "layers": -1} if args.gpu else None
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         model, _ = model_and_binary(tmp, args.model)
+        wide = Path(args.model) if args.model else write_tiny_model(tmp / "wide.gguf", **WIDE)
         home, router_port = tmp / "home", free_port()
         ports = {name: free_port() for name in ("a", "p1", "p4")}
         write_instance(home, "a", model, ports["a"], {"parallel": 8}, gpu, context_size=2048)
         # two servers sharing the cores: one thread each, or they spin on each other
         for name, slots in (("p1", 1), ("p4", 4)):
             write_instance(
-                home, name, model, ports[name], {"parallel": slots}, gpu,
+                home, name, wide, ports[name], {"parallel": slots}, gpu,
                 alias="rr", threads=1, context_size=1024 * slots,
             )  # fmt: skip
         (home / "llama-orch.json").write_text(json.dumps({"router": {"port": router_port}}))
