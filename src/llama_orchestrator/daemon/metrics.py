@@ -8,6 +8,7 @@ are counted as they happen.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -119,14 +120,33 @@ class Metrics:
         )
         self.registry.register(_RouterCollector(router))
 
+        # labels() costs a lock and a validation per call: the children are
+        # kept, one per (model, instance, status) a config can produce
+        counted: dict[tuple[str, str, int], Any] = {}
+        timed: dict[str, Any] = {}
+        first: dict[str, Any] = {}
+
         def request(model: str, instance: str, status: int, secs: float) -> None:
-            requests.labels(model, instance, str(status)).inc()
+            key = (model, instance, status)
+            child = counted.get(key)
+            if child is None:
+                child = counted[key] = requests.labels(model, instance, str(status))
+            child.inc()
             if instance:
-                latency.labels(model).observe(secs)
+                child = timed.get(model)
+                if child is None:
+                    child = timed[model] = latency.labels(model)
+                child.observe(secs)
+
+        def first_byte(model: str, secs: float) -> None:
+            child = first.get(model)
+            if child is None:
+                child = first[model] = ttft.labels(model)
+            child.observe(secs)
 
         return RouterMetrics(
             request=request,
-            first_byte=lambda model, secs: ttft.labels(model).observe(secs),
+            first_byte=first_byte,
             retry=lambda model: retries.labels(model).inc(),
         )
 

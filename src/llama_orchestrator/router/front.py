@@ -47,6 +47,8 @@ class Reply:
     status: int
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
+    #: more header lines, already encoded ("name: value\r\n"...): passed through
+    raw_headers: bytes = b""
 
 
 @dataclass(slots=True)
@@ -56,6 +58,7 @@ class Stream:
     status: int
     chunks: AsyncIterator[bytes]
     headers: list[tuple[str, str]] = field(default_factory=list)
+    raw_headers: bytes = b""
 
 
 class Site(Protocol):
@@ -72,7 +75,11 @@ class Site(Protocol):
 
 
 def encode_head(
-    status: int, headers: list[tuple[str, str]], length: int | None, close: bool
+    status: int,
+    headers: list[tuple[str, str]],
+    length: int | None,
+    close: bool,
+    raw_headers: bytes = b"",
 ) -> bytes:
     """Status line and headers; `length` None: chunked."""
     try:
@@ -86,8 +93,7 @@ def encode_head(
     )
     if close:
         lines.append("connection: close\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1")
+    return "".join(lines).encode("latin-1") + raw_headers + b"\r\n"
 
 
 def encode_chunk(data: bytes) -> bytes:
@@ -107,7 +113,8 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.last_active = self.loop.time()
         self._url = b""
-        self._headers: dict[str, str] = {}
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._current = Request("", "", {})
         self._head_bytes = 0
         self._body: list[bytes] = []
         self._body_bytes = 0
@@ -153,7 +160,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url = b""
-        self._headers = {}
+        self._raw_headers = []
         self._head_bytes = 0
         self._body = []
         self._body_bytes = 0
@@ -166,13 +173,18 @@ class _Connection(asyncio.Protocol):
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > MAX_HEAD_BYTES:
             raise httptools.HttpParserError("request head too large")
-        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        refusal = self.site.check(self._request())
+        self._current = request = Request(
+            self.parser.get_method().decode("latin-1"),
+            self._url.split(b"?", 1)[0].decode("latin-1"),
+            {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self._raw_headers},
+        )
+        refusal = self.site.check(request)
         if refusal is not None:
             self._refuse(refusal)  # its body is not read: the connection closes
-        elif self._headers.get("expect", "").lower() == "100-continue" and self.transport:
+        elif request.headers.get("expect", "").lower() == "100-continue" and self.transport:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -186,7 +198,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._refused:
             return
-        request = self._request()
+        request = self._current
         request.body = b"".join(self._body)
         self.pending.append((request, self.parser.should_keep_alive()))
         if self.task is None:
@@ -195,11 +207,6 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()  # a client pipelining too far ahead
 
     # --- answering ----------------------------------------------------------------------
-
-    def _request(self) -> Request:
-        path = self._url.split(b"?", 1)[0].decode("latin-1")
-        method = self.parser.get_method().decode("latin-1")
-        return Request(method, path, self._headers)
 
     def _next(self) -> None:
         request, keep_alive = self.pending.popleft()
@@ -222,7 +229,10 @@ class _Connection(asyncio.Protocol):
             else:
                 body = b"" if request.method == "HEAD" else answer.body
                 close = not keep_alive or (self._final is not None and not self.pending)
-                self._write(encode_head(answer.status, answer.headers, len(body), close) + body)
+                head = encode_head(
+                    answer.status, answer.headers, len(body), close, answer.raw_headers
+                )
+                self._write(head + body)
         except asyncio.CancelledError:
             return
         except Exception:  # a stream that broke off: the client sees it end early
@@ -242,7 +252,9 @@ class _Connection(asyncio.Protocol):
     async def _stream(self, answer: Stream, keep_alive: bool) -> None:
         chunks = answer.chunks
         try:
-            self._write(encode_head(answer.status, answer.headers, None, not keep_alive))
+            self._write(
+                encode_head(answer.status, answer.headers, None, not keep_alive, answer.raw_headers)
+            )
             async for chunk in chunks:
                 if chunk:
                     self._write(encode_chunk(chunk))

@@ -25,18 +25,22 @@ from llama_orchestrator.router.balance import Replica, candidates, least_busy, m
 from llama_orchestrator.router.front import Reply, Request, Stream
 from llama_orchestrator.router.upstream import Exchange, Upstream, UpstreamError
 
-__all__ = ["Router", "RouterMetrics", "RouterError", "openai_error", "may_retry", "MAX_REPLAYS"]
+__all__ = [
+    "Router",
+    "RouterMetrics",
+    "RouterError",
+    "openai_error",
+    "may_retry",
+    "pass_on",
+    "MAX_REPLAYS",
+]
 
 RETRY_AFTER = "1"
 #: how many times a request whose replica died while working on it is sent again
 MAX_REPLAYS = 1
-_HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"transfer-encoding",
-    b"content-length",
-    b"content-encoding",
-}
+#: not passed on: they describe our connection to the instance (the length
+#: and framing of the client's answer are the front's)
+_HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length"}
 _JSON = ("content-type", "application/json")
 
 
@@ -44,6 +48,21 @@ def openai_error(status: int, message: str, kind: str, **extra: Any) -> Reply:
     headers = [_JSON, ("retry-after", RETRY_AFTER)] if status in (429, 503) else [_JSON]
     body = {"error": {"message": message, "type": kind, "code": status, **extra}}
     return Reply(status, json.dumps(body).encode(), headers)
+
+
+def pass_on(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
+    """An instance's answer headers as the client gets them (encoded, less the
+    hop-by-hop ones), and whether the answer is an event stream."""
+    lines = []
+    streamed = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _HOP_BY_HOP:
+            continue
+        if lower == b"content-type" and b"event-stream" in value:
+            streamed = True
+        lines.append(b"%s: %s\r\n" % (name, value))
+    return b"".join(lines), streamed
 
 
 def may_retry(error: UpstreamError, replays: int) -> bool:
@@ -302,13 +321,9 @@ class Router:
     async def _answer(
         self, answer: Exchange, r: Replica, model: str, start: float
     ) -> Reply | Stream:
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in answer.headers
-            if k.lower() not in _HOP_BY_HOP
-        ]
-        if any(k.lower() == "content-type" and "event-stream" in v for k, v in headers):
-            return Stream(answer.status, self._relay(answer, r, model, start), headers)
+        raw, streamed = pass_on(answer.headers)
+        if streamed:
+            return Stream(answer.status, self._relay(answer, r, model, start), raw_headers=raw)
         try:
             body = await answer.body()
         except UpstreamError as exc:
@@ -316,9 +331,10 @@ class Router:
         finally:
             self.upstream.finish(answer)
             self.release(r)
-        self.metrics.first_byte(model, time.perf_counter() - start)
-        self.metrics.request(model, r.name, answer.status, time.perf_counter() - start)
-        return Reply(answer.status, body, headers)
+        elapsed = time.perf_counter() - start
+        self.metrics.first_byte(model, elapsed)
+        self.metrics.request(model, r.name, answer.status, elapsed)
+        return Reply(answer.status, body, raw_headers=raw)
 
     def _broken(self, model: str, r: Replica, exc: UpstreamError, start: float) -> Reply:
         self.metrics.request(model, r.name, 502, time.perf_counter() - start)

@@ -46,6 +46,7 @@ class Exchange(asyncio.Protocol):
 
     def __init__(self, key: tuple[str, int]) -> None:
         self.key = key
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
@@ -106,7 +107,7 @@ class Exchange(asyncio.Protocol):
         self._parts.clear()
         self._received = self._complete = False
         self._error = None
-        self._head = asyncio.get_running_loop().create_future()
+        self._head = self.loop.create_future()
         self.transport.write(request)
 
     async def head(self) -> None:
@@ -145,7 +146,7 @@ class Exchange(asyncio.Protocol):
     def _wait(self) -> asyncio.Future[None]:
         if self._error is not None:
             raise self._error
-        self._more = asyncio.get_running_loop().create_future()
+        self._more = self.loop.create_future()
         return self._more
 
     def _wake(self) -> None:
