@@ -385,7 +385,7 @@ def test_cli_commands_racing_the_daemon_never_double_spawn(home, tiny_model, fak
             n,
             tiny_model,
             binary=str(fake_bin),
-            env={"FAKE_EXIT_AFTER": "1.5"},
+            env={"FAKE_EXIT_AFTER": "3"},
             healthcheck=FAST,
             restart_policy={"mode": "always", "backoff_initial": 0.05, "max_retries": 50},
         )

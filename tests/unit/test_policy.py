@@ -91,6 +91,18 @@ def test_after_probe_follows_docker_health_semantics(state, failures, status, ag
     assert (v.state, v.failures, v.restart) == expected
 
 
+@pytest.mark.parametrize("status", [DOWN, LOADING, ERROR])
+def test_an_early_look_at_a_starting_instance_counts_only_when_it_is_healthy(status):
+    hc = HealthcheckSection(retries=2, start_period=0)
+    early = after_probe(hc, "always", R, S.STARTING, 1, status, 5, "x", early=True)
+    assert (early.state, early.failures, early.restart) == (S.STARTING, 1, False)
+    on_time = after_probe(hc, "always", R, S.STARTING, 1, status, 5, "x")
+    assert (on_time.state, on_time.restart) == (S.UNHEALTHY, True)
+    assert after_probe(hc, "always", R, S.STARTING, 1, HEALTHY, 5, early=True).state == S.HEALTHY
+    # once healthy, every probe is on time: `early` only matters while starting
+    assert after_probe(hc, "always", R, S.HEALTHY, 1, status, 5, early=True).restart
+
+
 def test_an_unhealthy_instance_is_restarted_only_when_its_policy_says_so():
     args = (S.HEALTHY, 2, ERROR, 100)
     assert after_probe(HC, "no", R, *args).restart is False

@@ -423,6 +423,7 @@ class Supervisor:
         slot = self.slot(name)
         state = S.STARTING
         start_pause = START_PROBE_FIRST
+        counted = time.monotonic()  # the last probe whose failure counted (or the start)
         while True:
             if state == S.STARTING:
                 pause = START_PROBE_FIRST if name in self.eager else min(hc.interval, start_pause)
@@ -439,6 +440,9 @@ class Supervisor:
             ):
                 slot.last_deep = time.monotonic()
                 result = await health.aprobe(host, port, hc.timeout, True, cfg.server.api_key)
+            early = state == S.STARTING and time.monotonic() - counted < hc.interval
+            if not early:
+                counted = time.monotonic()
             if self.on_health is not None:
                 self.on_health(name, result)
             async with slot.lock:
@@ -456,6 +460,7 @@ class Supervisor:
                     result.status,
                     self.clock() - (row.started_at or self.clock()),
                     result.error or "",
+                    early,
                 )
                 slot.failures = v.failures
                 if v.state != row.state:

@@ -149,6 +149,7 @@ def after_probe(
     status: str,
     age: float,
     detail: str = "",
+    early: bool = False,
 ) -> Verdict:
     """Docker's health semantics for one probe `status` (health.HEALTHY, ...)
     of a run that is `age` seconds old.
@@ -157,11 +158,16 @@ def after_probe(
     failures do not count (a model loading answers 503; a server not yet
     listening refuses). After that, `retries` failures in a row make it
     unhealthy, and an unhealthy instance is restarted when its policy says so.
+
+    `early`: a probe made sooner than `interval` after the last one that
+    counted (a starting instance is looked at often, so that it is seen
+    healthy soon): it can make the instance healthy, but its failure does not
+    count, or a server would get `retries` x 50 ms to listen, not x interval.
     """
     if status == HEALTHY:
         return Verdict(S.HEALTHY, 0, reason="answered /health with 200")
     what = detail or status
-    if state == S.STARTING and age < hc.start_period:
+    if state == S.STARTING and (early or age < hc.start_period):
         why = (
             "model loading"
             if status == LOADING
@@ -169,7 +175,7 @@ def after_probe(
             if status == DOWN
             else what
         )
-        return Verdict(S.STARTING, 0, reason=why)
+        return Verdict(S.STARTING, 0 if age < hc.start_period else failures, reason=why)
     failures += 1
     if failures < hc.retries:
         return Verdict(
