@@ -143,6 +143,7 @@ async def test_requests_keep_alive_and_answers_come_whole():
             assert (await client.get("/x")).text == "GET "
             r = await client.head("/x")
             assert r.status_code == 200 and r.content == b""
+            assert r.headers["content-length"] == "5"  # the length of "HEAD ", not sent
         assert len(site.seen) == 5
         assert site.seen[0].headers["content-length"] == "5"
     finally:

@@ -227,12 +227,11 @@ class _Connection(asyncio.Protocol):
             if isinstance(answer, Stream):
                 await self._stream(answer, keep_alive)
             else:
-                body = b"" if request.method == "HEAD" else answer.body
                 close = not keep_alive or (self._final is not None and not self.pending)
                 head = encode_head(
-                    answer.status, answer.headers, len(body), close, answer.raw_headers
+                    answer.status, answer.headers, len(answer.body), close, answer.raw_headers
                 )
-                self._write(head + body)
+                self._write(head if request.method == "HEAD" else head + answer.body)
         except asyncio.CancelledError:
             return
         except Exception:  # a stream that broke off: the client sees it end early
