@@ -7,7 +7,7 @@ are counted as they happen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -120,33 +120,16 @@ class Metrics:
         )
         self.registry.register(_RouterCollector(router))
 
-        # labels() costs a lock and a validation per call: the children are
-        # kept, one per (model, instance, status) a config can produce
-        counted: dict[tuple[str, str, int], Any] = {}
-        timed: dict[str, Any] = {}
-        first: dict[str, Any] = {}
+        counted, timed, first = _kept(requests), _kept(latency), _kept(ttft)
 
         def request(model: str, instance: str, status: int, secs: float) -> None:
-            key = (model, instance, status)
-            child = counted.get(key)
-            if child is None:
-                child = counted[key] = requests.labels(model, instance, str(status))
-            child.inc()
+            counted(model, instance, str(status)).inc()
             if instance:
-                child = timed.get(model)
-                if child is None:
-                    child = timed[model] = latency.labels(model)
-                child.observe(secs)
-
-        def first_byte(model: str, secs: float) -> None:
-            child = first.get(model)
-            if child is None:
-                child = first[model] = ttft.labels(model)
-            child.observe(secs)
+                timed(model).observe(secs)
 
         return RouterMetrics(
             request=request,
-            first_byte=first_byte,
+            first_byte=lambda model, secs: first(model).observe(secs),
             retry=lambda model: retries.labels(model).inc(),
         )
 
@@ -161,3 +144,18 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _kept(metric: Any) -> Callable[..., Any]:
+    """`metric.labels(*values)`, each child made once and kept: labels() takes
+    a lock and validates its values on every call, and the router calls it
+    per request (the label values a config can produce are few)."""
+    children: dict[tuple[str, ...], Any] = {}
+
+    def child(*values: str) -> Any:
+        found = children.get(values)
+        if found is None:
+            found = children[values] = metric.labels(*values)
+        return found
+
+    return child

@@ -440,9 +440,10 @@ class Supervisor:
             ):
                 slot.last_deep = time.monotonic()
                 result = await health.aprobe(host, port, hc.timeout, True, cfg.server.api_key)
-            early = state == S.STARTING and time.monotonic() - counted < hc.interval
+            now = time.monotonic()
+            early = state == S.STARTING and now - counted < hc.interval
             if not early:
-                counted = time.monotonic()
+                counted = now
             if self.on_health is not None:
                 self.on_health(name, result)
             async with slot.lock:

@@ -65,6 +65,14 @@ def pass_on(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
     return b"".join(lines), streamed
 
 
+def _headers_for(r: Replica, content_type: str) -> dict[str, str]:
+    """What a request to `r` carries besides its body (and the instance's key)."""
+    headers = {"Content-Type": content_type}
+    if r.api_key:
+        headers["Authorization"] = f"Bearer {r.api_key}"
+    return headers
+
+
 def may_retry(error: UpstreamError, replays: int) -> bool:
     """Whether a request that failed on a replica goes to another one:
     never once the answer began; once (MAX_REPLAYS) when the replica took it
@@ -274,7 +282,7 @@ class Router:
         tried: set[str] = set()
         replays = 0
         last_error = ""
-        headers = {"Content-Type": request.headers.get("content-type", "application/json")}
+        content_type = request.headers.get("content-type", "application/json")
         while True:
             try:
                 r = await self.acquire(model, frozenset(tried))
@@ -287,13 +295,14 @@ class Router:
                     )
                 self.metrics.request(model, "", refusal.status, 0.0)
                 return refusal.response
-            if r.api_key:
-                headers["Authorization"] = f"Bearer {r.api_key}"
-            else:
-                headers.pop("Authorization", None)
             try:
                 answer = await self.upstream.open(
-                    r.host, r.port, request.method, request.path, headers, request.body
+                    r.host,
+                    r.port,
+                    request.method,
+                    request.path,
+                    _headers_for(r, content_type),
+                    request.body,
                 )
             except UpstreamError as exc:
                 self.release(r)
@@ -372,12 +381,14 @@ class Router:
         start = time.perf_counter()
         status = 0
         try:
-            headers = {"Content-Type": "application/json"}
-            if r.api_key:
-                headers["Authorization"] = f"Bearer {r.api_key}"
             try:
                 answer = await self.upstream.open(
-                    r.host, r.port, "POST", path, headers, json.dumps(body).encode()
+                    r.host,
+                    r.port,
+                    "POST",
+                    path,
+                    _headers_for(r, "application/json"),
+                    json.dumps(body).encode(),
                 )
                 try:
                     status = answer.status

@@ -113,10 +113,7 @@ class Exchange(asyncio.Protocol):
     async def head(self) -> None:
         """Waits for the status line and headers (raises UpstreamError)."""
         assert self._head is not None
-        if not self._head.done():
-            await self._head
-        if self._error is not None and not self.status:
-            raise self._error
+        await self._head  # done already: returns (or raises) at once
 
     async def body(self) -> bytes:
         """The rest of the answer, whole."""
