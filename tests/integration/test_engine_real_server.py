@@ -16,7 +16,10 @@ def test_up_waits_for_health_and_the_server_answers(engine, home, tiny_model, se
     write_config(home, "a", tiny_model)
     (res,) = engine.up(["a"], timeout=60)
     assert res.outcome == "started" and res.healthy
-    r = httpx.post(f"http://127.0.0.1:{res.port}/completion", json={"prompt": "hi", "n_predict": 4})
+    r = httpx.post(
+        f"http://127.0.0.1:{res.port}/completion",
+        json={"prompt": "hi", "n_predict": 4, "ignore_eos": True},
+    )
     assert r.status_code == 200 and r.json()["tokens_predicted"] == 4
     row = engine.store.get("a")
     assert row is not None and row.state == S.HEALTHY and row.pid == res.pid
