@@ -113,3 +113,18 @@ def resolve_home(explicit: str | os.PathLike[str] | None = None, cwd: Path | Non
     import platformdirs  # lazily: only the last fallback needs it
 
     return Home(Path(platformdirs.user_data_dir("llama-orch", appauthor=False)))
+
+
+def daemon_lock_held(home: Home) -> bool:
+    """True while some process (a daemon, or one starting) holds the home's
+    daemon lock. The kernel drops the lock when its holder dies, even by
+    SIGKILL, so the lock (not a pid file) says whether a daemon runs."""
+    from llama_orchestrator import platform
+
+    if not home.daemon_lock.exists():
+        return False
+    probe = platform.try_lock(home.daemon_lock)
+    if probe is None:
+        return True
+    probe.close()
+    return False

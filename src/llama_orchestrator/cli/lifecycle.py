@@ -206,24 +206,16 @@ def restart(
 ) -> None:
     """Stop and start instances again."""
     app = app_context(ctx)
-    if not rolling:
-        targets = app.engine.resolve_names(names)
-        with _progress() as on_progress:
-            results = app.control().restart(targets, timeout=timeout, on_progress=on_progress)
-        _report_up(results)
-        return
-    from llama_orchestrator.daemon.client import Supervised
-    from llama_orchestrator.validate import replicas_of
+    if rolling:
+        from llama_orchestrator.validate import replicas_of
 
-    targets = [n for alias in names for n in replicas_of(app.home, alias)]
-    ctl = app.control()
-    if not isinstance(ctl, Supervised):
-        raise UserError(
-            "A rolling restart needs the daemon (its router drains each replica).",
-            hint="Start it with `llama-orch daemon start`, or restart without --rolling.",
-        )
+        targets = [n for alias in names for n in replicas_of(app.home, alias)]
+    else:
+        targets = app.engine.resolve_names(names)
     with _progress() as on_progress:
-        results = ctl.restart(targets, timeout=timeout, on_progress=on_progress, rolling=True)
+        results = app.control().restart(
+            targets, timeout=timeout, on_progress=on_progress, rolling=rolling
+        )
     _report_up(results)
 
 

@@ -91,11 +91,15 @@ def _follow(app_ctx: Any, run_id: str) -> int:
 
 
 def _client(app_ctx: Any) -> Any:
-    from llama_orchestrator.plans.ops import daemon_client
+    """The home's daemon, started in the background if none runs."""
+    from llama_orchestrator.daemon import ensure_running
+    from llama_orchestrator.daemon.client import DaemonClient
 
-    return daemon_client(
-        app_ctx.home,
-        lambda info: say(f"Started the llama-orch daemon (pid {info.pid}).", to_err=True),
+    return DaemonClient(
+        ensure_running(
+            app_ctx.home,
+            lambda info: say(f"Started the llama-orch daemon (pid {info.pid}).", to_err=True),
+        )
     )
 
 
@@ -109,13 +113,15 @@ def run(
     ),
 ) -> None:
     """Check a plan, hand it to the daemon and print its run id."""
-    from llama_orchestrator.plans.ops import check_file, submit
+    from llama_orchestrator.daemon.client import submit_plan
+    from llama_orchestrator.plans.ops import check_file
     from llama_orchestrator.plans.spec import parse_vars
 
     app_ctx = app_context(ctx)
     given = parse_vars(var)
     plan, text = check_file(app_ctx.home, file, given)  # every problem before anything runs
-    run_id, unserved = submit(_client(app_ctx), file, text, given)
+    reply = submit_plan(_client(app_ctx), file, text, given)
+    run_id, unserved = reply.id, reply.unserved
     say(run_id)
     if unserved:
         say(

@@ -10,13 +10,11 @@ from collections.abc import Callable
 
 from llama_orchestrator.daemon.client import Supervised
 from llama_orchestrator.daemon.info import DaemonInfo, running
+from llama_orchestrator.daemon.protocol import Control
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.home import Home
 
 __all__ = ["Control", "control", "ensure_running"]
-
-#: both offer up(), down(), restart() and rm() with the same signatures
-Control = Engine | Supervised
 
 
 def control(

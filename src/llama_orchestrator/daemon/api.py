@@ -1,9 +1,10 @@
 """The daemon's control API (FastAPI), spoken by `daemon.client`.
 
-Every error is JSON, `{"error": {kind, message, hint, exit_code}}`, with a 4xx
-status for bad input, so the CLI re-raises the engine's own exception and exits
-as it would have without a daemon. Handlers are `async def`: they run on the
-event loop thread, where the supervisor and its store live.
+Bodies and replies are `daemon.protocol`'s classes, validated here; every
+error is JSON, `{"error": {code, message, hint, exit_code}}`, with a 4xx
+status for bad input, so the CLI re-raises the engine's own exception and
+exits as it would have without a daemon. Handlers are `async def`: they run
+on the event loop thread, where the supervisor and its runners live.
 """
 
 from __future__ import annotations
@@ -12,19 +13,37 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
 
 from llama_orchestrator import __version__
-from llama_orchestrator.daemon.client import HOST, error_to_json
+from llama_orchestrator.daemon.client import HOST
 from llama_orchestrator.daemon.metrics import CONTENT_TYPE, Metrics
 from llama_orchestrator.daemon.plans import PlanRunner
+from llama_orchestrator.daemon.protocol import (
+    DownReply,
+    DownRequest,
+    ErrorCode,
+    PlanReply,
+    PlanRequest,
+    RestartRequest,
+    RmReply,
+    RmRequest,
+    ShutdownReply,
+    ShutdownRequest,
+    UpReply,
+    UpRequest,
+    code_of,
+    error_to_json,
+    http_status,
+)
 from llama_orchestrator.daemon.supervisor import Supervisor
-from llama_orchestrator.errors import OrchError, UnknownInstance, UserError
+from llama_orchestrator.engine.lifecycle import Engine
+from llama_orchestrator.errors import OrchError
 from llama_orchestrator.router.app import host_of
 
 __all__ = ["build_app", "MAX_BODY_BYTES"]
@@ -33,48 +52,14 @@ MAX_BODY_BYTES = 1 << 20
 _LOOPBACK = {HOST, "localhost", "127.0.0.1", "[::1]", "::1"}
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class UpBody(_Body):
-    names: list[str] = Field(min_length=1)
-    strict: bool = False
-
-
-class DownBody(_Body):
-    names: list[str] = Field(min_length=1)
-    timeout: float | None = Field(None, ge=0)
-
-
-class RestartBody(_Body):
-    names: list[str] = Field(min_length=1)
-    rolling: bool = False
-
-
-class RmBody(_Body):
-    name: str
-    force: bool = False
-
-
-class ShutdownBody(_Body):
-    all: bool = False
-
-
-class PlanBody(_Body):
-    text: str
-    source: str
-    base_dir: str
-    vars: dict[str, str] = {}
-
-
-def _error(status: int, kind: str, message: str, hint: str | None = None) -> JSONResponse:
-    body = {"kind": kind, "message": message, "hint": hint, "exit_code": 2 if status < 500 else 1}
-    return JSONResponse({"error": body}, status_code=status)
+def _error(code: ErrorCode, message: str, hint: str | None = None) -> JSONResponse:
+    body = {"code": code.value, "message": message, "hint": hint, "exit_code": code.exit_code}
+    return JSONResponse({"error": body}, status_code=http_status(code))
 
 
 def build_app(
     sup: Supervisor,
+    engine: Engine,
     metrics: Metrics,
     plans: PlanRunner,
     *,
@@ -92,14 +77,16 @@ def build_app(
     ) -> Response:
         if host_of(request.headers.get("host", "")) not in _LOOPBACK:
             return _error(
-                421, "BadHost", f"Host {request.headers.get('host')!r} is not served here."
+                ErrorCode.BAD_HOST, f"Host {request.headers.get('host')!r} is not served here."
             )
         given = request.headers.get("authorization", "")
         if token is not None and not secrets.compare_digest(given, f"Bearer {token}"):
-            return _error(401, "Unauthorized", "A valid daemon token is required.")
+            return _error(ErrorCode.UNAUTHORIZED, "A valid daemon token is required.")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(413, "TooLarge", f"Request bodies are limited to {MAX_BODY_BYTES} bytes.")
+            return _error(
+                ErrorCode.TOO_LARGE, f"Request bodies are limited to {MAX_BODY_BYTES} bytes."
+            )
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
@@ -107,20 +94,17 @@ def build_app(
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return _error(
-            400,
-            "BadRequest",
+            ErrorCode.BAD_REQUEST,
             f"Bad request body: {where or 'body'}: {first.get('msg', 'invalid')}.",
         )
 
     @app.exception_handler(OrchError)
     async def orch_error(_: Request, exc: OrchError) -> JSONResponse:
-        status = (
-            404 if isinstance(exc, UnknownInstance) else 400 if isinstance(exc, UserError) else 500
-        )
+        status = http_status(code_of(exc))
         return JSONResponse({"error": error_to_json(exc)}, status_code=status)
 
     def names(requested: list[str]) -> list[str]:
-        return sup.engine.resolve_names(requested)
+        return engine.resolve_names(requested)
 
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
@@ -136,34 +120,32 @@ def build_app(
         }
 
     @app.post("/v1/up")
-    async def up(body: UpBody) -> dict[str, Any]:
-        results = await sup.up(names(body.names), body.strict)
-        return {"results": [r.__dict__ for r in results]}
+    async def up(body: UpRequest) -> dict[str, Any]:
+        return asdict(UpReply(await sup.up(names(body.names), body.strict)))
 
     @app.post("/v1/down")
-    async def down(body: DownBody) -> dict[str, Any]:
-        return {"stopped": await sup.down(names(body.names), body.timeout)}
+    async def down(body: DownRequest) -> dict[str, Any]:
+        return asdict(DownReply(await sup.down(names(body.names), body.timeout)))
 
     @app.post("/v1/restart")
-    async def restart(body: RestartBody) -> dict[str, Any]:
-        results = await sup.restart(names(body.names), body.rolling)
-        return {"results": [r.__dict__ for r in results]}
+    async def restart(body: RestartRequest) -> dict[str, Any]:
+        return asdict(UpReply(await sup.restart(names(body.names), body.rolling)))
 
     @app.post("/v1/rm")
-    async def rm(body: RmBody) -> dict[str, Any]:
+    async def rm(body: RmRequest) -> dict[str, Any]:
         (name,) = names([body.name])
         await sup.rm(name, body.force)
-        return {"removed": name}
+        return asdict(RmReply(name))
 
     @app.post("/v1/shutdown")
-    async def shutdown(body: ShutdownBody) -> dict[str, Any]:
+    async def shutdown(body: ShutdownRequest) -> dict[str, Any]:
         request_exit(body.all)
-        return {"stopping": True, "instances": "stop" if body.all else "keep running"}
+        return asdict(ShutdownReply(True, "stop" if body.all else "keep running"))
 
     @app.post("/v1/plans")
-    async def plan_run(body: PlanBody) -> dict[str, Any]:
+    async def plan_run(body: PlanRequest) -> dict[str, Any]:
         run_id, unserved = plans.submit(body.text, body.source, body.base_dir, body.vars)
-        return {"id": run_id, "unserved": unserved}
+        return asdict(PlanReply(run_id, unserved))
 
     @app.post("/v1/plans/{run_id}/cancel")
     async def plan_cancel(run_id: str) -> dict[str, Any]:
@@ -179,6 +161,6 @@ def build_app(
 
     @app.exception_handler(404)
     async def not_found(request: Request, _: Exception) -> JSONResponse:
-        return _error(404, "NotFound", f"No route {request.method} {request.url.path}.")
+        return _error(ErrorCode.NO_ROUTE, f"No route {request.method} {request.url.path}.")
 
     return app

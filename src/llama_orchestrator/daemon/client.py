@@ -3,27 +3,36 @@ unix socket (Windows: 127.0.0.1 + token), and `Supervised`, which offers the
 engine's up/down/restart/rm by asking the daemon to do them.
 
 The standard library's http.client is enough for one request per command and
-keeps httpx's import (~170 ms) out of every `up`.
+keeps httpx's import (~170 ms) out of every `up`. What is said is typed in
+`daemon.protocol`.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from llama_orchestrator import platform
 from llama_orchestrator.daemon.info import DaemonInfo
-from llama_orchestrator.engine.lifecycle import Engine, Progress, UpResult
-from llama_orchestrator.errors import (
-    ConfigError,
-    OrchError,
-    Problem,
-    StartFailed,
-    UserError,
+from llama_orchestrator.daemon.protocol import (
+    DownReply,
+    DownRequest,
+    PlanReply,
+    PlanRequest,
+    RestartRequest,
+    RmRequest,
+    UpReply,
+    UpRequest,
+    error_from_json,
+    error_to_json,
 )
+from llama_orchestrator.engine.lifecycle import Engine, Progress, UpResult
+from llama_orchestrator.errors import OrchError, StartFailed
 
-__all__ = ["DaemonClient", "Supervised", "error_from_json", "error_to_json"]
+__all__ = ["DaemonClient", "Supervised", "submit_plan", "error_from_json", "error_to_json"]
 
 #: the Host header our client sends; the API accepts only loopback names and this
 HOST = "llama-orch"
@@ -36,35 +45,9 @@ class _Connection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         if self._info.transport == "unix":
-            from pathlib import Path
-
             self.sock = platform.connect_control(Path(self._info.socket or ""), self.timeout or 30)
         else:
             super().connect()
-
-
-def error_to_json(exc: OrchError) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "kind": type(exc).__name__,
-        "message": exc.message,
-        "hint": exc.hint,
-        "exit_code": exc.exit_code,
-    }
-    if isinstance(exc, ConfigError):
-        out["problems"] = [p.__dict__ for p in exc.problems]
-    return out
-
-
-def error_from_json(data: dict[str, Any]) -> OrchError:
-    """The daemon's error as the exception the local engine would have raised."""
-    kind, message, hint = data.get("kind"), str(data.get("message", "")), data.get("hint")
-    if kind == "ConfigError" and data.get("problems"):
-        return ConfigError([Problem(**p) for p in data["problems"]])
-    if kind == "StartFailed":
-        return StartFailed(message, hint=hint)
-    if data.get("exit_code") == 2:
-        return UserError(message, hint=hint)
-    return OrchError(message, hint=hint)
 
 
 class DaemonClient:
@@ -78,6 +61,8 @@ class DaemonClient:
         headers = {"Content-Type": "application/json"}
         if self.info.token:
             headers["Authorization"] = f"Bearer {self.info.token}"
+        if is_dataclass(body):
+            body = asdict(body)  # type: ignore[arg-type]
         payload = json.dumps(body).encode() if body is not None else None
         try:
             conn.request(method, path, body=payload, headers=headers)
@@ -121,8 +106,8 @@ class Supervised:
         on_progress: Progress | None = None,
         strict: bool = False,
     ) -> list[UpResult]:
-        answer = self.client.call("POST", "/v1/up", {"names": names, "strict": strict})
-        return self._finish(answer, wait, timeout, on_progress)
+        answer = self.client.call("POST", "/v1/up", UpRequest(names, strict))
+        return self._finish(UpReply.from_json(answer), wait, timeout, on_progress)
 
     def restart(
         self,
@@ -134,13 +119,13 @@ class Supervised:
     ) -> list[UpResult]:
         """`rolling`: the daemon restarts them one at a time, each drained by
         the router first and healthy again before the next."""
-        answer = self.client.call("POST", "/v1/restart", {"names": names, "rolling": rolling})
-        return self._finish(answer, True, timeout, on_progress)
+        answer = self.client.call("POST", "/v1/restart", RestartRequest(names, rolling))
+        return self._finish(UpReply.from_json(answer), True, timeout, on_progress)
 
     def _finish(
-        self, answer: Any, wait: bool, timeout: float, on_progress: Progress | None
+        self, reply: UpReply, wait: bool, timeout: float, on_progress: Progress | None
     ) -> list[UpResult]:
-        results = [UpResult(**r) for r in answer["results"]]
+        results = reply.results
         if wait:
             self.engine.wait_healthy(results, timeout, on_progress)
         failed = [r for r in results if r.error]
@@ -149,8 +134,20 @@ class Supervised:
         return results
 
     def down(self, names: list[str], timeout: float | None = None) -> list[str]:
-        answer = self.client.call("POST", "/v1/down", {"names": names, "timeout": timeout})
-        return list(answer["stopped"])
+        answer = self.client.call("POST", "/v1/down", DownRequest(names, timeout))
+        return DownReply(**answer).stopped
 
     def rm(self, name: str, force: bool = False) -> None:
-        self.client.call("POST", "/v1/rm", {"name": name, "force": force})
+        self.client.call("POST", "/v1/rm", RmRequest(name, force))
+
+
+def submit_plan(
+    client: DaemonClient, path: Path, text: str, given_vars: dict[str, str]
+) -> PlanReply:
+    """Hand a (checked) plan file to the daemon: its run id, and the models no
+    healthy instance serves now."""
+    source = path.resolve()
+    answer = client.call(
+        "POST", "/v1/plans", PlanRequest(text, str(source), str(source.parent), given_vars)
+    )
+    return PlanReply(**answer)

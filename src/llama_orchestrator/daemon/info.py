@@ -13,10 +13,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llama_orchestrator import platform
 from llama_orchestrator.config import atomic_write_text
 from llama_orchestrator.engine.process import ProcRef, is_alive
-from llama_orchestrator.home import Home
+from llama_orchestrator.home import Home, daemon_lock_held
 
 __all__ = ["DaemonInfo", "lock_is_held", "running", "write_info", "wait_running"]
 
@@ -41,15 +40,8 @@ class DaemonInfo:
         return asdict(self)
 
 
-def lock_is_held(home: Home) -> bool:
-    """True while some process (a daemon, or one starting) holds the home's lock."""
-    if not home.daemon_lock.exists():
-        return False
-    probe = platform.try_lock(home.daemon_lock)
-    if probe is None:
-        return True
-    probe.close()
-    return False
+#: kept under its old name: the daemon's modules and the tests use it
+lock_is_held = daemon_lock_held
 
 
 def _read(home: Home) -> DaemonInfo | None:

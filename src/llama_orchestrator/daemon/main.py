@@ -120,10 +120,14 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     import uvicorn
 
     from llama_orchestrator.daemon.api import build_app
+    from llama_orchestrator.daemon.board import Board
+    from llama_orchestrator.daemon.effects import LiveEffects
     from llama_orchestrator.daemon.metrics import Metrics
     from llama_orchestrator.daemon.ondemand import OnDemand
     from llama_orchestrator.daemon.plans import PlanRunner
+    from llama_orchestrator.daemon.runner import RunnerDeps
     from llama_orchestrator.daemon.supervisor import Supervisor
+    from llama_orchestrator.router.proxy import Router
 
     _Server = _quiet_server()
 
@@ -136,9 +140,27 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         if metrics is not None:
             metrics.event(instance, kind)
 
-    sup = Supervisor(home, on_event=on_event)
-    metrics = Metrics(sup.engine.store)
-    sup.on_health = metrics.health
+    # Built in the order they need each other; what changes later reaches the
+    # others by subscription (the board's watchers), never by assignment.
+    settings = load_settings(home.settings_path)
+    effects = LiveEffects(home, on_event=on_event)
+    store = effects.engine().store  # the loop thread's connection
+    metrics = Metrics(store)
+    board = Board()
+    router = Router(
+        settings.router, lambda: board.replicas, lambda: board.known, metrics.router_hooks()
+    )
+    metrics.watch_router(router)
+    board.watch(router.wake)  # a replica up (or down): queued requests are served at once
+    sup = Supervisor(
+        home, RunnerDeps(store, effects, board, router.settle, on_health=metrics.health)
+    )
+    on_demand = OnDemand(sup, router, settings)
+    # The one cycle: the router asks on-demand to start what a request names,
+    # and on-demand answers the router's queue when a start fails.
+    router.loader = on_demand
+    router_server, router_url = _router(home, router, store, metrics)
+    plans = PlanRunner(home, store, router, sup.known_models)
     sock = platform.bind_control(home.daemon_socket)
     transport = platform.CONTROL_TRANSPORT
     token = secrets.token_urlsafe(32) if transport == "tcp" else None
@@ -151,13 +173,9 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         stop_instances = stop_instances or all_
         server.should_exit = True
 
-    router_server, router_url = _router(home, sup, metrics)
-    assert sup.router is not None  # made whether or not it listens
-    on_demand = OnDemand(sup, sup.router, load_settings(home.settings_path))
-    sup.router.loader = on_demand
-    plans = PlanRunner(home, sup.engine.store, sup.router, sup.known_models)
     app = build_app(
         sup,
+        effects.engine(),
         metrics,
         plans,
         started_at=started_at,
@@ -178,7 +196,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
 
     platform.on_stop_signals(on_signal)
     log.info(f"daemon {os.getpid()} started for {home.root}", extra={"data": {"address": address}})
-    sup.engine.store.add_event(None, "daemon_started", f"daemon {os.getpid()} started")
+    store.add_event(None, "daemon_started", f"daemon {os.getpid()} started")
     await sup.start()
     on_demand.start()
     await plans.start()
@@ -205,31 +223,28 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         await plans.shutdown()  # runs stay open in the database: the next daemon resumes them
         await on_demand.close()
         await sup.shutdown(stop_instances)  # drains the router's replicas on --all
-        if router_task is not None and sup.router is not None:
+        if router_task is not None:
             router_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await router_task
-            await sup.router.close()
+        await router.close()
         if transport == "unix":
             with contextlib.suppress(FileNotFoundError):
                 home.daemon_socket.unlink()
 
 
-def _router(home: Home, sup: Any, metrics: Any) -> tuple[Any, str | None]:
+def _router(home: Home, router: Any, store: Any, metrics: Any) -> tuple[Any, str | None]:
     """The router's server (a coroutine function) and URL; (None, None) when it
-    cannot or must not listen: that is recorded, and supervision goes on."""
+    cannot or must not listen: that is recorded, and supervision goes on (plans
+    use the router even when it does not listen)."""
     import socket
 
     from llama_orchestrator.router.app import RouterSite, is_loopback
     from llama_orchestrator.router.front import serve
-    from llama_orchestrator.router.proxy import Router
 
-    settings = load_settings(home.settings_path).router
-    router = Router(settings, lambda: sup.replicas, sup.known_models)
-    router.metrics = metrics.watch_router(router)
-    sup.router = router  # plans use it even when it does not listen
+    settings = router.settings
     if not is_loopback(settings.host) and not settings.api_keys:
-        sup.engine.store.add_event(
+        store.add_event(
             None,
             "router_refused",
             f"The router does not listen on {settings.host} without API keys; "
@@ -240,7 +255,7 @@ def _router(home: Home, sup: Any, metrics: Any) -> tuple[Any, str | None]:
         family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         sock = socket.create_server((settings.host, settings.port), family=family, backlog=1024)
     except OSError as exc:
-        sup.engine.store.add_event(
+        store.add_event(
             None,
             "router_failed",
             f"The router cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); "

@@ -91,9 +91,12 @@ class Metrics:
             registry=self.registry,
         )
 
-    def watch_router(self, router: Router) -> RouterMetrics:
-        """Request, latency, time-to-first-token and retry metrics of the router,
-        plus its queue depth and requests in flight per instance (read at scrape)."""
+    def watch_router(self, router: Router) -> None:
+        """The router's queue depth and requests in flight per instance (read at scrape)."""
+        self.registry.register(_RouterCollector(router))
+
+    def router_hooks(self) -> RouterMetrics:
+        """Request, latency, time-to-first-token and retry metrics, for the router to call."""
         requests = Counter(
             "llama_orch_router_requests",
             "Requests by model, instance and HTTP status.",
@@ -118,8 +121,6 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
-        self.registry.register(_RouterCollector(router))
-
         counted, timed, first = _kept(requests), _kept(latency), _kept(ttft)
 
         def request(model: str, instance: str, status: int, secs: float) -> None:

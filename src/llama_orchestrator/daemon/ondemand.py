@@ -1,8 +1,9 @@
 """On-demand instances in the daemon (issue 9): the router wakes one when a
 request names it, idle ones are stopped, and VRAM is made by swapping out the
 least recently used idle ones. The decisions are `swap`'s (pure); this is the
-asyncio shell that gathers the facts and acts through the supervisor, so a
-stop drains like any `down` and every start goes through `up`'s checks.
+asyncio shell that gathers the facts and acts through the supervisor and the
+instance runners, so a stop drains like any `down` and every start goes
+through `up`'s checks.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class OnDemand:
     # --- the router's Loader --------------------------------------------------
 
     def _lazy(self) -> dict[str, InstanceConfig]:
-        return {n: c for n, c in self.sup.configs.items() if c.on_demand is not None}
+        return {n: c for n, c in self.sup.configs().items() if c.on_demand is not None}
 
     def models(self) -> set[str]:
         return {cfg.alias_or(name) for name, cfg in self._lazy().items()}
@@ -84,9 +85,7 @@ class OnDemand:
             return None
         loads = {n: self._lazy()[n].on_demand.load_timeout for n in names}  # type: ignore[union-attr]
         for name in names:  # one already on its way (or coming back: a restart pending)
-            slot = self.sup.slots.get(name)
-            busy = slot is not None and (slot.ref is not None or slot.timer is not None)
-            if name in self.starting or name in self.stopping or busy:
+            if name in self.starting or name in self.stopping or self.sup.active(name):
                 return loads[name]
         name = names[0]
         self.starting[name] = asyncio.create_task(self._bring_up(name, model))
@@ -101,18 +100,19 @@ class OnDemand:
     async def _bring_up(self, name: str, model: str) -> None:
         cfg = self._lazy()[name]
         assert cfg.on_demand is not None
-        store = self.sup.engine.store
+        store = self.sup.store
         deadline = time.monotonic() + cfg.on_demand.load_timeout
         said_wait = False
         try:
             while True:
                 changed = self._changed
-                plan = await self.sup.in_thread(lambda e: self._plan(e, name))
+                healthy = {n for n in self.sup.configs() if self.sup.healthy(n)}
+                plan = await self.sup.in_thread(partial(self._plan, name=name, healthy=healthy))
                 if plan.wait is None:
                     if any(self.router.in_flight.get(v, 0) for v, _ in plan.stop):
                         continue  # a request reached one meanwhile: plan again
                     for victim, _ in plan.stop:  # no request reaches them from now on
-                        self.router.draining.add(victim)
+                        self.sup.runner(victim).drain()
                         self.stopping.add(victim)
                     break
                 if not said_wait:
@@ -134,36 +134,32 @@ class OnDemand:
             store.add_event(
                 name, "on_demand_start", f"started for a request to '{model}'", {"model": model}
             )
-            self.sup.eager.add(name)  # requests wait: notice the end of the load at once
-            await self.sup.up([name])
+            # eager: requests wait, so the end of the load is noticed at once
+            await self.sup.up([name], eager=True)
             self.router.last_used[name] = time.time()
-            while name not in self.sup.replicas:  # loading; the router's queue waits for it
+            runner = self.sup.runner(name)  # loading; the router's queue waits for it
+            left = max(0.0, deadline - time.monotonic())
+            if not await runner.until(lambda r: r.healthy or not r.active, left):
+                return  # the queued requests time out with 503 themselves
+            if not runner.healthy:
                 row = store.get(name)
-                slot = self.sup.slots.get(name)
-                if row is None or (
-                    row.state not in RUNNING_STATES and (slot is None or slot.timer is None)
-                ):
-                    how = exit_text(row.last_exit) if row and row.last_exit else "stopped"
-                    self._give_up(name, cfg, f"'{model}' failed to start: the server {how}.")
-                    return
-                if time.monotonic() > deadline:
-                    return  # the queued requests time out with 503 themselves
-                await asyncio.sleep(0.05)
+                how = exit_text(row.last_exit) if row and row.last_exit else "stopped"
+                self._give_up(name, cfg, f"'{model}' failed to start: the server {how}.")
+                return
         except OrchError as exc:
             store.add_event(name, "start_failed", f"on-demand start: {exc}")
             self._give_up(name, cfg, f"'{model}' cannot start: {exc}")
         finally:
-            self.sup.eager.discard(name)
             self.starting.pop(name, None)
             self._notify()  # no longer busy: a start waiting for room may go on
 
     def _give_up(self, name: str, cfg: InstanceConfig, message: str) -> None:
         self.router.refuse_waiting(offered_names({name: cfg}), message)
 
-    def _plan(self, engine: Engine, name: str) -> StartPlan:
+    def _plan(self, engine: Engine, *, name: str, healthy: set[str]) -> StartPlan:
         """What to stop for `name` to start (in a worker thread: reads the store,
-        model files and the GPUs)."""
-        configs = self.sup.configs
+        model files and the GPUs); `healthy`: those taking requests now."""
+        configs = self.sup.configs()
         rows = {r.name: r for r in engine.store.all()}
         members = []
         for n, cfg in configs.items():
@@ -178,7 +174,7 @@ class OnDemand:
                     # loading (or failing its checks) counts as busy: never a victim
                     busy=self.router.in_flight.get(n, 0) > 0
                     or n in self.starting
-                    or (running and n not in self.sup.replicas),
+                    or (running and n not in healthy),
                     last_used=self.router.last_used.get(n, (row.started_at if row else 0) or 0),
                     demand=self._demand(cfg, n, devices) if running or n == name else {},
                     group=cfg.on_demand.group if cfg.on_demand else None,
@@ -244,8 +240,7 @@ class OnDemand:
         lazy = self._lazy()
         members = []
         for name in lazy:
-            slot = self.sup.slots.get(name)
-            if slot is None or slot.ref is None or name in self.stopping:
+            if not self.sup.watching(name) or name in self.stopping:
                 continue
             busy = self.router.in_flight.get(name, 0) > 0 or name in self.starting
             if busy:
@@ -254,13 +249,13 @@ class OnDemand:
             members.append(Member(name, on_demand=True, running=True, busy=busy, last_used=last))
         ttl = {n: c.on_demand.idle_ttl for n, c in lazy.items() if c.on_demand}
         for name in idle_due(members, ttl, now):
-            self.sup.engine.store.add_event(
+            self.sup.store.add_event(
                 name,
                 "idle_stop",
                 f"no request for {ttl[name]:g}s: stopping",
                 {"idle_ttl": ttl[name]},
             )
-            self.router.draining.add(name)  # at once: no request may reach it any more
+            self.sup.runner(name).drain()  # at once: no request may reach it any more
             self.stopping.add(name)
             asyncio.create_task(self._stop(name))
         for model in self.router.waiting_models():  # e.g. after a user's `down`

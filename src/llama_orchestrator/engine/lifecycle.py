@@ -30,15 +30,25 @@ from llama_orchestrator.engine.process import (
     stop_tree,
     track_child,
 )
+from llama_orchestrator.engine.step import Watch, step
 from llama_orchestrator.errors import PortConflict, StartFailed, UnknownInstance, UserError
 from llama_orchestrator.gpu import Discovery, discover
-from llama_orchestrator.home import Home, check_name
+from llama_orchestrator.home import Home, check_name, daemon_lock_held
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
 from llama_orchestrator.validate import load_all
 
-__all__ = ["Engine", "Prepared", "UpResult", "Progress", "EXIT_TAIL_LINES", "exit_text"]
+__all__ = [
+    "Engine",
+    "Prepared",
+    "UpResult",
+    "Progress",
+    "EXIT_TAIL_LINES",
+    "exit_text",
+    "ended",
+    "running_rm_refused",
+]
 
 EXIT_TAIL_LINES = 20
 POLL_INTERVAL = 0.05  # seconds between health probes while waiting for `up`
@@ -71,6 +81,25 @@ def exit_text(info: dict[str, Any]) -> str:
     # Only a process's parent learns its exit code; an instance started by a
     # CLI that has since exited has no parent of ours (the daemon fixes that).
     return "exited (exit code unknown: llama-orch was not its parent)"
+
+
+def ended(row: InstanceRow, info: dict[str, Any]) -> tuple[S, str, dict[str, Any]]:
+    """How `row` records the end of its process, from `Engine.exit_info`
+    (pure): the new state, the event's message, and the row's changes."""
+    new = S.STOPPED if row.state == S.STOPPING else S.EXITED
+    changes = {
+        "exit_code": info["code"] if info["signal"] is None else -info["signal"],
+        "exited_at": info["at"],
+        "last_exit": info,
+    }
+    return new, f"process {row.pid} {exit_text(info)}", changes
+
+
+def running_rm_refused(name: str) -> UserError:
+    return UserError(
+        f"Instance '{name}' is running.",
+        hint=f"Stop it with `llama-orch down {name}` first, or use `rm --force`.",
+    )
 
 
 def _with_tail(message: str, lines: list[str]) -> str:
@@ -126,9 +155,7 @@ class Engine:
             return True
         now = time.monotonic()
         if self._daemon_checked is None or now - self._daemon_checked[0] > 1.0:
-            from llama_orchestrator.daemon.info import lock_is_held
-
-            self._daemon_checked = (now, lock_is_held(self.home))
+            self._daemon_checked = (now, daemon_lock_held(self.home))
         return self._daemon_checked[1]
 
     def owns(self, row: InstanceRow) -> bool:
@@ -183,7 +210,9 @@ class Engine:
             return None
         return ProcRef(row.pid, row.create_time)
 
-    def _exit_info(self, row: InstanceRow) -> dict[str, Any]:
+    def exit_info(self, row: InstanceRow) -> dict[str, Any]:
+        """How the (dead) process of `row` ended: code or signal (when we were
+        its parent), when, and the last lines of its stderr."""
         code = exit_code(row.pid) if row.pid else None
         sig = -code if code is not None and code < 0 else None
         tail = logs.tail_lines(
@@ -200,17 +229,9 @@ class Engine:
         """Record the death of an instance whose process is gone."""
         if row.state not in RUNNING_STATES or not self.owns(row) or is_alive(self._ref(row)):
             return row
-        info = self._exit_info(row)
-        new = S.STOPPED if row.state == S.STOPPING else S.EXITED
-        return self.store.set_state(
-            row,
-            new,
-            f"process {row.pid} {exit_text(info)}",
-            info,
-            exit_code=info["code"] if info["signal"] is None else -info["signal"],
-            exited_at=info["at"],
-            last_exit=info,
-        )
+        info = self.exit_info(row)
+        new, message, changes = ended(row, info)
+        return self.store.set_state(row, new, message, info, **changes)
 
     def rows(self, names: list[str] | None = None) -> list[InstanceRow]:
         """Fresh runtime rows (dead processes recorded as such); logs of running
@@ -341,6 +362,7 @@ class Engine:
         `error` on the results that did not make it. An instance a daemon
         supervises is healthy when the daemon says so; others are probed here."""
         configs: dict[str, InstanceConfig] = {}  # read only when this engine probes
+        watches: dict[str, Watch] = {}  # the health step's memory, per instance it owns
         start = time.monotonic()
         pending = {r.name: r for r in results}
         while pending:
@@ -363,9 +385,21 @@ class Engine:
                         min(cfg.healthcheck.timeout, 2.0),
                         self.get,
                     )
-                    healthy, loading = probe.ok, probe.status == health.LOADING
-                    if probe.ok and row.state != S.HEALTHY:
-                        self.store.set_state(row, S.HEALTHY, "answered /health with 200")
+                    now = self.clock()
+                    s = step(
+                        row.state,
+                        row.desired,
+                        row.started_at,
+                        watches.setdefault(name, Watch(since=now)),
+                        probe,
+                        cfg.healthcheck,
+                        cfg.restart_policy.effective_mode,  # its `restart` is not acted on here
+                        now,
+                    )
+                    watches[name] = s.watch
+                    if s.state != row.state:
+                        self.store.set_state(row, s.state, s.reason, {"probe": probe.to_json()})
+                    healthy, loading = s.healthy, probe.status == health.LOADING
                 else:
                     healthy, loading = row.state == S.HEALTHY, row.state == S.STARTING
                 if healthy:
@@ -442,24 +476,35 @@ class Engine:
         return stop_tree(ref, grace) if ref else True
 
     def restart(
-        self, names: list[str], *, timeout: float = 300, on_progress: Progress | None = None
+        self,
+        names: list[str],
+        *,
+        timeout: float = 300,
+        on_progress: Progress | None = None,
+        rolling: bool = False,
     ) -> list[UpResult]:
+        if rolling:
+            raise UserError(
+                "A rolling restart needs the daemon (its router drains each replica).",
+                hint="Start it with `llama-orch daemon start`, or restart without --rolling.",
+            )
         self.prepare(names)  # refuse a broken config before stopping a working server
         self.down(names)
         return self.up(names, timeout=timeout, on_progress=on_progress)
 
     def rm(self, name: str, force: bool = False) -> None:
         """Remove an instance: its config folder, logs and state."""
-        import shutil
-
         row = self.observe(self.store.get_or_new(name))
         if is_alive(self._ref(row)):
             if not force:
-                raise UserError(
-                    f"Instance '{name}' is running.",
-                    hint=f"Stop it with `llama-orch down {name}` first, or use `rm --force`.",
-                )
+                raise running_rm_refused(name)
             self.down([name])
+        self.forget(name)
+
+    def forget(self, name: str) -> None:
+        """Delete an instance's state, config folder and logs (it runs no more)."""
+        import shutil
+
         with self.store.transaction():
             self.store.delete(name)
             self.store.add_event(name, "removed", f"instance {name} removed")

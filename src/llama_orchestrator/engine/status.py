@@ -1,8 +1,10 @@
 """What `ps`, `describe` and the dashboard show about instances.
 
 `status_view` is pure (config + row + clock -> dict with the DESIGN §8 keys);
-`collect` gathers the inputs, probing running instances concurrently so `ps`
-reports the health it sees now, not the health someone saw last.
+`collect` gathers the inputs, probing unsupervised running instances
+concurrently so `ps` reports the health it sees now. It only reads: what a
+look sees is shown, never written (the daemon, or the command that started
+an instance, owns its health; see `engine.step`).
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def on_demand_view(cfg: InstanceConfig | None, row: InstanceRow, now: float) -> 
 
 
 def observed_state(current: S, probe: health.ProbeResult) -> S:
-    """The state one probe of an unsupervised running instance shows (pure).
+    """The state one look at an unsupervised running instance shows (pure; a
+    view for `ps`, not a verdict: nothing is written or restarted for it).
 
     A model still loading, or a server not listening yet, keeps `starting`;
     anything else that is not a 200 is `unhealthy`."""
@@ -130,10 +133,7 @@ def collect(
             with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
                 probes = list(pool.map(one, todo))
             for (i, _), p in zip(todo, probes, strict=True):
-                new = observed_state(rows[i].state, p)
-                if new != rows[i].state:
-                    why = "answered /health with 200" if p.ok else f"/health: {p.error or p.status}"
-                    rows[i] = engine.store.set_state(rows[i], new, why)
+                rows[i] = replace(rows[i], state=observed_state(rows[i].state, p))
     now = engine.clock()
     out = []
     for row in rows:

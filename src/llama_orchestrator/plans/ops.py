@@ -1,5 +1,6 @@
 """What the `plan` commands do, behind the Typer layer: read and check a plan
-file, hand it to the daemon (started if needed), follow a run."""
+file, follow a run. Handing it to the daemon is the client's
+(`daemon.client.submit_plan`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.daemon import ensure_running
-from llama_orchestrator.daemon.client import DaemonClient
-from llama_orchestrator.daemon.info import DaemonInfo
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.home import Home
 from llama_orchestrator.plans.records import RunView, require_run
@@ -18,7 +16,7 @@ from llama_orchestrator.plans.spec import Plan, parse_plan
 from llama_orchestrator.store import Store
 from llama_orchestrator.validate import model_names
 
-__all__ = ["check_file", "daemon_client", "submit", "follow"]
+__all__ = ["check_file", "follow"]
 
 
 def check_file(home: Home, path: Path, given_vars: dict[str, str]) -> tuple[Plan, str]:
@@ -35,25 +33,6 @@ def check_file(home: Home, path: Path, given_vars: dict[str, str]) -> tuple[Plan
         text, str(path), known_models=model_names(home), given_vars=given_vars, base_dir=path.parent
     )
     return plan, text
-
-
-def daemon_client(home: Home, on_start: Callable[[DaemonInfo], None] | None = None) -> DaemonClient:
-    """The home's daemon, started in the background if none runs."""
-    return DaemonClient(ensure_running(home, on_start))
-
-
-def submit(
-    client: DaemonClient, path: Path, text: str, given_vars: dict[str, str]
-) -> tuple[str, list[str]]:
-    """The run id, and the models no healthy instance serves now."""
-    body = {
-        "text": text,
-        "source": str(path.resolve()),
-        "base_dir": str(path.resolve().parent),
-        "vars": given_vars,
-    }
-    answer = client.call("POST", "/v1/plans", body)
-    return str(answer["id"]), list(answer.get("unserved", []))
 
 
 def follow(

@@ -1,6 +1,6 @@
 """The router: one OpenAI-compatible endpoint in front of the healthy
 instances (DESIGN §6). Choosing is `balance`'s; this module keeps the slot
-counts, the bounded per-model queues and the draining set, and forwards
+counts and the bounded per-model queues, and forwards
 (over `upstream`, answering through `front`).
 
 What is retried (`may_retry`): a replica that could not be reached, or that
@@ -13,6 +13,7 @@ replayed into every replica. Nothing is retried once the answer began.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import deque
@@ -138,7 +139,7 @@ class RouterMetrics:
 @dataclass
 class Router:
     settings: RouterSettings
-    #: the healthy instances now (the supervisor keeps this up to date)
+    #: the instances that take requests now: healthy, not draining (the daemon's board)
     healthy: Callable[[], dict[str, Replica]]
     #: every model name a config offers (aliases, tags:...), healthy or not
     known: Callable[[], set[str]]
@@ -146,15 +147,16 @@ class Router:
     in_flight: dict[str, int] = field(default_factory=dict)
     #: when each instance last began or ended a request (time.time())
     last_used: dict[str, float] = field(default_factory=dict)
-    draining: set[str] = field(default_factory=set)
     loader: Loader | None = None
     upstream: Upstream = field(default_factory=Upstream)
     _queues: dict[str, deque[_Waiter]] = field(default_factory=dict)
+    #: who waits for the requests in flight on an instance to end (`settle`)
+    _settling: dict[str, asyncio.Event] = field(default_factory=dict)
 
     # --- slots and queues -----------------------------------------------------
 
     def replicas(self) -> list[Replica]:
-        return [r for r in self.healthy().values() if r.name not in self.draining]
+        return list(self.healthy().values())
 
     def models(self) -> list[str]:
         """What /v1/models lists: healthy aliases and those loaded on demand."""
@@ -173,8 +175,12 @@ class Router:
         left = self.in_flight[r.name] = max(0, self.in_flight.get(r.name, 0) - 1)
         self.last_used[r.name] = time.time()
         self.wake()
-        if not left and self.loader is not None:
-            self.loader.idle(r.name)
+        if not left:
+            settled = self._settling.pop(r.name, None)
+            if settled is not None:
+                settled.set()
+            if self.loader is not None:
+                self.loader.idle(r.name)
 
     def waiting_models(self) -> list[str]:
         """Models some request is queued for."""
@@ -259,15 +265,13 @@ class Router:
         if waiter in queue:
             queue.remove(waiter)
 
-    async def drain(self, name: str, timeout: float) -> None:
-        """No new requests for `name`; wait (at most `timeout`) for those in flight."""
-        self.draining.add(name)
-        deadline = time.monotonic() + timeout
-        while self.in_flight.get(name, 0) > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-
-    def undrain(self, name: str) -> None:
-        self.draining.discard(name)
+    async def settle(self, name: str, timeout: float) -> None:
+        """Wait (at most `timeout`) until no request is in flight on `name`.
+        The caller has taken it off the board first, so no new one arrives."""
+        if self.in_flight.get(name, 0) > 0:
+            settled = self._settling.setdefault(name, asyncio.Event())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(settled.wait(), timeout)
 
     # --- forwarding -------------------------------------------------------------
 

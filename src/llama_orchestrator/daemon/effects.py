@@ -1,0 +1,181 @@
+"""What the daemon does to the world, behind one seam (llama-swap's `Effects`).
+
+The instance runners and the supervisor act only through an `Effects`:
+spawning and stopping processes, probing them, learning of their end,
+reading configs, the clock and sleeping. `LiveEffects` does it for real;
+the unit tests hand the runners a fake one with a fake clock, so every
+decision of the daemon is tested without a process or a socket.
+
+Blocking work (spawning, stopping, reading a dead process's exit) runs in
+worker threads, each with an engine (and SQLite connection) of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from llama_orchestrator import platform
+from llama_orchestrator.config import InstanceConfig, load_config
+from llama_orchestrator.engine import health
+from llama_orchestrator.engine.lifecycle import Engine, Prepared, UpResult
+from llama_orchestrator.engine.process import ProcRef, find, stop_tree, wait_exit
+from llama_orchestrator.errors import OrchError
+from llama_orchestrator.home import Home
+from llama_orchestrator.store import InstanceRow
+from llama_orchestrator.validate import load_all
+
+__all__ = ["Effects", "LiveEffects", "EventHook"]
+
+T = TypeVar("T")
+
+#: hook(instance, kind, message, data) after every event recorded (daemon.log, metrics)
+EventHook = Callable[[Any, str, str, dict[str, Any]], None]
+
+
+class Effects(Protocol):
+    """Everything an instance runner needs from outside itself."""
+
+    def now(self) -> float:
+        """The wall clock (recorded times, ages, backoff deadlines)."""
+
+    async def sleep(self, seconds: float) -> None: ...
+
+    def config(self, name: str) -> InstanceConfig | None:
+        """The instance's config as it is on disk now; None if missing or invalid."""
+
+    async def load_configs(self) -> dict[str, InstanceConfig]:
+        """Every valid config of the home (the invalid ones are left out)."""
+
+    async def prepare(self, names: list[str], strict: bool = False) -> list[Prepared]:
+        """Validate the named instances and build their launches (raises OrchError)."""
+
+    async def spawn(self, p: Prepared, fresh: bool) -> UpResult:
+        """Start `p` unless a process of it already runs, and record it as
+        `starting`, in one transaction (no other process can start it too)."""
+
+    async def stop(self, ref: ProcRef, grace: float) -> bool:
+        """Stop the process tree (graceful, then killed after `grace`); True
+        when the graceful stop was enough. Returns once none of it lives."""
+
+    async def probe(self, cfg: InstanceConfig, deep: bool) -> health.ProbeResult:
+        """One health check (`deep`: the 1-token completion)."""
+
+    async def watch_exit(self, ref: ProcRef) -> None:
+        """Return once the process has ended (at once if it already has)."""
+
+    async def exit_info(self, row: InstanceRow) -> dict[str, Any]:
+        """How the dead process of `row` ended (see `Engine.exit_info`)."""
+
+    def alive(self, ref: ProcRef | None) -> bool: ...
+
+    async def forget(self, name: str) -> None:
+        """Delete the instance's state, config folder and logs."""
+
+    async def in_thread(self, fn: Callable[[Engine], T]) -> T:
+        """Run fn(engine) in a worker thread with that thread's own engine."""
+
+
+class LiveEffects:
+    """The real processes, sockets, files and clock."""
+
+    def __init__(
+        self,
+        home: Home,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_event: EventHook | None = None,
+    ) -> None:
+        self.home = home
+        self.clock = clock
+        self.on_event = on_event
+        self._local = threading.local()
+
+    def engine(self) -> Engine:
+        """An engine for the calling thread (SQLite connections are per thread)."""
+        eng = getattr(self._local, "engine", None)
+        if eng is None:
+            eng = self._local.engine = Engine(self.home, clock=self.clock, supervisor=True)
+            eng.store.on_event = self.on_event
+        return eng
+
+    def now(self) -> float:
+        return self.clock()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def config(self, name: str) -> InstanceConfig | None:
+        try:
+            return load_config(self.home.config_path(name))
+        except OrchError:
+            return None
+
+    async def load_configs(self) -> dict[str, InstanceConfig]:
+        loaded = await asyncio.to_thread(load_all, self.home)
+        return {x.name: x.config for x in loaded if x.config is not None}
+
+    async def in_thread(self, fn: Callable[[Engine], T]) -> T:
+        return await asyncio.to_thread(lambda: fn(self.engine()))
+
+    async def prepare(self, names: list[str], strict: bool = False) -> list[Prepared]:
+        return await self.in_thread(lambda e: e.prepare(names, strict))
+
+    async def spawn(self, p: Prepared, fresh: bool) -> UpResult:
+        return await self.in_thread(lambda e: e.spawn(p, fresh=fresh))
+
+    async def stop(self, ref: ProcRef, grace: float) -> bool:
+        return await asyncio.to_thread(stop_tree, ref, grace)
+
+    async def probe(self, cfg: InstanceConfig, deep: bool) -> health.ProbeResult:
+        s = cfg.server
+        if deep:
+            return await health.aprobe(s.host, s.port, cfg.healthcheck.timeout, True, s.api_key)
+        return await health.aprobe(s.host, s.port, cfg.healthcheck.timeout)
+
+    async def watch_exit(self, ref: ProcRef) -> None:
+        """On Linux a pidfd registered with the event loop (any process, also
+        one adopted from an earlier daemon); elsewhere a thread blocked in
+        wait(), a daemon thread, so a process that outlives us never holds
+        the daemon's exit."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def seen() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        fd = platform.exit_fd(ref.pid)
+        if fd is None:
+
+            def wait() -> None:
+                wait_exit(ref)
+                with contextlib.suppress(RuntimeError):  # the loop closed: we are exiting
+                    loop.call_soon_threadsafe(seen)
+
+            threading.Thread(target=wait, daemon=True, name=f"wait-{ref.pid}").start()
+        else:
+            loop.add_reader(fd, seen)
+        try:
+            if find(ref) is None:  # ended before the watch began (or the pid is reused)
+                return
+            await done
+        finally:
+            if fd is not None:
+                loop.remove_reader(fd)
+                os.close(fd)
+
+    async def exit_info(self, row: InstanceRow) -> dict[str, Any]:
+        # reaping a process whose threads are still exiting may take a moment
+        return await self.in_thread(lambda e: e.exit_info(row))
+
+    def alive(self, ref: ProcRef | None) -> bool:
+        return find(ref) is not None
+
+    async def forget(self, name: str) -> None:
+        await self.in_thread(lambda e: e.forget(name))

@@ -1,0 +1,569 @@
+"""One owner per instance: the `InstanceRunner` (DESIGN §4, §5).
+
+Inside the daemon each instance has one runner, an asyncio task that owns
+its process, its state, its health checks and its restart timer, and is the
+only writer of its row (the spawn effect records `starting` for it, in the
+transaction that starts the process). Everything else (the control API,
+the router's on-demand starts, a rolling restart, plans) sends it commands
+and awaits the answers, or waits on its changes with `until`; nothing
+reaches into it.
+
+Commands are handled one at a time, so the state machine never races: a
+user's `down`, a death, a health verdict and a restart cannot interleave.
+The probe loop, the exit watch and the restart timer are tasks the runner
+owns; they only post messages to it. Decisions are pure (`engine.step`,
+`engine.policy.after_exit`); every effect goes through `Effects`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.daemon.board import Board
+from llama_orchestrator.daemon.effects import Effects
+from llama_orchestrator.engine import health
+from llama_orchestrator.engine.lifecycle import Prepared, UpResult, ended, running_rm_refused
+from llama_orchestrator.engine.policy import Ending, RestartBook, after_exit
+from llama_orchestrator.engine.process import ProcRef
+from llama_orchestrator.engine.step import Watch, step
+from llama_orchestrator.errors import OrchError
+from llama_orchestrator.router.balance import Replica
+from llama_orchestrator.states import RUNNING_STATES, Desired
+from llama_orchestrator.states import InstanceState as S
+from llama_orchestrator.store import InstanceRow, Store
+
+__all__ = [
+    "InstanceRunner",
+    "RunnerDeps",
+    "HealthHook",
+    "Start",
+    "Stop",
+    "Adopt",
+    "Resume",
+    "Remove",
+    "START_PROBE_FIRST",
+    "START_PROBE_MAX",
+]
+
+#: a starting instance is probed first after 50 ms, then at intervals growing
+#: by a quarter up to 0.5 s (never beyond `interval`), so `up --wait` returns
+#: soon after a small model loads without probing a big one 20 times a second
+START_PROBE_FIRST = 0.05
+START_PROBE_MAX = 0.5
+
+#: hook(name, result) after every health check (the metrics use it)
+HealthHook = Callable[[str, health.ProbeResult], None]
+#: wait (at most the seconds given) for the requests in flight on an instance to end
+Settle = Callable[[str, float], Awaitable[None]]
+
+log = logging.getLogger("llama_orchestrator.daemon")
+
+
+# --- commands ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """Start the prepared launch, or take over the process already running.
+    `fresh`: a user's up/restart (a failed instance gets its budget back).
+    `eager`: requests wait for it (on demand): probe every 50 ms while loading."""
+
+    prepared: Prepared
+    fresh: bool = True
+    eager: bool = False
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Drain (no new requests, those in flight finish), then stop the process
+    tree; `timeout` overrides `stop_timeout`. Answers whether a process was stopped."""
+
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """Supervise a process an earlier daemon started (the daemon's start)."""
+
+    row: InstanceRow
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A restart an earlier daemon had scheduled: do it at `at`."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class Remove:
+    """Forget the instance: state, config folder, logs (stopped first with `force`)."""
+
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class _Probed:
+    ref: ProcRef
+    result: health.ProbeResult
+
+
+@dataclass(frozen=True)
+class _Exited:
+    ref: ProcRef
+
+
+@dataclass(frozen=True)
+class _RestartDue:
+    token: int
+
+
+Command = Start | Stop | Adopt | Resume | Remove | _Probed | _Exited | _RestartDue
+
+
+@dataclass
+class RunnerDeps:
+    """What every runner of one daemon shares."""
+
+    store: Store  # the loop thread's connection
+    effects: Effects
+    board: Board
+    settle: Settle
+    rng: random.Random = field(default_factory=random.Random)
+    on_health: HealthHook | None = None
+
+
+class InstanceRunner:
+    def __init__(self, name: str, deps: RunnerDeps) -> None:
+        self.name = name
+        self._d = deps
+        self._fx = deps.effects
+        self._inbox: asyncio.Queue[tuple[Command, asyncio.Future[Any] | None]] = asyncio.Queue()
+        row = deps.store.get(name)
+        #: the row's state as this runner last wrote or read it
+        self.state: S = row.state if row else S.CREATED
+        self._ref: ProcRef | None = None  # the process being watched
+        self._cfg: InstanceConfig | None = None  # the config of the run being watched
+        self._watch: Watch | None = None
+        self._eager = False
+        self._draining = False
+        self._unhealthy_stop = False  # we are stopping it for failing its checks
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # "probe", "exit", "restart", "stop"
+        self._due = 0  # the token of the restart timer that counts
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- what others may ask and see ------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"runner-{self.name}")
+
+    async def ask(self, command: Command) -> Any:
+        """Send a command and await its answer (or the exception it raised)."""
+        future = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait((command, future))
+        return await future
+
+    def post(self, command: Command) -> None:
+        self._inbox.put_nowait((command, None))
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == S.HEALTHY and self._ref is not None
+
+    @property
+    def watching(self) -> bool:
+        """A process of it is in our care."""
+        return self._ref is not None
+
+    @property
+    def active(self) -> bool:
+        """A process of it is in our care, or a restart is pending."""
+        return self._ref is not None or "restart" in self._tasks
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self) -> None:
+        """Take no new requests from now on (the process keeps running).
+        Immediate, not queued: the caller checked that no request is in
+        flight on it, and none may arrive between that check and this."""
+        self._draining = True
+        self._publish()
+        self._notify()
+
+    def restore(self) -> None:
+        """Take requests again after `drain`."""
+        self._draining = False
+        self._publish()
+        self._notify()
+
+    async def until(self, done: Callable[[InstanceRunner], bool], timeout: float) -> bool:
+        """Wait until done(self) holds after some change, at most `timeout`
+        seconds of the effects' clock; whether it holds."""
+        if done(self):
+            return True
+        timer = asyncio.ensure_future(self._fx.sleep(timeout))
+        try:
+            while not done(self):
+                changed = asyncio.ensure_future(self._changed.wait())
+                finished, _ = await asyncio.wait(
+                    {changed, timer}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if changed not in finished:
+                    changed.cancel()
+                    return done(self)
+            return True
+        finally:
+            timer.cancel()
+
+    async def close(self) -> None:
+        """Stop supervising (the process keeps running); no answer will come."""
+        self._quiet()
+        self._d.board.publish(self.name, None)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while not self._inbox.empty():
+            _, future = self._inbox.get_nowait()
+            if future is not None and not future.done():
+                future.cancel()
+
+    # --- the loop ---------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            command, future = await self._inbox.get()
+            try:
+                answer = await self._handle(command)
+            except asyncio.CancelledError:
+                if future is not None and not future.done():
+                    future.cancel()
+                raise
+            except Exception as exc:
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+                elif not isinstance(exc, OrchError):  # nobody to tell: never silently
+                    log.exception(f"{self.name}: {type(command).__name__} failed")
+                else:
+                    log.warning(f"{self.name}: {exc}")
+            else:
+                if future is not None and not future.done():
+                    future.set_result(answer)
+            finally:
+                self._notify()
+
+    async def _handle(self, c: Command) -> Any:
+        if isinstance(c, _Probed):
+            return self._probed(c)
+        if isinstance(c, _Exited):
+            return await self._exited(c.ref)
+        if isinstance(c, _RestartDue):
+            return await self._restart_due(c.token)
+        if isinstance(c, Start):
+            return await self._start(c)
+        if isinstance(c, Stop):
+            return await self._stop(c.timeout)
+        if isinstance(c, Adopt):
+            return await self._adopt(c.row)
+        if isinstance(c, Resume):
+            return self._schedule(c.at)
+        if isinstance(c, Remove):
+            return await self._remove(c.force)
+        raise TypeError(f"unknown command {c!r}")
+
+    # --- state and what the router sees ---------------------------------------------
+
+    def _row(self) -> InstanceRow:
+        row = self._d.store.get_or_new(self.name)
+        self.state = row.state
+        return row
+
+    def _set(
+        self, row: InstanceRow, new: S, message: str, data: dict[str, Any] | None = None, **kw: Any
+    ) -> InstanceRow:
+        row = self._d.store.set_state(row, new, message, data, **kw)
+        self.state = row.state
+        return row
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _publish(self) -> None:
+        cfg = self._cfg
+        replica = None
+        if self.healthy and not self._draining and cfg is not None:
+            replica = Replica(
+                name=self.name,
+                alias=cfg.alias_or(self.name),
+                tags=tuple(cfg.tags),
+                host=health.probe_host(cfg.server.host),
+                port=cfg.server.port,
+                slots=cfg.server.parallel,
+                api_key=cfg.server.api_key,
+            )
+        self._d.board.publish(self.name, replica)
+
+    # --- owned tasks ------------------------------------------------------------------
+
+    def _own(self, key: str, work: Awaitable[None]) -> None:
+        self._cancel(key)
+        task = asyncio.ensure_future(work)
+        self._tasks[key] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._tasks.get(key) is t:
+                del self._tasks[key]
+            if not t.cancelled() and t.exception() is not None:
+                log.error(f"{self.name}: {key} task failed", exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    def _cancel(self, key: str) -> None:
+        task = self._tasks.pop(key, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def _quiet(self) -> None:
+        """Forget the watched process: no health checks, no restart pending."""
+        for key in ("probe", "exit", "restart"):
+            self._cancel(key)
+        self._ref = None
+        self._watch = None
+        self._unhealthy_stop = False
+        self._due += 1
+
+    def _watch_process(self, ref: ProcRef, cfg: InstanceConfig | None, eager: bool) -> None:
+        """Learn of the process's end at once, and start its health checks."""
+        self._quiet()
+        self._ref, self._cfg, self._eager = ref, cfg, eager
+        self._watch = Watch(since=self._fx.now())
+
+        async def exit_watch() -> None:
+            await self._fx.watch_exit(ref)
+            self.post(_Exited(ref))
+
+        self._own("exit", exit_watch())
+        if cfg is not None:
+            self._own("probe", self._probe_loop(ref, cfg))
+
+    async def _probe_loop(self, ref: ProcRef, cfg: InstanceConfig) -> None:
+        hc = cfg.healthcheck
+        start_pause = START_PROBE_FIRST
+        last_deep = self._fx.now()  # the first deep check after deep_interval of health
+        while True:
+            if self.state == S.STARTING:
+                pause = START_PROBE_FIRST if self._eager else min(hc.interval, start_pause)
+                start_pause = min(START_PROBE_MAX, start_pause * 1.25)
+            else:
+                pause = hc.interval
+            await self._fx.sleep(pause)
+            result = await self._fx.probe(cfg, False)
+            if (
+                result.ok
+                and self.state == S.HEALTHY  # a deep check of a server that was healthy before
+                and hc.probe == "completion"
+                and self._fx.now() - last_deep >= hc.deep_interval
+            ):
+                last_deep = self._fx.now()
+                result = await self._fx.probe(cfg, True)
+            if self._d.on_health is not None:
+                self._d.on_health(self.name, result)
+            await self.ask(_Probed(ref, result))  # one at a time: probes never pile up
+
+    def _schedule(self, at: float) -> None:
+        self._due += 1
+        token = self._due
+
+        async def timer() -> None:
+            await self._fx.sleep(max(0.0, at - self._fx.now()))
+            self.post(_RestartDue(token))
+
+        self._own("restart", timer())
+
+    # --- the handlers -----------------------------------------------------------------
+
+    def _took(self, result: UpResult, p: Prepared, eager: bool) -> None:
+        """After a spawn: watch the new process (or the one already running
+        that nobody watches yet)."""
+        if result.outcome != "started" and self._ref is not None:
+            self._eager = self._eager or eager
+            return
+        row = self._row()
+        if row.pid and row.create_time:
+            self._watch_process(ProcRef(row.pid, row.create_time), p.config, eager)
+
+    async def _start(self, c: Start) -> UpResult:
+        result = await self._fx.spawn(c.prepared, c.fresh)
+        result.warnings, result.notes = c.prepared.warnings, c.prepared.notes
+        self._took(result, c.prepared, c.eager)
+        self._publish()
+        return result
+
+    async def _restart_due(self, token: int) -> None:
+        if token != self._due:
+            return  # a later command replaced this timer
+        self._tasks.pop("restart", None)
+        row = self._row()
+        if row.state != S.BACKOFF or row.desired != Desired.RUNNING:
+            return
+        try:
+            (p,) = await self._fx.prepare([self.name])
+            result = await self._fx.spawn(p, False)
+        except OrchError as exc:  # config broken meanwhile, port taken, ...
+            self._d.store.add_event(self.name, "start_failed", str(exc))
+            self._decide(self._row(), Ending())
+            return
+        self._took(result, p, False)
+
+    def _probed(self, c: _Probed) -> None:
+        cfg, watch = self._cfg, self._watch
+        if c.ref != self._ref or cfg is None or watch is None:
+            return  # an old process's probe
+        row = self._row()
+        if row.pid != c.ref.pid or row.state not in RUNNING_STATES or row.state == S.STOPPING:
+            return
+        s = step(
+            row.state,
+            row.desired,
+            row.started_at,
+            watch,
+            c.result,
+            cfg.healthcheck,
+            cfg.restart_policy.effective_mode,
+            self._fx.now(),
+        )
+        self._watch = s.watch
+        if s.state != row.state:
+            self._set(row, s.state, s.reason, {"probe": c.result.to_json()})
+        self._publish()
+        if s.restart and not self._unhealthy_stop:
+            # the exit watch sees it go, and the policy decides what follows
+            self._unhealthy_stop = True
+            self._cancel("probe")  # no more checks of a process on its way out
+            self._own("stop", self._stop_unhealthy(c.ref, cfg.stop_timeout))
+
+    async def _stop_unhealthy(self, ref: ProcRef, grace: float) -> None:
+        await self._fx.stop(ref, grace)
+
+    async def _exited(self, ref: ProcRef) -> None:
+        if ref != self._ref:
+            return  # an old process of this instance, already dealt with
+        unhealthy = self._unhealthy_stop
+        self._quiet()
+        self._publish()
+        row = self._row()
+        if row.pid != ref.pid:
+            return
+        row = await self._record_end(row)
+        if row.state == S.EXITED:
+            self._decide(row, Ending(unhealthy=True) if unhealthy else Ending.of(row.last_exit))
+
+    async def _record_end(self, row: InstanceRow) -> InstanceRow:
+        """Record the death of the process `row` names, if not yet recorded."""
+        if row.state not in RUNNING_STATES:
+            return row
+        info = await self._fx.exit_info(row)
+        new, message, changes = ended(row, info)
+        return self._set(row, new, message, info, **changes)
+
+    def _decide(self, row: InstanceRow, ending: Ending) -> None:
+        """Apply the restart policy to a run that ended; schedule the restart."""
+        cfg = self._cfg or self._fx.config(self.name)
+        if cfg is None:
+            return  # no (valid) config any more: nothing to restart it with
+        d = after_exit(
+            cfg.restart_policy,
+            RestartBook(row.restarts, row.streak, row.started_at),
+            ending,
+            row.desired,
+            self._fx.now(),
+            self._d.rng.uniform(-1.0, 1.0),
+        )
+        self._set(
+            row,
+            d.state,
+            d.reason,
+            {"restarts": d.book.restarts, "restart_at": d.restart_at},
+            restarts=d.book.restarts,
+            streak=d.book.streak,
+            next_restart_at=d.restart_at,
+        )
+        if d.restart_at is not None:
+            self._schedule(d.restart_at)
+
+    async def _stop(self, timeout: float | None) -> bool:
+        try:
+            return await self._stop_draining(timeout)
+        finally:
+            self._draining = False  # a later start takes requests again
+
+    async def _stop_draining(self, timeout: float | None) -> bool:
+        cfg = self._cfg or self._fx.config(self.name)
+        grace = timeout if timeout is not None else (cfg.stop_timeout if cfg else 10.0)
+        self._draining = True  # drain: no new requests, the ones in flight finish
+        self._publish()
+        await self._d.settle(self.name, grace)
+        self._quiet()
+        row = self._row()
+        ref = ProcRef(row.pid, row.create_time) if row.pid and row.create_time else None
+        if not self._fx.alive(ref):
+            row = await self._record_end(row)
+            new = S.CREATED if row.state == S.CREATED else S.STOPPED
+            self._set(row, new, "stopped", desired=Desired.STOPPED)
+            return False
+        assert ref is not None
+        row = self._set(row, S.STOPPING, f"stopping process {row.pid}", desired=Desired.STOPPED)
+        graceful = await self._fx.stop(ref, grace)
+        info = await self._fx.exit_info(row)
+        _, _, changes = ended(row, info)
+        how = "stopped" if graceful else f"killed after {grace:g}s without exiting"
+        self._set(
+            row,
+            S.STOPPED,
+            f"process {row.pid} {how}",
+            {"graceful": graceful},
+            exited_at=self._fx.now(),
+            exit_code=changes["exit_code"],
+        )
+        return True
+
+    async def _adopt(self, row: InstanceRow) -> None:
+        if not (row.pid and row.create_time):
+            return
+        store = self._d.store
+        with store.transaction():
+            row.supervised = True
+            store.save(row)
+            store.add_event(
+                row.name, "adopted", f"daemon adopted process {row.pid}", {"pid": row.pid}
+            )
+        self.state = row.state
+        if row.state == S.STOPPING or row.desired == Desired.STOPPED:
+            await self._stop(None)  # a `down` was under way when the last daemon died: finish it
+            return
+        self._watch_process(ProcRef(row.pid, row.create_time), self._fx.config(self.name), False)
+        self._publish()
+
+    async def _remove(self, force: bool) -> None:
+        row = self._row()
+        ref = ProcRef(row.pid, row.create_time) if row.pid and row.create_time else None
+        if self._fx.alive(ref):
+            if not force:
+                raise running_rm_refused(self.name)
+            await self._stop(None)
+        self._quiet()
+        self._cfg = None
+        self._publish()
+        await self._fx.forget(self.name)
+        self.state = S.CREATED

@@ -1,0 +1,209 @@
+"""A fake world for the daemon's instance runners: processes that are only
+records, probes that answer what the test says, and a clock that moves only
+when the test advances it. The state database is the real one (SQLite in
+tmp_path): it is the thing whose rows the runners own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llama_orchestrator.config import InstanceConfig, parse_config
+from llama_orchestrator.engine.command import Launch
+from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, ProbeResult
+from llama_orchestrator.engine.lifecycle import Prepared, UpResult
+from llama_orchestrator.engine.process import ProcRef
+from llama_orchestrator.errors import UnknownInstance
+from llama_orchestrator.states import Desired
+from llama_orchestrator.states import InstanceState as S
+from llama_orchestrator.store import InstanceRow, Store
+
+T0 = 1_000_000.0
+
+_HTTP = {HEALTHY: 200, LOADING: 503, DOWN: None, ERROR: 500}
+
+
+@dataclass
+class FakeProc:
+    ref: ProcRef
+    name: str
+    ignores_term: bool = False
+    code: int | None = None
+    signal: int | None = None
+    gone: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    @property
+    def alive(self) -> bool:
+        return not self.gone.done()
+
+    def end(self, code: int | None = None, signal: int | None = None) -> None:
+        if self.alive:
+            self.code, self.signal = code, signal
+            self.gone.set_result(None)
+
+
+class FakeEffects:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.t = T0
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+        self.configs: dict[str, InstanceConfig] = {}
+        #: what the next probes of an instance answer (a status, or a list consumed in order)
+        self.health: dict[str, Any] = {}
+        self.procs: list[FakeProc] = []
+        self.probes: list[tuple[float, str, bool]] = []  # (time, name, deep)
+        self.stops: list[tuple[str, float]] = []  # (name, grace)
+        self.spawn_fails: dict[str, Exception] = {}
+        self.ignore_term: set[str] = set()
+        self.forgotten: list[str] = []
+
+    # --- the test's controls -------------------------------------------------------
+
+    def add(self, name: str, **overrides: Any) -> InstanceConfig:
+        data: dict[str, Any] = {
+            "model": {"path": "m.gguf"},
+            "server": {"port": 9000 + len(self.configs), "parallel": 2},
+            "healthcheck": {"interval": 1, "timeout": 0.5, "retries": 2, "start_period": 0},
+            "restart_policy": {"backoff_initial": 1, "backoff_max": 8, "max_retries": 3},
+            "stop_timeout": 5,
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key].update(value)
+            else:
+                data[key] = value
+        cfg = parse_config(json.dumps(data), f"{name}/config.json", name)
+        self.configs[name] = cfg
+        return cfg
+
+    def proc(self, name: str) -> FakeProc:
+        """The newest process of `name`."""
+        return [p for p in self.procs if p.name == name][-1]
+
+    def running(self, name: str) -> list[FakeProc]:
+        return [p for p in self.procs if p.name == name and p.alive]
+
+    async def settle(self) -> None:
+        """Let every task run until all wait for the clock (or for a test's move)."""
+        for _ in range(50):
+            await asyncio.sleep(0)
+
+    async def advance(self, seconds: float, step: float = 0.05) -> None:
+        """Move the clock forward in small steps, waking the sleepers due."""
+        end = self.t + seconds
+        while self.t < end - 1e-9:
+            self.t = min(end, self.t + step)
+            due = [f for at, f in self._sleepers if at <= self.t + 1e-9]
+            self._sleepers = [(at, f) for at, f in self._sleepers if at > self.t + 1e-9]
+            for f in due:
+                if not f.done():
+                    f.set_result(None)
+            await self.settle()
+
+    # --- Effects ----------------------------------------------------------------------
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        f = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.t + seconds, f))
+        try:
+            await f
+        finally:
+            if not f.done():
+                f.cancel()
+
+    def config(self, name: str) -> InstanceConfig | None:
+        return self.configs.get(name)
+
+    async def prepare(self, names: list[str], strict: bool = False) -> list[Prepared]:
+        out = []
+        for n in names:
+            if n not in self.configs:
+                raise UnknownInstance(n, sorted(self.configs))
+            out.append(
+                Prepared(n, self.configs[n], Path(f"{n}/config.json"), Launch(["srv", n], {}))
+            )
+        return out
+
+    async def spawn(self, p: Prepared, fresh: bool) -> UpResult:
+        if p.name in self.spawn_fails:
+            raise self.spawn_fails[p.name]
+        row = self.store.get_or_new(p.name)
+        live = self.running(p.name)
+        port = p.config.server.port
+        if live:
+            return UpResult(p.name, "already running", live[0].ref.pid, port)
+        ref = ProcRef(4000 + len(self.procs), self.t)
+        self.procs.append(FakeProc(ref, p.name, ignores_term=p.name in self.ignore_term))
+        self.store.set_state(
+            row,
+            S.STARTING,
+            f"started process {ref.pid} on port {port}",
+            desired=Desired.RUNNING,
+            pid=ref.pid,
+            create_time=ref.create_time,
+            port=port,
+            started_at=self.t,
+            supervised=True,
+            next_restart_at=None,
+            **({"restarts": 0, "streak": 0} if fresh else {}),
+        )
+        return UpResult(p.name, "started", ref.pid, port)
+
+    def _find(self, ref: ProcRef | None) -> FakeProc | None:
+        return next((p for p in self.procs if ref is not None and p.ref == ref), None)
+
+    async def stop(self, ref: ProcRef, grace: float) -> bool:
+        proc = self._find(ref)
+        self.stops.append((proc.name if proc else "?", grace))
+        if proc is None or not proc.alive:
+            return True
+        if proc.ignores_term:
+            await self.sleep(grace)
+            proc.end(signal=9)
+            return False
+        proc.end(signal=15)
+        return True
+
+    async def probe(self, cfg: InstanceConfig, deep: bool) -> ProbeResult:
+        name = next(n for n, c in self.configs.items() if c is cfg)
+        self.probes.append((self.t, name, deep))
+        answer = self.health.get(name, DOWN)
+        if isinstance(answer, list):
+            answer = answer.pop(0) if len(answer) > 1 else answer[0]
+        return ProbeResult(answer, _HTTP[answer], 1.0, None if answer == HEALTHY else answer)
+
+    async def watch_exit(self, ref: ProcRef) -> None:
+        proc = self._find(ref)
+        if proc is not None:
+            await asyncio.shield(proc.gone)
+
+    async def exit_info(self, row: InstanceRow) -> dict[str, Any]:
+        proc = self._find(ProcRef(row.pid, row.create_time)) if row.pid else None
+        return {
+            "code": proc.code if proc else None,
+            "signal": proc.signal if proc else None,
+            "at": self.t,
+            "stderr_tail": [],
+        }
+
+    def alive(self, ref: ProcRef | None) -> bool:
+        proc = self._find(ref)
+        return proc is not None and proc.alive
+
+    async def forget(self, name: str) -> None:
+        self.forgotten.append(name)
+        self.store.delete(name)
+
+    async def load_configs(self) -> dict[str, InstanceConfig]:
+        return dict(self.configs)
+
+    async def in_thread(self, fn: Any) -> Any:
+        raise AssertionError("the runners never need a worker thread of their own")

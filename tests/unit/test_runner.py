@@ -1,0 +1,335 @@
+"""The daemon's instance runners and supervisor on a fake world (fake
+processes, scripted probes, a clock that moves only when the test says):
+every decision of the daemon, without a process or a socket."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+
+from llama_orchestrator.daemon.board import Board
+from llama_orchestrator.daemon.runner import Adopt, Remove, Resume, RunnerDeps, Start, Stop
+from llama_orchestrator.daemon.supervisor import Supervisor
+from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING
+from llama_orchestrator.errors import StartFailed, UserError
+from llama_orchestrator.home import Home
+from llama_orchestrator.states import Desired
+from llama_orchestrator.states import InstanceState as S
+from llama_orchestrator.store import Store
+from tests.unit.fake_effects import FakeEffects
+
+
+class World:
+    def __init__(self, home: Home) -> None:
+        self.store = Store.open(home.db_path, clock=lambda: self.fx.t)
+        self.fx = FakeEffects(self.store)
+        self.board = Board()
+        self.board_log: list[set[str]] = []  # who took requests after each change
+        self.board.watch(lambda: self.board_log.append(set(self.board.replicas)))
+        self.settled: list[tuple[str, float]] = []
+
+        async def settle(name: str, timeout: float) -> None:
+            self.settled.append((name, timeout))
+
+        self.deps = RunnerDeps(self.store, self.fx, self.board, settle, rng=random.Random(1))
+        self.sup = Supervisor(home, self.deps)
+
+    def row(self, name: str):
+        r = self.store.get(name)
+        assert r is not None
+        return r
+
+    def kinds(self, name: str) -> list[str]:
+        return [e.kind for e in self.store.events(name)]
+
+    async def up(self, name: str, **kw):
+        (p,) = await self.fx.prepare([name])
+        return await self.sup.runner(name).ask(Start(p, **kw))
+
+
+@pytest.fixture()
+async def w(tmp_path) -> AsyncIterator[World]:
+    world = World(Home(tmp_path / "home"))
+    yield world
+    await world.sup.shutdown(stop_instances=False)
+    world.store.close()
+
+
+async def test_a_start_loads_then_is_healthy_and_takes_requests(w):
+    w.fx.add("a")
+    w.fx.health["a"] = [LOADING, LOADING, HEALTHY]
+    result = await w.up("a")
+    assert result.outcome == "started" and w.row("a").state == S.STARTING
+    assert "a" not in w.board.replicas  # loading: no requests yet
+    await w.fx.advance(0.5)
+    assert w.row("a").state == S.HEALTHY and w.sup.healthy("a")
+    assert w.board.replicas["a"].port == w.fx.configs["a"].server.port
+    assert w.kinds("a") == ["starting", "healthy"]
+    first = [t for t, _, _ in w.fx.probes][:3]
+    assert first[0] - w.fx.procs[0].ref.create_time == pytest.approx(0.05, abs=0.051)
+
+
+async def test_a_kill_is_seen_at_once_and_restarted_after_the_backoff(w):
+    w.fx.add("a")
+    w.fx.health["a"] = HEALTHY
+    await w.up("a")
+    await w.fx.advance(0.3)
+    w.fx.proc("a").end(signal=9)
+    await w.fx.settle()
+    r = w.row("a")
+    assert r.state == S.BACKOFF and r.last_exit["signal"] == 9 and r.restarts == 1
+    assert "a" not in w.board.replicas
+    delay = r.next_restart_at - w.fx.t
+    assert 0.9 <= delay <= 1.1  # backoff_initial 1 s, +-10 % jitter
+    await w.fx.advance(delay - 0.1)
+    assert len(w.fx.procs) == 1  # not before its time
+    await w.fx.advance(0.6)
+    assert len(w.fx.procs) == 2 and w.row("a").state == S.HEALTHY
+    assert w.row("a").pid == w.fx.procs[1].ref.pid
+
+
+async def test_a_crash_loop_ends_failed_after_max_retries_and_stays_down(w):
+    w.fx.add("a", restart_policy={"max_retries": 2, "backoff_initial": 0.5})
+    await w.up("a")
+    for _ in range(3):
+        w.fx.proc("a").end(code=1)
+        await w.fx.advance(2)
+    r = w.row("a")
+    assert r.state == S.FAILED and len(w.fx.procs) == 3 and not w.sup.active("a")
+    await w.fx.advance(30)
+    assert len(w.fx.procs) == 3  # nothing pending
+    assert w.kinds("a").count("backoff") == 2
+
+
+async def test_failing_checks_make_it_unhealthy_then_it_is_stopped_and_restarted(w):
+    w.fx.add("a", restart_policy={"backoff_initial": 0.5})
+    w.fx.health["a"] = HEALTHY
+    await w.up("a")
+    await w.fx.advance(0.5)
+    assert w.sup.healthy("a")
+    w.fx.health["a"] = ERROR
+    await w.fx.advance(1.05)  # one failure (of retries 2): still healthy
+    assert w.row("a").state == S.HEALTHY and "a" in w.board.replicas
+    w.fx.health["a"] = [ERROR, HEALTHY]  # the failure that counts; the next run is fine
+    await w.fx.advance(1.0)
+    assert w.fx.stops == [("a", 5)]  # stopped for failing its checks
+    kinds = w.kinds("a")
+    after = kinds[kinds.index("unhealthy") + 1 :]
+    assert after[:2] == ["exited", "backoff"]  # its exit, then the restart policy
+    assert w.row("a").restarts == 1
+    await w.fx.advance(1.0)
+    assert len(w.fx.procs) == 2 and w.row("a").state == S.HEALTHY and "a" in w.board.replicas
+
+
+async def test_a_model_loading_within_start_period_is_no_failure(w):
+    w.fx.add("a", healthcheck={"start_period": 5})
+    w.fx.health["a"] = LOADING
+    await w.up("a")
+    await w.fx.advance(4.5)
+    assert w.row("a").state == S.STARTING and not w.fx.stops
+    await w.fx.advance(3)  # start_period over: two failures in a row
+    assert "unhealthy" in w.kinds("a") and w.fx.stops
+
+
+async def test_quick_early_looks_do_not_count_as_failures_sooner_than_interval(w):
+    w.fx.add("a", healthcheck={"interval": 1, "retries": 2, "start_period": 0})
+    w.fx.health["a"] = DOWN
+    await w.up("a")
+    await w.fx.advance(0.9)  # many looks, none counted yet
+    assert len(w.fx.probes) >= 4 and w.row("a").state == S.STARTING
+    await w.fx.advance(2.5)
+    assert w.fx.stops  # two counted failures, an interval apart
+
+
+async def test_eager_starts_are_probed_every_50_ms(w):
+    w.fx.add("a")
+    w.fx.health["a"] = LOADING
+    await w.up("a", eager=True)
+    await w.fx.advance(1.0, step=0.05)
+    gaps = [b - a for (a, _, _), (b, _, _) in zip(w.fx.probes, w.fx.probes[1:], strict=False)]
+    assert gaps and max(gaps) <= 0.051 + 1e-6
+
+
+async def test_stop_drains_first_then_stops_and_nothing_restarts_it(w):
+    w.fx.add("a", restart_policy={"mode": "always"})
+    w.fx.health["a"] = HEALTHY
+    await w.up("a")
+    await w.fx.advance(0.3)
+    assert await w.sup.down(["a"], timeout=7) == ["a"]
+    assert w.settled == [("a", 7)] and w.board_log[-1] == set()
+    r = w.row("a")
+    assert (r.state, r.desired) == (S.STOPPED, Desired.STOPPED)
+    assert w.kinds("a")[-2:] == ["stopping", "stopped"]
+    await w.fx.advance(20)
+    assert len(w.fx.procs) == 1 and not w.sup.active("a")
+    assert await w.sup.down(["a"]) == []  # already stopped: nothing to stop
+
+
+async def test_a_server_ignoring_sigterm_is_killed_after_stop_timeout(w):
+    w.fx.add("a", stop_timeout=3)
+    w.fx.ignore_term.add("a")
+    await w.up("a")
+    stopping = asyncio.ensure_future(w.sup.down(["a"]))
+    await w.fx.settle()
+    assert not stopping.done() and w.row("a").state == S.STOPPING
+    await w.fx.advance(3.1)
+    assert await stopping == ["a"]
+    events = w.store.events("a")
+    assert "killed after 3s without exiting" in events[-1].message
+
+
+async def test_the_next_daemon_adopts_a_running_process_and_supervises_it(w):
+    w.fx.add("a", restart_policy={"backoff_initial": 0.5})
+    w.fx.health["a"] = HEALTHY
+    await w.up("a")
+    await w.fx.advance(0.3)
+    pid = w.row("a").pid
+    await w.sup.runner("a").close()  # as if the daemon died: the process lives on
+    w.sup._runners.clear()
+    other = Supervisor(w.sup.home, w.deps)
+    await other.runner("a").ask(Adopt(w.row("a")))
+    assert w.kinds("a")[-1] == "adopted" and w.row("a").supervised
+    await w.fx.advance(1.1)
+    assert other.healthy("a") and len(w.fx.procs) == 1 and w.row("a").pid == pid
+    w.fx.proc("a").end(signal=9)  # and it restarts what it adopted
+    await w.fx.advance(1)
+    assert len(w.fx.procs) == 2
+    await other.shutdown(stop_instances=False)
+
+
+async def test_an_adopted_down_that_was_under_way_is_finished(w):
+    w.fx.add("a")
+    await w.up("a")
+    row = w.row("a")
+    row.desired = Desired.STOPPED
+    w.store.save(row)
+    await w.sup.runner("a").ask(Adopt(w.row("a")))
+    assert w.row("a").state == S.STOPPED and not w.fx.running("a")
+
+
+async def test_a_pending_restart_is_resumed_at_its_time(w):
+    w.fx.add("a")
+    await w.up("a")
+    w.fx.proc("a").end(code=1)
+    await w.fx.settle()
+    at = w.row("a").next_restart_at
+    await w.sup.runner("a").close()
+    w.sup._runners.clear()
+    await w.sup.runner("a").ask(Resume(at))
+    await w.fx.advance(at - w.fx.t - 0.1)
+    assert len(w.fx.procs) == 1
+    await w.fx.advance(0.2)
+    assert len(w.fx.procs) == 2 and w.row("a").state == S.STARTING
+
+
+async def test_a_restart_whose_start_fails_backs_off_again(w):
+    w.fx.add("a", restart_policy={"backoff_initial": 0.5, "max_retries": 2})
+    await w.up("a")
+    w.fx.spawn_fails["a"] = StartFailed("port taken")
+    w.fx.proc("a").end(code=1)
+    await w.fx.advance(5)
+    assert w.row("a").state == S.FAILED and "start_failed" in w.kinds("a")
+
+
+async def test_up_of_a_running_instance_starts_nothing_new(w):
+    w.fx.add("a")
+    await w.up("a")
+    again = await w.up("a")
+    assert again.outcome == "already running" and len(w.fx.procs) == 1
+
+
+async def test_drain_and_restore_take_it_off_the_board_and_back(w):
+    w.fx.add("a")
+    w.fx.health["a"] = HEALTHY
+    await w.up("a")
+    await w.fx.advance(0.3)
+    runner = w.sup.runner("a")
+    runner.drain()
+    assert "a" not in w.board.replicas and runner.healthy
+    runner.restore()
+    assert "a" in w.board.replicas
+
+
+async def test_rm_refuses_a_running_instance_unless_forced(w):
+    w.fx.add("a")
+    await w.up("a")
+    with pytest.raises(UserError, match="is running"):
+        await w.sup.rm("a", force=False)
+    assert w.fx.running("a")
+    await w.sup.rm("a", force=True)
+    assert not w.fx.running("a") and w.fx.forgotten == ["a"] and w.store.get("a") is None
+
+
+async def test_a_rolling_restart_keeps_a_replica_serving_throughout(w):
+    for n in ("r1", "r2"):
+        w.fx.add(n, model={"path": "m.gguf", "alias": "m"})
+        w.fx.health[n] = HEALTHY
+    await w.sup.up(["r1", "r2"])
+    await w.fx.advance(0.3)
+    w.board_log.clear()
+    restarting = asyncio.ensure_future(w.sup.restart(["r1", "r2"], rolling=True))
+    while not restarting.done():
+        await w.fx.advance(0.1)
+    results = await restarting
+    assert [r.healthy for r in results] == [True, True] and len(w.fx.procs) == 4
+    assert w.board_log and all(seen for seen in w.board_log)  # never none serving
+    assert w.board_log[-1] == {"r1", "r2"}
+
+
+async def test_a_rolling_restart_stops_at_a_replica_that_does_not_come_back(w):
+    for n in ("r1", "r2"):
+        w.fx.add(n, restart_policy={"mode": "no"})
+        w.fx.health[n] = HEALTHY
+    await w.sup.up(["r1", "r2"])
+    await w.fx.advance(0.3)
+    w.fx.health["r1"] = ERROR  # alive but failing its checks, and nothing restarts it
+    restarting = asyncio.ensure_future(w.sup.restart(["r1", "r2"], rolling=True, timeout=5))
+    while not restarting.done():
+        await w.fx.advance(0.2)
+    with pytest.raises(StartFailed, match="stopped at 'r1'"):
+        await restarting
+    assert len(w.fx.running("r2")) == 1 and w.fx.proc("r2").ref.pid == 4001  # untouched
+
+
+async def test_probe_results_of_an_old_process_are_ignored(w):
+    w.fx.add("a")
+    w.fx.health["a"] = LOADING
+    await w.up("a")
+    await w.fx.advance(0.2)
+    await w.sup.down(["a"])
+    w.fx.health["a"] = HEALTHY
+    await w.fx.advance(2)
+    assert w.row("a").state == S.STOPPED  # no probe of the stopped run made it healthy
+
+
+async def test_commands_to_one_runner_are_handled_one_at_a_time(w):
+    w.fx.add("a", stop_timeout=2)
+    w.fx.ignore_term.add("a")
+    await w.up("a")
+    down = asyncio.ensure_future(w.sup.down(["a"]))
+    await w.fx.settle()  # the stop is under way
+    (p,) = await w.fx.prepare(["a"])
+    up = asyncio.ensure_future(w.sup.runner("a").ask(Start(p)))
+    await w.fx.settle()
+    assert not up.done()  # waits for the stop to finish
+    await w.fx.advance(2.1)
+    await down
+    result = await up
+    assert result.outcome == "started" and len(w.fx.running("a")) == 1
+    kinds = [k for k in w.kinds("a") if k in ("starting", "stopped")]
+    assert kinds == ["starting", "stopped", "starting"]  # never two at once
+
+
+async def test_remove_of_an_unknown_row_is_fine(w):
+    w.fx.add("a")
+    await w.sup.runner("a").ask(Remove(force=False))
+    assert w.fx.forgotten == ["a"]
+
+
+async def test_a_stop_command_of_a_never_started_instance_records_it_stopped(w):
+    w.fx.add("a")
+    assert await w.sup.runner("a").ask(Stop()) is False
+    assert w.row("a").desired == Desired.STOPPED
