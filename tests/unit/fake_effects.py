@@ -17,6 +17,8 @@ from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, Prob
 from llama_orchestrator.engine.lifecycle import Prepared, UpResult
 from llama_orchestrator.engine.process import ProcRef
 from llama_orchestrator.errors import UnknownInstance
+from llama_orchestrator.gguf_meta import ModelError, ModelInfo
+from llama_orchestrator.gpu import GpuInfo
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
@@ -61,6 +63,8 @@ class FakeEffects:
         self.spawn_fails: dict[str, Exception] = {}
         self.ignore_term: set[str] = set()
         self.forgotten: list[str] = []
+        self.cards: list[GpuInfo] = []
+        self.models: dict[str, ModelInfo] = {}  # by file name
 
     # --- the test's controls -------------------------------------------------------
 
@@ -204,6 +208,17 @@ class FakeEffects:
 
     async def load_configs(self) -> dict[str, InstanceConfig]:
         return dict(self.configs)
+
+    async def gpus(self) -> list[GpuInfo]:
+        return list(self.cards)
+
+    async def model(self, path: Path) -> ModelInfo:
+        if path.name not in self.models:
+            raise ModelError(f"{path} is not a model the test made")
+        return self.models[path.name]
+
+    async def mark_used(self, used: dict[str, float]) -> None:
+        self.store.mark_used(used)
 
     async def in_thread(self, fn: Any) -> Any:
         raise AssertionError("the runners never need a worker thread of their own")

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from llama_orchestrator import platform
@@ -26,11 +27,13 @@ from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import Engine, Prepared, UpResult
 from llama_orchestrator.engine.process import ProcRef, find, stop_tree, wait_exit
 from llama_orchestrator.errors import OrchError
+from llama_orchestrator.gguf_meta import ModelInfo, read_model
+from llama_orchestrator.gpu import GpuInfo, discover
 from llama_orchestrator.home import Home
 from llama_orchestrator.store import InstanceRow
 from llama_orchestrator.validate import load_all
 
-__all__ = ["Effects", "LiveEffects", "EventHook"]
+__all__ = ["Effects", "LiveEffects", "EventHook", "changed_within"]
 
 T = TypeVar("T")
 
@@ -80,6 +83,30 @@ class Effects(Protocol):
     async def in_thread(self, fn: Callable[[Engine], T]) -> T:
         """Run fn(engine) in a worker thread with that thread's own engine."""
 
+    async def gpus(self) -> list[GpuInfo]:
+        """The GPUs now, with their free memory."""
+
+    async def model(self, path: Path) -> ModelInfo:
+        """A model file's metadata (raises ModelError or OSError)."""
+
+    async def mark_used(self, used: dict[str, float]) -> None:
+        """Record when on-demand instances last served a request."""
+
+
+async def changed_within(fx: Effects, event: asyncio.Event, seconds: float) -> bool:
+    """Wait until `event` is set, at most `seconds` of the effects' clock;
+    whether it was."""
+    if event.is_set():
+        return True
+    timer = asyncio.ensure_future(fx.sleep(seconds))
+    waiting = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({timer, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        waiting.cancel()
+    return event.is_set()
+
 
 class LiveEffects:
     """The real processes, sockets, files and clock."""
@@ -95,6 +122,7 @@ class LiveEffects:
         self.clock = clock
         self.on_event = on_event
         self._local = threading.local()
+        self._models: dict[tuple[str, int, int], ModelInfo] = {}
 
     def engine(self) -> Engine:
         """An engine for the calling thread (SQLite connections are per thread)."""
@@ -179,3 +207,22 @@ class LiveEffects:
 
     async def forget(self, name: str) -> None:
         await self.in_thread(lambda e: e.forget(name))
+
+    async def gpus(self) -> list[GpuInfo]:
+        return (await asyncio.to_thread(discover)).gpus
+
+    async def model(self, path: Path) -> ModelInfo:
+        """Read once per file version (path, mtime, size): a GGUF header parse
+        costs milliseconds, and on-demand plans ask on every start."""
+
+        def read() -> ModelInfo:
+            st = path.stat()
+            key = (str(path), st.st_mtime_ns, st.st_size)
+            if key not in self._models:
+                self._models[key] = read_model(path)
+            return self._models[key]
+
+        return await asyncio.to_thread(read)
+
+    async def mark_used(self, used: dict[str, float]) -> None:
+        await self.in_thread(lambda e: e.store.mark_used(used))

@@ -128,6 +128,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     from llama_orchestrator.daemon.runner import RunnerDeps
     from llama_orchestrator.daemon.supervisor import Supervisor
     from llama_orchestrator.router.proxy import Router
+    from llama_orchestrator.router.slots import Slots
 
     _Server = _quiet_server()
 
@@ -140,25 +141,29 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         if metrics is not None:
             metrics.event(instance, kind)
 
-    # Built in the order they need each other; what changes later reaches the
-    # others by subscription (the board's watchers), never by assignment.
+    # Built in the order they need each other: no part is handed another
+    # after construction; what changes later reaches the others through the
+    # board's watchers.
     settings = load_settings(home.settings_path)
     effects = LiveEffects(home, on_event=on_event)
     store = effects.engine().store  # the loop thread's connection
     metrics = Metrics(store)
-    board = Board()
+    board = Board()  # who takes requests now, and the names configs offer
+    slots = Slots(settings.router, lambda: board.replicas.values(), clock=effects.now)
+    board.watch(slots.wake)  # a replica up (or freed): queued requests are served at once
+    sup = Supervisor(
+        home, RunnerDeps(store, effects, board, slots.settle, on_health=metrics.health)
+    )
+    on_demand = OnDemand(sup, slots, settings)
     router = Router(
-        settings.router, lambda: board.replicas, lambda: board.known, metrics.router_hooks()
+        settings.router,
+        lambda: board.replicas,
+        lambda: board.known,
+        metrics.router_hooks(),
+        loader=on_demand,
+        slots=slots,
     )
     metrics.watch_router(router)
-    board.watch(router.wake)  # a replica up (or down): queued requests are served at once
-    sup = Supervisor(
-        home, RunnerDeps(store, effects, board, router.settle, on_health=metrics.health)
-    )
-    on_demand = OnDemand(sup, router, settings)
-    # The one cycle: the router asks on-demand to start what a request names,
-    # and on-demand answers the router's queue when a start fails.
-    router.loader = on_demand
     router_server, router_url = _router(home, router, store, metrics)
     plans = PlanRunner(home, store, router, sup.known_models)
     sock = platform.bind_control(home.daemon_socket)

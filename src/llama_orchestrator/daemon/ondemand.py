@@ -1,9 +1,10 @@
 """On-demand instances in the daemon (issue 9): the router wakes one when a
 request names it, idle ones are stopped, and VRAM is made by swapping out the
-least recently used idle ones. The decisions are `swap`'s (pure); this is the
-asyncio shell that gathers the facts and acts through the supervisor and the
-instance runners, so a stop drains like any `down` and every start goes
-through `up`'s checks.
+least recently used idle ones. The decisions are `swap`'s (pure); this
+is the asyncio shell that gathers the facts (the store, the router's slots,
+the GPUs and model files through the effects) and acts through the
+supervisor's instance runners, so a stop drains like any `down` and every
+start goes through `up`'s checks.
 """
 
 from __future__ import annotations
@@ -11,28 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from functools import partial
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from llama_orchestrator.config import InstanceConfig, Settings
+from llama_orchestrator.daemon.effects import Effects, changed_within
+from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.fit import demand
-from llama_orchestrator.gguf_meta import MIB, ModelError, ModelInfo, read_model
-from llama_orchestrator.gpu import discover
+from llama_orchestrator.gguf_meta import MIB, ModelError
 from llama_orchestrator.router.balance import candidates, serves
+from llama_orchestrator.router.slots import Slots
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.swap import Member, StartPlan, idle_due, plan_start
 from llama_orchestrator.validate import offered_names
 
-if TYPE_CHECKING:
-    from llama_orchestrator.daemon.supervisor import Supervisor
-    from llama_orchestrator.engine.lifecycle import Engine
-    from llama_orchestrator.router.proxy import Router
-
-__all__ = ["OnDemand"]
+__all__ = ["OnDemand", "TICK"]
 
 #: how often idle stops are checked and last-used times written
 TICK = 0.25
@@ -45,27 +42,32 @@ log = logging.getLogger("llama_orchestrator.daemon")
 class OnDemand:
     """The router's `Loader`: starts, swaps and idle-stops on-demand instances."""
 
-    def __init__(self, sup: Supervisor, router: Router, settings: Settings) -> None:
+    def __init__(self, sup: Supervisor, slots: Slots, settings: Settings) -> None:
         self.sup = sup
-        self.router = router
+        self.slots = slots
+        self.fx: Effects = sup.effects
         self.max_running = {g: s.max_running for g, s in settings.groups.items()}
         self.starting: dict[str, asyncio.Task[None]] = {}
         self.stopping: set[str] = set()
         self._written: dict[str, float] = {}
         self._changed = asyncio.Event()  # a request ended or an instance stopped
         self._waiting = 0  # starts waiting for room
-        self._models: dict[tuple[str, int, int], ModelInfo] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # idle stops under way, the loop
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        self._own(self._loop())
+
+    def _own(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self) -> None:
-        for task in [self._task, *self.starting.values()]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for task in [*self._tasks, *self.starting.values()]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # --- the router's Loader --------------------------------------------------
 
@@ -80,10 +82,11 @@ class OnDemand:
             self._notify()
 
     def wake(self, model: str) -> float | None:
-        names = sorted(n for n, c in self._lazy().items() if serves(model, c.alias_or(n), c.tags))
+        lazy = self._lazy()
+        names = sorted(n for n, c in lazy.items() if serves(model, c.alias_or(n), c.tags))
         if not names:
             return None
-        loads = {n: self._lazy()[n].on_demand.load_timeout for n in names}  # type: ignore[union-attr]
+        loads = {n: lazy[n].on_demand.load_timeout for n in names}  # type: ignore[union-attr]
         for name in names:  # one already on its way (or coming back: a restart pending)
             if name in self.starting or name in self.stopping or self.sup.active(name):
                 return loads[name]
@@ -101,15 +104,14 @@ class OnDemand:
         cfg = self._lazy()[name]
         assert cfg.on_demand is not None
         store = self.sup.store
-        deadline = time.monotonic() + cfg.on_demand.load_timeout
+        deadline = self.fx.now() + cfg.on_demand.load_timeout
         said_wait = False
         try:
             while True:
                 changed = self._changed
-                healthy = {n for n in self.sup.configs() if self.sup.healthy(n)}
-                plan = await self.sup.in_thread(partial(self._plan, name=name, healthy=healthy))
+                plan = await self._plan(name)
                 if plan.wait is None:
-                    if any(self.router.in_flight.get(v, 0) for v, _ in plan.stop):
+                    if any(self.slots.busy(v) for v, _ in plan.stop):
                         continue  # a request reached one meanwhile: plan again
                     for victim, _ in plan.stop:  # no request reaches them from now on
                         self.sup.runner(victim).drain()
@@ -118,14 +120,13 @@ class OnDemand:
                 if not said_wait:
                     store.add_event(name, "on_demand_wait", f"waiting to start: {plan.wait}")
                     said_wait = True
-                left = deadline - time.monotonic()
+                left = deadline - self.fx.now()
                 if left <= 0:
                     self._give_up(name, cfg, f"'{model}' cannot start: {plan.wait}.")
                     return
                 self._waiting += 1
                 try:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(changed.wait(), min(left, 1.0))
+                    await changed_within(self.fx, changed, min(left, 1.0))
                 finally:
                     self._waiting -= 1
             for victim, reason in plan.stop:
@@ -136,16 +137,15 @@ class OnDemand:
             )
             # eager: requests wait, so the end of the load is noticed at once
             await self.sup.up([name], eager=True)
-            self.router.last_used[name] = time.time()
+            self.slots.last_used[name] = self.fx.now()
             runner = self.sup.runner(name)  # loading; the router's queue waits for it
-            left = max(0.0, deadline - time.monotonic())
+            left = max(0.0, deadline - self.fx.now())
             if not await runner.until(lambda r: r.healthy or not r.active, left):
                 return  # the queued requests time out with 503 themselves
             if not runner.healthy:
                 row = store.get(name)
                 how = exit_text(row.last_exit) if row and row.last_exit else "stopped"
                 self._give_up(name, cfg, f"'{model}' failed to start: the server {how}.")
-                return
         except OrchError as exc:
             store.add_event(name, "start_failed", f"on-demand start: {exc}")
             self._give_up(name, cfg, f"'{model}' cannot start: {exc}")
@@ -154,13 +154,13 @@ class OnDemand:
             self._notify()  # no longer busy: a start waiting for room may go on
 
     def _give_up(self, name: str, cfg: InstanceConfig, message: str) -> None:
-        self.router.refuse_waiting(offered_names({name: cfg}), message)
+        self.slots.refuse_waiting(offered_names({name: cfg}), message)
 
-    def _plan(self, engine: Engine, *, name: str, healthy: set[str]) -> StartPlan:
-        """What to stop for `name` to start (in a worker thread: reads the store,
-        model files and the GPUs); `healthy`: those taking requests now."""
+    async def _plan(self, name: str) -> StartPlan:
+        """What to stop for `name` to start: the facts (rows, slots, model
+        files, the GPUs) gathered, the decision `plan_start`'s."""
         configs = self.sup.configs()
-        rows = {r.name: r for r in engine.store.all()}
+        rows = {r.name: r for r in self.sup.store.all()}
         members = []
         for n, cfg in configs.items():
             row = rows.get(n)
@@ -172,42 +172,37 @@ class OnDemand:
                     on_demand=cfg.on_demand is not None,
                     running=running and n not in self.stopping,
                     # loading (or failing its checks) counts as busy: never a victim
-                    busy=self.router.in_flight.get(n, 0) > 0
+                    busy=self.slots.busy(n)
                     or n in self.starting
-                    or (running and n not in healthy),
-                    last_used=self.router.last_used.get(n, (row.started_at if row else 0) or 0),
-                    demand=self._demand(cfg, n, devices) if running or n == name else {},
+                    or (running and not self.sup.healthy(n)),
+                    last_used=self.slots.last_used.get(n, (row.started_at if row else 0) or 0),
+                    demand=await self._demand(cfg, n, devices) if running or n == name else {},
                     group=cfg.on_demand.group if cfg.on_demand else None,
                 )
             )
         target = next(m for m in members if m.name == name)
         if not target.demand:
             return plan_start(target, members, {}, None, self.max_running)
-        gpus = discover().gpus
+        gpus = await self.fx.gpus()
         total = {g.index: g.memory_total_mib * MIB for g in gpus}
         free = {g.index: g.memory_free_mib * MIB for g in gpus}
         return plan_start(target, members, total, free, self.max_running)
 
-    def _demand(self, cfg: InstanceConfig, name: str, devices: list[int] | None) -> dict[int, int]:
+    async def _demand(
+        self, cfg: InstanceConfig, name: str, devices: list[int] | None
+    ) -> dict[int, int]:
         """Bytes per device (`devices`: where it actually runs, for `auto`)."""
         if devices:
             cfg = cfg.model_copy(deep=True)
             cfg.gpu.device_id = devices
         if not cfg.gpu.devices or cfg.gpu.vram_mib is not None:
             return demand(cfg, None)
-        path = cfg.model_path(self.sup.home.config_path(name).parent)
+        path: Path = cfg.model_path(self.sup.home.config_path(name).parent)
         try:
-            info = self._model(path)
+            info = await self.fx.model(path)
         except (ModelError, OSError):
             return {}
         return demand(cfg, info)
-
-    def _model(self, path: Path) -> ModelInfo:
-        st = path.stat()
-        key = (str(path), st.st_mtime_ns, st.st_size)
-        if key not in self._models:
-            self._models[key] = read_model(path)
-        return self._models[key]
 
     # --- stopping ---------------------------------------------------------------
 
@@ -219,33 +214,33 @@ class OnDemand:
         finally:
             self.stopping.discard(name)
             self._notify()
-        for model in self.router.waiting_models():
+        for model in self.slots.waiting_models():
             self.wake(model)
 
     async def _loop(self) -> None:
         """Idle stops, and the last-used times `ps` and the dashboard show."""
         while True:
-            await asyncio.sleep(TICK)
+            await self.fx.sleep(TICK)
             try:
                 used = self._tick()
                 if used:  # an fsync: not on the loop the router runs on
-                    await self.sup.in_thread(partial(_mark_used, used=used))
+                    await self.fx.mark_used(used)
                     self._written.update(used)
             except Exception:  # never take the daemon down
                 log.exception("on-demand housekeeping failed")
 
     def _tick(self) -> dict[str, float]:
         """Start the idle stops that are due; the last-used times to write."""
-        now = time.time()
+        now = self.fx.now()
         lazy = self._lazy()
         members = []
         for name in lazy:
             if not self.sup.watching(name) or name in self.stopping:
                 continue
-            busy = self.router.in_flight.get(name, 0) > 0 or name in self.starting
+            busy = self.slots.busy(name) or name in self.starting
             if busy:
-                self.router.last_used[name] = now  # used now: the idle clock waits
-            last = self.router.last_used.setdefault(name, now)  # first seen: counts from now
+                self.slots.last_used[name] = now  # used now: the idle clock waits
+            last = self.slots.last_used.setdefault(name, now)  # first seen: counts from now
             members.append(Member(name, on_demand=True, running=True, busy=busy, last_used=last))
         ttl = {n: c.on_demand.idle_ttl for n, c in lazy.items() if c.on_demand}
         for name in idle_due(members, ttl, now):
@@ -257,16 +252,12 @@ class OnDemand:
             )
             self.sup.runner(name).drain()  # at once: no request may reach it any more
             self.stopping.add(name)
-            asyncio.create_task(self._stop(name))
-        for model in self.router.waiting_models():  # e.g. after a user's `down`
-            if not candidates(model, self.router.replicas()):
+            self._own(self._stop(name))
+        for model in self.slots.waiting_models():  # e.g. after a user's `down`
+            if not candidates(model, self.slots.replicas()):
                 self.wake(model)
         return {
             m.name: m.last_used
             for m in members
             if abs(m.last_used - self._written.get(m.name, 0.0)) >= WRITE_EVERY
         }
-
-
-def _mark_used(engine: Engine, used: dict[str, float]) -> None:
-    engine.store.mark_used(used)

@@ -27,7 +27,7 @@ from typing import Any
 
 from llama_orchestrator.config import InstanceConfig
 from llama_orchestrator.daemon.board import Board
-from llama_orchestrator.daemon.effects import Effects
+from llama_orchestrator.daemon.effects import Effects, changed_within
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import Prepared, UpResult, ended, running_rm_refused
 from llama_orchestrator.engine.policy import Ending, RestartBook, after_exit
@@ -209,21 +209,12 @@ class InstanceRunner:
     async def until(self, done: Callable[[InstanceRunner], bool], timeout: float) -> bool:
         """Wait until done(self) holds after some change, at most `timeout`
         seconds of the effects' clock; whether it holds."""
-        if done(self):
-            return True
-        timer = asyncio.ensure_future(self._fx.sleep(timeout))
-        try:
-            while not done(self):
-                changed = asyncio.ensure_future(self._changed.wait())
-                finished, _ = await asyncio.wait(
-                    {changed, timer}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if changed not in finished:
-                    changed.cancel()
-                    return done(self)
-            return True
-        finally:
-            timer.cancel()
+        deadline = self._fx.now() + timeout
+        while not done(self):
+            left = deadline - self._fx.now()
+            if left <= 0 or not await changed_within(self._fx, self._changed, left):
+                return done(self)
+        return True
 
     async def close(self) -> None:
         """Stop supervising (the process keeps running); no answer will come."""

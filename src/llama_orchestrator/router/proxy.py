@@ -1,6 +1,6 @@
 """The router: one OpenAI-compatible endpoint in front of the healthy
 instances (DESIGN §6). Choosing is `balance`'s; this module keeps the slot
-counts and the bounded per-model queues, and forwards
+counts and queues in `slots`, and forwards
 (over `upstream`, answering through `front`).
 
 What is retried (`may_retry`): a replica that could not be reached, or that
@@ -12,18 +12,16 @@ replayed into every replica. Nothing is retried once the answer began.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llama_orchestrator.config import RouterSettings
-from llama_orchestrator.router.balance import Replica, candidates, least_busy, model_names
+from llama_orchestrator.router.balance import Replica, candidates, model_names
 from llama_orchestrator.router.front import Reply, Request, Stream
+from llama_orchestrator.router.slots import Refusal, Slots
 from llama_orchestrator.router.upstream import Exchange, Upstream, UpstreamError
 
 __all__ = [
@@ -83,16 +81,12 @@ def may_retry(error: UpstreamError, replays: int) -> bool:
     return not error.delivered or replays < MAX_REPLAYS
 
 
-class _Refusal(Exception):
-    """No slot for the request: 503 (none healthy) or 429 (busy)."""
+#: the name the router's tests know it by
+_Refusal = Refusal
 
-    def __init__(self, status: int, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
 
-    @property
-    def response(self) -> Reply:
-        return openai_error(self.status, self.message, self.kind)
+def _refused(refusal: Refusal) -> Reply:
+    return openai_error(refusal.status, refusal.message, refusal.kind)
 
 
 class RouterError(Exception):
@@ -105,12 +99,6 @@ class RouterError(Exception):
         super().__init__(message)
         self.final = final
         self.busy = busy
-
-
-@dataclass
-class _Waiter:
-    future: asyncio.Future[Replica]
-    exclude: frozenset[str]
 
 
 class Loader(Protocol):
@@ -144,16 +132,25 @@ class Router:
     #: every model name a config offers (aliases, tags:...), healthy or not
     known: Callable[[], set[str]]
     metrics: RouterMetrics = field(default_factory=RouterMetrics)
-    in_flight: dict[str, int] = field(default_factory=dict)
-    #: when each instance last began or ended a request (time.time())
-    last_used: dict[str, float] = field(default_factory=dict)
     loader: Loader | None = None
+    #: in-flight counts and queues (shared with on-demand); made here when not given
+    slots: Slots | None = None
     upstream: Upstream = field(default_factory=Upstream)
-    _queues: dict[str, deque[_Waiter]] = field(default_factory=dict)
-    #: who waits for the requests in flight on an instance to end (`settle`)
-    _settling: dict[str, asyncio.Event] = field(default_factory=dict)
 
-    # --- slots and queues -----------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.slots is None:
+            self.slots = Slots(self.settings, lambda: self.healthy().values())
+        self._slots: Slots = self.slots
+
+    # --- slots and queues (see router.slots) -------------------------------------
+
+    @property
+    def in_flight(self) -> dict[str, int]:
+        return self._slots.in_flight
+
+    @property
+    def last_used(self) -> dict[str, float]:
+        return self._slots.last_used
 
     def replicas(self) -> list[Replica]:
         return list(self.healthy().values())
@@ -164,114 +161,31 @@ class Router:
         return sorted(set(model_names(self.replicas())) | lazy)
 
     def queue_depth(self) -> int:
-        return sum(len(q) for q in self._queues.values())
-
-    def _take(self, r: Replica) -> Replica:
-        self.in_flight[r.name] = self.in_flight.get(r.name, 0) + 1
-        self.last_used[r.name] = time.time()
-        return r
+        return self._slots.queue_depth()
 
     def release(self, r: Replica) -> None:
-        left = self.in_flight[r.name] = max(0, self.in_flight.get(r.name, 0) - 1)
-        self.last_used[r.name] = time.time()
-        self.wake()
-        if not left:
-            settled = self._settling.pop(r.name, None)
-            if settled is not None:
-                settled.set()
-            if self.loader is not None:
-                self.loader.idle(r.name)
+        if not self._slots.release(r) and self.loader is not None:
+            self.loader.idle(r.name)
 
     def waiting_models(self) -> list[str]:
-        """Models some request is queued for."""
-        return [m for m, q in self._queues.items() if any(not w.future.done() for w in q)]
+        return self._slots.waiting_models()
 
     def refuse_waiting(self, models: set[str], message: str) -> None:
-        """Answer every request queued for `models` with 503 and `message`
-        (what they wait for will not come: an on-demand start failed)."""
-        for model in models:
-            for waiter in self._queues.pop(model, deque()):
-                if not waiter.future.done():
-                    waiter.future.set_exception(_Refusal(503, message, "unavailable"))
+        self._slots.refuse_waiting(models, message)
 
     def wake(self) -> None:
-        """Give freed (or newly healthy) slots to the oldest waiters, per model."""
-        if not any(self._queues.values()):
-            return  # the common case: nobody waits
-        replicas = self.replicas()
-        for model, queue in self._queues.items():
-            while queue:
-                head = queue[0]
-                if head.future.done():
-                    queue.popleft()
-                    continue
-                r = least_busy(candidates(model, replicas), self.in_flight, head.exclude)
-                if r is None:
-                    break
-                queue.popleft()
-                head.future.set_result(self._take(r))
-
-    async def acquire(self, model: str, exclude: frozenset[str]) -> Replica:
-        """A slot on the least busy replica, waiting in the model's FIFO queue
-        when all are busy. Raises _Refusal (503 none healthy, 429 queue full
-        or waited too long)."""
-        serving = candidates(model, self.replicas())
-        cands = [c for c in serving if c.name not in exclude]
-        timeout = self.settings.queue_timeout
-        loading = None  # seconds to wait for an on-demand instance to load
-        if not cands:
-            if not serving and self.loader is not None:
-                loading = self.loader.wake(model)
-            if loading is None:
-                raise _Refusal(
-                    503,
-                    f"No healthy instance serves '{model}' right now; try again shortly.",
-                    "unavailable",
-                )
-            timeout = loading
-        queue = self._queues.setdefault(model, deque())
-        if not queue and cands:
-            r = least_busy(cands, self.in_flight, exclude)
-            if r is not None:
-                return self._take(r)
-        if len(queue) >= self.settings.max_queue:
-            raise _Refusal(429, f"Every slot for '{model}' is busy and the queue is full.", "busy")
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), exclude)
-        queue.append(waiter)
-        try:
-            await asyncio.wait({waiter.future}, timeout=timeout)
-        except asyncio.CancelledError:  # the client left while waiting
-            if (
-                waiter.future.done()
-                and not waiter.future.cancelled()
-                and waiter.future.exception() is None
-            ):
-                self.release(waiter.future.result())  # granted at that very moment
-            else:
-                self._forget(queue, waiter)
-            raise
-        if not waiter.future.done():
-            self._forget(queue, waiter)
-            if loading is not None:
-                raise _Refusal(
-                    503, f"'{model}' did not finish loading within {loading:g}s.", "unavailable"
-                )
-            raise _Refusal(429, f"Every slot for '{model}' stayed busy for {timeout:g}s.", "busy")
-        return waiter.future.result()  # or the refusal an on-demand start failed with
-
-    @staticmethod
-    def _forget(queue: deque[_Waiter], waiter: _Waiter) -> None:
-        waiter.future.cancel()
-        if waiter in queue:
-            queue.remove(waiter)
+        self._slots.wake()
 
     async def settle(self, name: str, timeout: float) -> None:
-        """Wait (at most `timeout`) until no request is in flight on `name`.
-        The caller has taken it off the board first, so no new one arrives."""
-        if self.in_flight.get(name, 0) > 0:
-            settled = self._settling.setdefault(name, asyncio.Event())
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(settled.wait(), timeout)
+        await self._slots.settle(name, timeout)
+
+    async def acquire(self, model: str, exclude: frozenset[str]) -> Replica:
+        """A slot on the least busy replica (see `Slots.acquire`); when nothing
+        serves `model`, the loader may start an on-demand instance for it."""
+        loading = None
+        if self.loader is not None and not candidates(model, self.replicas()):
+            loading = self.loader.wake(model)
+        return await self._slots.acquire(model, exclude, loading)
 
     # --- forwarding -------------------------------------------------------------
 
@@ -290,7 +204,7 @@ class Router:
         while True:
             try:
                 r = await self.acquire(model, frozenset(tried))
-            except _Refusal as refusal:
+            except Refusal as refusal:
                 if tried:  # every replica failed before answering
                     return openai_error(
                         503,
@@ -298,7 +212,7 @@ class Router:
                         "unavailable",
                     )
                 self.metrics.request(model, "", refusal.status, 0.0)
-                return refusal.response
+                return _refused(refusal)
             try:
                 answer = await self.upstream.open(
                     r.host,
@@ -380,7 +294,7 @@ class Router:
         Raises RouterError. Cancelling it closes the upstream connection."""
         try:
             r = await self.acquire(model, frozenset())
-        except _Refusal as refusal:
+        except Refusal as refusal:
             raise RouterError(refusal.message, busy=True) from None
         start = time.perf_counter()
         status = 0
