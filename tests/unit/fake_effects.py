@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.config import InstanceConfig, parse_config
+from llama_orchestrator.config import InstanceConfig, RouterSettings, parse_config
+from llama_orchestrator.daemon.board import Board
+from llama_orchestrator.daemon.runner import RunnerDeps, Start
+from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.command import Launch
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, ProbeResult
 from llama_orchestrator.engine.lifecycle import Prepared, UpResult
@@ -19,6 +24,8 @@ from llama_orchestrator.engine.process import ProcRef
 from llama_orchestrator.errors import UnknownInstance
 from llama_orchestrator.gguf_meta import ModelError, ModelInfo
 from llama_orchestrator.gpu import GpuInfo
+from llama_orchestrator.home import Home
+from llama_orchestrator.router.slots import Slots
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
@@ -63,7 +70,7 @@ class FakeEffects:
         self.spawn_fails: dict[str, Exception] = {}
         self.ignore_term: set[str] = set()
         self.forgotten: list[str] = []
-        self.cards: list[GpuInfo] = []
+        self.cards: Callable[[], list[GpuInfo]] = list
         self.models: dict[str, ModelInfo] = {}  # by file name
 
     # --- the test's controls -------------------------------------------------------
@@ -210,7 +217,7 @@ class FakeEffects:
         return dict(self.configs)
 
     async def gpus(self) -> list[GpuInfo]:
-        return list(self.cards)
+        return self.cards()
 
     async def model(self, path: Path) -> ModelInfo:
         if path.name not in self.models:
@@ -222,3 +229,36 @@ class FakeEffects:
 
     async def in_thread(self, fn: Any) -> Any:
         raise AssertionError("the runners never need a worker thread of their own")
+
+
+class World:
+    """A supervisor and its runners on a FakeEffects, with the real store."""
+
+    def __init__(self, home: Home) -> None:
+        self.store = Store.open(home.db_path, clock=lambda: self.fx.t)
+        self.fx = FakeEffects(self.store)
+        self.board = Board()
+        self.board_log: list[set[str]] = []  # who took requests after each change
+        self.board.watch(lambda: self.board_log.append(set(self.board.replicas)))
+        self.settled: list[tuple[str, float]] = []
+        self.slots = Slots(RouterSettings(), lambda: self.board.replicas.values(), self.fx.now)
+        self.board.watch(self.slots.wake)
+
+        async def settle(name: str, timeout: float) -> None:
+            self.settled.append((name, timeout))
+            await self.slots.settle(name, timeout)
+
+        self.deps = RunnerDeps(self.store, self.fx, self.board, settle, rng=random.Random(1))
+        self.sup = Supervisor(home, self.deps)
+
+    def row(self, name: str):
+        r = self.store.get(name)
+        assert r is not None
+        return r
+
+    def kinds(self, name: str) -> list[str]:
+        return [e.kind for e in self.store.events(name)]
+
+    async def up(self, name: str, **kw):
+        (p,) = await self.fx.prepare([name])
+        return await self.sup.runner(name).ask(Start(p, **kw))

@@ -5,49 +5,18 @@ every decision of the daemon, without a process or a socket."""
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator
 
 import pytest
 
-from llama_orchestrator.daemon.board import Board
-from llama_orchestrator.daemon.runner import Adopt, Remove, Resume, RunnerDeps, Start, Stop
+from llama_orchestrator.daemon.runner import Adopt, Remove, Resume, Start, Stop
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING
 from llama_orchestrator.errors import StartFailed, UserError
 from llama_orchestrator.home import Home
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import Store
-from tests.unit.fake_effects import FakeEffects
-
-
-class World:
-    def __init__(self, home: Home) -> None:
-        self.store = Store.open(home.db_path, clock=lambda: self.fx.t)
-        self.fx = FakeEffects(self.store)
-        self.board = Board()
-        self.board_log: list[set[str]] = []  # who took requests after each change
-        self.board.watch(lambda: self.board_log.append(set(self.board.replicas)))
-        self.settled: list[tuple[str, float]] = []
-
-        async def settle(name: str, timeout: float) -> None:
-            self.settled.append((name, timeout))
-
-        self.deps = RunnerDeps(self.store, self.fx, self.board, settle, rng=random.Random(1))
-        self.sup = Supervisor(home, self.deps)
-
-    def row(self, name: str):
-        r = self.store.get(name)
-        assert r is not None
-        return r
-
-    def kinds(self, name: str) -> list[str]:
-        return [e.kind for e in self.store.events(name)]
-
-    async def up(self, name: str, **kw):
-        (p,) = await self.fx.prepare([name])
-        return await self.sup.runner(name).ask(Start(p, **kw))
+from tests.unit.fake_effects import World
 
 
 @pytest.fixture()
