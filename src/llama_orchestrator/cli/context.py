@@ -56,16 +56,18 @@ class AppContext:
             self._engine = Engine(self.home)
         return self._engine
 
-    def control(self, start_daemon: bool = False) -> Control:
-        """Where up/down/restart/rm go: the home's daemon when it runs (started
-        first with `start_daemon`), else the engine (instances run unsupervised)."""
+    def control(
+        self,
+        start_daemon: bool = False,
+        says: str = "Started the llama-orch daemon (pid {pid}); it supervises what `up` starts.",
+    ) -> Control:
+        """Where up/down/restart/rm and the plan verbs go: the home's daemon
+        when it runs (started first with `start_daemon`, which `says` so),
+        else the engine (instances run unsupervised; plans are refused)."""
         from llama_orchestrator.daemon import control
 
         def started(info: DaemonInfo) -> None:
-            say(
-                f"Started the llama-orch daemon (pid {info.pid}); it supervises what `up` starts.",
-                to_err=True,
-            )
+            say(says.format(pid=info.pid), to_err=True)
 
         return control(self.engine, start_daemon, started)
 

@@ -90,17 +90,9 @@ def _follow(app_ctx: Any, run_id: str) -> int:
     return 0 if data["state"] == "completed" else 1
 
 
-def _client(app_ctx: Any) -> Any:
-    """The home's daemon, started in the background if none runs."""
-    from llama_orchestrator.daemon import ensure_running
-    from llama_orchestrator.daemon.client import DaemonClient
-
-    return DaemonClient(
-        ensure_running(
-            app_ctx.home,
-            lambda info: say(f"Started the llama-orch daemon (pid {info.pid}).", to_err=True),
-        )
-    )
+def _control(app_ctx: Any) -> Any:
+    """The home's daemon (plans run there), started in the background if none runs."""
+    return app_ctx.control(start_daemon=True, says="Started the llama-orch daemon (pid {pid}).")
 
 
 @app.command()
@@ -113,14 +105,13 @@ def run(
     ),
 ) -> None:
     """Check a plan, hand it to the daemon and print its run id."""
-    from llama_orchestrator.daemon.client import submit_plan
     from llama_orchestrator.plans.ops import check_file
     from llama_orchestrator.plans.spec import parse_vars
 
     app_ctx = app_context(ctx)
     given = parse_vars(var)
     plan, text = check_file(app_ctx.home, file, given)  # every problem before anything runs
-    reply = submit_plan(_client(app_ctx), file, text, given)
+    reply = _control(app_ctx).submit_plan(file, text, given)
     run_id, unserved = reply.id, reply.unserved
     say(run_id)
     if unserved:
@@ -198,7 +189,7 @@ def cancel(
 
     app_ctx = app_context(ctx)
     require_run(app_ctx.engine.store, run_id)  # an unknown id is an error before any daemon starts
-    stopped = _client(app_ctx).call("POST", f"/v1/plans/{run_id}/cancel")["cancelled"]
+    stopped = _control(app_ctx).cancel_plan(run_id).cancelled
     say(f"Cancelled plan run {run_id}" + (f" (stopped {', '.join(stopped)})." if stopped else "."))
 
 
@@ -215,7 +206,7 @@ def retry(
 
     app_ctx = app_context(ctx)
     require_run(app_ctx.engine.store, run_id)
-    again = _client(app_ctx).call("POST", f"/v1/plans/{run_id}/retry")["requeued"]
+    again = _control(app_ctx).retry_plan(run_id).requeued
     say(f"Plan run {run_id}: {len(again)} task(s) queued again ({', '.join(again)}).")
     if wait:
         raise typer.Exit(_follow(app_ctx, run_id))

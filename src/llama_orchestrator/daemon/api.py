@@ -25,12 +25,14 @@ from llama_orchestrator.daemon.client import HOST
 from llama_orchestrator.daemon.metrics import CONTENT_TYPE, Metrics
 from llama_orchestrator.daemon.plans import PlanRunner
 from llama_orchestrator.daemon.protocol import (
+    CancelReply,
     DownReply,
     DownRequest,
     ErrorCode,
     PlanReply,
     PlanRequest,
     RestartRequest,
+    RetryReply,
     RmReply,
     RmRequest,
     ShutdownReply,
@@ -149,11 +151,11 @@ def build_app(
 
     @app.post("/v1/plans/{run_id}/cancel")
     async def plan_cancel(run_id: str) -> dict[str, Any]:
-        return {"cancelled": await plans.cancel(run_id)}
+        return asdict(CancelReply(await plans.cancel(run_id)))
 
     @app.post("/v1/plans/{run_id}/retry")
     async def plan_retry(run_id: str) -> dict[str, Any]:
-        return {"requeued": plans.retry(run_id)}
+        return asdict(RetryReply(plans.retry(run_id)))
 
     @app.get("/metrics")
     async def prometheus() -> Response:

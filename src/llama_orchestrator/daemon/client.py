@@ -18,11 +18,13 @@ from typing import Any
 from llama_orchestrator import platform
 from llama_orchestrator.daemon.info import DaemonInfo
 from llama_orchestrator.daemon.protocol import (
+    CancelReply,
     DownReply,
     DownRequest,
     PlanReply,
     PlanRequest,
     RestartRequest,
+    RetryReply,
     RmRequest,
     UpReply,
     UpRequest,
@@ -32,7 +34,7 @@ from llama_orchestrator.daemon.protocol import (
 from llama_orchestrator.engine.lifecycle import Engine, Progress, UpResult
 from llama_orchestrator.errors import OrchError, StartFailed
 
-__all__ = ["DaemonClient", "Supervised", "submit_plan", "error_from_json", "error_to_json"]
+__all__ = ["DaemonClient", "Supervised", "error_from_json", "error_to_json"]
 
 #: the Host header our client sends; the API accepts only loopback names and this
 HOST = "llama-orch"
@@ -89,9 +91,10 @@ class DaemonClient:
 
 
 class Supervised:
-    """up/down/restart/rm carried out by the daemon, so that it becomes the
-    parent of the instances it starts (instant exit detection, exit codes) and
-    supervises them; waiting for health reads the state the daemon writes."""
+    """The `Control` of a home whose daemon runs: up/down/restart/rm carried
+    out by the daemon, so that it becomes the parent of the instances it
+    starts (instant exit detection, exit codes) and supervises them; waiting
+    for health reads the state the daemon writes. Plans run there too."""
 
     def __init__(self, engine: Engine, info: DaemonInfo) -> None:
         self.engine = engine
@@ -140,14 +143,13 @@ class Supervised:
     def rm(self, name: str, force: bool = False) -> None:
         self.client.call("POST", "/v1/rm", RmRequest(name, force))
 
+    def submit_plan(self, path: Path, text: str, given_vars: dict[str, str]) -> PlanReply:
+        source = path.resolve()
+        body = PlanRequest(text, str(source), str(source.parent), given_vars)
+        return PlanReply(**self.client.call("POST", "/v1/plans", body))
 
-def submit_plan(
-    client: DaemonClient, path: Path, text: str, given_vars: dict[str, str]
-) -> PlanReply:
-    """Hand a (checked) plan file to the daemon: its run id, and the models no
-    healthy instance serves now."""
-    source = path.resolve()
-    answer = client.call(
-        "POST", "/v1/plans", PlanRequest(text, str(source), str(source.parent), given_vars)
-    )
-    return PlanReply(**answer)
+    def cancel_plan(self, run_id: str) -> CancelReply:
+        return CancelReply(**self.client.call("POST", f"/v1/plans/{run_id}/cancel"))
+
+    def retry_plan(self, run_id: str) -> RetryReply:
+        return RetryReply(**self.client.call("POST", f"/v1/plans/{run_id}/retry"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Protocol
 
 from llama_orchestrator.engine.lifecycle import Progress, UpResult
@@ -49,6 +50,8 @@ __all__ = [
     "RmReply",
     "ShutdownReply",
     "PlanReply",
+    "CancelReply",
+    "RetryReply",
     "error_to_json",
     "error_from_json",
     "http_status",
@@ -238,11 +241,22 @@ class PlanReply:
     unserved: list[str] = field(default_factory=list)
 
 
+@dataclass
+class CancelReply:
+    cancelled: list[str]  # the tasks that were running and were stopped
+
+
+@dataclass
+class RetryReply:
+    requeued: list[str]
+
+
 # --- what commands act on ---------------------------------------------------------
 
 
 class Control(Protocol):
-    """up/down/restart/rm, by the daemon when it runs or by the engine here."""
+    """up/down/restart/rm and the plan verbs, by the daemon when it runs or by
+    the engine here (which runs no plans: it refuses them, saying why)."""
 
     def up(
         self,
@@ -269,3 +283,12 @@ class Control(Protocol):
         ...
 
     def rm(self, name: str, force: bool = False) -> None: ...
+
+    def submit_plan(self, path: Path, text: str, given_vars: dict[str, str]) -> PlanReply:
+        """Hand a checked plan file to the daemon: its run id, and the models
+        no healthy instance serves now."""
+        ...
+
+    def cancel_plan(self, run_id: str) -> CancelReply: ...
+
+    def retry_plan(self, run_id: str) -> RetryReply: ...

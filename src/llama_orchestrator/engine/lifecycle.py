@@ -511,6 +511,23 @@ class Engine:
         for folder in (self.home.instance_dir(name), self.home.log_dir(name)):
             shutil.rmtree(folder, ignore_errors=True)
 
+    # --- plans: the daemon's (Control's plan verbs) ------------------------------------
+
+    def _plans_need_the_daemon(self) -> UserError:
+        return UserError(
+            "Plans run in the llama-orch daemon, and none runs for this home.",
+            hint="Start it with `llama-orch daemon start` (`plan run` starts it too).",
+        )
+
+    def submit_plan(self, path: Any, text: str, given_vars: dict[str, str]) -> Any:
+        raise self._plans_need_the_daemon()
+
+    def cancel_plan(self, run_id: str) -> Any:
+        raise self._plans_need_the_daemon()
+
+    def retry_plan(self, run_id: str) -> Any:
+        raise self._plans_need_the_daemon()
+
     # --- health -------------------------------------------------------------------
 
     def probe(self, name: str) -> health.ProbeResult:
