@@ -35,7 +35,7 @@ from _common import (  # noqa: E402
 )
 
 from llama_orchestrator.config import load_config  # noqa: E402
-from llama_orchestrator.engine.command import build_launch  # noqa: E402
+from llama_orchestrator.config.command import build_launch  # noqa: E402
 
 BODY = {
     "model": "od",

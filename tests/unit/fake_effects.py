@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from llama_orchestrator.config import InstanceConfig, RouterSettings, parse_config
+from llama_orchestrator.config.command import Launch
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.runner import RunnerDeps, Start
 from llama_orchestrator.daemon.supervisor import Supervisor
-from llama_orchestrator.engine.command import Launch
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, ProbeResult
 from llama_orchestrator.engine.lifecycle import Prepared, UpResult
 from llama_orchestrator.engine.process import ProcRef

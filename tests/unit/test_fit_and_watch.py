@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from llama_orchestrator.config.fit import human_bytes, human_count, overcommits, pick_devices
 from llama_orchestrator.errors import UserError
-from llama_orchestrator.fit import human_bytes, human_count, overcommits, pick_devices
 from llama_orchestrator.gguf_meta import MIB, read_model
 from llama_orchestrator.gpu import parse_nvidia_smi
 from llama_orchestrator.gpuwatch import alerts, record_changes

@@ -3,11 +3,11 @@ import json
 import pytest
 
 from llama_orchestrator import binary
-from llama_orchestrator.create import create_instance, pick_port
+from llama_orchestrator.config.create import create_instance, pick_port
+from llama_orchestrator.config.validate import validate_home
 from llama_orchestrator.errors import BinaryNotFound, PortConflict, UserError
 from llama_orchestrator.gpu import Discovery
 from llama_orchestrator.home import Home
-from llama_orchestrator.validate import validate_home
 from tests.helpers import write_config
 from tests.unit.test_config import DESIGN_EXAMPLE
 
@@ -120,7 +120,7 @@ def test_create_refuses_a_port_of_another_instance_and_bad_names(home, gguf, tmp
 
 
 def test_cpu_instances_asking_for_more_threads_than_cores_are_warned_about(home, gguf):
-    from llama_orchestrator.validate import cpu_thread_problems, load_all
+    from llama_orchestrator.config.validate import cpu_thread_problems, load_all
 
     write_config(home, "a", gguf, model={"threads": 2})
     write_config(home, "b", gguf)  # no threads: llama-server takes every core

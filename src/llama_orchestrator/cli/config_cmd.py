@@ -9,8 +9,8 @@ import typer
 
 from llama_orchestrator.cli.context import app_context, err, out, print_json
 from llama_orchestrator.config import InstanceConfig, redacted
+from llama_orchestrator.config.validate import load_all, validate_home
 from llama_orchestrator.errors import ConfigError, UnknownInstance
-from llama_orchestrator.validate import load_all, validate_home
 
 __all__ = ["app"]
 

@@ -11,7 +11,7 @@ import typer
 
 from llama_orchestrator.cli.context import err, out
 from llama_orchestrator.cli.inspect import ps_table
-from llama_orchestrator.create import create_instance
+from llama_orchestrator.config.create import create_instance
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.status import collect
 from llama_orchestrator.errors import UserError

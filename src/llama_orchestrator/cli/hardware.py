@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from llama_orchestrator.cli.context import app_context, err, out, print_json, say
+from llama_orchestrator.config.fit import human_bytes, human_count
 from llama_orchestrator.engine import views
-from llama_orchestrator.fit import human_bytes, human_count
 from llama_orchestrator.gguf_meta import estimate, read_model, scan_models
 from llama_orchestrator.present import GPU_COLUMNS, gpu_cells
 

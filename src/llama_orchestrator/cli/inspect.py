@@ -9,10 +9,10 @@ from typing import Any
 import typer
 
 from llama_orchestrator.cli.context import AppContext, app_context, err, out, print_json, say
+from llama_orchestrator.config.fit import human_bytes, human_count
 from llama_orchestrator.engine import views
 from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.engine.status import collect, iso
-from llama_orchestrator.fit import human_bytes, human_count
 from llama_orchestrator.present import (
     STATE_STYLES,
     ago,

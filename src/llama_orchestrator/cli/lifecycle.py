@@ -12,7 +12,7 @@ import typer
 
 from llama_orchestrator.cli.context import app_context, err, say
 from llama_orchestrator.config import BACKENDS
-from llama_orchestrator.create import create_instance
+from llama_orchestrator.config.create import create_instance
 from llama_orchestrator.engine.lifecycle import Progress, UpResult
 from llama_orchestrator.errors import UserError
 
@@ -207,7 +207,7 @@ def restart(
     """Stop and start instances again."""
     app = app_context(ctx)
     if rolling:
-        from llama_orchestrator.validate import replicas_of
+        from llama_orchestrator.config.validate import replicas_of
 
         targets = [n for alias in names for n in replicas_of(app.home, alias)]
     else:

@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from llama_orchestrator import platform
 from llama_orchestrator.config import InstanceConfig, load_config
+from llama_orchestrator.config.validate import load_all
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import Engine, Prepared, UpResult
 from llama_orchestrator.engine.process import ProcRef, find, stop_tree, wait_exit
@@ -31,7 +32,6 @@ from llama_orchestrator.gguf_meta import ModelInfo, read_model
 from llama_orchestrator.gpu import GpuInfo, discover
 from llama_orchestrator.home import Home
 from llama_orchestrator.store import InstanceRow
-from llama_orchestrator.validate import load_all
 
 __all__ = ["Effects", "LiveEffects", "EventHook", "changed_within"]
 

@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from llama_orchestrator.config import InstanceConfig, Settings
+from llama_orchestrator.config.fit import demand
+from llama_orchestrator.config.validate import offered_names
 from llama_orchestrator.daemon.effects import Effects, changed_within
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.errors import OrchError
-from llama_orchestrator.fit import demand
 from llama_orchestrator.gguf_meta import MIB, ModelError
 from llama_orchestrator.router.balance import candidates, serves
 from llama_orchestrator.router.slots import Slots
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.swap import Member, StartPlan, idle_due, plan_start
-from llama_orchestrator.validate import offered_names
 
 __all__ = ["OnDemand", "TICK"]
 

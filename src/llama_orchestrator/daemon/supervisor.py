@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.config.validate import offered_names
 from llama_orchestrator.daemon.runner import (
     Adopt,
     InstanceRunner,
@@ -37,7 +38,6 @@ from llama_orchestrator.errors import OrchError, StartFailed
 from llama_orchestrator.home import Home
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.validate import offered_names
 
 __all__ = ["Supervisor", "HOUSEKEEPING_INTERVAL"]
 

@@ -19,8 +19,9 @@ from typing import Any
 
 from llama_orchestrator import platform
 from llama_orchestrator.config import InstanceConfig, Settings, load_settings
+from llama_orchestrator.config.prepare import Prepared, prepare
+from llama_orchestrator.config.validate import load_all
 from llama_orchestrator.engine import health, logs
-from llama_orchestrator.engine.prepare import Prepared, prepare
 from llama_orchestrator.engine.process import (
     ProcRef,
     create_time_of,
@@ -37,7 +38,6 @@ from llama_orchestrator.home import Home, check_name, daemon_lock_held
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
-from llama_orchestrator.validate import load_all
 
 __all__ = [
     "Engine",

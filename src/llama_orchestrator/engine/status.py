@@ -14,13 +14,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.config.validate import load_all
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow
 from llama_orchestrator.swap import idle_left
-from llama_orchestrator.validate import load_all
 
 __all__ = ["status_view", "on_demand_view", "observed_state", "collect", "iso"]
 

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from llama_orchestrator.config import InstanceConfig, is_secret_name, redacted
+from llama_orchestrator.config.fit import GPU_BACKENDS, demand
+from llama_orchestrator.config.validate import load_all, pinned_devices
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.status import collect, iso
 from llama_orchestrator.errors import OrchError
-from llama_orchestrator.fit import GPU_BACKENDS, demand
 from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
 from llama_orchestrator.gpuwatch import GpuStatus, check
 from llama_orchestrator.states import RUNNING_STATES
-from llama_orchestrator.validate import load_all, pinned_devices
 
 __all__ = ["describe", "gpu_sample", "pinned", "pinned_gpu_warnings"]
 

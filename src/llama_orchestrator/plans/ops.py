@@ -9,12 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llama_orchestrator.config.validate import model_names
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.home import Home
 from llama_orchestrator.plans.records import RunView, require_run
 from llama_orchestrator.plans.spec import Plan, parse_plan
 from llama_orchestrator.store import Store
-from llama_orchestrator.validate import model_names
 
 __all__ = ["check_file", "follow"]
 

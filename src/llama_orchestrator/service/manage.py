@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from llama_orchestrator.config import atomic_write_text, load_settings
+from llama_orchestrator.config.validate import load_all
 from llama_orchestrator.errors import OrchError, UserError
 from llama_orchestrator.home import Home
 from llama_orchestrator.service import spec as sp
-from llama_orchestrator.validate import load_all
 
 __all__ = ["Host", "MANAGERS", "install", "uninstall", "status", "execute", "describe_plan"]
 

@@ -24,8 +24,8 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Log, Static
 from textual.worker import get_current_worker
 
+from llama_orchestrator.config.fit import human_bytes
 from llama_orchestrator.engine.logs import follow, tail_lines
-from llama_orchestrator.fit import human_bytes
 from llama_orchestrator.present import (
     GPU_COLUMNS,
     STATE_STYLES,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from llama_orchestrator.binary import find_llama_server
 from llama_orchestrator.config import InstanceConfig, load_config
-from llama_orchestrator.engine.command import check_extra_args
+from llama_orchestrator.config.command import check_extra_args
+from llama_orchestrator.config.fit import GPU_BACKENDS, demand, overcommits
 from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem, UserError
-from llama_orchestrator.fit import GPU_BACKENDS, demand, overcommits
 from llama_orchestrator.gguf_meta import ModelError, is_gguf, read_model
 from llama_orchestrator.gpu import Discovery, GpuInfo, discover
 from llama_orchestrator.home import Home

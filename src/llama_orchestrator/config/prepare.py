@@ -13,13 +13,18 @@ from pathlib import Path
 
 from llama_orchestrator.binary import find_llama_server
 from llama_orchestrator.config import InstanceConfig
-from llama_orchestrator.engine.command import Launch, build_launch
+from llama_orchestrator.config.command import Launch, build_launch
+from llama_orchestrator.config.fit import GPU_BACKENDS, pick_devices
+from llama_orchestrator.config.validate import (
+    check_instance,
+    cpu_thread_problems,
+    load_all,
+    vram_problems,
+)
 from llama_orchestrator.errors import ConfigError, Problem, UnknownInstance
-from llama_orchestrator.fit import GPU_BACKENDS, pick_devices
 from llama_orchestrator.gguf_meta import read_model
 from llama_orchestrator.gpu import Discovery
 from llama_orchestrator.home import Home
-from llama_orchestrator.validate import check_instance, cpu_thread_problems, load_all, vram_problems
 
 __all__ = ["Prepared", "prepare"]
 
