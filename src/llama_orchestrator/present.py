@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
 from llama_orchestrator.gpu import GpuInfo
 from llama_orchestrator.timefmt import human_duration
+
+if TYPE_CHECKING:  # the engine is not imported to print a table
+    from llama_orchestrator.engine.status import InstanceStatus
 
 __all__ = [
     "ANSI",
@@ -38,7 +41,7 @@ STATE_STYLES = {
 GPU_COLUMNS = ("GPU", "NAME", "BACKEND", "VRAM", "FREE", "UTIL", "TEMP", "POWER", "INSTANCES")
 
 
-def state_label(status: dict[str, Any]) -> str:
+def state_label(status: InstanceStatus) -> str:
     """`healthy*`: the star marks a running instance nothing supervises;
     `backoff (3.2s)`: the next restart is due in 3.2 seconds; `idle (on demand)`:
     stopped until a request names it; `healthy (idle stop 4m12s)`: an on-demand
@@ -59,7 +62,7 @@ def ago(iso_time: str | None, now: float) -> str:
     return human_duration(max(0.0, now - datetime.fromisoformat(iso_time).timestamp())) + " ago"
 
 
-def on_demand_line(status: dict[str, Any], idle_ttl: float | None, now: float) -> str | None:
+def on_demand_line(status: InstanceStatus, idle_ttl: float | None, now: float) -> str | None:
     """`on demand: idle stop after 300s; last used 12s ago; stops in 4m48s`
     (`describe` and the dashboard's detail), None for an always-on instance."""
     if not status.get("on_demand"):
@@ -71,7 +74,7 @@ def on_demand_line(status: dict[str, Any], idle_ttl: float | None, now: float) -
     return "; ".join(parts)
 
 
-def backend_label(status: dict[str, Any]) -> str:
+def backend_label(status: InstanceStatus) -> str:
     """`cuda:0,3`, or the backend alone when nothing is pinned."""
     gpus = ",".join(str(g) for g in status["gpu_devices"])
     return f"{status['backend']}:{gpus}" if gpus else (status["backend"] or "-")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
 
 import typer
 
@@ -12,7 +11,7 @@ from llama_orchestrator.cli.context import AppContext, app_context, err, out, pr
 from llama_orchestrator.config.fit import human_bytes, human_count
 from llama_orchestrator.engine import views
 from llama_orchestrator.engine.lifecycle import exit_text
-from llama_orchestrator.engine.status import collect, iso
+from llama_orchestrator.engine.status import InstanceStatus, collect, iso
 from llama_orchestrator.present import (
     STATE_STYLES,
     ago,
@@ -29,7 +28,7 @@ __all__ = ["register", "ps_table"]
 PS_COLUMNS = ["NAME", "STATE", "PID", "PORT", "ALIAS", "BACKEND", "RESTARTS", "UPTIME", "MODEL"]
 
 
-def ps_table(rows: list[dict[str, Any]], color: bool = False, now: float | None = None) -> str:
+def ps_table(rows: list[InstanceStatus], color: bool = False, now: float | None = None) -> str:
     """The `ps` table as plain text (ANSI colours for the state when `color`);
     with a LAST USED column when any instance is on demand."""
     on_demand = any(r.get("on_demand") for r in rows)

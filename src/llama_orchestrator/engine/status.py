@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypedDict
 
 from llama_orchestrator.config import InstanceConfig
 from llama_orchestrator.config.validate import load_all
@@ -22,10 +22,67 @@ from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow
 from llama_orchestrator.swap import idle_left
 
-__all__ = ["status_view", "on_demand_view", "observed_state", "collect", "iso"]
+__all__ = [
+    "InstanceStatus",
+    "Description",
+    "status_view",
+    "on_demand_view",
+    "observed_state",
+    "collect",
+    "iso",
+]
 
 PS_PROBE_TIMEOUT = 1.0
 _PROBED = (S.STARTING, S.HEALTHY, S.UNHEALTHY)
+
+
+class InstanceStatus(TypedDict):
+    """One instance as `ps --json`, the CLI's tables and the dashboard see it
+    (DESIGN §8's keys, and more): the one status view, built by `status_view`."""
+
+    name: str
+    state: str
+    desired: str
+    pid: int | None
+    host: str | None
+    port: int | None
+    alias: str | None
+    model_path: str | None
+    backend: str | None
+    gpu_devices: list[int] | str
+    restarts: int
+    started_at: str | None
+    uptime_s: float | None
+    exit_code: int | None
+    last_exit: dict[str, Any] | None
+    supervised: bool
+    next_restart_at: str | None
+    next_try_s: float | None
+    config_error: str | None
+    on_demand: bool
+    last_used_at: str | None
+    idle_stop_in_s: float | None
+
+
+class Description(InstanceStatus, total=False):
+    """`describe`: the status view plus what only a close look shows."""
+
+    config_path: str
+    config: dict[str, Any]  # secrets hidden
+    command: list[str]
+    env: dict[str, str]  # what the launch adds, secrets hidden
+    command_error: str
+    model: dict[str, Any]
+    model_error: str
+    gpus: list[dict[str, Any]]
+    logs: dict[str, str]
+    events: list[dict[str, Any]]
+
+
+class OnDemandStatus(TypedDict):
+    on_demand: bool
+    last_used_at: str | None
+    idle_stop_in_s: float | None
 
 
 def iso(ts: float | None) -> str | None:
@@ -41,7 +98,7 @@ def status_view(
     now: float,
     config_dir: Any = None,
     config_error: str | None = None,
-) -> dict[str, Any]:
+) -> InstanceStatus:
     """One `ps --json` entry."""
     running = row.state in RUNNING_STATES
     model_path = None
@@ -75,7 +132,7 @@ def status_view(
     }
 
 
-def on_demand_view(cfg: InstanceConfig | None, row: InstanceRow, now: float) -> dict[str, Any]:
+def on_demand_view(cfg: InstanceConfig | None, row: InstanceRow, now: float) -> OnDemandStatus:
     """`on_demand`, `last_used_at` and `idle_stop_in_s`: the idle countdown of a
     running on-demand instance the daemon supervises (it is what stops them; it
     keeps last_used_at current while requests are in flight, so the countdown
@@ -108,7 +165,7 @@ def observed_state(current: S, probe: health.ProbeResult) -> S:
 
 def collect(
     engine: Engine, names: list[str] | None = None, probe: bool = True
-) -> list[dict[str, Any]]:
+) -> list[InstanceStatus]:
     """Status of the named instances (all when None), sorted by name."""
     loaded = {x.name: x for x in load_all(engine.home)}
     # `supervised` as it is now: a row keeps the flag when its daemon is killed

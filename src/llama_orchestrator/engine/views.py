@@ -11,7 +11,7 @@ from llama_orchestrator.config import InstanceConfig, is_secret_name, redacted
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand
 from llama_orchestrator.config.validate import load_all, pinned_devices
 from llama_orchestrator.engine.lifecycle import Engine
-from llama_orchestrator.engine.status import collect, iso
+from llama_orchestrator.engine.status import Description, collect, iso
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
 from llama_orchestrator.gpuwatch import GpuStatus, check
@@ -43,16 +43,16 @@ def pinned_gpu_warnings(engine: Engine) -> list[str]:
     return gpu_sample(engine).warnings
 
 
-def describe(engine: Engine, name: str) -> dict[str, Any]:
+def describe(engine: Engine, name: str) -> Description:
     """Everything about one instance: `ps` keys plus config (secrets hidden),
     exact command and added environment, model and GPUs, logs, recent events."""
-    data: dict[str, Any] = collect(engine, [name])[0]
+    data = Description(**collect(engine, [name])[0])
     item = next((x for x in load_all(engine.home) if x.name == name), None)
     if item is not None:
         data["config_path"] = str(item.path)
         if item.config is not None:
             data["config"] = redacted(item.config)
-            data.update(_model_and_gpus(engine, item.config, item.path.parent))
+            data.update(_model_and_gpus(engine, item.config, item.path.parent))  # type: ignore[typeddict-item]
             try:
                 (prepared,) = engine.prepare([name])
                 data["command"] = prepared.launch.argv

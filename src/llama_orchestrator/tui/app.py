@@ -92,9 +92,7 @@ def cells(v: InstanceView) -> tuple[Text | str, ...]:
         dash if v.rss_mib is None else f"{v.rss_mib:.0f}M",
         dash if v.active is None else str(v.active),
         dash if v.tokens_per_s is None else f"{v.tokens_per_s:.1f}",
-        s["next_restart_at"][11:19]
-        if s.get("next_restart_at")
-        else dash,  # HH:MM:SS of the ISO time
+        next_at[11:19] if (next_at := s["next_restart_at"]) else dash,  # HH:MM:SS of the ISO time
     )
 
 

@@ -21,7 +21,7 @@ from llama_orchestrator.daemon.info import running
 from llama_orchestrator.engine import health, views
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.logs import STREAMS, log_file
-from llama_orchestrator.engine.status import collect, iso
+from llama_orchestrator.engine.status import Description, InstanceStatus, collect, iso
 from llama_orchestrator.gpuwatch import GpuStatus
 from llama_orchestrator.home import Home
 
@@ -62,7 +62,7 @@ def per_second(prev: tuple[float, float] | None, now: tuple[float, float]) -> fl
 class InstanceView:
     """One table row: `ps --json` keys plus live process and server figures."""
 
-    status: dict[str, Any]
+    status: InstanceStatus
     cpu_pct: float | None = None
     rss_mib: float | None = None
     active: int | None = None  # requests being processed + deferred
@@ -99,7 +99,7 @@ class DataSource(Protocol):
     def up(self, name: str) -> None: ...
     def down(self, name: str) -> None: ...
     def restart(self, name: str) -> None: ...
-    def describe(self, name: str) -> dict[str, Any]: ...
+    def describe(self, name: str) -> Description: ...
     def log_paths(self, name: str) -> dict[str, Path]: ...
 
 
@@ -139,7 +139,7 @@ class EngineSource:
         )
         return Snapshot(source, views_, events, gpus)
 
-    def _live(self, status: dict[str, Any]) -> InstanceView:
+    def _live(self, status: InstanceStatus) -> InstanceView:
         view = InstanceView(status)
         pid = status.get("pid")
         if not pid:
@@ -154,10 +154,11 @@ class EngineSource:
             view.rss_mib = proc.memory_info().rss / (1024 * 1024)
         except psutil.Error:
             self._procs.pop(pid, None)
-        if status["state"] == "healthy" and status.get("port"):
+        port = status["port"]
+        if status["state"] == "healthy" and port:
             try:
                 code, body = self._get(
-                    health.probe_host(status["host"]), status["port"], "/metrics", 1.0
+                    health.probe_host(status["host"] or "127.0.0.1"), port, "/metrics", 1.0
                 )
             except OSError:
                 return view
@@ -190,7 +191,7 @@ class EngineSource:
     def restart(self, name: str) -> None:
         self._act(lambda c: c.restart([name]))
 
-    def describe(self, name: str) -> dict[str, Any]:
+    def describe(self, name: str) -> Description:
         with self._lock:
             return views.describe(self._engine, name)
 
