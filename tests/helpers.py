@@ -23,6 +23,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def overlay(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` with `overrides` laid over it, one section deep (a dict given for
+    a section updates that section)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
+
+
 def write_config(home: Home, name: str, model_path: Path | str, **overrides: Any) -> Path:
     """Write instances/NAME/config.json: the tiny model, a free port, fast checks."""
     cfg: dict[str, Any] = {
@@ -30,11 +42,7 @@ def write_config(home: Home, name: str, model_path: Path | str, **overrides: Any
         "server": {"host": "127.0.0.1", "port": free_port(), "parallel": 2},
         "stop_timeout": 5,
     }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key].update(value)
-        else:
-            cfg[key] = value
+    cfg = overlay(cfg, overrides)
     path = home.config_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg, indent=2))

@@ -29,6 +29,7 @@ from llama_orchestrator.router.slots import Slots
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
+from tests.helpers import overlay
 
 T0 = 1_000_000.0
 
@@ -83,12 +84,7 @@ class FakeEffects:
             "restart_policy": {"backoff_initial": 1, "backoff_max": 8, "max_retries": 3},
             "stop_timeout": 5,
         }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key].update(value)
-            else:
-                data[key] = value
-        cfg = parse_config(json.dumps(data), f"{name}/config.json", name)
+        cfg = parse_config(json.dumps(overlay(data, overrides)), f"{name}/config.json", name)
         self.configs[name] = cfg
         return cfg
 

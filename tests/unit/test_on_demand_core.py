@@ -4,7 +4,6 @@ that moves only when the test says): starts, idle stops and VRAM swaps."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,20 +12,11 @@ from llama_orchestrator.daemon.ondemand import OnDemand
 from llama_orchestrator.engine.health import DOWN, HEALTHY
 from llama_orchestrator.errors import StartFailed
 from llama_orchestrator.gpu import GpuInfo
-from llama_orchestrator.home import Home
 from llama_orchestrator.router.slots import Refusal
 from tests.unit.fake_effects import World
 
 CARD_MIB = 8192
 NEEDS_MIB = 5000  # two of them do not fit on the card
-
-
-@pytest.fixture()
-async def w(tmp_path) -> AsyncIterator[World]:
-    world = World(Home(tmp_path / "home"))
-    yield world
-    await world.sup.shutdown(stop_instances=False)
-    world.store.close()
 
 
 async def on_demand(w: World, settings: Settings | None = None) -> OnDemand:

@@ -5,7 +5,6 @@ every decision of the daemon, without a process or a socket."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,18 +12,8 @@ from llama_orchestrator.daemon.runner import Adopt, Remove, Resume, Start, Stop
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING
 from llama_orchestrator.errors import StartFailed, UserError
-from llama_orchestrator.home import Home
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
-from tests.unit.fake_effects import World
-
-
-@pytest.fixture()
-async def w(tmp_path) -> AsyncIterator[World]:
-    world = World(Home(tmp_path / "home"))
-    yield world
-    await world.sup.shutdown(stop_instances=False)
-    world.store.close()
 
 
 async def test_a_start_loads_then_is_healthy_and_takes_requests(w):

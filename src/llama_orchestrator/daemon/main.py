@@ -165,7 +165,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     )
     metrics.watch_router(router)
     router_server, router_url = _router(home, router, store, metrics)
-    plans = PlanRunner(home, store, router, sup.known_models)
+    plans = PlanRunner(home, store, router, lambda: board.known)
     sock = platform.bind_control(home.daemon_socket)
     transport = platform.CONTROL_TRANSPORT
     token = secrets.token_urlsafe(32) if transport == "tcp" else None

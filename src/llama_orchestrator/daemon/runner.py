@@ -188,10 +188,6 @@ class InstanceRunner:
         """A process of it is in our care, or a restart is pending."""
         return self._ref is not None or "restart" in self._tasks
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
     def drain(self) -> None:
         """Take no new requests from now on (the process keeps running).
         Immediate, not queued: the caller checked that no request is in
@@ -359,18 +355,21 @@ class InstanceRunner:
             else:
                 pause = hc.interval
             await self._fx.sleep(pause)
-            result = await self._fx.probe(cfg, False)
-            if (
-                result.ok
-                and self.state == S.HEALTHY  # a deep check of a server that was healthy before
-                and hc.probe == "completion"
-                and self._fx.now() - last_deep >= hc.deep_interval
-            ):
-                last_deep = self._fx.now()
-                result = await self._fx.probe(cfg, True)
-            if self._d.on_health is not None:
-                self._d.on_health(self.name, result)
-            await self.ask(_Probed(ref, result))  # one at a time: probes never pile up
+            try:
+                result = await self._fx.probe(cfg, False)
+                if (
+                    result.ok
+                    and self.state == S.HEALTHY  # a deep check of a server healthy before
+                    and hc.probe == "completion"
+                    and self._fx.now() - last_deep >= hc.deep_interval
+                ):
+                    last_deep = self._fx.now()
+                    result = await self._fx.probe(cfg, True)
+                if self._d.on_health is not None:
+                    self._d.on_health(self.name, result)
+                await self.ask(_Probed(ref, result))  # one at a time: probes never pile up
+            except Exception:  # a fault of ours: logged, and the checks go on
+                log.exception(f"{self.name}: health check failed in the daemon")
 
     def _schedule(self, at: float) -> None:
         self._due += 1

@@ -18,9 +18,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from llama_orchestrator.config import InstanceConfig
 from llama_orchestrator.config.validate import offered_names
@@ -42,8 +41,6 @@ from llama_orchestrator.states import InstanceState as S
 __all__ = ["Supervisor", "HOUSEKEEPING_INTERVAL"]
 
 HOUSEKEEPING_INTERVAL = 5.0  # log rotation, GPU alerts, the names configs offer
-
-T = TypeVar("T")
 
 log = logging.getLogger("llama_orchestrator.daemon")
 
@@ -88,14 +85,6 @@ class Supervisor:
     def configs(self) -> dict[str, InstanceConfig]:
         """The valid configs as last read (at start, after each up, by housekeeping)."""
         return self._configs
-
-    async def in_thread(self, fn: Callable[[Engine], T]) -> T:
-        """fn(engine) in a worker thread (store reads, model files, GPUs)."""
-        return await self.effects.in_thread(fn)
-
-    def known_models(self) -> set[str]:
-        """What the router may answer 503 (known) rather than 404 for."""
-        return self.deps.board.known
 
     # --- start: adopt what runs, resume what was pending ----------------------
 
