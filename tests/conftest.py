@@ -22,14 +22,22 @@ from tests.helpers import FAKE_SERVER
 
 _SESSION_START = time.time()
 
+#: Every process this session starts (CLIs, daemons, servers: they all build
+#: their environment from ours) carries this mark, so the leak check below
+#: finds its own leftovers and never touches a user's servers or another
+#: test session's, which a command-line match did (issue 23).
+_MARK = "LLAMA_ORCH_TEST_SESSION"
+_SESSION = f"{os.getpid()}-{_SESSION_START}"
+os.environ[_MARK] = _SESSION
+
 
 # --- leak check ------------------------------------------------------------
 
 
 def _ours(p: psutil.Process) -> bool:
-    """A server process started by this test session (real or fake)."""
+    """A server or daemon process started by this test session (real or fake)."""
     try:
-        if p.create_time() < _SESSION_START - 1:
+        if p.create_time() < _SESSION_START - 1 or p.environ().get(_MARK) != _SESSION:
             return False
         cmd = " ".join(p.cmdline())
         servers = ("llama-server", "fake_server.py", "llama-orch-test-srv")
