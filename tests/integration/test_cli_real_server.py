@@ -9,6 +9,7 @@ import httpx
 import psutil
 import pytest
 
+from llama_orchestrator.store import Store
 from tests.helpers import run_cli, wait_until, write_config
 
 pytestmark = pytest.mark.integration
@@ -273,4 +274,21 @@ def test_up_no_daemon_runs_the_instance_unsupervised(home, tiny_model):
     text = run_cli(home, "ps").stdout
     assert "healthy*" in text and "* unsupervised" in text
     assert ps(home)["a"]["supervised"] is False
+    assert run_cli(home, "down", "a").returncode == 0
+
+
+def test_ps_shows_what_it_sees_but_writes_nothing(home, tiny_model, fake_bin):
+    """An unsupervised server whose /health fails shows `unhealthy` in ps, and
+    its row is not changed by looking (only the owner of a run writes it)."""
+    write_config(home, "a", tiny_model, binary=str(fake_bin), env={"FAKE_HEALTH": "500"})
+    assert run_cli(home, "up", "a", "--no-daemon", "--no-wait").returncode == 0
+    store = Store.open(home.db_path)
+    try:
+        before = store.get("a")
+        assert ps(home)["a"]["state"] == "unhealthy"
+        after = store.get("a")
+        assert (after.state, after.updated_at) == (before.state, before.updated_at)
+        assert [e.kind for e in store.events("a")] == ["starting"]
+    finally:
+        store.close()
     assert run_cli(home, "down", "a").returncode == 0

@@ -46,3 +46,46 @@ def test_an_error_crosses_the_api_as_the_same_message_and_exit_code(exc):
 )
 def test_host_of_drops_the_port(header, host):
     assert host_of(header) == host
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "status"),
+    [
+        (UnknownInstance("ghost", []), "unknown_instance", 404),
+        (ConfigError([Problem("a", "b", "c")]), "invalid_config", 400),
+        (UserError("Bad."), "bad_input", 400),
+        (StartFailed("Died."), "start_failed", 500),
+        (OrchError("Failed."), "failed", 500),
+    ],
+)
+def test_errors_cross_as_a_stable_code_not_a_class_name(exc, code, status):
+    from llama_orchestrator.daemon.protocol import ErrorCode, code_of, http_status
+
+    wire = error_to_json(exc)
+    assert wire["code"] == code and "kind" not in wire
+    assert http_status(code_of(exc)) == status
+    assert ErrorCode(code).exit_code == exc.exit_code
+
+
+def test_an_unknown_code_from_a_newer_daemon_still_exits_as_it_said():
+    back = error_from_json({"code": "from_the_future", "message": "New.", "exit_code": 2})
+    assert isinstance(back, UserError) and str(back) == "New."
+    assert not isinstance(
+        error_from_json({"code": "nope", "message": "x", "exit_code": 1}), UserError
+    )
+
+
+def test_the_engine_refuses_what_needs_the_daemon_with_the_fix(tmp_path):
+    from llama_orchestrator.engine.lifecycle import Engine
+    from llama_orchestrator.home import Home
+
+    engine = Engine(Home(tmp_path))
+    for call in (
+        lambda: engine.restart(["a"], rolling=True),
+        lambda: engine.submit_plan(tmp_path / "p.json", "{}", {}),
+        lambda: engine.cancel_plan("r1"),
+        lambda: engine.retry_plan("r1"),
+    ):
+        with pytest.raises(UserError, match="daemon") as info:
+            call()
+        assert info.value.hint and "llama-orch daemon start" in info.value.hint
