@@ -19,14 +19,14 @@ from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.runner import RunnerDeps, Start
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, ProbeResult
-from llama_orchestrator.engine.lifecycle import Prepared, UpResult
+from llama_orchestrator.engine.lifecycle import Prepared, UpResult, ended
 from llama_orchestrator.engine.process import ProcRef
 from llama_orchestrator.errors import UnknownInstance
 from llama_orchestrator.gguf_meta import ModelError, ModelInfo
 from llama_orchestrator.gpu import GpuInfo
 from llama_orchestrator.home import Home
 from llama_orchestrator.router.slots import Slots
-from llama_orchestrator.states import Desired
+from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
 from tests.helpers import overlay
@@ -71,6 +71,7 @@ class FakeEffects:
         self.spawn_fails: dict[str, Exception] = {}
         self.ignore_term: set[str] = set()
         self.forgotten: list[str] = []
+        self.rotated: list[list[str]] = []
         self.cards: Callable[[], list[GpuInfo]] = list
         self.models: dict[str, ModelInfo] = {}  # by file name
 
@@ -223,8 +224,19 @@ class FakeEffects:
     async def mark_used(self, used: dict[str, float]) -> None:
         self.store.mark_used(used)
 
-    async def in_thread(self, fn: Any) -> Any:
-        raise AssertionError("the runners never need a worker thread of their own")
+    async def rows(self) -> list[InstanceRow]:
+        for row in self.store.all():
+            ref = ProcRef(row.pid, row.create_time) if row.pid and row.create_time else None
+            if row.state in RUNNING_STATES and not self.alive(ref):
+                new, message, changes = ended(row, await self.exit_info(row))
+                self.store.set_state(row, new, message, **changes)
+        return self.store.all()
+
+    async def rotate_logs(self, names: list[str]) -> None:
+        self.rotated.append(sorted(names))
+
+    async def check_gpus(self) -> None:
+        pass
 
 
 class World:

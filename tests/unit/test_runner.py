@@ -14,6 +14,7 @@ from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING
 from llama_orchestrator.errors import StartFailed, UserError
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
+from llama_orchestrator.store import InstanceRow
 
 
 async def test_a_start_loads_then_is_healthy_and_takes_requests(w):
@@ -291,3 +292,29 @@ async def test_a_stop_command_of_a_never_started_instance_records_it_stopped(w):
     w.fx.add("a")
     assert await w.sup.runner("a").ask(Stop()) is False
     assert w.row("a").desired == Desired.STOPPED
+
+
+async def test_the_daemon_start_adopts_resumes_and_starts_each_on_its_own(w):
+    for n in ("live", "pending", "wanted", "broken", "done"):
+        w.fx.add(n)
+    w.fx.health["live"] = HEALTHY
+    await w.up("live")
+    await w.up("pending")
+    await w.up("broken")
+    await w.sup.down(["done"])
+    w.fx.proc("pending").end(code=1)
+    await w.fx.settle()
+    w.store.save(InstanceRow("wanted", Desired.RUNNING))  # nothing runs (as after a reboot)
+    w.fx.proc("broken").end(code=1)
+    await w.fx.settle()
+    del w.fx.configs["broken"]  # its config went bad meanwhile
+    for r in list(w.sup._runners.values()):
+        await r.close()
+    w.sup._runners.clear()
+    await w.sup.start()
+    await w.fx.advance(2)
+    assert w.sup.healthy("live") and len(w.fx.running("live")) == 1  # adopted, not doubled
+    assert w.fx.running("pending") and w.fx.running("wanted")  # resumed, started
+    assert not w.fx.running("broken") and not w.fx.running("done")
+    await w.fx.advance(5)  # housekeeping: the logs of what runs are rotated
+    assert w.fx.rotated and w.fx.rotated[-1] == ["live", "pending", "wanted"]

@@ -80,8 +80,14 @@ class Effects(Protocol):
     async def forget(self, name: str) -> None:
         """Delete the instance's state, config folder and logs."""
 
-    async def in_thread(self, fn: Callable[[Engine], T]) -> T:
-        """Run fn(engine) in a worker thread with that thread's own engine."""
+    async def rows(self) -> list[InstanceRow]:
+        """Every instance's row, the deaths of processes gone since recorded."""
+
+    async def rotate_logs(self, names: list[str]) -> None:
+        """Rotate the logs of these (running) instances that are over their size."""
+
+    async def check_gpus(self) -> None:
+        """Record alerts about the cards instances are pinned to (hot, missing)."""
 
     async def gpus(self) -> list[GpuInfo]:
         """The GPUs now, with their free memory."""
@@ -123,6 +129,7 @@ class LiveEffects:
         self.on_event = on_event
         self._local = threading.local()
         self._models: dict[tuple[str, int, int], ModelInfo] = {}
+        self._gpus_checked = float("-inf")
 
     def engine(self) -> Engine:
         """An engine for the calling thread (SQLite connections are per thread)."""
@@ -149,7 +156,28 @@ class LiveEffects:
         return {x.name: x.config for x in loaded if x.config is not None}
 
     async def in_thread(self, fn: Callable[[Engine], T]) -> T:
+        """fn(engine) in a worker thread with that thread's own engine."""
         return await asyncio.to_thread(lambda: fn(self.engine()))
+
+    async def rows(self) -> list[InstanceRow]:
+        return await self.in_thread(lambda e: e.rows())
+
+    async def rotate_logs(self, names: list[str]) -> None:
+        def rotate(e: Engine) -> None:
+            for name in names:
+                e.rotate_logs(name)
+
+        await self.in_thread(rotate)
+
+    async def check_gpus(self) -> None:
+        """At most every `gpu.sample_interval` (discovery runs nvidia-smi or NVML)."""
+        from llama_orchestrator.engine import views
+
+        now = time.monotonic()
+        interval = (await self.in_thread(lambda e: e.settings)).gpu.sample_interval
+        if now - self._gpus_checked >= interval:
+            self._gpus_checked = now
+            await self.in_thread(views.pinned_gpu_warnings)
 
     async def prepare(self, names: list[str], strict: bool = False) -> list[Prepared]:
         return await self.in_thread(lambda e: e.prepare(names, strict))

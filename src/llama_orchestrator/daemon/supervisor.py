@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
-from functools import partial
 from typing import Any
 
 from llama_orchestrator.config import InstanceConfig
@@ -32,7 +30,7 @@ from llama_orchestrator.daemon.runner import (
     Start,
     Stop,
 )
-from llama_orchestrator.engine.lifecycle import Engine, UpResult
+from llama_orchestrator.engine.lifecycle import UpResult
 from llama_orchestrator.errors import OrchError, StartFailed
 from llama_orchestrator.home import Home
 from llama_orchestrator.states import RUNNING_STATES, Desired
@@ -90,26 +88,29 @@ class Supervisor:
 
     async def start(self) -> None:
         """Reconcile desired and actual state (see the module docstring)."""
-        rows = await self.effects.in_thread(lambda e: e.rows())  # records the dead as such
+        rows = await self.effects.rows()  # the dead recorded as such
         await self.refresh()
         to_start = []
-        for row in rows:
+        for row in rows:  # one by one: one instance's trouble must not stop the others
             cfg = self._configs.get(row.name)
-            if row.state in RUNNING_STATES:
-                await self.runner(row.name).ask(Adopt(row))
-            elif row.state == S.FAILED:
-                continue  # stays down until the user's up or restart
-            elif row.desired == Desired.RUNNING and row.state == S.BACKOFF:
-                at = row.next_restart_at or self.effects.now()
-                await self.runner(row.name).ask(Resume(at))
-            elif cfg is not None and cfg.on_demand:
-                continue  # the router starts it when a request names it
-            elif row.desired == Desired.RUNNING or (cfg is not None and cfg.autostart):
-                to_start.append(row.name)
-        for name in to_start:  # one by one: a broken config must not stop the others
+            try:
+                if row.state in RUNNING_STATES:
+                    await self.runner(row.name).ask(Adopt(row))
+                elif row.state == S.FAILED:
+                    continue  # stays down until the user's up or restart
+                elif row.desired == Desired.RUNNING and row.state == S.BACKOFF:
+                    at = row.next_restart_at or self.effects.now()
+                    await self.runner(row.name).ask(Resume(at))
+                elif cfg is not None and cfg.on_demand:
+                    continue  # the router starts it when a request names it
+                elif row.desired == Desired.RUNNING or (cfg is not None and cfg.autostart):
+                    to_start.append(row.name)
+            except OrchError as exc:
+                log.error(f"{row.name}: not taken over at daemon start: {exc}")
+        for name in to_start:
             try:
                 await self.up([name])
-            except OrchError as exc:
+            except OrchError as exc:  # a broken config, a port taken meanwhile, ...
                 self.store.add_event(name, "start_failed", f"daemon start: {exc}")
         self._housekeeping = asyncio.create_task(self._housekeep())
 
@@ -165,7 +166,7 @@ class Supervisor:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         if stop_instances:
-            rows = await self.effects.in_thread(lambda e: e.rows())
+            rows = await self.effects.rows()
             await self.down([r.name for r in rows if r.state in RUNNING_STATES])
         for runner in self._runners.values():
             await runner.close()
@@ -192,26 +193,14 @@ class Supervisor:
     async def _housekeep(self) -> None:
         """Rotate the logs of running instances; record GPU alerts; re-read the
         model names the configs offer."""
-        from llama_orchestrator.engine import views
-
-        last_gpu = 0.0
         while True:
-            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            await self.effects.sleep(HOUSEKEEPING_INTERVAL)
             try:
                 await self.refresh()
-                running = [n for n, r in self._runners.items() if r.active]
-                await self.effects.in_thread(partial(_rotate_all, names=running))
-                interval = (await self.effects.in_thread(lambda e: e.settings)).gpu.sample_interval
-                if time.monotonic() - last_gpu >= interval:
-                    last_gpu = time.monotonic()
-                    await self.effects.in_thread(views.pinned_gpu_warnings)
+                await self.effects.rotate_logs([n for n, r in self._runners.items() if r.active])
+                await self.effects.check_gpus()
             except Exception:  # housekeeping must never take the daemon down
                 log.exception("housekeeping failed")
 
     def status(self) -> dict[str, Any]:
         return {"instances": self.supervised()}
-
-
-def _rotate_all(engine: Engine, names: list[str]) -> None:
-    for name in names:
-        engine.rotate_logs(name)
