@@ -279,3 +279,26 @@ def test_no_healthy_instance_is_503_and_a_wide_bind_needs_keys(home, tiny_model,
     assert running(home).router_url is None
     ev = run_cli(home, "events", "--json").stdout.splitlines()
     assert any(json.loads(x)["kind"] == "router_refused" for x in ev)
+
+
+def test_tags_route_to_an_instance_that_carries_every_tag_listed(home, tiny_model, server_bin):
+    url = settings(home)
+    for name, tags in (("gpu-worker", ["worker", "gpu"]), ("cpu-worker", ["worker"])):
+        write_config(home, name, tiny_model, model={"threads": 1}, tags=tags)
+    assert run_cli(home, "up", "gpu-worker", "cpu-worker").returncode == 0
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+
+    def served_by(model: str) -> set[str]:
+        """Which instances answered (llama-server names its --alias, the instance)."""
+        answers = [
+            client.completions.create(model=model, prompt="a", max_tokens=1) for _ in range(4)
+        ]
+        return {a.model for a in answers}
+
+    # one at a time, a tie goes to the first by name (cpu-worker): only the tag set
+    # keeps these on gpu-worker
+    assert served_by("tags:gpu,worker") == {"gpu-worker"}
+    assert served_by("tags:worker, gpu") == {"gpu-worker"}  # any order, any spacing
+    assert served_by("tags:worker") <= {"gpu-worker", "cpu-worker"}
+    with pytest.raises(openai.NotFoundError, match="tags:cpu,gpu"):
+        client.completions.create(model="tags:gpu,cpu", prompt="a", max_tokens=1)

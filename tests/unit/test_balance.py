@@ -1,11 +1,17 @@
 """The router's choice: pure, every case by example."""
 
+import json
+
 from llama_orchestrator.router.balance import (
     Replica,
     candidates,
     least_busy,
     matches,
     model_names,
+    offers,
+    serves,
+    tag_model,
+    tag_set,
 )
 
 
@@ -38,3 +44,26 @@ def test_full_or_excluded_replicas_are_not_chosen():
     assert least_busy([A, B], {}, frozenset({"a", "b"})) is None
     assert least_busy([], {}) is None
     assert least_busy([rep("z", slots=0)], {}) == rep("z", slots=0)  # at least one slot
+
+
+def test_a_tags_name_asks_for_an_instance_that_carries_every_tag_listed():
+    assert tag_set("tags:worker, gpu,") == {"worker", "gpu"} and tag_set("qwen") == frozenset()
+    assert tag_model(["worker", "gpu", "worker"]) == "tags:gpu,worker"  # one name, any order
+    assert serves("tags:worker", "a", ("worker", "gpu"))
+    assert serves("tags:gpu,worker", "a", ("worker", "gpu"))
+    assert not serves("tags:gpu,worker", "a", ("worker",))
+    assert not serves("tags:", "a", ("worker",))  # no tag named: nothing matches
+
+
+def test_offers_checks_one_instance_carries_all_of_the_tags():
+    from llama_orchestrator.config import parse_config
+    from llama_orchestrator.config.validate import offered_names
+
+    def cfg(tags: list[str]):
+        text = {"model": {"path": "m.gguf"}, "server": {"port": 9001}, "tags": tags}
+        return parse_config(json.dumps(text), "c", "x")
+
+    known = offered_names({"a": cfg(["worker", "gpu"]), "b": cfg(["cpu"])})
+    assert offers(known, "tags:gpu") and offers(known, "tags:worker,gpu") and offers(known, "a")
+    assert not offers(known, "tags:gpu,cpu")  # each is offered, but by different instances
+    assert not offers(known, "tags:") and not offers(known, "ghost")

@@ -179,3 +179,30 @@ def test_shell_arguments_are_filled_but_never_wrapped():
     ).task("s")
     filled = render(task.command[1], task, {"a": "x y"}, {}, lambda _: "", wrap=False)
     assert filled == ("x y", False)
+
+
+def test_tags_take_a_list_or_a_string_and_name_one_instance_with_all_of_them():
+    known = {"tiny", "tags:worker", "tags:gpu", "tags:gpu,worker", "tags:cpu"}
+
+    def model_of(tags) -> str | None:
+        text = plan({"id": "a", "kind": "llm", "tags": tags, "prompt": "x"})
+        return parse_plan(text, "p.json", known_models=known).tasks[0].model
+
+    assert model_of("worker") == "tags:worker"
+    assert model_of(["worker"]) == "tags:worker"  # as instance configs write it
+    assert model_of(["worker", "gpu"]) == model_of("gpu,worker") == "tags:gpu,worker"
+    with pytest.raises(PlanError) as exc:
+        parse_plan(
+            plan({"id": "a", "kind": "llm", "tags": ["cpu", "gpu"], "prompt": "x"}),
+            "p.json",
+            known_models=known,
+        )
+    (msg,) = exc.value.problems
+    assert "no instance serves 'tags:cpu,gpu' (an instance that carries all of cpu, gpu)" in msg
+    assert msg.endswith("; tags: cpu, gpu, worker.")  # each tag once, not the sets
+    with pytest.raises(PlanError, match="either model"):
+        parse_plan(
+            plan({"id": "a", "kind": "llm", "tags": [], "prompt": "x"}),
+            "p.json",
+            known_models=known,
+        )

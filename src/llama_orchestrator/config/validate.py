@@ -20,6 +20,7 @@ from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem, User
 from llama_orchestrator.gguf_meta import ModelError, is_gguf, read_model
 from llama_orchestrator.gpu import Discovery, GpuInfo, discover
 from llama_orchestrator.home import Home
+from llama_orchestrator.router.balance import tag_model
 
 __all__ = [
     "Loaded",
@@ -289,14 +290,19 @@ def replicas_of(home: Home, alias: str) -> list[str]:
 
 
 def model_names(home: Home) -> set[str]:
-    """What a request (or a plan's task) may name: every alias and tags:<tag>."""
+    """What a request (or a plan's task) may name: every alias and tags:<tag>
+    (see `offered_names`)."""
     return offered_names({x.name: x.config for x in load_all(home) if x.config is not None})
 
 
 def offered_names(configs: Mapping[str, InstanceConfig]) -> set[str]:
-    """Every alias and tags:<tag> of these configs (by instance name)."""
+    """Every alias and tags:<tag> of these configs (by instance name), and each
+    instance's whole tag set (`tags:a,b`), against which `router.balance.offers`
+    checks a request for several tags."""
     names: set[str] = set()
     for name, cfg in configs.items():
         names.add(cfg.alias_or(name))
         names.update(f"tags:{t}" for t in cfg.tags)
+        if len(cfg.tags) > 1:
+            names.add(tag_model(cfg.tags))
     return names

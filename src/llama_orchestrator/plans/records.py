@@ -16,6 +16,7 @@ from llama_orchestrator.engine.status import iso
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.plans.schedule import TaskRecord, run_state
 from llama_orchestrator.plans.spec import Plan
+from llama_orchestrator.router.balance import TAG_PREFIX, tag_set
 from llama_orchestrator.store import Store
 
 __all__ = [
@@ -59,6 +60,11 @@ class RunView:
                 {
                     "id": t.id,
                     "kind": t.kind,
+                    # what it asked the router for: an alias, or the tags an instance must carry
+                    "model": t.model if t.model and not t.model.startswith(TAG_PREFIX) else None,
+                    "tags": sorted(tag_set(t.model))
+                    if t.model and t.model.startswith(TAG_PREFIX)
+                    else None,
                     "state": r.state,
                     "attempts": r.attempts,
                     "instance": r.instance,

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llama_orchestrator.errors import UserError
+from llama_orchestrator.router.balance import TAG_PREFIX, offers, tag_model, tag_set
 
 __all__ = [
     "Plan",
@@ -58,7 +59,8 @@ class _TaskModel(BaseModel):
     backoff: float = Field(1.0, ge=0, description="seconds before the first retry; doubles")
     # llm
     model: str | None = None
-    tags: str | None = None
+    #: what the instance must carry: one tag, or a list (it carries every one)
+    tags: str | list[str] | None = None
     prompt: str | None = None
     system: str | None = None
     max_tokens: int = Field(256, ge=1)
@@ -87,7 +89,7 @@ class Task:
     retries: int = 3
     timeout: float = 300
     backoff: float = 1.0
-    #: what the router is asked for: an alias or tags:<tag> (llm tasks)
+    #: what the router is asked for: an alias or tags:<tag>[,<tag>...] (llm tasks)
     model: str | None = None
     prompt: str = ""
     system: str | None = None
@@ -210,7 +212,7 @@ def parse_plan(
             problems.append(f"{where}: duplicate task id '{m.id}'.")
         seen.add(m.id)
         problems += _kind_problems(m, where, known_models)
-        model = m.model or (f"tags:{m.tags}" if m.tags else None)
+        model = m.model or _tags_model(m)
         tasks.append(
             Task(
                 id=m.id,
@@ -258,19 +260,31 @@ def _kind_problems(m: _TaskModel, where: str, known_models: set[str]) -> list[st
         out.append(f"{where}: command is for shell tasks; an llm task has a prompt.")
     if not m.prompt:
         out.append(f"{where}: an llm task needs a prompt.")
-    if bool(m.model) == bool(m.tags):
+    wanted = m.model or _tags_model(m)
+    if bool(m.model) == bool(_tags_model(m)):
         out.append(f"{where}: an llm task names either model (an alias) or tags, one of them.")
         return out
-    wanted = m.model or f"tags:{m.tags}"
-    if wanted not in known_models:
-        aliases = sorted(x for x in known_models if not x.startswith("tags:"))
-        tags = sorted(x for x in known_models if x.startswith("tags:"))
+    if wanted is not None and not offers(known_models, wanted):
+        aliases = sorted(x for x in known_models if not x.startswith(TAG_PREFIX))
+        tags = sorted(x for x in known_models if x.startswith(TAG_PREFIX) and "," not in x)
+        what = "an instance that carries all of" if len(tag_set(wanted)) > 1 else "an instance for"
         out.append(
-            f"{where}: no instance serves '{wanted}'; models: {', '.join(aliases) or 'none'}"
-            + (f"; tags: {', '.join(t[5:] for t in tags)}" if tags else "")
+            f"{where}: no instance serves '{wanted}'"
+            + (f" ({what} {', '.join(sorted(tag_set(wanted)))})" if tag_set(wanted) else "")
+            + f"; models: {', '.join(aliases) or 'none'}"
+            + (f"; tags: {', '.join(t[len(TAG_PREFIX) :] for t in tags)}" if tags else "")
             + "."
         )
     return out
+
+
+def _tags_model(m: _TaskModel) -> str | None:
+    """`tags` as the router's name for it (`tags:a,b`), or None when not given."""
+    if not m.tags:
+        return None
+    wanted = [m.tags] if isinstance(m.tags, str) else m.tags
+    name = tag_model(t for w in wanted for t in w.split(","))
+    return name if name != TAG_PREFIX else None
 
 
 def _template_problems(t: Task, values: dict[str, str], base: Path) -> list[str]:

@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llama_orchestrator.config import RouterSettings
-from llama_orchestrator.router.balance import Replica, candidates, model_names
+from llama_orchestrator.router.balance import (
+    TAG_PREFIX,
+    Replica,
+    candidates,
+    model_names,
+    offers,
+    tag_model,
+    tag_set,
+)
 from llama_orchestrator.router.front import Reply, Request, Stream
 from llama_orchestrator.router.slots import Refusal, Slots
 from llama_orchestrator.router.upstream import Exchange, Upstream, UpstreamError
@@ -350,7 +358,9 @@ class Router:
         if model is None and request.path == "/completion":
             aliases = sorted(m for m in known if not m.startswith("tags:"))
             model = aliases[0] if len(aliases) == 1 else None
-        if not isinstance(model, str) or model not in known:
+        if isinstance(model, str) and model.startswith(TAG_PREFIX):
+            model = tag_model(tag_set(model))  # one queue per set of tags, in any order
+        if not isinstance(model, str) or not offers(known, model):
             available = sorted(m for m in known if not m.startswith("tags:"))
             what = f"The model '{model}' does not exist" if model else "Name a model"
             return openai_error(
