@@ -1,6 +1,7 @@
 """The `llama-orch` command as a user runs it: separate processes, exit codes, messages."""
 
 import json
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -173,23 +174,38 @@ def test_up_timeout_exits_1_and_says_so(cli_home, tiny_model, fake_bin):
 
 
 def test_demo_runs_end_to_end_and_leaves_nothing(tmp_path, server_bin):
-    before = {p.pid for p in psutil.process_iter() if "llama-server" in p.name()}
+    """The demo shows the product: the daemon, two replicas behind the router,
+    a request in the OpenAI wire format, a kill -9 and the restart; then it
+    stops everything, the daemon too."""
+
+    def ours() -> set[int]:
+        return {
+            p.pid
+            for p in psutil.process_iter()
+            if p.status() != psutil.STATUS_ZOMBIE
+            and ("llama-server" in p.name() or "llama-orch-demo-" in " ".join(p.cmdline()))
+        }
+
+    before = ours()
     r = run_cli(tmp_path / "unused-home", "demo", timeout=120)
     assert r.returncode == 0, r.stderr
     for text in (
+        "Started the llama-orch daemon",
         "demo-a healthy",
         "demo-b healthy",
-        "One completion from each",
+        "/v1/chat/completions  model='demo'",
+        "/v1/models → ['demo']",
+        "event exited   process",
+        "was killed by signal 9 (SIGKILL)",
+        "daemon stop --all",
         "nothing is left running",
         "llama-orch init my-model",
     ):
-        assert text in r.stdout
-    after = {
-        p.pid
-        for p in psutil.process_iter()
-        if "llama-server" in p.name() and p.status() != psutil.STATUS_ZOMBIE
-    }
-    assert after <= before
+        assert text in r.stdout, text
+    (killed,) = re.findall(r"kill -9 (\d+) \(demo-a\)", r.stdout)
+    (new,) = re.findall(r"demo-a healthy again: new pid (\d+), restarts 1", r.stdout)
+    assert killed != new
+    assert ours() <= before  # no server and no daemon of the demo's home left
 
 
 def test_ctrl_c_while_up_waits_stops_the_waiting_not_the_instance(cli_home, tiny_model, fake_bin):

@@ -1,11 +1,19 @@
-"""`llama-orch demo`: the `docker run hello-world` of llama-orch."""
+"""`llama-orch demo`: the `docker run hello-world` of llama-orch.
+
+In a throwaway home it shows the product as a user meets it: the daemon
+starts, two replicas of one alias come up behind the router, a request goes
+through the router in the OpenAI wire format, one server is killed with
+SIGKILL and the daemon brings it back, and everything stops again. Every
+step is the call the CLI command makes (`control`, `collect`, `stop`).
+"""
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -14,20 +22,42 @@ from llama_orchestrator.cli.inspect import ps_table
 from llama_orchestrator.config.create import create_instance
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.status import collect
-from llama_orchestrator.errors import UserError
+from llama_orchestrator.errors import OrchError, UserError
 from llama_orchestrator.gguf_meta import is_gguf
 from llama_orchestrator.home import Home
 
 __all__ = ["demo", "run_demo"]
 
 NAMES = ("demo-a", "demo-b")
+ALIAS = "demo"
+RESTART_TIMEOUT = 60.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _step(text: str) -> None:
+    out.print(text, markup=False, highlight=False)
 
 
 def run_demo(root: Path, model: Path | None) -> None:
     """The demo in home `root`; stops everything it started, whatever happens."""
     import httpx  # only the demo needs a general HTTP client
+    import psutil
+
+    from llama_orchestrator.daemon import control
+    from llama_orchestrator.daemon.main import stop
 
     home = Home(root)
+    (root / "instances").mkdir(parents=True, exist_ok=True)
+    router_port = _free_port()  # not 8080: the user's own daemon may hold it
+    home.settings_path.write_text(json.dumps({"router": {"port": router_port}}))
+    router = f"http://127.0.0.1:{router_port}"
     engine = Engine(home)
     t0 = time.monotonic()
     try:
@@ -35,51 +65,87 @@ def run_demo(root: Path, model: Path | None) -> None:
             from llama_orchestrator.tinymodel import write_tiny_model
 
             model = write_tiny_model(root / "models" / "tiny-llama.gguf")
-            out.print(f"1. Wrote a tiny test model ({model.stat().st_size // 1024} KiB): {model}")
+            _step(f"1. Wrote a tiny test model ({model.stat().st_size // 1024} KiB): {model}")
             prompt, ctx = "Hello", 512
         else:
-            out.print(f"1. Using your model: {model}")
+            _step(f"1. Using your model: {model}")
             prompt, ctx = "The capital of France is", 2048
         for name in NAMES:
-            path = create_instance(home, name, model=str(model), ctx=ctx, parallel=2).path
-            out.print(
-                f"2. llama-orch init {name} --model … → {path.relative_to(root)}", markup=False
-            )
-        out.print("3. llama-orch up demo-a demo-b")
-        with err.status("   waiting for both to answer /health …"):
-            results = engine.up(list(NAMES), timeout=180)
+            create_instance(home, name, model=str(model), ctx=ctx, parallel=2, alias=ALIAS)
+        _step(f"2. llama-orch init {NAMES[0]} / {NAMES[1]} --model … --alias {ALIAS}: two replicas")
+
+        def started(info: Any) -> None:
+            _step(f"3. Started the llama-orch daemon (pid {info.pid}): it supervises what `up` starts")
+
+        ctl = control(engine, True, started)
+        with err.status("   llama-orch up: waiting for both to answer /health …"):
+            results = ctl.up(list(NAMES), timeout=180)
         for r in results:
-            out.print(f"   [green]✔[/] {r.name} healthy on port {r.port} (pid {r.pid})")
-        out.print("4. One completion from each:")
+            _step(f"   ✔ {r.name} healthy on port {r.port} (pid {r.pid})")
+        _step("4. llama-orch ps")
+        _step(ps_table(collect(engine)))
+
         with httpx.Client(trust_env=False, timeout=60) as client:
-            for r in results:
-                t = time.monotonic()
-                resp = client.post(
-                    f"http://127.0.0.1:{r.port}/completion",
-                    json={"prompt": prompt, "n_predict": 16, "temperature": 0},
-                )
-                resp.raise_for_status()
-                text = resp.json().get("content", "")
-                out.print(
-                    f"   {r.name}: {prompt!r} → {text!r} ({time.monotonic() - t:.2f}s)",
-                    markup=False,
-                )
-        out.print("5. llama-orch ps")
-        out.print(ps_table(collect(engine)), markup=False, highlight=False)
+            body = {
+                "model": ALIAS,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 16,
+                "temperature": 0,
+            }
+            t = time.monotonic()
+            resp = client.post(f"{router}/v1/chat/completions", json=body)
+            resp.raise_for_status()
+            text = resp.json()["choices"][0]["message"]["content"]
+            _step(f"5. POST {router}/v1/chat/completions  model={ALIAS!r}  (the OpenAI wire format)")
+            _step(f"   {prompt!r} → {text!r} ({time.monotonic() - t:.2f}s, least busy replica)")
+            models = [m["id"] for m in client.get(f"{router}/v1/models").json()["data"]]
+            _step(f"   GET {router}/v1/models → {models}")
+
+        victim = results[0]
+        _step(f"6. kill -9 {victim.pid} ({victim.name}): the daemon sees it die and restarts it")
+        seen = engine.store.events(victim.name)[-1].id if engine.store.events(victim.name) else 0
+        psutil.Process(victim.pid).kill()
+        row = _wait_restarted(engine, victim.name, victim.pid)
+        for e in engine.store.events(victim.name):
+            if e.id > seen:
+                _step(f"   event {e.kind:<8} {e.message}")
+        _step(f"   ✔ {victim.name} healthy again: new pid {row.pid}, restarts {row.restarts}")
+        _step("7. llama-orch ps")
+        _step(ps_table(collect(engine)))
     finally:
-        stopped = engine.down(engine.known_names())
-        engine.close()
-        if stopped:
-            out.print(f"6. llama-orch down --all → stopped {', '.join(stopped)}")
-    out.print(f"\nDone in {time.monotonic() - t0:.1f}s; nothing is left running.")
+        try:
+            if stop(home, all_=True) is not None:  # `daemon stop --all`
+                _step("8. llama-orch daemon stop --all → the instances and the daemon stopped")
+        finally:
+            engine.down(engine.known_names())  # whatever may still run (a daemon that failed)
+            engine.close()
+    _step(f"\nDone in {time.monotonic() - t0:.1f}s; nothing is left running.")
+
+
+def _wait_restarted(engine: Engine, name: str, old_pid: int | None) -> Any:
+    """The row once the daemon has it healthy again under a new pid."""
+    from llama_orchestrator.states import InstanceState as S
+
+    deadline = time.monotonic() + RESTART_TIMEOUT
+    while time.monotonic() < deadline:
+        row = engine.store.get(name)
+        if row is not None and row.pid != old_pid and row.state == S.HEALTHY:
+            return row
+        time.sleep(0.05)
+    raise OrchError(
+        f"The demo's instance '{name}' was not restarted within {RESTART_TIMEOUT:g}s.",
+        hint="`llama-orch events` in a home of your own shows what the daemon did.",
+    )
 
 
 NEXT_STEPS = """
 Now with your own model, in a folder of your choice:
+  mkdir my-llms && cd my-llms && mkdir instances
   llama-orch init my-model --model /path/to/model.gguf     # add --backend cuda --gpu 0 for a GPU
-  llama-orch up my-model
+  llama-orch up my-model                                   # starts the daemon and its router
   llama-orch ps
-  curl http://127.0.0.1:8001/v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}]}'
+  curl http://127.0.0.1:8080/v1/chat/completions -d '{"model": "my-model", "messages":[{"role":"user","content":"Hi"}]}'
+  llama-orch dashboard
   llama-orch down my-model"""
 
 
@@ -88,7 +154,7 @@ def demo(
         None, "--model", help="Use this GGUF model instead of a tiny test one."
     ),
 ) -> None:
-    """Try llama-orch in a throwaway home: two instances up, a completion each, then down."""
+    """Try llama-orch in a throwaway home: the daemon, two replicas behind the router, a kill -9 and the restart."""
     if model is not None and not is_gguf(model):
         raise UserError(f"{model} is not a GGUF model file.", hint="Pass the path of a .gguf file.")
     with tempfile.TemporaryDirectory(prefix="llama-orch-demo-") as tmp:
