@@ -4,11 +4,13 @@ Both sides start the same binary on the same model and poll /health the same
 way (every 50 ms); the `up` side includes the CLI's own start and goes through
 the home's daemon, started once before the rounds (as after the first `up`). Also times
 `llama-orch ps` with 20 instances defined (10 running) against a bare
-`python -c 'import llama_orchestrator'`.
+`python -c 'import llama_orchestrator'` and against `supervisorctl status`
+of a supervisord running the same 10 servers (PyPI's or Debian's
+`supervisor`; skipped when it is not installed).
 
     python bench/up_latency.py [--rounds 7] [--model PATH]
 
-Targets (issue 2): up overhead <= 0.3 s; ps median <= 0.4 s.
+Targets (issue 19): up overhead <= 0.2 s; ps median <= 0.25 s.
 """
 
 from __future__ import annotations
@@ -23,7 +25,18 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import POLL, cli, free_port, median_ms, model_and_binary, wait_healthy, write_instance  # noqa: E402
+from _common import (  # noqa: E402
+    POLL,
+    cli,
+    free_port,
+    median_ms,
+    model_and_binary,
+    start_supervisord,
+    stop_supervisord,
+    supervisord_exe,
+    wait_healthy,
+    write_instance,
+)
 
 
 def direct_round(binary: Path, model: Path, port: int, client: httpx.Client) -> float:
@@ -78,7 +91,7 @@ def main() -> None:
         print(f"up to healthy, {args.rounds} rounds, poll {POLL * 1000:.0f} ms, model {model.name}")
         print(f"  direct llama-server : median {d:7.1f} ms")
         print(f"  llama-orch up       : median {o:7.1f} ms")
-        print(f"  overhead            : {o - d:7.1f} ms   ratio {o / d:.2f}x   (target <= 300 ms)")
+        print(f"  overhead            : {o - d:7.1f} ms   ratio {o / d:.2f}x   (target <= 200 ms)")
 
         ps_home = tmp / "ps-home"
         for i in range(20):
@@ -98,8 +111,36 @@ def main() -> None:
         print(f"  python -c 'import llama_orchestrator': median {b:7.1f} ms")
         print(
             f"  llama-orch ps                        : median {p:7.1f} ms   ratio {p / b:.1f}x"
-            f"   (target <= 400 ms)"
+            f"   (target <= 250 ms)"
         )
+        s = supervisorctl_status(tmp, binary, model, args.rounds)
+        if s is None:
+            print("  supervisorctl status                 : skipped (pip install supervisor)")
+        else:
+            print(
+                f"  supervisorctl status (10 running)    : median {s:7.1f} ms   ps / it {p / s:.2f}x"
+            )
+
+
+def supervisorctl_status(tmp: Path, binary: Path, model: Path, rounds: int) -> float | None:
+    """Median ms of `supervisorctl status` with supervisord running 10 servers."""
+    if supervisord_exe() is None:
+        return None
+    programs = {
+        f"s{i:02d}": f"{binary} -m {model} --host 127.0.0.1 --port {free_port()} -c 512 -np 1 -ngl 0"
+        for i in range(10)
+    }
+    conf = start_supervisord(tmp / "supervisord", programs)
+    ctl = str(Path(supervisord_exe() or "supervisord").with_name("supervisorctl"))
+    try:
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            subprocess.run([ctl, "-c", str(conf), "status"], capture_output=True)
+            times.append(time.perf_counter() - t)
+        return median_ms(times)
+    finally:
+        stop_supervisord(conf)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from llama_orchestrator.errors import UserError
+from llama_orchestrator.units import MIB
 
 __all__ = [
     "GGUF_MAGIC",
@@ -28,7 +29,6 @@ __all__ = [
 ]
 
 GGUF_MAGIC = b"GGUF"
-MIB = 1024 * 1024
 #: Per device in use: CUDA/Vulkan context plus compute buffers. A round, documented guess.
 COMPUTE_OVERHEAD_BYTES = 256 * MIB
 KV_BYTES_PER_ELEMENT = 2  # llama-server's default cache type is f16

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from llama_orchestrator.config.fit import human_bytes
+from llama_orchestrator.units import human_bytes
 
 __all__ = ["Member", "StartPlan", "plan_start", "idle_left", "idle_due"]
 

@@ -15,11 +15,12 @@ from typing import Any
 
 from llama_orchestrator.config import InstanceConfig, RouterSettings, parse_config
 from llama_orchestrator.config.command import Launch
+from llama_orchestrator.config.prepare import Prepared
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.runner import RunnerDeps, Start
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, ProbeResult
-from llama_orchestrator.engine.lifecycle import Prepared, UpResult, ended
+from llama_orchestrator.engine.lifecycle import UpResult, ended
 from llama_orchestrator.engine.process import ProcRef
 from llama_orchestrator.errors import UnknownInstance
 from llama_orchestrator.gguf_meta import ModelError, ModelInfo

@@ -8,8 +8,6 @@ from typing import Optional
 import typer
 
 from llama_orchestrator.cli.context import app_context, err, out, print_json
-from llama_orchestrator.config import InstanceConfig, redacted
-from llama_orchestrator.config.validate import load_all, validate_home
 from llama_orchestrator.errors import ConfigError, UnknownInstance
 
 __all__ = ["app"]
@@ -26,6 +24,8 @@ def validate(
     """Check every instance (or one): schema, ports, model files, llama-server, VRAM."""
     a = app_context(ctx)
     names = a.engine.resolve_names([name]) if name else None
+    from llama_orchestrator.config.validate import validate_home
+
     problems = validate_home(a.home, names, strict=strict)
     errors = [p for p in problems if p.severity == "error"]
     for p in problems:
@@ -40,6 +40,8 @@ def validate(
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of instances/<name>/config.json (for editors)."""
+    from llama_orchestrator.config import InstanceConfig
+
     print_json(InstanceConfig.model_json_schema())
 
 
@@ -48,6 +50,9 @@ def show(ctx: typer.Context, name: str = typer.Argument(..., metavar="NAME")) ->
     """Print an instance's config with defaults filled in and secrets hidden."""
     a = app_context(ctx)
     (name,) = a.engine.resolve_names([name])
+    from llama_orchestrator.config import redacted
+    from llama_orchestrator.config.validate import load_all
+
     item = next((x for x in load_all(a.home) if x.name == name), None)
     if item is None:  # known to the store only: its config folder is gone
         raise UnknownInstance(name, a.home.instance_names())

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.home import Home
 
 if TYPE_CHECKING:
     from llama_orchestrator.daemon import Control
     from llama_orchestrator.daemon.info import DaemonInfo
+    from llama_orchestrator.engine.lifecycle import Engine
 
 __all__ = ["AppContext", "app_context", "out", "err", "say", "print_json"]
 
@@ -53,6 +53,8 @@ class AppContext:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
+            from llama_orchestrator.engine.lifecycle import Engine
+
             self._engine = Engine(self.home)
         return self._engine
 

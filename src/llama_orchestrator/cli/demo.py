@@ -19,7 +19,6 @@ import typer
 
 from llama_orchestrator.cli.context import err, out
 from llama_orchestrator.cli.inspect import ps_table
-from llama_orchestrator.config.create import create_instance
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.status import collect
 from llama_orchestrator.errors import OrchError, UserError
@@ -50,6 +49,7 @@ def run_demo(root: Path, model: Path | None) -> None:
     import httpx  # only the demo needs a general HTTP client
     import psutil
 
+    from llama_orchestrator.config.create import create_instance
     from llama_orchestrator.daemon import control
     from llama_orchestrator.daemon.main import stop
 
@@ -75,7 +75,9 @@ def run_demo(root: Path, model: Path | None) -> None:
         _step(f"2. llama-orch init {NAMES[0]} / {NAMES[1]} --model … --alias {ALIAS}: two replicas")
 
         def started(info: Any) -> None:
-            _step(f"3. Started the llama-orch daemon (pid {info.pid}): it supervises what `up` starts")
+            _step(
+                f"3. Started the llama-orch daemon (pid {info.pid}): it supervises what `up` starts"
+            )
 
         ctl = control(engine, True, started)
         with err.status("   llama-orch up: waiting for both to answer /health …"):
@@ -96,7 +98,9 @@ def run_demo(root: Path, model: Path | None) -> None:
             resp = client.post(f"{router}/v1/chat/completions", json=body)
             resp.raise_for_status()
             text = resp.json()["choices"][0]["message"]["content"]
-            _step(f"5. POST {router}/v1/chat/completions  model={ALIAS!r}  (the OpenAI wire format)")
+            _step(
+                f"5. POST {router}/v1/chat/completions  model={ALIAS!r}  (the OpenAI wire format)"
+            )
             _step(f"   {prompt!r} → {text!r} ({time.monotonic() - t:.2f}s, least busy replica)")
             models = [m["id"] for m in client.get(f"{router}/v1/models").json()["data"]]
             _step(f"   GET {router}/v1/models → {models}")

@@ -8,10 +8,9 @@ from typing import Optional
 import typer
 
 from llama_orchestrator.cli.context import app_context, err, out, print_json, say
-from llama_orchestrator.config.fit import human_bytes, human_count
-from llama_orchestrator.engine import views
 from llama_orchestrator.gguf_meta import estimate, read_model, scan_models
 from llama_orchestrator.present import GPU_COLUMNS, gpu_cells
+from llama_orchestrator.units import human_bytes, human_count
 
 __all__ = ["register"]
 
@@ -25,6 +24,8 @@ def gpus(
 ) -> None:
     """GPUs with VRAM, utilisation, temperature, power and the instances pinned to each."""
     app = app_context(ctx)
+    from llama_orchestrator.engine import views
+
     status = views.gpu_sample(app.engine)
     found, warnings, source = status.gpus, status.warnings, status.source
     if json_:

@@ -7,11 +7,9 @@ import time
 
 import typer
 
-from llama_orchestrator.cli.context import AppContext, app_context, err, out, print_json, say
-from llama_orchestrator.config.fit import human_bytes, human_count
-from llama_orchestrator.engine import views
+from llama_orchestrator.cli.context import app_context, out, print_json, say
 from llama_orchestrator.engine.lifecycle import exit_text
-from llama_orchestrator.engine.status import InstanceStatus, collect, iso
+from llama_orchestrator.engine.status import InstanceStatus, iso
 from llama_orchestrator.present import (
     STATE_STYLES,
     ago,
@@ -21,6 +19,7 @@ from llama_orchestrator.present import (
     state_label,
 )
 from llama_orchestrator.timefmt import human_duration
+from llama_orchestrator.units import human_bytes, human_count
 
 __all__ = ["register", "ps_table"]
 
@@ -58,10 +57,12 @@ def ps(
     ctx: typer.Context, json_: bool = typer.Option(False, "--json", help="JSON output.")
 ) -> None:
     """List instances and their state."""
-    rows = collect(app_context(ctx).engine)
+    app = app_context(ctx)
+    seen = app.control().status()  # the daemon's view when one runs
+    rows = seen.instances
     if json_:
         print_json(rows)
-        _gpu_warnings(app_context(ctx))
+        _warn(seen.warnings)
         return
     if not rows:
         say("No instances yet. Create one with: llama-orch init NAME --model PATH")
@@ -71,16 +72,16 @@ def ps(
         say("* unsupervised: no daemon runs, so nothing restarts it if it dies")
     from llama_orchestrator.daemon.info import running
 
-    info = running(app_context(ctx).home)
+    info = running(app.home)
     if info is not None and info.router_url:
         say(f"router: {info.router_url}/v1 (OpenAI-compatible; model = an alias or tags:TAG)")
-    _gpu_warnings(app_context(ctx))
+    _warn(seen.warnings)
 
 
-def _gpu_warnings(app: AppContext) -> None:
+def _warn(warnings: list[str]) -> None:
     """Hot or missing cards that instances are pinned to (only if any are pinned)."""
-    for w in views.pinned_gpu_warnings(app.engine):
-        err.print(f"warning: {w}", markup=False)
+    for w in warnings:
+        say(f"warning: {w}", to_err=True)
 
 
 def describe(
@@ -91,6 +92,8 @@ def describe(
     """Everything about one instance: config, command, state, last exit, events."""
     engine = app_context(ctx).engine
     (name,) = engine.resolve_names([name])
+    from llama_orchestrator.engine import views
+
     d = views.describe(engine, name)
     if json_:
         print_json(d)

@@ -10,9 +10,8 @@ from typing import List, Literal, Optional, Union
 
 import typer
 
+from llama_orchestrator.backends import BACKENDS
 from llama_orchestrator.cli.context import app_context, err, say
-from llama_orchestrator.config import BACKENDS
-from llama_orchestrator.config.create import create_instance
 from llama_orchestrator.engine.lifecycle import Progress, UpResult
 from llama_orchestrator.errors import UserError
 
@@ -55,6 +54,8 @@ def init(
     extra: Optional[List[str]] = typer.Argument(None, help="More llama-server arguments after --."),
 ) -> None:
     """Create instances/NAME/config.json."""
+    from llama_orchestrator.config.create import create_instance
+
     app = app_context(ctx)
     created = create_instance(
         app.home,

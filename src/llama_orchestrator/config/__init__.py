@@ -8,13 +8,14 @@ functions serve `config validate`, `up` and the tests.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from llama_orchestrator.backends import BACKENDS
 from llama_orchestrator.errors import ConfigError, Problem
+from llama_orchestrator.files import atomic_write_text
 from llama_orchestrator.home import NAME_RE
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
 ]
 
 Backend = Literal["cpu", "cuda", "rocm", "vulkan", "sycl", "metal"]
-BACKENDS: tuple[str, ...] = ("cpu", "cuda", "rocm", "vulkan", "sycl", "metal")
 RestartMode = Literal["no", "on-failure", "always", "unless-stopped"]
 
 
@@ -354,30 +354,6 @@ def load_settings(path: Path) -> Settings:
 
 
 # --- saving ------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder, fsync, then rename over `path`,
-    so a crash leaves either the old file or the new one, never half of one."""
-    import tempfile  # lazily: most commands never write a config
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def save_config(path: Path, cfg: InstanceConfig) -> None:

@@ -11,12 +11,13 @@ from pydantic import ValidationError
 
 from llama_orchestrator import platform
 from llama_orchestrator.config import InstanceConfig, pydantic_problems, save_config
-from llama_orchestrator.config.fit import GPU_BACKENDS, human_bytes, pick_devices
+from llama_orchestrator.config.fit import GPU_BACKENDS, pick_devices
 from llama_orchestrator.config.validate import hosts_overlap, load_all
 from llama_orchestrator.errors import ConfigError, PortConflict, UserError
 from llama_orchestrator.gguf_meta import ModelError, ModelInfo, estimate, read_model
 from llama_orchestrator.gpu import Discovery, GpuInfo, discover
 from llama_orchestrator.home import Home, check_name
+from llama_orchestrator.units import human_bytes
 
 __all__ = ["create_instance", "pick_port", "Created", "FIRST_PORT", "DEFAULT_CTX"]
 

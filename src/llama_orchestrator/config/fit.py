@@ -9,6 +9,7 @@ from llama_orchestrator.config import InstanceConfig
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.gguf_meta import COMPUTE_OVERHEAD_BYTES, MIB, ModelInfo, estimate
 from llama_orchestrator.gpu import GpuInfo
+from llama_orchestrator.units import human_bytes, human_count
 
 __all__ = [
     "GPU_BACKENDS",
@@ -21,23 +22,6 @@ __all__ = [
 ]
 
 GPU_BACKENDS = frozenset({"cuda", "rocm", "vulkan", "sycl", "metal"})
-
-
-def human_bytes(n_bytes: float) -> str:
-    """Bytes for people: `145 KiB`, `253 MiB`, `5.1 GB`."""
-    if n_bytes < MIB:
-        return f"{n_bytes / 1024:.0f} KiB"
-    if n_bytes < 1024 * MIB:
-        return f"{n_bytes / MIB:.0f} MiB"
-    return f"{n_bytes / (1024 * MIB):.1f} GB"
-
-
-def human_count(n: int) -> str:
-    """Parameter counts as model cards say them: `7.24B`, `268M`, `35K`."""
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.2f}B" if unit == "B" else f"{n / scale:.0f}{unit}"
-    return str(n)
 
 
 def demand(cfg: InstanceConfig, info: ModelInfo | None) -> dict[int, int]:

@@ -37,6 +37,7 @@ from llama_orchestrator.daemon.protocol import (
     RmRequest,
     ShutdownReply,
     ShutdownRequest,
+    StatusReply,
     UpReply,
     UpRequest,
     code_of,
@@ -69,6 +70,7 @@ def build_app(
     address: str,
     token: str | None,
     request_exit: Callable[[bool], None],
+    status_view: Callable[[], Awaitable[StatusReply]],
     router_url: str | None = None,
 ) -> FastAPI:
     app = FastAPI(title="llama-orch daemon", docs_url=None, redoc_url=None, openapi_url=None)
@@ -120,6 +122,10 @@ def build_app(
             "version": __version__,
             **sup.status(),
         }
+
+    @app.get("/v1/instances")
+    async def instances() -> dict[str, Any]:
+        return asdict(await status_view())
 
     @app.post("/v1/up")
     async def up(body: UpRequest) -> dict[str, Any]:

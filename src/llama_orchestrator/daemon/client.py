@@ -26,6 +26,7 @@ from llama_orchestrator.daemon.protocol import (
     RestartRequest,
     RetryReply,
     RmRequest,
+    StatusReply,
     UpReply,
     UpRequest,
     error_from_json,
@@ -142,6 +143,9 @@ class Supervised:
 
     def rm(self, name: str, force: bool = False) -> None:
         self.client.call("POST", "/v1/rm", RmRequest(name, force))
+
+    def status(self) -> StatusReply:
+        return StatusReply(**self.client.call("GET", "/v1/instances"))
 
     def submit_plan(self, path: Path, text: str, given_vars: dict[str, str]) -> PlanReply:
         source = path.resolve()

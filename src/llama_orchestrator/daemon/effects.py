@@ -23,9 +23,10 @@ from typing import Any, Protocol, TypeVar
 
 from llama_orchestrator import platform
 from llama_orchestrator.config import InstanceConfig, load_config
+from llama_orchestrator.config.prepare import Prepared
 from llama_orchestrator.config.validate import load_all
 from llama_orchestrator.engine import health
-from llama_orchestrator.engine.lifecycle import Engine, Prepared, UpResult
+from llama_orchestrator.engine.lifecycle import Engine, UpResult
 from llama_orchestrator.engine.process import ProcRef, find, stop_tree, wait_exit
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gguf_meta import ModelInfo, read_model

@@ -13,8 +13,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llama_orchestrator.config import atomic_write_text
 from llama_orchestrator.engine.process import ProcRef, is_alive
+from llama_orchestrator.files import atomic_write_text
 from llama_orchestrator.home import Home, daemon_lock_held
 
 __all__ = ["DaemonInfo", "lock_is_held", "running", "write_info", "wait_running"]

@@ -187,6 +187,8 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         address=address,
         token=token,
         request_exit=request_exit,
+        # `ps` through the daemon: the same view, made here, where the configs are read
+        status_view=lambda: effects.in_thread(lambda e: e.status()),
         router_url=router_url,
     )
     server = _Server(

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llama_orchestrator.engine.lifecycle import Progress, UpResult
 from llama_orchestrator.errors import (
@@ -35,6 +35,9 @@ from llama_orchestrator.errors import (
     UnknownInstance,
     UserError,
 )
+
+if TYPE_CHECKING:
+    from llama_orchestrator.engine.status import InstanceStatus
 
 __all__ = [
     "ErrorCode",
@@ -51,6 +54,7 @@ __all__ = [
     "ShutdownReply",
     "PlanReply",
     "CancelReply",
+    "StatusReply",
     "RetryReply",
     "error_to_json",
     "error_from_json",
@@ -242,6 +246,14 @@ class PlanReply:
 
 
 @dataclass
+class StatusReply:
+    """`ps`: every instance's status view, and warnings about the cards they use."""
+
+    instances: list[InstanceStatus]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
 class CancelReply:
     cancelled: list[str]  # the tasks that were running and were stopped
 
@@ -283,6 +295,10 @@ class Control(Protocol):
         ...
 
     def rm(self, name: str, force: bool = False) -> None: ...
+
+    def status(self) -> StatusReply:
+        """What `ps` shows (`engine.status.collect`, run where the state is owned)."""
+        ...
 
     def submit_plan(self, path: Path, text: str, given_vars: dict[str, str]) -> PlanReply:
         """Hand a checked plan file to the daemon: its run id, and the models

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.config.prepare import Prepared
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.effects import Effects, changed_within
 from llama_orchestrator.engine import health
-from llama_orchestrator.engine.lifecycle import Prepared, UpResult, ended, running_rm_refused
+from llama_orchestrator.engine.lifecycle import UpResult, ended, running_rm_refused
 from llama_orchestrator.engine.policy import Ending, RestartBook, after_exit
 from llama_orchestrator.engine.process import ProcRef
 from llama_orchestrator.engine.step import Watch, step

@@ -15,12 +15,9 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llama_orchestrator import platform
-from llama_orchestrator.config import InstanceConfig, Settings, load_settings
-from llama_orchestrator.config.prepare import Prepared, prepare
-from llama_orchestrator.config.validate import load_all
 from llama_orchestrator.engine import health, logs
 from llama_orchestrator.engine.process import (
     ProcRef,
@@ -33,15 +30,20 @@ from llama_orchestrator.engine.process import (
 )
 from llama_orchestrator.engine.step import Watch, step
 from llama_orchestrator.errors import PortConflict, StartFailed, UnknownInstance, UserError
-from llama_orchestrator.gpu import Discovery, discover
 from llama_orchestrator.home import Home, check_name, daemon_lock_held
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
 
+if TYPE_CHECKING:
+    # Imported where used: a command talking to the daemon (`up`, `down`)
+    # never reads a config, and pydantic's import alone is ~60 ms of every run.
+    from llama_orchestrator.config import InstanceConfig, Settings
+    from llama_orchestrator.config.prepare import Prepared
+    from llama_orchestrator.gpu import Discovery
+
 __all__ = [
     "Engine",
-    "Prepared",
     "UpResult",
     "Progress",
     "EXIT_TAIL_LINES",
@@ -118,7 +120,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         get: health.Getter = health.http_get,
         base_env: dict[str, str] | None = None,
-        find_gpus: Callable[[], Discovery] = discover,
+        find_gpus: Callable[[], Discovery] | None = None,
         supervisor: bool = False,
     ) -> None:
         self.home = home
@@ -128,7 +130,7 @@ class Engine:
         self._store: Store | None = None
         self.get = get
         self._base_env = base_env
-        self.find_gpus = find_gpus
+        self._find_gpus = find_gpus
         self._settings: Settings | None = None
 
     # --- lazily built adapters ---------------------------------------------
@@ -142,8 +144,18 @@ class Engine:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
+            from llama_orchestrator.config import load_settings
+
             self._settings = load_settings(self.home.settings_path)
         return self._settings
+
+    def find_gpus(self) -> Discovery:
+        """The GPUs now (the discovery passed in, or the machine's)."""
+        if self._find_gpus is None:
+            from llama_orchestrator.gpu import discover
+
+            self._find_gpus = discover
+        return self._find_gpus()
 
     def close(self) -> None:
         if self._store is not None:
@@ -191,12 +203,16 @@ class Engine:
         targets = self.resolve_names(names, all_)
         if not all_:
             return targets, []
+        from llama_orchestrator.config.validate import load_all
+
         lazy = {x.name for x in load_all(self.home) if x.config is not None and x.config.on_demand}
         return [t for t in targets if t not in lazy], sorted(lazy)
 
     def prepare(self, names: list[str], strict: bool = False) -> list[Prepared]:
         """Validate the named instances fully and build their launches (see
         engine.prepare); VRAM is checked against what runs now plus these."""
+        from llama_orchestrator.config.prepare import prepare
+
         running = {
             r.name for r in self.store.all() if r.state in RUNNING_STATES and is_alive(self._ref(r))
         }
@@ -377,6 +393,8 @@ class Engine:
                 if self.owns(row):
                     probed = True
                     if not configs:
+                        from llama_orchestrator.config.validate import load_all
+
                         configs = {x.name: x.config for x in load_all(self.home) if x.config}
                     cfg = configs[name]
                     probe = health.probe(
@@ -440,6 +458,8 @@ class Engine:
 
     def down(self, names: list[str], timeout: float | None = None) -> list[str]:
         """Stop the named instances; return only when no process of theirs lives."""
+        from llama_orchestrator.config.validate import load_all
+
         to_stop: list[tuple[InstanceRow, float]] = []
         loaded = {x.name: x.config for x in load_all(self.home)}
         with self.store.transaction():
@@ -511,6 +531,14 @@ class Engine:
         for folder in (self.home.instance_dir(name), self.home.log_dir(name)):
             shutil.rmtree(folder, ignore_errors=True)
 
+    def status(self) -> Any:
+        """What `ps` shows: every instance's status view (a StatusReply)."""
+        from llama_orchestrator.daemon.protocol import StatusReply
+        from llama_orchestrator.engine import views
+        from llama_orchestrator.engine.status import collect
+
+        return StatusReply(collect(self), views.pinned_gpu_warnings(self))
+
     # --- plans: the daemon's (Control's plan verbs) ------------------------------------
 
     def _plans_need_the_daemon(self) -> UserError:
@@ -531,6 +559,8 @@ class Engine:
     # --- health -------------------------------------------------------------------
 
     def probe(self, name: str) -> health.ProbeResult:
+        from llama_orchestrator.config.validate import load_all
+
         row = self.rows([name])[0]
         loaded = {x.name: x for x in load_all(self.home)}
         cfg = loaded[name].config if name in loaded else None

@@ -15,11 +15,14 @@ until `up` or `restart` (`RestartBook.fresh()`).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from llama_orchestrator.config import HealthcheckSection, RestartPolicySection
 from llama_orchestrator.engine.health import DOWN, HEALTHY, LOADING
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
+
+if TYPE_CHECKING:  # types only: a CLI command that never reads a config skips pydantic
+    from llama_orchestrator.config import HealthcheckSection, RestartPolicySection
 
 __all__ = [
     "Ending",

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
-from llama_orchestrator.config import InstanceConfig
-from llama_orchestrator.config.validate import load_all
 from llama_orchestrator.engine import health
-from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow
 from llama_orchestrator.swap import idle_left
+
+if TYPE_CHECKING:  # the status view's types; `ps` through the daemon needs no config
+    from llama_orchestrator.config import InstanceConfig
+    from llama_orchestrator.engine.lifecycle import Engine
 
 __all__ = [
     "InstanceStatus",
@@ -167,9 +168,13 @@ def collect(
     engine: Engine, names: list[str] | None = None, probe: bool = True
 ) -> list[InstanceStatus]:
     """Status of the named instances (all when None), sorted by name."""
+    from llama_orchestrator.config.validate import load_all
+
     loaded = {x.name: x for x in load_all(engine.home)}
     # `supervised` as it is now: a row keeps the flag when its daemon is killed
-    rows = [replace(r, supervised=not engine.owns(r)) for r in engine.rows(names)]
+    rows = [
+        replace(r, supervised=r.supervised and engine.daemon_alive()) for r in engine.rows(names)
+    ]
     if probe:
         todo = [
             (i, loaded[row.name].config)

@@ -15,12 +15,15 @@ and a new run starts with a new one. Nothing here does I/O or reads a clock.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from llama_orchestrator.config import HealthcheckSection
 from llama_orchestrator.engine.health import ProbeResult
 from llama_orchestrator.engine.policy import after_probe
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
+
+if TYPE_CHECKING:
+    from llama_orchestrator.config import HealthcheckSection
 
 __all__ = ["Watch", "Step", "step"]
 

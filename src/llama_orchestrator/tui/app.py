@@ -24,7 +24,6 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Log, Static
 from textual.worker import get_current_worker
 
-from llama_orchestrator.config.fit import human_bytes
 from llama_orchestrator.engine.logs import follow, tail_lines
 from llama_orchestrator.present import (
     GPU_COLUMNS,
@@ -36,6 +35,7 @@ from llama_orchestrator.present import (
 )
 from llama_orchestrator.timefmt import human_duration
 from llama_orchestrator.tui.data import DataSource, InstanceView, Snapshot, matches
+from llama_orchestrator.units import human_bytes
 
 __all__ = ["DashboardApp", "MIN_WIDTH", "MIN_HEIGHT"]
 
