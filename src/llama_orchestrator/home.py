@@ -115,6 +115,17 @@ def resolve_home(explicit: str | os.PathLike[str] | None = None, cwd: Path | Non
     return Home(Path(platformdirs.user_data_dir("llama-orch", appauthor=False)))
 
 
+def require_home(explicit: str | os.PathLike[str]) -> None:
+    """Refuse a home named by --home or $LLAMA_ORCH_HOME that does not exist."""
+    path = Path(explicit).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"No llama-orch home at {path}: the folder does not exist.",
+            hint=f"Check --home (or $LLAMA_ORCH_HOME), or create one there with "
+            f"`llama-orch --home {path} init NAME --model PATH`.",
+        )
+
+
 def daemon_lock_held(home: Home) -> bool:
     """True while some process (a daemon, or one starting) holds the home's
     daemon lock. The kernel drops the lock when its holder dies, even by

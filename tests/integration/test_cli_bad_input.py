@@ -2,7 +2,10 @@
 nothing half-written."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -135,3 +138,50 @@ def test_a_broken_settings_file_is_reported_before_a_daemon_starts(home, tiny_mo
     home.settings_path.write_text('{"logs": {"max_bytes": "lots"}}')
     assert_user_error(run_cli(home, "up", "a"), "llama-orch.json: logs.max_bytes")
     assert not lock_is_held(home)
+
+
+def test_init_refuses_a_model_that_is_not_there_or_not_gguf_and_writes_nothing(
+    home, tiny_model, tmp_path
+):
+    (tmp_path / "notes.txt").write_text("not a model")
+    for model, needle in (
+        (tmp_path / "typo.gguf", "typo.gguf does not exist; nothing was written"),
+        (tmp_path / "notes.txt", "is not a GGUF model"),
+    ):
+        assert_user_error(run_cli(home, "init", "a", "--model", str(model)), needle, "--model")
+        assert not home.instance_dir("a").exists()
+    assert run_cli(home, "init", "a", "--model", str(tiny_model)).returncode == 0
+
+
+def test_a_home_given_that_does_not_exist_is_an_error_not_an_empty_home(tmp_path, tiny_model):
+    typo = tmp_path / "my-llmz"
+    for args in (("ps",), ("up", "a"), ("logs", "a"), ("daemon", "status")):
+        r = run_cli(typo, *args)
+        assert_user_error(r, f"No llama-orch home at {typo}", "init NAME --model PATH")
+    r = subprocess.run(  # $LLAMA_ORCH_HOME alike (run_cli always passes --home)
+        [sys.executable, "-m", "llama_orchestrator", "ps"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LLAMA_ORCH_HOME": str(typo)},
+        timeout=60,
+    )
+    assert_user_error(r, f"No llama-orch home at {typo}")
+    assert not typo.exists()  # nothing was created by looking
+    assert run_cli(typo, "init", "a", "--model", str(tiny_model)).returncode == 0  # init makes it
+    assert (typo / "instances" / "a" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("up", "a", "--timeout", "-1"),
+        ("down", "a", "--timeout", "-2"),
+        ("restart", "a", "--timeout", "-1"),
+        ("logs", "a", "--tail", "-3"),
+    ],
+)
+def test_negative_durations_and_counts_are_usage_errors(home, tiny_model, args):
+    write_config(home, "a", tiny_model)
+    r = run_cli(home, *args)
+    assert_user_error(r, "is not in the range x>=0")
+    assert "internal error" not in r.stderr

@@ -23,7 +23,7 @@ from llama_orchestrator.cli import (
 )
 from llama_orchestrator.cli.context import AppContext, err
 from llama_orchestrator.errors import ConfigError, OrchError
-from llama_orchestrator.home import resolve_home
+from llama_orchestrator.home import require_home, resolve_home
 
 __all__ = ["app", "main"]
 
@@ -35,6 +35,10 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+#: the commands that may be given a home that does not exist yet
+_MAKE_A_HOME = {"init", "demo"}
 
 
 def _version(value: bool) -> None:
@@ -57,6 +61,8 @@ def root(
         False, "--version", callback=_version, is_eager=True, help="Print the version."
     ),
 ) -> None:
+    if home is not None and ctx.invoked_subcommand not in _MAKE_A_HOME:
+        require_home(home)  # a typo in --home must not read (or create) an empty home
     app_ctx = AppContext(resolve_home(home), debug)
     ctx.obj = app_ctx
     ctx.call_on_close(app_ctx.close)

@@ -155,7 +155,7 @@ def up(
     names: Optional[List[str]] = typer.Argument(None, help="Instances to start.", metavar="NAME"),
     all_: bool = typer.Option(False, "--all", help="Start every instance."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until /health answers 200."),
-    timeout: float = typer.Option(300, help="Seconds to wait for health."),
+    timeout: float = typer.Option(300, min=0, help="Seconds to wait for health."),
     no_daemon: bool = typer.Option(
         False, "--no-daemon", help="Start them here, unsupervised (no daemon, no restarts)."
     ),
@@ -181,7 +181,7 @@ def down(
     names: Optional[List[str]] = typer.Argument(None, help="Instances to stop.", metavar="NAME"),
     all_: bool = typer.Option(False, "--all", help="Stop every instance."),
     timeout: Optional[float] = typer.Option(
-        None, help="Seconds before a kill (default: stop_timeout)."
+        None, min=0, help="Seconds before a kill (default: stop_timeout)."
     ),
 ) -> None:
     """Stop instances (SIGTERM, then kill the tree after the timeout)."""
@@ -200,7 +200,7 @@ def restart(
     names: List[str] = typer.Argument(
         ..., help="Instances to restart (with --rolling: an alias).", metavar="NAME"
     ),
-    timeout: float = typer.Option(300, help="Seconds to wait for health."),
+    timeout: float = typer.Option(300, min=0, help="Seconds to wait for health."),
     rolling: bool = typer.Option(
         False, "--rolling", help="One replica at a time, drained first: no failed requests."
     ),

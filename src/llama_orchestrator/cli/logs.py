@@ -24,7 +24,7 @@ def logs(
     ctx: typer.Context,
     name: str = typer.Argument(..., metavar="NAME"),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
-    tail: Optional[int] = typer.Option(None, "--tail", "-n", help="Only the last N lines."),
+    tail: Optional[int] = typer.Option(None, "--tail", "-n", min=0, help="Only the last N lines."),
     stream: str = typer.Option("both", help="stdout, stderr or both."),
 ) -> None:
     """Print an instance's llama-server output (stdout to stdout, stderr to stderr)."""

@@ -14,7 +14,7 @@ from llama_orchestrator.config import InstanceConfig, pydantic_problems, save_co
 from llama_orchestrator.config.fit import GPU_BACKENDS, pick_devices
 from llama_orchestrator.config.validate import hosts_overlap, load_all
 from llama_orchestrator.errors import ConfigError, PortConflict, UserError
-from llama_orchestrator.gguf_meta import ModelError, ModelInfo, estimate, read_model
+from llama_orchestrator.gguf_meta import ModelError, ModelInfo, estimate, is_gguf, read_model
 from llama_orchestrator.gpu import Discovery, GpuInfo, discover
 from llama_orchestrator.home import Home, check_name
 from llama_orchestrator.units import human_bytes
@@ -90,6 +90,16 @@ def create_instance(
             hint="Pick another --port, or leave it out to get a free one.",
         )
     model_path = Path(model).expanduser().absolute()
+    if not model_path.is_file():
+        raise UserError(
+            f"The model file {model_path} does not exist; nothing was written.",
+            hint="Check --model (the path of a .gguf file).",
+        )
+    if not is_gguf(model_path):
+        raise ModelError(
+            f"{model_path} is not a GGUF model (its first bytes are not 'GGUF'); nothing was written.",
+            hint="Point --model at a .gguf file.",
+        )
     info: ModelInfo | None = None
     try:
         info = read_model(model_path)
