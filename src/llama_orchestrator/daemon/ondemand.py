@@ -112,7 +112,8 @@ class OnDemand:
                 plan = await self._plan(name)
                 if plan.wait is None:
                     if any(self.slots.busy(v) for v, _ in plan.stop):
-                        continue  # a request reached one meanwhile: plan again
+                        await self.fx.sleep(0)  # a request reached one meanwhile: plan again,
+                        continue  # after letting the loop run (never a busy spin)
                     for victim, _ in plan.stop:  # no request reaches them from now on
                         self.sup.runner(victim).drain()
                         self.stopping.add(victim)
