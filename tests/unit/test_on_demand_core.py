@@ -112,3 +112,14 @@ async def test_a_server_that_dies_while_loading_answers_the_queue_with_how(w):
     with pytest.raises(Refusal, match="failed to start: the server exited with code 1"):
         await waiting
     await od.close()
+
+
+async def test_an_on_demand_start_records_its_use_before_any_request_is_answered(w):
+    lazy(w, "od")
+    od = await on_demand(w)
+    waiting = asyncio.ensure_future(w.slots.acquire("od", frozenset(), od.wake("od")))
+    await w.fx.settle()  # started: no idle-clock tick has run yet (the clock has not moved)
+    assert w.row("od").last_used_at == pytest.approx(w.fx.t)  # what ps shows at once
+    await w.fx.advance(0.2)
+    w.slots.release(await waiting)
+    await od.close()

@@ -138,7 +138,10 @@ class OnDemand:
             )
             # eager: requests wait, so the end of the load is noticed at once
             await self.sup.up([name], eager=True)
-            self.slots.last_used[name] = self.fx.now()
+            used = {name: self.fx.now()}
+            self.slots.last_used.update(used)
+            await self.fx.mark_used(used)  # recorded before any request is answered
+            self._written.update(used)
             runner = self.sup.runner(name)  # loading; the router's queue waits for it
             left = max(0.0, deadline - self.fx.now())
             if not await runner.until(lambda r: r.healthy or not r.active, left):
