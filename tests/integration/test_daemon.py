@@ -456,3 +456,19 @@ def test_a_new_daemon_starts_what_should_run_but_died_meanwhile(home, tiny_model
     c = wait_until(lambda: (x := row(home, "c")).state == S.HEALTHY and x, timeout=30)
     assert a.pid != first.pid and a.supervised and c.supervised
     assert row(home, "b").state == S.STOPPED  # still what the user asked for
+
+
+def test_ps_answers_from_the_state_database_when_the_daemon_is_stalled(home, tiny_model):
+    """ps asks the daemon for its view, but a daemon that does not answer
+    (its loop stalled: here SIGSTOP) costs ps a few seconds, never a hang."""
+    write_config(home, "a", tiny_model)
+    up(home, "a")
+    pid = daemon_pid(home)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r = run_cli(home, "ps", "--json", timeout=60)
+        assert r.returncode == 0, r.stderr
+        (view,) = json.loads(r.stdout)
+        assert view["name"] == "a" and view["state"] == "healthy" and view["supervised"]
+    finally:
+        os.kill(pid, signal.SIGCONT)

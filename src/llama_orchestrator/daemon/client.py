@@ -39,6 +39,8 @@ __all__ = ["DaemonClient", "Supervised", "error_from_json", "error_to_json"]
 
 #: the Host header our client sends; the API accepts only loopback names and this
 HOST = "llama-orch"
+#: how long `ps` waits for the daemon's view before it makes its own
+STATUS_TIMEOUT = 3.0
 
 
 class _Connection(http.client.HTTPConnection):
@@ -145,7 +147,16 @@ class Supervised:
         self.client.call("POST", "/v1/rm", RmRequest(name, force))
 
     def status(self) -> StatusReply:
-        return StatusReply(**self.client.call("GET", "/v1/instances"))
+        """The daemon's view, or, when it does not answer within STATUS_TIMEOUT
+        (a stalled loop) or is older than this CLI, the same view made here
+        from the state database: `ps` must never hang on, or fail with, the daemon."""
+        try:
+            answer = DaemonClient(self.client.info, timeout=STATUS_TIMEOUT).call(
+                "GET", "/v1/instances"
+            )
+            return StatusReply(**answer)
+        except OrchError:
+            return self.engine.status()
 
     def submit_plan(self, path: Path, text: str, given_vars: dict[str, str]) -> PlanReply:
         source = path.resolve()
