@@ -200,15 +200,17 @@ async def test_up_of_a_running_instance_starts_nothing_new(w):
     assert again.outcome == "already running" and len(w.fx.procs) == 1
 
 
-async def test_drain_and_restore_take_it_off_the_board_and_back(w):
+async def test_a_drain_takes_it_off_the_board_until_the_stop_that_follows(w):
     w.fx.add("a")
     w.fx.health["a"] = HEALTHY
     await w.up("a")
     await w.fx.advance(0.3)
     runner = w.sup.runner("a")
-    runner.drain()
-    assert "a" not in w.board.replicas and runner.healthy
-    runner.restore()
+    runner.drain()  # what on-demand does to a victim or an idle instance
+    assert "a" not in w.board.replicas and runner.healthy and w.fx.running("a")
+    await w.sup.down(["a"])
+    await w.up("a")  # the next run takes requests again: the stop ended the drain
+    await w.fx.advance(0.3)
     assert "a" in w.board.replicas
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from llama_orchestrator.engine.lifecycle import Progress, UpResult
+from llama_orchestrator.engine.status import StatusReply
 from llama_orchestrator.errors import (
     BinaryNotFound,
     ConfigError,
@@ -35,9 +36,6 @@ from llama_orchestrator.errors import (
     UnknownInstance,
     UserError,
 )
-
-if TYPE_CHECKING:
-    from llama_orchestrator.engine.status import InstanceStatus
 
 __all__ = [
     "ErrorCode",
@@ -243,14 +241,6 @@ class ShutdownReply:
 class PlanReply:
     id: str
     unserved: list[str] = field(default_factory=list)
-
-
-@dataclass
-class StatusReply:
-    """`ps`: every instance's status view, and warnings about the cards they use."""
-
-    instances: list[InstanceStatus]
-    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -193,13 +193,7 @@ class InstanceRunner:
         """Take no new requests from now on (the process keeps running).
         Immediate, not queued: the caller checked that no request is in
         flight on it, and none may arrive between that check and this."""
-        self._draining = True
-        self._publish()
-        self._notify()
-
-    def restore(self) -> None:
-        """Take requests again after `drain`."""
-        self._draining = False
+        self._draining = True  # until the Stop that follows (it ends every drain)
         self._publish()
         self._notify()
 

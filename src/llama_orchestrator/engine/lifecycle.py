@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from llama_orchestrator import platform
 from llama_orchestrator.engine import health, logs
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     # never reads a config, and pydantic's import alone is ~60 ms of every run.
     from llama_orchestrator.config import InstanceConfig, Settings
     from llama_orchestrator.config.prepare import Prepared
+    from llama_orchestrator.engine.status import StatusReply
     from llama_orchestrator.gpu import Discovery
 
 __all__ = [
@@ -531,11 +532,10 @@ class Engine:
         for folder in (self.home.instance_dir(name), self.home.log_dir(name)):
             shutil.rmtree(folder, ignore_errors=True)
 
-    def status(self) -> Any:
-        """What `ps` shows: every instance's status view (a StatusReply)."""
-        from llama_orchestrator.daemon.protocol import StatusReply
+    def status(self) -> StatusReply:
+        """What `ps` shows: every instance's status view, and card warnings."""
         from llama_orchestrator.engine import views
-        from llama_orchestrator.engine.status import collect
+        from llama_orchestrator.engine.status import StatusReply, collect
 
         return StatusReply(collect(self), views.pinned_gpu_warnings(self))
 
@@ -547,13 +547,13 @@ class Engine:
             hint="Start it with `llama-orch daemon start` (`plan run` starts it too).",
         )
 
-    def submit_plan(self, path: Any, text: str, given_vars: dict[str, str]) -> Any:
+    def submit_plan(self, path: Any, text: str, given_vars: dict[str, str]) -> NoReturn:
         raise self._plans_need_the_daemon()
 
-    def cancel_plan(self, run_id: str) -> Any:
+    def cancel_plan(self, run_id: str) -> NoReturn:
         raise self._plans_need_the_daemon()
 
-    def retry_plan(self, run_id: str) -> Any:
+    def retry_plan(self, run_id: str) -> NoReturn:
         raise self._plans_need_the_daemon()
 
     # --- health -------------------------------------------------------------------

@@ -9,7 +9,7 @@ an instance, owns its health; see `engine.step`).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the status view's types; `ps` through the daemon needs no c
 __all__ = [
     "InstanceStatus",
     "Description",
+    "StatusReply",
     "status_view",
     "on_demand_view",
     "observed_state",
@@ -78,6 +79,15 @@ class Description(InstanceStatus, total=False):
     gpus: list[dict[str, Any]]
     logs: dict[str, str]
     events: list[dict[str, Any]]
+
+
+@dataclass
+class StatusReply:
+    """`ps`: every instance's status view, and warnings about the cards they use
+    (made by `Engine.status`, here or in the daemon, which sends it as is)."""
+
+    instances: list[InstanceStatus]
+    warnings: list[str] = field(default_factory=list)
 
 
 class OnDemandStatus(TypedDict):

@@ -135,7 +135,8 @@ class RouterMetrics:
 @dataclass
 class Router:
     settings: RouterSettings
-    #: the instances that take requests now: healthy, not draining (the daemon's board)
+    #: the instances that take requests now (the daemon's board); read through `slots`,
+    #: which are made from it when none are given
     healthy: Callable[[], dict[str, Replica]]
     #: every model name a config offers (aliases, tags:...), healthy or not
     known: Callable[[], set[str]]
@@ -161,7 +162,7 @@ class Router:
         return self._slots.last_used
 
     def replicas(self) -> list[Replica]:
-        return list(self.healthy().values())
+        return list(self._slots.replicas())
 
     def models(self) -> list[str]:
         """What /v1/models lists: healthy aliases and those loaded on demand."""
@@ -183,9 +184,6 @@ class Router:
 
     def wake(self) -> None:
         self._slots.wake()
-
-    async def settle(self, name: str, timeout: float) -> None:
-        await self._slots.settle(name, timeout)
 
     async def acquire(self, model: str, exclude: frozenset[str]) -> Replica:
         """A slot on the least busy replica (see `Slots.acquire`); when nothing
@@ -242,9 +240,7 @@ class Router:
             except BaseException:
                 self.release(r)
                 raise
-            if answer.status >= 500 and len(tried) + 1 < len(
-                candidates(model, self.healthy().values())
-            ):
+            if answer.status >= 500 and len(tried) + 1 < len(candidates(model, self.replicas())):
                 answer.close()
                 self.release(r)
                 tried.add(r.name)
