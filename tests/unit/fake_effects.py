@@ -195,7 +195,7 @@ class FakeEffects:
             await asyncio.shield(proc.gone)
 
     async def exit_info(self, row: InstanceRow) -> dict[str, Any]:
-        proc = self._find(ProcRef(row.pid, row.create_time)) if row.pid else None
+        proc = self._find(ProcRef.of(row.pid, row.create_time))
         return {
             "code": proc.code if proc else None,
             "signal": proc.signal if proc else None,
@@ -227,7 +227,7 @@ class FakeEffects:
 
     async def rows(self) -> list[InstanceRow]:
         for row in self.store.all():
-            ref = ProcRef(row.pid, row.create_time) if row.pid and row.create_time else None
+            ref = ProcRef.of(row.pid, row.create_time)
             if row.state in RUNNING_STATES and not self.alive(ref):
                 new, message, changes = ended(row, await self.exit_info(row))
                 self.store.set_state(row, new, message, **changes)

@@ -385,8 +385,9 @@ class InstanceRunner:
             self._eager = self._eager or eager
             return
         row = self._row()
-        if row.pid and row.create_time:
-            self._watch_process(ProcRef(row.pid, row.create_time), p.config, eager)
+        ref = ProcRef.of(row.pid, row.create_time)
+        if ref is not None:
+            self._watch_process(ref, p.config, eager)
 
     async def _start(self, c: Start) -> UpResult:
         result = await self._fx.spawn(c.prepared, c.fresh)
@@ -501,7 +502,7 @@ class InstanceRunner:
         await self._d.settle(self.name, grace)
         self._quiet()
         row = self._row()
-        ref = ProcRef(row.pid, row.create_time) if row.pid and row.create_time else None
+        ref = ProcRef.of(row.pid, row.create_time)
         if not self._fx.alive(ref):
             row = await self._record_end(row)
             new = S.CREATED if row.state == S.CREATED else S.STOPPED
@@ -524,7 +525,8 @@ class InstanceRunner:
         return True
 
     async def _adopt(self, row: InstanceRow) -> None:
-        if not (row.pid and row.create_time):
+        ref = ProcRef.of(row.pid, row.create_time)
+        if ref is None:
             return
         store = self._d.store
         with store.transaction():
@@ -537,12 +539,12 @@ class InstanceRunner:
         if row.state == S.STOPPING or row.desired == Desired.STOPPED:
             await self._stop(None)  # a `down` was under way when the last daemon died: finish it
             return
-        self._watch_process(ProcRef(row.pid, row.create_time), self._fx.config(self.name), False)
+        self._watch_process(ref, self._fx.config(self.name), False)
         self._publish()
 
     async def _remove(self, force: bool) -> None:
         row = self._row()
-        ref = ProcRef(row.pid, row.create_time) if row.pid and row.create_time else None
+        ref = ProcRef.of(row.pid, row.create_time)
         if self._fx.alive(ref):
             if not force:
                 raise running_rm_refused(self.name)

@@ -223,9 +223,7 @@ class Engine:
     # --- observation ----------------------------------------------------------
 
     def _ref(self, row: InstanceRow) -> ProcRef | None:
-        if row.pid is None or row.create_time is None:
-            return None
-        return ProcRef(row.pid, row.create_time)
+        return ProcRef.of(row.pid, row.create_time)
 
     def exit_info(self, row: InstanceRow) -> dict[str, Any]:
         """How the (dead) process of `row` ended: code or signal (when we were

@@ -36,6 +36,11 @@ class ProcRef:
     pid: int
     create_time: float
 
+    @classmethod
+    def of(cls, pid: int | None, create_time: float | None) -> ProcRef | None:
+        """The process a row records, or None when it records none."""
+        return cls(pid, create_time) if pid and create_time else None
+
 
 # Children this process spawned, and exit codes collected from dead ones.
 # Only a parent can read a child's exit code, once: whoever reaps it first
