@@ -8,6 +8,7 @@ package still supplies the names and block sizes of file and tensor types.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ __all__ = [
     "ModelInfo",
     "Estimate",
     "read_model",
+    "split_of",
+    "split_parts",
     "estimate",
     "MIB",
     "COMPUTE_OVERHEAD_BYTES",
@@ -52,6 +55,29 @@ _STRING, _ARRAY = 8, 9
 
 class ModelError(UserError):
     pass
+
+
+#: llama.cpp's split files: `name-00001-of-00003.gguf` (llama-gguf-split names them so,
+#: and llama-server given the first part loads the rest from beside it)
+_SPLIT_RE = re.compile(r"^(?P<base>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$", re.IGNORECASE)
+
+
+def split_of(name: str) -> tuple[str, int, int] | None:
+    """(base, part, count) of a split file's name, or None for a whole model."""
+    m = _SPLIT_RE.match(name)
+    if m is None or not 1 <= int(m["i"]) <= int(m["n"]):
+        return None
+    return m["base"], int(m["i"]), int(m["n"])
+
+
+def split_parts(path: Path) -> list[Path]:
+    """Every file of the model that starts at `path`: itself alone, or all the
+    parts of a split model when `path` is its first part."""
+    split = split_of(path.name)
+    if split is None or split[1] != 1:
+        return [path]
+    base, _, count = split
+    return [path.with_name(f"{base}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
 def is_gguf(path: Path) -> bool:
@@ -169,35 +195,20 @@ class _Header:
 
 
 def read_model(path: Path) -> ModelInfo:
-    """Read a GGUF file's metadata; ModelError (exit 2) when it is not one."""
-    try:
-        size = path.stat().st_size
-        f = open(path, "rb")
-    except OSError as exc:
-        raise ModelError(
-            f"{path} cannot be read: {exc.strerror}.", hint="Check the path."
-        ) from None
-    with f:
-        h = _Header(f, path)
-        if f.read(4) != GGUF_MAGIC:
+    """Read a GGUF file's metadata; ModelError (exit 2) when it is not one. For
+    the first part of a split model the figures cover every part (a missing
+    part is an error: llama-server would refuse to load it)."""
+    kv, tensors = _read_header(path)
+    size = path.stat().st_size
+    parts = split_parts(path)
+    for part in parts[1:]:
+        if not part.is_file():
             raise ModelError(
-                f"{path} is not a GGUF model (its first bytes are not 'GGUF').",
-                hint="Point at a .gguf file.",
+                f"{path} is part 1 of a split model but part {part.name} is missing.",
+                hint="Put every part in the same folder (a pull fetches them all).",
             )
-        version = h.unpack("<I")
-        count_fmt = "<I" if version == 1 else "<Q"
-        n_tensors, n_kv = h.unpack(count_fmt), h.unpack(count_fmt)
-        kv: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = h.string()
-            kv[key] = h.value(h.unpack("<I"), keep_arrays=True)
-        tensors = []
-        for _ in range(n_tensors):
-            name = h.string()
-            dims = tuple(h.unpack("<Q") for _ in range(h.unpack("<I")))
-            ggml_type = h.unpack("<I")
-            h.unpack("<Q")  # offset
-            tensors.append(TensorInfo(name, dims, ggml_type))
+        tensors += _read_header(part)[1]
+        size += part.stat().st_size
     arch = kv.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelError(
@@ -228,11 +239,46 @@ def read_model(path: Path) -> ModelInfo:
     )
 
 
+def _read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
+    """The key-value pairs and tensor list of one GGUF file."""
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise ModelError(
+            f"{path} cannot be read: {exc.strerror}.", hint="Check the path."
+        ) from None
+    with f:
+        h = _Header(f, path)
+        if f.read(4) != GGUF_MAGIC:
+            raise ModelError(
+                f"{path} is not a GGUF model (its first bytes are not 'GGUF').",
+                hint="Point at a .gguf file.",
+            )
+        version = h.unpack("<I")
+        count_fmt = "<I" if version == 1 else "<Q"
+        n_tensors, n_kv = h.unpack(count_fmt), h.unpack(count_fmt)
+        kv: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = h.string()
+            kv[key] = h.value(h.unpack("<I"), keep_arrays=True)
+        tensors = []
+        for _ in range(n_tensors):
+            name = h.string()
+            dims = tuple(h.unpack("<Q") for _ in range(h.unpack("<I")))
+            ggml_type = h.unpack("<I")
+            h.unpack("<Q")  # offset
+            tensors.append(TensorInfo(name, dims, ggml_type))
+    return kv, tensors
+
+
 def scan_models(root: Path) -> list[dict[str, Any]]:
     """Metadata of every .gguf file under `root` (sorted); an unreadable one
     appears as {path, error} instead of stopping the scan."""
     rows: list[dict[str, Any]] = []
     for path in sorted(root.rglob("*.gguf")):
+        split = split_of(path.name)
+        if split is not None and split[1] != 1:
+            continue  # a later part of a split model: its first part stands for it
         try:
             rows.append(read_model(path).to_json())
         except ModelError as exc:

@@ -9,6 +9,7 @@ nonsense, quickly and deterministically.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 __all__ = ["write_tiny_model"]
@@ -28,9 +29,12 @@ def write_tiny_model(
     n_head_kv: int = 2,
     n_ff: int = 64,
     n_ctx: int = 2048,
+    split: int = 1,
 ) -> Path:
     """Write the model to `path` (atomically) and return the path. The default
-    shape is ~150 KB; others exist for metadata and estimate tests."""
+    shape is ~150 KB; others exist for metadata and estimate tests. With
+    `split` > 1 the model is written as llama.cpp's split files beside `path`
+    (`<stem>-00001-of-0000N.gguf` ...) and the first part's path is returned."""
     import gguf  # imported here: numpy + gguf cost ~0.2 s and most commands never need them
     import numpy as np
 
@@ -41,8 +45,16 @@ def write_tiny_model(
     head_dim = n_embd // n_head
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    n_tensors = 3 + 9 * n_layer
+    # split files are named by the writer from its path: write them in a
+    # private folder, then move each into place
+    tmp_dir = path.with_name(f".{path.name}.tmp.d")
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # what a crashed write left
+    tmp_dir.mkdir()
+    tmp = tmp_dir / path.name
+    w = gguf.GGUFWriter(
+        str(tmp), "llama", split_max_tensors=-(-n_tensors // split) if split > 1 else 0
+    )
     w.add_name(name)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
@@ -85,5 +97,8 @@ def write_tiny_model(
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tmp.replace(path)
-    return path
+    written = sorted(tmp_dir.iterdir())
+    for f in written:
+        f.replace(path.with_name(f.name))
+    tmp_dir.rmdir()
+    return path.with_name(written[0].name)
