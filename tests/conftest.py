@@ -76,6 +76,10 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test reads the user's home or a home found from the cwd."""
     monkeypatch.delenv("LLAMA_ORCH_HOME", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    # nor the user's Hugging Face cache, token or endpoint
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    for name in ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_HUB_DISABLE_XET"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -271,21 +271,6 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
     return kv, tensors
 
 
-def scan_models(root: Path) -> list[dict[str, Any]]:
-    """Metadata of every .gguf file under `root` (sorted); an unreadable one
-    appears as {path, error} instead of stopping the scan."""
-    rows: list[dict[str, Any]] = []
-    for path in sorted(root.rglob("*.gguf")):
-        split = split_of(path.name)
-        if split is not None and split[1] != 1:
-            continue  # a later part of a split model: its first part stands for it
-        try:
-            rows.append(read_model(path).to_json())
-        except ModelError as exc:
-            rows.append({"path": str(path), "error": exc.message})
-    return rows
-
-
 def _file_type(code: Any) -> str:
     if not isinstance(code, int):
         return "unknown"

@@ -18,6 +18,7 @@ from llama_orchestrator.cli import (
     inspect,
     lifecycle,
     logs,
+    models_cmd,
     plan_cmd,
     service_cmd,
 )
@@ -76,6 +77,7 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(daemon_cmd.app, name="daemon")
 app.add_typer(service_cmd.app, name="service")
 app.add_typer(plan_cmd.app, name="plan")
+app.add_typer(models_cmd.app, name="models")
 app.command("demo")(demo.demo)
 app.command("dashboard")(dashboard.dashboard)
 

@@ -6,6 +6,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import List, Literal, Optional, Union
 
 import typer
@@ -37,7 +38,12 @@ def init(
     name: str = typer.Argument(
         ..., help="Instance name (lowercase letters, digits, . _ -).", metavar="NAME"
     ),
-    model: str = typer.Option(..., "--model", "-m", help="Path to the GGUF model."),
+    model: str = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="A GGUF file, hf://OWNER/REPO[:QUANT] (pulled if missing) or a pulled model's ID.",
+    ),
     port: Optional[int] = typer.Option(None, help="Port (default: the first free one from 8001)."),
     host: str = typer.Option("127.0.0.1", help="Address llama-server listens on."),
     backend: str = typer.Option("cpu", help=f"One of {', '.join(BACKENDS)}."),
@@ -54,9 +60,16 @@ def init(
     extra: Optional[List[str]] = typer.Argument(None, help="More llama-server arguments after --."),
 ) -> None:
     """Create instances/NAME/config.json."""
+    from llama_orchestrator.cli.models_cmd import pull_with_progress
     from llama_orchestrator.config.create import create_instance
 
     app = app_context(ctx)
+
+    def locate(text: str) -> tuple[Path, list[str]]:
+        from llama_orchestrator.models import local_model
+
+        return local_model(app.home, text, lambda ref: pull_with_progress(app.home, ref))
+
     created = create_instance(
         app.home,
         name,
@@ -73,6 +86,7 @@ def init(
         tags=tag,
         extra_args=extra or [],
         force=force,
+        locate=locate,
     )
     say(f"Created {created.path}")
     for note in created.notes:

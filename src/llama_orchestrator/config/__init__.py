@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llama_orchestrator.backends import BACKENDS
+from llama_orchestrator.catalog import is_ref, resolve_local
 from llama_orchestrator.errors import ConfigError, Problem
 from llama_orchestrator.files import atomic_write_text
 from llama_orchestrator.home import NAME_RE
@@ -44,7 +45,8 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     path: str = Field(
-        description="Path to the GGUF file; relative paths resolve against the config file's folder."
+        description="Path to the GGUF file (relative paths resolve against the config file's "
+        "folder), or a pulled model's reference: hf://OWNER/REPO:QUANT."
     )
     context_size: int = Field(
         4096,
@@ -231,7 +233,12 @@ class InstanceConfig(_Section):
         return self.model.alias or name
 
     def model_path(self, config_dir: Path) -> Path:
-        """The model file, relative paths resolved against the config's folder."""
+        """The model file, relative paths resolved against the config's folder;
+        an `hf://` reference is the file the home's catalog has for it (the
+        reference itself, which exists nowhere, while it is not pulled)."""
+        if is_ref(self.model.path):
+            # instances/<name>/config.json: the home is two folders up
+            return resolve_local(config_dir.parent.parent, self.model.path) or Path(self.model.path)
         p = Path(self.model.path).expanduser()
         return p if p.is_absolute() else (config_dir / p).resolve()
 
@@ -263,6 +270,13 @@ class GroupSettings(_Section):
     )
 
 
+class ModelSettings(_Section):
+    dir: str | None = Field(
+        None,
+        description="Where `models pull` puts models (relative to the home); default <home>/models.",
+    )
+
+
 class Settings(_Section):
     """Global settings: `<home>/llama-orch.json` (all optional)."""
 
@@ -274,6 +288,7 @@ class Settings(_Section):
     )
     logs: LogSettings = Field(default_factory=LogSettings)
     gpu: GpuSettings = Field(default_factory=GpuSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
 
 
 # --- parsing -----------------------------------------------------------------

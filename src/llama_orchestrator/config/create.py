@@ -59,12 +59,14 @@ def create_instance(
     extra_args: list[str] | None = None,
     force: bool = False,
     find_gpus: Callable[[], Discovery] = discover,
+    locate: Callable[[str], tuple[Path, list[str]]] | None = None,
 ) -> Created:
     """Write `instances/NAME/config.json`.
 
     The model path is made absolute from the caller's working directory (a
     relative path in the file would be read against the config's folder, not
-    where the user typed it). Unset `ctx` becomes min(model context, 4096);
+    where the user typed it); `locate`, when given, turns `model` into a local
+    path first (an `hf://` reference pulled now) and says what it did. Unset `ctx` becomes min(model context, 4096);
     `gpus="auto"` takes the device(s) with the most free VRAM that hold the
     model; unset `layers` on a GPU backend becomes all when the estimate fits."""
     check_name(name)
@@ -89,11 +91,16 @@ def create_instance(
             f"Port {port} is already used by instance '{owner}'.",
             hint="Pick another --port, or leave it out to get a free one.",
         )
-    model_path = Path(model).expanduser().absolute()
+    if locate is not None:  # after the checks above: never pull for an init that fails
+        model_path, located = locate(model)
+        notes += located
+    else:
+        model_path = Path(model).expanduser().absolute()
     if not model_path.is_file():
         raise UserError(
             f"The model file {model_path} does not exist; nothing was written.",
-            hint="Check --model (the path of a .gguf file).",
+            hint="Check --model (the path of a .gguf file), or name one on Hugging Face: "
+            "--model hf://OWNER/REPO:QUANT.",
         )
     if not is_gguf(model_path):
         raise ModelError(

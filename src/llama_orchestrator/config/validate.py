@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llama_orchestrator.binary import find_llama_server
+from llama_orchestrator.catalog import REF_PREFIX, is_ref
 from llama_orchestrator.config import InstanceConfig, load_config
 from llama_orchestrator.config.command import check_extra_args
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand, overcommits
@@ -82,7 +83,17 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
             )
 
     model = cfg.model_path(item.path.parent)
-    if not model.exists():
+    if is_ref(cfg.model.path) and not model.exists():
+        ref = cfg.model.path[len(REF_PREFIX) :]
+        problems.append(
+            Problem(
+                file,
+                "model.path",
+                f"model {cfg.model.path} has not been pulled; run `llama-orch models pull {ref}` "
+                "(nothing is downloaded at start)",
+            )
+        )
+    elif not model.exists():
         problems.append(
             Problem(
                 file,
