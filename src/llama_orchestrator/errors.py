@@ -63,9 +63,9 @@ class Problem:
 
 
 class ConfigError(UserError):
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], *, hint: str | None = None) -> None:
         self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
+        super().__init__("\n".join(str(p) for p in problems), hint=hint)
 
 
 class UnknownInstance(UserError):

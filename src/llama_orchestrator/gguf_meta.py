@@ -262,12 +262,27 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
             key = h.string()
             kv[key] = h.value(h.unpack("<I"), keep_arrays=True)
         tensors = []
+        last: tuple[int, TensorInfo] | None = None  # the tensor whose data ends the file
         for _ in range(n_tensors):
             name = h.string()
             dims = tuple(h.unpack("<Q") for _ in range(h.unpack("<I")))
             ggml_type = h.unpack("<I")
-            h.unpack("<Q")  # offset
+            offset = h.unpack("<Q")
             tensors.append(TensorInfo(name, dims, ggml_type))
+            if last is None or offset >= last[0]:
+                last = (offset, tensors[-1])
+        if last is not None:
+            align = kv.get("general.alignment", 32)
+            align = align if isinstance(align, int) and align > 0 else 32
+            data_start = -(-f.tell() // align) * align
+            need = data_start + last[0] + last[1].n_bytes
+            size = path.stat().st_size
+            if size < need:
+                raise ModelError(
+                    f"{path} is truncated: it has {size:,} bytes and its tensors need {need:,} "
+                    "(an interrupted download or copy?).",
+                    hint="Copy or download it again.",
+                )
     return kv, tensors
 
 

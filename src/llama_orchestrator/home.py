@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llama_orchestrator.errors import UserError
 
-__all__ = ["Home", "resolve_home", "NAME_RE", "check_name"]
+__all__ = ["Home", "resolve_home", "find_home", "require_home", "NAME_RE", "check_name"]
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -101,24 +101,41 @@ class Home:
 def resolve_home(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> Home:
     """Find the home: --home, then $LLAMA_ORCH_HOME, then the nearest folder
     (from cwd upwards) that has `instances/`, then the per-user data folder."""
+    return find_home(explicit, cwd)[0]
+
+
+#: how a home was found (see find_home)
+FROM_FLAG, FROM_ENV, FROM_CWD, PER_USER = "--home", "$LLAMA_ORCH_HOME", "found", "per-user"
+
+
+def find_home(
+    explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None
+) -> tuple[Home, str]:
+    """The home and how it was found: FROM_FLAG, FROM_ENV, FROM_CWD or PER_USER."""
     if explicit:
-        return Home(Path(explicit).expanduser().resolve())
+        return Home(Path(explicit).expanduser().resolve()), FROM_FLAG
     env = os.environ.get("LLAMA_ORCH_HOME")
     if env:
-        return Home(Path(env).expanduser().resolve())
+        return Home(Path(env).expanduser().resolve()), FROM_ENV
     here = (cwd or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "instances").is_dir():
-            return Home(folder)
+            return Home(folder), FROM_CWD
     import platformdirs  # lazily: only the last fallback needs it
 
-    return Home(Path(platformdirs.user_data_dir("llama-orch", appauthor=False)))
+    return Home(Path(platformdirs.user_data_dir("llama-orch", appauthor=False))), PER_USER
 
 
-def require_home(explicit: str | os.PathLike[str]) -> None:
-    """Refuse a home named by --home or $LLAMA_ORCH_HOME that does not exist."""
+def require_home(explicit: str | os.PathLike[str], may_create: bool = False) -> None:
+    """Refuse a home named by --home or $LLAMA_ORCH_HOME that is a file, or
+    (unless `may_create`: init and demo make one) that does not exist."""
     path = Path(explicit).expanduser()
-    if not path.exists():
+    if path.exists() and not path.is_dir():
+        raise UserError(
+            f"--home {path} is a file, not a folder.",
+            hint="Point --home (or $LLAMA_ORCH_HOME) at a folder: the one that holds instances/.",
+        )
+    if not path.exists() and not may_create:
         raise UserError(
             f"No llama-orch home at {path}: the folder does not exist.",
             hint=f"Check --home (or $LLAMA_ORCH_HOME), or create one there with "

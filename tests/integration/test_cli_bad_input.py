@@ -185,3 +185,58 @@ def test_negative_durations_and_counts_are_usage_errors(home, tiny_model, args):
     r = run_cli(home, *args)
     assert_user_error(r, "is not in the range x>=0")
     assert "internal error" not in r.stderr
+
+
+def test_init_runs_the_checks_up_would_and_force_writes_anyway(home, tiny_model, tmp_path):
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(tiny_model.read_bytes()[:100_000])  # header whole, data cut
+    for args, needle in (
+        (("--model", str(truncated)), "cut.gguf is truncated: it has 100,000 bytes"),
+        (("--model", str(tiny_model), "--", "--port", "9999"), "--port is managed by llama-orch"),
+    ):
+        r = run_cli(home, "init", "a", *args)
+        assert_user_error(r, needle, "Nothing was written", "--force")
+        assert not home.instance_dir("a").exists()
+    # config validate sees the truncation too, and up refuses it before starting anything
+    r = run_cli(home, "init", "a", "--model", str(truncated), "--force")
+    assert r.returncode == 0, r.stderr
+    assert_user_error(run_cli(home, "config", "validate"), "cut.gguf is truncated")
+    assert_user_error(run_cli(home, "up", "a", "--no-daemon"), "cut.gguf is truncated")
+
+
+def test_config_validate_checks_the_settings_file_too(home, tiny_model):
+    write_config(home, "a", tiny_model)
+    home.settings_path.write_text('{"router": {"prot": 8090}}')
+    assert_user_error(
+        run_cli(home, "config", "validate"), "llama-orch.json: router.prot: unknown field"
+    )
+    home.settings_path.write_text('{"router": {"port": 8090}}')
+    r = run_cli(home, "config", "validate")
+    assert r.returncode == 0 and "1 instance config and llama-orch.json OK" in r.stdout
+
+
+def test_a_home_that_is_a_file_is_named_and_a_new_home_is_announced(tmp_path, tiny_model):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    for args in (("ps",), ("init", "a", "--model", str(tiny_model)), ("demo",)):
+        assert_user_error(run_cli(afile, *args), f"--home {afile} is a file, not a folder")
+    r = run_cli(tmp_path / "fresh", "init", "a", "--model", str(tiny_model))
+    assert r.returncode == 0 and f"created a new home at {tmp_path / 'fresh'}" in r.stdout
+    r = run_cli(tmp_path / "fresh", "init", "b", "--model", str(tiny_model))
+    assert r.returncode == 0 and "created a new home" not in r.stdout
+
+
+def test_ps_names_the_per_user_home_it_falls_back_to(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = subprocess.run(
+        [sys.executable, "-m", "llama_orchestrator", "ps"],
+        capture_output=True,
+        text=True,
+        cwd=empty,
+        env={k: v for k, v in os.environ.items() if k != "LLAMA_ORCH_HOME"},
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    per_user = tmp_path / "xdg-data" / "llama-orch"  # XDG_DATA_HOME of the test
+    assert f"(home: {per_user}, the per-user one" in r.stderr

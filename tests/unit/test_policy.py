@@ -14,6 +14,7 @@ from llama_orchestrator.engine.policy import (
     after_probe,
     after_start,
     backoff_delay,
+    fatal_reason,
     wants_restart,
 )
 from llama_orchestrator.states import Desired, is_allowed
@@ -37,6 +38,32 @@ R, STOP = Desired.RUNNING, Desired.STOPPED
 )
 def test_wants_restart_like_docker(mode, ending, desired, expected):
     assert wants_restart(mode, ending, desired) is expected
+
+
+LOAD_ERROR = [
+    "E llama_model_load: error loading model: tensor 'blk.0.ffn_up.weight' data is not within the file bounds, model is corrupted or incomplete",
+    "E srv    load_model: failed to load model, '/m/x.gguf'",
+    "E srv  llama_server: exiting due to model loading error",
+]
+
+
+def test_a_model_that_cannot_load_fails_at_once_with_llama_servers_reason():
+    ending = Ending.of({"code": 1, "signal": None, "stderr_tail": LOAD_ERROR})
+    assert ending.fatal == (
+        "llama-server could not load its model (tensor 'blk.0.ffn_up.weight' data is not "
+        "within the file bounds, model is corrupted or incomplete)"
+    )
+    d = after_exit(RestartPolicySection(), after_start(RestartBook(), 0), ending, R, 1, 0)
+    assert d.state == S.FAILED and d.restart_at is None and d.book.restarts == 0
+    assert "not restarted" in d.reason and "`up` it again" in d.reason
+    # a user's down still wins, and the same words after a signal or exit 0 are not read
+    assert after_exit(RestartPolicySection(), RestartBook(), ending, STOP, 1, 0).state == S.STOPPED
+    assert Ending.of({"code": None, "signal": 9, "stderr_tail": LOAD_ERROR}).fatal is None
+    assert Ending.of({"code": 0, "signal": None, "stderr_tail": LOAD_ERROR}).fatal is None
+    assert fatal_reason(["E srv  llama_server: exiting due to model loading error"]) == (
+        "llama-server could not load its model"
+    )
+    assert fatal_reason(["segfault"]) is None and fatal_reason([]) is None
 
 
 def test_backoff_doubles_up_to_the_maximum_with_bounded_jitter():

@@ -14,9 +14,10 @@ from tests.unit.test_config import DESIGN_EXAMPLE
 
 @pytest.fixture()
 def gguf(tmp_path):
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + b"\0" * 64)
-    return p
+    """A model init accepts: it reads whole, as up will need it to."""
+    from llama_orchestrator.tinymodel import write_tiny_model
+
+    return write_tiny_model(tmp_path / "m.gguf")
 
 
 def test_design_example_with_missing_model_reports_only_that(home, monkeypatch, tmp_path):

@@ -24,7 +24,7 @@ from llama_orchestrator.cli import (
 )
 from llama_orchestrator.cli.context import AppContext, err
 from llama_orchestrator.errors import ConfigError, OrchError
-from llama_orchestrator.home import require_home, resolve_home
+from llama_orchestrator.home import find_home, require_home
 
 __all__ = ["app", "main"]
 
@@ -62,9 +62,10 @@ def root(
         False, "--version", callback=_version, is_eager=True, help="Print the version."
     ),
 ) -> None:
-    if home is not None and ctx.invoked_subcommand not in _MAKE_A_HOME:
-        require_home(home)  # a typo in --home must not read (or create) an empty home
-    app_ctx = AppContext(resolve_home(home), debug)
+    if home is not None:  # a typo in --home must not read (or create) an empty home
+        require_home(home, may_create=ctx.invoked_subcommand in _MAKE_A_HOME)
+    found, source = find_home(home)
+    app_ctx = AppContext(found, debug, home_source=source)
     ctx.obj = app_ctx
     ctx.call_on_close(app_ctx.close)
 
@@ -88,6 +89,8 @@ def _report(exc: OrchError) -> None:
         err.print(f"[red]error:[/] {n} problem{'s' if n != 1 else ''} in the config:", markup=True)
         for p in exc.problems:
             err.print(f"  {p}", markup=False)
+        if exc.hint:
+            err.print(exc.hint, markup=False)
         return
     err.print("[red]error:[/] ", end="", markup=True)
     err.print(str(exc), markup=False)

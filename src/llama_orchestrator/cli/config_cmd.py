@@ -34,7 +34,8 @@ def validate(
     if errors:
         raise ConfigError(errors)
     count = len(names) if names else len(a.home.instance_names())
-    out.print(f"{count} instance config{'s' if count != 1 else ''} OK")
+    settings = " and llama-orch.json" if a.home.settings_path.is_file() else ""
+    out.print(f"{count} instance config{'s' if count != 1 else ''}{settings} OK")
 
 
 @app.command()

@@ -48,6 +48,8 @@ def say(text: str, *, to_err: bool = False) -> None:
 class AppContext:
     home: Home
     debug: bool = False
+    #: how the home was found (home.FROM_FLAG, FROM_ENV, FROM_CWD, PER_USER)
+    home_source: str = "--home"
     _engine: Engine | None = field(default=None, repr=False)
 
     @property

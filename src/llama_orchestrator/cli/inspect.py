@@ -64,15 +64,27 @@ def ps(
         print_json(rows)
         _warn(seen.warnings)
         return
+    from llama_orchestrator.daemon.info import running
+    from llama_orchestrator.home import PER_USER
+
+    if app.home_source == PER_USER:
+        say(
+            f"(home: {app.home.root}, the per-user one: no instances/ folder here or above)",
+            to_err=True,
+        )
     if not rows:
         say("No instances yet. Create one with: llama-orch init NAME --model PATH")
         return
     say(ps_table(rows, color=sys.stdout.isatty()))
-    if any(r["pid"] and not r["supervised"] for r in rows):
-        say("* unsupervised: no daemon runs, so nothing restarts it if it dies")
-    from llama_orchestrator.daemon.info import running
-
     info = running(app.home)
+    if any(r["pid"] and not r["supervised"] for r in rows):
+        if info is None:
+            say("* unsupervised: no daemon runs, so nothing restarts it if it dies")
+        else:
+            say(
+                "* unsupervised: started with --no-daemon, so the daemon does not restart it; "
+                "`up` it again (without --no-daemon) and the daemon takes it over"
+            )
     if info is not None and info.router_url:
         say(f"router: {info.router_url}/v1 (OpenAI-compatible; model = an alias or tags:TAG)")
     _warn(seen.warnings)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from llama_orchestrator import platform
 from llama_orchestrator.config import InstanceConfig, pydantic_problems, save_config
 from llama_orchestrator.config.fit import GPU_BACKENDS, pick_devices
-from llama_orchestrator.config.validate import hosts_overlap, load_all
+from llama_orchestrator.config.validate import Loaded, check_instance, hosts_overlap, load_all
 from llama_orchestrator.errors import ConfigError, PortConflict, UserError
 from llama_orchestrator.gguf_meta import ModelError, ModelInfo, estimate, is_gguf, read_model
 from llama_orchestrator.gpu import Discovery, GpuInfo, discover
@@ -152,6 +152,16 @@ def create_instance(
         cfg = InstanceConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(pydantic_problems(f"init {name}", exc)) from None
+    # the checks `config validate` and `up` make: what init writes, up starts
+    found = check_instance(home, Loaded(name, path, cfg, []), others)
+    problems = [p for p in found if p.severity == "error"]
+    if problems and not force:
+        raise ConfigError(
+            problems, hint="Nothing was written; fix it, or --force to write it anyway."
+        )
+    notes += [f"warning: {p.message}" for p in found if p.severity == "warning"]
+    if not home.instances_dir.is_dir():
+        notes.insert(0, f"created a new home at {home.root}")
     save_config(path, cfg)
     return Created(path, notes)
 

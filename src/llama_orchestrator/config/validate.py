@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llama_orchestrator.binary import find_llama_server
 from llama_orchestrator.catalog import REF_PREFIX, is_ref
-from llama_orchestrator.config import InstanceConfig, load_config
+from llama_orchestrator.config import InstanceConfig, load_config, load_settings
 from llama_orchestrator.config.command import check_extra_args
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand, overcommits
 from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem, UserError
@@ -110,6 +110,11 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
                 f"{model} is not a GGUF model (its first bytes are not 'GGUF'); point it at a .gguf file",
             )
         )
+    else:
+        try:
+            read_model(model)  # a truncated file would crash-loop llama-server
+        except ModelError as exc:
+            problems.append(Problem(file, "model.path", exc.message))
 
     try:
         find_llama_server(cfg.binary, home.root, item.path.parent)
@@ -240,6 +245,10 @@ def validate_home(
     loaded = load_all(home)
     selected = [x for x in loaded if names is None or x.name in names]
     problems: list[Problem] = []
+    try:  # the daemon reads it at start: a typo there must show here, not there
+        load_settings(home.settings_path)
+    except ConfigError as exc:
+        problems += exc.problems
     for item in selected:
         problems += item.problems
         if item.config is not None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # types only: a CLI command that never reads a config skips p
 
 __all__ = [
     "Ending",
+    "fatal_reason",
     "RestartBook",
     "Decision",
     "wants_restart",
@@ -39,13 +40,36 @@ __all__ = [
 JITTER = 0.10
 
 
+#: llama-server's words when it cannot load its model: a restart would load
+#: the same file the same way, so it is not retried
+_LOAD_FAILURE = ("exiting due to model loading error", "failed to load model")
+
+
+def fatal_reason(stderr_tail: list[str]) -> str | None:
+    """Why an exit will repeat on every restart, from its last stderr lines (pure)."""
+    text = "\n".join(stderr_tail).lower()
+    if any(marker in text for marker in _LOAD_FAILURE):
+        detail = next(
+            (
+                ln.split("error loading model:", 1)[1].strip()
+                for ln in stderr_tail
+                if "error loading model:" in ln
+            ),
+            "",
+        )
+        return "llama-server could not load its model" + (f" ({detail})" if detail else "")
+    return None
+
+
 @dataclass(frozen=True)
 class Ending:
-    """How a run ended: an exit code, a signal, or a failed health check."""
+    """How a run ended: an exit code, a signal, or a failed health check; `fatal`
+    says why it would end the same way after a restart."""
 
     code: int | None = None
     signal: int | None = None
     unhealthy: bool = False
+    fatal: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -60,7 +84,17 @@ class Ending:
         """From a `last_exit` record (see Engine.observe)."""
         info = last_exit or {}
         code, sig = info.get("code"), info.get("signal")
-        return cls(code if isinstance(code, int) else None, sig if isinstance(sig, int) else None)
+        tail = info.get("stderr_tail")
+        fatal = (
+            fatal_reason([str(x) for x in tail])
+            if isinstance(code, int) and code != 0 and isinstance(tail, list)
+            else None
+        )
+        return cls(
+            code if isinstance(code, int) else None,
+            sig if isinstance(sig, int) else None,
+            fatal=fatal,
+        )
 
 
 @dataclass(frozen=True)
@@ -122,6 +156,13 @@ def after_exit(
         return Decision(S.STOPPED, book, reason="stopped by the user")
     if not wants_restart(policy.effective_mode, ending, desired):
         return Decision(S.EXITED, book, reason=f"restart policy {policy.effective_mode}")
+    if ending.fatal:
+        return Decision(
+            S.FAILED,
+            book,
+            reason=f"{ending.fatal}; not restarted, as it would fail the same way: "
+            "fix the model (or its path), then `up` it again",
+        )
     if streak >= policy.max_retries:
         return Decision(
             S.FAILED,
