@@ -153,13 +153,13 @@ def create_instance(
     except ValidationError as exc:
         raise ConfigError(pydantic_problems(f"init {name}", exc)) from None
     # the checks `config validate` and `up` make: what init writes, up starts
-    found = check_instance(home, Loaded(name, path, cfg, []), others)
-    problems = [p for p in found if p.severity == "error"]
+    checked = check_instance(home, Loaded(name, path, cfg, []), others)
+    problems = [p for p in checked if p.severity == "error"]
     if problems and not force:
         raise ConfigError(
             problems, hint="Nothing was written; fix it, or --force to write it anyway."
         )
-    notes += [f"warning: {p.message}" for p in found if p.severity == "warning"]
+    notes += [f"warning: {p.message}" for p in checked if p.severity == "warning"]
     if not home.instances_dir.is_dir():
         notes.insert(0, f"created a new home at {home.root}")
     save_config(path, cfg)
