@@ -22,8 +22,15 @@ class Alert:
     message: str
 
 
-def alerts(gpus: list[GpuInfo], pinned: dict[int, list[str]], threshold: float) -> list[Alert]:
-    """Cards over `threshold` °C, and pinned cards that no longer report."""
+def alerts(
+    gpus: list[GpuInfo],
+    pinned: dict[int, list[str]],
+    threshold: float,
+    seen: set[int] | None = None,
+) -> list[Alert]:
+    """Cards over `threshold` °C, and pinned cards that no longer report: of
+    those, only ones reported before (`seen`; None: every pinned card), as a
+    card that never was there did not fall off anything."""
     out = []
     present = {g.index for g in gpus}
     for g in gpus:
@@ -37,7 +44,8 @@ def alerts(gpus: list[GpuInfo], pinned: dict[int, list[str]], threshold: float) 
                     f"{threshold:.0f} °C threshold{who}",
                 )
             )
-    for dev in sorted(set(pinned) - present):
+    gone = set(pinned) - present
+    for dev in sorted(gone if seen is None else gone & seen):
         out.append(
             Alert(
                 dev,
@@ -87,7 +95,8 @@ def check(
     found = find_gpus()
     for g in found.gpus:
         g.instances = pinned.get(g.index, [])
-    current = alerts(found.gpus, pinned, threshold)
+    store.mark_gpus_seen([(g.backend, g.index, g.name) for g in found.gpus])
+    current = alerts(found.gpus, pinned, threshold, store.gpus_seen())
     record_changes(store, current, {g.index for g in found.gpus} | set(pinned))
     return GpuStatus(
         found.gpus, [a.message for a in current] + found.notes, found.source, threshold

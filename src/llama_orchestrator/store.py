@@ -95,6 +95,17 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE instances ADD COLUMN last_used_at REAL;
     """,
+    # 5 -> 6: the cards discovery has reported, so a pinned card that is gone
+    # is told apart from one that never was there
+    """
+    CREATE TABLE gpus_seen (
+        backend TEXT NOT NULL,
+        idx     INTEGER NOT NULL,
+        name    TEXT,
+        seen_at REAL NOT NULL,
+        PRIMARY KEY (backend, idx)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -328,6 +339,23 @@ class Store:
         else:
             sql += " ORDER BY id"
         return self._events(sql, tuple(params))
+
+    def mark_gpus_seen(self, cards: list[tuple[str, int, str]]) -> None:
+        """Remember (backend, index, name) of cards discovery reports now."""
+        if not cards:
+            return
+        with self.transaction():
+            for backend, idx, name in cards:
+                self._exec(
+                    "INSERT INTO gpus_seen (backend, idx, name, seen_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (backend, idx) DO UPDATE SET name = excluded.name, "
+                    "seen_at = excluded.seen_at",
+                    (backend, idx, name, self.clock()),
+                )
+
+    def gpus_seen(self) -> set[int]:
+        """Indices of every card discovery has ever reported in this home."""
+        return {r["idx"] for r in self._exec("SELECT idx FROM gpus_seen").fetchall()}
 
     def latest_of_kinds(self, kinds: tuple[str, ...], limit: int = 500) -> list[Event]:
         """The newest events of these kinds, newest first."""

@@ -167,8 +167,40 @@ def test_ps_warns_about_a_hot_card_and_records_it_once(home, tiny_model):
 
 def test_ps_warns_about_a_missing_card(home, tiny_model):
     write_config(home, "big", tiny_model, gpu={"backend": "cuda", "device_id": [0, 3]})
-    r = run_cli(home, "ps", env=gpu_env("card3_missing.csv"))
+    assert "no longer reported" not in run_cli(home, "ps", env=gpu_env("five_1060.csv")).stderr
+    r = run_cli(home, "ps", env=gpu_env("card3_missing.csv"))  # card 3 was seen, now gone
     assert "GPU 3 is pinned by big but no longer reported" in r.stderr
+
+
+def test_a_pin_without_any_gpu_is_refused_and_never_said_to_have_fallen_off(home, tiny_model):
+    none = gpu_env()  # no NVML, no nvidia-smi, no rocm-smi output
+    r = run_cli(
+        home, "init", "g", "--model", str(tiny_model), "--backend", "cuda", "--gpu", "0", env=none
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "GPU 0 is pinned but no GPU was found here" in r.stderr and "--force" in r.stderr
+    assert not home.instance_dir("g").exists()
+    write_config(home, "g", tiny_model, gpu={"backend": "cuda", "device_id": 0})
+    r = run_cli(home, "up", "g", "--no-daemon", env=none)
+    assert r.returncode == 2 and "set gpu.force: true to pin anyway" in r.stderr
+    for _ in range(2):
+        r = run_cli(home, "ps", env=none)
+        assert r.returncode == 0 and "fell off the bus" not in r.stderr
+    r = run_cli(
+        home,
+        "init",
+        "g",
+        "--model",
+        str(tiny_model),
+        "--backend",
+        "cuda",
+        "--gpu",
+        "0",
+        "--force",
+        env=none,
+    )
+    assert r.returncode == 0 and "gpu.force set" in r.stdout
+    assert json.loads(home.config_path("g").read_text())["gpu"]["force"] is True
 
 
 def test_describe_shows_model_and_live_gpu_of_a_running_pinned_instance(home, tiny_model):
@@ -247,7 +279,10 @@ def test_pinning_a_card_the_machine_does_not_have_is_refused(home, tiny_model):
     assert json.loads(run_cli(home, "ps", "--json").stdout)[0]["pid"] is None
     r = run_cli(home, "config", "validate", env=env)
     assert r.returncode == 2 and "GPU 7 is not on this machine" in r.stderr
-    # with no GPU tool at all nothing can be known: no error
+    # with no GPU found at all the pin is refused too, unless the config forces it
+    r = run_cli(home, "config", "validate", env=gpu_env())
+    assert r.returncode == 2 and "GPU 2, 7 is pinned but no GPU was found here" in r.stderr
+    write_config(home, "a", tiny_model, gpu={"backend": "cuda", "device_id": [2, 7], "force": True})
     r = run_cli(home, "config", "validate", env=gpu_env())
     assert r.returncode == 0, r.stderr
 

@@ -6,6 +6,7 @@ import pytest
 
 from llama_orchestrator.engine.status import collect
 from llama_orchestrator.errors import ConfigError, PortConflict, StartFailed
+from llama_orchestrator.gpu import Discovery
 from llama_orchestrator.states import InstanceState as S
 from tests.helpers import wait_until, write_config
 
@@ -32,7 +33,8 @@ def test_gpu_pinning_reaches_the_running_child_environment(engine, home, tiny_mo
     write_config(
         home, "split", tiny_model, gpu={"backend": "vulkan", "device_id": [0, 3], "layers": 99}
     )
-    write_config(home, "one", tiny_model, gpu={"backend": "cuda", "device_id": 2})
+    # no GPU here: without `force` the pin is refused (see the test below)
+    write_config(home, "one", tiny_model, gpu={"backend": "cuda", "device_id": 2, "force": True})
     results = {r.name: r for r in engine.up(["split", "one"], timeout=60)}
     env_split = psutil.Process(results["split"].pid).environ()
     env_one = psutil.Process(results["one"].pid).environ()
@@ -41,6 +43,15 @@ def test_gpu_pinning_reaches_the_running_child_environment(engine, home, tiny_mo
     assert env_split["LLAMA_ORCH_INSTANCE"] == "split"
     cmd = psutil.Process(results["split"].pid).cmdline()
     assert cmd[cmd.index("-ngl") + 1] == "99"
+
+
+def test_a_pin_on_a_machine_without_gpus_is_refused_unless_forced(engine, home, tiny_model):
+    engine._find_gpus = lambda: Discovery("none", [])  # a machine without GPU tools
+    write_config(home, "g", tiny_model, gpu={"backend": "cuda", "device_id": 0})
+    with pytest.raises(ConfigError) as exc:
+        engine.up(["g"], timeout=60)
+    assert "GPU 0 is pinned but no GPU was found here" in str(exc.value)
+    assert "gpu.force" in str(exc.value) and engine.store.get("g") is None  # nothing started
 
 
 def test_api_key_is_in_the_child_env_not_its_argv(engine, home, tiny_model):

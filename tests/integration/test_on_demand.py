@@ -199,8 +199,17 @@ def test_a_start_that_fails_answers_the_waiting_requests_at_once(
     home, tiny_model, server_bin, tmp_path
 ):
     url = setup(home, tiny_model, ["od"], idle_ttl=60)
+    import gguf
+    import numpy as np
+
+    # whole and readable, so every check of ours passes; llama-server knows no such architecture
     broken = tmp_path / "broken.gguf"
-    broken.write_bytes(b"GGUF" + b"\0" * 64)  # passes the magic check, fails to load
+    w = gguf.GGUFWriter(str(broken), "no-such-arch")
+    w.add_tensor("t.weight", np.zeros(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     cfg = json.loads(home.config_path("od").read_text())
     cfg["model"]["path"] = str(broken)
     cfg["restart_policy"] = {"mode": "no"}

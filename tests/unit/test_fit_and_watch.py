@@ -54,6 +54,17 @@ def test_alerts_hot_and_missing_cards():
     missing = alerts(cards("card3_missing.csv"), {0: ["big"], 3: ["big"]}, 85)
     assert [(a.device, a.kind) for a in missing] == [(3, "gpu_missing")]
     assert alerts(cards(), {0: ["a"]}, 85) == []
+    # a card never reported did not fall off the bus: nothing said about it
+    assert alerts([], {0: ["gpu1"]}, 85, seen=set()) == []
+    assert [a.kind for a in alerts([], {0: ["gpu1"]}, 85, seen={0})] == ["gpu_missing"]
+
+
+def test_the_store_remembers_the_cards_it_was_shown(tmp_path):
+    store = Store.open(tmp_path / "s.sqlite")
+    assert store.gpus_seen() == set()
+    store.mark_gpus_seen([("cuda", 0, "GTX 1060"), ("cuda", 3, "GTX 1060")])
+    store.mark_gpus_seen([("cuda", 0, "GTX 1060")])
+    assert store.gpus_seen() == {0, 3}
 
 
 def test_record_changes_records_start_once_and_the_end(tmp_path):

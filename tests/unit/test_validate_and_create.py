@@ -88,6 +88,13 @@ def test_pick_port_skips_taken_and_busy():
         pick_port(set(), lambda p: False, first=10, last=12)
 
 
+def four_cards() -> Discovery:
+    """Four full cards (so `layers` is left to llama-server)."""
+    from llama_orchestrator.gpu import GpuInfo
+
+    return Discovery("nvidia-smi", [GpuInfo(i, "GTX 1060", "cuda", 6144, 6144) for i in range(4)])
+
+
 def test_create_writes_a_valid_config_and_refuses_to_overwrite(home, gguf, monkeypatch):
     monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
     path = create_instance(
@@ -98,12 +105,12 @@ def test_create_writes_a_valid_config_and_refuses_to_overwrite(home, gguf, monke
         gpus=[0, 3],
         tags=["worker"],
         extra_args=["--jinja"],
-        find_gpus=lambda: Discovery("none", []),
+        find_gpus=four_cards,
     ).path
     data = json.loads(path.read_text())
     assert data["gpu"] == {"backend": "cuda", "device_id": [0, 3]}
     assert data["server"]["port"] >= 8001 and data["tags"] == ["worker"]
-    assert validate_home(home) == []
+    assert validate_home(home, find_gpus=four_cards) == []
     with pytest.raises(UserError, match="already exists"):
         create_instance(home, "w1", model=str(gguf))
     create_instance(home, "w1", model=str(gguf), port=9999, force=True)

@@ -107,6 +107,11 @@ class GpuSection(_Section):
         description="MiB this instance needs on each pinned GPU, instead of the estimate from the "
         "model file (fit checks and on-demand swapping use it; measure with `llama-orch gpus`).",
     )
+    force: bool | None = Field(
+        None,
+        description="true: pin device_id even when GPU discovery (NVML, nvidia-smi, rocm-smi) finds no "
+        "card at all, e.g. in a container without the driver's tools.",
+    )
 
     @field_validator("device_id")
     @classmethod

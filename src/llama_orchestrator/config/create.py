@@ -12,7 +12,14 @@ from pydantic import ValidationError
 from llama_orchestrator import platform
 from llama_orchestrator.config import InstanceConfig, pydantic_problems, save_config
 from llama_orchestrator.config.fit import GPU_BACKENDS, pick_devices
-from llama_orchestrator.config.validate import Loaded, check_instance, hosts_overlap, load_all
+from llama_orchestrator.config.validate import (
+    DISCOVERED,
+    Loaded,
+    absent_devices,
+    check_instance,
+    hosts_overlap,
+    load_all,
+)
 from llama_orchestrator.errors import ConfigError, PortConflict, UserError
 from llama_orchestrator.gguf_meta import ModelError, ModelInfo, estimate, is_gguf, read_model
 from llama_orchestrator.gpu import Discovery, GpuInfo, discover
@@ -116,6 +123,7 @@ def create_instance(
         ctx = min(info.context_length or DEFAULT_CTX, DEFAULT_CTX) if info else DEFAULT_CTX
         notes.append(f"context size {ctx} tokens")
     devices: list[int] = []
+    found: list[GpuInfo] | None = None  # discovered once, when needed
     if backend in GPU_BACKENDS and (gpus == "auto" or layers is None):
         found = find_gpus().gpus
         if gpus == "auto":
@@ -153,7 +161,14 @@ def create_instance(
     except ValidationError as exc:
         raise ConfigError(pydantic_problems(f"init {name}", exc)) from None
     # the checks `config validate` and `up` make: what init writes, up starts
-    checked = check_instance(home, Loaded(name, path, cfg, []), others)
+    item = Loaded(name, path, cfg, [])
+    checked = check_instance(home, item, others)
+    if cfg.gpu.backend in DISCOVERED and cfg.gpu.devices and not cfg.gpu.auto:
+        absent = absent_devices([item], found if found is not None else find_gpus().gpus)
+        checked += absent
+        if absent and force and not (found or []):
+            cfg.gpu.force = True  # what --force asked for: up uses the pin too
+            notes.append("gpu.force set: the pin is used although no GPU was found")
     problems = [p for p in checked if p.severity == "error"]
     if problems and not force:
         raise ConfigError(

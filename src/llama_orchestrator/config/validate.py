@@ -207,15 +207,32 @@ def vram_problems(
     ]
 
 
+#: the backends whose cards discovery can see (NVML / nvidia-smi, rocm-smi)
+DISCOVERED = frozenset({"cuda", "rocm"})
+
+
 def absent_devices(items: list[Loaded], gpus: list[GpuInfo]) -> list[Problem]:
     """Pinned indices of a backend that discovery lists cards for, but not that
     card: the backend would see no device and llama-server would silently run
-    on the CPU (seen on a real H100 with CUDA_VISIBLE_DEVICES=7). Nothing is
-    said when discovery found no card of that backend: it cannot tell."""
+    on the CPU (seen on a real H100 with CUDA_VISIBLE_DEVICES=7). A pin on a
+    machine where discovery finds no card at all is refused too, unless the
+    config says `gpu.force` (discovery may lack the tools the card needs)."""
     problems = []
     for item in items:
         cfg = item.config
         if cfg is None:
+            continue
+        if not gpus and cfg.gpu.backend in DISCOVERED and cfg.gpu.devices and not cfg.gpu.force:
+            problems.append(
+                Problem(
+                    str(item.path),
+                    "gpu.device_id",
+                    f"GPU {', '.join(map(str, cfg.gpu.devices))} is pinned but no GPU was found "
+                    "here (NVML, nvidia-smi and rocm-smi report none), so llama-server would run "
+                    'on the CPU; use backend "cpu", install the driver tools, or set gpu.force: '
+                    "true to pin anyway",
+                )
+            )
             continue
         have = {g.index: g.name for g in gpus if g.backend == cfg.gpu.backend}
         missing = [d for d in cfg.gpu.devices if d not in have]
