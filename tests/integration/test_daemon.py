@@ -472,3 +472,26 @@ def test_ps_answers_from_the_state_database_when_the_daemon_is_stalled(home, tin
         assert view["name"] == "a" and view["state"] == "healthy" and view["supervised"]
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_a_router_port_already_taken_is_said_at_up_in_ps_and_daemon_status(home, tiny_model):
+    import socket
+
+    taken = socket.create_server(("127.0.0.1", 0))  # as another home's router would hold it
+    port = taken.getsockname()[1]
+    try:
+        home.settings_path.write_text(json.dumps({"router": {"port": port}}))
+        write_config(home, "a", tiny_model)
+        r = run_cli(home, "up", "a")
+        assert r.returncode == 0, r.stderr
+        said = f"warning: no router: The router cannot listen on 127.0.0.1:{port}"
+        assert said in r.stderr and "set router.port in llama-orch.json" in r.stderr
+        assert '{"router": {"port": ' in r.stderr  # a free port to use instead
+        assert said in run_cli(home, "ps").stderr
+        text = run_cli(home, "daemon", "status").stdout
+        assert f"router       not listening: The router cannot listen on 127.0.0.1:{port}" in text
+        data = json.loads(run_cli(home, "daemon", "status", "--json").stdout)
+        assert data["router_url"] is None and "cannot listen" in data["router_error"]
+    finally:
+        taken.close()
+        run_cli(home, "down", "--all", "--timeout", "5")

@@ -72,6 +72,8 @@ class AppContext:
 
         def started(info: DaemonInfo) -> None:
             say(says.format(pid=info.pid), to_err=True)
+            if info.router_error:
+                say(f"warning: no router: {info.router_error}", to_err=True)
 
         return control(self.engine, start_daemon, started)
 

@@ -85,6 +85,7 @@ def status(
             "home": str(home.root),
             "socket": None,
             "router_url": None,
+            "router_error": None,
             "instances": [],
         }
     else:
@@ -104,7 +105,9 @@ def status(
     )
     say(f"home         {data['home']}")
     say(f"control API  {data['socket']}")
-    say(f"router       {data['router_url'] or 'not in this version'}")
+    say(
+        f"router       {data['router_url'] or 'not listening: ' + (data.get('router_error') or 'unknown')}"
+    )
     say(f"supervises   {names}")
     say(f"log          {home.daemon_log}")
     sys.stdout.flush()

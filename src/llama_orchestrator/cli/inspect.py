@@ -87,6 +87,8 @@ def ps(
             )
     if info is not None and info.router_url:
         say(f"router: {info.router_url}/v1 (OpenAI-compatible; model = an alias or tags:TAG)")
+    elif info is not None and info.router_error:
+        say(f"warning: no router: {info.router_error}", to_err=True)
     _warn(seen.warnings)
 
 

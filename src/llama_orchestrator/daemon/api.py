@@ -72,6 +72,7 @@ def build_app(
     request_exit: Callable[[bool], None],
     status_view: Callable[[], Awaitable[StatusReply]],
     router_url: str | None = None,
+    router_error: str | None = None,
 ) -> FastAPI:
     app = FastAPI(title="llama-orch daemon", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -119,6 +120,7 @@ def build_app(
             "home": str(sup.home.root),
             "socket": address,
             "router_url": router_url,
+            "router_error": router_error,
             "version": __version__,
             **sup.status(),
         }

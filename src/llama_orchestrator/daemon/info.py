@@ -31,6 +31,7 @@ class DaemonInfo:
     token: str | None = None
     version: str = ""
     router_url: str | None = None
+    router_error: str | None = None  # why the router does not listen, when it does not
 
     @property
     def address(self) -> str:

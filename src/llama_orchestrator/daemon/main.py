@@ -164,7 +164,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         slots=slots,
     )
     metrics.watch_router(router)
-    router_server, router_url = _router(home, router, store, metrics)
+    router_server, router_url, router_error = _router(home, router, store, metrics)
     plans = PlanRunner(home, store, router, lambda: board.known)
     sock = platform.bind_control(home.daemon_socket)
     transport = platform.CONTROL_TRANSPORT
@@ -190,6 +190,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         # `ps` through the daemon: the same view, made here, where the configs are read
         status_view=lambda: effects.in_thread(lambda e: e.status()),
         router_url=router_url,
+        router_error=router_error,
     )
     server = _Server(
         uvicorn.Config(
@@ -219,6 +220,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
             token=token,
             version=__version__,
             router_url=router_url,
+            router_error=router_error,
         ),
     )
     router_task = asyncio.create_task(router_server()) if router_url else None
@@ -240,10 +242,13 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
                 home.daemon_socket.unlink()
 
 
-def _router(home: Home, router: Any, store: Any, metrics: Any) -> tuple[Any, str | None]:
-    """The router's server (a coroutine function) and URL; (None, None) when it
-    cannot or must not listen: that is recorded, and supervision goes on (plans
-    use the router even when it does not listen)."""
+def _router(
+    home: Home, router: Any, store: Any, metrics: Any
+) -> tuple[Any, str | None, str | None]:
+    """The router's server (a coroutine function), URL and None; (None, None,
+    why) when it cannot or must not listen: that is recorded and shown by up,
+    ps and daemon status, and supervision goes on (plans use the router even
+    when it does not listen)."""
     import socket
 
     from llama_orchestrator.router.app import RouterSite, is_loopback
@@ -251,24 +256,32 @@ def _router(home: Home, router: Any, store: Any, metrics: Any) -> tuple[Any, str
 
     settings = router.settings
     if not is_loopback(settings.host) and not settings.api_keys:
-        store.add_event(
-            None,
-            "router_refused",
+        why = (
             f"The router does not listen on {settings.host} without API keys; "
-            "set router.api_keys in llama-orch.json (or keep router.host on 127.0.0.1).",
+            "set router.api_keys in llama-orch.json (or keep router.host on 127.0.0.1)."
         )
-        return None, None
+        store.add_event(None, "router_refused", why)
+        return None, None, why
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     try:
-        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         sock = socket.create_server((settings.host, settings.port), family=family, backlog=1024)
     except OSError as exc:
-        store.add_event(
+        free = next(
+            (
+                p
+                for p in range(settings.port + 1, settings.port + 100)
+                if platform.port_is_free(settings.host, p)
+            ),
             None,
-            "router_failed",
-            f"The router cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); "
-            "change router.port in llama-orch.json and restart the daemon.",
         )
-        return None, None
+        suggestion = f' ({{"router": {{"port": {free}}}}} is free)' if free else ""
+        why = (
+            f"The router cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}; "
+            f"another home's daemon?); set router.port in llama-orch.json{suggestion} and "
+            "restart the daemon (`llama-orch daemon stop`, then `up`)."
+        )
+        store.add_event(None, "router_failed", why)
+        return None, None, why
 
     def render() -> tuple[bytes, str]:
         from llama_orchestrator.daemon.metrics import CONTENT_TYPE
@@ -277,7 +290,7 @@ def _router(home: Home, router: Any, store: Any, metrics: Any) -> tuple[Any, str
 
     site = RouterSite(router, render)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    return (lambda: serve(sock, site)), f"http://{host}:{settings.port}"
+    return (lambda: serve(sock, site)), f"http://{host}:{settings.port}", None
 
 
 def _on_signal(name: str, request_exit: Any, stop_instances: bool) -> None:
