@@ -222,6 +222,8 @@ def test_a_home_that_is_a_file_is_named_and_a_new_home_is_announced(tmp_path, ti
         assert_user_error(run_cli(afile, *args), f"--home {afile} is a file, not a folder")
     r = run_cli(tmp_path / "fresh", "init", "a", "--model", str(tiny_model))
     assert r.returncode == 0 and f"created a new home at {tmp_path / 'fresh'}" in r.stdout
+    port = json.loads((tmp_path / "fresh" / "instances" / "a" / "config.json").read_text())
+    assert f"port {port['server']['port']} (the first free one from 8001" in r.stdout
     r = run_cli(tmp_path / "fresh", "init", "b", "--model", str(tiny_model))
     assert r.returncode == 0 and "created a new home" not in r.stdout
 

@@ -114,3 +114,18 @@ def test_on_demand_state_countdown_and_ps_column():
     ]  # fmt: skip
     assert "idle (on demand)" in table[1] and "1m00s ago" in table[1]
     assert "LAST USED" not in ps_table([plain], now=1060.0)  # only when any is on demand
+
+
+def test_ps_json_gives_the_last_exit_time_in_iso_8601_like_every_other_time():
+    from llama_orchestrator.config import InstanceConfig
+    from llama_orchestrator.engine.status import status_view
+    from llama_orchestrator.store import InstanceRow
+
+    cfg = InstanceConfig.model_validate({"model": {"path": "m.gguf"}, "server": {"port": 8001}})
+    ended = InstanceRow(
+        "a", exit_code=1, last_exit={"code": 1, "signal": None, "at": 1000.0, "stderr_tail": []}
+    )
+    view = status_view("a", cfg, ended, now=1060.0)
+    assert view["last_exit"]["at"] == "1970-01-01T00:16:40+00:00"
+    assert view["last_exit"]["code"] == 1 and ended.last_exit["at"] == 1000.0  # row untouched
+    assert status_view("a", cfg, InstanceRow("a"), now=0)["last_exit"] is None

@@ -92,6 +92,7 @@ def create_instance(
     }
     if port is None:
         port = pick_port(taken, lambda p: platform.port_is_free(host, p))
+        notes.append(f"port {port} (the first free one from {FIRST_PORT}; --port to choose)")
     elif port in taken:
         owner = next(x.name for x in others if x.config and x.config.server.port == port)
         raise PortConflict(

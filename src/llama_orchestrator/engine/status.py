@@ -132,7 +132,9 @@ def status_view(
         "started_at": iso(row.started_at) if running else None,
         "uptime_s": round(now - row.started_at, 1) if running and row.started_at else None,
         "exit_code": row.exit_code,
-        "last_exit": row.last_exit,
+        "last_exit": {**row.last_exit, "at": iso(row.last_exit.get("at"))}
+        if row.last_exit
+        else row.last_exit,
         "supervised": row.supervised,
         "next_restart_at": iso(row.next_restart_at),
         "next_try_s": round(max(0.0, row.next_restart_at - now), 1)
