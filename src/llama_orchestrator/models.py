@@ -96,23 +96,20 @@ def verify(path: Path, file: RemoteFile) -> tuple[str, str | None]:
     """(sha256 of `path`, how it was verified: "sha256", "git-sha1" or None when
     the hub gave no checksum). ChecksumMismatch when it gave one that differs."""
     sha256, git = _digests(path)
-    if file.sha256:
-        if sha256 != file.sha256.lower():
-            raise ChecksumMismatch(
-                f"{file.name} failed its checksum (sha256 {sha256[:12]}…, the hub says "
-                f"{file.sha256[:12]}…); the download was removed and nothing was recorded.",
-                hint="Pull again; if it fails again the file on the hub or a proxy is at fault.",
-            )
-        return sha256, "sha256"
-    if file.blob_id and len(file.blob_id) == 40:
-        if git != file.blob_id.lower():
-            raise ChecksumMismatch(
-                f"{file.name} failed its checksum (git blob {git[:12]}…, the hub says "
-                f"{file.blob_id[:12]}…); the download was removed and nothing was recorded.",
-                hint="Pull again.",
-            )
-        return sha256, "git-sha1"
-    return sha256, None
+    blob_id = file.blob_id if file.blob_id and len(file.blob_id) == 40 else None
+    # the hub's sha256 for LFS files, else the git blob id of a file kept in git
+    how, ours, theirs = (
+        ("sha256", sha256, file.sha256) if file.sha256 else ("git-sha1", git, blob_id)
+    )
+    if theirs is None:
+        return sha256, None
+    if ours != theirs.lower():
+        raise ChecksumMismatch(
+            f"{file.name} failed its checksum ({how} {ours[:12]}…, the hub says "
+            f"{theirs[:12]}…); the download was removed and nothing was recorded.",
+            hint="Pull again; if it fails again the file on the hub or a proxy is at fault.",
+        )
+    return sha256, how
 
 
 def _check_space(folder: Path, need: int) -> None:
