@@ -76,3 +76,18 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def write_unloadable_model(path: Path) -> Path:
+    """A whole, readable GGUF of an architecture llama-server does not know: every
+    check of ours passes it, and llama-server exits with a model loading error."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "no-such-arch")
+    w.add_tensor("t.weight", np.zeros(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

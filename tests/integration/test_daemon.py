@@ -17,7 +17,7 @@ from llama_orchestrator.engine.health import http_get
 from llama_orchestrator.home import Home
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
-from tests.helpers import run_cli, wait_until, write_config
+from tests.helpers import run_cli, wait_until, write_config, write_unloadable_model
 
 pytestmark = pytest.mark.integration
 
@@ -494,4 +494,25 @@ def test_a_router_port_already_taken_is_said_at_up_in_ps_and_daemon_status(home,
         assert data["router_url"] is None and "cannot listen" in data["router_error"]
     finally:
         taken.close()
+        run_cli(home, "down", "--all", "--timeout", "5")
+
+
+def test_a_model_llama_server_cannot_load_fails_at_once_and_describe_says_why(home, tmp_path):
+    model = write_unloadable_model(tmp_path / "odd.gguf")
+    write_config(home, "a", model, restart_policy={"mode": "always", "max_retries": 5})
+    try:
+        run_cli(home, "up", "a", "--timeout", "30")
+        wait_until(lambda: row(home, "a").state == S.FAILED, timeout=30)
+        assert row(home, "a").restarts == 0  # not five attempts first
+        events = run_cli(home, "events", "a", "--json").stdout.splitlines()
+        failed = [json.loads(x) for x in events if json.loads(x)["kind"] == "failed"]
+        assert "llama-server could not load its model" in failed[-1]["message"]
+        assert "not restarted" in failed[-1]["message"]
+        ps = json.loads(run_cli(home, "ps", "--json").stdout)[0]
+        assert ps["last_exit"]["at"].endswith("+00:00")  # ISO 8601, like every other time
+        r = run_cli(home, "describe", "a")
+        assert r.returncode == 0 and "Traceback" not in r.stderr
+        assert "last exit    exited with code" in r.stdout and ps["last_exit"]["at"] in r.stdout
+        assert "  pid          -" in r.stdout  # not Python's None
+    finally:
         run_cli(home, "down", "--all", "--timeout", "5")

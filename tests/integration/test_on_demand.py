@@ -20,7 +20,7 @@ import pytest
 from llama_orchestrator.home import Home
 from llama_orchestrator.store import Store
 from llama_orchestrator.tinymodel import write_tiny_model
-from tests.helpers import free_port, run_cli, wait_until, write_config
+from tests.helpers import free_port, run_cli, wait_until, write_config, write_unloadable_model
 
 pytestmark = pytest.mark.integration
 
@@ -199,17 +199,7 @@ def test_a_start_that_fails_answers_the_waiting_requests_at_once(
     home, tiny_model, server_bin, tmp_path
 ):
     url = setup(home, tiny_model, ["od"], idle_ttl=60)
-    import gguf
-    import numpy as np
-
-    # whole and readable, so every check of ours passes; llama-server knows no such architecture
-    broken = tmp_path / "broken.gguf"
-    w = gguf.GGUFWriter(str(broken), "no-such-arch")
-    w.add_tensor("t.weight", np.zeros(8, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    broken = write_unloadable_model(tmp_path / "broken.gguf")  # fails in llama-server itself
     cfg = json.loads(home.config_path("od").read_text())
     cfg["model"]["path"] = str(broken)
     cfg["restart_policy"] = {"mode": "no"}

@@ -9,7 +9,7 @@ import typer
 
 from llama_orchestrator.cli.context import app_context, out, print_json, say
 from llama_orchestrator.engine.lifecycle import exit_text
-from llama_orchestrator.engine.status import InstanceStatus, iso
+from llama_orchestrator.engine.status import InstanceStatus
 from llama_orchestrator.present import (
     STATE_STYLES,
     ago,
@@ -129,7 +129,10 @@ def describe(
         "supervised",
         "config_path",
     ):
-        out.print(f"  {key:<12} {d.get(key)}", markup=False)
+        value = d.get(key)
+        out.print(f"  {key:<12} {'-' if value is None else value}", markup=False)
+    if d.get("config_error"):
+        out.print(f"  [red]bad config:[/] {d['config_error']}")
     od = (d.get("config") or {}).get("on_demand") or {}
     if line := on_demand_line(d, od.get("idle_ttl"), time.time()):
         out.print(f"  on demand    {line}", markup=False)
@@ -141,7 +144,8 @@ def describe(
         out.print(f"  [red]cannot start:[/] {d['command_error']}")
     last = d.get("last_exit")
     if last:
-        out.print(f"  last exit    {exit_text(last)} at {iso(last.get('at'))}", markup=False)
+        # ISO 8601 already (the status view converts it, as every other time)
+        out.print(f"  last exit    {exit_text(last)} at {last.get('at') or '-'}", markup=False)
         for line in last.get("stderr_tail", [])[-10:]:
             out.print(f"    | {line}", markup=False)
     m = d.get("model")
