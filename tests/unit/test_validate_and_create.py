@@ -5,7 +5,7 @@ import pytest
 from llama_orchestrator import binary
 from llama_orchestrator.config.create import create_instance, pick_port
 from llama_orchestrator.config.validate import validate_home
-from llama_orchestrator.errors import BinaryNotFound, PortConflict, UserError
+from llama_orchestrator.errors import BinaryNotFound, ConfigError, PortConflict, UserError
 from llama_orchestrator.gpu import Discovery
 from llama_orchestrator.home import Home
 from tests.helpers import write_config
@@ -185,3 +185,25 @@ def test_describe_reports_the_operators_vram_figure_over_the_estimate(engine, ti
     model = describe(engine, "od")["model"]
     assert model["estimate_gpu_bytes"] == 3584 * 1024 * 1024
     assert model["estimate_per_device"] == {0: 3584 * 1024 * 1024}
+
+
+def test_init_force_sets_gpu_force_only_when_no_gpu_was_found(home, gguf, monkeypatch):
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    # a card this machine lacks, among cards it has: written on --force, but not forced
+    path = create_instance(
+        home, "w", model=str(gguf), backend="cuda", gpus=[7], layers=0, force=True,
+        find_gpus=four_cards,
+    ).path  # fmt: skip
+    assert "force" not in json.loads(path.read_text())["gpu"]
+    with pytest.raises(ConfigError, match="GPU 7 is not on this machine"):
+        create_instance(
+            home, "v", model=str(gguf), backend="cuda", gpus=[7], layers=0,
+            find_gpus=four_cards,
+        )  # fmt: skip
+    # no GPU at all: --force means the pin is wanted as it is
+    created = create_instance(
+        home, "w", model=str(gguf), backend="cuda", gpus=[0], layers=0, force=True,
+        find_gpus=lambda: Discovery("none", []),
+    )  # fmt: skip
+    assert json.loads(created.path.read_text())["gpu"]["force"] is True
+    assert "gpu.force set: the pin is used although no GPU was found" in created.notes

@@ -55,7 +55,7 @@ class BarProgress:
             DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
-            console=err._console if err._console is not None else None,
+            console=err.console(),
             transient=False,
         )
         self._bar.start()

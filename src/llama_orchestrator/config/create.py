@@ -165,9 +165,10 @@ def create_instance(
     item = Loaded(name, path, cfg, [])
     checked = check_instance(home, item, others)
     if cfg.gpu.backend in DISCOVERED and cfg.gpu.devices and not cfg.gpu.auto:
-        absent = absent_devices([item], found if found is not None else find_gpus().gpus)
+        cards = found if found is not None else find_gpus().gpus
+        absent = absent_devices([item], cards)
         checked += absent
-        if absent and force and not (found or []):
+        if absent and force and not cards:  # no GPU at all (not merely another index)
             cfg.gpu.force = True  # what --force asked for: up uses the pin too
             notes.append("gpu.force set: the pin is used although no GPU was found")
     problems = [p for p in checked if p.severity == "error"]
