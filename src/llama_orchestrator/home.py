@@ -87,6 +87,10 @@ class Home:
     def log_dir(self, name: str) -> Path:
         return self.logs_dir / check_name(name)
 
+    def plan_run_dir(self, run_id: str) -> Path:
+        """A plan run's folder: plan.json, <task>.out, <task>.err, run.jsonl."""
+        return self.root / "plans" / run_id
+
     def instance_names(self) -> list[str]:
         """Names of every instance folder that holds a config.json, sorted."""
         if not self.instances_dir.is_dir():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llama_orchestrator.gpu import GpuInfo
 from llama_orchestrator.timefmt import human_duration
@@ -22,6 +22,12 @@ __all__ = [
     "backend_label",
     "short_gpu_name",
     "gpu_cells",
+    "PLAN_RUN_COLUMNS",
+    "PLAN_TASK_COLUMNS",
+    "plan_run_cells",
+    "plan_task_cells",
+    "plan_summary",
+    "PLAN_STATE_STYLES",
 ]
 
 #: rich style per instance state
@@ -39,6 +45,49 @@ STATE_STYLES = {
 
 
 GPU_COLUMNS = ("GPU", "NAME", "BACKEND", "VRAM", "FREE", "UTIL", "TEMP", "POWER", "INSTANCES")
+PLAN_RUN_COLUMNS = ("ID", "NAME", "STATE", "DONE", "CREATED", "ELAPSED")
+PLAN_TASK_COLUMNS = ("TASK", "KIND", "STATE", "TRIES", "INSTANCE", "ELAPSED", "ERROR")
+#: rich style per plan run and task state
+PLAN_STATE_STYLES = {
+    "completed": "green",
+    "running": "yellow",
+    "pending": "dim",
+    "failed": "red",
+    "skipped": "dim",
+    "cancelled": "dim",
+}
+
+
+def plan_run_cells(run: dict[str, Any]) -> list[str]:
+    """One row of `plan list` (a RunView.to_json())."""
+    return [
+        run["id"],
+        run["name"],
+        run["state"],
+        f"{run['tasks_done']}/{run['tasks_total']}",
+        run["created_at"],
+        human_duration(run["elapsed_s"]),
+    ]
+
+
+def plan_task_cells(task: dict[str, Any], error_width: int = 60) -> list[str]:
+    """One row of `plan status` (a task of RunView.to_json()): the error's end."""
+    elapsed = "-" if task["elapsed_s"] is None else f"{task['elapsed_s']:.1f}s"
+    error = (task["error"] or "").replace("\n", " ")
+    return [
+        task["id"],
+        task["kind"],
+        task["state"],
+        str(task["attempts"]),
+        task["instance"] or "-",
+        elapsed,
+        error[-error_width:],
+    ]
+
+
+def plan_summary(run: dict[str, Any]) -> str:
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(run["counts"].items()))
+    return f"plan run {run['id']} ({run['name']}): {run['state']} — {counts}"
 
 
 def state_label(status: InstanceStatus) -> str:

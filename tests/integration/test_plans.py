@@ -123,6 +123,18 @@ def test_a_diamond_with_templates_and_shell_steps_runs_in_order(two, tmp_path):
         "ELAPSED",
         "ERROR",
     ]
+    # one task's output (issue 23.10): the text to stdout, what it is to stderr
+    r = run_cli(home, "plan", "status", run_id, "echo")
+    assert (r.returncode, r.stdout) == (0, "LLAMAS\n")
+    assert "task echo (shell): completed" in r.stderr
+    r = run_cli(home, "plan", "status", run_id, "root")
+    assert r.stdout.rstrip("\n") == outputs["root"].rstrip("\n") and r.stdout.strip()
+    assert f"on {tasks['root']['instance']}" in r.stderr
+    got = json.loads(run_cli(home, "plan", "status", run_id, "right", "--json").stdout)
+    assert (got["state"], got["output"].strip()) == ("completed", str(len(outputs["root"])))
+    r = run_cli(home, "plan", "status", run_id, "nope")
+    assert r.returncode == 2 and f"Plan run {run_id} has no task 'nope'" in r.stderr
+    assert "root, left, right, join, echo, last" in r.stderr
 
 
 def test_a_failing_task_cascades_then_retry_reruns_only_what_failed(two, tmp_path):

@@ -37,6 +37,42 @@ def status(
     return {**base, **extra}
 
 
+def task(tid: str, state: str, kind: str = "llm", **extra: Any) -> dict[str, Any]:
+    base = {
+        "id": tid,
+        "kind": kind,
+        "model": "tiny",
+        "tags": None,
+        "state": state,
+        "attempts": 1 if state != "pending" else 0,
+        "instance": "gpt-oss" if kind == "llm" and state != "pending" else None,
+        "elapsed_s": 1.5 if state != "pending" else None,
+        "error": None,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+    }
+    return {**base, **extra}
+
+
+def plan_run(rid: str, name: str, state: str, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for t in tasks:
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    return {
+        "id": rid,
+        "name": name,
+        "state": state,
+        "created_at": "2026-11-22T06:00:00+00:00",
+        "finished_at": None,
+        "elapsed_s": 12.0,
+        "source": "plan.json",
+        "tasks_total": len(tasks),
+        "tasks_done": counts.get("completed", 0),
+        "counts": counts,
+        "tasks": tasks,
+    }
+
+
 class FakeSource:
     def __init__(self, log_root: Path, n: int = 3) -> None:
         self.home = Home(Path("/srv/llama-orch"))  # what the header shows: fixed for snapshots
@@ -69,6 +105,20 @@ class FakeSource:
             ["GPU 1 (GTX 1060 6GB) is at 90 °C, over the 85 °C threshold (used by qwen-7b)"],
             "nvidia-smi",
         )
+        self.plans = [
+            plan_run(
+                "20261122-0601-b2",
+                "nightly",
+                "failed",
+                [
+                    task("fetch", "completed", "shell"),
+                    task("summarise", "failed", error="HTTP 500 from gpt-oss"),
+                    task("publish", "skipped", "shell"),
+                ],
+            ),
+            plan_run("20261122-0600-a1", "diamond", "completed", [task("root", "completed")]),
+        ]
+        self.outputs = {("20261122-0601-b2", "fetch"): ("fetched 3 files\n", "a warning\n")}
         logs = log_root
         for v in self.instances:
             d = logs / v.name
@@ -92,6 +142,7 @@ class FakeSource:
             list(self.instances),
             events,
             self.gpus if with_gpus else None,
+            self.plans,
         )
 
     def _act(self, verb: str, name: str) -> None:
@@ -125,3 +176,25 @@ class FakeSource:
 
     def log_paths(self, name: str) -> dict[str, Path]:
         return {s: self.log_root / name / f"{s}.log" for s in ("stdout", "stderr")}
+
+    def task_output(self, run_id: str, task_id: str) -> tuple[str | None, str | None]:
+        self.calls.append(("output", f"{run_id}/{task_id}"))
+        return self.outputs.get((run_id, task_id), (None, None))
+
+    def cancel_plan(self, run_id: str) -> str:
+        self.calls.append(("cancel_plan", run_id))
+        if self.fail:
+            raise RuntimeError(self.fail)
+        return f"Cancelled plan run {run_id}."
+
+    def retry_plan(self, run_id: str) -> str:
+        self.calls.append(("retry_plan", run_id))
+        if self.fail:
+            raise RuntimeError(self.fail)
+        for run in self.plans:
+            if run["id"] == run_id:
+                run["state"] = "running"
+                for t in run["tasks"]:
+                    if t["state"] in ("failed", "skipped"):
+                        t["state"] = "pending"
+        return f"Plan run {run_id}: queued again."

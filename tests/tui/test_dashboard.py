@@ -123,7 +123,7 @@ async def test_events_gpu_plans_and_help_panes(source):
         warnings = app.query_one("#gpu-warnings", Static)
         await until(lambda: "over the 85 °C threshold" in str(warnings.render()))
         await pilot.press("p")
-        assert "no plan runner yet" in str(app.query_one("#plans", Static).render())
+        await until(lambda: app.query_one("#plan-runs", DataTable).row_count == 2)
         await pilot.press("p")  # again: back to the details
         assert app.pane == "detail"
         await pilot.press("question_mark")
@@ -206,3 +206,74 @@ async def test_on_demand_instances_show_idle_and_the_countdown(source):
             ("qwen-7b", "starting*"),
             ("llama-8b", "idle (on demand)"),
         ]
+
+
+def plan_rows(app, table_id):
+    table = app.query_one(table_id, DataTable)
+    return [(str(k.value), str(table.get_cell(k, "STATE"))) for k in table.rows]
+
+
+async def test_the_plans_pane_shows_runs_tasks_and_output_and_cancels_and_retries(source):
+    """Issue 23.2: runs, a run's tasks, a task's output; cancel/retry ask first."""
+    from llama_orchestrator.tui.app import TaskOutputScreen
+
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await until(lambda: app.selected == "gpt-oss")
+        assert "Cancel run" not in _footer(app)  # plan keys only in the plans pane
+        await pilot.press("p")
+        await until(lambda: len(plan_rows(app, "#plan-runs")) == 2)
+        assert plan_rows(app, "#plan-runs") == [
+            ("20261122-0601-b2", "failed"),
+            ("20261122-0600-a1", "completed"),
+        ]
+        assert plan_rows(app, "#plan-tasks") == [
+            ("fetch", "completed"),
+            ("summarise", "failed"),
+            ("publish", "skipped"),
+        ]
+        tasks = app.query_one("#plan-tasks", DataTable)
+        assert "HTTP 500 from gpt-oss" in str(tasks.get_cell("summarise", "ERROR"))
+        assert "Cancel run" in _footer(app)
+        await pilot.press("down")  # the other run: its tasks
+        await until(lambda: plan_rows(app, "#plan-tasks") == [("root", "completed")])
+        await pilot.press("up", "tab", "enter")  # the first run's first task: its output
+        await until(lambda: isinstance(app.screen, TaskOutputScreen))
+        out = app.screen.query_one("#task-output", Log)
+        await until(lambda: "fetched 3 files" in "\n".join(out.lines))
+        assert "a warning" in "\n".join(out.lines)
+        await pilot.press("escape")
+        await pilot.press("t")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await until(lambda: ("retry_plan", "20261122-0601-b2") in source.calls)
+        await until(lambda: ("summarise", "pending") in plan_rows(app, "#plan-tasks"))
+        await pilot.press("c", "n")  # asked, answered no: nothing cancelled
+        assert ("cancel_plan", "20261122-0601-b2") not in source.calls
+        source.fail = "Plan run 20261122-0601-b2 has ended; nothing to cancel."
+        await pilot.press("c", "y")
+        await until(lambda: ("cancel_plan", "20261122-0601-b2") in source.calls)
+        await until(lambda: any("nothing to cancel" in str(n.message) for n in app._notifications))
+        await pilot.press("p")  # back to the details: plan keys are gone again
+        await pilot.press("c")
+        assert not isinstance(app.screen, ConfirmScreen)
+
+
+async def test_the_plans_pane_without_runs_says_how_to_start_one(source):
+    source.plans = []
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await until(lambda: app.selected == "gpt-oss")
+        await pilot.press("p")
+        empty = app.query_one("#plans-empty", Static)
+        await until(lambda: empty.display)
+        assert "llama-orch plan run FILE" in str(empty.render())
+        await pilot.press("o")  # nothing to open: a warning, no screen
+        assert app.screen is app.screen_stack[0]
+
+
+def _footer(app) -> str:
+    """The descriptions of the keys the footer shows now."""
+    return " ".join(
+        b.binding.description for b in app.screen.active_bindings.values() if b.binding.show and b.enabled
+    )

@@ -55,3 +55,13 @@ def test_help_screen(snap_compare, source):
     assert snap_compare(
         DashboardApp(source, refresh=3600), terminal_size=SIZE, run_before=settled("question_mark")
     )
+
+
+def test_plans_pane(snap_compare, source):
+    async def run_before(pilot):
+        await settled("p")(pilot)
+        await until(lambda: pilot.app.query_one("#plan-tasks").row_count == 3)
+
+    assert snap_compare(
+        DashboardApp(source, refresh=3600), terminal_size=SIZE, run_before=run_before
+    )

@@ -4,45 +4,25 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
 from llama_orchestrator.cli.context import app_context, print_json, say
-from llama_orchestrator.present import columns
-from llama_orchestrator.timefmt import human_duration
+from llama_orchestrator.present import (
+    PLAN_RUN_COLUMNS,
+    PLAN_TASK_COLUMNS,
+    columns,
+    plan_run_cells,
+    plan_summary,
+    plan_task_cells,
+)
 
 __all__ = ["app"]
 
 app = typer.Typer(
     help="Plans: DAGs of llm and shell tasks run on healthy instances.", no_args_is_help=True
 )
-
-_COLUMNS = ["TASK", "KIND", "STATE", "TRIES", "INSTANCE", "ELAPSED", "ERROR"]
-
-
-def _rows(data: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for t in data["tasks"]:
-        elapsed = "-" if t["elapsed_s"] is None else f"{t['elapsed_s']:.1f}s"
-        error = (t["error"] or "").replace("\n", " ")
-        rows.append(
-            [
-                t["id"],
-                t["kind"],
-                t["state"],
-                str(t["attempts"]),
-                t["instance"] or "-",
-                elapsed,
-                error[-60:],
-            ]
-        )
-    return rows
-
-
-def _summary(data: dict[str, Any]) -> str:
-    counts = ", ".join(f"{n} {state}" for state, n in sorted(data["counts"].items()))
-    return f"plan run {data['id']} ({data['name']}): {data['state']} — {counts}"
 
 
 def _follow(app_ctx: Any, run_id: str) -> int:
@@ -59,7 +39,7 @@ def _follow(app_ctx: Any, run_id: str) -> int:
 
             def show(v: Any) -> None:
                 data = v.to_json()
-                live.update(Text(_summary(data) + "\n" + columns(_COLUMNS, _rows(data))))
+                live.update(Text(plan_summary(data) + "\n" + _task_table(data)))
 
             final = follow(store, run_id, show)
     else:
@@ -80,11 +60,11 @@ def _follow(app_ctx: Any, run_id: str) -> int:
         final = follow(store, run_id, show)
     data = final.to_json()
     if not live_view:  # the live table already ends with it
-        say(_summary(data))
+        say(plan_summary(data))
     if data["state"] != "completed":
         say(
             f"`llama-orch plan status {run_id}` shows each task; results in "
-            f"{app_ctx.home.root / 'plans' / run_id}",
+            f"{app_ctx.home.plan_run_dir(run_id)}",
             to_err=True,
         )
     return 0 if data["state"] == "completed" else 1
@@ -139,17 +119,49 @@ def run(
 def status(
     ctx: typer.Context,
     run_id: str = typer.Argument(..., metavar="ID", help="A run id (`plan list`)."),
+    task: Optional[str] = typer.Argument(
+        None, metavar="TASK", help="Print this task's output instead."
+    ),
     json_: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
-    """Every task of a run: state, attempts, instance, elapsed, error."""
-    from llama_orchestrator.plans.records import require_run
+    """Every task of a run (state, attempts, instance, elapsed, error), or one task's output."""
+    from llama_orchestrator.plans.records import RunFiles, require_run, require_task
 
-    data = require_run(app_context(ctx).engine.store, run_id).to_json()
+    app_ctx = app_context(ctx)
+    view = require_run(app_ctx.engine.store, run_id)
+    if task is not None:
+        entry = require_task(view, task)
+        output, stderr = RunFiles(app_ctx.home.plan_run_dir(run_id)).task_output(task)
+        if json_:
+            print_json({**entry, "output": output, "stderr": stderr})
+            return
+        _task_output(entry, output, stderr)
+        return
+    data = view.to_json()
     if json_:
         print_json(data)
         return
-    say(_summary(data))
-    say(columns(_COLUMNS, _rows(data)))
+    say(plan_summary(data))
+    say(_task_table(data))
+
+
+def _task_table(data: dict[str, Any]) -> str:
+    return columns(list(PLAN_TASK_COLUMNS), [plan_task_cells(t) for t in data["tasks"]])
+
+
+def _task_output(entry: dict[str, Any], output: str | None, stderr: str | None) -> None:
+    """The output to stdout (a shell task's stderr to stderr), what it is to stderr."""
+    where = f" on {entry['instance']}" if entry["instance"] else ""
+    say(f"task {entry['id']} ({entry['kind']}): {entry['state']}{where}", to_err=True)
+    if entry["error"]:
+        say(f"error: {entry['error']}", to_err=True)
+    if output is None and stderr is None:
+        say("(no output yet)", to_err=True)
+    for text, to_err in ((output, False), (stderr, True)):
+        if text:
+            (sys.stderr if to_err else sys.stdout).write(
+                text if text.endswith("\n") else text + "\n"
+            )
 
 
 @app.command("list")
@@ -166,18 +178,7 @@ def list_(
     if not runs:
         say("No plan runs yet; `llama-orch plan run FILE` starts one.")
         return
-    rows = [
-        [
-            r["id"],
-            r["name"],
-            r["state"],
-            f"{r['tasks_done']}/{r['tasks_total']}",
-            r["created_at"],
-            human_duration(r["elapsed_s"]),
-        ]
-        for r in runs
-    ]
-    say(columns(["ID", "NAME", "STATE", "DONE", "CREATED", "ELAPSED"], rows))
+    say(columns(list(PLAN_RUN_COLUMNS), [plan_run_cells(r) for r in runs]))
 
 
 @app.command()

@@ -171,7 +171,7 @@ class PlanRunner:
             await asyncio.wait(pending, timeout=10)
 
     def run_dir(self, run_id: str) -> Path:
-        return self.home.root / "plans" / run_id
+        return self.home.plan_run_dir(run_id)
 
     # --- one run ------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ __all__ = [
     "save",
     "load_run",
     "require_run",
+    "require_task",
     "list_runs",
     "open_runs",
 ]
@@ -162,6 +163,17 @@ def require_run(store: Store, run_id: str) -> RunView:
     return found
 
 
+def require_task(view: RunView, task_id: str) -> dict[str, Any]:
+    """The task's entry in view.to_json(), or a UserError naming the tasks there are."""
+    for task in view.to_json()["tasks"]:
+        if task["id"] == task_id:
+            return dict(task)
+    raise UserError(
+        f"Plan run {view.id} has no task '{task_id}'.",
+        hint=f"Its tasks: {', '.join(t.id for t in view.plan.tasks)}.",
+    )
+
+
 def list_runs(store: Store, limit: int = 50) -> list[RunView]:
     ids = store.execute(
         "SELECT id FROM plan_runs ORDER BY created_at DESC LIMIT ?", (limit,)
@@ -200,8 +212,19 @@ class RunFiles:
         # running, which runs again after a crash and rewrites it
         self.output_path(task_id).write_text(text, encoding="utf-8")
 
-    def read_output(self, task_id: str) -> str:
-        return self.output_path(task_id).read_text(encoding="utf-8", errors="replace")
+    def read_output(self, task_id: str, suffix: str = "out") -> str:
+        return self.output_path(task_id, suffix).read_text(encoding="utf-8", errors="replace")
+
+    def task_output(self, task_id: str) -> tuple[str | None, str | None]:
+        """A task's output and (a shell task's) stderr; None where there is none yet."""
+
+        def read(suffix: str) -> str | None:
+            try:
+                return self.read_output(task_id, suffix)
+            except FileNotFoundError:
+                return None
+
+        return read("out"), read("err")
 
     def event(self, **data: Any) -> None:
         self.events([data])

@@ -9,7 +9,7 @@ functions the CLI uses.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any, ClassVar
 
@@ -27,10 +27,15 @@ from textual.worker import get_current_worker
 from llama_orchestrator.engine.logs import follow, tail_lines
 from llama_orchestrator.present import (
     GPU_COLUMNS,
+    PLAN_RUN_COLUMNS,
+    PLAN_STATE_STYLES,
+    PLAN_TASK_COLUMNS,
     STATE_STYLES,
     backend_label,
     gpu_cells,
     on_demand_line,
+    plan_run_cells,
+    plan_task_cells,
     state_label,
 )
 from llama_orchestrator.timefmt import human_duration
@@ -67,6 +72,8 @@ KEYS_HELP = """\
   s            switch the log tail between stderr and stdout
   /            filter by name, alias or state (esc clears)
   e  g  p      events, GPU, plans pane (again: back to details)
+  in plans     ↑/↓ a run, tab to its tasks; o or enter: a task's output;
+               c cancel the run, t retry its failed tasks (both ask first)
   ?            this help
   q            quit
 """
@@ -121,6 +128,33 @@ def fit_columns(table: DataTable, rows: Sequence[Sequence[Text | str]]) -> None:
         column.content_width = width
 
 
+def sync_rows(
+    table: DataTable, labels: Sequence[str], values: Mapping[str, Sequence[Text | str]]
+) -> bool:
+    """Make `table` show `values` (key -> cells) in order: rebuilt when the
+    keys changed (True), else only changed cells updated (no flicker, the
+    cursor stays)."""
+    wanted = list(values)
+    if wanted != [str(k.value) for k in table.rows]:
+        table.clear()
+        for key, row in values.items():
+            table.add_row(*row, key=key)
+        rebuilt = True
+    else:
+        for key, row in values.items():
+            for col, value in zip(labels, row, strict=True):
+                if str(table.get_cell(key, col)) != str(value):
+                    table.update_cell(key, col, value, update_width=True)
+        rebuilt = False
+    fit_columns(table, list(values.values()))
+    return rebuilt
+
+
+def styled(cells_: list[str], styles: dict[str, str]) -> list[Text | str]:
+    """The cells with the state (third column) coloured."""
+    return [*cells_[:2], Text(cells_[2], style=styles.get(cells_[2], "")), *cells_[3:]]
+
+
 class LogTail(Log):
     """The last lines of one instance's log, following new ones (and rotation)."""
 
@@ -163,6 +197,40 @@ class LogScreen(Screen[None]):
         self.query_one(LogTail).show(self.source, self.instance, self.stream)
 
 
+class TaskOutputScreen(Screen[None]):
+    """A plan task's output (a shell task's stderr after it), read once."""
+
+    BINDINGS: ClassVar = [Binding("escape,o,q", "app.pop_screen", "Back")]
+
+    def __init__(self, source: DataSource, run_id: str, task_id: str) -> None:
+        super().__init__()
+        self.source, self.run_id, self.task_id = source, run_id, task_id
+
+    def compose(self) -> ComposeResult:
+        yield Log(id="task-output", highlight=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        log = self.query_one("#task-output", Log)
+        log.border_title = f"plan run {self.run_id}: task {self.task_id}"
+        self._load()
+
+    @work(thread=True)
+    def _load(self) -> None:
+        try:
+            output, stderr = self.source.task_output(self.run_id, self.task_id)
+        except Exception as exc:
+            output, stderr = f"cannot read the output: {exc}", None
+        lines = (output or "").splitlines() or ["(no output yet)"]
+        if stderr:
+            lines += ["", "--- stderr ---", *stderr.splitlines()]
+        self.app.call_from_thread(self._show, lines)
+
+    def _show(self, lines: list[str]) -> None:
+        with suppress(NoMatches):
+            self.query_one("#task-output", Log).write_lines(lines)
+
+
 class ConfirmScreen(ModalScreen[bool]):
     BINDINGS: ClassVar = [
         Binding("y", "answer(True)", "Yes"),
@@ -200,6 +268,10 @@ class DashboardApp(App[None]):
     #logtail { border-left: solid $primary-darken-2; }
     #gpu-table { height: auto; max-height: 80%; }
     #gpu-warnings { padding: 1 1 0 1; }
+    #plan-runs { width: 2fr; }
+    #plan-tasks { width: 3fr; border-left: solid $primary-darken-2; }
+    #plans-empty { padding: 1 2; }
+    #task-output { border: solid $primary; }
     #too-small { display: none; width: 100%; height: 100%; content-align: center middle; }
     Screen.too-small #main { display: none; }
     Screen.too-small #too-small { display: block; }
@@ -215,6 +287,9 @@ class DashboardApp(App[None]):
         Binding("e", "pane('events')", "Events"),
         Binding("g", "pane('gpus')", "GPUs"),
         Binding("p", "pane('plans')", "Plans"),
+        Binding("o", "task_output", "Output"),
+        Binding("c", "cancel_plan", "Cancel run"),
+        Binding("t", "retry_plan", "Retry run"),
         Binding("s", "stream", "stdout/err", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
@@ -229,6 +304,7 @@ class DashboardApp(App[None]):
         self.pane = "detail"
         self.stream = "stderr"
         self.selected: str | None = None
+        self.plan_run: str | None = None  # the run selected in the plans pane
         self.snapshot: Snapshot | None = None
         self._seen_event = 0
 
@@ -248,7 +324,14 @@ class DashboardApp(App[None]):
                 with Vertical(id="gpus"):
                     yield DataTable(id="gpu-table", cursor_type="none")
                     yield Static("", id="gpu-warnings")
-                yield Static("", id="plans")
+                with Vertical(id="plans"):
+                    yield Static(
+                        "No plan runs yet; `llama-orch plan run FILE` starts one.",
+                        id="plans-empty",
+                    )
+                    with Horizontal(id="plan-tables"):
+                        yield DataTable(id="plan-runs", cursor_type="row")
+                        yield DataTable(id="plan-tasks", cursor_type="row")
             yield Footer()
         yield Static("", id="too-small")
 
@@ -259,6 +342,13 @@ class DashboardApp(App[None]):
         gpus = self.query_one("#gpu-table", DataTable)
         for col in GPU_COLUMNS:
             gpus.add_column(col)
+        for table_id, labels in (
+            ("#plan-runs", PLAN_RUN_COLUMNS),
+            ("#plan-tasks", PLAN_TASK_COLUMNS),
+        ):
+            plan_table = self.query_one(table_id, DataTable)
+            for col in labels:
+                plan_table.add_column(col, key=col)
         table.focus()
         self.refresh_data()
         self.set_interval(self.refresh_every, self.refresh_data)
@@ -290,11 +380,7 @@ class DashboardApp(App[None]):
         self._apply_table([v for v in snap.instances if matches(v, self.query_text)])
         self._apply_events(snap)
         self._apply_gpus(snap)
-        self.query_one("#plans", Static).update(
-            "No plans: this build has no plan runner yet (`llama-orch plan run` arrives with plans)."
-            if snap.plans is None
-            else f"{len(snap.plans)} plan runs"
-        )
+        self._apply_plans(snap)
 
     def _apply_table(self, rows: list[InstanceView]) -> None:
         table = self.query_one("#instances", DataTable)
@@ -303,20 +389,9 @@ class DashboardApp(App[None]):
         empty.display = no_instances
         table.display = not no_instances
         wanted = [v.name for v in rows]
-        current = [str(k.value) for k in table.rows]
         values = {v.name: cells(v) for v in rows}
-        if wanted != current:  # instances came, went or the filter changed: rebuild in order
-            table.clear()
-            for name, row in values.items():
-                table.add_row(*row, key=name)
-            if self.selected in wanted:
-                table.move_cursor(row=wanted.index(self.selected))
-        else:  # same rows: update changed cells in place (no flicker, cursor stays)
-            for name, row in values.items():
-                for col, value in zip(COLUMNS, row, strict=True):
-                    if str(table.get_cell(name, col)) != str(value):
-                        table.update_cell(name, col, value, update_width=True)
-        fit_columns(table, list(values.values()))
+        if sync_rows(table, COLUMNS, values) and self.selected in wanted:
+            table.move_cursor(row=wanted.index(self.selected))
         if rows and self.selected not in wanted:
             self._select(rows[table.cursor_row if table.cursor_row < len(rows) else 0].name)
 
@@ -348,6 +423,40 @@ class DashboardApp(App[None]):
         fit_columns(table, rows)
         warnings = "\n".join(f"⚠ {w}" for w in snap.gpus.warnings)
         self.query_one("#gpu-warnings", Static).update(Text(warnings, style="yellow"))
+
+    def _apply_plans(self, snap: Snapshot) -> None:
+        runs = {r["id"]: r for r in snap.plans}
+        self.query_one("#plans-empty", Static).display = not runs
+        self.query_one("#plan-tables", Horizontal).display = bool(runs)
+        table = self.query_one("#plan-runs", DataTable)
+        values = {i: styled(plan_run_cells(r), PLAN_STATE_STYLES) for i, r in runs.items()}
+        if sync_rows(table, PLAN_RUN_COLUMNS, values) and self.plan_run in runs:
+            table.move_cursor(row=list(runs).index(self.plan_run))
+        if self.plan_run not in runs:
+            self.plan_run = next(iter(runs), None)
+        self._show_tasks()
+
+    def _show_tasks(self) -> None:
+        run = self._run_data(self.plan_run)
+        tasks = run["tasks"] if run else []
+        table = self.query_one("#plan-tasks", DataTable)
+        table.border_title = f"run {run['id']}: {run['state']}" if run else ""
+        values = {t["id"]: styled(plan_task_cells(t, 40), PLAN_STATE_STYLES) for t in tasks}
+        sync_rows(table, PLAN_TASK_COLUMNS, values)
+
+    def _run_data(self, run_id: str | None) -> dict[str, Any] | None:
+        plans = self.snapshot.plans if self.snapshot else []
+        return next((r for r in plans if r["id"] == run_id), None)
+
+    @on(DataTable.RowHighlighted, "#plan-runs")
+    def _run_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key.value is not None and event.row_key.value != self.plan_run:
+            self.plan_run = str(event.row_key.value)
+            self._show_tasks()
+
+    @on(DataTable.RowSelected, "#plan-tasks")
+    def _task_chosen(self) -> None:
+        self.action_task_output()
 
     # --- selection and detail -----------------------------------------------
 
@@ -441,6 +550,50 @@ class DashboardApp(App[None]):
             )
         self.call_from_thread(self.refresh_data)
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The plan actions only in the plans pane (and only there in the footer)."""
+        if action in ("task_output", "cancel_plan", "retry_plan"):
+            return self.pane == "plans"
+        return True
+
+    def action_task_output(self) -> None:
+        table = self.query_one("#plan-tasks", DataTable)
+        if self.plan_run is None or not table.row_count:
+            self.notify("No plan task selected.", severity="warning")
+            return
+        task = str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        self.push_screen(TaskOutputScreen(self.source, self.plan_run, task))
+
+    def action_cancel_plan(self) -> None:
+        self._confirm_plan("cancel_plan", "Cancel plan run")
+
+    def action_retry_plan(self) -> None:
+        self._confirm_plan("retry_plan", "Retry the failed tasks of plan run")
+
+    def _confirm_plan(self, verb: str, question: str) -> None:
+        run_id = self.plan_run
+        if run_id is None:
+            self.notify("No plan run selected.", severity="warning")
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._run_plan(verb, run_id)
+
+        self.push_screen(ConfirmScreen(f"{question} [b]{run_id}[/b]?"), answered)
+
+    @work(thread=True, group="actions")
+    def _run_plan(self, verb: str, run_id: str) -> None:
+        try:
+            said = getattr(self.source, verb)(run_id)
+        except Exception as exc:  # the core's one-sentence errors, shown as they are
+            self.call_from_thread(
+                self.notify, str(exc), title=f"plan {run_id}", severity="error", timeout=10
+            )
+        else:
+            self.call_from_thread(self.notify, said)
+        self.call_from_thread(self.refresh_data)
+
     def action_logs(self) -> None:
         if name := self._target():
             self.push_screen(LogScreen(self.source, name, self.stream))
@@ -476,6 +629,8 @@ class DashboardApp(App[None]):
     def action_pane(self, pane: str) -> None:
         self.pane = "detail" if self.pane == pane else pane
         self.query_one("#bottom", ContentSwitcher).current = self.pane
+        self.query_one("#plan-runs" if self.pane == "plans" else "#instances", DataTable).focus()
+        self.refresh_bindings()
         if self.pane == "gpus":
             self.refresh_data()
 

@@ -17,19 +17,21 @@ from typing import Any, Protocol
 import psutil
 
 from llama_orchestrator.daemon import Control, control
-from llama_orchestrator.daemon.info import running
+from llama_orchestrator.daemon.info import DaemonInfo, running
 from llama_orchestrator.engine import health, views
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.logs import STREAMS, log_file
 from llama_orchestrator.engine.status import Description, InstanceStatus, collect, iso
 from llama_orchestrator.gpuwatch import GpuStatus
 from llama_orchestrator.home import Home
+from llama_orchestrator.plans.records import RunFiles, list_runs
 
 __all__ = [
     "InstanceView",
     "Snapshot",
     "DataSource",
     "EngineSource",
+    "header",
     "parse_metrics",
     "per_second",
     "matches",
@@ -88,7 +90,8 @@ class Snapshot:
     instances: list[InstanceView] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     gpus: GpuStatus | None = None
-    plans: list[dict[str, Any]] | None = None  # None: this build has no plans yet
+    #: the newest plan runs (RunView.to_json(), tasks included), newest first
+    plans: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
 
 
@@ -101,6 +104,25 @@ class DataSource(Protocol):
     def restart(self, name: str) -> None: ...
     def describe(self, name: str) -> Description: ...
     def log_paths(self, name: str) -> dict[str, Path]: ...
+    def task_output(self, run_id: str, task_id: str) -> tuple[str | None, str | None]: ...
+    def cancel_plan(self, run_id: str) -> str: ...
+    def retry_plan(self, run_id: str) -> str: ...
+
+
+#: plan runs the dashboard lists
+PLAN_RUNS_SHOWN = 30
+
+
+def header(info: DaemonInfo | None) -> str:
+    """What the status line says about who supervises and where the router is (pure)."""
+    if info is None:
+        return "no daemon: reading state and probing directly (`llama-orch up` starts one)"
+    text = f"daemon pid {info.pid} supervises the instances"
+    if info.router_url:
+        return f"{text}; router {info.router_url}/v1"
+    if info.router_error:
+        return f"{text}; no router: {info.router_error}"
+    return text
 
 
 class EngineSource:
@@ -131,13 +153,8 @@ class EngineSource:
                 {**e.to_json(), "id": e.id, "ts": iso(e.ts)} for e in engine.store.events(limit=200)
             ]
             gpus = views.gpu_sample(engine) if with_gpus else None
-        info = running(self.home)
-        source = (
-            f"daemon pid {info.pid} supervises"
-            if info is not None
-            else "no daemon: reading state and probing directly"
-        )
-        return Snapshot(source, views_, events, gpus)
+            plans = [v.to_json() for v in list_runs(engine.store, PLAN_RUNS_SHOWN)]
+        return Snapshot(header(running(self.home)), views_, events, gpus, plans)
 
     def _live(self, status: InstanceStatus) -> InstanceView:
         view = InstanceView(status)
@@ -197,6 +214,25 @@ class EngineSource:
 
     def log_paths(self, name: str) -> dict[str, Path]:
         return {s: log_file(self.home.log_dir(name), s) for s in STREAMS}
+
+    def task_output(self, run_id: str, task_id: str) -> tuple[str | None, str | None]:
+        return RunFiles(self.home.plan_run_dir(run_id)).task_output(task_id)
+
+    def _plan_control(self, fn: Callable[[Control], str]) -> str:
+        """As `llama-orch plan cancel/retry`: through the daemon, started if need be."""
+        engine = Engine(self.home)
+        try:
+            return fn(control(engine, start=True))
+        finally:
+            engine.close()
+
+    def cancel_plan(self, run_id: str) -> str:
+        stopped = self._plan_control(lambda c: ", ".join(c.cancel_plan(run_id).cancelled))
+        return f"Cancelled plan run {run_id}" + (f" (stopped {stopped})." if stopped else ".")
+
+    def retry_plan(self, run_id: str) -> str:
+        again = self._plan_control(lambda c: ", ".join(c.retry_plan(run_id).requeued))
+        return f"Plan run {run_id}: queued again: {again or 'nothing'}."
 
     def close(self) -> None:
         self._engine.close()
