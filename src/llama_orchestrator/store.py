@@ -106,6 +106,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (backend, idx)
     );
     """,
+    # 6 -> 7: the config a running process was started with (its digest), so
+    # ps can say a config was changed since: it takes effect at the next restart
+    """
+    ALTER TABLE instances ADD COLUMN config_digest TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -132,6 +137,7 @@ class InstanceRow:
     gpu_devices: list[int] | None = None
     streak: int = 0  # restarts since the instance last stayed up reset_after seconds
     last_used_at: float | None = None  # an on-demand instance's last request (the daemon writes it)
+    config_digest: str | None = None  # InstanceConfig.digest() of the config it was started with
 
     @classmethod
     def from_sql(cls, r: sqlite3.Row) -> InstanceRow:

@@ -171,6 +171,19 @@ def test_a_home_given_that_does_not_exist_is_an_error_not_an_empty_home(tmp_path
     assert (typo / "instances" / "a" / "config.json").is_file()
 
 
+def test_help_works_whatever_the_home_given(tmp_path):
+    """--help needs no home: a missing or wrong one is said only when used."""
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    for home in (tmp_path / "not-yet", afile):
+        for args in (("ps", "--help"), ("logs", "-h"), ("plan", "run", "--help")):
+            r = run_cli(home, *args)
+            assert r.returncode == 0, (home, args, r.stderr)
+            assert "Usage: llama-orch" in r.stdout and "error" not in r.stderr
+    assert not (tmp_path / "not-yet").exists()
+    assert_user_error(run_cli(afile, "ps"), f"--home {afile} is a file")
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -102,6 +102,37 @@ def test_init_up_ps_health_logs_describe_down(cli_home, tiny_model, server_bin):
     assert kinds == ["starting", "healthy", "stopping", "stopped"]
 
 
+def test_logs_timestamps_and_since_tell_wall_clock_times_of_a_real_server(cli_home, tiny_model):
+    """llama-server's own times count from its start; --timestamps makes them
+    wall-clock (from the start line llama-orch writes), --since filters on them."""
+    import time
+    from datetime import datetime
+
+    home = cli_home
+    write_config(home, "a", tiny_model)
+    before = time.time()
+    assert run_cli(home, "up", "a", "--no-daemon").returncode == 0
+    after = time.time()
+    r = run_cli(home, "logs", "a", "--timestamps", "--stream", "stderr")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0][25:].startswith("--- llama-orch: process started at ")
+    stamps = [datetime.fromisoformat(line[:23] + "+00:00").timestamp() for line in lines]
+    assert before - 1 <= stamps[0] <= after
+    assert all(s >= stamps[0] for s in stamps) and max(stamps) <= time.time()
+    # llama.cpp's own relative prefix (M.SS.mmm.uuu) moved the clock on
+    relative = [(s, ln) for s, ln in zip(stamps, lines) if re.match(r"\S+Z \d+\.\d\d\.\d{3}\.", ln)]
+    assert relative and max(s for s, _ in relative) > stamps[0]
+    plain = run_cli(home, "logs", "a", "--stream", "stderr").stderr.splitlines()
+    assert [ln[25:] for ln in lines] == plain  # the same lines, a 24-character time before each
+    future = datetime.fromtimestamp(time.time() + 3600).astimezone().isoformat()
+    r = run_cli(home, "logs", "a", "--since", future, "--stream", "stderr")
+    assert (r.returncode, r.stderr) == (0, "")
+    r = run_cli(home, "logs", "a", "--since", "1h", "--tail", "2", "--stream", "stderr")
+    assert r.stderr.splitlines() == plain[-2:]
+    assert run_cli(home, "logs", "a", "--since", "soon").returncode == 2
+
+
 def test_two_concurrent_ups_start_exactly_one_process(cli_home, tiny_model):
     write_config(cli_home, "a", tiny_model)
     cmd = [sys.executable, "-m", "llama_orchestrator", "--home", str(cli_home.root), "up", "a"]
@@ -291,6 +322,34 @@ def test_up_no_daemon_runs_the_instance_unsupervised(home, tiny_model):
     assert "healthy*" in text and "* unsupervised" in text
     assert ps(home)["a"]["supervised"] is False
     assert run_cli(home, "down", "a").returncode == 0
+
+
+def test_init_force_on_a_running_instance_keeps_it_reachable_until_restart(cli_home, tiny_model):
+    """Issue 23.5: a re-init keeps the port and alias, says when it applies,
+    and ps/describe show where the process really listens, marked changed."""
+    home = cli_home
+    r = run_cli(home, "init", "a", "--model", str(tiny_model), "--ctx", "512", "--alias", "chat")
+    assert r.returncode == 0, r.stderr
+    assert run_cli(home, "up", "a", "--no-daemon").returncode == 0
+    port = ps(home)["a"]["port"]
+    r = run_cli(home, "init", "a", "--force", "--ctx", "256")
+    assert r.returncode == 0, r.stderr
+    assert "takes effect at the next restart (llama-orch restart a)" in r.stdout
+    cfg = json.loads(home.config_path("a").read_text())
+    assert (cfg["server"]["port"], cfg["model"]["alias"]) == (port, "chat")
+    a = ps(home)["a"]
+    assert (a["state"], a["port"], a["config_changed"]) == ("healthy", port, True)
+    text = run_cli(home, "ps").stdout
+    assert "(config changed)" in text and "llama-orch restart a" in text
+    # an explicit new port: ps still shows (and probes) the one the process has
+    r = run_cli(home, "init", "a", "--force", "--port", str(port + 100))
+    assert r.returncode == 0, r.stderr
+    a = ps(home)["a"]
+    assert (a["state"], a["port"], a["config_changed"]) == ("healthy", port, True)
+    assert "config changed" in run_cli(home, "describe", "a").stdout
+    assert run_cli(home, "restart", "a").returncode == 0  # no daemon runs: here
+    a = ps(home)["a"]
+    assert (a["state"], a["port"], a["config_changed"]) == ("healthy", port + 100, False)
 
 
 def test_ps_shows_what_it_sees_but_writes_nothing(home, tiny_model, fake_bin):

@@ -1,6 +1,17 @@
 import threading
 
-from llama_orchestrator.engine.logs import follow, rotate_if_needed, tail_lines
+from llama_orchestrator.engine.logs import (
+    LineTimes,
+    follow,
+    rotate_if_needed,
+    server_lines,
+    start_line,
+    tail_lines,
+    timed_lines,
+    wall_clock,
+)
+
+T0 = 1_790_000_000.25  # 2026-09-21T14:13:20.250Z
 
 
 def test_tail_lines_reads_the_end(tmp_path):
@@ -25,6 +36,58 @@ def test_rotation_keeps_n_backups_and_truncates_in_place(tmp_path):
     assert (tmp_path / "stderr.log.2").read_text().startswith("gen3")
     assert not (tmp_path / "stderr.log.3").exists()
     assert not rotate_if_needed(p, max_bytes=1024, backups=2)
+
+
+def test_line_times_count_llama_cpp_prefixes_from_the_start_line():
+    lines = [
+        "from a version that wrote no start line",
+        start_line(T0),
+        "load_backend: loaded CPU backend",  # no prefix: the time of the line before
+        "0.00.100.000 I main: loading model",
+        "1.02.003.004 I srv  update_slots: all slots are idle",
+        "ggml_print: no prefix either",
+        start_line(T0 + 3600, rotated=True),  # a rotation (or a new run) starts anew
+        "0.00.000.500 I srv  log_server_r: request: GET /health 200",
+    ]
+    got = timed_lines(lines, LineTimes())
+    assert [t if t is None else round(t - T0, 6) for t, _ in got] == [
+        None,
+        0.0,
+        0.0,
+        0.1,
+        62.003004,
+        62.003004,
+        3600.0,
+        3600.0005,
+    ]
+    since = timed_lines(lines, LineTimes(), since=T0 + 1)
+    assert [line for _, line in since] == lines[4:]  # unknown times are not "since"
+    assert wall_clock(T0) == "2026-09-21T14:13:20.250Z" and wall_clock(None).strip() == ""
+
+
+def test_a_bad_time_in_a_start_line_is_no_time():
+    times = LineTimes()
+    assert times.time_of("--- llama-orch: process started at yesterday ---") is None
+    assert times.time_of("0.00.001.000 I x") is None
+
+
+def test_server_lines_are_the_latest_runs_only(tmp_path):
+    p = tmp_path / "stderr.log"
+    p.write_text(f"{start_line(T0)}\nold 1\nold 2\n{start_line(T0 + 9)}\nnew 1\nnew 2\n")
+    assert server_lines(p, 10) == ["new 1", "new 2"]
+    assert server_lines(p, 1) == ["new 2"]
+    assert server_lines(p, 0) == []
+    p.write_text(f"{start_line(T0)}\n")
+    assert server_lines(p, 5) == []  # started, nothing written yet
+
+
+def test_rotation_starts_the_emptied_log_with_the_header(tmp_path):
+    p = tmp_path / "stderr.log"
+    p.write_text("x" * 2000 + "\n")
+    header = start_line(T0, rotated=True)
+    assert rotate_if_needed(p, max_bytes=1024, backups=0, header=header)
+    assert p.read_text() == header + "\n"
+    assert LineTimes().time_of(header) == T0
 
 
 def _collect(paths, n):

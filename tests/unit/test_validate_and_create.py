@@ -117,6 +117,53 @@ def test_create_writes_a_valid_config_and_refuses_to_overwrite(home, gguf, monke
     assert json.loads(path.read_text())["server"]["port"] == 9999
 
 
+def test_force_keeps_what_is_not_given_and_its_own_port_while_it_listens(
+    home, gguf, tmp_path, monkeypatch
+):
+    """init --force updates: the port (held by the running instance, so not
+    free), alias, threads, tags and what init has no flag for stay."""
+    import socket
+
+    from llama_orchestrator.tinymodel import write_tiny_model
+
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        path = create_instance(
+            home, "a", model=str(gguf), port=port, alias="chat", threads=2, tags=["x"]
+        ).path
+        data = json.loads(path.read_text())
+        data["healthcheck"] = {"interval": 7}
+        path.write_text(json.dumps(data))
+        other = write_tiny_model(tmp_path / "other.gguf")
+        created = create_instance(home, "a", model=str(other), ctx=256, force=True)
+    new = json.loads(path.read_text())
+    assert created.replaced and any("kept from the old config" in n for n in created.notes)
+    assert new["server"]["port"] == port
+    assert new["model"]["path"] == str(other) and new["model"]["context_size"] == 256
+    assert (new["model"]["alias"], new["model"]["threads"], new["tags"]) == ("chat", 2, ["x"])
+    assert new["healthcheck"]["interval"] == 7
+    # no --model at all: the old one stays; a fresh init still needs one
+    create_instance(home, "a", parallel=3, force=True)
+    assert json.loads(path.read_text())["model"]["path"] == str(other)
+    with pytest.raises(UserError, match="needs a model"):
+        create_instance(home, "b")
+    assert not home.instance_dir("b").exists()
+
+
+def test_force_over_another_backend_drops_the_old_pin(home, gguf, monkeypatch):
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    path = create_instance(
+        home, "w", model=str(gguf), backend="cuda", gpus=[3], layers=10, find_gpus=four_cards
+    ).path
+    create_instance(home, "w", layers=20, force=True, find_gpus=four_cards)
+    assert json.loads(path.read_text())["gpu"] == {"backend": "cuda", "device_id": 3, "layers": 20}
+    create_instance(home, "w", backend="cpu", force=True)
+    assert json.loads(path.read_text())["gpu"] == {"backend": "cpu"}
+
+
 def test_create_refuses_a_port_of_another_instance_and_bad_names(home, gguf, tmp_path):
     create_instance(home, "a", model=str(gguf), port=9100)
     with pytest.raises(PortConflict, match="instance 'a'"):

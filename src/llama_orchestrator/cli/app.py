@@ -23,13 +23,15 @@ from llama_orchestrator.cli import (
     service_cmd,
 )
 from llama_orchestrator.cli.context import AppContext, err
-from llama_orchestrator.errors import ConfigError, OrchError
+from llama_orchestrator.cli.helptext import PlainHelpGroup
+from llama_orchestrator.errors import ConfigError, OrchError, UserError
 from llama_orchestrator.home import find_home, require_home
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(
     name="llama-orch",
+    cls=PlainHelpGroup,
     help="A Docker-style process supervisor for llama.cpp's llama-server.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -55,6 +57,7 @@ def root(
         None,
         "--home",
         envvar="LLAMA_ORCH_HOME",
+        metavar="FOLDER",
         help="The home folder (default: nearest with instances/).",
     ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
@@ -62,10 +65,14 @@ def root(
         False, "--version", callback=_version, is_eager=True, help="Print the version."
     ),
 ) -> None:
+    problem = None
     if home is not None:  # a typo in --home must not read (or create) an empty home
-        require_home(home, may_create=ctx.invoked_subcommand in _MAKE_A_HOME)
+        try:
+            require_home(home, may_create=ctx.invoked_subcommand in _MAKE_A_HOME)
+        except UserError as exc:  # said when a command uses the home: help needs none
+            problem = exc
     found, source = find_home(home)
-    app_ctx = AppContext(found, debug, home_source=source)
+    app_ctx = AppContext(found, debug, home_source=source, home_problem=problem)
     ctx.obj = app_ctx
     ctx.call_on_close(app_ctx.close)
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from llama_orchestrator.daemon import Control
     from llama_orchestrator.daemon.info import DaemonInfo
     from llama_orchestrator.engine.lifecycle import Engine
+    from llama_orchestrator.errors import OrchError
 
 __all__ = ["AppContext", "app_context", "out", "err", "say", "print_json"]
 
@@ -50,11 +51,20 @@ def say(text: str, *, to_err: bool = False) -> None:
 
 @dataclass
 class AppContext:
-    home: Home
+    found_home: Home
     debug: bool = False
     #: how the home was found (home.FROM_FLAG, FROM_ENV, FROM_CWD, PER_USER)
     home_source: str = "--home"
+    #: what is wrong with the home named (a file, a folder that is not there):
+    #: raised when a command first uses it, so that `--help` always works
+    home_problem: OrchError | None = None
     _engine: Engine | None = field(default=None, repr=False)
+
+    @property
+    def home(self) -> Home:
+        if self.home_problem is not None:
+            raise self.home_problem
+        return self.found_home
 
     @property
     def engine(self) -> Engine:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import typer
 
-from llama_orchestrator.cli.context import err, out
+from llama_orchestrator.cli.context import app_context, err, out
 from llama_orchestrator.cli.inspect import ps_table
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.status import collect
@@ -154,11 +154,13 @@ Now with your own model, in a folder of your choice:
 
 
 def demo(
+    ctx: typer.Context,
     model: Optional[Path] = typer.Option(
         None, "--model", help="Use this GGUF model instead of a tiny test one."
     ),
 ) -> None:
     """Try llama-orch in a throwaway home: the daemon, two replicas behind the router, a kill -9 and the restart."""
+    app_context(ctx).home  # noqa: B018 -- a wrong --home is said, though the demo uses its own
     if model is not None and not is_gguf(model):
         raise UserError(f"{model} is not a GGUF model file.", hint="Pass the path of a .gguf file.")
     with tempfile.TemporaryDirectory(prefix="llama-orch-demo-") as tmp:

@@ -35,6 +35,7 @@ def ps_table(rows: list[InstanceStatus], color: bool = False, now: float | None 
     cells = []
     for r in rows:
         state = state_label(r) + (" (bad config)" if r["config_error"] else "")
+        state += " (config changed)" if r.get("config_changed") else ""
         cells.append(
             [
                 r["name"],
@@ -76,6 +77,11 @@ def ps(
         say("No instances yet. Create one with: llama-orch init NAME --model PATH")
         return
     say(ps_table(rows, color=sys.stdout.isatty()))
+    if changed := [r["name"] for r in rows if r.get("config_changed")]:
+        say(
+            "* config changed: the process runs with the config it started with; "
+            f"`llama-orch restart {' '.join(changed)}` applies the new one"
+        )
     info = running(app.home)
     if any(r["pid"] and not r["supervised"] for r in rows):
         if info is None:
@@ -133,6 +139,11 @@ def describe(
         out.print(f"  {key:<12} {'-' if value is None else value}", markup=False)
     if d.get("config_error"):
         out.print(f"  [red]bad config:[/] {d['config_error']}")
+    if d.get("config_changed"):
+        out.print(
+            f"  [yellow]config changed[/] since it started (host and port above are the "
+            f"running ones); `llama-orch restart {d['name']}` applies it"
+        )
     od = (d.get("config") or {}).get("on_demand") or {}
     if line := on_demand_line(d, od.get("idle_ttl"), time.time()):
         out.print(f"  on demand    {line}", markup=False)

@@ -38,28 +38,44 @@ def init(
     name: str = typer.Argument(
         ..., help="Instance name (lowercase letters, digits, . _ -).", metavar="NAME"
     ),
-    model: str = typer.Option(
-        ...,
+    model: Optional[str] = typer.Option(
+        None,
         "--model",
         "-m",
+        metavar="MODEL",
         help="A GGUF file, hf://OWNER/REPO[:QUANT] (pulled if missing) or a pulled model's ID.",
     ),
-    port: Optional[int] = typer.Option(None, help="Port (default: the first free one from 8001)."),
-    host: str = typer.Option("127.0.0.1", help="Address llama-server listens on."),
-    backend: str = typer.Option("cpu", help=f"One of {', '.join(BACKENDS)}."),
-    gpu: Optional[str] = typer.Option(None, help="GPU index or list (0 or 0,3), or auto."),
+    port: Optional[int] = typer.Option(
+        None, metavar="PORT", help="Port (default: the first free one from 8001)."
+    ),
+    host: Optional[str] = typer.Option(
+        None, metavar="ADDRESS", help="Address llama-server listens on (default: 127.0.0.1)."
+    ),
+    backend: Optional[str] = typer.Option(
+        None, metavar="BACKEND", help=f"One of {', '.join(BACKENDS)} (default: cpu)."
+    ),
+    gpu: Optional[str] = typer.Option(
+        None, metavar="GPUS", help="GPU index or list (0 or 0,3), or auto."
+    ),
     layers: Optional[int] = typer.Option(None, help="Layers to offload to the GPU (-ngl)."),
     ctx_size: Optional[int] = typer.Option(
-        None, "--ctx", help="Context size in tokens (default: the model's, at most 4096)."
+        None,
+        "--ctx",
+        metavar="TOKENS",
+        help="Context size in tokens (default: the model's, at most 4096).",
     ),
-    parallel: int = typer.Option(1, help="Parallel request slots."),
+    parallel: Optional[int] = typer.Option(None, help="Parallel request slots (default: 1)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads."),
-    alias: Optional[str] = typer.Option(None, help="Model name clients ask for (default: NAME)."),
-    tag: List[str] = typer.Option([], "--tag", help="A tag (repeatable)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing config."),
+    alias: Optional[str] = typer.Option(
+        None, metavar="ALIAS", help="Model name clients ask for (default: NAME)."
+    ),
+    tag: List[str] = typer.Option([], "--tag", metavar="TAG", help="A tag (repeatable)."),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite an existing config (keeping what is not given)."
+    ),
     extra: Optional[List[str]] = typer.Argument(None, help="More llama-server arguments after --."),
 ) -> None:
-    """Create instances/NAME/config.json."""
+    """Create instances/NAME/config.json (--model is needed unless --force updates one)."""
     from llama_orchestrator.cli.models_cmd import pull_with_progress
     from llama_orchestrator.config.create import create_instance
 
@@ -88,10 +104,16 @@ def init(
         force=force,
         locate=locate,
     )
-    say(f"Created {created.path}")
+    say(f"{'Updated' if created.replaced else 'Created'} {created.path}")
     for note in created.notes:
         say(f"  {note}")
-    say(f"Start it with: llama-orch up {name}")
+    if created.replaced and app.engine.is_running(name):
+        say(
+            f"It runs with the old config: this takes effect at the next restart "
+            f"(llama-orch restart {name})."
+        )
+    else:
+        say(f"Start it with: llama-orch up {name}")
 
 
 def _log_message(line: str, width: int = 70) -> str:
@@ -169,7 +191,9 @@ def up(
     names: Optional[List[str]] = typer.Argument(None, help="Instances to start.", metavar="NAME"),
     all_: bool = typer.Option(False, "--all", help="Start every instance."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until /health answers 200."),
-    timeout: float = typer.Option(300, min=0, help="Seconds to wait for health."),
+    timeout: float = typer.Option(
+        300, min=0, metavar="SECONDS", help="Seconds to wait for health."
+    ),
     no_daemon: bool = typer.Option(
         False, "--no-daemon", help="Start them here, unsupervised (no daemon, no restarts)."
     ),
@@ -195,7 +219,7 @@ def down(
     names: Optional[List[str]] = typer.Argument(None, help="Instances to stop.", metavar="NAME"),
     all_: bool = typer.Option(False, "--all", help="Stop every instance."),
     timeout: Optional[float] = typer.Option(
-        None, min=0, help="Seconds before a kill (default: stop_timeout)."
+        None, min=0, metavar="SECONDS", help="Seconds before a kill (default: stop_timeout)."
     ),
 ) -> None:
     """Stop instances (SIGTERM, then kill the tree after the timeout)."""
@@ -214,7 +238,9 @@ def restart(
     names: List[str] = typer.Argument(
         ..., help="Instances to restart (with --rolling: an alias).", metavar="NAME"
     ),
-    timeout: float = typer.Option(300, min=0, help="Seconds to wait for health."),
+    timeout: float = typer.Option(
+        300, min=0, metavar="SECONDS", help="Seconds to wait for health."
+    ),
     rolling: bool = typer.Option(
         False, "--rolling", help="One replica at a time, drained first: no failed requests."
     ),

@@ -24,27 +24,45 @@ def logs(
     ctx: typer.Context,
     name: str = typer.Argument(..., metavar="NAME"),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
-    tail: Optional[int] = typer.Option(None, "--tail", "-n", min=0, help="Only the last N lines."),
-    stream: str = typer.Option("both", help="stdout, stderr or both."),
+    tail: Optional[int] = typer.Option(
+        None, "--tail", "-n", min=0, metavar="N", help="Only the last N lines."
+    ),
+    since: Optional[str] = typer.Option(
+        None, metavar="WHEN", help="Only lines since then: 10m, 2h, 1d or an ISO time."
+    ),
+    timestamps: bool = typer.Option(
+        False, "--timestamps", "-t", help="Start each line with its wall-clock time (UTC)."
+    ),
+    stream: str = typer.Option("both", metavar="STREAM", help="stdout, stderr or both."),
 ) -> None:
     """Print an instance's llama-server output (stdout to stdout, stderr to stderr)."""
     app = app_context(ctx)
     (name,) = app.engine.resolve_names([name])
     if stream not in ("stdout", "stderr", "both"):
         raise UserError(f"--stream {stream!r} is not known.", hint="Use stdout, stderr or both.")
+    start = parse_since(since, time.time()) if since else None
     streams = logfiles.STREAMS if stream == "both" else (stream,)
     log_dir = app.home.log_dir(name)
     paths = {s: logfiles.log_file(log_dir, s) for s in streams}
     sinks = {"stdout": sys.stdout, "stderr": sys.stderr}
+    times = {s: logfiles.LineTimes() for s in streams}
+
+    def text(ts: float | None, line: str) -> str:
+        return f"{logfiles.wall_clock(ts)} {line}\n" if timestamps else line + "\n"
+
     for s, path in paths.items():
-        lines = logfiles.tail_lines(path, tail if tail is not None else 10**9)
-        if lines:
-            sinks[s].write("\n".join(lines) + "\n")
+        if timestamps or start is not None:  # times count from the run's start line
+            timed = logfiles.timed_lines(logfiles.tail_lines(path, 10**9), times[s], start)
+            timed = timed[-tail:] if tail else ([] if tail == 0 else timed)
+        else:
+            lines = logfiles.tail_lines(path, tail if tail is not None else 10**9)
+            timed = [(None, line) for line in lines]
+        sinks[s].write("".join(text(ts, line) for ts, line in timed))
     sys.stdout.flush()
     if follow:
         try:
             for s, line in logfiles.follow(paths):
-                sinks[s].write(line + "\n")
+                sinks[s].write(text(times[s].time_of(line), line))
                 sinks[s].flush()
         except KeyboardInterrupt:
             pass

@@ -237,6 +237,15 @@ class InstanceConfig(_Section):
     def alias_or(self, name: str) -> str:
         return self.model.alias or name
 
+    def digest(self) -> str:
+        """What the config says, as a short hash: the same for the same settings
+        however the file is laid out (defaults left out, so a new version of
+        llama-orch that adds a setting does not look like a change)."""
+        import hashlib
+
+        text = self.model_dump_json(exclude_defaults=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def model_path(self, config_dir: Path) -> Path:
         """The model file, relative paths resolved against the config's folder;
         an `hf://` reference is the file the home's catalog has for it (the

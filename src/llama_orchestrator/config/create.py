@@ -36,6 +36,7 @@ DEFAULT_CTX = 4096
 class Created:
     path: Path
     notes: list[str] = field(default_factory=list)  # what was chosen for the user, and why
+    replaced: bool = False  # an existing config was overwritten (--force)
 
 
 def pick_port(
@@ -52,14 +53,14 @@ def create_instance(
     home: Home,
     name: str,
     *,
-    model: str,
+    model: str | None = None,
     port: int | None = None,
-    host: str = "127.0.0.1",
-    backend: str = "cpu",
+    host: str | None = None,
+    backend: str | None = None,
     gpus: list[int] | Literal["auto"] | None = None,
     layers: int | None = None,
     ctx: int | None = None,
-    parallel: int = 1,
+    parallel: int | None = None,
     threads: int | None = None,
     alias: str | None = None,
     tags: list[str] | None = None,
@@ -75,7 +76,11 @@ def create_instance(
     where the user typed it); `locate`, when given, turns `model` into a local
     path first (an `hf://` reference pulled now) and says what it did. Unset `ctx` becomes min(model context, 4096);
     `gpus="auto"` takes the device(s) with the most free VRAM that hold the
-    model; unset `layers` on a GPU backend becomes all when the estimate fits."""
+    model; unset `layers` on a GPU backend becomes all when the estimate fits.
+
+    With `force` over an existing config, what is not given is kept from it
+    (its port, alias, threads, health check, restart policy ...): `None` (or
+    an empty list) means "not given"."""
     check_name(name)
     notes: list[str] = []
     path = home.config_path(name)
@@ -84,12 +89,34 @@ def create_instance(
             f"Instance '{name}' already exists ({path}).",
             hint="Use --force to overwrite it, or pick another name.",
         )
+    old = _old_config(path, notes) if path.exists() else None
+    base = old or {}
+    old_model, old_server, old_gpu = (_section(base, k) for k in ("model", "server", "gpu"))
+    host = host or _of(old_server, "host", str) or "127.0.0.1"
+    same_backend = backend is None or backend == old_gpu.get("backend", "cpu")
+    backend = backend or _of(old_gpu, "backend", str) or "cpu"
+    if same_backend:  # a card pinned for another backend is not one for this
+        if gpus is None:
+            gpus = _old_devices(old_gpu.get("device_id"))
+        if layers is None:
+            layers = _of(old_gpu, "layers", int)
+    parallel = parallel or _of(old_server, "parallel", int) or 1
+    ctx = ctx or _of(old_model, "context_size", int)
+    threads = threads or _of(old_model, "threads", int)
+    alias = alias or _of(old_model, "alias", str)
+    tags = tags or _of(base, "tags", list)
+    extra_args = extra_args or _of(old_server, "extra_args", list)
+    if old is not None:
+        notes.append("what was not given is kept from the old config")
     others = [x for x in load_all(home) if x.name != name and x.config is not None]
     taken = {
         x.config.server.port
         for x in others
         if x.config and hosts_overlap(x.config.server.host, host)
     }
+    kept_port = _of(old_server, "port", int)
+    if port is None and kept_port is not None and kept_port not in taken:
+        port = kept_port  # its own: a running instance holds it, so it looks taken
     if port is None:
         port = pick_port(taken, lambda p: platform.port_is_free(host, p))
         notes.append(f"port {port} (the first free one from {FIRST_PORT}; --port to choose)")
@@ -99,7 +126,15 @@ def create_instance(
             f"Port {port} is already used by instance '{owner}'.",
             hint="Pick another --port, or leave it out to get a free one.",
         )
-    if locate is not None:  # after the checks above: never pull for an init that fails
+    if model is None:
+        old_path = _of(old_model, "path", str)
+        if old_path is None:
+            raise UserError(
+                f"Instance '{name}' needs a model; nothing was written.",
+                hint="Pass --model (a .gguf file, hf://OWNER/REPO:QUANT or a pulled model's ID).",
+            )
+        model_path = path.parent / Path(old_path).expanduser()  # relative: to its folder
+    elif locate is not None:  # after the checks above: never pull for an init that fails
         model_path, located = locate(model)
         notes += located
     else:
@@ -138,25 +173,35 @@ def create_instance(
             layers = _all_layers_if_they_fit(info, ctx, parallel, devices, found, notes)
     elif isinstance(gpus, list):
         devices = gpus
-    gpu: dict[str, Any] = {"backend": backend}
+    gpu: dict[str, Any] = {
+        **(
+            {k: v for k, v in old_gpu.items() if k not in ("device_id", "layers")}
+            if same_backend
+            else {}
+        ),
+        "backend": backend,
+    }
     if devices:
         gpu["device_id"] = devices[0] if len(devices) == 1 else devices
     if layers is not None:
         gpu["layers"] = layers
+    model_section: dict[str, Any] = {**old_model, "path": str(model_path), "context_size": ctx}
+    server: dict[str, Any] = {**old_server, "host": host, "port": port, "parallel": parallel}
     data: dict[str, Any] = {
+        **base,  # what init has no flag for: health check, restart policy, env ...
         "name": name,
-        "model": {"path": str(model_path), "context_size": ctx},
-        "server": {"host": host, "port": port, "parallel": parallel},
+        "model": model_section,
+        "server": server,
         "gpu": gpu,
     }
-    if threads is not None:
-        data["model"]["threads"] = threads
-    if alias:
-        data["model"]["alias"] = alias
-    if extra_args:
-        data["server"]["extra_args"] = list(extra_args)
-    if tags:
-        data["tags"] = list(tags)
+    for section, key, value in (
+        (model_section, "threads", threads),
+        (model_section, "alias", alias),
+        (server, "extra_args", list(extra_args or [])),
+        (data, "tags", list(tags or [])),
+    ):
+        if value:
+            section[key] = value
     try:
         cfg = InstanceConfig.model_validate(data)
     except ValidationError as exc:
@@ -180,7 +225,42 @@ def create_instance(
     if not home.instances_dir.is_dir():
         notes.insert(0, f"created a new home at {home.root}")
     save_config(path, cfg)
-    return Created(path, notes)
+    return Created(path, notes, replaced=old is not None)
+
+
+def _old_config(path: Path, notes: list[str]) -> dict[str, Any] | None:
+    """The config `--force` overwrites, as written (None, said, if unreadable)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        notes.append(f"the old {path.name} could not be read; it is written anew")
+        return None
+    return data
+
+
+def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _of(section: dict[str, Any], key: str, kind: type) -> Any:
+    """section[key] when it is a `kind` (bools are not ints), else None."""
+    value = section.get(key)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
+def _old_devices(value: Any) -> list[int] | Literal["auto"] | None:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return list(value)
+    return None
 
 
 def _all_layers_if_they_fit(

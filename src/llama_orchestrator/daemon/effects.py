@@ -166,7 +166,7 @@ class LiveEffects:
     async def rotate_logs(self, names: list[str]) -> None:
         def rotate(e: Engine) -> None:
             for name in names:
-                e.rotate_logs(name)
+                e.rotate_logs(name, e.store.get_or_new(name).started_at)
 
         await self.in_thread(rotate)
 

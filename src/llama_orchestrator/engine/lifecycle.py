@@ -230,7 +230,7 @@ class Engine:
         its parent), when, and the last lines of its stderr."""
         code = exit_code(row.pid) if row.pid else None
         sig = -code if code is not None and code < 0 else None
-        tail = logs.tail_lines(
+        tail = logs.server_lines(
             logs.log_file(self.home.log_dir(row.name), "stderr"), EXIT_TAIL_LINES
         )
         return {
@@ -239,6 +239,11 @@ class Engine:
             "at": self.clock(),
             "stderr_tail": tail,
         }
+
+    def is_running(self, name: str) -> bool:
+        """Whether the instance's process runs now (whoever started it)."""
+        row = self.store.get_or_new(name)
+        return row.state in RUNNING_STATES and is_alive(self._ref(row))
 
     def observe(self, row: InstanceRow) -> InstanceRow:
         """Record the death of an instance whose process is gone."""
@@ -256,18 +261,22 @@ class Engine:
             rows = [self.observe(self.store.get_or_new(n)) for n in wanted]
         for row in rows:
             if row.state in RUNNING_STATES:
-                self.rotate_logs(row.name)
+                self.rotate_logs(row.name, row.started_at)
         return rows
 
-    def rotate_logs(self, name: str) -> None:
+    def rotate_logs(self, name: str, started_at: float | None) -> None:
         """Copy-truncate rotation: safe while the child writes (it appends), so
-        whoever looks at an instance (ps, the dashboard, later the daemon) rotates."""
+        whoever looks at an instance (ps, the dashboard, the daemon) rotates.
+        The emptied log starts with when its process started (`started_at`),
+        which its lines' times count from."""
         log_dir = self.home.log_dir(name)
+        header = None if started_at is None else logs.start_line(started_at, rotated=True)
         for stream in logs.STREAMS:
             logs.rotate_if_needed(
                 logs.log_file(log_dir, stream),
                 self.settings.logs.max_bytes,
                 self.settings.logs.backups,
+                header,
             )
 
     # --- up -----------------------------------------------------------------
@@ -309,9 +318,13 @@ class Engine:
             log_dir = self.home.log_dir(p.name)
             log_dir.mkdir(parents=True, exist_ok=True)
             paths = {st: logs.log_file(log_dir, st) for st in logs.STREAMS}
-            self.rotate_logs(p.name)
+            self.rotate_logs(p.name, None)
+            started_at = self.clock()
             try:
                 with open(paths["stdout"], "ab") as out, open(paths["stderr"], "ab") as err:
+                    for f in (out, err):  # when this run's lines count from (LineTimes)
+                        f.write(logs.start_line(started_at).encode() + b"\n")
+                        f.flush()
                     proc = platform.spawn(
                         p.launch.argv, p.launch.env, p.config_path.parent, out, err
                     )
@@ -336,11 +349,12 @@ class Engine:
                 host=s.host,
                 port=s.port,
                 gpu_devices=p.devices,
-                started_at=self.clock(),
+                started_at=started_at,
                 exited_at=None,
                 exit_code=None,
                 supervised=self.is_supervisor,
                 next_restart_at=None,
+                config_digest=p.config.digest(),
                 **({"restarts": 0, "streak": 0} if fresh else {}),
             )
             return UpResult(p.name, "started", proc.pid, s.port)
@@ -426,13 +440,13 @@ class Engine:
                         on_progress(name, "healthy", elapsed, "")
                 elif on_progress:
                     phase = "loading" if loading else "starting"
-                    last = logs.tail_lines(logs.log_file(self.home.log_dir(name), "stderr"), 1)
+                    last = logs.server_lines(logs.log_file(self.home.log_dir(name), "stderr"), 1)
                     on_progress(name, phase, elapsed, last[0] if last else "")
             if not pending:
                 break
             if elapsed >= timeout:
                 for name, res in pending.items():
-                    tail = logs.tail_lines(logs.log_file(self.home.log_dir(name), "stderr"), 10)
+                    tail = logs.server_lines(logs.log_file(self.home.log_dir(name), "stderr"), 10)
                     res.error = _with_tail(
                         f"Instance '{name}' was not healthy within {timeout:g}s; it keeps "
                         f"starting in the background. See `llama-orch logs {name}`, or raise --timeout.",
@@ -562,8 +576,9 @@ class Engine:
         row = self.rows([name])[0]
         loaded = {x.name: x for x in load_all(self.home)}
         cfg = loaded[name].config if name in loaded else None
-        host = cfg.server.host if cfg else (row.host or "127.0.0.1")
-        port = cfg.server.port if cfg else row.port
+        # where the process listens: its config may have changed since it started
+        host = row.host or (cfg.server.host if cfg else "127.0.0.1")
+        port = row.port or (cfg.server.port if cfg else None)
         if port is None or not is_alive(self._ref(row)):
             return health.ProbeResult(health.DOWN, None, 0.0, f"instance is {row.state}")
         timeout = cfg.healthcheck.timeout if cfg else 5.0

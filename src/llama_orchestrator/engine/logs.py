@@ -10,39 +10,92 @@ rename-style rotation done by another tool (e.g. logrotate).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import suppress
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["STREAMS", "log_file", "rotate_if_needed", "tail_lines", "follow"]
+__all__ = [
+    "STREAMS",
+    "log_file",
+    "rotate_if_needed",
+    "tail_lines",
+    "server_lines",
+    "follow",
+    "start_line",
+    "is_start_line",
+    "LineTimes",
+    "timed_lines",
+    "wall_clock",
+]
 
 STREAMS = ("stdout", "stderr")
+
+#: llama-orch's own line in both logs, written when it starts a process and
+#: after a rotation: llama-server's own times count from its start, and this
+#: line says when that was (see LineTimes)
+_START = re.compile(r"^--- llama-orch: (?:log rotated; )?process started at (\S+) ---$")
+#: llama.cpp's prefix: minutes.seconds.milliseconds.microseconds since its start
+_RELATIVE = re.compile(r"^(\d+)\.(\d{2})\.(\d{3})\.(\d{3}) ")
+
+
+def start_line(started_at: float, rotated: bool = False) -> str:
+    when = datetime.fromtimestamp(started_at, tz=timezone.utc).isoformat(timespec="microseconds")
+    return f"--- llama-orch: {'log rotated; ' if rotated else ''}process started at {when} ---"
+
+
+def is_start_line(line: str) -> bool:
+    return line.startswith("--- llama-orch: ") and _START.match(line) is not None
+
+
+class LineTimes:
+    """The wall-clock time of each line of one log, fed in order (pure).
+
+    A start line gives the time; llama.cpp's relative prefix adds to it; a
+    line without one (a backend's own print) takes the time of the line
+    before. Lines before any start line (logs older than this) have none."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.last: float | None = None
+
+    def time_of(self, line: str) -> float | None:
+        if m := _START.match(line):
+            with suppress(ValueError):  # a mangled line: no time from it
+                self.start = self.last = datetime.fromisoformat(m[1]).timestamp()
+        elif self.start is not None and (m := _RELATIVE.match(line)):
+            minutes, seconds, ms, us = (int(g) for g in m.groups())
+            self.last = self.start + minutes * 60 + seconds + ms / 1e3 + us / 1e6
+        return self.last
 
 
 def log_file(log_dir: Path, stream: str) -> Path:
     return log_dir / f"{stream}.log"
 
 
-def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
-    """Rotate `path` to .1 (.1 to .2 ...) when it is over `max_bytes`."""
+def rotate_if_needed(path: Path, max_bytes: int, backups: int, header: str | None = None) -> bool:
+    """Rotate `path` to .1 (.1 to .2 ...) when it is over `max_bytes`; the
+    emptied file then starts with `header` (a start line) when given."""
     try:
         if path.stat().st_size <= max_bytes:
             return False
     except FileNotFoundError:
         return False
-    if backups <= 0:
-        with open(path, "r+b") as f:
-            f.truncate(0)
-        return True
-    for i in range(backups - 1, 0, -1):
-        older = path.with_name(f"{path.name}.{i}")
-        if older.exists():
-            os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
-    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    if backups > 0:
+        for i in range(backups - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{i}")
+            if older.exists():
+                os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+        shutil.copyfile(path, path.with_name(f"{path.name}.1"))
     with open(path, "r+b") as f:
         f.truncate(0)
+    if header is not None:
+        with open(path, "ab") as f:  # appended, as the child's own writes are
+            f.write(header.encode() + b"\n")
     return True
 
 
@@ -65,6 +118,33 @@ def tail_lines(path: Path, n: int, block: int = 8192) -> list[str]:
             data = f.read(step) + data
     lines = data.decode("utf-8", errors="replace").splitlines()
     return lines[-n:]
+
+
+def timed_lines(
+    lines: list[str], times: LineTimes, since: float | None = None
+) -> list[tuple[float | None, str]]:
+    """Each line with its time (`times` fed in order), those before `since` left out."""
+    timed = [(times.time_of(line), line) for line in lines]
+    if since is None:
+        return timed
+    return [(t, line) for t, line in timed if t is not None and t >= since]
+
+
+def wall_clock(ts: float | None) -> str:
+    """`--timestamps`' prefix: UTC to the millisecond, as Docker's (blank if unknown)."""
+    if ts is None:
+        return " " * 24
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def server_lines(path: Path, n: int) -> list[str]:
+    """The last `n` lines the latest run of llama-server wrote (none of an
+    earlier run's, and not llama-orch's start line)."""
+    lines = tail_lines(path, n + 1)
+    for i in range(len(lines) - 1, -1, -1):
+        if is_start_line(lines[i]):
+            return lines[i + 1 :][-n:] if n > 0 else []
+    return lines[-n:] if n > 0 else []
 
 
 class _Follower:

@@ -61,6 +61,8 @@ class InstanceStatus(TypedDict):
     next_restart_at: str | None
     next_try_s: float | None
     config_error: str | None
+    #: the config was changed since the running process started (restart applies it)
+    config_changed: bool
     on_demand: bool
     last_used_at: str | None
     idle_stop_in_s: float | None
@@ -120,8 +122,9 @@ def status_view(
         "state": row.state.value,
         "desired": row.desired.value,
         "pid": row.pid if running else None,
-        "host": cfg.server.host if cfg else row.host,
-        "port": cfg.server.port if cfg else row.port,
+        # a running process listens where it was started, whatever its config says now
+        "host": row.host if running and row.host else (cfg.server.host if cfg else row.host),
+        "port": row.port if running and row.port else (cfg.server.port if cfg else row.port),
         "alias": cfg.alias_or(name) if cfg else None,
         "model_path": model_path,
         "backend": cfg.gpu.backend if cfg else None,
@@ -141,6 +144,10 @@ def status_view(
         if row.state == S.BACKOFF and row.next_restart_at is not None
         else None,
         "config_error": config_error,
+        "config_changed": running
+        and cfg is not None
+        and row.config_digest is not None
+        and row.config_digest != cfg.digest(),
         **on_demand_view(cfg, row, now),
     }
 
@@ -189,18 +196,20 @@ def collect(
     ]
     if probe:
         todo = [
-            (i, loaded[row.name].config)
+            (i, row)
             for i, row in enumerate(rows)
             if not row.supervised
             and row.state in _PROBED
+            and row.port is not None
             and row.name in loaded
             and loaded[row.name].config is not None
         ]
         if todo:
 
-            def one(t: tuple[int, InstanceConfig]) -> health.ProbeResult:
-                cfg = t[1]
-                return health.probe(cfg.server.host, cfg.server.port, PS_PROBE_TIMEOUT, engine.get)
+            def one(t: tuple[int, InstanceRow]) -> health.ProbeResult:
+                row = t[1]  # where it listens (its config may have changed since)
+                assert row.port is not None
+                return health.probe(row.host or "127.0.0.1", row.port, PS_PROBE_TIMEOUT, engine.get)
 
             from concurrent.futures import ThreadPoolExecutor  # ~17 ms: only when probing
 
