@@ -275,5 +275,7 @@ async def test_the_plans_pane_without_runs_says_how_to_start_one(source):
 def _footer(app) -> str:
     """The descriptions of the keys the footer shows now."""
     return " ".join(
-        b.binding.description for b in app.screen.active_bindings.values() if b.binding.show and b.enabled
+        b.binding.description
+        for b in app.screen.active_bindings.values()
+        if b.binding.show and b.enabled
     )

@@ -13,7 +13,7 @@ from textual.widgets import DataTable
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.tui.app import DashboardApp
 from llama_orchestrator.tui.data import EngineSource, matches, parse_metrics, per_second
-from tests.helpers import write_config
+from tests.helpers import run_cli, write_config
 from tests.tui.conftest import until
 
 pytestmark = pytest.mark.integration
@@ -42,6 +42,61 @@ async def test_up_and_down_from_the_dashboard_on_a_real_server(home, tiny_model,
     finally:
         source.close()
         Engine(home).down(["alpha", "beta"])
+
+
+def plan_states(app):
+    table = app.query_one("#plan-tasks", DataTable)
+    return {str(k.value): str(table.get_cell(k, "STATE")) for k in table.rows}
+
+
+async def test_the_plans_pane_on_a_real_daemon_opens_output_cancels_and_retries(home, tmp_path):
+    """A run the real daemon executes: its task output from the run's folder;
+    cancel and retry from the pane reach the daemon as `plan cancel/retry` do."""
+    import json
+
+    from llama_orchestrator.tui.app import ConfirmScreen, TaskOutputScreen
+
+    py = sys.executable
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps(
+            {
+                "name": "real",
+                "tasks": [
+                    {"id": "hello", "kind": "shell", "command": [py, "-c", "print('hi there')"]},
+                    {"id": "wait", "kind": "shell", "depends_on": ["hello"],
+                     "command": [py, "-c", "import time; time.sleep(120)"]},
+                ],
+            }
+        )
+    )  # fmt: skip
+    r = run_cli(home, "plan", "run", str(plan))
+    assert r.returncode == 0, r.stderr
+    run_id = r.stdout.split()[0]
+    source = EngineSource(home)
+    app = DashboardApp(source, refresh=0.3)
+    try:
+        async with app.run_test(size=(130, 36)) as pilot:
+            await pilot.press("p")
+            await until(
+                lambda: plan_states(app) == {"hello": "completed", "wait": "running"}, timeout=30
+            )
+            assert app.plan_run == run_id
+            await pilot.press("tab", "enter")  # the first task: its output
+            await until(lambda: isinstance(app.screen, TaskOutputScreen))
+            out = app.screen.query_one("#task-output")
+            await until(lambda: "hi there" in "\n".join(out.lines))
+            await pilot.press("escape", "c")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            await until(lambda: plan_states(app).get("wait") == "cancelled", timeout=30)
+            await pilot.press("t", "y")
+            await until(lambda: plan_states(app).get("wait") == "running", timeout=30)
+            assert plan_states(app)["hello"] == "completed"  # kept, not run again
+            await pilot.press("c", "y")
+            await until(lambda: plan_states(app).get("wait") == "cancelled", timeout=30)
+    finally:
+        source.close()
 
 
 def test_engine_source_reads_cpu_rss_and_token_rate_from_a_real_server(home, tiny_model):

@@ -155,8 +155,9 @@ def _task_output(entry: dict[str, Any], output: str | None, stderr: str | None) 
     say(f"task {entry['id']} ({entry['kind']}): {entry['state']}{where}", to_err=True)
     if entry["error"]:
         say(f"error: {entry['error']}", to_err=True)
-    if output is None and stderr is None:
-        say("(no output yet)", to_err=True)
+    if not output and not stderr:
+        ended = entry["state"] in ("completed", "failed", "skipped", "cancelled")
+        say("(no output)" if ended else "(no output yet)", to_err=True)
     for text, to_err in ((output, False), (stderr, True)):
         if text:
             (sys.stderr if to_err else sys.stdout).write(

@@ -221,7 +221,7 @@ class TaskOutputScreen(Screen[None]):
             output, stderr = self.source.task_output(self.run_id, self.task_id)
         except Exception as exc:
             output, stderr = f"cannot read the output: {exc}", None
-        lines = (output or "").splitlines() or ["(no output yet)"]
+        lines = (output or "").splitlines() or ["(no output)"]
         if stderr:
             lines += ["", "--- stderr ---", *stderr.splitlines()]
         self.app.call_from_thread(self._show, lines)
@@ -268,8 +268,8 @@ class DashboardApp(App[None]):
     #logtail { border-left: solid $primary-darken-2; }
     #gpu-table { height: auto; max-height: 80%; }
     #gpu-warnings { padding: 1 1 0 1; }
-    #plan-runs { width: 2fr; }
-    #plan-tasks { width: 3fr; border-left: solid $primary-darken-2; }
+    #plan-runs { width: auto; max-width: 50%; }
+    #plan-tasks { width: 1fr; border-left: solid $primary-darken-2; }
     #plans-empty { padding: 1 2; }
     #task-output { border: solid $primary; }
     #too-small { display: none; width: 100%; height: 100%; content-align: center middle; }
