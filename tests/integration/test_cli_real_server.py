@@ -121,7 +121,11 @@ def test_logs_timestamps_and_since_tell_wall_clock_times_of_a_real_server(cli_ho
     assert before - 1 <= stamps[0] <= after
     assert all(s >= stamps[0] for s in stamps) and max(stamps) <= time.time()
     # llama.cpp's own relative prefix (M.SS.mmm.uuu) moved the clock on
-    relative = [(s, ln) for s, ln in zip(stamps, lines) if re.match(r"\S+Z \d+\.\d\d\.\d{3}\.", ln)]
+    relative = [
+        (s, ln)
+        for s, ln in zip(stamps, lines, strict=True)
+        if re.match(r"\S+Z \d+\.\d\d\.\d{3}\.", ln)
+    ]
     assert relative and max(s for s, _ in relative) > stamps[0]
     plain = run_cli(home, "logs", "a", "--stream", "stderr").stderr.splitlines()
     assert [ln[25:] for ln in lines] == plain  # the same lines, a 24-character time before each
