@@ -102,6 +102,61 @@ def test_native_completion_and_health(two):
     assert httpx.get(f"{two}/health").json() == {"status": "ok", "healthy_instances": 2}
 
 
+def test_the_router_answers_as_llama_server_does_where_the_target_is_clear(home, two):
+    """Issue 23.9: no `model` with one served, llama-server's instant routes,
+    /v1/models with `meta`, and no CORS header from the instance."""
+    direct = f"http://127.0.0.1:{json.loads(run_cli(home, 'ps', '--json').stdout)[0]['port']}"
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    r = httpx.post(f"{two}/v1/chat/completions", json=chat)  # no model: the only one
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 2
+    # the instance sends an (empty) CORS header; the router sends none
+    assert (
+        "access-control-allow-origin"
+        in httpx.post(f"{direct}/v1/chat/completions", json=chat).headers
+    )
+    assert not [h for h in r.headers if h.lower().startswith("access-control-")]
+
+    tokens = httpx.post(f"{direct}/tokenize", json={"content": "Hello world"}).json()
+    assert httpx.post(f"{two}/tokenize", json={"content": "Hello world"}).json() == tokens
+    back = httpx.post(f"{two}/detokenize", json={"model": "tiny", **tokens})
+    assert (
+        back.status_code == 200
+        and back.json() == httpx.post(f"{direct}/detokenize", json=tokens).json()
+    )
+    props = httpx.get(f"{two}/props", params={"model": "tags:worker"})
+    assert props.status_code == 200 and "default_generation_settings" in props.json()
+    slots = httpx.get(f"{two}/slots?model=tiny")
+    assert slots.status_code == 200 and isinstance(slots.json(), list) and slots.json()
+    nope = httpx.get(f"{two}/props", params={"model": "nope"})
+    assert nope.status_code == 404 and "available: tiny" in nope.text
+    assert httpx.post(f"{two}/props", json={}).status_code == 405
+
+    ours = httpx.get(f"{two}/v1/models").json()["data"]
+    theirs = httpx.get(f"{direct}/v1/models").json()["data"][0]
+    assert [m["id"] for m in ours] == ["tiny"]
+    assert ours[0]["meta"] == theirs["meta"] and ours[0]["meta"]["n_params"] > 0
+    assert ours[0]["created"] > 1_700_000_000
+
+
+def test_a_request_without_a_model_names_the_choices_when_several_are_served(
+    home, tiny_model, server_bin
+):
+    url = settings(home)
+    for name, alias in (("a", "first"), ("b", "second")):
+        write_config(home, name, tiny_model, model={"alias": alias, "threads": 1})
+    assert run_cli(home, "up", "a", "b").returncode == 0
+    r = httpx.post(
+        f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}
+    )
+    assert r.status_code == 400 and "several are served" in r.text
+    assert r.json()["error"]["available"] == ["first", "second"]
+    assert httpx.post(f"{url}/tokenize", json={"content": "x"}).status_code == 400
+    assert (
+        httpx.post(f"{url}/tokenize", json={"content": "x", "model": "second"}).status_code == 200
+    )
+
+
 def load(url: str, total: int, concurrency: int, during=None) -> tuple[int, list[str]]:
     """Chat requests at `concurrency`: at least `total`, and for as long as
     `during` (run in another thread once a fifth of them are done) lasts.

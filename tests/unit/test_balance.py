@@ -6,6 +6,7 @@ from llama_orchestrator.router.balance import (
     Replica,
     candidates,
     least_busy,
+    lightest,
     matches,
     model_names,
     offers,
@@ -67,3 +68,24 @@ def test_offers_checks_one_instance_carries_all_of_the_tags():
     assert offers(known, "tags:gpu") and offers(known, "tags:worker,gpu") and offers(known, "a")
     assert not offers(known, "tags:gpu,cpu")  # each is offered, but by different instances
     assert not offers(known, "tags:") and not offers(known, "ghost")
+
+
+def test_a_request_that_takes_no_slot_goes_to_the_least_loaded_even_when_full():
+    assert lightest([A, B], {"a": 2, "b": 4}) == A  # both full: still answered (2/2 = 4/4, by name)
+    assert lightest([A, B], {"a": 2, "b": 3}) == B  # 3/4 < 2/2
+    assert lightest([], {}) is None
+
+
+def test_an_instances_cors_and_hop_by_hop_headers_are_not_passed_on():
+    from llama_orchestrator.router.proxy import pass_on
+
+    raw, streamed = pass_on(
+        [
+            (b"Access-Control-Allow-Origin", b""),
+            (b"access-control-allow-headers", b"*"),
+            (b"Connection", b"keep-alive"),
+            (b"Content-Type", b"text/event-stream"),
+            (b"Server", b"llama.cpp"),
+        ]
+    )
+    assert raw == b"Content-Type: text/event-stream\r\nServer: llama.cpp\r\n" and streamed

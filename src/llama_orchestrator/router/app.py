@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Callable
 
 from llama_orchestrator.router.front import Reply, Request, Stream
-from llama_orchestrator.router.proxy import Router, openai_error
+from llama_orchestrator.router.proxy import LIGHT, Router, openai_error
 
 __all__ = ["RouterSite", "is_loopback", "host_of", "PROXIED"]
 
@@ -66,24 +66,23 @@ class RouterSite:
         return openai_error(413, f"Request bodies are limited to {self.limit} bytes.", "too_large")
 
     async def handle(self, request: Request) -> Reply | Stream:
-        if request.method == "POST" and request.path in PROXIED:
+        path = request.path
+        if request.method == "POST" and path in PROXIED:
             return await self.router.handle(request)
-        if request.method in ("GET", "HEAD") and request.path in _GET:
-            return self._get(request.path)
-        if request.path in PROXIED or request.path in _GET:
-            allowed = "POST" if request.path in PROXIED else "GET"
-            reply = openai_error(405, f"{request.path} takes {allowed}.", "method_not_allowed")
+        if request.method == LIGHT.get(path):
+            return await self.router.handle_light(request)
+        if request.method in ("GET", "HEAD") and path in _GET:
+            return await self._get(path)
+        if path in PROXIED or path in _GET or path in LIGHT:
+            allowed = "POST" if path in PROXIED else LIGHT.get(path, "GET")
+            reply = openai_error(405, f"{path} takes {allowed}.", "method_not_allowed")
             reply.headers.append(("allow", allowed))
             return reply
         return openai_error(404, f"There is no route {request.path}.", "not_found")
 
-    def _get(self, path: str) -> Reply:
+    async def _get(self, path: str) -> Reply:
         if path == "/v1/models":
-            data = [
-                {"id": m, "object": "model", "created": 0, "owned_by": "llama-orch"}
-                for m in self.router.models()
-            ]
-            return _json({"object": "list", "data": data})
+            return _json({"object": "list", "data": await self.router.model_list()})
         if path == "/health":
             return _json({"status": "ok", "healthy_instances": len(self.router.replicas())})
         body, content_type = self.render_metrics()

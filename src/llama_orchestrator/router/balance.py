@@ -22,6 +22,7 @@ __all__ = [
     "matches",
     "candidates",
     "least_busy",
+    "lightest",
     "free_slots",
     "model_names",
 ]
@@ -97,6 +98,16 @@ def least_busy(
             in_flight.get(r.name, 0),
             r.name,
         ),
+    )
+
+
+def lightest(cands: Iterable[Replica], in_flight: Mapping[str, int]) -> Replica | None:
+    """The least loaded candidate, full or not: for a request that takes no
+    slot (/tokenize, /props ...), which llama-server answers at once."""
+    return min(
+        cands,
+        key=lambda r: (in_flight.get(r.name, 0) / max(1, r.slots), r.name),
+        default=None,
     )
 
 

@@ -40,6 +40,13 @@ class Request:
     #: lower-case names; a repeated header keeps its last value
     headers: dict[str, str]
     body: bytes = b""
+    #: what followed `?` in the request target ("" when nothing did)
+    query: str = ""
+
+    @property
+    def target(self) -> str:
+        """The path and query, as a request line names them."""
+        return f"{self.path}?{self.query}" if self.query else self.path
 
 
 @dataclass(slots=True)
@@ -176,10 +183,12 @@ class _Connection(asyncio.Protocol):
         self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        path, _, query = self._url.partition(b"?")
         self._current = request = Request(
             self.parser.get_method().decode("latin-1"),
-            self._url.split(b"?", 1)[0].decode("latin-1"),
+            path.decode("latin-1"),
             {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self._raw_headers},
+            query=query.decode("latin-1"),
         )
         refusal = self.site.check(request)
         if refusal is not None:

@@ -12,6 +12,7 @@ replayed into every replica. Nothing is retried once the answer began.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from llama_orchestrator.router.balance import (
     TAG_PREFIX,
     Replica,
     candidates,
+    lightest,
     model_names,
     offers,
     tag_model,
@@ -39,6 +41,7 @@ __all__ = [
     "openai_error",
     "may_retry",
     "pass_on",
+    "LIGHT",
     "MAX_REPLAYS",
 ]
 
@@ -48,6 +51,14 @@ MAX_REPLAYS = 1
 #: not passed on: they describe our connection to the instance (the length
 #: and framing of the client's answer are the front's)
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length"}
+#: nor is an instance's CORS policy (llama-server sends an empty
+#: Access-Control-Allow-Origin): the router sends no CORS headers (DESIGN §6)
+_CORS = b"access-control-"
+#: llama-server's routes that compute nothing a slot holds: sent to an
+#: instance of the model named without waiting for a slot (method each takes)
+LIGHT = {"/tokenize": "POST", "/detokenize": "POST", "/props": "GET", "/slots": "GET"}
+#: how long /v1/models waits for an instance's own /v1/models (its `meta`)
+MODEL_INFO_TIMEOUT = 2.0
 _JSON = ("content-type", "application/json")
 
 
@@ -64,7 +75,7 @@ def pass_on(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
     streamed = False
     for name, value in headers:
         lower = name.lower()
-        if lower in _HOP_BY_HOP:
+        if lower in _HOP_BY_HOP or lower.startswith(_CORS):
             continue
         if lower == b"content-type" and b"event-stream" in value:
             streamed = True
@@ -145,8 +156,13 @@ class Router:
     #: in-flight counts and queues (shared with on-demand); made here when not given
     slots: Slots | None = None
     upstream: Upstream = field(default_factory=Upstream)
+    #: when it started: the `created` of a model no instance has told us about
+    started: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
+        #: (instance, port) -> its /v1/models entry (with llama-server's `meta`),
+        #: asked once while it stays healthy
+        self._model_info: dict[tuple[str, int], dict[str, Any]] = {}
         if self.slots is None:
             self.slots = Slots(self.settings, lambda: self.healthy().values())
         self._slots: Slots = self.slots
@@ -224,7 +240,7 @@ class Router:
                     r.host,
                     r.port,
                     request.method,
-                    request.path,
+                    request.target,
                     _headers_for(r, content_type),
                     request.body,
                 )
@@ -349,20 +365,132 @@ class Router:
             return openai_error(
                 400, "The request body must be a JSON object.", "invalid_request_error"
             )
-        model = data.get("model")
+        model = self._resolve(data.get("model"))
+        if isinstance(model, Reply):
+            return model
+        return await self.forward(request, model)
+
+    def _resolve(self, model: Any) -> str | Reply:
+        """The model a request names, as the router queues it; with none named,
+        the only one there is (as llama-server itself answers); else a 400/404
+        that lists what there is."""
         known = self.known()
-        if model is None and request.path == "/completion":
-            aliases = sorted(m for m in known if not m.startswith("tags:"))
-            model = aliases[0] if len(aliases) == 1 else None
+        aliases = sorted(m for m in known if not m.startswith(TAG_PREFIX))
+        if model is None and len(aliases) == 1:
+            model = aliases[0]
         if isinstance(model, str) and model.startswith(TAG_PREFIX):
             model = tag_model(tag_set(model))  # one queue per set of tags, in any order
         if not isinstance(model, str) or not offers(known, model):
-            available = sorted(m for m in known if not m.startswith("tags:"))
-            what = f"The model '{model}' does not exist" if model else "Name a model"
+            if model:
+                what = f"The model '{model}' does not exist"
+            else:
+                what = "Name a model (several are served)" if aliases else "Name a model"
             return openai_error(
                 404 if model else 400,
-                f"{what}; available: {', '.join(available) or 'none'}.",
+                f"{what}; available: {', '.join(aliases) or 'none'}.",
                 "model_not_found" if model else "invalid_request_error",
-                available=available,
+                available=aliases,
             )
-        return await self.forward(request, model)
+        return model
+
+    async def handle_light(self, request: Request) -> Reply | Stream:
+        """/tokenize, /detokenize, /props, /slots: to an instance of the model
+        named (`?model=`, or the body's `model`), or of the only one served,
+        without waiting for a slot: llama-server answers them at once."""
+        model = self._resolve(_named_model(request))
+        if isinstance(model, Reply):
+            return model
+        r = lightest(candidates(model, self.replicas()), self.in_flight)
+        if r is None:  # none healthy: queued like any request (an on-demand start)
+            return await self.forward(request, model)
+        content_type = request.headers.get("content-type", "application/json")
+        try:
+            answer = await self.upstream.open(
+                r.host,
+                r.port,
+                request.method,
+                request.target,
+                _headers_for(r, content_type),
+                request.body,
+            )
+            try:
+                body = await answer.body()
+            finally:
+                self.upstream.finish(answer)
+        except UpstreamError as exc:
+            return openai_error(
+                502, f"The instance '{r.name}' failed while answering ({exc}).", "upstream_error"
+            )
+        return Reply(answer.status, body, raw_headers=pass_on(answer.headers)[0])
+
+    async def model_list(self) -> list[dict[str, Any]]:
+        """/v1/models: every model listed, with what its instance's own
+        /v1/models says of it (`meta`: parameters, context, size; `created`)."""
+        replicas = self.replicas()
+        live = {(r.name, r.port) for r in replicas}
+        for key in [k for k in self._model_info if k not in live]:
+            del self._model_info[key]  # gone, or restarted elsewhere: ask anew
+        todo = [r for r in replicas if (r.name, r.port) not in self._model_info]
+        for r, info in zip(
+            todo, await asyncio.gather(*(self._ask_model_info(r) for r in todo)), strict=True
+        ):
+            if info is not None:
+                self._model_info[(r.name, r.port)] = info
+        entries = []
+        for alias in self.models():
+            info = next(
+                (
+                    self._model_info[(r.name, r.port)]
+                    for r in replicas
+                    if r.alias == alias and (r.name, r.port) in self._model_info
+                ),
+                {},
+            )
+            created = info.get("created")
+            entry: dict[str, Any] = {
+                "id": alias,
+                "object": "model",
+                "created": created
+                if isinstance(created, int) and created > 0
+                else int(self.started),
+                "owned_by": "llama-orch",
+            }
+            if isinstance(info.get("meta"), dict):
+                entry["meta"] = info["meta"]
+            entries.append(entry)
+        return entries
+
+    async def _ask_model_info(self, r: Replica) -> dict[str, Any] | None:
+        """The first entry of `r`'s own /v1/models; None if it does not say in time."""
+
+        async def ask() -> bytes:
+            answer = await self.upstream.open(
+                r.host, r.port, "GET", "/v1/models", _headers_for(r, "application/json"), b""
+            )
+            try:
+                return await answer.body()
+            finally:
+                self.upstream.finish(answer)
+
+        try:
+            raw = await asyncio.wait_for(ask(), MODEL_INFO_TIMEOUT)
+            data = json.loads(raw)["data"][0]
+        except (UpstreamError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+
+def _named_model(request: Request) -> Any:
+    """The model a light request names: `?model=`, else its JSON body's `model`."""
+    from urllib.parse import parse_qs
+
+    if named := parse_qs(request.query).get("model"):
+        return named[-1]
+    if request.body:
+        try:
+            data = json.loads(request.body)
+        except ValueError:
+            return None
+        if isinstance(data, dict):
+            return data.get("model")
+    return None
