@@ -279,3 +279,14 @@ def _footer(app) -> str:
         for b in app.screen.active_bindings.values()
         if b.binding.show and b.enabled
     )
+
+
+def test_the_header_names_the_daemon_and_its_router_or_why_there_is_none():
+    from llama_orchestrator.daemon.info import DaemonInfo
+    from llama_orchestrator.tui.data import header
+
+    info = DaemonInfo(7, 0.0, 0.0, "unix", router_url="http://127.0.0.1:8080")
+    assert header(info) == "daemon pid 7 supervises the instances; router http://127.0.0.1:8080/v1"
+    info.router_url, info.router_error = None, "port 8080 is in use"
+    assert header(info).endswith("; no router: port 8080 is in use")
+    assert "`llama-orch up` starts one" in header(None)
