@@ -287,6 +287,6 @@ def test_the_header_names_the_daemon_and_its_router_or_why_there_is_none():
 
     info = DaemonInfo(7, 0.0, 0.0, "unix", router_url="http://127.0.0.1:8080")
     assert header(info) == "daemon pid 7 supervises the instances; router http://127.0.0.1:8080/v1"
-    info.router_url, info.router_error = None, "port 8080 is in use"
+    info = DaemonInfo(7, 0.0, 0.0, "unix", router_error="port 8080 is in use")
     assert header(info).endswith("; no router: port 8080 is in use")
     assert "`llama-orch up` starts one" in header(None)

@@ -222,7 +222,6 @@ class Router:
         tried: set[str] = set()
         replays = 0
         last_error = ""
-        content_type = request.headers.get("content-type", "application/json")
         while True:
             try:
                 r = await self.acquire(model, frozenset(tried))
@@ -236,14 +235,7 @@ class Router:
                 self.metrics.request(model, "", refusal.status, 0.0)
                 return _refused(refusal)
             try:
-                answer = await self.upstream.open(
-                    r.host,
-                    r.port,
-                    request.method,
-                    request.target,
-                    _headers_for(r, content_type),
-                    request.body,
-                )
+                answer = await self._send(r, request)
             except UpstreamError as exc:
                 self.release(r)
                 if not may_retry(exc, replays):
@@ -264,6 +256,18 @@ class Router:
                 self.metrics.retry(model)
                 continue
             return await self._answer(answer, r, model, start)
+
+    async def _send(self, r: Replica, request: Request) -> Exchange:
+        """The client's request, as it came, to `r` (with `r`'s own key)."""
+        content_type = request.headers.get("content-type", "application/json")
+        return await self.upstream.open(
+            r.host,
+            r.port,
+            request.method,
+            request.target,
+            _headers_for(r, content_type),
+            request.body,
+        )
 
     async def _answer(
         self, answer: Exchange, r: Replica, model: str, start: float
@@ -403,16 +407,8 @@ class Router:
         r = lightest(candidates(model, self.replicas()), self.in_flight)
         if r is None:  # none healthy: queued like any request (an on-demand start)
             return await self.forward(request, model)
-        content_type = request.headers.get("content-type", "application/json")
         try:
-            answer = await self.upstream.open(
-                r.host,
-                r.port,
-                request.method,
-                request.target,
-                _headers_for(r, content_type),
-                request.body,
-            )
+            answer = await self._send(r, request)
             try:
                 body = await answer.body()
             finally:

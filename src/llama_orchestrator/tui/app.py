@@ -9,7 +9,7 @@ functions the CLI uses.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any, ClassVar
 
@@ -529,25 +529,31 @@ class DashboardApp(App[None]):
         self._confirm_then("restart", "Restart")
 
     def _confirm_then(self, verb: str, question: str) -> None:
-        name = self._target()
-        if name is None:
-            return
+        if name := self._target():
+            self._ask(f"{question} [b]{name}[/b]?", lambda: self._run(verb, name))
 
+    def _ask(self, question: str, then: Callable[[], object]) -> None:
         def answered(yes: bool | None) -> None:
             if yes:
-                self._run(verb, name)
+                then()
 
-        self.push_screen(ConfirmScreen(f"{question} [b]{name}[/b]?"), answered)
+        self.push_screen(ConfirmScreen(question), answered)
 
     @work(thread=True, group="actions")
-    def _run(self, verb: str, name: str) -> None:
-        self.call_from_thread(self.notify, f"{verb} {name}…")
+    def _run(self, verb: str, subject: str, label: str | None = None) -> None:
+        """source.<verb>(subject) in a worker; what it says, or its error, is
+        notified (the core's one-sentence messages, shown as they are)."""
+        label = label or f"{verb} {subject}"
+        self.call_from_thread(self.notify, f"{label}…")
         try:
-            getattr(self.source, verb)(name)
-        except Exception as exc:  # the core's one-sentence errors, shown as they are
+            said = getattr(self.source, verb)(subject)
+        except Exception as exc:
             self.call_from_thread(
-                self.notify, str(exc), title=f"{verb} {name} failed", severity="error", timeout=10
+                self.notify, str(exc), title=f"{label} failed", severity="error", timeout=10
             )
+        else:
+            if isinstance(said, str):
+                self.call_from_thread(self.notify, said)
         self.call_from_thread(self.refresh_data)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -565,34 +571,20 @@ class DashboardApp(App[None]):
         self.push_screen(TaskOutputScreen(self.source, self.plan_run, task))
 
     def action_cancel_plan(self) -> None:
-        self._confirm_plan("cancel_plan", "Cancel plan run")
+        self._confirm_plan("cancel_plan", "Cancel plan run", "cancel")
 
     def action_retry_plan(self) -> None:
-        self._confirm_plan("retry_plan", "Retry the failed tasks of plan run")
+        self._confirm_plan("retry_plan", "Retry the failed tasks of plan run", "retry")
 
-    def _confirm_plan(self, verb: str, question: str) -> None:
+    def _confirm_plan(self, verb: str, question: str, label: str) -> None:
         run_id = self.plan_run
         if run_id is None:
             self.notify("No plan run selected.", severity="warning")
             return
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self._run_plan(verb, run_id)
-
-        self.push_screen(ConfirmScreen(f"{question} [b]{run_id}[/b]?"), answered)
-
-    @work(thread=True, group="actions")
-    def _run_plan(self, verb: str, run_id: str) -> None:
-        try:
-            said = getattr(self.source, verb)(run_id)
-        except Exception as exc:  # the core's one-sentence errors, shown as they are
-            self.call_from_thread(
-                self.notify, str(exc), title=f"plan {run_id}", severity="error", timeout=10
-            )
-        else:
-            self.call_from_thread(self.notify, said)
-        self.call_from_thread(self.refresh_data)
+        self._ask(
+            f"{question} [b]{run_id}[/b]?",
+            lambda: self._run(verb, run_id, f"plan {label} {run_id}"),
+        )
 
     def action_logs(self) -> None:
         if name := self._target():
