@@ -89,3 +89,34 @@ def test_the_engine_refuses_what_needs_the_daemon_with_the_fix(tmp_path):
         with pytest.raises(UserError, match="daemon") as info:
             call()
         assert info.value.hint and "llama-orch daemon start" in info.value.hint
+
+
+def test_router_connections_are_capped_by_the_open_files_limit_keeping_a_reserve():
+    from llama_orchestrator.config import RouterSettings
+    from llama_orchestrator.daemon.main import FD_RESERVE, router_limits
+
+    s = RouterSettings(max_connections=1000, header_timeout=5, send_timeout=7)
+    lim = router_limits(s, 1 << 20)
+    assert (lim.max_connections, lim.header_timeout, lim.send_timeout) == (1000, 5, 7)
+    # 1,024 descriptors: a client and its instance connection each, the reserve kept
+    assert router_limits(s, 1024).max_connections == (1024 - FD_RESERVE) // 2
+    assert router_limits(s, 10).max_connections == 1
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_one():
+    import os
+
+    from llama_orchestrator import platform
+
+    if os.name == "nt":
+        assert platform.raise_open_files_limit() > 0
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        got = platform.raise_open_files_limit()
+        assert got == resource.getrlimit(resource.RLIMIT_NOFILE)[0] > min(256, hard) or hard <= 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -184,7 +184,7 @@ async def test_refusals_on_the_head_bad_requests_and_a_failing_site():
         assert got.startswith(b"HTTP/1.1 401") and b"connection: close" in got
         assert (await raw(url, b"NOT HTTP AT ALL\r\n\r\n")).startswith(b"HTTP/1.1 400")
         huge = b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n"
-        assert (await raw(url, huge)).startswith(b"HTTP/1.1 400")
+        assert (await raw(url, huge)).startswith(b"HTTP/1.1 431")
         async with httpx.AsyncClient(base_url=url) as client:
             r = await client.get("/boom")
             assert r.status_code == 500 and "daemon's log" in r.text

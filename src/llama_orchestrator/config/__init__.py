@@ -264,6 +264,24 @@ class RouterSettings(_Section):
     max_queue: int = Field(64, ge=0)
     queue_timeout: float = Field(30, ge=0)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    header_timeout: float = Field(
+        60, gt=0, description="Seconds a request head may take to arrive whole (then 408)."
+    )
+    body_timeout: float = Field(
+        60, gt=0, description="Seconds a request body may pause between two parts (then 408)."
+    )
+    send_timeout: float = Field(
+        60, gt=0, description="Seconds a client may read none of its answer before it is dropped."
+    )
+    keepalive_timeout: float = Field(
+        75, gt=0, description="Seconds an idle client connection stays open between requests."
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Client connections at once (also capped by the open-files limit, keeping a "
+        "reserve for the control socket); at the cap the most stalled one is closed.",
+    )
 
 
 class LogSettings(_Section):

@@ -17,10 +17,10 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llama_orchestrator import __version__, platform
-from llama_orchestrator.config import load_settings
+from llama_orchestrator.config import RouterSettings, load_settings
 from llama_orchestrator.daemon.info import (
     DaemonInfo,
     lock_is_held,
@@ -32,6 +32,9 @@ from llama_orchestrator.engine import logs
 from llama_orchestrator.engine.process import ProcRef, create_time_of, is_alive
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.home import Home
+
+if TYPE_CHECKING:
+    from llama_orchestrator.router.front import Limits
 
 __all__ = ["run_foreground", "start_background", "stop", "Started", "DAEMON_ENV"]
 
@@ -290,7 +293,29 @@ def _router(
 
     site = RouterSite(router, render)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    return (lambda: serve(sock, site)), f"http://{host}:{settings.port}", None
+    limits = router_limits(settings, platform.raise_open_files_limit())
+    return (lambda: serve(sock, site, limits)), f"http://{host}:{settings.port}", None
+
+
+#: descriptors kept for the control socket, logs, the database and the daemon's
+#: own requests, whatever the router's clients take
+FD_RESERVE = 128
+
+
+def router_limits(settings: RouterSettings, open_files: int) -> Limits:
+    """The router's limits: its settings, with client connections capped so
+    that each (and its connection to an instance) fits in the open-files
+    limit and the reserve stays free (pure)."""
+    from llama_orchestrator.router.front import Limits
+
+    fit = max(1, (open_files - FD_RESERVE) // 2)
+    return Limits(
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        send_timeout=settings.send_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+        max_connections=min(settings.max_connections, fit),
+    )
 
 
 def _on_signal(name: str, request_exit: Any, stop_instances: bool) -> None:

@@ -76,6 +76,29 @@ def force_kill_group(pid: int) -> None:
     _signal(pid, signal.SIGKILL)
 
 
+#: macOS refuses a soft limit above OPEN_MAX, whatever the hard one says
+_OPEN_MAX = 10240
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (as nginx's
+    worker_rlimit_nofile does); the soft limit now."""
+    import resource
+    import sys
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if sys.platform == "darwin":
+        want = min(want, _OPEN_MAX)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass  # kept as it was: the caps below are taken from it
+    return int(soft)
+
+
 def port_is_free(host: str, port: int) -> bool:
     """True when a listener could bind host:port now."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

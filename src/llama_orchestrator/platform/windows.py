@@ -100,6 +100,12 @@ def force_kill_group(pid: int) -> None:
             p.kill()  # TerminateProcess
 
 
+def raise_open_files_limit() -> int:
+    """Windows has no descriptor rlimit; the C runtime's stdio limit does not
+    apply to sockets, which the router uses. A generous figure to cap by."""
+    return 16384
+
+
 def port_is_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:

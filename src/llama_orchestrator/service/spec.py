@@ -130,6 +130,8 @@ Environment=PYTHONUNBUFFERED=1
 ExecStart={exec_start}
 Restart=on-failure
 RestartSec=2
+# the router's client connections (router.max_connections) are capped by it
+LimitNOFILE=65536
 # A stop sends SIGTERM to the daemon alone, which stops the instances
 # gracefully and then exits; a crash of the daemon leaves the instances
 # running, and the restarted daemon adopts them.
