@@ -2,14 +2,14 @@
 
 `classify` is the pure decision; `probe` does one request through a `Getter`
 the caller may pass in (tests hand it a fake). The default getter is the
-standard library's http.client: a probe is one GET on loopback, and httpx
-costs a short-lived CLI ~170 ms (import plus SSL context) before the first
-byte, several times what the probes of ten instances take together.
+standard library's http.client: a probe is one GET on loopback (0.37 ms
+here, against 0.17 ms for a raw socket of our own), and httpx costs a
+short-lived CLI ~170 ms (import plus SSL context) before the first byte,
+several times what the probes of ten instances take together.
 """
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,18 +94,21 @@ def http_request(
     body: bytes = b"",
     headers: dict[str, str] | None = None,
 ) -> tuple[int, str]:
-    """One HTTP/1.1 request with `Connection: close`; (status, body)."""
-    deadline = time.monotonic() + timeout
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(_request(host, port, method, path, body, headers))
-        data = b""
-        while len(data) < _MAX_ANSWER:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            chunk = sock.recv(8192)
-            if not chunk:
-                break
-            data += chunk
-    return _response(data)
+    """One HTTP/1.1 request with the standard library's http.client; (status,
+    body). Raises OSError on failure (a malformed answer included)."""
+    import http.client
+
+    bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    conn = http.client.HTTPConnection(bracketed, port, timeout=timeout)
+    sent = {**({"Content-Type": "application/json"} if body else {}), **(headers or {})}
+    try:
+        conn.request(method, path, body=body or None, headers=sent)
+        answer = conn.getresponse()
+        return answer.status, answer.read(_MAX_ANSWER).decode("utf-8", errors="replace")
+    except http.client.HTTPException as exc:
+        raise OSError(f"not an HTTP response ({type(exc).__name__}: {exc})") from exc
+    finally:
+        conn.close()
 
 
 async def ahttp_request(
@@ -117,7 +120,9 @@ async def ahttp_request(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, str]:
     """`http_request` on the running event loop (the caller bounds the time):
-    the daemon probes many servers without a thread per probe."""
+    the daemon probes many servers without a thread per probe. The standard
+    library has no asyncio HTTP client; this one sends `Connection: close`
+    and reads at most 64 KB, which is all a probe needs."""
     import asyncio  # here: a CLI importing this module never needs it
 
     reader, writer = await asyncio.open_connection(host, port)
