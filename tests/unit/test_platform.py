@@ -1,6 +1,7 @@
 """The platform seam: POSIX for real, Windows' decisions with Popen recorded."""
 
 import socket
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,32 @@ def test_posix_control_socket_is_private_and_works_with_long_paths(tmp_path, lon
         assert os.path.exists(path)
     finally:
         server.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="signals are POSIX")
+@pytest.mark.parametrize("ignores_term", [False, True])
+def test_a_stopped_child_records_the_signal_that_ended_it_not_0(tmp_path, ignores_term):
+    """Issue 24.6: psutil reaped the child in stop_tree, and its Popen then said 0."""
+    import signal
+
+    from llama_orchestrator.engine.process import (
+        ProcRef,
+        create_time_of,
+        exit_code,
+        stop_tree,
+        track_child,
+    )
+
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    with open(tmp_path / "out", "ab") as out:
+        argv = [sys.executable, "-c", code if ignores_term else "import time; time.sleep(60)"]
+        proc = posix.spawn(argv, {}, tmp_path, out, out)
+    track_child(proc)
+    try:
+        time.sleep(0.3)  # past the interpreter's start: the handler is in place
+        graceful = stop_tree(ProcRef(proc.pid, create_time_of(proc.pid)), timeout=1.0)
+        assert graceful is not ignores_term
+        expected = signal.SIGKILL if ignores_term else signal.SIGTERM
+        assert exit_code(proc.pid) == -expected
+    finally:
+        posix.force_kill_group(proc.pid)

@@ -136,7 +136,13 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
     deadline = time.monotonic() + timeout
     alive = procs
     while alive:
-        _, alive = psutil.wait_procs(alive, timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+        gone, alive = psutil.wait_procs(
+            alive, timeout=max(0.0, min(0.1, deadline - time.monotonic()))
+        )
+        for p in gone:  # psutil reaped it: its Popen would now say 0, so keep the real code
+            if p.pid in _children and p.returncode is not None:
+                _exit_codes[p.pid] = p.returncode
+                del _children[p.pid]
         alive = [p for p in alive if _still_running(p)]
         if time.monotonic() >= deadline:
             break
