@@ -1,9 +1,9 @@
 """The platform seam: POSIX for real, Windows' decisions with Popen recorded."""
 
 import socket
-import time
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
