@@ -9,6 +9,7 @@ lives in `PRAGMA user_version`; MIGRATIONS[i] upgrades version i to i+1.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from typing import Any
 from llama_orchestrator.errors import StateError
 from llama_orchestrator.states import Desired, InstanceState, is_allowed
 
-__all__ = ["Store", "InstanceRow", "Event", "SCHEMA_VERSION"]
+__all__ = ["Store", "InstanceRow", "Event", "SCHEMA_VERSION", "reset_state"]
 
 MIGRATIONS: list[str] = [
     # 0 -> 1: the first release
@@ -192,6 +193,9 @@ class Store:
     def open(cls, path: Path, clock: Callable[[], float] = time.time) -> Store:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file() and path.stat().st_size == 0 and not _new(path):
+                # SQLite would take it for a new database: a history lost in silence
+                raise damaged(path, "the file is empty (0 bytes): its history is gone")
             conn = sqlite3.connect(path, timeout=15, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA busy_timeout = 15000")
@@ -395,18 +399,69 @@ def _enable_wal(conn: sqlite3.Connection, timeout: float = 15.0) -> None:
             time.sleep(0.01)
 
 
+#: SQLite's own result codes (sqlite3.Error.sqlite_errorcode on Python 3.11+)
+_FULL, _CORRUPT, _NOTADB, _BUSY, _LOCKED = 13, 11, 26, 5, 6
+
+
 def _state_error(path: Path, exc: BaseException) -> StateError:
+    """Which fault it is, in words, and its fix: a damaged file is not a full disk."""
     detail = str(exc) or type(exc).__name__
+    code = getattr(exc, "sqlite_errorcode", None)
+    code = code & 0xFF if isinstance(code, int) else None  # extended codes share the low byte
+    text = detail.lower()
     if path.is_dir():
         why = "it is a directory, not a database file"
         fix = f"Move {path} aside and run the command again."
-    elif "disk" in detail.lower() or "full" in detail.lower():
-        why = "the disk is full"
-        fix = "Free some space and run the command again."
-    elif "locked" in detail.lower() or "busy" in detail.lower():
+    elif code in (_CORRUPT, _NOTADB) or "malformed" in text or "not a database" in text:
+        return damaged(path, detail)
+    elif code == _FULL or "disk is full" in text or isinstance(exc, OSError) and exc.errno == 28:
+        free = _free_space(path.parent)
+        why = f"the disk is full{f' ({free} free)' if free else ''}"
+        fix = f"Free some space on the disk of {path.parent} and run the command again."
+    elif code in (_BUSY, _LOCKED) or "locked" in text or "busy" in text:
         why = "another llama-orch process held it for too long"
         fix = "Run the command again."
     else:
         why = detail
         fix = f"Check that {path.parent} exists and is writable."
     return StateError(f"The state database {path} cannot be used: {why}.", hint=fix)
+
+
+def damaged(path: Path, what: str) -> StateError:
+    return StateError(
+        f"The state database {path} is damaged ({what}); nothing was changed.",
+        hint="`llama-orch daemon start --reset-state` keeps it aside "
+        f"({path.name}.corrupt-<time>) and starts a fresh one, which does not know the "
+        "llama-server processes started before it.",
+    )
+
+
+def _free_space(folder: Path) -> str | None:
+    import shutil
+
+    from llama_orchestrator.units import human_bytes
+
+    try:
+        return human_bytes(shutil.disk_usage(folder).free)
+    except OSError:
+        return None
+
+
+def reset_state(path: Path, now: float) -> Path | None:
+    """Move the database (and its -wal, -shm) aside as `<name>.corrupt-<time>`,
+    so the next open starts a fresh one; where it went, or None if there was none."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    kept = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        src = path.with_name(path.name + suffix)
+        if src.exists():
+            os.replace(src, kept.with_name(kept.name + suffix))
+    return kept
+
+
+def _new(path: Path) -> bool:
+    """An empty file that a process is creating right now (opened, not yet
+    written: the first open writes within milliseconds) is not a lost history."""
+    return time.time() - path.stat().st_mtime < 5.0

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -255,3 +256,40 @@ def test_ps_names_the_per_user_home_it_falls_back_to(tmp_path):
     assert r.returncode == 0, r.stderr
     per_user = tmp_path / "xdg-data" / "llama-orch"  # XDG_DATA_HOME of the test
     assert f"(home: {per_user}, the per-user one" in r.stderr
+
+
+def test_a_damaged_or_emptied_state_database_is_named_and_kept_aside_on_reset(home, tiny_model):
+    """Issue 24.5: a corrupted page is not 'the disk is full', and a 0-byte
+    database does not silently start a fresh history."""
+    from llama_orchestrator.store import Store
+
+    write_config(home, "a", tiny_model)
+    store = Store.open(home.db_path)
+    for i in range(400):  # a few pages of history
+        store.add_event("a", "note", f"event {i} " + "x" * 200)
+    store.close()
+    data = home.db_path.read_bytes()
+    page = 4096
+    home.db_path.write_bytes(data[:page] + bytes(range(256)) * ((len(data) - page) // 256 + 1))
+    for args in (("ps",), ("events", "a")):
+        r = run_cli(home, *args)
+        assert r.returncode == 1 and "is damaged (database disk image is malformed)" in r.stderr
+        assert "disk is full" not in r.stderr and "--reset-state" in r.stderr
+    r = run_cli(home, "daemon", "start", "--reset-state")
+    assert r.returncode == 0, r.stderr
+    kept = list(home.state_dir.glob("state.sqlite.corrupt-*"))
+    assert len(kept) == 1 and kept[0].read_bytes()[:page] == data[:page]
+    assert "Kept the old state database as" in r.stdout
+    assert run_cli(home, "ps").returncode == 0
+    # while a daemon runs, it holds the database: no reset under it
+    r = run_cli(home, "daemon", "start", "--reset-state")
+    assert r.returncode == 1 and "holds its state database" in r.stderr
+    assert run_cli(home, "daemon", "stop").returncode == 0
+
+    home.db_path.write_bytes(b"")
+    for suffix in ("-wal", "-shm"):
+        home.db_path.with_name(home.db_path.name + suffix).unlink(missing_ok=True)
+    os.utime(home.db_path, (time.time() - 60, time.time() - 60))
+    r = run_cli(home, "ps")
+    assert r.returncode == 1 and "is empty (0 bytes): its history is gone" in r.stderr
+    assert home.db_path.stat().st_size == 0  # nothing was written over it

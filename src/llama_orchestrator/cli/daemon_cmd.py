@@ -29,11 +29,28 @@ def start(
         "--stop-instances",
         help="With --foreground: SIGTERM/Ctrl+C stops the instances first (as services do).",
     ),
+    reset_state: bool = typer.Option(
+        False,
+        "--reset-state",
+        help="Keep the state database aside (state.sqlite.corrupt-<time>) and start a fresh one.",
+    ),
 ) -> None:
     """Start the daemon of this home (one per home)."""
-    from llama_orchestrator.daemon.main import AlreadyRunning, run_foreground, start_background
+    from llama_orchestrator.daemon.main import (
+        AlreadyRunning,
+        reset_state_aside,
+        run_foreground,
+        start_background,
+    )
 
     home = app_context(ctx).home
+    if reset_state:
+        kept = reset_state_aside(home)
+        say(
+            f"Kept the old state database as {kept}; starting with a fresh one."
+            if kept
+            else "There was no state database; starting with a fresh one."
+        )
     if foreground:
         try:
             run_foreground(home, stop_instances)

@@ -17,6 +17,7 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama_orchestrator import __version__, platform
@@ -316,6 +317,20 @@ def router_limits(settings: RouterSettings, open_files: int) -> Limits:
         keepalive_timeout=settings.keepalive_timeout,
         max_connections=min(settings.max_connections, fit),
     )
+
+
+def reset_state_aside(home: Home) -> Path | None:
+    """`daemon start --reset-state`: the database moved aside, refused while a
+    daemon runs (it holds the database open)."""
+    from llama_orchestrator.store import reset_state
+
+    info = running(home)
+    if info is not None:
+        raise OrchError(
+            f"The daemon of {home.root} runs (pid {info.pid}) and holds its state database.",
+            hint="Stop it first (`llama-orch daemon stop`), then start it with --reset-state.",
+        )
+    return reset_state(home.db_path, time.time())
 
 
 def _on_signal(name: str, request_exit: Any, stop_instances: bool) -> None:
