@@ -31,3 +31,14 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def private_dir(path: Path) -> Path:
+    """`path` made (with its parents) and readable by its owner alone: the
+    home's state, logs and plans hold prompts, outputs and events, which
+    other local users must not read. A folder already there is narrowed too.
+    (On Windows the mode is not used; a user's home folder is private there.)"""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_orchestrator.errors import StateError
+from llama_orchestrator.files import private_dir
 from llama_orchestrator.states import Desired, InstanceState, is_allowed
 
 __all__ = ["Store", "InstanceRow", "Event", "SCHEMA_VERSION", "reset_state"]
@@ -192,7 +193,7 @@ class Store:
     @classmethod
     def open(cls, path: Path, clock: Callable[[], float] = time.time) -> Store:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
             if path.is_file() and path.stat().st_size == 0 and not _new(path):
                 # SQLite would take it for a new database: a history lost in silence
                 raise damaged(path, "the file is empty (0 bytes): its history is gone")

@@ -371,3 +371,28 @@ def test_ps_shows_what_it_sees_but_writes_nothing(home, tiny_model, fake_bin):
     finally:
         store.close()
     assert run_cli(home, "down", "a").returncode == 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
+def test_state_logs_and_plans_are_private_to_their_owner(cli_home, tiny_model):
+    """Issue 24.7: prompts, outputs and events are not readable by other local users."""
+    import os
+    import stat
+
+    from llama_orchestrator.plans.records import RunFiles
+    from llama_orchestrator.plans.spec import parse_plan
+
+    home = cli_home
+    home.logs_dir.mkdir(mode=0o755)  # from an older version: narrowed too
+    os.chmod(home.logs_dir, 0o755)
+    write_config(home, "a", tiny_model)
+    old = os.umask(0o022)
+    try:
+        assert run_cli(home, "up", "a", "--no-daemon").returncode == 0
+        text = json.dumps({"tasks": [{"id": "t", "kind": "shell", "command": ["true"]}]})
+        plan = parse_plan(text, "plan.json", known_models=set())
+        RunFiles(home.plan_run_dir("r1")).create(plan, "{}")
+    finally:
+        os.umask(old)
+    for folder in (home.state_dir, home.logs_dir, home.root / "plans"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder

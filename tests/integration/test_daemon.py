@@ -318,7 +318,11 @@ def _raw(info, method: str, path: str, body: bytes | None = None, host: str = "l
     conn = _Connection(info, 10)
     try:
         conn.request(
-            method, path, body=body, headers={"Host": host, "Content-Type": "application/json"}
+            method,
+            path,
+            body=body,
+            headers={"Host": host, "Content-Type": "application/json"},
+            encode_chunked=body is not None and not isinstance(body, bytes),  # no length
         )
         resp = conn.getresponse()
         return resp.status, resp.read().decode()
@@ -337,11 +341,14 @@ def test_bad_requests_get_4xx_json_errors_and_the_daemon_keeps_running(home, tin
         ("POST", "/v1/up", b'{"names": "a"}', 400),  # wrong type
         ("POST", "/v1/up", b'{"names": ["a"], "bogus": 1}', 400),  # unknown field
         ("POST", "/v1/down", b"x" * (2 << 20), 413),  # oversized body
+        ("POST", "/v1/down", iter([b"x" * 65536] * 32), 413),  # oversized, chunked: no length
+        ("POST", "/v1/up", b"\xff\xfe{", 400),  # not even text
+        ("GET", "/v1/up", None, 404),  # a route that takes POST
         ("GET", "/v1/nothing", None, 404),
     ]
     for method, path, body, expected in cases:
         status, text = _raw(info, method, path, body)
-        assert status == expected, (path, body[:40] if body else None, text)
+        assert status == expected, (path, body[:40] if isinstance(body, bytes) else body, text)
         error = json.loads(text)["error"]
         assert error["message"] and error["exit_code"] == 2
     assert (

@@ -35,7 +35,8 @@ def router(tmp_path_factory, tiny_model):
     (root / "instances").mkdir()
     home = Home(root)
     port = free_port()
-    home.settings_path.write_text(json.dumps({"router": {"port": port, **LIMITS}}))
+    settings = {"port": port, "allowed_origins": ["http://localhost:5173"], **LIMITS}
+    home.settings_path.write_text(json.dumps({"router": settings}))
     write_config(home, "a", tiny_model, model={"alias": "tiny", "threads": 1})
     r = run_cli(home, "up", "a")
     assert r.returncode == 0, r.stderr
@@ -230,6 +231,21 @@ def test_an_http_1_0_client_gets_a_stream_ended_by_the_close_not_chunks(router):
     assert status(got) == 200 and b"transfer-encoding" not in head.lower()
     assert b"connection: close" in head.lower()
     assert rest.count(b"data: ") >= 3 and not re.match(rb"[0-9a-f]+\r\n", rest)
+
+
+def test_a_cross_site_post_from_a_web_page_is_refused_unless_its_origin_is_allowed(router):
+    """Issue 24.7: a "simple" text/plain POST needs no CORS answer to be served,
+    so without this any page a user opens could spend the GPUs."""
+    _, port = router
+    body = json.dumps({"model": "tiny", "prompt": "Hi", "max_tokens": 1})
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    plain = {"Content-Type": "text/plain"}
+    r = httpx.post(url, content=body, headers={**plain, "Origin": "https://evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden_origin"
+    assert "router.allowed_origins" in r.json()["error"]["message"]
+    r = httpx.post(url, content=body, headers={**plain, "Origin": "http://localhost:5173"})
+    assert r.status_code == 200, r.text
+    assert httpx.post(url, content=body, headers=plain).status_code == 200  # no browser
 
 
 def test_no_traceback_in_the_daemon_log(router):

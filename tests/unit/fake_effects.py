@@ -19,7 +19,7 @@ from llama_orchestrator.config.prepare import Prepared
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.runner import RunnerDeps, Start
 from llama_orchestrator.daemon.supervisor import Supervisor
-from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, ProbeResult
+from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, LOCAL, ProbeResult
 from llama_orchestrator.engine.lifecycle import UpResult, ended
 from llama_orchestrator.engine.process import ProcRef
 from llama_orchestrator.errors import UnknownInstance
@@ -34,7 +34,7 @@ from tests.helpers import overlay
 
 T0 = 1_000_000.0
 
-_HTTP = {HEALTHY: 200, LOADING: 503, DOWN: None, ERROR: 500}
+_HTTP = {HEALTHY: 200, LOADING: 503, DOWN: None, ERROR: 500, LOCAL: None}
 
 
 @dataclass
@@ -70,6 +70,9 @@ class FakeEffects:
         self.probes: list[tuple[float, str, bool]] = []  # (time, name, deep)
         self.stops: list[tuple[str, float]] = []  # (name, grace)
         self.spawn_fails: dict[str, Exception] = {}
+        #: faults of the daemon's own (EMFILE ...): raised once each, in order
+        self.stop_faults: list[Exception] = []
+        self.watch_faults: list[Exception] = []
         self.ignore_term: set[str] = set()
         self.forgotten: list[str] = []
         self.rotated: list[list[str]] = []
@@ -172,6 +175,8 @@ class FakeEffects:
     async def stop(self, ref: ProcRef, grace: float) -> bool:
         proc = self._find(ref)
         self.stops.append((proc.name if proc else "?", grace))
+        if self.stop_faults:
+            raise self.stop_faults.pop(0)
         if proc is None or not proc.alive:
             return True
         if proc.ignores_term:
@@ -190,6 +195,8 @@ class FakeEffects:
         return ProbeResult(answer, _HTTP[answer], 1.0, None if answer == HEALTHY else answer)
 
     async def watch_exit(self, ref: ProcRef) -> None:
+        if self.watch_faults:
+            raise self.watch_faults.pop(0)
         proc = self._find(ref)
         if proc is not None:
             await asyncio.shield(proc.gone)

@@ -123,3 +123,25 @@ def test_http_get_rejects_something_that_is_not_http():
     r = health.probe("127.0.0.1", srv.getsockname()[1], 2)
     srv.close()
     assert r.status == "error" and "not an HTTP response" in (r.error or "")
+
+
+def test_a_probe_we_cannot_make_is_local_and_no_step_counts_it():
+    import errno
+
+    from llama_orchestrator.config import HealthcheckSection
+    from llama_orchestrator.engine import health
+    from llama_orchestrator.engine.step import Watch, step
+    from llama_orchestrator.states import Desired
+    from llama_orchestrator.states import InstanceState as S
+
+    for code in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+        r = health._failed(OSError(code, "short"), 0.0, 1.0)
+        assert r.status == health.LOCAL and not r.ok
+    assert health._failed(OSError(errno.ECONNRESET, "reset"), 0.0, 1.0).status == health.ERROR
+    hc = HealthcheckSection(retries=1)
+    watch = Watch(since=0.0, failures=0)
+    local = health.ProbeResult(health.LOCAL, None, 1.0, "the probe could not be made here")
+    s = step(S.HEALTHY, Desired.RUNNING, 0.0, watch, local, hc, "on-failure", 100.0)
+    assert (s.state, s.watch, s.restart) == (S.HEALTHY, watch, False)
+    failed = health.ProbeResult(health.ERROR, 500, 1.0, "boom")
+    assert step(S.HEALTHY, Desired.RUNNING, 0.0, watch, failed, hc, "on-failure", 100.0).restart

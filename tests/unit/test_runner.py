@@ -10,7 +10,7 @@ import pytest
 
 from llama_orchestrator.daemon.runner import Adopt, Remove, Resume, Start, Stop
 from llama_orchestrator.daemon.supervisor import Supervisor
-from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING
+from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, LOCAL
 from llama_orchestrator.errors import StartFailed, UserError
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
@@ -320,3 +320,51 @@ async def test_the_daemon_start_adopts_resumes_and_starts_each_on_its_own(w):
     assert not w.fx.running("broken") and not w.fx.running("done")
     await w.fx.advance(5)  # housekeeping: the logs of what runs are rotated
     assert w.fx.rotated and w.fx.rotated[-1] == ["live", "pending", "wanted"]
+
+
+EMFILE = OSError(24, "Too many open files")
+
+
+async def test_probes_we_could_not_make_are_no_verdict_on_the_server(w):
+    """Issue 24.2: out of descriptors, the daemon's probes fail; the server is fine."""
+    w.fx.add("a")
+    w.fx.health["a"] = HEALTHY
+    await w.up("a")
+    await w.fx.advance(0.5)
+    w.fx.health["a"] = LOCAL
+    await w.fx.advance(10)  # ten checks, none made
+    assert w.row("a").state == S.HEALTHY and not w.fx.stops and "a" in w.board.replicas
+    w.fx.health["a"] = HEALTHY
+    await w.fx.advance(1.5)
+    assert w.row("a").state == S.HEALTHY and len(w.fx.procs) == 1
+
+
+async def test_a_stop_that_fails_is_recorded_and_supervision_goes_on(w):
+    """Issue 24.2: stop_tree raising (EMFILE) ended the checks for good."""
+    w.fx.add("a", restart_policy={"backoff_initial": 0.5})
+    w.fx.health["a"] = HEALTHY
+    await w.up("a")
+    await w.fx.advance(0.5)
+    w.fx.stop_faults.append(EMFILE)
+    w.fx.health["a"] = ERROR
+    await w.fx.advance(2.1)  # two failures: unhealthy, and the stop fails
+    assert w.fx.stops == [("a", 5)] and w.fx.proc("a").alive
+    assert "stop_failed" in w.kinds("a")
+    await w.fx.advance(2.1)  # checked again: still failing, so stopped again, for real
+    assert len(w.fx.stops) == 2 and not w.fx.procs[0].alive
+    w.fx.health["a"] = HEALTHY
+    await w.fx.advance(2)
+    assert len(w.fx.procs) == 2 and w.row("a").state == S.HEALTHY
+
+
+async def test_an_exit_watch_that_fails_is_made_anew_and_still_sees_the_kill(w):
+    w.fx.add("a", restart_policy={"backoff_initial": 0.5})
+    w.fx.health["a"] = HEALTHY
+    w.fx.watch_faults.append(EMFILE)
+    await w.up("a")
+    await w.fx.advance(1.5)  # the watch failed, and runs again after a second
+    w.fx.proc("a").end(signal=9)
+    await w.fx.settle()
+    assert "exited" in w.kinds("a")
+    await w.fx.advance(1)
+    assert len(w.fx.procs) == 2

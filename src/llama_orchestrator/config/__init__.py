@@ -276,6 +276,12 @@ class RouterSettings(_Section):
     keepalive_timeout: float = Field(
         75, gt=0, description="Seconds an idle client connection stays open between requests."
     )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Web pages (origins such as http://localhost:5173) whose requests are "
+        "served; a request a browser sends from any other page is refused (a page could "
+        "spend your GPUs), unless it carries an API key.",
+    )
     max_connections: int = Field(
         1024,
         ge=1,

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama_orchestrator import __version__
 from llama_orchestrator.daemon.client import HOST
@@ -89,9 +90,7 @@ def build_app(
             return _error(ErrorCode.UNAUTHORIZED, "A valid daemon token is required.")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(
-                ErrorCode.TOO_LARGE, f"Request bodies are limited to {MAX_BODY_BYTES} bytes."
-            )
+            return _too_large()
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
@@ -169,8 +168,59 @@ def build_app(
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, _: Exception) -> JSONResponse:
-        return _error(ErrorCode.NO_ROUTE, f"No route {request.method} {request.url.path}.")
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's and FastAPI's own refusals, in our `{"error"}` shape."""
+        if isinstance(exc.__cause__, _TooLarge):  # FastAPI wraps what reading the body raised
+            return _too_large()
+        if exc.status_code in (404, 405):
+            return _error(ErrorCode.NO_ROUTE, f"No route {request.method} {request.url.path}.")
+        return _error(ErrorCode.BAD_REQUEST, f"Bad request: {exc.detail}.")
 
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
     return app
+
+
+def _too_large() -> JSONResponse:
+    return _error(ErrorCode.TOO_LARGE, f"Request bodies are limited to {MAX_BODY_BYTES} bytes.")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _BodyLimit:
+    """Counts a body's bytes as they arrive, so a chunked one (no
+    Content-Length for the guard to read) is cut off at `limit` too."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def watched(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if started:
+                raise
+            await _too_large()(scope, receive, send)

@@ -32,6 +32,7 @@ from llama_orchestrator.daemon.info import (
 from llama_orchestrator.engine import logs
 from llama_orchestrator.engine.process import ProcRef, create_time_of, is_alive
 from llama_orchestrator.errors import OrchError
+from llama_orchestrator.files import private_dir
 from llama_orchestrator.home import Home
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class _JsonLines(logging.Formatter):
 
 def _setup_logging(home: Home) -> logging.Handler:
     settings = load_settings(home.settings_path)
-    home.logs_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(home.logs_dir)
     handler = logging.handlers.RotatingFileHandler(
         home.daemon_log,
         maxBytes=settings.logs.max_bytes,
@@ -91,7 +92,7 @@ def run_foreground(home: Home, stop_instances_on_signal: bool = False) -> None:
     service manager's stop means); otherwise they keep running, to be adopted.
 
     Raises AlreadyRunning when another process holds the home's lock."""
-    home.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(home.state_dir)
     lock = platform.try_lock(home.daemon_lock)
     if lock is None:
         raise AlreadyRunning(wait_running(home, 5.0))
@@ -356,7 +357,7 @@ def start_background(home: Home, timeout: float = START_TIMEOUT) -> Started:
         if info is not None:
             return Started(info, False)
     load_settings(home.settings_path)  # a broken llama-orch.json: say so here, exit 2
-    home.logs_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(home.logs_dir)
     out_path = home.logs_dir / "daemon.out"
     argv = [
         sys.executable,

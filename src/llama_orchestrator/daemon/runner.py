@@ -58,6 +58,8 @@ __all__ = [
 #: soon after a small model loads without probing a big one 20 times a second
 START_PROBE_FIRST = 0.05
 START_PROBE_MAX = 0.5
+#: how soon an owned task that failed (a watch, the checks) is made anew
+TASK_RETRY_S = 1.0
 
 #: hook(name, result) after every health check (the metrics use it)
 HealthHook = Callable[[str, health.ProbeResult], None]
@@ -126,7 +128,15 @@ class _RestartDue:
     token: int
 
 
-Command = Start | Stop | Adopt | Resume | Remove | _Probed | _Exited | _RestartDue
+@dataclass(frozen=True)
+class _StopFailed:
+    """Stopping an unhealthy process raised (no descriptor left, ...)."""
+
+    ref: ProcRef
+    error: str
+
+
+Command = Start | Stop | Adopt | Resume | Remove | _Probed | _Exited | _RestartDue | _StopFailed
 
 
 @dataclass
@@ -156,6 +166,9 @@ class InstanceRunner:
         self._eager = False
         self._draining = False
         self._unhealthy_stop = False  # we are stopping it for failing its checks
+        self._stop_owed = (
+            False  # a stop for failing its checks failed: the next failure tries again
+        )
         self._tasks: dict[str, asyncio.Task[None]] = {}  # "probe", "exit", "restart", "stop"
         self._due = 0  # the token of the restart timer that counts
         self._changed = asyncio.Event()
@@ -251,6 +264,8 @@ class InstanceRunner:
             return await self._exited(c.ref)
         if isinstance(c, _RestartDue):
             return await self._restart_due(c.token)
+        if isinstance(c, _StopFailed):
+            return self._stop_failed(c)
         if isinstance(c, Start):
             return await self._start(c)
         if isinstance(c, Stop):
@@ -298,18 +313,32 @@ class InstanceRunner:
 
     # --- owned tasks ------------------------------------------------------------------
 
-    def _own(self, key: str, work: Awaitable[None]) -> None:
+    def _own(self, key: str, make: Callable[[], Awaitable[None]], again: bool = False) -> None:
+        """Run make() as the task `key` (replacing one before). No task dies
+        in silence: a failure is logged and, with `again`, the task is made
+        anew a moment later (as long as nothing replaced it meanwhile)."""
         self._cancel(key)
-        task = asyncio.ensure_future(work)
+        task = asyncio.ensure_future(make())
         self._tasks[key] = task
 
         def done(t: asyncio.Task[None]) -> None:
-            if self._tasks.get(key) is t:
+            mine = self._tasks.get(key) is t
+            if mine:
                 del self._tasks[key]
-            if not t.cancelled() and t.exception() is not None:
-                log.error(f"{self.name}: {key} task failed", exc_info=t.exception())
+            if t.cancelled() or t.exception() is None:
+                return
+            log.error(f"{self.name}: the {key} task failed", exc_info=t.exception())
+            if again and mine:
+                asyncio.ensure_future(self._renew(key, make, self._ref))
 
         task.add_done_callback(done)
+
+    async def _renew(self, key: str, make: Callable[[], Awaitable[None]], ref: Any) -> None:
+        """A failed task made anew, unless its process changed or it was replaced."""
+        await self._fx.sleep(TASK_RETRY_S)
+        if self._ref == ref and key not in self._tasks:
+            log.info(f"{self.name}: the {key} task runs again")
+            self._own(key, make, again=True)
 
     def _cancel(self, key: str) -> None:
         task = self._tasks.pop(key, None)
@@ -322,7 +351,7 @@ class InstanceRunner:
             self._cancel(key)
         self._ref = None
         self._watch = None
-        self._unhealthy_stop = False
+        self._unhealthy_stop = self._stop_owed = False
         self._due += 1
 
     def _watch_process(self, ref: ProcRef, cfg: InstanceConfig | None, eager: bool) -> None:
@@ -335,9 +364,9 @@ class InstanceRunner:
             await self._fx.watch_exit(ref)
             self.post(_Exited(ref))
 
-        self._own("exit", exit_watch())
+        self._own("exit", exit_watch, again=True)
         if cfg is not None:
-            self._own("probe", self._probe_loop(ref, cfg))
+            self._own("probe", lambda: self._probe_loop(ref, cfg), again=True)
 
     async def _probe_loop(self, ref: ProcRef, cfg: InstanceConfig) -> None:
         hc = cfg.healthcheck
@@ -360,6 +389,8 @@ class InstanceRunner:
                 ):
                     last_deep = self._fx.now()
                     result = await self._fx.probe(cfg, True)
+                if result.status == health.LOCAL:  # counted by nobody, but said
+                    log.warning(f"{self.name}: {result.error}; no verdict on the server")
                 if self._d.on_health is not None:
                     self._d.on_health(self.name, result)
                 await self.ask(_Probed(ref, result))  # one at a time: probes never pile up
@@ -374,7 +405,7 @@ class InstanceRunner:
             await self._fx.sleep(max(0.0, at - self._fx.now()))
             self.post(_RestartDue(token))
 
-        self._own("restart", timer())
+        self._own("restart", timer)
 
     # --- the handlers -----------------------------------------------------------------
 
@@ -433,14 +464,36 @@ class InstanceRunner:
         if s.state != row.state:
             self._set(row, s.state, s.reason, {"probe": c.result.to_json()})
         self._publish()
-        if s.restart and not self._unhealthy_stop:
+        if s.state == S.HEALTHY:
+            self._stop_owed = False
+        if (s.restart or (self._stop_owed and s.state == S.UNHEALTHY)) and not self._unhealthy_stop:
+            self._stop_owed = False
             # the exit watch sees it go, and the policy decides what follows
             self._unhealthy_stop = True
             self._cancel("probe")  # no more checks of a process on its way out
-            self._own("stop", self._stop_unhealthy(c.ref, cfg.stop_timeout))
+            self._own("stop", lambda: self._stop_unhealthy(c.ref, cfg.stop_timeout))
 
     async def _stop_unhealthy(self, ref: ProcRef, grace: float) -> None:
-        await self._fx.stop(ref, grace)
+        try:
+            await self._fx.stop(ref, grace)
+        except Exception as exc:  # e.g. no descriptor left to look at the process tree
+            log.exception(f"{self.name}: stopping unhealthy process {ref.pid} failed")
+            self.post(_StopFailed(ref, f"{type(exc).__name__}: {exc}"))
+
+    def _stop_failed(self, c: _StopFailed) -> None:
+        """The stop did not happen: the process still runs, so it is watched
+        and checked again (the next failed checks try the stop anew)."""
+        if c.ref != self._ref or self._cfg is None:
+            return
+        self._unhealthy_stop = False
+        self._stop_owed = True  # the next failed check tries again
+        self._d.store.add_event(
+            self.name,
+            "stop_failed",
+            f"could not stop unhealthy process {c.ref.pid} ({c.error}); checking it again",
+        )
+        ref, cfg = c.ref, self._cfg
+        self._own("probe", lambda: self._probe_loop(ref, cfg), again=True)
 
     async def _exited(self, ref: ProcRef) -> None:
         if ref != self._ref:

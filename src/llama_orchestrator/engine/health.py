@@ -10,6 +10,7 @@ several times what the probes of ten instances take together.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,12 +30,17 @@ __all__ = [
     "LOADING",
     "DOWN",
     "ERROR",
+    "LOCAL",
 ]
 
 HEALTHY = "healthy"  # 200
 LOADING = "loading"  # 503: the model is still loading
 DOWN = "down"  # connection refused: nothing listens (yet)
 ERROR = "error"  # timeout, other status, broken response
+LOCAL = "local"  # the probe could not be made here (out of descriptors, memory): no verdict
+
+#: errors that say the prober is short of something, not that the server is
+_LOCAL_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 #: get(host, port, path, timeout) -> (status, body); raises OSError on failure
 Getter = Callable[[str, int, str, float], "tuple[int, str]"]
@@ -203,6 +209,8 @@ def _failed(exc: BaseException, start: float, timeout: float) -> ProbeResult:
     ms = (time.perf_counter() - start) * 1000
     if isinstance(exc, ConnectionRefusedError):
         return ProbeResult(DOWN, None, ms, f"connection refused ({exc})")
+    if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
+        return ProbeResult(LOCAL, None, ms, f"the probe could not be made here ({exc})")
     if isinstance(exc, TimeoutError):
         return ProbeResult(ERROR, None, ms, f"no answer within {timeout:g}s")
     return ProbeResult(ERROR, None, ms, f"{type(exc).__name__}: {exc}")

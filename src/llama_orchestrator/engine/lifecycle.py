@@ -30,6 +30,7 @@ from llama_orchestrator.engine.process import (
 )
 from llama_orchestrator.engine.step import Watch, step
 from llama_orchestrator.errors import PortConflict, StartFailed, UnknownInstance, UserError
+from llama_orchestrator.files import private_dir
 from llama_orchestrator.home import Home, check_name, daemon_lock_held
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
@@ -316,7 +317,8 @@ class Engine:
                     hint=f"Stop that program or change server.port in {p.config_path}.",
                 )
             log_dir = self.home.log_dir(p.name)
-            log_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.home.logs_dir)
+            log_dir.mkdir(exist_ok=True)
             paths = {st: logs.log_file(log_dir, st) for st in logs.STREAMS}
             self.rotate_logs(p.name, None)
             started_at = self.clock()

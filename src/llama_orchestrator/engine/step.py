@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from llama_orchestrator.engine import health
 from llama_orchestrator.engine.health import ProbeResult
 from llama_orchestrator.engine.policy import after_probe
 from llama_orchestrator.states import Desired
@@ -69,6 +70,8 @@ def step(
     healthy soon): it can make the instance healthy, but its failure does
     not count, or a server would get `retries` x 50 ms to listen rather
     than `retries` x interval."""
+    if probe.status == health.LOCAL:  # our fault (no descriptor left ...): not the server's
+        return Step(state, watch, "", False)
     last = watch.counted_at if watch.counted_at is not None else watch.since
     early = state == S.STARTING and now - last < hc.interval
     verdict = after_probe(

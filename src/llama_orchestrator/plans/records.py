@@ -14,6 +14,7 @@ from typing import Any
 
 from llama_orchestrator.engine.status import iso
 from llama_orchestrator.errors import UserError
+from llama_orchestrator.files import private_dir
 from llama_orchestrator.plans.schedule import TaskRecord, run_state
 from llama_orchestrator.plans.spec import Plan
 from llama_orchestrator.router.balance import TAG_PREFIX, tag_set
@@ -195,7 +196,8 @@ class RunFiles:
         self.folder = folder
 
     def create(self, plan: Plan, submitted: str) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_dir(self.folder.parent)  # plans/: every run's prompts and outputs
+        self.folder.mkdir(exist_ok=True)
         self._write("plan.json", submitted)
         self._write("plan.resolved.json", json.dumps(plan.to_json(), indent=2))
 

@@ -48,6 +48,7 @@ class RouterSite:
         # bound wider, API keys are required and a browser cannot present one.
         self.check_host = is_loopback(settings.host)
         self.limit = settings.max_body_bytes
+        self.origins = {o.rstrip("/").lower() for o in settings.allowed_origins}
 
     def check(self, request: Request) -> Reply | None:
         headers = request.headers
@@ -57,6 +58,16 @@ class RouterSite:
             given = headers.get("authorization", "")
             if not any(secrets.compare_digest(given, k) for k in self.keys):
                 return openai_error(401, "A valid API key is required.", "unauthorized")
+        origin = headers.get("origin")
+        if origin is not None and not self.keys and origin.rstrip("/").lower() not in self.origins:
+            # a browser says which page sent it: a "simple" cross-site POST needs no
+            # CORS answer to be served, so any page could spend the GPUs
+            return openai_error(
+                403,
+                f"Requests from the web page {origin} are refused; add it to "
+                "router.allowed_origins in llama-orch.json if it is yours.",
+                "forbidden_origin",
+            )
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.limit:
             return self.too_large()
