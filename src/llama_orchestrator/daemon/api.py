@@ -171,7 +171,7 @@ def build_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Starlette's and FastAPI's own refusals, in our `{"error"}` shape."""
-        if isinstance(exc.__cause__, _TooLarge):  # FastAPI wraps what reading the body raised
+        if _from_too_large(exc):  # FastAPI wraps what reading the body raised
             return _too_large()
         if exc.status_code in (404, 405):
             return _error(ErrorCode.NO_ROUTE, f"No route {request.method} {request.url.path}.")
@@ -187,6 +187,17 @@ def _too_large() -> JSONResponse:
 
 class _TooLarge(Exception):
     pass
+
+
+def _from_too_large(exc: BaseException | None, depth: int = 0) -> bool:
+    """Whether `exc` came of a body cut off by _BodyLimit (FastAPI raises its
+    400 from it, and the middleware's task group wraps it in a group)."""
+    if exc is None or depth > 8:
+        return False
+    if isinstance(exc, _TooLarge):
+        return True
+    inner = list(getattr(exc, "exceptions", ()))  # an ExceptionGroup
+    return any(_from_too_large(e, depth + 1) for e in [exc.__cause__, *inner])
 
 
 class _BodyLimit:
