@@ -523,3 +523,56 @@ def test_a_model_llama_server_cannot_load_fails_at_once_and_describe_says_why(ho
         assert "  pid          -" in r.stdout  # not Python's None
     finally:
         run_cli(home, "down", "--all", "--timeout", "5")
+
+
+def test_servers_started_but_never_recorded_are_adopted_or_stopped_by_the_next_daemon(
+    home, tiny_model
+):
+    """Issue 24.4: a daemon killed between a spawn and its commit leaves a
+    llama-server no row names. The next daemon finds it by its marker: one that
+    runs what its config says is adopted; one whose config changed is stopped."""
+    from llama_orchestrator import platform
+    from llama_orchestrator.engine.lifecycle import Engine
+    from llama_orchestrator.engine.process import track_child
+
+    for name in ("a", "b", "c"):
+        write_config(home, name, tiny_model, model={"threads": 1})
+    engine = Engine(home)
+    try:
+        launches = {p.name: p for p in engine.prepare(["a", "b", "c"])}
+    finally:
+        engine.close()
+    procs = {}
+    for name, p in launches.items():  # what the dead daemon's spawns left: no rows
+        log_dir = home.log_dir(name)
+        log_dir.mkdir(parents=True)
+        with open(log_dir / "stderr.log", "ab") as err:
+            procs[name] = platform.spawn(
+                p.launch.argv, p.launch.env, p.config_path.parent, err, err
+            )
+        track_child(procs[name])
+    write_config(home, "b", tiny_model, model={"threads": 1, "alias": "renamed"})
+    (home.instances_dir / "c" / "config.json").unlink()  # and c is no longer configured
+    (home.instances_dir / "c").rmdir()
+    try:
+        _adopt_or_stop(home, procs)
+    finally:  # whatever happened, none of them outlives the test
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _adopt_or_stop(home: Home, procs: dict) -> None:
+    assert run_cli(home, "daemon", "start").returncode == 0
+    wait_until(lambda: row(home, "a").state == S.HEALTHY, timeout=30)
+    assert row(home, "a").pid == procs["a"].pid and row(home, "a").supervised
+    assert "adopted" in kinds(home, "a")
+    for name in ("b", "c"):
+        procs[name].wait(30)  # stopped by the daemon
+        (stopped,) = [e for e in events(home, name) if e.kind == "orphan_stopped"]
+        assert str(procs[name].pid) in stopped.message
+    assert (
+        "config changed" in next(e for e in events(home, "b") if e.kind == "orphan_stopped").message
+    )
+    assert "no instance of that name" in events(home, "c")[-1].message
+    assert procs["a"].poll() is None  # the adopted one runs on, supervised

@@ -240,6 +240,12 @@ class FakeEffects:
                 self.store.set_state(row, new, message, **changes)
         return self.store.all()
 
+    async def orphans(self) -> list[tuple[str, ProcRef, list[str]]]:
+        return []
+
+    async def record_found(self, name: str, ref: ProcRef, host: str, port: int) -> None:
+        raise AssertionError("the fake world has no orphans")
+
     async def rotate_logs(self, names: list[str]) -> None:
         self.rotated.append(sorted(names))
 

@@ -84,6 +84,12 @@ class Effects(Protocol):
     async def rows(self) -> list[InstanceRow]:
         """Every instance's row, the deaths of processes gone since recorded."""
 
+    async def orphans(self) -> list[tuple[str, ProcRef, list[str]]]:
+        """Live processes marked as this home's instances that no row owns."""
+
+    async def record_found(self, name: str, ref: ProcRef, host: str, port: int) -> None:
+        """Record an orphan as the instance's running process (to be adopted)."""
+
     async def rotate_logs(self, names: list[str]) -> None:
         """Rotate the logs of these (running) instances that are over their size."""
 
@@ -162,6 +168,12 @@ class LiveEffects:
 
     async def rows(self) -> list[InstanceRow]:
         return await self.in_thread(lambda e: e.rows())
+
+    async def orphans(self) -> list[tuple[str, ProcRef, list[str]]]:
+        return await self.in_thread(lambda e: e.orphans())
+
+    async def record_found(self, name: str, ref: ProcRef, host: str, port: int) -> None:
+        await self.in_thread(lambda e: e.record_found(name, ref, host, port))
 
     async def rotate_logs(self, names: list[str]) -> None:
         def rotate(e: Engine) -> None:

@@ -88,8 +88,10 @@ class Supervisor:
 
     async def start(self) -> None:
         """Reconcile desired and actual state (see the module docstring)."""
-        rows = await self.effects.rows()  # the dead recorded as such
+        await self.effects.rows()  # the dead recorded as such
         await self.refresh()
+        await self._orphans()
+        rows = await self.effects.rows()
         to_start = []
         for row in rows:  # one by one: one instance's trouble must not stop the others
             cfg = self._configs.get(row.name)
@@ -113,6 +115,35 @@ class Supervisor:
             except OrchError as exc:  # a broken config, a port taken meanwhile, ...
                 self.store.add_event(name, "start_failed", f"daemon start: {exc}")
         self._housekeeping = asyncio.create_task(self._housekeep())
+
+    async def _orphans(self) -> None:
+        """This home's llama-server processes that no row owns (a daemon killed
+        between a spawn and its record): adopted when they run what the
+        config says now, else stopped; an event says which, either way."""
+        for name, ref, argv in await self.effects.orphans():
+            cfg = self._configs.get(name)
+            row = self.store.get(name)
+            why = "no instance of that name is configured"
+            if cfg is not None and row is not None and row.state in RUNNING_STATES:
+                why = f"the instance runs as process {row.pid}"
+            elif cfg is not None:
+                try:
+                    (p,) = await self.effects.prepare([name])
+                except OrchError as exc:
+                    why = f"its config cannot start now ({exc.message})"
+                else:
+                    if p.launch.argv == argv:
+                        await self.effects.record_found(name, ref, cfg.server.host, cfg.server.port)
+                        continue  # adopted below, as any running row
+                    why = "its config changed since it started"
+            try:
+                await self.effects.stop(ref, cfg.stop_timeout if cfg else 10.0)
+            except Exception as exc:  # e.g. gone meanwhile, or not ours to stop
+                log.warning(f"{name}: could not stop unrecorded process {ref.pid}: {exc}")
+                continue
+            self.store.add_event(
+                name, "orphan_stopped", f"stopped process {ref.pid}, running unrecorded: {why}"
+            )
 
     # --- user operations (the control API calls these) ------------------------
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import psutil
+
 from llama_orchestrator import platform
 from llama_orchestrator.engine import health, logs
 from llama_orchestrator.engine.process import (
@@ -240,6 +242,49 @@ class Engine:
             "at": self.clock(),
             "stderr_tail": tail,
         }
+
+    def orphans(self) -> list[tuple[str, ProcRef, list[str]]]:
+        """Live processes marked as this home's instances that no row owns
+        (a crash of ours between a spawn and its record): (instance, process,
+        its command line)."""
+        from llama_orchestrator.engine.process import marked_processes, same_process
+
+        owned = [
+            ref
+            for r in self.store.all()
+            if r.state in RUNNING_STATES and (ref := self._ref(r)) is not None
+        ]
+        out = []
+        for name, p in marked_processes(str(self.home.root)):
+            try:
+                ref, argv = ProcRef(p.pid, p.create_time()), p.cmdline()
+            except psutil.Error:
+                continue
+            if not any(same_process(ref, o) for o in owned):
+                out.append((name, ref, argv))
+        return out
+
+    def record_found(self, name: str, ref: ProcRef, host: str, port: int) -> None:
+        """Record an orphan (see `orphans`) as the instance's running process."""
+        with self.store.transaction():
+            row = self.store.get_or_new(name)
+            self.store.set_state(
+                row,
+                S.STARTING,
+                f"found process {ref.pid} running with no record of it "
+                "(the daemon ended between its start and its record)",
+                {"pid": ref.pid},
+                desired=Desired.RUNNING,
+                pid=ref.pid,
+                create_time=ref.create_time,
+                host=host,
+                port=port,
+                started_at=ref.create_time,
+                exited_at=None,
+                exit_code=None,
+                supervised=self.is_supervisor,
+                next_restart_at=None,
+            )
 
     def is_running(self, name: str) -> bool:
         """Whether the instance's process runs now (whoever started it)."""

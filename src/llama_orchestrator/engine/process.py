@@ -182,3 +182,27 @@ def stop_tree(ref: ProcRef, timeout: float) -> bool:
         pids = ", ".join(str(p.pid) for p in alive)
         raise OrchError(f"Processes {pids} survived SIGKILL; they may be stuck in the kernel.")
     return False
+
+
+def same_process(a: ProcRef, b: ProcRef) -> bool:
+    """Whether two references name one process (create times are rounded)."""
+    return a.pid == b.pid and abs(a.create_time - b.create_time) <= _CT_TOLERANCE
+
+
+def marked_processes(home_root: str) -> list[tuple[str, psutil.Process]]:
+    """Live processes whose environment marks them as an instance of the home
+    at `home_root` (config.command's LLAMA_ORCH_HOME and _INSTANCE), with the
+    instance each says it is. Only processes we may read the environment of
+    (our user's) are seen: those are the ones we could have started."""
+    from llama_orchestrator.config.command import HOME_ENV, INSTANCE_ENV
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+            name = env.get(INSTANCE_ENV)
+            if name and env.get(HOME_ENV) == home_root and p.status() != psutil.STATUS_ZOMBIE:
+                found.append((name, p))
+        except psutil.Error:
+            continue
+    return found
