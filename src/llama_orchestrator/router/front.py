@@ -58,7 +58,7 @@ class Limits:
     #: client connections at once; at the cap the most stalled one gives way
     max_connections: int = 1024
     #: answer bytes waiting for a slow client before it is dropped
-    max_buffered: int = 16 * 1024 * 1024
+    max_buffered: int = 4 * 1024 * 1024
 
 
 @dataclass(slots=True)
