@@ -145,3 +145,51 @@ def test_a_probe_we_cannot_make_is_local_and_no_step_counts_it():
     assert (s.state, s.watch, s.restart) == (S.HEALTHY, watch, False)
     failed = health.ProbeResult(health.ERROR, 500, 1.0, "boom")
     assert step(S.HEALTHY, Desired.RUNNING, 0.0, watch, failed, hc, "on-failure", 100.0).restart
+
+
+async def test_a_probe_timed_out_by_our_own_busy_loop_is_no_verdict():
+    """Issue 24.1: a loop blocked (by one huge request, say) woke the probe
+    late, and the instance was restarted for our fault."""
+    import asyncio
+    import socket
+    import threading
+    import time
+
+    from llama_orchestrator.engine import health
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+
+        def answer_late() -> None:  # answers after the probe's timeout
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(4096)
+                time.sleep(0.4)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        t = threading.Thread(target=answer_late)
+        t.start()
+        probe = asyncio.ensure_future(health.aprobe("127.0.0.1", port, 0.2))
+        await asyncio.sleep(0.05)  # the request is out
+        time.sleep(1.5)  # the loop is blocked, far past the timeout
+        result = await probe
+        t.join()
+    assert result.status in (health.LOCAL, health.HEALTHY), result  # never the server's fault
+    slow = await health.aprobe("127.0.0.1", _silent_port(), 0.2)
+    assert slow.status == health.ERROR and "no answer within 0.2s" in (slow.error or "")
+
+
+def _silent_port() -> int:
+    """A listener that never answers (kept open for the test session)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    _SILENT.append(s)
+    return s.getsockname()[1]
+
+
+_SILENT: list = []

@@ -199,6 +199,10 @@ async def aprobe(
             ahttp_request(probe_host(host), port, method, path, body, _auth(api_key)), timeout
         )
     except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+        late = time.perf_counter() - start - timeout
+        if late > max(0.5, timeout / 2):  # the loop woke us late: it was busy, not the server
+            ms = (time.perf_counter() - start) * 1000
+            return ProbeResult(LOCAL, None, ms, f"the daemon was busy for {late:.1f}s")
         return _failed(TimeoutError(), start, timeout)
     except OSError as exc:
         return _failed(exc, start, timeout)
