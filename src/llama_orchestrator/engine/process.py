@@ -60,7 +60,7 @@ def _reap(pid: int) -> None:
         code = proc.poll()
         if code is not None:
             _exit_codes[pid] = code
-            del _children[pid]
+            _children.pop(pid, None)
         return
     if os.name == "posix":
         with contextlib.suppress(ChildProcessError, OSError):
@@ -80,7 +80,7 @@ def exit_code(pid: int, wait: float = 2.0) -> int | None:
     if proc is not None and pid not in _exit_codes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             _exit_codes[pid] = proc.wait(timeout=wait)
-            del _children[pid]
+            _children.pop(pid, None)
     _reap(pid)
     return _exit_codes.pop(pid, None)
 
@@ -136,13 +136,14 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
     deadline = time.monotonic() + timeout
     alive = procs
     while alive:
-        gone, alive = psutil.wait_procs(
-            alive, timeout=max(0.0, min(0.1, deadline - time.monotonic()))
-        )
-        for p in gone:  # psutil reaped it: its Popen would now say 0, so keep the real code
-            if p.pid in _children and p.returncode is not None:
-                _exit_codes[p.pid] = p.returncode
-                del _children[p.pid]
+        step = max(0.0, min(0.1, deadline - time.monotonic()))
+        # our own children are reaped by their Popen only (through _still_running):
+        # psutil reaping one first left its Popen to say it exited with code 0
+        others = [p for p in alive if p.pid not in _children]
+        if others:
+            psutil.wait_procs(others, timeout=step)
+        else:
+            time.sleep(min(step, 0.02))
         alive = [p for p in alive if _still_running(p)]
         if time.monotonic() >= deadline:
             break
