@@ -111,7 +111,8 @@ def test_engine_source_reads_cpu_rss_and_token_rate_from_a_real_server(home, tin
             first.rss_mib and first.rss_mib > 1 and first.active == 0 and first.tokens_per_s is None
         )
         httpx.post(
-            f"http://127.0.0.1:{res.port}/completion", json={"prompt": "hi", "n_predict": 10}
+            f"http://127.0.0.1:{res.port}/completion",
+            json={"prompt": "hi", "n_predict": 10, "ignore_eos": True},
         )
         second = source.snapshot().instances[0]
         assert second.cpu_pct is not None
