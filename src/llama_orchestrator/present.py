@@ -27,6 +27,8 @@ __all__ = [
     "plan_run_cells",
     "plan_task_cells",
     "plan_summary",
+    "plan_cancelled",
+    "plan_requeued",
     "PLAN_STATE_STYLES",
 ]
 
@@ -83,6 +85,18 @@ def plan_task_cells(task: dict[str, Any], error_width: int = 60) -> list[str]:
         elapsed,
         error[-error_width:],
     ]
+
+
+def plan_cancelled(run_id: str, stopped: list[str]) -> str:
+    """What `plan cancel` (and the dashboard's c) says."""
+    return f"Cancelled plan run {run_id}" + (
+        f" (stopped {', '.join(stopped)})." if stopped else "."
+    )
+
+
+def plan_requeued(run_id: str, again: list[str]) -> str:
+    """What `plan retry` (and the dashboard's t) says."""
+    return f"Plan run {run_id}: {len(again)} task(s) queued again ({', '.join(again)})."
 
 
 def plan_summary(run: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ lives in `PRAGMA user_version`; MIGRATIONS[i] upgrades version i to i+1.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -415,7 +416,12 @@ def _state_error(path: Path, exc: BaseException) -> StateError:
         fix = f"Move {path} aside and run the command again."
     elif code in (_CORRUPT, _NOTADB) or "malformed" in text or "not a database" in text:
         return damaged(path, detail)
-    elif code == _FULL or "disk is full" in text or isinstance(exc, OSError) and exc.errno == 28:
+    elif (
+        code == _FULL
+        or "disk is full" in text
+        or isinstance(exc, OSError)
+        and exc.errno == errno.ENOSPC
+    ):
         free = _free_space(path.parent)
         why = f"the disk is full{f' ({free} free)' if free else ''}"
         fix = f"Free some space on the disk of {path.parent} and run the command again."
@@ -432,8 +438,8 @@ def damaged(path: Path, what: str) -> StateError:
     return StateError(
         f"The state database {path} is damaged ({what}); nothing was changed.",
         hint="`llama-orch daemon start --reset-state` keeps it aside "
-        f"({path.name}.corrupt-<time>) and starts a fresh one, which does not know the "
-        "llama-server processes started before it.",
+        f"({path.name}.corrupt-<time>) and starts a fresh one; it finds the llama-server "
+        "processes still running by their marker, and adopts or stops them.",
     )
 
 

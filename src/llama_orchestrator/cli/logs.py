@@ -51,13 +51,8 @@ def logs(
         return f"{logfiles.wall_clock(ts)} {line}\n" if timestamps else line + "\n"
 
     for s, path in paths.items():
-        if timestamps or start is not None:  # times count from the run's start line
-            timed = logfiles.timed_lines(logfiles.tail_lines(path, 10**9), times[s], start)
-            timed = timed[-tail:] if tail else ([] if tail == 0 else timed)
-        else:
-            lines = logfiles.tail_lines(path, tail if tail is not None else 10**9)
-            timed = [(None, line) for line in lines]
-        sinks[s].write("".join(text(ts, line) for ts, line in timed))
+        lines = logfiles.read_lines(path, tail, start, times[s], timestamps)
+        sinks[s].write("".join(text(ts, line) for ts, line in lines))
     sys.stdout.flush()
     if follow:
         try:

@@ -13,6 +13,8 @@ from llama_orchestrator.present import (
     PLAN_RUN_COLUMNS,
     PLAN_TASK_COLUMNS,
     columns,
+    plan_cancelled,
+    plan_requeued,
     plan_run_cells,
     plan_summary,
     plan_task_cells,
@@ -192,7 +194,7 @@ def cancel(
     app_ctx = app_context(ctx)
     require_run(app_ctx.engine.store, run_id)  # an unknown id is an error before any daemon starts
     stopped = _control(app_ctx).cancel_plan(run_id).cancelled
-    say(f"Cancelled plan run {run_id}" + (f" (stopped {', '.join(stopped)})." if stopped else "."))
+    say(plan_cancelled(run_id, stopped))
 
 
 @app.command()
@@ -209,6 +211,6 @@ def retry(
     app_ctx = app_context(ctx)
     require_run(app_ctx.engine.store, run_id)
     again = _control(app_ctx).retry_plan(run_id).requeued
-    say(f"Plan run {run_id}: {len(again)} task(s) queued again ({', '.join(again)}).")
+    say(plan_requeued(run_id, again))
     if wait:
         raise typer.Exit(_follow(app_ctx, run_id))

@@ -89,34 +89,34 @@ def create_instance(
             f"Instance '{name}' already exists ({path}).",
             hint="Use --force to overwrite it, or pick another name.",
         )
-    old = _old_config(path, notes) if path.exists() else None
-    base = old or {}
-    old_model, old_server, old_gpu = (_section(base, k) for k in ("model", "server", "gpu"))
-    host = host or _of(old_server, "host", str) or "127.0.0.1"
-    same_backend = backend is None or backend == old_gpu.get("backend", "cpu")
-    backend = backend or _of(old_gpu, "backend", str) or "cpu"
-    if same_backend:  # a card pinned for another backend is not one for this
-        if gpus is None:
-            gpus = _old_devices(old_gpu.get("device_id"))
-        if layers is None:
-            layers = _of(old_gpu, "layers", int)
-    parallel = parallel or _of(old_server, "parallel", int) or 1
-    ctx = ctx or _of(old_model, "context_size", int)
-    threads = threads or _of(old_model, "threads", int)
-    alias = alias or _of(old_model, "alias", str)
-    tags = tags or _of(base, "tags", list)
-    extra_args = extra_args or _of(old_server, "extra_args", list)
+    loaded = load_all(home)
+    old = _old_config(loaded, name, notes)
+    # what init has no flag for (health check, restart policy, env ...) comes along
+    base = old.model_dump(mode="json", by_alias=True, exclude_defaults=True) if old else {}
+    host = host or (old.server.host if old else "127.0.0.1")
+    same_backend = old is not None and backend in (None, old.gpu.backend)
+    backend = backend or (old.gpu.backend if old else "cpu")
+    if old is not None and same_backend:  # a card pinned for another backend is not one for this
+        if gpus is None and old.gpu.device_id is not None:
+            gpus = "auto" if old.gpu.auto else old.gpu.devices
+        layers = old.gpu.layers if layers is None else layers
     if old is not None:
         notes.append("what was not given is kept from the old config")
-    others = [x for x in load_all(home) if x.name != name and x.config is not None]
+        parallel = parallel or old.server.parallel
+        ctx = ctx or old.model.context_size
+        threads = threads or old.model.threads
+        alias = alias or old.model.alias
+        tags = tags or list(old.tags)
+        extra_args = extra_args or list(old.server.extra_args)
+    parallel = parallel or 1
+    others = [x for x in loaded if x.name != name and x.config is not None]
     taken = {
         x.config.server.port
         for x in others
         if x.config and hosts_overlap(x.config.server.host, host)
     }
-    kept_port = _of(old_server, "port", int)
-    if port is None and kept_port is not None and kept_port not in taken:
-        port = kept_port  # its own: a running instance holds it, so it looks taken
+    if port is None and old is not None and old.server.port not in taken:
+        port = old.server.port  # its own: a running instance holds it, so it looks taken
     if port is None:
         port = pick_port(taken, lambda p: platform.port_is_free(host, p))
         notes.append(f"port {port} (the first free one from {FIRST_PORT}; --port to choose)")
@@ -127,13 +127,12 @@ def create_instance(
             hint="Pick another --port, or leave it out to get a free one.",
         )
     if model is None:
-        old_path = _of(old_model, "path", str)
-        if old_path is None:
+        if old is None:
             raise UserError(
                 f"Instance '{name}' needs a model; nothing was written.",
                 hint="Pass --model (a .gguf file, hf://OWNER/REPO:QUANT or a pulled model's ID).",
             )
-        model_path = path.parent / Path(old_path).expanduser()  # relative: to its folder
+        model_path = old.model_path(path.parent)
     elif locate is not None:  # after the checks above: never pull for an init that fails
         model_path, located = locate(model)
         notes += located
@@ -173,20 +172,27 @@ def create_instance(
             layers = _all_layers_if_they_fit(info, ctx, parallel, devices, found, notes)
     elif isinstance(gpus, list):
         devices = gpus
+    old_gpu = base.get("gpu", {}) if same_backend else {}
     gpu: dict[str, Any] = {
-        **(
-            {k: v for k, v in old_gpu.items() if k not in ("device_id", "layers")}
-            if same_backend
-            else {}
-        ),
+        **{k: v for k, v in old_gpu.items() if k not in ("device_id", "layers")},
         "backend": backend,
     }
     if devices:
         gpu["device_id"] = devices[0] if len(devices) == 1 else devices
     if layers is not None:
         gpu["layers"] = layers
-    model_section: dict[str, Any] = {**old_model, "path": str(model_path), "context_size": ctx}
-    server: dict[str, Any] = {**old_server, "host": host, "port": port, "parallel": parallel}
+    model_section: dict[str, Any] = {
+        **base.get("model", {}),
+        # kept as written when not given (relative, or an hf:// reference)
+        "path": old.model.path if model is None and old is not None else str(model_path),
+        "context_size": ctx,
+    }
+    server: dict[str, Any] = {
+        **base.get("server", {}),
+        "host": host,
+        "port": port,
+        "parallel": parallel,
+    }
     data: dict[str, Any] = {
         **base,  # what init has no flag for: health check, restart policy, env ...
         "name": name,
@@ -228,39 +234,16 @@ def create_instance(
     return Created(path, notes, replaced=old is not None)
 
 
-def _old_config(path: Path, notes: list[str]) -> dict[str, Any] | None:
-    """The config `--force` overwrites, as written (None, said, if unreadable)."""
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        data = None
-    if not isinstance(data, dict):
-        notes.append(f"the old {path.name} could not be read; it is written anew")
+def _old_config(loaded: list[Loaded], name: str, notes: list[str]) -> InstanceConfig | None:
+    """The config `--force` overwrites, as `load_all` read it (None, said, if
+    it is not valid: it is then written anew)."""
+    mine = next((x for x in loaded if x.name == name), None)
+    if mine is None or not mine.path.exists():
         return None
-    return data
-
-
-def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
-    value = data.get(key)
-    return dict(value) if isinstance(value, dict) else {}
-
-
-def _of(section: dict[str, Any], key: str, kind: type) -> Any:
-    """section[key] when it is a `kind` (bools are not ints), else None."""
-    value = section.get(key)
-    return value if isinstance(value, kind) and not isinstance(value, bool) else None
-
-
-def _old_devices(value: Any) -> list[int] | Literal["auto"] | None:
-    if value == "auto":
-        return "auto"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, int) for v in value):
-        return list(value)
-    return None
+    if mine.config is None:
+        why = "; ".join(str(p) for p in mine.problems) or "it could not be read"
+        notes.append(f"the old {mine.path.name} is not valid ({why}); it is written anew")
+    return mine.config
 
 
 def _all_layers_if_they_fit(

@@ -166,9 +166,8 @@ class InstanceRunner:
         self._eager = False
         self._draining = False
         self._unhealthy_stop = False  # we are stopping it for failing its checks
-        self._stop_owed = (
-            False  # a stop for failing its checks failed: the next failure tries again
-        )
+        # a stop for failing its checks failed: the next failed check tries again
+        self._stop_owed = False
         self._tasks: dict[str, asyncio.Task[None]] = {}  # "probe", "exit", "restart", "stop"
         self._due = 0  # the token of the restart timer that counts
         self._changed = asyncio.Event()

@@ -623,9 +623,9 @@ class Engine:
         row = self.rows([name])[0]
         loaded = {x.name: x for x in load_all(self.home)}
         cfg = loaded[name].config if name in loaded else None
-        # where the process listens: its config may have changed since it started
-        host = row.host or (cfg.server.host if cfg else "127.0.0.1")
-        port = row.port or (cfg.server.port if cfg else None)
+        from llama_orchestrator.engine.status import listening
+
+        host, port = listening(row, cfg)
         if port is None or not is_alive(self._ref(row)):
             return health.ProbeResult(health.DOWN, None, 0.0, f"instance is {row.state}")
         timeout = cfg.healthcheck.timeout if cfg else 5.0

@@ -25,6 +25,7 @@ __all__ = [
     "rotate_if_needed",
     "tail_lines",
     "server_lines",
+    "read_lines",
     "follow",
     "start_line",
     "is_start_line",
@@ -137,14 +138,26 @@ def wall_clock(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def read_lines(
+    path: Path, tail: int | None, since: float | None, times: LineTimes, timed: bool
+) -> list[tuple[float | None, str]]:
+    """What `logs` prints of one file: the last `tail` lines (all when None),
+    those from `since` on, each with its time when `timed` or `since` ask for
+    it (`times` is fed the whole file then: the start line may lie above the tail)."""
+    if not timed and since is None:
+        return [(None, line) for line in tail_lines(path, 10**9 if tail is None else tail)]
+    lines = timed_lines(tail_lines(path, 10**9), times, since)
+    return lines if tail is None else lines[len(lines) - tail :] if tail else []
+
+
 def server_lines(path: Path, n: int) -> list[str]:
     """The last `n` lines the latest run of llama-server wrote (none of an
     earlier run's, and not llama-orch's start line)."""
+    if n <= 0:
+        return []
     lines = tail_lines(path, n + 1)
-    for i in range(len(lines) - 1, -1, -1):
-        if is_start_line(lines[i]):
-            return lines[i + 1 :][-n:] if n > 0 else []
-    return lines[-n:] if n > 0 else []
+    starts = [i for i, line in enumerate(lines) if is_start_line(line)]
+    return lines[starts[-1] + 1 :] if starts else lines[-n:]
 
 
 class _Follower:

@@ -32,6 +32,7 @@ __all__ = [
     "observed_state",
     "collect",
     "iso",
+    "listening",
 ]
 
 PS_PROBE_TIMEOUT = 1.0
@@ -104,6 +105,16 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
 
 
+def listening(row: InstanceRow, cfg: InstanceConfig | None) -> tuple[str, int | None]:
+    """Where an instance's server listens: a running process where it was
+    started (its config may have changed since), else where its config says."""
+    if row.state in RUNNING_STATES and row.port:
+        return row.host or "127.0.0.1", row.port
+    if cfg is not None:
+        return cfg.server.host, cfg.server.port
+    return row.host or "127.0.0.1", row.port
+
+
 def status_view(
     name: str,
     cfg: InstanceConfig | None,
@@ -114,6 +125,7 @@ def status_view(
 ) -> InstanceStatus:
     """One `ps --json` entry."""
     running = row.state in RUNNING_STATES
+    host, port = listening(row, cfg)
     model_path = None
     if cfg is not None:
         model_path = str(cfg.model_path(config_dir)) if config_dir is not None else cfg.model.path
@@ -122,9 +134,8 @@ def status_view(
         "state": row.state.value,
         "desired": row.desired.value,
         "pid": row.pid if running else None,
-        # a running process listens where it was started, whatever its config says now
-        "host": row.host if running and row.host else (cfg.server.host if cfg else row.host),
-        "port": row.port if running and row.port else (cfg.server.port if cfg else row.port),
+        "host": host,
+        "port": port,
         "alias": cfg.alias_or(name) if cfg else None,
         "model_path": model_path,
         "backend": cfg.gpu.backend if cfg else None,
@@ -196,7 +207,7 @@ def collect(
     ]
     if probe:
         todo = [
-            (i, row)
+            (i, listening(row, None))
             for i, row in enumerate(rows)
             if not row.supervised
             and row.state in _PROBED
@@ -206,10 +217,10 @@ def collect(
         ]
         if todo:
 
-            def one(t: tuple[int, InstanceRow]) -> health.ProbeResult:
-                row = t[1]  # where it listens (its config may have changed since)
-                assert row.port is not None
-                return health.probe(row.host or "127.0.0.1", row.port, PS_PROBE_TIMEOUT, engine.get)
+            def one(t: tuple[int, tuple[str, int | None]]) -> health.ProbeResult:
+                host, port = t[1]
+                assert port is not None
+                return health.probe(host, port, PS_PROBE_TIMEOUT, engine.get)
 
             from concurrent.futures import ThreadPoolExecutor  # ~17 ms: only when probing
 

@@ -269,6 +269,15 @@ class Router:
             request.body,
         )
 
+    async def _fetch(self, r: Replica, request: Request) -> tuple[int, Any, bytes]:
+        """`request` to `r`, its answer read whole: (status, headers, body).
+        Raises UpstreamError."""
+        answer = await self._send(r, request)
+        try:
+            return answer.status, answer.headers, await answer.body()
+        finally:
+            self.upstream.finish(answer)
+
     async def _answer(
         self, answer: Exchange, r: Replica, model: str, start: float
     ) -> Reply | Stream:
@@ -324,19 +333,7 @@ class Router:
         status = 0
         try:
             try:
-                answer = await self.upstream.open(
-                    r.host,
-                    r.port,
-                    "POST",
-                    path,
-                    _headers_for(r, "application/json"),
-                    json.dumps(body).encode(),
-                )
-                try:
-                    status = answer.status
-                    raw = await answer.body()
-                finally:
-                    self.upstream.finish(answer)
+                status, _, raw = await self._fetch(r, _own_request("POST", path, json.dumps(body)))
             except UpstreamError as exc:
                 raise RouterError(f"{r.name}: {exc}") from None
             try:
@@ -407,17 +404,13 @@ class Router:
         r = lightest(candidates(model, self.replicas()), self.in_flight)
         if r is None:  # none healthy: queued like any request (an on-demand start)
             return await self.forward(request, model)
+        start = time.perf_counter()
         try:
-            answer = await self._send(r, request)
-            try:
-                body = await answer.body()
-            finally:
-                self.upstream.finish(answer)
+            status, headers, body = await self._fetch(r, request)
         except UpstreamError as exc:
-            return openai_error(
-                502, f"The instance '{r.name}' failed while answering ({exc}).", "upstream_error"
-            )
-        return Reply(answer.status, body, raw_headers=pass_on(answer.headers)[0])
+            return self._broken(model, r, exc, start)
+        self.metrics.request(model, r.name, status, time.perf_counter() - start)
+        return Reply(status, body, raw_headers=pass_on(headers)[0])
 
     async def model_list(self) -> list[dict[str, Any]]:
         """/v1/models: every model listed, with what its instance's own
@@ -458,22 +451,19 @@ class Router:
 
     async def _ask_model_info(self, r: Replica) -> dict[str, Any] | None:
         """The first entry of `r`'s own /v1/models; None if it does not say in time."""
-
-        async def ask() -> bytes:
-            answer = await self.upstream.open(
-                r.host, r.port, "GET", "/v1/models", _headers_for(r, "application/json"), b""
-            )
-            try:
-                return await answer.body()
-            finally:
-                self.upstream.finish(answer)
-
         try:
-            raw = await asyncio.wait_for(ask(), MODEL_INFO_TIMEOUT)
+            _, _, raw = await asyncio.wait_for(
+                self._fetch(r, _own_request("GET", "/v1/models")), MODEL_INFO_TIMEOUT
+            )
             data = json.loads(raw)["data"][0]
         except (UpstreamError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError):
             return None
         return data if isinstance(data, dict) else None
+
+
+def _own_request(method: str, target: str, body: str = "") -> Request:
+    """A request the router makes itself (a plan's task, a look at /v1/models)."""
+    return Request(method, target, {"content-type": "application/json"}, body.encode())
 
 
 def _named_model(request: Request) -> Any:

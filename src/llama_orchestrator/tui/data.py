@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import psutil
 
@@ -25,6 +25,7 @@ from llama_orchestrator.engine.status import Description, InstanceStatus, collec
 from llama_orchestrator.gpuwatch import GpuStatus
 from llama_orchestrator.home import Home
 from llama_orchestrator.plans.records import RunFiles, list_runs
+from llama_orchestrator.present import plan_cancelled, plan_requeued
 
 __all__ = [
     "InstanceView",
@@ -109,6 +110,8 @@ class DataSource(Protocol):
     def retry_plan(self, run_id: str) -> str: ...
 
 
+T = TypeVar("T")
+
 #: plan runs the dashboard lists
 PLAN_RUNS_SHOWN = 30
 
@@ -190,12 +193,12 @@ class EngineSource:
                 self._counters[view.name] = sample
         return view
 
-    def _act(self, fn: Callable[[Control], object], start_daemon: bool = True) -> None:
-        """As the CLI does: through the daemon (started for up/restart, as
-        `llama-orch up` starts it), on a fresh engine per action."""
+    def _act(self, fn: Callable[[Control], T], start_daemon: bool = True) -> T:
+        """As the CLI does: through the daemon (started for up/restart and the
+        plan verbs, as `llama-orch up` starts it), on a fresh engine per action."""
         engine = Engine(self.home)
         try:
-            fn(control(engine, start=start_daemon))
+            return fn(control(engine, start=start_daemon))
         finally:
             engine.close()
 
@@ -218,21 +221,11 @@ class EngineSource:
     def task_output(self, run_id: str, task_id: str) -> tuple[str | None, str | None]:
         return RunFiles(self.home.plan_run_dir(run_id)).task_output(task_id)
 
-    def _plan_control(self, fn: Callable[[Control], str]) -> str:
-        """As `llama-orch plan cancel/retry`: through the daemon, started if need be."""
-        engine = Engine(self.home)
-        try:
-            return fn(control(engine, start=True))
-        finally:
-            engine.close()
-
     def cancel_plan(self, run_id: str) -> str:
-        stopped = self._plan_control(lambda c: ", ".join(c.cancel_plan(run_id).cancelled))
-        return f"Cancelled plan run {run_id}" + (f" (stopped {stopped})." if stopped else ".")
+        return plan_cancelled(run_id, self._act(lambda c: c.cancel_plan(run_id).cancelled))
 
     def retry_plan(self, run_id: str) -> str:
-        again = self._plan_control(lambda c: ", ".join(c.retry_plan(run_id).requeued))
-        return f"Plan run {run_id}: queued again: {again or 'nothing'}."
+        return plan_requeued(run_id, self._act(lambda c: c.retry_plan(run_id).requeued))
 
     def close(self) -> None:
         self._engine.close()
