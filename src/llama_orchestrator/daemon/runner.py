@@ -416,6 +416,10 @@ class InstanceRunner:
             return
         row = self._row()
         ref = ProcRef.of(row.pid, row.create_time)
+        if ref is None and row.pid and row.state in RUNNING_STATES:
+            # gone before its start time could be read (a model that fails at
+            # once): watched all the same, so its end is seen and recorded now
+            ref = ProcRef(row.pid, 0.0)
         if ref is not None:
             self._watch_process(ref, p.config, eager)
 
