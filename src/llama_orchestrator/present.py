@@ -108,7 +108,14 @@ def state_label(status: InstanceStatus) -> str:
     """`healthy*`: the star marks a running instance nothing supervises;
     `backoff (3.2s)`: the next restart is due in 3.2 seconds; `idle (on demand)`:
     stopped until a request names it; `healthy (idle stop 4m12s)`: an on-demand
-    instance stops after that long without requests."""
+    instance stops after that long without requests; `queued (load 2 of 5)`:
+    waiting for its turn to load; `starting (42%)`: that much of its model read."""
+    position = status.get("load_position")
+    if status["state"] == "queued":
+        return f"queued (load {position[0]} of {position[1]})" if position else "queued"
+    percent = status.get("load_progress")
+    if status["state"] == "starting" and percent is not None and percent < 100:
+        return f"starting ({percent}%)" + ("" if status["supervised"] else "*")
     if status.get("next_try_s") is not None:
         return f"{status['state']} ({status['next_try_s']:g}s)"
     if status.get("on_demand") and status["state"] in ("created", "stopped"):

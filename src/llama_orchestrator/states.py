@@ -13,6 +13,7 @@ __all__ = ["InstanceState", "Desired", "ALLOWED", "is_allowed", "RUNNING_STATES"
 
 class InstanceState(str, Enum):
     CREATED = "created"
+    QUEUED = "queued"  # waiting for its turn to load (`loads.max_concurrent`)
     STARTING = "starting"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
@@ -40,15 +41,16 @@ S = InstanceState
 RUNNING_STATES = frozenset({S.STARTING, S.HEALTHY, S.UNHEALTHY, S.STOPPING})
 
 ALLOWED: dict[InstanceState, frozenset[InstanceState]] = {
-    S.CREATED: frozenset({S.STARTING, S.STOPPED}),
+    S.CREATED: frozenset({S.QUEUED, S.STARTING, S.STOPPED}),
+    S.QUEUED: frozenset({S.STARTING, S.STOPPED, S.BACKOFF, S.EXITED, S.FAILED}),
     S.STARTING: frozenset({S.HEALTHY, S.UNHEALTHY, S.EXITED, S.BACKOFF, S.FAILED, S.STOPPING}),
     S.HEALTHY: frozenset({S.UNHEALTHY, S.EXITED, S.BACKOFF, S.FAILED, S.STOPPING}),
     S.UNHEALTHY: frozenset({S.HEALTHY, S.EXITED, S.BACKOFF, S.FAILED, S.STOPPING}),
-    S.BACKOFF: frozenset({S.STARTING, S.FAILED, S.STOPPED}),
+    S.BACKOFF: frozenset({S.QUEUED, S.STARTING, S.FAILED, S.STOPPED}),
     S.STOPPING: frozenset({S.STOPPED, S.EXITED}),
-    S.STOPPED: frozenset({S.STARTING}),
-    S.EXITED: frozenset({S.STARTING, S.BACKOFF, S.FAILED, S.STOPPED}),
-    S.FAILED: frozenset({S.STARTING, S.STOPPED}),
+    S.STOPPED: frozenset({S.QUEUED, S.STARTING}),
+    S.EXITED: frozenset({S.QUEUED, S.STARTING, S.BACKOFF, S.FAILED, S.STOPPED}),
+    S.FAILED: frozenset({S.QUEUED, S.STARTING, S.STOPPED}),
 }
 
 

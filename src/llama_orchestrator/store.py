@@ -114,6 +114,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE instances ADD COLUMN config_digest TEXT;
     """,
+    # 7 -> 8: the state `queued` (waiting for its turn to load): an older
+    # llama-orch cannot read it, so it must refuse this database
+    """
+    SELECT 1;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

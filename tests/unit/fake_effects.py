@@ -17,10 +17,12 @@ from llama_orchestrator.config import InstanceConfig, RouterSettings, parse_conf
 from llama_orchestrator.config.command import Launch
 from llama_orchestrator.config.prepare import Prepared
 from llama_orchestrator.daemon.board import Board
+from llama_orchestrator.daemon.loads import LoadGate
 from llama_orchestrator.daemon.runner import RunnerDeps, Start
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, LOCAL, ProbeResult
 from llama_orchestrator.engine.lifecycle import UpResult, ended
+from llama_orchestrator.engine.logs import LoadProgress
 from llama_orchestrator.engine.process import ProcRef
 from llama_orchestrator.errors import UnknownInstance
 from llama_orchestrator.gguf_meta import ModelError, ModelInfo
@@ -78,6 +80,8 @@ class FakeEffects:
         self.rotated: list[list[str]] = []
         self.cards: Callable[[], list[GpuInfo]] = list
         self.models: dict[str, ModelInfo] = {}  # by file name
+        #: bytes an instance's logs hold (a test grows it: its load progresses)
+        self.logged: dict[str, int] = {}
 
     # --- the test's controls -------------------------------------------------------
 
@@ -194,6 +198,9 @@ class FakeEffects:
             answer = answer.pop(0) if len(answer) > 1 else answer[0]
         return ProbeResult(answer, _HTTP[answer], 1.0, None if answer == HEALTHY else answer)
 
+    async def load_progress(self, name: str, ref: ProcRef) -> LoadProgress:
+        return LoadProgress((self.logged.get(name, 0),))
+
     async def watch_exit(self, ref: ProcRef) -> None:
         if self.watch_faults:
             raise self.watch_faults.pop(0)
@@ -270,7 +277,10 @@ class World:
             self.settled.append((name, timeout))
             await self.slots.settle(name, timeout)
 
-        self.deps = RunnerDeps(self.store, self.fx, self.board, settle, rng=random.Random(1))
+        # no load limit: the load queue's own tests set one (w.deps.loads.set_limit)
+        self.deps = RunnerDeps(
+            self.store, self.fx, self.board, settle, rng=random.Random(1), loads=LoadGate(0)
+        )
         self.sup = Supervisor(home, self.deps)
 
     def row(self, name: str):

@@ -1,12 +1,15 @@
 """Restart policy: examples, and a Hypothesis state machine against a simple model."""
 
+import math
+
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from llama_orchestrator.config import HealthcheckSection, RestartPolicySection
-from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING
+from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, ProbeResult
+from llama_orchestrator.engine.logs import LoadProgress
 from llama_orchestrator.engine.policy import (
     Ending,
     RestartBook,
@@ -17,6 +20,7 @@ from llama_orchestrator.engine.policy import (
     fatal_reason,
     wants_restart,
 )
+from llama_orchestrator.engine.step import Watch, step
 from llama_orchestrator.states import Desired, is_allowed
 from llama_orchestrator.states import InstanceState as S
 
@@ -51,7 +55,8 @@ def test_a_model_that_cannot_load_fails_at_once_with_llama_servers_reason():
     ending = Ending.of({"code": 1, "signal": None, "stderr_tail": LOAD_ERROR})
     assert ending.fatal == (
         "llama-server could not load its model (tensor 'blk.0.ffn_up.weight' data is not "
-        "within the file bounds, model is corrupted or incomplete)"
+        "within the file bounds, model is corrupted or incomplete): fix the model (or its "
+        "path), then `up` it again"
     )
     d = after_exit(RestartPolicySection(), after_start(RestartBook(), 0), ending, R, 1, 0)
     assert d.state == S.FAILED and d.restart_at is None and d.book.restarts == 0
@@ -61,9 +66,54 @@ def test_a_model_that_cannot_load_fails_at_once_with_llama_servers_reason():
     assert Ending.of({"code": None, "signal": 9, "stderr_tail": LOAD_ERROR}).fatal is None
     assert Ending.of({"code": 0, "signal": None, "stderr_tail": LOAD_ERROR}).fatal is None
     assert fatal_reason(["E srv  llama_server: exiting due to model loading error"]) == (
-        "llama-server could not load its model"
+        "llama-server could not load its model: fix the model (or its path), then `up` it again"
     )
     assert fatal_reason(["segfault"]) is None and fatal_reason([]) is None
+
+
+#: what ggml and llama-server print when the model's buffers do not fit
+CUDA_OOM = [
+    "0.00.512.301 E ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4437.80 MiB on "
+    "device 0: cudaMalloc failed: out of memory",
+    "0.00.512.330 E alloc_tensor_range: failed to allocate CUDA0 buffer of size 4653375488",
+    "0.00.512.401 E llama_model_load: error loading model: unable to allocate CUDA0 buffer",
+    "0.00.512.420 E srv    load_model: failed to load model, '/m/x.gguf'",
+    "0.00.512.500 E main: exiting due to model loading error",
+]
+
+
+VULKAN_OOM = [
+    "ggml_vulkan: Device memory allocation of size 4653375488 failed.",
+    "ggml_vulkan: vk::Device::allocateMemory: ErrorOutOfDeviceMemory",
+]
+ROCM_OOM = [
+    "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 512.00 MiB on device 0: "
+    "hipMalloc failed: out of memory"
+]
+KV_OOM = [
+    "llama_kv_cache_unified: failed to allocate buffer for kv cache",
+    "llama_init_from_model: failed to initialize the context",
+]
+
+
+@pytest.mark.parametrize(
+    ("tail", "said"),
+    [
+        (CUDA_OOM, CUDA_OOM[0].split(" E ", 1)[1]),  # without llama.cpp's time and level
+        (VULKAN_OOM, VULKAN_OOM[1]),
+        (ROCM_OOM, ROCM_OOM[0]),
+        (KV_OOM, KV_OOM[0]),
+    ],
+    ids=["cuda", "vulkan", "rocm", "kv-cache"],
+)
+def test_an_out_of_memory_exit_says_so_with_the_fix_and_fails_at_once(tail, said):
+    ending = Ending.of({"code": 1, "signal": None, "stderr_tail": tail})
+    assert ending.fatal is not None and ending.fatal.startswith("llama-server ran out of memory")
+    assert f"({said})" in ending.fatal  # the first line that says so
+    for fix in ("gpu.layers (-ngl)", "model.context_size", "gpu.vram_mib"):
+        assert fix in ending.fatal
+    d = after_exit(RestartPolicySection(), after_start(RestartBook(), 0), ending, R, 1, 0)
+    assert d.state == S.FAILED and d.book.restarts == 0 and "not restarted" in d.reason
 
 
 def test_backoff_doubles_up_to_the_maximum_with_bounded_jitter():
@@ -128,6 +178,46 @@ def test_an_early_look_at_a_starting_instance_counts_only_when_it_is_healthy(sta
     assert after_probe(hc, "always", R, S.STARTING, 1, HEALTHY, 5, early=True).state == S.HEALTHY
     # once healthy, every probe is on time: `early` only matters while starting
     assert after_probe(hc, "always", R, S.HEALTHY, 1, status, 5, early=True).restart
+
+
+@pytest.mark.parametrize(
+    ("status", "stalled", "expected"),
+    [
+        (LOADING, 0.0, (S.STARTING, 0)),  # its log grew just now: loading, however long
+        (LOADING, 599.0, (S.STARTING, 0)),
+        (LOADING, 600.0, (S.STARTING, 1)),  # silent for load_timeout: a failure
+        (LOADING, math.inf, (S.STARTING, 1)),  # nobody looked: as before
+        (DOWN, 0.0, (S.STARTING, 1)),  # not listening past start_period is no load
+        (ERROR, 0.0, (S.STARTING, 1)),
+    ],
+)
+def test_past_start_period_only_a_load_without_progress_fails(status, stalled, expected):
+    hc = HealthcheckSection(retries=3, start_period=30)  # load_timeout 600 by default
+    v = after_probe(hc, "on-failure", R, S.STARTING, 0, status, 500, "x", False, stalled)
+    assert (v.state, v.failures) == expected
+    assert (
+        "progressing" in after_probe(hc, "no", R, S.STARTING, 2, LOADING, 99, "", False, 1).reason
+    )
+
+
+def test_the_step_measures_a_stall_from_the_last_growth_of_the_logs():
+    hc = HealthcheckSection(interval=1, retries=1, start_period=0, load_timeout=10)
+    probe = ProbeResult(LOADING, 503, 1.0, "loading")
+    w = Watch(since=0.0)
+    for t in range(1, 30):  # grows for 29 s: starting throughout
+        s = step(S.STARTING, R, 0.0, w, probe, hc, "on-failure", float(t), LoadProgress((t * 10,)))
+        assert s.state == S.STARTING
+        w = s.watch
+    assert w.progress_at == 29 and w.marks == (290,)
+    s = step(S.STARTING, R, 0.0, w, probe, hc, "on-failure", 38.0, LoadProgress((290,)))
+    assert s.state == S.STARTING  # 9 s silent
+    s = step(S.STARTING, R, 0.0, s.watch, probe, hc, "on-failure", 40.0, LoadProgress((290,)))
+    assert s.state == S.UNHEALTHY and s.restart  # 11 s silent
+    # the first look is only the baseline: a load silent since its start stalls too
+    first = step(
+        S.STARTING, R, 0.0, Watch(since=0.0), probe, hc, "on-failure", 11.0, LoadProgress((5,))
+    )
+    assert first.state == S.UNHEALTHY
 
 
 def test_an_unhealthy_instance_is_restarted_only_when_its_policy_says_so():

@@ -5,9 +5,11 @@ every decision of the daemon, without a process or a socket."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
+from llama_orchestrator.daemon.loads import LoadGate
 from llama_orchestrator.daemon.runner import Adopt, Remove, Resume, Start, Stop
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, LOCAL
@@ -84,13 +86,142 @@ async def test_failing_checks_make_it_unhealthy_then_it_is_stopped_and_restarted
 
 
 async def test_a_model_loading_within_start_period_is_no_failure(w):
-    w.fx.add("a", healthcheck={"start_period": 5})
+    w.fx.add("a", healthcheck={"start_period": 5, "load_timeout": 2})
     w.fx.health["a"] = LOADING
     await w.up("a")
     await w.fx.advance(4.5)
     assert w.row("a").state == S.STARTING and not w.fx.stops
-    await w.fx.advance(3)  # start_period over: two failures in a row
+    await w.fx.advance(3)  # start_period over, and no progress for 2 s: two failures
     assert "unhealthy" in w.kinds("a") and w.fx.stops
+
+
+async def test_a_load_that_progresses_outlasts_start_period_and_one_that_stalls_does_not(w):
+    w.fx.add("a", healthcheck={"start_period": 2, "load_timeout": 3})
+    w.fx.health["a"] = LOADING
+    await w.up("a")
+    for _ in range(20):  # 10 s, far past start_period: its log grows all along
+        w.fx.logged["a"] = w.fx.logged.get("a", 0) + 100
+        await w.fx.advance(0.5)
+    assert w.row("a").state == S.STARTING and not w.fx.stops and "unhealthy" not in w.kinds("a")
+    await w.fx.advance(2.5)  # silent, but not for load_timeout yet
+    assert not w.fx.stops
+    await w.fx.advance(3)  # silent for load_timeout: now its failures count
+    assert "unhealthy" in w.kinds("a") and w.fx.stops == [("a", 5)]
+    w.fx.health["a"] = HEALTHY  # restarted (on-failure), it loads quickly
+    await w.fx.advance(2)
+    assert w.row("a").state == S.HEALTHY and w.row("a").restarts == 1
+
+
+# --- the load queue (loads.max_concurrent) ------------------------------------------
+
+
+def _loading(w, names):
+    return [n for n in names if w.row(n).state == S.STARTING]
+
+
+async def test_five_starts_load_one_at_a_time_in_order_and_none_is_restarted(w):
+    w.deps.loads.set_limit(1)
+    names = ["a", "b", "c", "d", "e"]
+    for n in names:
+        w.fx.add(n)
+        w.fx.health[n] = LOADING
+    results = [await w.up(n) for n in names]
+    assert [r.outcome for r in results] == ["started"] + ["queued"] * 4
+    assert [r.load_position for r in results[1:]] == [[2, 2], [3, 3], [4, 4], [5, 5]]
+    assert [w.row(n).state for n in names] == [S.STARTING] + [S.QUEUED] * 4
+    assert w.sup.loads() == {n: [k, 5] for k, n in enumerate(names, 1)}
+    assert "load 3 of 3" in w.store.events("c")[-1].message
+    order = []
+    for n in names:  # each loads for 2 s; the next starts only once it is healthy
+        await w.fx.advance(2)
+        assert _loading(w, names) == [n] and len(w.fx.procs) == len(order) + 1
+        w.fx.health[n] = HEALTHY
+        await w.fx.advance(0.6)
+        order.append(n)
+    assert all(w.sup.healthy(n) for n in names)
+    assert [p.name for p in w.fx.procs] == names and w.sup.loads() == {}
+    assert all(w.row(n).restarts == 0 for n in names)
+    assert w.kinds("b")[:3] == ["queued", "starting", "healthy"]
+
+
+async def test_a_stopped_or_removed_queued_start_never_loads_and_frees_its_place(w):
+    w.deps.loads.set_limit(1)
+    for n in "abc":
+        w.fx.add(n)
+        w.fx.health[n] = LOADING
+        await w.up(n)
+    assert await w.sup.down(["b"]) == []  # no process of it was running
+    assert w.row("b").state == S.STOPPED and w.row("b").desired == Desired.STOPPED
+    assert w.sup.loads() == {"a": [1, 2], "c": [2, 2]}
+    w.fx.health["a"] = HEALTHY
+    await w.fx.advance(1)
+    assert w.row("c").state == S.STARTING and w.row("b").state == S.STOPPED
+    assert [p.name for p in w.fx.procs] == ["a", "c"]
+
+
+async def test_a_crash_while_loading_lets_the_next_load_and_its_restart_queues_behind(w):
+    w.deps.loads.set_limit(1)
+    for n in "ab":
+        w.fx.add(n)
+        w.fx.health[n] = LOADING
+        await w.up(n)
+    w.fx.proc("a").end(code=1)  # dies loading: b's turn at once
+    await w.fx.settle()
+    assert w.row("a").state == S.BACKOFF and w.row("b").state == S.STARTING
+    await w.fx.advance(1.2)  # a's restart is due while b still loads: it waits its turn
+    assert w.row("a").state == S.QUEUED and len(w.fx.procs) == 2
+    assert w.sup.active("a")  # a restart waiting to load is still in the daemon's care
+    w.fx.health["b"] = HEALTHY
+    await w.fx.advance(0.6)
+    assert w.row("a").state == S.STARTING and w.row("a").restarts == 1
+
+
+async def test_an_on_demand_start_goes_before_the_queued_ones_and_a_user_up_waits(w):
+    w.deps.loads.set_limit(1)
+    for n in ("a", "b", "lazy"):
+        w.fx.add(n)
+        w.fx.health[n] = LOADING
+    await w.up("a")
+    await w.up("b")
+    result = await w.up("lazy", eager=True)  # requests wait on it
+    assert result.outcome == "queued" and result.load_position == [2, 3]
+    again = await w.up("b")  # asking again keeps b's place and says it
+    assert again.outcome == "queued" and again.load_position == [3, 3]
+    w.fx.health["a"] = HEALTHY
+    await w.fx.advance(0.6)
+    assert w.row("lazy").state == S.STARTING and w.row("b").state == S.QUEUED
+
+
+async def test_a_start_that_fails_when_its_turn_comes_is_recorded_and_frees_the_slot(w):
+    w.deps.loads.set_limit(1)
+    for n in "abc":
+        w.fx.add(n)
+        w.fx.health[n] = LOADING
+        await w.up(n)
+    w.fx.spawn_fails["b"] = StartFailed("port 9001 is taken")
+    w.fx.health["a"] = HEALTHY
+    await w.fx.advance(0.6)
+    assert "start_failed" in w.kinds("b") and w.row("b").state == S.BACKOFF
+    assert w.row("c").state == S.STARTING  # b's failure did not hold the queue
+
+
+async def test_a_process_adopted_while_loading_holds_a_slot(w):
+    w.deps.loads.set_limit(1)
+    w.fx.add("a")
+    w.fx.add("b")
+    w.fx.health["a"] = w.fx.health["b"] = LOADING
+    await w.up("a")
+    await w.sup.runner("a").close()  # as if the daemon died while a loads
+    w.sup._runners.clear()
+    other = Supervisor(w.sup.home, replace(w.deps, loads=LoadGate(1)))  # the next daemon
+    await other.runner("a").ask(Adopt(w.row("a")))
+    assert other.loads() == {"a": [1, 1]}
+    (p,) = await w.fx.prepare(["b"])
+    assert (await other.runner("b").ask(Start(p))).outcome == "queued"
+    w.fx.health["a"] = HEALTHY
+    await w.fx.advance(0.6)
+    assert w.row("b").state == S.STARTING
+    await other.shutdown(stop_instances=False)
 
 
 async def test_quick_early_looks_do_not_count_as_failures_sooner_than_interval(w):

@@ -9,7 +9,7 @@ import typer
 
 from llama_orchestrator.cli.context import app_context, out, print_json, say
 from llama_orchestrator.engine.lifecycle import exit_text
-from llama_orchestrator.engine.status import InstanceStatus
+from llama_orchestrator.engine.status import InstanceStatus, with_loads
 from llama_orchestrator.present import (
     STATE_STYLES,
     ago,
@@ -115,11 +115,14 @@ def describe(
     from llama_orchestrator.engine import views
 
     d = views.describe(engine, name)
+    with_loads([d], app_context(ctx).control().loads())
     if json_:
         print_json(d)
         return
     state_style = STATE_STYLES.get(d["state"], "")
-    out.print(f"[bold]{d['name']}[/]  [{state_style}]{d['state']}[/]  (desired: {d['desired']})")
+    out.print(
+        f"[bold]{d['name']}[/]  [{state_style}]{state_label(d)}[/]  (desired: {d['desired']})"
+    )
     for key in (
         "pid",
         "host",

@@ -170,7 +170,15 @@ def _report_up(results: list[UpResult]) -> None:
         for n in r.notes:
             say(f"{r.name}: {n}")
         url = f"http://127.0.0.1:{r.port}"
-        if r.outcome == "already running":
+        if r.outcome == "queued":
+            place = (
+                f" (load {r.load_position[0]} of {r.load_position[1]})" if r.load_position else ""
+            )
+            say(
+                f"{r.name} queued{place}: the daemon starts it once the models before it "
+                "have loaded (loads.max_concurrent)"
+            )
+        elif r.outcome == "already running":
             say(f"{r.name} is already running (pid {r.pid}) on {url}")
             if r.stale:
                 say(

@@ -155,6 +155,11 @@ class HealthcheckSection(_Section):
     deep_interval: float = Field(
         60, gt=0, description="Seconds between completion probes when probe is `completion`."
     )
+    load_timeout: float = Field(
+        600,
+        gt=0,
+        description="Seconds a model may load (503) without its log showing progress; past start_period a load that progresses is never a failure.",
+    )
 
 
 class RestartPolicySection(_Section):
@@ -308,6 +313,14 @@ class GroupSettings(_Section):
     )
 
 
+class LoadSettings(_Section):
+    max_concurrent: int = Field(
+        1,
+        ge=0,
+        description="Models the daemon loads at once (0: no limit); the other starts wait their turn, shown as `queued`. One by default: parallel loads share one disk and one PCIe bus, and on a riser rig each slows the others past their start_period.",
+    )
+
+
 class ModelSettings(_Section):
     dir: str | None = Field(
         None,
@@ -327,6 +340,7 @@ class Settings(_Section):
     logs: LogSettings = Field(default_factory=LogSettings)
     gpu: GpuSettings = Field(default_factory=GpuSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
+    loads: LoadSettings = Field(default_factory=LoadSettings)
 
 
 # --- parsing -----------------------------------------------------------------

@@ -128,6 +128,10 @@ def build_app(
     async def instances() -> dict[str, Any]:
         return asdict(await status_view())
 
+    @app.get("/v1/loads")
+    async def loads() -> dict[str, Any]:
+        return {"loads": sup.loads()}
+
     @app.post("/v1/up")
     async def up(body: UpRequest) -> dict[str, Any]:
         return asdict(UpReply(await sup.up(names(body.names), body.strict)))

@@ -158,6 +158,14 @@ class Supervised:
         except OrchError:
             return self.engine.status()
 
+    def loads(self) -> dict[str, list[int]]:
+        """The daemon's load queue (empty when it does not answer in time: a view)."""
+        try:
+            answer = DaemonClient(self.client.info, timeout=STATUS_TIMEOUT).call("GET", "/v1/loads")
+        except OrchError:
+            return {}
+        return dict(answer["loads"])
+
     def submit_plan(self, path: Path, text: str, given_vars: dict[str, str]) -> PlanReply:
         source = path.resolve()
         body = PlanRequest(text, str(source), str(source.parent), given_vars)

@@ -27,7 +27,8 @@ from llama_orchestrator.config.prepare import Prepared
 from llama_orchestrator.config.validate import load_all
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import Engine, UpResult
-from llama_orchestrator.engine.process import ProcRef, find, stop_tree, wait_exit
+from llama_orchestrator.engine.logs import LoadProgress, load_progress
+from llama_orchestrator.engine.process import ProcRef, activity, find, stop_tree, wait_exit
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gguf_meta import ModelInfo, read_model
 from llama_orchestrator.gpu import GpuInfo, discover
@@ -69,6 +70,9 @@ class Effects(Protocol):
 
     async def probe(self, cfg: InstanceConfig, deep: bool) -> health.ProbeResult:
         """One health check (`deep`: the 1-token completion)."""
+
+    async def load_progress(self, name: str, ref: ProcRef) -> LoadProgress:
+        """How the model load of process `ref` goes, from its logs and the process."""
 
     async def watch_exit(self, ref: ProcRef) -> None:
         """Return once the process has ended (at once if it already has)."""
@@ -206,6 +210,10 @@ class LiveEffects:
         if deep:
             return await health.aprobe(s.host, s.port, cfg.healthcheck.timeout, True, s.api_key)
         return await health.aprobe(s.host, s.port, cfg.healthcheck.timeout)
+
+    async def load_progress(self, name: str, ref: ProcRef) -> LoadProgress:
+        log_dir = self.home.log_dir(name)
+        return await asyncio.to_thread(lambda: load_progress(log_dir, activity(ref)))
 
     async def watch_exit(self, ref: ProcRef) -> None:
         """On Linux a pidfd registered with the event loop (any process, also

@@ -36,6 +36,7 @@ from llama_orchestrator.files import private_dir
 from llama_orchestrator.home import Home
 
 if TYPE_CHECKING:
+    from llama_orchestrator.engine.status import StatusReply
     from llama_orchestrator.router.front import Limits
 
 __all__ = ["run_foreground", "start_background", "stop", "Started", "DAEMON_ENV"]
@@ -127,6 +128,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     from llama_orchestrator.daemon.api import build_app
     from llama_orchestrator.daemon.board import Board
     from llama_orchestrator.daemon.effects import LiveEffects
+    from llama_orchestrator.daemon.loads import LoadGate
     from llama_orchestrator.daemon.metrics import Metrics
     from llama_orchestrator.daemon.ondemand import OnDemand
     from llama_orchestrator.daemon.plans import PlanRunner
@@ -157,7 +159,15 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     slots = Slots(settings.router, lambda: board.replicas.values(), clock=effects.now)
     board.watch(slots.wake)  # a replica up (or freed): queued requests are served at once
     sup = Supervisor(
-        home, RunnerDeps(store, effects, board, slots.settle, on_health=metrics.health)
+        home,
+        RunnerDeps(
+            store,
+            effects,
+            board,
+            slots.settle,
+            on_health=metrics.health,
+            loads=LoadGate(settings.loads.max_concurrent),
+        ),
     )
     on_demand = OnDemand(sup, slots, settings)
     router = Router(
@@ -183,6 +193,11 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         stop_instances = stop_instances or all_
         server.should_exit = True
 
+    async def status_view() -> StatusReply:
+        """`ps` through the daemon: the same view, made here, where the configs
+        are read, with what only the daemon knows (the load queue)."""
+        return sup.with_loads(await effects.in_thread(lambda e: e.status()))
+
     app = build_app(
         sup,
         effects.engine(),
@@ -192,8 +207,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         address=address,
         token=token,
         request_exit=request_exit,
-        # `ps` through the daemon: the same view, made here, where the configs are read
-        status_view=lambda: effects.in_thread(lambda e: e.status()),
+        status_view=status_view,
         router_url=router_url,
         router_error=router_error,
     )

@@ -290,6 +290,11 @@ class Control(Protocol):
         """What `ps` shows (`engine.status.collect`, run where the state is owned)."""
         ...
 
+    def loads(self) -> dict[str, list[int]]:
+        """The load queue: {name: [k, n]}, load k of the n loading or waiting
+        (empty without a daemon: nothing waits)."""
+        ...
+
     def submit_plan(self, path: Path, text: str, given_vars: dict[str, str]) -> PlanReply:
         """Hand a checked plan file to the daemon: its run id, and the models
         no healthy instance serves now."""

@@ -10,8 +10,8 @@ reaches into it.
 
 Commands are handled one at a time, so the state machine never races: a
 user's `down`, a death, a health verdict and a restart cannot interleave.
-The probe loop, the exit watch and the restart timer are tasks the runner
-owns; they only post messages to it. Decisions are pure (`engine.step`,
+The probe loop, the exit watch, the restart timer and the wait for a load
+slot (`daemon.loads`) are tasks the runner owns; they only post messages to it. Decisions are pure (`engine.step`,
 `engine.policy.after_exit`); every effect goes through `Effects`.
 """
 
@@ -29,8 +29,10 @@ from llama_orchestrator.config import InstanceConfig
 from llama_orchestrator.config.prepare import Prepared
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.effects import Effects, changed_within
+from llama_orchestrator.daemon.loads import LoadGate
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import UpResult, ended, running_rm_refused
+from llama_orchestrator.engine.logs import LoadProgress
 from llama_orchestrator.engine.policy import Ending, RestartBook, after_exit
 from llama_orchestrator.engine.process import ProcRef
 from llama_orchestrator.engine.step import Watch, step
@@ -116,6 +118,7 @@ class Remove:
 class _Probed:
     ref: ProcRef
     result: health.ProbeResult
+    progress: LoadProgress | None = None  # what its logs said, while it loads
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,11 @@ class _RestartDue:
 
 
 @dataclass(frozen=True)
+class _LoadTurn:
+    """A load slot is ours: the start that waited for it goes ahead."""
+
+
+@dataclass(frozen=True)
 class _StopFailed:
     """Stopping an unhealthy process raised (no descriptor left, ...)."""
 
@@ -136,7 +144,18 @@ class _StopFailed:
     error: str
 
 
-Command = Start | Stop | Adopt | Resume | Remove | _Probed | _Exited | _RestartDue | _StopFailed
+Command = (
+    Start
+    | Stop
+    | Adopt
+    | Resume
+    | Remove
+    | _Probed
+    | _Exited
+    | _RestartDue
+    | _StopFailed
+    | _LoadTurn
+)
 
 
 @dataclass
@@ -149,6 +168,7 @@ class RunnerDeps:
     settle: Settle
     rng: random.Random = field(default_factory=random.Random)
     on_health: HealthHook | None = None
+    loads: LoadGate = field(default_factory=LoadGate)
 
 
 class InstanceRunner:
@@ -168,7 +188,11 @@ class InstanceRunner:
         self._unhealthy_stop = False  # we are stopping it for failing its checks
         # a stop for failing its checks failed: the next failed check tries again
         self._stop_owed = False
-        self._tasks: dict[str, asyncio.Task[None]] = {}  # "probe", "exit", "restart", "stop"
+        #: a start waiting for a load slot: (fresh, eager), as its Start said
+        self._queued: tuple[bool, bool] | None = None
+        self._tasks: dict[
+            str, asyncio.Task[None]
+        ] = {}  # "probe", "exit", "restart", "stop", "load"
         self._due = 0  # the token of the restart timer that counts
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -198,8 +222,13 @@ class InstanceRunner:
 
     @property
     def active(self) -> bool:
-        """A process of it is in our care, or a restart is pending."""
-        return self._ref is not None or "restart" in self._tasks
+        """A process of it is in our care, or a restart or a load is pending."""
+        return self._ref is not None or "restart" in self._tasks or self.queued
+
+    @property
+    def queued(self) -> bool:
+        """A start of it waits for a load slot."""
+        return self._queued is not None
 
     def drain(self) -> None:
         """Take no new requests from now on (the process keeps running).
@@ -220,8 +249,11 @@ class InstanceRunner:
         return True
 
     async def close(self) -> None:
-        """Stop supervising (the process keeps running); no answer will come."""
+        """Stop supervising (the process keeps running); no answer will come.
+        Its load slot is not given back: the daemon is going, and nothing
+        else may start on the way."""
         self._quiet()
+        self._cancel("load")
         self._d.board.publish(self.name, None)
         if self._task is not None:
             self._task.cancel()
@@ -265,6 +297,8 @@ class InstanceRunner:
             return await self._restart_due(c.token)
         if isinstance(c, _StopFailed):
             return self._stop_failed(c)
+        if isinstance(c, _LoadTurn):
+            return await self._load_turn()
         if isinstance(c, Start):
             return await self._start(c)
         if isinstance(c, Stop):
@@ -392,7 +426,11 @@ class InstanceRunner:
                     log.warning(f"{self.name}: {result.error}; no verdict on the server")
                 if self._d.on_health is not None:
                     self._d.on_health(self.name, result)
-                await self.ask(_Probed(ref, result))  # one at a time: probes never pile up
+                loading = self.state == S.STARTING and not result.ok
+                progress = await self._fx.load_progress(self.name, ref) if loading else None
+                await self.ask(
+                    _Probed(ref, result, progress)
+                )  # one at a time: probes never pile up
             except Exception:  # a fault of ours: logged, and the checks go on
                 log.exception(f"{self.name}: health check failed in the daemon")
 
@@ -424,11 +462,85 @@ class InstanceRunner:
             self._watch_process(ref, p.config, eager)
 
     async def _start(self, c: Start) -> UpResult:
-        result = await self._fx.spawn(c.prepared, c.fresh)
-        result.warnings, result.notes = c.prepared.warnings, c.prepared.notes
-        self._took(result, c.prepared, c.eager)
+        p = c.prepared
+        if self._queued is not None:  # waiting already: as urgent as the latest ask
+            fresh, eager = self._queued
+            self._queued = (fresh or c.fresh, eager or c.eager)
+            self._d.loads.enter(self.name, c.eager)
+            return self._queued_result(p)
+        row = self._row()
+        entered = False
+        if self._ref is None and not self._fx.alive(ProcRef.of(row.pid, row.create_time)):
+            turn = self._d.loads.enter(self.name, c.eager)
+            if turn is not None:
+                self._queue(row, turn, c.fresh, c.eager)
+                return self._queued_result(p)
+            entered = True
+        try:
+            result = await self._fx.spawn(p, c.fresh)
+        except BaseException:
+            if entered:
+                self._d.loads.leave(self.name)  # no load began
+            raise
+        result.warnings, result.notes = p.warnings, p.notes
+        self._took(result, p, c.eager)
+        if entered and result.outcome != "started":
+            self._d.loads.leave(self.name)
         self._publish()
         return result
+
+    def _queued_result(self, p: Prepared) -> UpResult:
+        position = self._d.loads.position(self.name)
+        return UpResult(
+            self.name,
+            "queued",
+            None,
+            p.config.server.port,
+            warnings=p.warnings,
+            notes=p.notes,
+            load_position=list(position) if position else None,
+        )
+
+    def _queue(
+        self, row: InstanceRow, turn: asyncio.Future[None], fresh: bool, eager: bool
+    ) -> None:
+        """Wait for a load slot (`daemon.loads`): `queued` until the turn comes."""
+        self._cancel("restart")
+        self._due += 1
+        self._queued = (fresh, eager)
+        k, n = self._d.loads.position(self.name) or (0, 0)
+        self._set(
+            row,
+            S.QUEUED,
+            f"waiting for its turn to load (load {k} of {n})",
+            {"load_position": [k, n]},
+            desired=Desired.RUNNING,
+            next_restart_at=None,
+        )
+
+        async def wait() -> None:
+            await turn
+            self.post(_LoadTurn())
+
+        self._own("load", wait)
+
+    def _unqueue(self) -> None:
+        """Hold no load slot and wait for none (stopped, removed, loaded, dead)."""
+        self._cancel("load")
+        self._queued = None
+        self._d.loads.leave(self.name)
+
+    async def _load_turn(self) -> None:
+        if self._queued is None:
+            return  # stopped meanwhile: the stop gave the slot back
+        fresh, eager = self._queued
+        self._queued = None
+        self._tasks.pop("load", None)
+        row = self._row()
+        if row.state != S.QUEUED or row.desired != Desired.RUNNING:
+            self._d.loads.leave(self.name)
+            return
+        await self._launch(fresh, eager)
 
     async def _restart_due(self, token: int) -> None:
         if token != self._due:
@@ -437,14 +549,29 @@ class InstanceRunner:
         row = self._row()
         if row.state != S.BACKOFF or row.desired != Desired.RUNNING:
             return
+        turn = self._d.loads.enter(self.name)
+        if turn is not None:
+            self._queue(row, turn, False, False)
+            return
+        await self._launch(False, False)
+
+    async def _launch(self, fresh: bool, eager: bool) -> None:
+        """Start a run nobody awaits (a restart, a start whose turn to load
+        came), holding a load slot: prepared anew (the config may have changed,
+        `auto` picks a card by what is free now); a failure is recorded, and
+        the restart policy decides what follows."""
         try:
             (p,) = await self._fx.prepare([self.name])
-            result = await self._fx.spawn(p, False)
+            result = await self._fx.spawn(p, fresh)
         except OrchError as exc:  # config broken meanwhile, port taken, ...
+            self._d.loads.leave(self.name)
             self._d.store.add_event(self.name, "start_failed", str(exc))
             self._decide(self._row(), Ending())
             return
-        self._took(result, p, False)
+        self._took(result, p, eager)
+        if result.outcome != "started":
+            self._d.loads.leave(self.name)
+        self._publish()
 
     def _probed(self, c: _Probed) -> None:
         cfg, watch = self._cfg, self._watch
@@ -462,10 +589,13 @@ class InstanceRunner:
             cfg.healthcheck,
             cfg.restart_policy.effective_mode,
             self._fx.now(),
+            c.progress,
         )
         self._watch = s.watch
         if s.state != row.state:
             self._set(row, s.state, s.reason, {"probe": c.result.to_json()})
+            if s.state != S.STARTING:  # loaded, or failing its checks: the next may load
+                self._d.loads.leave(self.name)
         self._publish()
         if s.state == S.HEALTHY:
             self._stop_owed = False
@@ -503,6 +633,7 @@ class InstanceRunner:
             return  # an old process of this instance, already dealt with
         unhealthy = self._unhealthy_stop
         self._quiet()
+        self._d.loads.leave(self.name)
         self._publish()
         row = self._row()
         if row.pid != ref.pid:
@@ -557,6 +688,7 @@ class InstanceRunner:
         self._publish()
         await self._d.settle(self.name, grace)
         self._quiet()
+        self._unqueue()
         row = self._row()
         ref = ProcRef.of(row.pid, row.create_time)
         if not self._fx.alive(ref):
@@ -592,6 +724,8 @@ class InstanceRunner:
                 row.name, "adopted", f"daemon adopted process {row.pid}", {"pid": row.pid}
             )
         self.state = row.state
+        if row.state == S.STARTING:
+            self._d.loads.take(self.name)  # loading when the last daemon died: it holds a slot
         if row.state == S.STOPPING or row.desired == Desired.STOPPED:
             await self._stop(None)  # a `down` was under way when the last daemon died: finish it
             return
@@ -606,6 +740,7 @@ class InstanceRunner:
                 raise running_rm_refused(self.name)
             await self._stop(None)
         self._quiet()
+        self._unqueue()
         self._cfg = None
         self._publish()
         await self._fx.forget(self.name)

@@ -31,6 +31,7 @@ from llama_orchestrator.daemon.runner import (
     Stop,
 )
 from llama_orchestrator.engine.lifecycle import UpResult
+from llama_orchestrator.engine.status import StatusReply, with_loads
 from llama_orchestrator.errors import OrchError, StartFailed
 from llama_orchestrator.home import Home
 from llama_orchestrator.states import RUNNING_STATES, Desired
@@ -104,6 +105,8 @@ class Supervisor:
                     at = row.next_restart_at or self.effects.now()
                     await self.runner(row.name).ask(Resume(at))
                 elif cfg is not None and cfg.on_demand:
+                    if row.state == S.QUEUED:  # its requests went with the last daemon
+                        await self.runner(row.name).ask(Stop())
                     continue  # the router starts it when a request names it
                 elif row.desired == Desired.RUNNING or (cfg is not None and cfg.autostart):
                     to_start.append(row.name)
@@ -174,7 +177,9 @@ class Supervisor:
             await self.down([name])
             (result,) = await self.up([name])
             r = self.runner(name)
-            settled = await r.until(lambda r: r.healthy or r.state not in RUNNING_STATES, timeout)
+            settled = await r.until(
+                lambda r: r.healthy or (r.state not in RUNNING_STATES and not r.queued), timeout
+            )
             if not (settled and r.healthy):
                 raise StartFailed(
                     f"Rolling restart stopped at '{name}': it did not become healthy "
@@ -235,3 +240,13 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         return {"instances": self.supervised()}
+
+    def loads(self) -> dict[str, list[int]]:
+        """The load queue: {name: [k, n]}, load k of the n loading or waiting."""
+        return {name: list(kn) for name, kn in self.deps.loads.queue.positions().items()}
+
+    def with_loads(self, reply: StatusReply) -> StatusReply:
+        """The status view with each loading or queued instance's place in
+        the load queue (`load_position`)."""
+        with_loads(reply.instances, self.loads())
+        return reply

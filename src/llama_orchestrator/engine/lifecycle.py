@@ -23,6 +23,7 @@ from llama_orchestrator import platform
 from llama_orchestrator.engine import health, logs
 from llama_orchestrator.engine.process import (
     ProcRef,
+    activity,
     create_time_of,
     exit_code,
     find,
@@ -60,14 +61,15 @@ EXIT_TAIL_LINES = 20
 POLL_INTERVAL = 0.05  # seconds between health probes while waiting for `up`
 STATE_POLL_INTERVAL = 0.02  # seconds between reads of the state a daemon writes
 
-#: on_progress(name, phase, elapsed_s, detail): phase is "starting", "loading", "healthy"
+#: on_progress(name, phase, elapsed_s, detail): phase is "queued" (waiting for its
+#: turn to load), "starting", "loading" or "healthy"
 Progress = Callable[[str, str, float, str], None]
 
 
 @dataclass
 class UpResult:
     name: str
-    outcome: str  # "started" | "already running"
+    outcome: str  # "started" | "already running" | "queued" (waiting for its turn to load)
     pid: int | None
     port: int
     healthy: bool = False
@@ -76,6 +78,8 @@ class UpResult:
     stale: bool = False
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: queued: [k, n], load k of the n loading or waiting (`loads.max_concurrent`)
+    load_position: list[int] | None = None
 
 
 def exit_text(info: dict[str, Any]) -> str:
@@ -446,6 +450,12 @@ class Engine:
             probed = False
             for name, res in list(pending.items()):
                 row = self.observe(self.store.get_or_new(name))
+                if row.state == S.QUEUED and res.pid is None:  # the daemon loads others first
+                    if on_progress:
+                        on_progress(name, "queued", elapsed, "waiting for its turn to load")
+                    continue
+                if res.pid is None and row.state in RUNNING_STATES:  # its turn came
+                    res.pid, res.outcome = row.pid, "started"
                 if row.state not in RUNNING_STATES or row.pid != res.pid:
                     res.error = self._death_message(name, row)
                     del pending[name]
@@ -473,6 +483,9 @@ class Engine:
                         cfg.healthcheck,
                         cfg.restart_policy.effective_mode,  # its `restart` is not acted on here
                         now,
+                        logs.load_progress(self.home.log_dir(name), activity(self._ref(row)))
+                        if probe.status == health.LOADING
+                        else None,
                     )
                     watches[name] = s.watch
                     if s.state != row.state:
@@ -486,13 +499,20 @@ class Engine:
                     if on_progress:
                         on_progress(name, "healthy", elapsed, "")
                 elif on_progress:
-                    phase = "loading" if loading else "starting"
-                    last = logs.server_lines(logs.log_file(self.home.log_dir(name), "stderr"), 1)
-                    on_progress(name, phase, elapsed, last[0] if last else "")
+                    on_progress(
+                        name, "loading" if loading else "starting", elapsed, self._said(name)
+                    )
             if not pending:
                 break
             if elapsed >= timeout:
                 for name, res in pending.items():
+                    if res.pid is None:
+                        res.error = (
+                            f"Instance '{name}' was still waiting for its turn to load after "
+                            f"{timeout:g}s (loads.max_concurrent); the daemon starts it when the "
+                            "models before it have loaded. Raise --timeout to wait for it."
+                        )
+                        continue
                     tail = logs.server_lines(logs.log_file(self.home.log_dir(name), "stderr"), 10)
                     res.error = _with_tail(
                         f"Instance '{name}' was not healthy within {timeout:g}s; it keeps "
@@ -501,6 +521,16 @@ class Engine:
                     )
                 break
             time.sleep(POLL_INTERVAL if probed else STATE_POLL_INTERVAL)
+
+    def _said(self, name: str) -> str:
+        """What a starting server said last: its load progress while llama.cpp
+        prints its dots, else its last line."""
+        log_dir = self.home.log_dir(name)
+        percent = logs.load_progress(log_dir).percent
+        if percent is not None and percent < 100:
+            return f"{percent}% of the model read"
+        last = logs.server_lines(logs.log_file(log_dir, "stderr"), 1)
+        return last[0] if last else ""
 
     def _death_message(self, name: str, row: InstanceRow) -> str:
         info = row.last_exit or {}
@@ -597,6 +627,9 @@ class Engine:
         from llama_orchestrator.engine.status import StatusReply, collect
 
         return StatusReply(collect(self), views.pinned_gpu_warnings(self))
+
+    def loads(self) -> dict[str, list[int]]:
+        return {}  # only the daemon queues loads
 
     # --- plans: the daemon's (Control's plan verbs) ------------------------------------
 

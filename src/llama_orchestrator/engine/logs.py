@@ -15,6 +15,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +26,9 @@ __all__ = [
     "rotate_if_needed",
     "tail_lines",
     "server_lines",
+    "LoadProgress",
+    "load_progress",
+    "dots_percent",
     "read_lines",
     "follow",
     "start_line",
@@ -40,6 +44,7 @@ STREAMS = ("stdout", "stderr")
 #: after a rotation: llama-server's own times count from its start, and this
 #: line says when that was (see LineTimes)
 _START = re.compile(r"^--- llama-orch: (?:log rotated; )?process started at (\S+) ---$")
+_START_MARK = "--- llama-orch: "
 #: llama.cpp's prefix: minutes.seconds.milliseconds.microseconds since its start
 _RELATIVE = re.compile(r"^(\d+)\.(\d{2})\.(\d{3})\.(\d{3}) ")
 
@@ -148,6 +153,47 @@ def read_lines(
         return [(None, line) for line in tail_lines(path, 10**9 if tail is None else tail)]
     lines = timed_lines(tail_lines(path, 10**9), times, since)
     return lines if tail is None else lines[len(lines) - tail :] if tail else []
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """How a model load goes. `marks`: figures that grow while it loads (the
+    bytes in its logs, and the process's, see `process.activity`): any change
+    is progress. `percent`: from llama.cpp's dots, where it prints them (one
+    as each percent of the tensors is read; builds that log less do not)."""
+
+    marks: tuple[int, ...] = ()
+    percent: int | None = None
+
+
+#: llama.cpp's load progress: a line of up to 100 dots, ended when all are read
+_DOTS = re.compile(r"(?:^|\n)(\.+)(\n|$)")
+_PROGRESS_TAIL = 4096
+
+
+def load_progress(log_dir: Path, activity: tuple[int, ...] = ()) -> LoadProgress:
+    """How far the latest run's model load has come, from its logs and the
+    process's `activity`."""
+    logged = 0
+    for stream in STREAMS:
+        with suppress(OSError):
+            logged += os.stat(log_file(log_dir, stream)).st_size
+    try:
+        with open(log_file(log_dir, "stderr"), "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - _PROGRESS_TAIL))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return LoadProgress((logged, *activity))
+    return LoadProgress((logged, *activity), dots_percent(text))
+
+
+def dots_percent(text: str) -> int | None:
+    """llama.cpp's load percentage in the tail of its stderr (pure): the last
+    line of dots, 100 once it ends; None if no load progress is shown there."""
+    if (runs := _DOTS.findall(text.split(_START_MARK)[-1])) == []:
+        return None
+    dots, end = runs[-1]
+    return 100 if end else min(99, len(dots))
 
 
 def server_lines(path: Path, n: int) -> list[str]:

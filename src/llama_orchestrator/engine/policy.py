@@ -14,6 +14,8 @@ until `up` or `restart` (`RestartBook.fresh()`).
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -43,10 +45,32 @@ JITTER = 0.10
 #: llama-server's words when it cannot load its model: a restart would load
 #: the same file the same way, so it is not retried
 _LOAD_FAILURE = ("exiting due to model loading error", "failed to load model")
+#: ggml's words when a buffer does not fit (CUDA, ROCm/HIP, Vulkan, Metal, host
+#: memory): the same layers and context will not fit after a restart either
+_OUT_OF_MEMORY = (
+    "out of memory",
+    "outofdevicememory",
+    "outofhostmemory",
+    "cudamalloc failed",
+    "hipmalloc failed",
+    "unable to allocate",
+    "failed to allocate buffer",
+)
+#: llama.cpp's line prefix: time since its start, and the level letter
+_PREFIX = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?(?:[DIWE] )?")
 
 
 def fatal_reason(stderr_tail: list[str]) -> str | None:
-    """Why an exit will repeat on every restart, from its last stderr lines (pure)."""
+    """Why an exit will repeat on every restart, and the fix, from its last
+    stderr lines (pure); None when a restart may well help."""
+    oom = next((ln for ln in stderr_tail if any(m in ln.lower() for m in _OUT_OF_MEMORY)), None)
+    if oom is not None:
+        detail = _PREFIX.sub("", oom.strip())[:200]
+        return (
+            f"llama-server ran out of memory loading its model ({detail}): lower "
+            "gpu.layers (-ngl) or model.context_size, or set gpu.vram_mib to what the card "
+            "can give it, then `up` it again"
+        )
     text = "\n".join(stderr_tail).lower()
     if any(marker in text for marker in _LOAD_FAILURE):
         detail = next(
@@ -57,7 +81,11 @@ def fatal_reason(stderr_tail: list[str]) -> str | None:
             ),
             "",
         )
-        return "llama-server could not load its model" + (f" ({detail})" if detail else "")
+        return (
+            "llama-server could not load its model"
+            + (f" ({detail})" if detail else "")
+            + ": fix the model (or its path), then `up` it again"
+        )
     return None
 
 
@@ -158,10 +186,7 @@ def after_exit(
         return Decision(S.EXITED, book, reason=f"restart policy {policy.effective_mode}")
     if ending.fatal:
         return Decision(
-            S.FAILED,
-            book,
-            reason=f"{ending.fatal}; not restarted, as it would fail the same way: "
-            "fix the model (or its path), then `up` it again",
+            S.FAILED, book, reason=f"{ending.fatal} (not restarted: it would fail the same way)"
         )
     if streak >= policy.max_retries:
         return Decision(
@@ -194,6 +219,7 @@ def after_probe(
     age: float,
     detail: str = "",
     early: bool = False,
+    stalled: float = math.inf,
 ) -> Verdict:
     """Docker's health semantics for one probe `status` (health.HEALTHY, ...)
     of a run that is `age` seconds old.
@@ -207,6 +233,11 @@ def after_probe(
     counted (a starting instance is looked at often, so that it is seen
     healthy soon): it can make the instance healthy, but its failure does not
     count, or a server would get `retries` x 50 ms to listen, not x interval.
+
+    A load is not a failure while it progresses: past `start_period`, a
+    server that still answers 503 "loading" keeps `starting` as long as its
+    logs grew in the last `load_timeout` seconds (`stalled`: seconds since
+    they last did; infinite when nobody looked).
     """
     if status == HEALTHY:
         return Verdict(S.HEALTHY, 0, reason="answered /health with 200")
@@ -220,6 +251,8 @@ def after_probe(
             else what
         )
         return Verdict(S.STARTING, 0 if age < hc.start_period else failures, reason=why)
+    if state == S.STARTING and status == LOADING and stalled < hc.load_timeout:
+        return Verdict(S.STARTING, 0, reason="model loading (past start_period, still progressing)")
     failures += 1
     if failures < hc.retries:
         return Verdict(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from llama_orchestrator.engine import health
+from llama_orchestrator.engine import health, logs
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow
@@ -31,6 +31,7 @@ __all__ = [
     "on_demand_view",
     "observed_state",
     "collect",
+    "with_loads",
     "iso",
     "listening",
 ]
@@ -67,6 +68,10 @@ class InstanceStatus(TypedDict):
     on_demand: bool
     last_used_at: str | None
     idle_stop_in_s: float | None
+    #: [k, n]: load k of the n loading or waiting (the daemon's load queue)
+    load_position: list[int] | None
+    #: percent of the model read, while it loads (llama.cpp's progress dots)
+    load_progress: int | None
 
 
 class Description(InstanceStatus, total=False):
@@ -122,8 +127,9 @@ def status_view(
     now: float,
     config_dir: Any = None,
     config_error: str | None = None,
+    load_percent: int | None = None,
 ) -> InstanceStatus:
-    """One `ps --json` entry."""
+    """One `ps --json` entry (`load_percent`: of a starting one, from its log)."""
     running = row.state in RUNNING_STATES
     host, port = listening(row, cfg)
     model_path = None
@@ -160,6 +166,8 @@ def status_view(
         and row.config_digest is not None
         and row.config_digest != cfg.digest(),
         **on_demand_view(cfg, row, now),
+        "load_position": None,
+        "load_progress": load_percent,
     }
 
 
@@ -179,6 +187,12 @@ def on_demand_view(cfg: InstanceConfig | None, row: InstanceRow, now: float) -> 
         "last_used_at": iso(last),
         "idle_stop_in_s": None if left is None else round(left, 1),
     }
+
+
+def with_loads(items: list[InstanceStatus], loads: dict[str, list[int]]) -> None:
+    """Each one's place in the daemon's load queue (`load_position`)."""
+    for item in items:
+        item["load_position"] = loads.get(item["name"])
 
 
 def observed_state(current: S, probe: health.ProbeResult) -> S:
@@ -234,5 +248,12 @@ def collect(
         item = loaded.get(row.name)
         cfg = item.config if item else None
         err = "; ".join(str(p) for p in item.problems) if item and item.problems else None
-        out.append(status_view(row.name, cfg, row, now, item.path.parent if item else None, err))
+        percent = (
+            logs.load_progress(engine.home.log_dir(row.name)).percent
+            if row.state == S.STARTING
+            else None
+        )
+        out.append(
+            status_view(row.name, cfg, row, now, item.path.parent if item else None, err, percent)
+        )
     return out

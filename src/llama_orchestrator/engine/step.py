@@ -14,11 +14,13 @@ and a new run starts with a new one. Nothing here does I/O or reads a clock.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.health import ProbeResult
+from llama_orchestrator.engine.logs import LoadProgress
 from llama_orchestrator.engine.policy import after_probe
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
@@ -38,6 +40,10 @@ class Watch:
     failures: int = 0
     #: the last probe whose failure counted (or `since`)
     counted_at: float | None = None
+    #: the load's marks when last looked at (`LoadProgress`), and when they
+    #: last changed (a load that makes progress is no failure: see `after_probe`)
+    marks: tuple[int, ...] | None = None
+    progress_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,10 @@ def step(
     hc: HealthcheckSection,
     mode: str,
     now: float,
+    progress: LoadProgress | None = None,
 ) -> Step:
-    """Apply one probe made at `now` to a run in `state`.
+    """Apply one probe made at `now` to a run in `state`; `progress`: what
+    its logs said of the load meanwhile (None: not looked at).
 
     A probe sooner than `interval` after the last one that counted is
     *early* (a starting instance is looked at often, so that it is seen
@@ -74,6 +82,15 @@ def step(
         return Step(state, watch, "", False)
     last = watch.counted_at if watch.counted_at is not None else watch.since
     early = state == S.STARTING and now - last < hc.interval
+    marks, progress_at = watch.marks, watch.progress_at
+    if progress is not None:  # the first look is the baseline: a change after it is progress
+        if marks is not None and progress.marks != marks:
+            progress_at = now
+        marks = progress.marks
+    # seconds since the load last progressed (since the run began, if never)
+    stalled = (
+        math.inf if marks is None else now - (watch.since if progress_at is None else progress_at)
+    )
     verdict = after_probe(
         hc,
         mode,
@@ -84,11 +101,12 @@ def step(
         now - (started_at if started_at is not None else now),
         probe.error or "",
         early,
+        stalled,
     )
     counted_at = last if early else now
     return Step(
         verdict.state,
-        Watch(watch.since, verdict.failures, counted_at),
+        Watch(watch.since, verdict.failures, counted_at, marks, progress_at),
         verdict.reason,
         verdict.restart,
     )

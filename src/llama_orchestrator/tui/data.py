@@ -21,7 +21,13 @@ from llama_orchestrator.daemon.info import DaemonInfo, running
 from llama_orchestrator.engine import health, views
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.logs import STREAMS, log_file
-from llama_orchestrator.engine.status import Description, InstanceStatus, collect, iso
+from llama_orchestrator.engine.status import (
+    Description,
+    InstanceStatus,
+    collect,
+    iso,
+    with_loads,
+)
 from llama_orchestrator.gpuwatch import GpuStatus
 from llama_orchestrator.home import Home
 from llama_orchestrator.plans.records import RunFiles, list_runs
@@ -151,6 +157,7 @@ class EngineSource:
         with self._lock:
             engine = self._engine
             rows = collect(engine)
+            with_loads(rows, control(engine, start=False).loads())
             views_ = [self._live(r) for r in rows]
             events = [
                 {**e.to_json(), "id": e.id, "ts": iso(e.ts)} for e in engine.store.events(limit=200)
