@@ -35,6 +35,7 @@ __all__ = [
 #: rich style per instance state
 STATE_STYLES = {
     "healthy": "green",
+    "queued": "cyan",
     "starting": "yellow",
     "unhealthy": "red",
     "backoff": "yellow",

@@ -218,8 +218,8 @@ def test_503_stays_starting_for_start_period_then_unhealthy_and_restarted(
         "loading",
         tiny_model,
         binary=str(fake_bin),
-        env={"FAKE_HEALTH": "503"},
-        healthcheck={**FAST, "start_period": 1.5},
+        env={"FAKE_HEALTH": "503", "FAKE_QUIET": "1"},  # a load that shows no progress
+        healthcheck={**FAST, "start_period": 1.5, "load_timeout": 0.5},
         restart_policy={"backoff_initial": 0.05, "max_retries": 1},
     )
     run_cli(home, "up", "loading", "--no-wait")

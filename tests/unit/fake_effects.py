@@ -199,7 +199,7 @@ class FakeEffects:
         return ProbeResult(answer, _HTTP[answer], 1.0, None if answer == HEALTHY else answer)
 
     async def load_progress(self, name: str, ref: ProcRef) -> LoadProgress:
-        return LoadProgress((self.logged.get(name, 0),))
+        return LoadProgress(self.logged.get(name, 0))
 
     async def watch_exit(self, ref: ProcRef) -> None:
         if self.watch_faults:

@@ -205,17 +205,22 @@ def test_the_step_measures_a_stall_from_the_last_growth_of_the_logs():
     probe = ProbeResult(LOADING, 503, 1.0, "loading")
     w = Watch(since=0.0)
     for t in range(1, 30):  # grows for 29 s: starting throughout
-        s = step(S.STARTING, R, 0.0, w, probe, hc, "on-failure", float(t), LoadProgress((t * 10,)))
+        s = step(S.STARTING, R, 0.0, w, probe, hc, "on-failure", float(t), LoadProgress(t * 10))
         assert s.state == S.STARTING
         w = s.watch
-    assert w.progress_at == 29 and w.marks == (290,)
-    s = step(S.STARTING, R, 0.0, w, probe, hc, "on-failure", 38.0, LoadProgress((290,)))
+    assert w.progress_at == 29 and w.marks == LoadProgress(290)
+    s = step(S.STARTING, R, 0.0, w, probe, hc, "on-failure", 38.0, LoadProgress(290))
     assert s.state == S.STARTING  # 9 s silent
-    s = step(S.STARTING, R, 0.0, s.watch, probe, hc, "on-failure", 40.0, LoadProgress((290,)))
+    s = step(S.STARTING, R, 0.0, s.watch, probe, hc, "on-failure", 40.0, LoadProgress(290))
     assert s.state == S.UNHEALTHY and s.restart  # 11 s silent
+    # memory that drifts by pages is no progress; a megabyte more is
+    moved = LoadProgress(290, 4096)
+    assert not moved.beyond(LoadProgress(290)) and LoadProgress(290, 1 << 20).beyond(
+        LoadProgress(290)
+    )
     # the first look is only the baseline: a load silent since its start stalls too
     first = step(
-        S.STARTING, R, 0.0, Watch(since=0.0), probe, hc, "on-failure", 11.0, LoadProgress((5,))
+        S.STARTING, R, 0.0, Watch(since=0.0), probe, hc, "on-failure", 11.0, LoadProgress(5)
     )
     assert first.state == S.UNHEALTHY
 

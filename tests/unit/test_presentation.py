@@ -129,3 +129,33 @@ def test_ps_json_gives_the_last_exit_time_in_iso_8601_like_every_other_time():
     assert view["last_exit"]["at"] == "1970-01-01T00:16:40+00:00"
     assert view["last_exit"]["code"] == 1 and ended.last_exit["at"] == 1000.0  # row untouched
     assert status_view("a", cfg, InstanceRow("a"), now=0)["last_exit"] is None
+
+
+def test_a_queued_or_loading_instance_says_its_place_in_line_and_how_far_it_loaded():
+    from llama_orchestrator.config import InstanceConfig
+    from llama_orchestrator.engine.logs import dots_percent
+    from llama_orchestrator.engine.status import status_view, with_loads
+    from llama_orchestrator.present import state_label
+    from llama_orchestrator.states import Desired
+    from llama_orchestrator.states import InstanceState as S
+    from llama_orchestrator.store import InstanceRow
+
+    cfg = InstanceConfig.model_validate({"model": {"path": "m.gguf"}, "server": {"port": 8001}})
+    queued = status_view("q", cfg, InstanceRow("q", Desired.RUNNING, S.QUEUED), now=5.0)
+    loading = status_view(
+        "l", cfg, InstanceRow("l", Desired.RUNNING, S.STARTING, pid=7, started_at=1.0,
+                              supervised=True), now=5.0, load_percent=42,
+    )  # fmt: skip
+    assert state_label(queued) == "queued"  # no daemon to say where in line
+    with_loads([queued, loading], {"q": [2, 5], "l": [1, 5]})
+    assert (queued["load_position"], loading["load_position"]) == ([2, 5], [1, 5])
+    assert state_label(queued) == "queued (load 2 of 5)"
+    assert state_label(loading) == "starting (42%)"
+    loading["load_progress"] = 100  # read: it warms up, nothing more to count
+    assert state_label(loading) == "starting"
+    # llama.cpp's dots, one per percent read; a finished line is 100 %
+    head = "--- llama-orch: process started at 2026-01-01T00:00:00+00:00 ---\nload_tensors: x\n"
+    assert dots_percent(head + "." * 37) == 37
+    assert dots_percent(head + "." * 100 + "\nllama_context: y\n") == 100
+    assert dots_percent(head + "no dots yet") is None
+    assert dots_percent("." * 80 + "\n" + head) is None  # an earlier run's dots do not count

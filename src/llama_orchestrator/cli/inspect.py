@@ -119,7 +119,7 @@ def describe(
     if json_:
         print_json(d)
         return
-    state_style = STATE_STYLES.get(d["state"], "")
+    state_style = STATE_STYLES.get(d["state"], "none")
     out.print(
         f"[bold]{d['name']}[/]  [{state_style}]{state_label(d)}[/]  (desired: {d['desired']})"
     )

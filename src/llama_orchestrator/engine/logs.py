@@ -155,15 +155,26 @@ def read_lines(
     return lines if tail is None else lines[len(lines) - tail :] if tail else []
 
 
+#: growth of a loading process's memory or disk reads that counts as progress
+#: (a real load moves megabytes a second; a hung one's figures drift by pages)
+PROGRESS_BYTES = 1 << 20
+
+
 @dataclass(frozen=True)
 class LoadProgress:
-    """How a model load goes. `marks`: figures that grow while it loads (the
-    bytes in its logs, and the process's, see `process.activity`): any change
-    is progress. `percent`: from llama.cpp's dots, where it prints them (one
-    as each percent of the tensors is read; builds that log less do not)."""
+    """How a model load goes: `logged`, the bytes in its logs; `loaded`, what
+    the process holds and has read (see `process.activity`); `percent`, from
+    llama.cpp's dots, where it prints them (one as each percent of the
+    tensors is read; builds that log less do not)."""
 
-    marks: tuple[int, ...] = ()
+    logged: int = 0
+    loaded: int = 0
     percent: int | None = None
+
+    def beyond(self, before: LoadProgress) -> bool:
+        """Progress since `before` (pure): the logs changed, or the process
+        loaded another PROGRESS_BYTES."""
+        return self.logged != before.logged or self.loaded - before.loaded >= PROGRESS_BYTES
 
 
 #: llama.cpp's load progress: a line of up to 100 dots, ended when all are read
@@ -171,9 +182,9 @@ _DOTS = re.compile(r"(?:^|\n)(\.+)(\n|$)")
 _PROGRESS_TAIL = 4096
 
 
-def load_progress(log_dir: Path, activity: tuple[int, ...] = ()) -> LoadProgress:
+def load_progress(log_dir: Path, loaded: int = 0) -> LoadProgress:
     """How far the latest run's model load has come, from its logs and the
-    process's `activity`."""
+    process's figures (`loaded`)."""
     logged = 0
     for stream in STREAMS:
         with suppress(OSError):
@@ -183,8 +194,8 @@ def load_progress(log_dir: Path, activity: tuple[int, ...] = ()) -> LoadProgress
             f.seek(max(0, f.seek(0, os.SEEK_END) - _PROGRESS_TAIL))
             text = f.read().decode("utf-8", errors="replace")
     except OSError:
-        return LoadProgress((logged, *activity))
-    return LoadProgress((logged, *activity), dots_percent(text))
+        return LoadProgress(logged, loaded)
+    return LoadProgress(logged, loaded, dots_percent(text))
 
 
 def dots_percent(text: str) -> int | None:

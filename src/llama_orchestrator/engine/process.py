@@ -120,20 +120,20 @@ def is_alive(ref: ProcRef | None) -> bool:
     return find(ref) is not None
 
 
-def activity(ref: ProcRef | None) -> tuple[int, ...]:
-    """Figures that grow while a process loads a model: its resident memory
-    (an mmap'd model's pages as they are touched) and the bytes it has read
-    (where the platform counts them); () once it is gone."""
+def activity(ref: ProcRef | None) -> int:
+    """What grows while a process loads a model: its resident memory (an
+    mmap'd model's pages as they are touched) plus the bytes it read from
+    storage (where the platform counts them; not socket reads: our probes
+    must not look like progress); 0 once it is gone."""
     p = find(ref)
     if p is None:
-        return ()
+        return 0
     try:
         rss = p.memory_info().rss
         io = p.io_counters() if hasattr(p, "io_counters") else None  # not on macOS
     except psutil.Error:
-        return ()
-    read: int = (getattr(io, "read_chars", 0) or getattr(io, "read_bytes", 0)) if io else 0
-    return (int(rss), int(read))
+        return 0
+    return int(rss) + (int(getattr(io, "read_bytes", 0)) if io is not None else 0)
 
 
 def create_time_of(pid: int) -> float:

@@ -40,9 +40,9 @@ class Watch:
     failures: int = 0
     #: the last probe whose failure counted (or `since`)
     counted_at: float | None = None
-    #: the load's marks when last looked at (`LoadProgress`), and when they
-    #: last changed (a load that makes progress is no failure: see `after_probe`)
-    marks: tuple[int, ...] | None = None
+    #: how the load stood when it last progressed (or was first looked at),
+    #: and when that was (a load that progresses is no failure: see `after_probe`)
+    marks: LoadProgress | None = None
     progress_at: float | None = None
 
 
@@ -83,10 +83,9 @@ def step(
     last = watch.counted_at if watch.counted_at is not None else watch.since
     early = state == S.STARTING and now - last < hc.interval
     marks, progress_at = watch.marks, watch.progress_at
-    if progress is not None:  # the first look is the baseline: a change after it is progress
-        if marks is not None and progress.marks != marks:
-            progress_at = now
-        marks = progress.marks
+    if progress is not None and (marks is None or progress.beyond(marks)):
+        # the first look is the baseline; progress beyond it moves it on
+        marks, progress_at = progress, (None if marks is None else now)
     # seconds since the load last progressed (since the run began, if never)
     stalled = (
         math.inf if marks is None else now - (watch.since if progress_at is None else progress_at)
