@@ -266,6 +266,10 @@ class RouterSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     api_keys: list[str] = Field(default_factory=list)
+    batch_api_keys: list[str] = Field(
+        default_factory=list,
+        description="Keys whose requests are batch work: served after interactive ones (at least one freed slot in four goes to batch).",
+    )
     max_queue: int = Field(64, ge=0)
     queue_timeout: float = Field(30, ge=0)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)

@@ -156,7 +156,12 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     store = effects.engine().store  # the loop thread's connection
     metrics = Metrics(store)
     board = Board()  # who takes requests now, and the names configs offer
-    slots = Slots(settings.router, lambda: board.replicas.values(), clock=effects.now)
+    slots = Slots(
+        settings.router,
+        lambda: board.replicas.values(),
+        clock=effects.now,
+        on_wait=metrics.queue_wait,
+    )
     board.watch(slots.wake)  # a replica up (or freed): queued requests are served at once
     sup = Supervisor(
         home,

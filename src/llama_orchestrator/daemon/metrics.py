@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from llama_orchestrator.engine.health import ProbeResult
 from llama_orchestrator.router.proxy import Router, RouterMetrics
+from llama_orchestrator.router.slots import CLASSES
 from llama_orchestrator.states import InstanceState
 from llama_orchestrator.store import Store
 
@@ -56,9 +57,12 @@ class _RouterCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
-            "llama_orch_router_queue_depth", "Requests waiting for a free slot."
+            "llama_orch_router_queue_depth",
+            "Requests waiting for a free slot, by class (interactive, batch).",
+            labels=["class"],
         )
-        depth.add_metric([], float(self.router.queue_depth()))
+        for cls in CLASSES:
+            depth.add_metric([cls], float(self.router.queue_depth(cls)))
         busy = GaugeMetricFamily(
             "llama_orch_router_in_flight", "Requests in flight per instance.", labels=["instance"]
         )
@@ -82,6 +86,13 @@ class Metrics:
             "Time a health check took.",
             ["instance"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            "llama_orch_router_queue_wait_seconds",
+            "Time a request waited in the router's queue for a slot, by class.",
+            ["class"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
         self.on_demand = Counter(
@@ -138,6 +149,10 @@ class Metrics:
         """Count the on-demand events (starts, waits, swaps, idle stops)."""
         if kind in ON_DEMAND_EVENTS and instance is not None:
             self.on_demand.labels(instance, kind).inc()
+
+    def queue_wait(self, cls: str, seconds: float) -> None:
+        """A queued request got its slot after `seconds` (`cls`: interactive or batch)."""
+        self.queue_wait_seconds.labels(cls).observe(seconds)
 
     def health(self, name: str, result: ProbeResult) -> None:
         self.checks.labels(name, result.status).inc()

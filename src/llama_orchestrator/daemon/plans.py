@@ -38,7 +38,7 @@ from llama_orchestrator.plans.records import (
 )
 from llama_orchestrator.plans.spec import Plan, Task, parse_plan
 from llama_orchestrator.plans.template import prompt_messages, render
-from llama_orchestrator.router.balance import free_slots
+from llama_orchestrator.router.balance import candidates, free_slots
 from llama_orchestrator.router.proxy import Router, RouterError
 from llama_orchestrator.store import Store
 
@@ -259,6 +259,11 @@ class PlanRunner:
         replicas = router.replicas()
         keys = {plan.task(r.id).slot_key for r in records.values() if r.state == S.READY}
         free = {k: free_slots(k, replicas, router.in_flight) for k in keys if k != "shell"}
+        for k, n in free.items():
+            # all busy (with interactive requests): one task waits in the router's
+            # queue as batch work, so it gets its share of the freed slots
+            if n == 0 and candidates(k, replicas) and not router.waiting(k, "batch"):
+                free[k] = 1
         running_shell = sum(  # shell slots are the machine's cores, shared by every run
             1
             for other in self.active.values()
@@ -329,7 +334,7 @@ class PlanRunner:
             body["temperature"] = task.temperature
         assert task.model is not None
         try:
-            instance, data = await self.router.complete(task.model, body)
+            instance, data = await self.router.complete(task.model, body, priority=task.priority)
         except RouterError as exc:
             return {"error": str(exc), "final": exc.final, "busy": exc.busy}
         try:

@@ -43,7 +43,7 @@ class RouterSite:
         self.router = router
         self.render_metrics = render_metrics
         settings = router.settings
-        self.keys = [f"Bearer {k}" for k in settings.api_keys]
+        self.keys = [f"Bearer {k}" for k in [*settings.api_keys, *settings.batch_api_keys]]
         # Bound to loopback: only loopback names may reach us (DNS rebinding);
         # bound wider, API keys are required and a browser cannot present one.
         self.check_host = is_loopback(settings.host)

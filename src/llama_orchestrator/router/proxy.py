@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -185,8 +186,11 @@ class Router:
         lazy = self.loader.models() if self.loader is not None else set()
         return sorted(set(model_names(self.replicas())) | lazy)
 
-    def queue_depth(self) -> int:
-        return self._slots.queue_depth()
+    def queue_depth(self, cls: str | None = None) -> int:
+        return self._slots.queue_depth(cls)
+
+    def waiting(self, model: str, cls: str) -> int:
+        return self._slots.waiting(model, cls)
 
     def release(self, r: Replica) -> None:
         if not self._slots.release(r) and self.loader is not None:
@@ -201,13 +205,26 @@ class Router:
     def wake(self) -> None:
         self._slots.wake()
 
-    async def acquire(self, model: str, exclude: frozenset[str]) -> Replica:
+    async def acquire(
+        self, model: str, exclude: frozenset[str], batch: bool = False, priority: int = 0
+    ) -> Replica:
         """A slot on the least busy replica (see `Slots.acquire`); when nothing
         serves `model`, the loader may start an on-demand instance for it."""
         loading = None
         if self.loader is not None and not candidates(model, self.replicas()):
             loading = self.loader.wake(model)
-        return await self._slots.acquire(model, exclude, loading)
+        return await self._slots.acquire(model, exclude, loading, batch, priority)
+
+    def is_batch(self, request: Request) -> bool:
+        """A request of the batch class: `X-Priority: batch`, or a key of
+        `router.batch_api_keys` (interactive ones go first; see `router.slots`)."""
+        headers = request.headers
+        if headers.get("x-priority", "").strip().lower() == "batch":
+            return True
+        given = headers.get("authorization", "")
+        return any(
+            secrets.compare_digest(given, f"Bearer {k}") for k in self.settings.batch_api_keys
+        )
 
     # --- forwarding -------------------------------------------------------------
 
@@ -222,9 +239,10 @@ class Router:
         tried: set[str] = set()
         replays = 0
         last_error = ""
+        batch = self.is_batch(request)
         while True:
             try:
-                r = await self.acquire(model, frozenset(tried))
+                r = await self.acquire(model, frozenset(tried), batch)
             except Refusal as refusal:
                 if tried:  # every replica failed before answering
                     return openai_error(
@@ -320,13 +338,17 @@ class Router:
             self.metrics.request(model, r.name, answer.status, time.perf_counter() - start)
 
     async def complete(
-        self, model: str, body: dict[str, Any], path: str = "/v1/chat/completions"
+        self,
+        model: str,
+        body: dict[str, Any],
+        path: str = "/v1/chat/completions",
+        priority: int = 5,
     ) -> tuple[str, dict[str, Any]]:
         """One request on behalf of the daemon (a plan's llm task), balanced and
-        queued like any client's: (the instance that answered, its JSON).
-        Raises RouterError. Cancelling it closes the upstream connection."""
+        queued as batch work of `priority`: (the instance that answered, its
+        JSON). Raises RouterError. Cancelling it closes the upstream connection."""
         try:
-            r = await self.acquire(model, frozenset())
+            r = await self.acquire(model, frozenset(), batch=True, priority=priority)
         except Refusal as refusal:
             raise RouterError(refusal.message, busy=True) from None
         start = time.perf_counter()

@@ -1,5 +1,11 @@
 """The router's capacity: requests in flight per instance, and the bounded
-per-model FIFO queues of requests waiting for a free slot (DESIGN §6).
+per-model queues of requests waiting for a free slot (DESIGN §6).
+
+A queue holds two classes: interactive (a client's ordinary request) and
+batch (plan tasks, `X-Priority: batch`, a batch key). A freed slot goes to
+the oldest interactive request, except that batch gets at least one slot in
+`BATCH_SHARE` while it waits, so it never starves; among batch requests the
+higher `priority` goes first, then the older (`next_waiter`, pure).
 
 One `Slots` per daemon, shared by the router (which takes and releases a
 slot around every request it forwards) and by on-demand (which reads how
@@ -20,7 +26,11 @@ from dataclasses import dataclass, field
 from llama_orchestrator.config import RouterSettings
 from llama_orchestrator.router.balance import Replica, candidates, least_busy
 
-__all__ = ["Slots", "Refusal"]
+__all__ = ["Slots", "Refusal", "next_waiter", "BATCH_SHARE", "CLASSES"]
+
+#: batch waiting gets at least one freed slot in this many
+BATCH_SHARE = 4
+CLASSES = ("interactive", "batch")
 
 
 class Refusal(Exception):
@@ -36,6 +46,26 @@ class Refusal(Exception):
 class _Waiter:
     future: asyncio.Future[Replica]
     exclude: frozenset[str]
+    batch: bool = False
+    priority: int = 0
+    since: float = 0.0
+
+    @property
+    def cls(self) -> str:
+        return CLASSES[self.batch]
+
+
+def next_waiter(waiting: list[tuple[bool, int]], streak: int) -> int | None:
+    """Which waiter a freed slot goes to (pure): `waiting` is (batch,
+    priority) per waiter, oldest first; `streak`, the interactive ones served
+    in a row while batch waited. The oldest interactive one, unless that
+    streak reached BATCH_SHARE - 1: then the first batch one of the highest
+    priority (also when no interactive one waits)."""
+    inter = next((i for i, (b, _) in enumerate(waiting) if not b), None)
+    batch = [(-p, i) for i, (b, p) in enumerate(waiting) if b]
+    if batch and (inter is None or streak >= BATCH_SHARE - 1):
+        return min(batch)[1]
+    return inter
 
 
 @dataclass
@@ -48,11 +78,25 @@ class Slots:
     #: when each instance last began or ended a request (`clock`)
     last_used: dict[str, float] = field(default_factory=dict)
     _queues: dict[str, deque[_Waiter]] = field(default_factory=dict)
+    #: hook(class, seconds) when a queued request gets its slot (the metrics)
+    on_wait: Callable[[str, float], None] | None = None
     #: who waits for the requests in flight on an instance to end (`settle`)
     _settling: dict[str, asyncio.Event] = field(default_factory=dict)
+    #: per model: interactive requests served in a row while batch waited
+    _streak: dict[str, int] = field(default_factory=dict)
 
-    def queue_depth(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+    def queue_depth(self, cls: str | None = None) -> int:
+        """Requests waiting (of one class: "interactive" or "batch")."""
+        return sum(
+            1
+            for q in self._queues.values()
+            for w in q
+            if not w.future.done() and (cls is None or w.cls == cls)
+        )
+
+    def waiting(self, model: str, cls: str) -> int:
+        """Requests of class `cls` waiting for `model`."""
+        return sum(1 for w in self._queues.get(model, ()) if not w.future.done() and w.cls == cls)
 
     def busy(self, name: str) -> bool:
         return self.in_flight.get(name, 0) > 0
@@ -92,23 +136,38 @@ class Slots:
         replicas = list(self.replicas())
         for model, queue in self._queues.items():
             while queue:
-                head = queue[0]
-                if head.future.done():
-                    queue.popleft()
-                    continue
-                r = least_busy(candidates(model, replicas), self.in_flight, head.exclude)
+                for gone in [w for w in queue if w.future.done()]:
+                    queue.remove(gone)
+                streak = self._streak.get(model, 0)
+                i = next_waiter([(w.batch, w.priority) for w in queue], streak)
+                if i is None:
+                    break
+                chosen = queue[i]
+                r = least_busy(candidates(model, replicas), self.in_flight, chosen.exclude)
                 if r is None:
                     break
-                queue.popleft()
-                head.future.set_result(self.take(r))
+                del queue[i]
+                if chosen.batch:
+                    self._streak[model] = 0
+                elif any(w.batch for w in queue):
+                    self._streak[model] = streak + 1
+                chosen.future.set_result(self.take(r))
+                if self.on_wait is not None:
+                    self.on_wait(chosen.cls, self.clock() - chosen.since)
 
     async def acquire(
-        self, model: str, exclude: frozenset[str], loading: float | None = None
+        self,
+        model: str,
+        exclude: frozenset[str],
+        loading: float | None = None,
+        batch: bool = False,
+        priority: int = 0,
     ) -> Replica:
         """A slot on the least busy replica serving `model`, waiting in the
-        model's queue when all are busy. `loading`: nothing serves it yet, but
-        an on-demand start is under way; wait this long for it. Raises
-        Refusal (503 none healthy, 429 queue full or waited too long)."""
+        model's queue when all are busy (`batch`: behind interactive requests,
+        by `priority`). `loading`: nothing serves it yet, but an on-demand
+        start is under way; wait this long for it. Raises Refusal (503 none
+        healthy, 429 queue full or waited too long)."""
         serving = candidates(model, self.replicas())
         cands = [c for c in serving if c.name not in exclude]
         timeout = self.settings.queue_timeout
@@ -129,7 +188,9 @@ class Slots:
                 return self.take(r)
         if len(queue) >= self.settings.max_queue:
             raise Refusal(429, f"Every slot for '{model}' is busy and the queue is full.", "busy")
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), exclude)
+        waiter = _Waiter(
+            asyncio.get_running_loop().create_future(), exclude, batch, priority, self.clock()
+        )
         queue.append(waiter)
         try:
             await asyncio.wait({waiter.future}, timeout=timeout)
