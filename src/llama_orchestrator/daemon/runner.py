@@ -11,8 +11,9 @@ reaches into it.
 Commands are handled one at a time, so the state machine never races: a
 user's `down`, a death, a health verdict and a restart cannot interleave.
 The probe loop, the exit watch, the restart timer and the wait for a load
-slot (`daemon.loads`) are tasks the runner owns; they only post messages to it. Decisions are pure (`engine.step`,
-`engine.policy.after_exit`); every effect goes through `Effects`.
+slot (`daemon.loads`) are tasks the runner owns; they only post messages to
+it. Decisions are pure (`engine.step`, `engine.policy.after_exit`); every
+effect goes through `Effects`.
 """
 
 from __future__ import annotations
@@ -190,9 +191,8 @@ class InstanceRunner:
         self._stop_owed = False
         #: a start waiting for a load slot: (fresh, eager), as its Start said
         self._queued: tuple[bool, bool] | None = None
-        self._tasks: dict[
-            str, asyncio.Task[None]
-        ] = {}  # "probe", "exit", "restart", "stop", "load"
+        #: "probe", "exit", "restart", "stop", "load"
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._due = 0  # the token of the restart timer that counts
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -428,9 +428,8 @@ class InstanceRunner:
                     self._d.on_health(self.name, result)
                 loading = self.state == S.STARTING and not result.ok
                 progress = await self._fx.load_progress(self.name, ref) if loading else None
-                await self.ask(
-                    _Probed(ref, result, progress)
-                )  # one at a time: probes never pile up
+                # one at a time: probes never pile up
+                await self.ask(_Probed(ref, result, progress))
             except Exception:  # a fault of ours: logged, and the checks go on
                 log.exception(f"{self.name}: health check failed in the daemon")
 
@@ -484,8 +483,8 @@ class InstanceRunner:
             raise
         result.warnings, result.notes = p.warnings, p.notes
         self._took(result, p, c.eager)
-        if entered and result.outcome != "started":
-            self._d.loads.leave(self.name)
+        if entered and (self._ref is None or result.outcome != "started"):
+            self._d.loads.leave(self.name)  # no load of ours to wait for
         self._publish()
         return result
 
@@ -569,8 +568,8 @@ class InstanceRunner:
             self._decide(self._row(), Ending())
             return
         self._took(result, p, eager)
-        if result.outcome != "started":
-            self._d.loads.leave(self.name)
+        if self._ref is None or result.outcome != "started":
+            self._d.loads.leave(self.name)  # no load of ours to wait for
         self._publish()
 
     def _probed(self, c: _Probed) -> None:

@@ -201,7 +201,8 @@ def load_progress(log_dir: Path, loaded: int = 0) -> LoadProgress:
 def dots_percent(text: str) -> int | None:
     """llama.cpp's load percentage in the tail of its stderr (pure): the last
     line of dots, 100 once it ends; None if no load progress is shown there."""
-    if (runs := _DOTS.findall(text.split(_START_MARK)[-1])) == []:
+    runs = _DOTS.findall(text.split(_START_MARK)[-1])
+    if not runs:
         return None
     dots, end = runs[-1]
     return 100 if end else min(99, len(dots))
