@@ -56,6 +56,9 @@ class GpuInfo:
     power_w: float | None = None
     uuid: str | None = None
     instances: list[str] = field(default_factory=list)
+    #: where it is in its life (`gpulease.CARD_STATES`), and its script's lease
+    state: str | None = None
+    lease: dict[str, Any] | None = None
 
     @property
     def memory_free_mib(self) -> int:

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from llama_orchestrator.gpu import GpuInfo
+from llama_orchestrator.plans import WAITING
 from llama_orchestrator.timefmt import human_duration
 
 if TYPE_CHECKING:  # the engine is not imported to print a table
@@ -26,6 +27,7 @@ __all__ = [
     "PLAN_TASK_COLUMNS",
     "plan_run_cells",
     "plan_task_cells",
+    "plan_waits",
     "plan_summary",
     "plan_cancelled",
     "plan_requeued",
@@ -47,7 +49,9 @@ STATE_STYLES = {
 }
 
 
-GPU_COLUMNS = ("GPU", "NAME", "BACKEND", "VRAM", "FREE", "UTIL", "TEMP", "POWER", "INSTANCES")
+GPU_COLUMNS = (
+    "GPU", "NAME", "BACKEND", "VRAM", "FREE", "UTIL", "TEMP", "POWER", "STATE", "LEASE", "INSTANCES",
+)  # fmt: skip
 PLAN_RUN_COLUMNS = ("ID", "NAME", "STATE", "DONE", "CREATED", "ELAPSED")
 PLAN_TASK_COLUMNS = ("TASK", "KIND", "STATE", "TRIES", "INSTANCE", "ELAPSED", "ERROR")
 #: rich style per plan run and task state
@@ -74,9 +78,12 @@ def plan_run_cells(run: dict[str, Any]) -> list[str]:
 
 
 def plan_task_cells(task: dict[str, Any], error_width: int = 60) -> list[str]:
-    """One row of `plan status` (a task of RunView.to_json()): the error's end."""
+    """One row of `plan status` (a task of RunView.to_json()): the error's end
+    (where the cause is), or the beginning of what a ready task waits for."""
     elapsed = "-" if task["elapsed_s"] is None else f"{task['elapsed_s']:.1f}s"
     error = (task["error"] or "").replace("\n", " ")
+    if error.startswith(WAITING):
+        error = error if len(error) <= error_width else error[: error_width - 1] + "…"
     return [
         task["id"],
         task["kind"],
@@ -85,6 +92,15 @@ def plan_task_cells(task: dict[str, Any], error_width: int = 60) -> list[str]:
         task["instance"] or "-",
         elapsed,
         error[-error_width:],
+    ]
+
+
+def plan_waits(run: dict[str, Any]) -> list[str]:
+    """`asr is waiting for a GPU: …`: what each ready task waits for, whole."""
+    return [
+        f"{t['id']} is {t['error']}"
+        for t in run["tasks"]
+        if t["state"] == "ready" and (t["error"] or "").startswith(WAITING)
     ]
 
 
@@ -171,6 +187,8 @@ def gpu_cells(g: GpuInfo, threshold: float) -> tuple[list[str], bool]:
         "-" if g.utilization_pct is None else f"{g.utilization_pct:.0f}%",
         "-" if g.temperature_c is None else f"{g.temperature_c:.0f}°C",
         "-" if g.power_w is None else f"{g.power_w:.0f} W",
+        g.state or "-",
+        f"{g.lease['task']} (plan {g.lease['plan']})" if g.lease else "-",
         ", ".join(g.instances) or "-",
     ], hot
 

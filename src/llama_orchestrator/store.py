@@ -23,7 +23,7 @@ from llama_orchestrator.errors import StateError
 from llama_orchestrator.files import private_dir
 from llama_orchestrator.states import Desired, InstanceState, is_allowed
 
-__all__ = ["Store", "InstanceRow", "Event", "SCHEMA_VERSION", "reset_state"]
+__all__ = ["Store", "InstanceRow", "Event", "Lease", "SCHEMA_VERSION", "reset_state"]
 
 MIGRATIONS: list[str] = [
     # 0 -> 1: the first release
@@ -114,10 +114,18 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE instances ADD COLUMN config_digest TEXT;
     """,
-    # 7 -> 8: the state `queued` (waiting for its turn to load): an older
-    # llama-orch cannot read it, so it must refuse this database
+    # 7 -> 8: the state `queued` (waiting for its turn to load), which an
+    # older llama-orch cannot read; and the GPU leases of plans' script tasks,
+    # so a daemon killed mid-lease gives the card back and restores what yielded
     """
-    SELECT 1;
+    CREATE TABLE gpu_leases (
+        gpu      INTEGER PRIMARY KEY,
+        run_id   TEXT NOT NULL,
+        task_id  TEXT NOT NULL,
+        since    REAL NOT NULL,
+        state    TEXT NOT NULL,
+        yielded  TEXT NOT NULL DEFAULT '[]'
+    );
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -161,6 +169,20 @@ class InstanceRow:
 _COLUMNS = tuple(f.name for f in fields(InstanceRow))
 _SAVED = tuple(c for c in _COLUMNS if c != "last_used_at")
 _JSON_COLUMNS = ("last_exit", "gpu_devices")
+
+
+@dataclass
+class Lease:
+    """One card leased to a plan's script task (DESIGN §7): `state` is
+    "yielding" (the instances on it being stopped) or "active" (the script
+    runs); `yielded`, the instances stopped for it, restored when it ends."""
+
+    gpu: int
+    run_id: str
+    task_id: str
+    since: float
+    state: str = "yielding"
+    yielded: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -369,6 +391,38 @@ class Store:
                     "seen_at = excluded.seen_at",
                     (backend, idx, name, self.clock()),
                 )
+
+    def leases(self) -> list[Lease]:
+        """Every card leased to a plan's script task, by index."""
+        rows = self._exec("SELECT * FROM gpu_leases ORDER BY gpu").fetchall()
+        return [
+            Lease(
+                r["gpu"],
+                r["run_id"],
+                r["task_id"],
+                r["since"],
+                r["state"],
+                json.loads(r["yielded"]),
+            )
+            for r in rows
+        ]
+
+    def save_leases(self, leases: list[Lease]) -> None:
+        """Record (or update) these leases, all in one transaction."""
+        with self.transaction():
+            for x in leases:
+                self._exec(
+                    "INSERT INTO gpu_leases (gpu, run_id, task_id, since, state, yielded) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (gpu) DO UPDATE SET "
+                    "run_id = excluded.run_id, task_id = excluded.task_id, "
+                    "since = excluded.since, state = excluded.state, yielded = excluded.yielded",
+                    (x.gpu, x.run_id, x.task_id, x.since, x.state, json.dumps(x.yielded)),
+                )
+
+    def drop_leases(self, gpus: list[int]) -> None:
+        with self.transaction():
+            for gpu in gpus:
+                self._exec("DELETE FROM gpu_leases WHERE gpu = ?", (gpu,))
 
     def gpus_seen(self) -> set[int]:
         """Indices of every card discovery has ever reported in this home."""

@@ -99,8 +99,31 @@ class FakeSource:
         ][:n] + [InstanceView(status(nm, "stopped", 8100 + i)) for i, nm in enumerate(names[3:n])]
         self.gpus = GpuStatus(
             [
-                GpuInfo(0, "GTX 1060 6GB", "cuda", 6144, 4012, 87, 68, 102, instances=["gpt-oss"]),
-                GpuInfo(1, "GTX 1060 6GB", "cuda", 6144, 2100, 3, 90, 60, instances=["qwen-7b"]),
+                GpuInfo(
+                    0,
+                    "GTX 1060 6GB",
+                    "cuda",
+                    6144,
+                    4012,
+                    87,
+                    68,
+                    102,
+                    instances=["gpt-oss"],
+                    state="llm_busy",
+                ),
+                GpuInfo(
+                    1,
+                    "GTX 1060 6GB",
+                    "cuda",
+                    6144,
+                    2100,
+                    3,
+                    90,
+                    60,
+                    instances=["qwen-7b"],
+                    state="script_busy",
+                    lease={"task": "asr", "plan": "5f1c2a9e", "since": "2026-12-01T06:30:15+00:00"},
+                ),
             ],
             ["GPU 1 (GTX 1060 6GB) is at 90 °C, over the 85 °C threshold (used by qwen-7b)"],
             "nvidia-smi",

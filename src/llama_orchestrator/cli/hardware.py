@@ -17,7 +17,8 @@ def gpus(
     app = app_context(ctx)
     from llama_orchestrator.engine import views
 
-    status = views.gpu_sample(app.engine)
+    busy = app.control().activity().in_flight
+    status = views.gpu_sample(app.engine, lambda n: busy.get(n, 0) > 0)
     found, warnings, source = status.gpus, status.warnings, status.source
     if json_:
         print_json([g.to_json() for g in found])

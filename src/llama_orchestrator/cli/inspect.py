@@ -115,7 +115,7 @@ def describe(
     from llama_orchestrator.engine import views
 
     d = views.describe(engine, name)
-    with_loads([d], app_context(ctx).control().loads())
+    with_loads([d], app_context(ctx).control().activity().loads)
     if json_:
         print_json(d)
         return

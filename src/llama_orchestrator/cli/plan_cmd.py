@@ -18,6 +18,7 @@ from llama_orchestrator.present import (
     plan_run_cells,
     plan_summary,
     plan_task_cells,
+    plan_waits,
 )
 
 __all__ = ["app"]
@@ -145,6 +146,8 @@ def status(
         return
     say(plan_summary(data))
     say(_task_table(data))
+    for line in plan_waits(data):
+        say(line)
 
 
 def _task_table(data: dict[str, Any]) -> str:

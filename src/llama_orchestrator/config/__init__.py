@@ -228,6 +228,10 @@ class InstanceConfig(_Section):
         description="Tags that plans and the router can select by (`tags:worker`).",
     )
     autostart: bool = Field(False, description="Start with the daemon / service.")
+    yield_to_scripts: bool = Field(
+        False,
+        description="When idle, stop for a plan's script task that needs its GPU, and start again when the task ends.",
+    )
     on_demand: OnDemandSection | None = Field(
         None, description="Started by the router on first request and stopped when idle."
     )

@@ -26,6 +26,7 @@ from llama_orchestrator.daemon.client import HOST
 from llama_orchestrator.daemon.metrics import CONTENT_TYPE, Metrics
 from llama_orchestrator.daemon.plans import PlanRunner
 from llama_orchestrator.daemon.protocol import (
+    Activity,
     CancelReply,
     DownReply,
     DownRequest,
@@ -128,9 +129,9 @@ def build_app(
     async def instances() -> dict[str, Any]:
         return asdict(await status_view())
 
-    @app.get("/v1/loads")
-    async def loads() -> dict[str, Any]:
-        return {"loads": sup.loads()}
+    @app.get("/v1/activity")
+    async def activity() -> dict[str, Any]:
+        return asdict(Activity(sup.loads(), dict(plans.router.in_flight)))
 
     @app.post("/v1/up")
     async def up(body: UpRequest) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 from llama_orchestrator import platform
 from llama_orchestrator.daemon.info import DaemonInfo
 from llama_orchestrator.daemon.protocol import (
+    Activity,
     CancelReply,
     DownReply,
     DownRequest,
@@ -158,13 +159,16 @@ class Supervised:
         except OrchError:
             return self.engine.status()
 
-    def loads(self) -> dict[str, list[int]]:
-        """The daemon's load queue (empty when it does not answer in time: a view)."""
+    def activity(self) -> Activity:
+        """The daemon's load queue and requests in flight (none when it does
+        not answer in time: this is a view)."""
         try:
-            answer = DaemonClient(self.client.info, timeout=STATUS_TIMEOUT).call("GET", "/v1/loads")
+            answer = DaemonClient(self.client.info, timeout=STATUS_TIMEOUT).call(
+                "GET", "/v1/activity"
+            )
         except OrchError:
-            return {}
-        return dict(answer["loads"])
+            return Activity()
+        return Activity(**answer)
 
     def submit_plan(self, path: Path, text: str, given_vars: dict[str, str]) -> PlanReply:
         source = path.resolve()

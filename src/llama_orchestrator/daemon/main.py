@@ -128,6 +128,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     from llama_orchestrator.daemon.api import build_app
     from llama_orchestrator.daemon.board import Board
     from llama_orchestrator.daemon.effects import LiveEffects
+    from llama_orchestrator.daemon.leases import Leases
     from llama_orchestrator.daemon.loads import LoadGate
     from llama_orchestrator.daemon.metrics import Metrics
     from llama_orchestrator.daemon.ondemand import OnDemand
@@ -174,7 +175,8 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
             loads=LoadGate(settings.loads.max_concurrent),
         ),
     )
-    on_demand = OnDemand(sup, slots, settings)
+    leases = Leases(sup, busy=slots.busy, changed=slots.wake)
+    on_demand = OnDemand(sup, slots, settings, held=leases.holds_for)
     router = Router(
         settings.router,
         lambda: board.replicas,
@@ -185,7 +187,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     )
     metrics.watch_router(router)
     router_server, router_url, router_error = _router(home, router, store, metrics)
-    plans = PlanRunner(home, store, router, lambda: board.known)
+    plans = PlanRunner(home, store, router, lambda: board.known, leases=leases)
     sock = platform.bind_control(home.daemon_socket)
     transport = platform.CONTROL_TRANSPORT
     token = secrets.token_urlsafe(32) if transport == "tcp" else None
@@ -230,6 +232,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     log.info(f"daemon {os.getpid()} started for {home.root}", extra={"data": {"address": address}})
     store.add_event(None, "daemon_started", f"daemon {os.getpid()} started")
     await sup.start()
+    await leases.start()  # a killed daemon's leases given back, what yielded restored
     on_demand.start()
     await plans.start()
     write_info(
@@ -255,6 +258,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
             home.daemon_info.unlink()
         await plans.shutdown()  # runs stay open in the database: the next daemon resumes them
         await on_demand.close()
+        await leases.close()
         await sup.shutdown(stop_instances)  # drains the router's replicas on --all
         if router_task is not None:
             router_task.cancel()

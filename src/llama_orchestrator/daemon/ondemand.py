@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,18 @@ log = logging.getLogger("llama_orchestrator.daemon")
 class OnDemand:
     """The router's `Loader`: starts, swaps and idle-stops on-demand instances."""
 
-    def __init__(self, sup: Supervisor, slots: Slots, settings: Settings) -> None:
+    def __init__(
+        self,
+        sup: Supervisor,
+        slots: Slots,
+        settings: Settings,
+        held: Callable[[str], bool] = lambda model: False,
+    ) -> None:
         self.sup = sup
         self.slots = slots
+        #: an instance serving the model yielded its GPU to a script: requests wait
+        self.held = held
+        self.queue_timeout = settings.router.queue_timeout
         self.fx: Effects = sup.effects
         self.max_running = {g: s.max_running for g, s in settings.groups.items()}
         self.starting: dict[str, asyncio.Task[None]] = {}
@@ -82,6 +91,8 @@ class OnDemand:
             self._notify()
 
     def wake(self, model: str) -> float | None:
+        if self.held(model):  # it comes back when the script's lease ends
+            return self.queue_timeout
         lazy = self._lazy()
         names = sorted(n for n, c in lazy.items() if serves(model, c.alias_or(n), c.tags))
         if not names:

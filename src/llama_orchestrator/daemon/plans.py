@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from llama_orchestrator import platform
+from llama_orchestrator.daemon.leases import Leases
 from llama_orchestrator.engine.process import ProcRef, create_time_of, stop_tree
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.home import Home
+from llama_orchestrator.plans import WAITING
 from llama_orchestrator.plans import schedule as S
 from llama_orchestrator.plans.records import (
     RunFiles,
@@ -40,7 +42,7 @@ from llama_orchestrator.plans.spec import Plan, Task, parse_plan
 from llama_orchestrator.plans.template import prompt_messages, render
 from llama_orchestrator.router.balance import candidates, free_slots
 from llama_orchestrator.router.proxy import Router, RouterError
-from llama_orchestrator.store import Store
+from llama_orchestrator.store import Lease, Store
 
 __all__ = ["PlanRunner"]
 
@@ -60,6 +62,8 @@ class _Active:
     files: RunFiles
     attempts: dict[str, asyncio.Task[dict[str, Any]]] = field(default_factory=dict)
     timed_out: set[str] = field(default_factory=set)
+    #: the GPU leases of script tasks picked this turn, handed to their attempts
+    leases: dict[str, list[Lease]] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     driver: asyncio.Task[None] | None = None
 
@@ -72,12 +76,14 @@ class PlanRunner:
         router: Router,
         known_models: Callable[[], set[str]],
         clock: Callable[[], float] = time.time,
+        leases: Leases | None = None,
     ) -> None:
         self.home = home
         self.store = store
         self.router = router
         self.known_models = known_models
         self.clock = clock
+        self.leases = leases
         self.shell_slots = os.cpu_count() or 2
         self.active: dict[str, _Active] = {}
 
@@ -190,7 +196,9 @@ class PlanRunner:
                         active.timed_out.add(task_id)
                         active.attempts[task_id].cancel()
                 changed += S.promote(plan, records)
-                picked = S.pick(plan, records, now, self._free(plan, records))
+                scripts, waiting = self._lease_scripts(run_id, active, now)
+                changed += waiting
+                picked = S.pick(plan, records, now, self._free(plan, records)) + scripts
                 for task_id in picked:
                     S.start(records, task_id, now)
                 if changed or picked:
@@ -254,6 +262,38 @@ class PlanRunner:
             changed += [task_id, *skipped]
         return changed
 
+    def _lease_scripts(
+        self, run_id: str, active: _Active, now: float
+    ) -> tuple[list[str], list[str]]:
+        """Ready script tasks that get their GPUs now (highest priority first),
+        and those whose reason to wait changed (kept in their `error`, which
+        `plan status` shows)."""
+        plan, records = active.plan, active.records
+        ready = [
+            (-t.priority, i)
+            for i, t in enumerate(plan.tasks)
+            if t.kind == "script"
+            and records[t.id].state == S.READY
+            and records[t.id].not_before <= now
+        ]
+        picked, changed = [], []
+        for _, i in sorted(ready):
+            task = plan.tasks[i]
+            got = (
+                self.leases.reserve(run_id, task)
+                if self.leases is not None
+                else "this daemon leases no GPUs"
+            )
+            if isinstance(got, str):
+                why = f"{WAITING}a GPU: {got}"
+                if records[task.id].error != why:
+                    records[task.id].error = why
+                    changed.append(task.id)
+                continue
+            active.leases[task.id] = got
+            picked.append(task.id)
+        return picked, changed
+
     def _free(self, plan: Plan, records: dict[str, S.TaskRecord]) -> dict[str, int]:
         router = self.router
         replicas = router.replicas()
@@ -316,7 +356,17 @@ class PlanRunner:
 
         if task.kind == "llm":
             return await self._llm(active, task, outputs, read_file)
-        return await self._shell(run_id, active, task, outputs, read_file)
+        leases = active.leases.pop(task.id, None)
+        if leases is None or self.leases is None:
+            return await self._shell(run_id, active, task, outputs, read_file)
+        why = "the task was cancelled or timed out"
+        try:
+            env = await self.leases.begin(leases)
+            result = await self._shell(run_id, active, task, outputs, read_file, env)
+            why = "the task failed" if result.get("error") else "the task is done"
+            return result
+        finally:  # whatever happened to the task, the cards go back
+            await asyncio.shield(self.leases.end(leases, why))
 
     async def _llm(
         self,
@@ -356,7 +406,9 @@ class PlanRunner:
         task: Task,
         outputs: dict[str, str],
         read_file: Callable[[str], str],
+        gpu_env: dict[str, str] | None = None,
     ) -> dict[str, Any]:
+        """`gpu_env`: a script task's leased cards (see daemon.leases)."""
         argv = [
             render(a, task, outputs, active.plan.vars, read_file, wrap=False)[0]
             for a in task.command
@@ -368,7 +420,8 @@ class PlanRunner:
         )
         try:
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
-                proc = platform.spawn(argv, {**os.environ, **task.env}, cwd, out, err)
+                env = {**os.environ, **task.env, **(gpu_env or {})}
+                proc = platform.spawn(argv, env, cwd, out, err)
         except OSError as exc:
             return {"error": f"cannot run {argv[0]!r}: {exc.strerror or exc}"}
         record = active.records[task.id]

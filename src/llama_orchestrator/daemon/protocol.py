@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llama_orchestrator.engine.lifecycle import Progress, UpResult
-from llama_orchestrator.engine.status import StatusReply
+from llama_orchestrator.engine.status import Activity, StatusReply
 from llama_orchestrator.errors import (
     BinaryNotFound,
     ConfigError,
@@ -290,9 +290,9 @@ class Control(Protocol):
         """What `ps` shows (`engine.status.collect`, run where the state is owned)."""
         ...
 
-    def loads(self) -> dict[str, list[int]]:
-        """The load queue: {name: [k, n]}, load k of the n loading or waiting
-        (empty without a daemon: nothing waits)."""
+    def activity(self) -> Activity:
+        """What only the daemon knows: its load queue and the requests in
+        flight (empty without a daemon, or one that does not answer in time)."""
         ...
 
     def submit_plan(self, path: Path, text: str, given_vars: dict[str, str]) -> PlanReply:

@@ -33,6 +33,7 @@ from llama_orchestrator.daemon.runner import (
 from llama_orchestrator.engine.lifecycle import UpResult
 from llama_orchestrator.engine.status import StatusReply, with_loads
 from llama_orchestrator.errors import OrchError, StartFailed
+from llama_orchestrator.gpulease import refuse_leased
 from llama_orchestrator.home import Home
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
@@ -155,6 +156,9 @@ class Supervisor:
     ) -> list[UpResult]:
         """Validate all, then start each (or take over one already running)."""
         prepared = await self.effects.prepare(names, strict)
+        leases = self.store.leases()
+        for p in prepared:
+            refuse_leased(leases, p.name, p.devices)
         results = [await self.runner(p.name).ask(Start(p, eager=eager)) for p in prepared]
         await self.refresh()
         return results

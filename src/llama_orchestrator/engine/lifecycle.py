@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     # never reads a config, and pydantic's import alone is ~60 ms of every run.
     from llama_orchestrator.config import InstanceConfig, Settings
     from llama_orchestrator.config.prepare import Prepared
-    from llama_orchestrator.engine.status import StatusReply
+    from llama_orchestrator.engine.status import Activity, StatusReply
     from llama_orchestrator.gpu import Discovery
 
 __all__ = [
@@ -628,8 +628,10 @@ class Engine:
 
         return StatusReply(collect(self), views.pinned_gpu_warnings(self))
 
-    def loads(self) -> dict[str, list[int]]:
-        return {}  # only the daemon queues loads
+    def activity(self) -> Activity:
+        from llama_orchestrator.engine.status import Activity
+
+        return Activity()  # only a daemon queues loads and routes requests
 
     # --- plans: the daemon's (Control's plan verbs) ------------------------------------
 

@@ -27,6 +27,7 @@ __all__ = [
     "InstanceStatus",
     "Description",
     "StatusReply",
+    "Activity",
     "status_view",
     "on_demand_view",
     "observed_state",
@@ -96,6 +97,16 @@ class StatusReply:
 
     instances: list[InstanceStatus]
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Activity:
+    """What only the daemon knows (`GET /v1/activity`): its load queue
+    ({name: [k, n]}, load k of the n loading or waiting) and the router's
+    requests in flight per instance."""
+
+    loads: dict[str, list[int]] = field(default_factory=dict)
+    in_flight: dict[str, int] = field(default_factory=dict)
 
 
 class OnDemandStatus(TypedDict):

@@ -4,6 +4,7 @@ The CLI renders these; the dashboard and the daemon's API serve the same data.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.status import Description, collect, iso
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
+from llama_orchestrator.gpulease import card_state, occupants
 from llama_orchestrator.gpuwatch import GpuStatus, check
 from llama_orchestrator.states import RUNNING_STATES
 
@@ -31,9 +33,27 @@ def pinned(engine: Engine) -> dict[int, list[str]]:
     return out
 
 
-def gpu_sample(engine: Engine) -> GpuStatus:
-    """Live GPUs of this home with the instances on each; new alerts recorded as events."""
-    return check(pinned(engine), engine.store, engine.settings.gpu.temp_threshold, engine.find_gpus)
+def gpu_sample(engine: Engine, busy: Callable[[str], bool] | None = None) -> GpuStatus:
+    """Live GPUs of this home with the instances on each, each card's state and
+    lease (`busy`: an instance has requests in flight, as the daemon knows);
+    new alerts recorded as events."""
+    status = check(
+        pinned(engine), engine.store, engine.settings.gpu.temp_threshold, engine.find_gpus
+    )
+    leases = {x.gpu: x for x in engine.store.leases()}
+    configs = {x.name: x.config for x in load_all(engine.home) if x.config is not None}
+    on = occupants(
+        engine.store.all(),
+        lambda n: configs[n].gpu.devices if n in configs else [],
+        lambda n: n in configs and configs[n].yield_to_scripts,
+        busy or (lambda n: False),
+    )
+    for g in status.gpus:
+        lease = leases.get(g.index)
+        g.state = card_state(lease, on.get(g.index, ()))
+        if lease is not None:
+            g.lease = {"task": lease.task_id, "plan": lease.run_id, "since": iso(lease.since)}
+    return status
 
 
 def pinned_gpu_warnings(engine: Engine) -> list[str]:

@@ -1,10 +1,12 @@
 """Plan files (DESIGN §7): parsing and every check, before anything runs.
 
 A plan is JSON: `{"name", "vars": {NAME: default}, "tasks": [...]}`; a task
-has `id`, `kind` (llm or shell), `depends_on`, `priority` 1-10, `retries`,
-`timeout`, `backoff`; llm: `model` (an alias or `tags:<tag>`) or `tags`,
-`prompt`, `system`, `max_tokens`, `temperature`, `untrusted`; shell: `command`
-(an argv list), `cwd`, `env`. Prompts (and shell arguments) may reference
+has `id`, `kind` (llm, shell or script), `depends_on`, `priority` 1-10,
+`retries`, `timeout`, `backoff`; llm: `model` (an alias or `tags:<tag>`) or
+`tags`, `prompt`, `system`, `max_tokens`, `temperature`, `untrusted`; shell:
+`command` (an argv list), `cwd`, `env`; script: a shell task that needs GPUs,
+`gpus` (how many, or which: `[2]`) and `vram_mib`, run on cards the daemon
+leases to it (daemon.leases). Prompts (and shell arguments) may reference
 `{{task_id}}` (a dependency's output), `{{vars.NAME}}` and `{{file:PATH}}`.
 
 Pure: the models a plan may name and the --var values are passed in; every
@@ -20,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
 
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.router.balance import TAG_PREFIX, offers, tag_model, tag_set
@@ -51,7 +53,7 @@ class _TaskModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str
-    kind: Literal["llm", "shell"]
+    kind: Literal["llm", "shell", "script"]
     depends_on: list[str] = []
     priority: int = Field(5, ge=1, le=10)
     retries: int = Field(3, ge=0, le=100)
@@ -66,10 +68,13 @@ class _TaskModel(BaseModel):
     max_tokens: int = Field(256, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     untrusted: list[str] = []
-    # shell
+    # shell and script
     command: list[str] | None = None
     cwd: str | None = None
     env: dict[str, str] = {}
+    # script: how many cards, or which; 0 on a shell task says it needs none
+    gpus: NonNegativeInt | list[NonNegativeInt] | None = None
+    vram_mib: int | None = Field(None, ge=1)
 
 
 class _PlanModel(BaseModel):
@@ -99,10 +104,16 @@ class Task:
     command: tuple[str, ...] = ()
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: script: how many cards (an int) or which (a tuple of indices)
+    gpus: int | tuple[int, ...] | None = None
+    vram_mib: int | None = None
 
     @property
     def slot_key(self) -> str:
-        """What the task waits for a free slot of: its model, or "shell"."""
+        """What the task waits for a free slot of: its model, "shell", or
+        "script" (a GPU lease, granted by the daemon's leases, not a slot)."""
+        if self.kind == "script":
+            return "script"
         return self.model if self.kind == "llm" and self.model else "shell"
 
     def templates(self) -> list[str]:
@@ -151,6 +162,8 @@ class Plan:
             d = dict(d)
             for key in ("depends_on", "untrusted", "command"):
                 d[key] = tuple(d.get(key) or ())
+            if isinstance(d.get("gpus"), list):
+                d["gpus"] = tuple(d["gpus"])
             tasks.append(Task(**d))
         return cls(data["name"], tuple(tasks), dict(data["vars"]), data["base_dir"])
 
@@ -231,6 +244,8 @@ def parse_plan(
                 command=tuple(m.command or ()),
                 cwd=m.cwd,
                 env=dict(m.env),
+                gpus=tuple(m.gpus) if isinstance(m.gpus, list) else m.gpus,
+                vram_mib=m.vram_mib,
             )
         )
     values = {**top.vars, **(given_vars or {})}
@@ -250,12 +265,57 @@ def parse_plan(
     return Plan(top.name or Path(source).stem, tuple(tasks), values, str(base))
 
 
+#: words in a shell task's command that say it runs on a GPU
+_GPU_WORDS = re.compile(
+    r"(?i)^(?:.*[/\\])?(whisper\S*|faster-whisper|nvidia-smi|rocm-smi|torchrun|"
+    r"llama-(?:cli|server|bench)|ffmpeg.*cuda|.*cuda.*|--gpu\S*|-ngl|--device=?(?:cuda|gpu)\S*|"
+    r"easyocr|paddleocr|vllm|comfyui|sdxl\S*|stable[-_]diffusion\S*|invokeai)(?:\.exe|\.py)?$"
+)
+
+
+def gpu_hint(command: list[str]) -> str | None:
+    """The argument of a command that gives it away as GPU work (pure), if any."""
+    for i, arg in enumerate(command):
+        if _GPU_WORDS.match(arg):
+            return arg
+        if (
+            arg in ("--device", "-d")
+            and i + 1 < len(command)
+            and command[i + 1].startswith(("cuda", "gpu"))
+        ):
+            return f"{arg} {command[i + 1]}"
+    return None
+
+
 def _kind_problems(m: _TaskModel, where: str, known_models: set[str]) -> list[str]:
-    if m.kind == "shell":
+    if m.kind in ("shell", "script"):
         if not m.command:
-            return [f"{where}: a shell task needs command, a list of arguments."]
-        return []
+            return [f"{where}: a {m.kind} task needs command, a list of arguments."]
+        out = []
+        if m.kind == "script" and (m.gpus is None or m.gpus in (0, [])):
+            out.append(
+                f'{where}: a script task needs the GPUs it runs on: "gpus": 1 (any card) or '
+                '"gpus": [2] (that one).'
+            )
+        if m.kind == "shell" and m.gpus:
+            out.append(
+                f'{where}: a shell task gets no GPU; make it "kind": "script" to lease '
+                f"{m.gpus if isinstance(m.gpus, int) else 'those'} card(s)."
+            )
+        if m.kind == "shell" and m.gpus is None and (hint := gpu_hint(m.command)):
+            out.append(
+                f"{where}: its command looks like GPU work ({hint!r}), but a shell task gets no "
+                'GPU: mark it "kind": "script", "gpus": 1 to run on a leased card, or '
+                '"gpus": 0 if it needs none.'
+            )
+        if m.kind == "shell" and m.vram_mib is not None:
+            out.append(f"{where}: vram_mib is for script tasks.")
+        return out
     out = []
+    if m.gpus is not None or m.vram_mib is not None:
+        out.append(
+            f"{where}: gpus and vram_mib are for script tasks; an llm task runs on instances."
+        )
     if m.command is not None:
         out.append(f"{where}: command is for shell tasks; an llm task has a prompt.")
     if not m.prompt:

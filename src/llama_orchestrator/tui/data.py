@@ -157,12 +157,14 @@ class EngineSource:
         with self._lock:
             engine = self._engine
             rows = collect(engine)
-            with_loads(rows, control(engine, start=False).loads())
+            activity = control(engine, start=False).activity()
+            with_loads(rows, activity.loads)
             views_ = [self._live(r) for r in rows]
             events = [
                 {**e.to_json(), "id": e.id, "ts": iso(e.ts)} for e in engine.store.events(limit=200)
             ]
-            gpus = views.gpu_sample(engine) if with_gpus else None
+            busy = activity.in_flight
+            gpus = views.gpu_sample(engine, lambda n: busy.get(n, 0) > 0) if with_gpus else None
             plans = [v.to_json() for v in list_runs(engine.store, PLAN_RUNS_SHOWN)]
         return Snapshot(header(running(self.home)), views_, events, gpus, plans)
 

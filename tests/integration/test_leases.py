@@ -1,0 +1,177 @@
+"""GPU leases for plans' script tasks, on the real llama-server and daemon: a
+fake nvidia-smi reports one 6 GB card, held by an instance (a CPU build of
+llama-server runs on the CPU whatever CUDA_VISIBLE_DEVICES says, which is all
+the decisions need); the script is a real process that reports what it sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+
+import httpx
+import pytest
+
+from llama_orchestrator.daemon.info import running
+from llama_orchestrator.home import Home
+from llama_orchestrator.store import Store
+from tests.helpers import free_port, run_cli, wait_until, write_config
+from tests.integration.test_on_demand import ONE_6GB_CARD
+from tests.integration.test_plans import status, submit, tasks_of, write_plan
+
+pytestmark = pytest.mark.integration
+
+#: the script: what it was given, whether the instance still listens, then a pause
+SCRIPT = """
+import os, socket, sys, time
+seen = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+                                       "GGML_VK_VISIBLE_DEVICES")}
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1).close()
+    seen["instance"] = "listening"
+except OSError:
+    seen["instance"] = "stopped"
+print(seen, flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def setup(home: Home, tiny_model, may_yield: bool) -> tuple[int, str]:
+    router = free_port()
+    home.settings_path.write_text(json.dumps({"router": {"port": router}}))
+    path = write_config(
+        home,
+        "big",
+        tiny_model,
+        model={"alias": "big", "threads": 1},
+        gpu={"backend": "cuda", "device_id": 0},
+        healthcheck={"interval": 0.5},
+        yield_to_scripts=may_yield,
+    )
+    port = json.loads(path.read_text())["server"]["port"]
+    r = run_cli(home, "up", "big", env=ONE_6GB_CARD)  # the daemon sees the one card
+    assert r.returncode == 0, r.stderr
+    return port, f"http://127.0.0.1:{router}"
+
+
+def plan(tmp_path, port: int, pause: float):
+    return write_plan(
+        tmp_path,
+        {"id": "asr", "kind": "script", "gpus": 1, "timeout": 60,
+         "command": [sys.executable, "-c", SCRIPT, str(port), str(pause)]},
+        name="transcribe",
+    )  # fmt: skip
+
+
+def gpus(home: Home) -> dict:
+    r = run_cli(home, "gpus", "--json", env=ONE_6GB_CARD)
+    assert r.returncode == 0, r.stderr
+    (card,) = json.loads(r.stdout)
+    return card
+
+
+def ps(home: Home) -> dict:
+    return {x["name"]: x for x in json.loads(run_cli(home, "ps", "--json").stdout)}
+
+
+def kinds(home: Home) -> list[str]:
+    store = Store.open(home.db_path)
+    try:
+        return [e.kind for e in store.events()]
+    finally:
+        store.close()
+
+
+def test_a_script_task_gets_the_card_its_idle_instance_yields_and_the_instance_comes_back(
+    home, tiny_model, tmp_path
+):
+    port, url = setup(home, tiny_model, may_yield=True)
+    before = ps(home)["big"]["pid"]
+    assert gpus(home)["state"] == "llm_ready"
+    try:
+        run_id = submit(home, plan(tmp_path, port, pause=3))
+        card = wait_until(lambda: (c := gpus(home))["state"] == "script_busy" and c, timeout=30)
+        assert card["lease"]["task"] == "asr" and card["lease"]["plan"] == run_id
+        assert ps(home)["big"]["state"] == "stopped"  # drained and stopped, like down
+        table = run_cli(home, "gpus", env={**ONE_6GB_CARD, "COLUMNS": "200"}).stdout
+        assert "script_busy" in table and f"asr (plan {run_id})" in table
+        answer: dict = {}
+
+        def ask() -> None:  # a request for the yielded model waits for its return
+            body = {
+                "model": "big",
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            answer["status"] = httpx.post(
+                f"{url}/v1/chat/completions", json=body, timeout=60
+            ).status_code
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        wait_until(lambda: status(home, run_id)["state"] == "completed", timeout=60)
+        asker.join(timeout=60)
+        assert answer == {"status": 200}  # never a stopped server, never a refusal
+        said = (home.root / "plans" / run_id / "asr.out").read_text()
+        seen = eval(said.strip())  # noqa: S307 - our own script's repr
+        assert seen == {
+            "CUDA_VISIBLE_DEVICES": "0",
+            "HIP_VISIBLE_DEVICES": "0",
+            "GGML_VK_VISIBLE_DEVICES": "0",
+            "instance": "stopped",  # nothing else ran on the card meanwhile
+        }
+        after = wait_until(lambda: (x := ps(home)["big"])["state"] == "healthy" and x, timeout=30)
+        assert after["pid"] != before and gpus(home)["lease"] is None
+        order = [k for k in kinds(home) if k.startswith(("lease_", "instance_"))]
+        assert order == ["lease_granted", "instance_yielded", "lease_released", "instance_restored"]
+    finally:
+        run_cli(home, "down", "--all", "--timeout", "5")
+
+
+def test_a_daemon_killed_mid_lease_gives_the_card_back_and_restores_the_instance(
+    home, tiny_model, tmp_path
+):
+    port, _ = setup(home, tiny_model, may_yield=True)
+    try:
+        run_id = submit(home, plan(tmp_path, port, pause=4))
+        wait_until(lambda: gpus(home)["state"] == "script_busy", timeout=30)
+        info = running(home)
+        assert info is not None
+        os.kill(info.pid, signal.SIGKILL)
+        wait_until(lambda: running(home) is None, timeout=10)
+        assert gpus(home)["lease"]["task"] == "asr"  # persisted: the card is not lost
+        r = run_cli(home, "daemon", "start", env=ONE_6GB_CARD)
+        assert r.returncode == 0, r.stderr
+        # the lease given back and the instance restored; the task ran again and finished
+        wait_until(lambda: status(home, run_id)["state"] == "completed", timeout=60)
+        wait_until(lambda: ps(home)["big"]["state"] == "healthy", timeout=30)
+        assert gpus(home)["lease"] is None
+        assert tasks_of(home, run_id)["asr"]["attempts"] >= 1
+        assert "daemon restarted" in " ".join(
+            e.message for e in Store.open(home.db_path).events() if e.kind == "lease_released"
+        )
+    finally:
+        run_cli(home, "down", "--all", "--timeout", "5")
+
+
+def test_a_script_task_waits_for_a_card_whose_instance_does_not_yield_and_says_why(
+    home, tiny_model, tmp_path
+):
+    port, _ = setup(home, tiny_model, may_yield=False)
+    before = ps(home)["big"]["pid"]
+    try:
+        run_id = submit(home, plan(tmp_path, port, pause=0))
+        task = wait_until(lambda: (t := tasks_of(home, run_id)["asr"])["error"] and t, timeout=30)
+        assert task["state"] == "ready"
+        assert task["error"].startswith("waiting for a GPU: GPU 0 is held by instance 'big'")
+        assert '"yield_to_scripts": true' in task["error"]
+        text = run_cli(home, "plan", "status", run_id).stdout
+        assert "waiting for a GPU" in text
+        big = ps(home)["big"]
+        assert big["state"] == "healthy" and big["pid"] == before  # left alone
+        assert run_cli(home, "plan", "cancel", run_id).returncode == 0
+        assert "lease_granted" not in kinds(home)
+    finally:
+        run_cli(home, "down", "--all", "--timeout", "5")
