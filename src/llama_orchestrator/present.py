@@ -50,7 +50,7 @@ STATE_STYLES = {
 
 
 GPU_COLUMNS = (
-    "GPU", "NAME", "BACKEND", "VRAM", "FREE", "UTIL", "TEMP", "POWER", "STATE", "LEASE", "INSTANCES",
+    "GPU", "NAME", "BACKEND", "VRAM", "FREE", "UTIL", "TEMP", "POWER", "INSTANCES", "STATE", "LEASE",
 )  # fmt: skip
 PLAN_RUN_COLUMNS = ("ID", "NAME", "STATE", "DONE", "CREATED", "ELAPSED")
 PLAN_TASK_COLUMNS = ("TASK", "KIND", "STATE", "TRIES", "INSTANCE", "ELAPSED", "ERROR")
@@ -187,9 +187,9 @@ def gpu_cells(g: GpuInfo, threshold: float) -> tuple[list[str], bool]:
         "-" if g.utilization_pct is None else f"{g.utilization_pct:.0f}%",
         "-" if g.temperature_c is None else f"{g.temperature_c:.0f}°C",
         "-" if g.power_w is None else f"{g.power_w:.0f} W",
+        ", ".join(g.instances) or "-",
         g.state or "-",
         f"{g.lease['task']} (plan {g.lease['plan']})" if g.lease else "-",
-        ", ".join(g.instances) or "-",
     ], hot
 
 

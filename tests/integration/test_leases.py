@@ -135,7 +135,7 @@ def test_a_daemon_killed_mid_lease_gives_the_card_back_and_restores_the_instance
 ):
     port, _ = setup(home, tiny_model, may_yield=True)
     try:
-        run_id = submit(home, plan(tmp_path, port, pause=4))
+        run_id = submit(home, plan(tmp_path, port, pause=3))
         wait_until(lambda: gpus(home)["state"] == "script_busy", timeout=30)
         info = running(home)
         assert info is not None

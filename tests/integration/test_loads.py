@@ -99,7 +99,7 @@ def test_a_load_longer_than_start_period_that_shows_progress_is_not_restarted(
         "slow",
         tiny_model,
         binary=str(fake_bin),
-        env={"FAKE_LOAD_S": "4", "FAKE_QUIET": "1"},  # its dots are its only output
+        env={"FAKE_LOAD_S": "3", "FAKE_QUIET": "1"},  # its dots are its only output
         healthcheck={**FAST, "start_period": 0.5, "load_timeout": 1.5},
         restart_policy={"backoff_initial": 0.05},
     )
@@ -113,7 +113,7 @@ def test_a_load_longer_than_start_period_that_shows_progress_is_not_restarted(
         ps = _ps(home)["slow"]
         assert ps["state"] == "healthy" and ps["restarts"] == 0
         (span,) = _loading_spans(home)["slow"]
-        assert span[1] - span[0] >= 3.5  # far past start_period, and never a failure
+        assert span[1] - span[0] >= 2.5  # far past start_period, and never a failure
     finally:
         run_cli(home, "down", "--all", "--timeout", "5")
 
@@ -175,13 +175,13 @@ def test_an_out_of_memory_exit_fails_after_one_attempt_and_says_how_to_fix_it(
 
 def test_a_queued_instance_survives_a_daemon_restart_and_loads(home, tiny_model, fake_bin):
     home.settings_path.write_text(json.dumps({"loads": {"max_concurrent": 1}}))
-    for name in ("a", "b"):
+    for name, load in (("a", "4"), ("b", "0.5")):  # a still loads when the daemon goes
         write_config(
             home,
             name,
             tiny_model,
             binary=str(fake_bin),
-            env={"FAKE_LOAD_S": "1.5"},
+            env={"FAKE_LOAD_S": load},
             healthcheck={**FAST, "start_period": 10},
         )
     try:

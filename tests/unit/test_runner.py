@@ -119,6 +119,15 @@ def _loading(w, names):
     return [n for n in names if w.row(n).state == S.STARTING]
 
 
+async def _loading_one_at_a_time(w, names):
+    """`up` of each (all slow to load) with one load at a time: the first loads."""
+    w.deps.loads.set_limit(1)
+    for n in names:
+        w.fx.add(n)
+        w.fx.health[n] = LOADING
+        await w.up(n)
+
+
 async def test_five_starts_load_one_at_a_time_in_order_and_none_is_restarted(w):
     w.deps.loads.set_limit(1)
     names = ["a", "b", "c", "d", "e"]
@@ -145,11 +154,7 @@ async def test_five_starts_load_one_at_a_time_in_order_and_none_is_restarted(w):
 
 
 async def test_a_stopped_or_removed_queued_start_never_loads_and_frees_its_place(w):
-    w.deps.loads.set_limit(1)
-    for n in "abc":
-        w.fx.add(n)
-        w.fx.health[n] = LOADING
-        await w.up(n)
+    await _loading_one_at_a_time(w, "abc")
     assert await w.sup.down(["b"]) == []  # no process of it was running
     assert w.row("b").state == S.STOPPED and w.row("b").desired == Desired.STOPPED
     assert w.sup.loads() == {"a": [1, 2], "c": [2, 2]}
@@ -160,11 +165,7 @@ async def test_a_stopped_or_removed_queued_start_never_loads_and_frees_its_place
 
 
 async def test_a_crash_while_loading_lets_the_next_load_and_its_restart_queues_behind(w):
-    w.deps.loads.set_limit(1)
-    for n in "ab":
-        w.fx.add(n)
-        w.fx.health[n] = LOADING
-        await w.up(n)
+    await _loading_one_at_a_time(w, "ab")
     w.fx.proc("a").end(code=1)  # dies loading: b's turn at once
     await w.fx.settle()
     assert w.row("a").state == S.BACKOFF and w.row("b").state == S.STARTING
@@ -193,11 +194,7 @@ async def test_an_on_demand_start_goes_before_the_queued_ones_and_a_user_up_wait
 
 
 async def test_a_start_that_fails_when_its_turn_comes_is_recorded_and_frees_the_slot(w):
-    w.deps.loads.set_limit(1)
-    for n in "abc":
-        w.fx.add(n)
-        w.fx.health[n] = LOADING
-        await w.up(n)
+    await _loading_one_at_a_time(w, "abc")
     w.fx.spawn_fails["b"] = StartFailed("port 9001 is taken")
     w.fx.health["a"] = HEALTHY
     await w.fx.advance(0.6)

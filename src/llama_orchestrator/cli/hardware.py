@@ -28,14 +28,22 @@ def gpus(
         from rich.table import Table
 
         table = Table(box=None, header_style="bold", pad_edge=False)
-        for col in GPU_COLUMNS:
-            table.add_column(col, no_wrap=col != "INSTANCES")
+        # LEASE only while a script task holds a card; under 100 columns, no
+        # FREE (VRAM's difference), nor BACKEND when every card has the same
+        hidden = set() if any(g.lease for g in found) else {"LEASE"}
+        if out.width < 100:
+            hidden.add("FREE")
+            if len({g.backend for g in found}) == 1:
+                hidden.add("BACKEND")
+        shown = [c for c in GPU_COLUMNS if c not in hidden]
+        for col in shown:
+            table.add_column(col, no_wrap=col not in ("LEASE", "INSTANCES"))
         for g in found:
-            row, hot = gpu_cells(g, status.threshold)
+            cells, hot = gpu_cells(g, status.threshold)
             if hot:
                 temp = GPU_COLUMNS.index("TEMP")
-                row[temp] = f"[bold red]{row[temp]}[/]"
-            table.add_row(*row)
+                cells[temp] = f"[bold red]{cells[temp]}[/]"
+            table.add_row(*(v for c, v in zip(GPU_COLUMNS, cells, strict=True) if c in shown))
         out.print(table)
         out.print(f"[dim](from {source})[/]")
     for w in warnings:

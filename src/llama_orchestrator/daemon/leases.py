@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gpulease import Card, choose, lease_env, occupants
 from llama_orchestrator.router.balance import serves
-from llama_orchestrator.store import Lease
+from llama_orchestrator.store import Lease, Store
 
 if TYPE_CHECKING:
     from llama_orchestrator.daemon.supervisor import Supervisor
@@ -54,13 +54,14 @@ class Leases:
     _poll: asyncio.Task[None] | None = None
 
     @property
-    def store(self):  # type: ignore[no-untyped-def]
+    def store(self) -> Store:
         return self.sup.store
 
     async def start(self) -> None:
         """A previous daemon's leases: the cards given back, what yielded restored
         (their tasks run again: the plan runner requeues them, and they ask anew)."""
-        for lease in self.store.leases():
+        tasks = {(x.run_id, x.task_id): x for x in self.store.leases()}
+        for lease in tasks.values():  # one task's cards go back together
             await self._end(lease, "the daemon restarted")
         await self.refresh()
         self._poll = asyncio.create_task(self._refresh_often())

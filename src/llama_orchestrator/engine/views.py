@@ -10,7 +10,7 @@ from typing import Any
 
 from llama_orchestrator.config import InstanceConfig, is_secret_name, redacted
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand
-from llama_orchestrator.config.validate import load_all, pinned_devices
+from llama_orchestrator.config.validate import Loaded, load_all, pinned_devices
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.status import Description, collect, iso
 from llama_orchestrator.errors import OrchError
@@ -22,9 +22,9 @@ from llama_orchestrator.states import RUNNING_STATES
 __all__ = ["describe", "gpu_sample", "pinned", "pinned_gpu_warnings"]
 
 
-def pinned(engine: Engine) -> dict[int, list[str]]:
+def pinned(engine: Engine, loaded: list[Loaded] | None = None) -> dict[int, list[str]]:
     """GPU index -> instances on it: pinned by config, or given it at start (`device_id: auto`)."""
-    out = pinned_devices(load_all(engine.home))
+    out = pinned_devices(load_all(engine.home) if loaded is None else loaded)
     for row in engine.store.all():
         if row.state in RUNNING_STATES and row.gpu_devices:
             for d in row.gpu_devices:
@@ -37,11 +37,12 @@ def gpu_sample(engine: Engine, busy: Callable[[str], bool] | None = None) -> Gpu
     """Live GPUs of this home with the instances on each, each card's state and
     lease (`busy`: an instance has requests in flight, as the daemon knows);
     new alerts recorded as events."""
+    loaded = load_all(engine.home)
     status = check(
-        pinned(engine), engine.store, engine.settings.gpu.temp_threshold, engine.find_gpus
+        pinned(engine, loaded), engine.store, engine.settings.gpu.temp_threshold, engine.find_gpus
     )
     leases = {x.gpu: x for x in engine.store.leases()}
-    configs = {x.name: x.config for x in load_all(engine.home) if x.config is not None}
+    configs = {x.name: x.config for x in loaded if x.config is not None}
     on = occupants(
         engine.store.all(),
         lambda n: configs[n].gpu.devices if n in configs else [],
