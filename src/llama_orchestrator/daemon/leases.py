@@ -60,9 +60,11 @@ class Leases:
     async def start(self) -> None:
         """A previous daemon's leases: the cards given back, what yielded restored
         (their tasks run again: the plan runner requeues them, and they ask anew)."""
-        tasks = {(x.run_id, x.task_id): x for x in self.store.leases()}
-        for lease in tasks.values():  # one task's cards go back together
-            await self._end(lease, "the daemon restarted")
+        by_task: dict[tuple[str, str], list[Lease]] = {}
+        for x in self.store.leases():  # one task's cards go back together
+            by_task.setdefault((x.run_id, x.task_id), []).append(x)
+        for leases in by_task.values():
+            await self.end(leases, "the daemon restarted")
         await self.refresh()
         self._poll = asyncio.create_task(self._refresh_often())
 
@@ -163,15 +165,9 @@ class Leases:
         self.store.save_leases(leases)
         return lease_env(x.gpu for x in leases)
 
-    async def end(self, leases: list[Lease], why: str) -> None:
-        """Give the cards back and start again what yielded for them."""
-        await self._end(leases[0], why, leases)
-
-    async def _end(self, first: Lease, why: str, leases: list[Lease] | None = None) -> None:
-        mine = leases or [
-            x for x in self.store.leases() if (x.run_id, x.task_id) == (first.run_id, first.task_id)
-        ]
-        mine = mine or [first]
+    async def end(self, mine: list[Lease], why: str) -> None:
+        """Give one task's cards back and start again what yielded for them."""
+        first = mine[0]
         self.store.drop_leases([x.gpu for x in mine])
         self.store.add_event(
             None,

@@ -268,17 +268,11 @@ class PlanRunner:
         """Ready script tasks that get their GPUs now (highest priority first),
         and those whose reason to wait changed (kept in their `error`, which
         `plan status` shows)."""
-        plan, records = active.plan, active.records
-        ready = [
-            (-t.priority, i)
-            for i, t in enumerate(plan.tasks)
-            if t.kind == "script"
-            and records[t.id].state == S.READY
-            and records[t.id].not_before <= now
-        ]
+        records = active.records
         picked, changed = [], []
-        for _, i in sorted(ready):
-            task = plan.tasks[i]
+        for task in S.due(active.plan, records, now):
+            if task.kind != "script":
+                continue
             got = (
                 self.leases.reserve(run_id, task)
                 if self.leases is not None

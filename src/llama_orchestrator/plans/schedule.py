@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from llama_orchestrator.plans.spec import Plan
+from llama_orchestrator.plans.spec import Plan, Task
 
 __all__ = [
     "TaskRecord",
@@ -27,6 +27,7 @@ __all__ = [
     "TERMINAL",
     "promote",
     "pick",
+    "due",
     "start",
     "finish",
     "postpone",
@@ -93,19 +94,23 @@ def pick(plan: Plan, records: Records, now: float, free: Mapping[str, int]) -> l
     chosen: list[str] = []
     if not left:
         return chosen
-    ready = [
-        (-t.priority, i)
-        for i, t in enumerate(plan.tasks)
-        if records[t.id].state == READY and records[t.id].not_before <= now
-    ]
-    for _, i in sorted(ready):
-        t = plan.tasks[i]
+    for t in due(plan, records, now):
         if left.get(t.slot_key, 0) > 0:
             left[t.slot_key] -= 1
             chosen.append(t.id)
             if not any(left.values()):
                 break
     return chosen
+
+
+def due(plan: Plan, records: Records, now: float) -> list[Task]:
+    """Ready tasks whose backoff is over: highest priority first, ties in plan order."""
+    ready = [
+        (-t.priority, i)
+        for i, t in enumerate(plan.tasks)
+        if records[t.id].state == READY and records[t.id].not_before <= now
+    ]
+    return [plan.tasks[i] for _, i in sorted(ready)]
 
 
 def start(records: Records, task_id: str, now: float) -> None:
