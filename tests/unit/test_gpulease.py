@@ -135,3 +135,36 @@ def test_a_script_task_names_its_gpus_and_gpu_work_in_a_shell_task_is_not_guesse
     assert 'tasks[3] (d): a shell task gets no GPU; make it "kind": "script"' in text
     assert "tasks[4] (e): gpus and vram_mib are for script tasks" in text
     assert gpu_hint(["echo", "hello"]) is None and gpu_hint(["/opt/bin/nvidia-smi"])
+
+
+def test_device_id_auto_never_picks_a_leased_card(tmp_path):
+    import json
+    import sys
+
+    from llama_orchestrator.config.prepare import prepare
+    from llama_orchestrator.gpu import Discovery, GpuInfo
+    from llama_orchestrator.home import Home
+    from llama_orchestrator.tinymodel import write_tiny_model
+
+    home = Home(tmp_path / "home")
+    folder = home.instance_dir("a")
+    folder.mkdir(parents=True)
+    model = write_tiny_model(tmp_path / "m.gguf")
+    cfg = {
+        "model": {"path": str(model)},
+        "server": {"port": 8123},
+        "gpu": {"backend": "cuda", "device_id": "auto"},
+        "binary": sys.executable,
+    }
+    home.config_path("a").write_text(json.dumps(cfg))
+    cards = [GpuInfo(0, "c0", "cuda", 6144, 3000), GpuInfo(1, "c1", "cuda", 6144, 0)]
+
+    def find() -> Discovery:
+        return Discovery("nvidia-smi", cards)
+
+    (free,) = prepare(home, ["a"], set(), {}, find)
+    assert free.devices == [1]  # the most free VRAM
+    (other,) = prepare(home, ["a"], set(), {}, find, leased=frozenset({1}))
+    assert other.devices == [0]  # card 1 is a script's now
+    with pytest.raises(UserError, match="Every GPU is leased to a plan's script task"):
+        prepare(home, ["a"], set(), {}, find, leased=frozenset({0, 1}))

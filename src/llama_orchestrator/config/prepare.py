@@ -21,7 +21,7 @@ from llama_orchestrator.config.validate import (
     load_all,
     vram_problems,
 )
-from llama_orchestrator.errors import ConfigError, Problem, UnknownInstance
+from llama_orchestrator.errors import ConfigError, Problem, UnknownInstance, UserError
 from llama_orchestrator.gguf_meta import read_model
 from llama_orchestrator.gpu import Discovery
 from llama_orchestrator.home import Home
@@ -50,10 +50,12 @@ def prepare(
     base_env: Mapping[str, str],
     find_gpus: Callable[[], Discovery],
     strict: bool = False,
+    leased: frozenset[int] = frozenset(),
 ) -> list[Prepared]:
     """Check the named instances and build their launches; raise ConfigError
     listing every problem. VRAM is summed over `running` plus `names`: over a
-    card's total it is a warning, an error with `strict`."""
+    card's total it is a warning, an error with `strict`. `device_id: auto`
+    never picks a `leased` card (a plan's script task holds it)."""
     loaded = {x.name: x for x in load_all(home)}
     problems: list[Problem] = []
     prepared: list[Prepared] = []
@@ -71,7 +73,7 @@ def prepare(
         warnings = [str(p) for p in found]
         notes: list[str] = []
         folder = item.path.parent
-        cfg, devices = _resolve_auto(item.config, folder, find_gpus, notes)
+        cfg, devices = _resolve_auto(item.config, folder, find_gpus, notes, leased)
         binary = find_llama_server(cfg.binary, home.root, folder)
         launch = build_launch(cfg, name, binary, cfg.model_path(folder), base_env, home.root)
         prepared.append(Prepared(name, item.config, item.path, launch, warnings, devices, notes))
@@ -90,7 +92,11 @@ def prepare(
 
 
 def _resolve_auto(
-    cfg: InstanceConfig, folder: Path, find_gpus: Callable[[], Discovery], notes: list[str]
+    cfg: InstanceConfig,
+    folder: Path,
+    find_gpus: Callable[[], Discovery],
+    notes: list[str],
+    leased: frozenset[int] = frozenset(),
 ) -> tuple[InstanceConfig, list[int]]:
     """For `device_id: auto` on a GPU backend: a copy of the config pinned to
     the card(s) with the most free VRAM now. Other configs pass unchanged."""
@@ -98,8 +104,18 @@ def _resolve_auto(
         return cfg, cfg.gpu.devices
     info = read_model(cfg.model_path(folder))
     g = cfg.gpu
+    cards = find_gpus().gpus
+    if cards and all(c.index in leased for c in cards):
+        raise UserError(
+            "Every GPU is leased to a plan's script task now, so `device_id: auto` has no card.",
+            hint="It can start once a lease ends; `llama-orch gpus` shows the leases.",
+        )
     devices = pick_devices(
-        info, cfg.model.context_size, cfg.server.parallel, g.layers, find_gpus().gpus
+        info,
+        cfg.model.context_size,
+        cfg.server.parallel,
+        g.layers,
+        [c for c in cards if c.index not in leased],
     )
     notes.append(f"device_id auto chose GPU {','.join(map(str, devices))} (most free VRAM)")
     pinned = cfg.model_copy(deep=True)

@@ -225,7 +225,8 @@ class Engine:
             r.name for r in self.store.all() if r.state in RUNNING_STATES and is_alive(self._ref(r))
         }
         base = dict(os.environ) if self._base_env is None else self._base_env
-        return prepare(self.home, names, running, base, self.find_gpus, strict)
+        leased = frozenset(x.gpu for x in self.store.leases())
+        return prepare(self.home, names, running, base, self.find_gpus, strict, leased)
 
     # --- observation ----------------------------------------------------------
 
