@@ -144,16 +144,23 @@ def _progress() -> Iterator[Progress]:
     """A live status line on stderr while models load (nothing when piped)."""
     status = err.status("Starting…") if sys.stderr.isatty() else None
 
+    queued: set[str] = set()  # waiting for their turn to load: counted, not shown
+
     def on_progress(name: str, phase: str, elapsed: float, detail: str) -> None:
         if status is None:
             return
+        if phase == "queued":
+            queued.add(name)
+            return
+        queued.discard(name)
         if phase == "healthy":
             err.print(f"[green]✔[/] {name} healthy after {elapsed:.1f}s", markup=True)
         else:
             from rich.markup import escape
 
+            more = f" · {len(queued)} queued" if queued else ""
             status.update(
-                f"{name}: {phase} ({elapsed:.0f}s)  [dim]{escape(_log_message(detail))}[/]"
+                f"{name}: {phase} ({elapsed:.0f}s){more}  [dim]{escape(_log_message(detail))}[/]"
             )
 
     if status is None:
