@@ -144,7 +144,13 @@ class FakeEffects:
             if n not in self.configs:
                 raise UnknownInstance(n, sorted(self.configs))
             out.append(
-                Prepared(n, self.configs[n], Path(f"{n}/config.json"), Launch(["srv", n], {}))
+                Prepared(
+                    n,
+                    self.configs[n],
+                    Path(f"{n}/config.json"),
+                    Launch(["srv", n], {}),
+                    devices=self.configs[n].gpu.devices,
+                )
             )
         return out
 

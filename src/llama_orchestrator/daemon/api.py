@@ -139,7 +139,10 @@ def build_app(
 
     @app.post("/v1/down")
     async def down(body: DownRequest) -> dict[str, Any]:
-        return asdict(DownReply(await sup.down(names(body.names), body.timeout)))
+        targets = names(body.names)
+        if plans.leases is not None:
+            plans.leases.keep_down(targets)  # a user's down outlasts a lease's restore
+        return asdict(DownReply(await sup.down(targets, body.timeout)))
 
     @app.post("/v1/restart")
     async def restart(body: RestartRequest) -> dict[str, Any]:

@@ -165,9 +165,20 @@ class Leases:
         self.store.save_leases(leases)
         return lease_env(x.gpu for x in leases)
 
+    def keep_down(self, names: list[str]) -> None:
+        """A user's `down` of instances that yielded: they stay down when the
+        lease ends (it restores only what it stopped and nobody stopped since)."""
+        changed = [x for x in self.store.leases() if set(x.yielded) & set(names)]
+        for x in changed:
+            x.yielded = [n for n in x.yielded if n not in names]
+        self.store.save_leases(changed)
+
     async def end(self, mine: list[Lease], why: str) -> None:
         """Give one task's cards back and start again what yielded for them."""
         first = mine[0]
+        # as recorded: a user's down meanwhile took an instance off the list
+        stored = {x.gpu: x for x in self.store.leases()}
+        names = sorted({n for x in mine for n in stored.get(x.gpu, x).yielded})
         self.store.drop_leases([x.gpu for x in mine])
         self.store.add_event(
             None,
@@ -176,7 +187,6 @@ class Leases:
             f"'{first.task_id}' of plan run {first.run_id}: {why}",
             {"gpus": [x.gpu for x in mine], "run": first.run_id, "task": first.task_id},
         )
-        names = sorted({n for x in mine for n in x.yielded})
         configs = self.sup.configs()
         for name in names:
             if name not in configs:
