@@ -116,8 +116,13 @@ class LoadGate:
         self.queue.limit = limit
         self._wake(self.queue.grant())
 
-    def position(self, name: str) -> tuple[int, int] | None:
-        return self.queue.position(name)
+    def position(self, name: str) -> list[int] | None:
+        """[k, n]: load k of the n loading or waiting (as the API sends it)."""
+        kn = self.queue.position(name)
+        return list(kn) if kn else None
+
+    def positions(self) -> dict[str, list[int]]:
+        return {name: list(kn) for name, kn in self.queue.positions().items()}
 
     def loading(self, name: str) -> bool:
         return name in self.queue.loading

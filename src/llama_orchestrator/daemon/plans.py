@@ -350,9 +350,10 @@ class PlanRunner:
 
         if task.kind == "llm":
             return await self._llm(active, task, outputs, read_file)
-        leases = active.leases.pop(task.id, None)
-        if leases is None or self.leases is None:
+        if task.kind != "script":
             return await self._shell(run_id, active, task, outputs, read_file)
+        leases = active.leases.pop(task.id)  # reserved when it was picked
+        assert self.leases is not None  # no leases, no script task is picked
         why = "the task was cancelled or timed out"
         try:
             env = await self.leases.begin(leases)

@@ -468,28 +468,33 @@ class InstanceRunner:
             self._d.loads.enter(self.name, c.eager)
             return self._queued_result(p)
         row = self._row()
-        entered = False
+        holding = False  # a load slot taken for this spawn
         if self._ref is None and not self._fx.alive(ProcRef.of(row.pid, row.create_time)):
             turn = self._d.loads.enter(self.name, c.eager)
             if turn is not None:
                 self._queue(row, turn, c.fresh, c.eager)
                 return self._queued_result(p)
-            entered = True
-        try:
-            result = await self._fx.spawn(p, c.fresh)
-        except BaseException:
-            if entered:
-                self._d.loads.leave(self.name)  # no load began
-            raise
+            holding = True
+        result = await self._spawn(p, c.fresh, c.eager, holding)
         result.warnings, result.notes = p.warnings, p.notes
-        self._took(result, p, c.eager)
-        if entered and (self._ref is None or result.outcome != "started"):
-            self._d.loads.leave(self.name)  # no load of ours to wait for
+        return result
+
+    async def _spawn(self, p: Prepared, fresh: bool, eager: bool, holding: bool) -> UpResult:
+        """Spawn `p` and watch the process; a load slot held for it (`holding`)
+        is given back unless a load of ours began."""
+        try:
+            result = await self._fx.spawn(p, fresh)
+        except BaseException:
+            if holding:
+                self._d.loads.leave(self.name)
+            raise
+        self._took(result, p, eager)
+        if holding and (self._ref is None or result.outcome != "started"):
+            self._d.loads.leave(self.name)
         self._publish()
         return result
 
     def _queued_result(self, p: Prepared) -> UpResult:
-        position = self._d.loads.position(self.name)
         return UpResult(
             self.name,
             "queued",
@@ -497,7 +502,7 @@ class InstanceRunner:
             p.config.server.port,
             warnings=p.warnings,
             notes=p.notes,
-            load_position=list(position) if position else None,
+            load_position=self._d.loads.position(self.name),
         )
 
     def _queue(
@@ -507,7 +512,7 @@ class InstanceRunner:
         self._cancel("restart")
         self._due += 1
         self._queued = (fresh, eager)
-        k, n = self._d.loads.position(self.name) or (0, 0)
+        k, n = self._d.loads.position(self.name) or [0, 0]
         self._set(
             row,
             S.QUEUED,
@@ -561,16 +566,11 @@ class InstanceRunner:
         the restart policy decides what follows."""
         try:
             (p,) = await self._fx.prepare([self.name])
-            result = await self._fx.spawn(p, fresh)
+            await self._spawn(p, fresh, eager, holding=True)
         except OrchError as exc:  # config broken meanwhile, port taken, ...
-            self._d.loads.leave(self.name)
+            self._d.loads.leave(self.name)  # (a prepare that failed held it too)
             self._d.store.add_event(self.name, "start_failed", str(exc))
             self._decide(self._row(), Ending())
-            return
-        self._took(result, p, eager)
-        if self._ref is None or result.outcome != "started":
-            self._d.loads.leave(self.name)  # no load of ours to wait for
-        self._publish()
 
     def _probed(self, c: _Probed) -> None:
         cfg, watch = self._cfg, self._watch

@@ -247,7 +247,7 @@ class Supervisor:
 
     def loads(self) -> dict[str, list[int]]:
         """The load queue: {name: [k, n]}, load k of the n loading or waiting."""
-        return {name: list(kn) for name, kn in self.deps.loads.queue.positions().items()}
+        return self.deps.loads.positions()
 
     def with_loads(self, reply: StatusReply) -> StatusReply:
         """The status view with each loading or queued instance's place in

@@ -55,7 +55,7 @@ def start_line(started_at: float, rotated: bool = False) -> str:
 
 
 def is_start_line(line: str) -> bool:
-    return line.startswith("--- llama-orch: ") and _START.match(line) is not None
+    return line.startswith(_START_MARK) and _START.match(line) is not None
 
 
 class LineTimes:
