@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llama_orchestrator.errors import StateError
 from llama_orchestrator.home import Home
 
 FAKE_SERVER = Path(__file__).parent / "fakes" / "fake_server.py"
@@ -91,3 +92,24 @@ def write_unloadable_model(path: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def fill(store: Any, *others: Any) -> None:
+    """Let the database grow no more (SQLite then answers as on a full disk;
+    the limit is one connection's), and fill what room is left with events."""
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    for s in (store, *others):
+        s._conn.execute(f"PRAGMA max_page_count = {pages}")
+    for _ in range(10_000):
+        try:
+            store.add_event(None, "filler", "x" * 200)
+        except StateError:  # DiskFull, without the daemon's memory
+            return
+        if store.unsaved:
+            return
+    raise AssertionError("the database never filled")
+
+
+def make_room(*stores: Any) -> None:
+    for s in stores:
+        s._conn.execute("PRAGMA max_page_count = 1000000")

@@ -7,6 +7,7 @@
     │   ├── PortConflict      the port is owned by another instance or process
     │   └── BinaryNotFound    no llama-server anywhere we looked
     ├── StateError            the state database cannot be read or written
+    │   └── DiskFull          no space left where we must write (names the path)
     └── StartFailed           an instance died or timed out while starting
 
 Foreign exceptions (OSError, sqlite3, httpx, pydantic) are translated where
@@ -26,6 +27,7 @@ __all__ = [
     "PortConflict",
     "BinaryNotFound",
     "StateError",
+    "DiskFull",
     "StartFailed",
 ]
 
@@ -88,6 +90,12 @@ class BinaryNotFound(UserError):
 
 class StateError(OrchError):
     pass
+
+
+class DiskFull(StateError):
+    """No space left on the disk we must write to; the message names the
+    path and the space left. Nobody's fault but the disk's: the daemon keeps
+    its state in memory and tries again (nothing counts as a crash)."""
 
 
 class StartFailed(OrchError):

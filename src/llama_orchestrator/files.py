@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["atomic_write_text"]
+from llama_orchestrator.errors import DiskFull
+
+__all__ = ["atomic_write_text", "private_dir", "disk_full", "is_disk_full"]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -42,3 +44,27 @@ def private_dir(path: Path) -> Path:
     if os.name == "posix" and path.stat().st_mode & 0o077:
         os.chmod(path, 0o700)
     return path
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(path: Path, what: str) -> DiskFull:
+    """The one sentence for a full disk: what could not be written, where,
+    and how much room is left there; the fix is to make room."""
+    import shutil
+
+    from llama_orchestrator.units import human_bytes
+
+    folder = path if path.is_dir() else path.parent
+    try:
+        left = f" ({human_bytes(shutil.disk_usage(folder).free)} free)"
+    except OSError:
+        left = ""
+    return DiskFull(
+        f"{what} cannot be written: the disk of {folder} is full{left}.",
+        hint=f"Free some space on the disk of {folder}; llama-orch goes on once it can write.",
+    )

@@ -4,14 +4,22 @@ WAL mode, synchronous=FULL and BEGIN IMMEDIATE for read-then-write, so two
 CLI processes (or the CLI and the daemon) serialise on the write lock and a
 process killed at any moment loses nothing it committed. The schema version
 lives in `PRAGMA user_version`; MIGRATIONS[i] upgrades version i to i+1.
+
+A full disk does not stop the daemon's supervision: its stores share one
+`Unsaved`, which keeps the instance rows and events the disk refused; every
+read of the daemon sees them, and they are written with the next write that
+succeeds (or by `flush`, which the daemon calls every few seconds). A CLI
+command without the daemon gets the full-disk error instead.
 """
 
 from __future__ import annotations
 
-import errno
+import copy
 import json
+import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,11 +27,21 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.errors import StateError
-from llama_orchestrator.files import private_dir
+from llama_orchestrator.errors import DiskFull, StateError
+from llama_orchestrator.files import disk_full, is_disk_full, private_dir
 from llama_orchestrator.states import Desired, InstanceState, is_allowed
 
-__all__ = ["Store", "InstanceRow", "Event", "Lease", "SCHEMA_VERSION", "reset_state"]
+__all__ = [
+    "Store",
+    "Unsaved",
+    "InstanceRow",
+    "Event",
+    "Lease",
+    "SCHEMA_VERSION",
+    "reset_state",
+]
+
+log = logging.getLogger("llama_orchestrator.daemon")
 
 MIGRATIONS: list[str] = [
     # 0 -> 1: the first release
@@ -208,18 +226,106 @@ def _sql_value(key: str, value: Any) -> Any:
     return value
 
 
-class Store:
-    """Typed access to the state database. Open with `Store.open(path)`."""
+#: one write of a transaction, kept in case the disk refuses it:
+#: ("row", InstanceRow) or ("event", (ts, instance, kind, message, data as JSON))
+_Write = tuple[str, Any]
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float]) -> None:
+
+class Unsaved:
+    """What the disk refused, kept in memory for every connection of one
+    process (the daemon's): the newest row of each instance and the events,
+    in order, until a write succeeds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[str, InstanceRow] = {}
+        self._events: list[tuple[Any, ...]] = []
+        self.since: float | None = None  # when the disk first refused
+        self.error: DiskFull | None = None  # what it said last
+
+    def __bool__(self) -> bool:
+        return bool(self._rows or self._events)
+
+    @property
+    def changes(self) -> int:
+        return len(self._rows) + len(self._events)
+
+    def keep(self, writes: list[_Write], error: DiskFull, now: float) -> None:
+        with self._lock:
+            first = self.since is None
+            for kind, value in writes:
+                if kind == "row":
+                    self._rows[value.name] = copy.deepcopy(value)
+                else:
+                    self._events.append(value)
+            self.error = error
+            if first:
+                self.since = now
+        if first:
+            log.error(f"{error} The daemon goes on from memory and writes its state when it can.")
+
+    def row(self, name: str) -> InstanceRow | None:
+        with self._lock:
+            row = self._rows.get(name)
+        return copy.deepcopy(row) if row is not None else None
+
+    def rows(self) -> list[InstanceRow]:
+        with self._lock:
+            return [copy.deepcopy(r) for r in self._rows.values()]
+
+    def snapshot(self) -> tuple[dict[str, InstanceRow], list[tuple[Any, ...]]]:
+        with self._lock:
+            return dict(self._rows), list(self._events)
+
+    def written(self, rows: dict[str, InstanceRow], events: int, now: float) -> None:
+        """Forget what a flush wrote (rows kept since then stay)."""
+        with self._lock:
+            for name, row in rows.items():
+                if self._rows.get(name) is row:
+                    del self._rows[name]
+            del self._events[:events]
+            since, done = self.since, not self
+            if done:
+                self.since = self.error = None
+        if done and since is not None:
+            log.warning(
+                f"The state database is written again, after {now - since:.0f}s "
+                "of a full disk: nothing was lost."
+            )
+
+    def saved(self, name: str) -> None:
+        """A newer row of `name` is on disk: the kept one is stale."""
+        with self._lock:
+            self._rows.pop(name, None)
+
+
+class Store:
+    """Typed access to the state database. Open with `Store.open(path)`;
+    `unsaved` (the daemon's) keeps what a full disk refuses instead of failing."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        clock: Callable[[], float],
+        unsaved: Unsaved | None = None,
+    ) -> None:
         self._conn = conn
         self.path = path
         self.clock = clock
+        self.unsaved = unsaved
+        #: the writes of the transaction under way, and the full-disk error it met
+        self._writes: list[_Write] | None = None
+        self._full: DiskFull | None = None  # rows and events are only kept, not written
+        self._failed = False  # a write of this transaction failed (SQLite may have undone it)
+        self._raw = False  # it wrote other tables (`execute`)
         #: on_event(instance, kind, message, data) after each event is added (the daemon logs them)
         self.on_event: Callable[[str | None, str, str, dict[str, Any]], None] | None = None
 
     @classmethod
-    def open(cls, path: Path, clock: Callable[[], float] = time.time) -> Store:
+    def open(
+        cls, path: Path, clock: Callable[[], float] = time.time, unsaved: Unsaved | None = None
+    ) -> Store:
         try:
             private_dir(path.parent)
             if path.is_file() and path.stat().st_size == 0 and not _new(path):
@@ -230,7 +336,7 @@ class Store:
             conn.execute("PRAGMA busy_timeout = 15000")
             _enable_wal(conn)
             conn.execute("PRAGMA synchronous = FULL")
-            store = cls(conn, path, clock)
+            store = cls(conn, path, clock, unsaved)
             store._migrate()
             return store
         except (sqlite3.Error, OSError) as exc:
@@ -256,27 +362,93 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT; nested use joins the outer transaction."""
-        if self._conn.in_transaction:
+        """BEGIN IMMEDIATE ... COMMIT; nested use joins the outer transaction.
+        With `unsaved`, the rows and events of a transaction the full disk
+        refuses are kept in memory and it ends quietly; rows and events also
+        queue behind those kept before, in order, until those are written.
+        (Other writes are never kept: their callers get the error.)"""
+        if self._writes is not None or self._conn.in_transaction:
             yield
             return
+        behind = self.unsaved is not None and not self.flush()
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise _state_error(self.path, exc) from exc
+        self._writes, self._raw, self._failed = [], False, False
+        self._full = self.unsaved.error if behind and self.unsaved is not None else None
         try:
-            yield
-        except BaseException:
+            try:
+                yield
+            except BaseException:
+                self._rollback()
+                raise
+            writes, full, raw, refused = self._writes, self._full, self._raw, self._failed
+            if refused:
+                self._rollback()
+            else:
+                try:
+                    self._conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    self._rollback()
+                    error = _state_error(self.path, exc)
+                    if not isinstance(error, DiskFull) or self.unsaved is None:
+                        raise error from exc
+                    full, refused = error, True
+        finally:
+            self._writes, self._full = None, None
+        if full is None:
+            if self.unsaved is not None:
+                for kind, value in writes:
+                    if kind == "row":
+                        self.unsaved.saved(value.name)
+            return
+        assert self.unsaved is not None
+        self.unsaved.keep(writes, full, self.clock())
+        if raw and refused:
+            raise full  # what the other tables' writers asked for is not written
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:  # SQLite may have rolled back itself (a full disk)
             self._conn.execute("ROLLBACK")
-            raise
+
+    def flush(self) -> bool:
+        """Write what a full disk refused before; whether all of it is written now."""
+        unsaved = self.unsaved
+        if not unsaved:
+            return True
+        rows, events = unsaved.snapshot()
         try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for row in rows.values():
+                self._conn.execute(*_save_sql(row))
+            for event in events:
+                self._conn.execute(_INSERT_EVENT, event)
             self._conn.execute("COMMIT")
+        except sqlite3.Error:
+            self._rollback()
+            return False
+        unsaved.written(rows, len(events), self.clock())
+        return not unsaved
+
+    def _write(self, sql: str, params: tuple[Any, ...], kept: _Write) -> None:
+        """A write of a row or an event: inside a transaction, kept in case
+        the disk refuses it (and, once it has, the rest are only kept)."""
+        assert self._writes is not None
+        self._writes.append(kept)
+        if self._full is not None:
+            return
+        try:
+            self._conn.execute(sql, params)
         except sqlite3.Error as exc:
-            self._conn.execute("ROLLBACK")
-            raise _state_error(self.path, exc) from exc
+            error = _state_error(self.path, exc)
+            if not isinstance(error, DiskFull) or self.unsaved is None:
+                raise error from exc
+            self._full, self._failed = error, True
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         """Raw SQL for the other tables' own modules (plans.records)."""
+        self._raw = True
         return self._exec(sql, params)
 
     def _exec(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
@@ -288,29 +460,44 @@ class Store:
     # --- instances -----------------------------------------------------------
 
     def get(self, name: str) -> InstanceRow | None:
+        kept = self._kept(name)
+        if kept is not None:
+            return kept
         r = self._exec("SELECT * FROM instances WHERE name = ?", (name,)).fetchone()
         return InstanceRow.from_sql(r) if r else None
+
+    def _kept(self, name: str) -> InstanceRow | None:
+        """The row as written in this transaction or kept from a full disk,
+        newest first (None: the disk's row is the newest)."""
+        if self._full is not None:
+            assert self._writes is not None
+            for kind, value in reversed(self._writes):
+                if kind == "row" and value.name == name:
+                    return copy.deepcopy(value)
+        return self.unsaved.row(name) if self.unsaved else None
 
     def get_or_new(self, name: str) -> InstanceRow:
         return self.get(name) or InstanceRow(name=name)
 
     def all(self) -> list[InstanceRow]:
-        rows = self._exec("SELECT * FROM instances ORDER BY name").fetchall()
-        return [InstanceRow.from_sql(r) for r in rows]
+        rows = {
+            r["name"]: InstanceRow.from_sql(r)
+            for r in self._exec("SELECT * FROM instances ORDER BY name").fetchall()
+        }
+        kept = [*(self.unsaved.rows() if self.unsaved else [])]
+        if self._full is not None:
+            assert self._writes is not None
+            kept += [copy.deepcopy(v) for k, v in self._writes if k == "row"]
+        for row in kept:
+            rows[row.name] = row
+        return [rows[name] for name in sorted(rows)]
 
     def save(self, row: InstanceRow) -> None:
         """Write the row; `last_used_at` only `mark_used` writes (the router's
         clock must not be set back by a row read a moment earlier)."""
         row.updated_at = self.clock()
-        values = tuple(_sql_value(c, getattr(row, c)) for c in _SAVED)
-        cols = ", ".join(_SAVED)
-        marks = ", ".join("?" for _ in _SAVED)
-        updates = ", ".join(f"{c} = excluded.{c}" for c in _SAVED if c != "name")
-        self._exec(
-            f"INSERT INTO instances ({cols}) VALUES ({marks}) "
-            f"ON CONFLICT (name) DO UPDATE SET {updates}",
-            values,
-        )
+        with self.transaction():
+            self._write(*_save_sql(row), ("row", copy.deepcopy(row)))
 
     def mark_used(self, used: dict[str, float]) -> None:
         """When each named on-demand instance last served a request."""
@@ -320,6 +507,8 @@ class Store:
 
     def delete(self, name: str) -> None:
         self._exec("DELETE FROM instances WHERE name = ?", (name,))
+        if self.unsaved is not None:
+            self.unsaved.saved(name)
 
     def set_state(
         self,
@@ -350,10 +539,9 @@ class Store:
     def add_event(
         self, instance: str | None, kind: str, message: str, data: dict[str, Any] | None = None
     ) -> None:
-        self._exec(
-            "INSERT INTO events (ts, instance, kind, message, data) VALUES (?, ?, ?, ?, ?)",
-            (self.clock(), instance, kind, message, json.dumps(data or {})),
-        )
+        event = (self.clock(), instance, kind, message, json.dumps(data or {}))
+        with self.transaction():
+            self._write(_INSERT_EVENT, event, ("event", event))
         if self.on_event is not None:
             self.on_event(instance, kind, message, data or {})
 
@@ -442,6 +630,18 @@ class Store:
         ]
 
 
+_INSERT_EVENT = "INSERT INTO events (ts, instance, kind, message, data) VALUES (?, ?, ?, ?, ?)"
+
+
+def _save_sql(row: InstanceRow) -> tuple[str, tuple[Any, ...]]:
+    values = tuple(_sql_value(c, getattr(row, c)) for c in _SAVED)
+    cols = ", ".join(_SAVED)
+    marks = ", ".join("?" for _ in _SAVED)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in _SAVED if c != "name")
+    sql = f"INSERT INTO instances ({cols}) VALUES ({marks}) ON CONFLICT (name) DO UPDATE SET {updates}"
+    return sql, values
+
+
 def _enable_wal(conn: sqlite3.Connection, timeout: float = 15.0) -> None:
     """Switch a new database to WAL (a no-op once it is).
 
@@ -475,15 +675,8 @@ def _state_error(path: Path, exc: BaseException) -> StateError:
         fix = f"Move {path} aside and run the command again."
     elif code in (_CORRUPT, _NOTADB) or "malformed" in text or "not a database" in text:
         return damaged(path, detail)
-    elif (
-        code == _FULL
-        or "disk is full" in text
-        or isinstance(exc, OSError)
-        and exc.errno == errno.ENOSPC
-    ):
-        free = _free_space(path.parent)
-        why = f"the disk is full{f' ({free} free)' if free else ''}"
-        fix = f"Free some space on the disk of {path.parent} and run the command again."
+    elif code == _FULL or "disk is full" in text or is_disk_full(exc):
+        return disk_full(path, f"The state database {path}")
     elif code in (_BUSY, _LOCKED) or "locked" in text or "busy" in text:
         why = "another llama-orch process held it for too long"
         fix = "Run the command again."
@@ -500,17 +693,6 @@ def damaged(path: Path, what: str) -> StateError:
         f"({path.name}.corrupt-<time>) and starts a fresh one; it finds the llama-server "
         "processes still running by their marker, and adopts or stops them.",
     )
-
-
-def _free_space(folder: Path) -> str | None:
-    import shutil
-
-    from llama_orchestrator.units import human_bytes
-
-    try:
-        return human_bytes(shutil.disk_usage(folder).free)
-    except OSError:
-        return None
 
 
 def reset_state(path: Path, now: float) -> Path | None:

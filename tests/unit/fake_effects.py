@@ -31,7 +31,7 @@ from llama_orchestrator.home import Home
 from llama_orchestrator.router.slots import Slots
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow, Store
+from llama_orchestrator.store import InstanceRow, Store, Unsaved
 from tests.helpers import overlay
 
 T0 = 1_000_000.0
@@ -265,12 +265,16 @@ class FakeEffects:
     async def check_gpus(self) -> None:
         pass
 
+    async def write_state(self) -> None:
+        self.store.flush()
+
 
 class World:
     """A supervisor and its runners on a FakeEffects, with the real store."""
 
     def __init__(self, home: Home) -> None:
-        self.store = Store.open(home.db_path, clock=lambda: self.fx.t)
+        self.unsaved = Unsaved()  # as the daemon's stores: a full disk does not stop it
+        self.store = Store.open(home.db_path, clock=lambda: self.fx.t, unsaved=self.unsaved)
         self.fx = FakeEffects(self.store)
         self.board = Board()
         self.board_log: list[set[str]] = []  # who took requests after each change

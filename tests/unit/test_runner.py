@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +15,11 @@ from llama_orchestrator.daemon.runner import Adopt, Remove, Resume, Start, Stop
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, LOCAL
 from llama_orchestrator.errors import StartFailed, UserError
+from llama_orchestrator.files import disk_full
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow
+from llama_orchestrator.store import InstanceRow, Store
+from tests.helpers import fill, make_room
 
 
 async def test_a_start_loads_then_is_healthy_and_takes_requests(w):
@@ -496,3 +499,31 @@ async def test_an_exit_watch_that_fails_is_made_anew_and_still_sees_the_kill(w):
     assert "exited" in w.kinds("a")
     await w.fx.advance(1)
     assert len(w.fx.procs) == 2
+
+
+async def test_a_kill_on_a_full_disk_is_kept_in_memory_and_restarted_once_there_is_room(w):
+    w.fx.add("a")
+    w.fx.health["a"] = HEALTHY
+    await w.up("a")
+    await w.fx.advance(0.3)
+    fill(w.store)  # the state database can take nothing more
+    w.fx.spawn_fails["a"] = disk_full(Path("/h/logs/a"), "The logs of instance 'a'")
+    w.fx.proc("a").end(signal=9)
+    await w.fx.settle()
+    r = w.row("a")  # what the daemon's ps says: the truth, not "healthy" with a dead pid
+    assert r.state == S.BACKOFF and r.last_exit["signal"] == 9 and r.restarts == 1
+    await w.fx.advance(30)  # starts tried every 5 s, refused by the disk
+    r = w.row("a")
+    assert r.state == S.BACKOFF and r.restarts == 1 and len(w.fx.procs) == 1  # no crash counted
+    said = [e for e in w.unsaved.snapshot()[1] if e[2] == "backoff"]
+    assert len(said) == 2 and "The logs of instance 'a' cannot be written" in said[1][3]
+    assert w.sup.status()["state_unsaved"]["changes"] > 0
+    del w.fx.spawn_fails["a"]
+    make_room(w.store)
+    await w.fx.advance(6)
+    assert w.row("a").state == S.HEALTHY and len(w.fx.procs) == 2
+    assert not w.unsaved and w.sup.status()["state_unsaved"] is None
+    disk = Store.open(w.store.path)  # every change is on disk now, in order, said once
+    kinds = [e.kind for e in disk.events("a")]
+    assert kinds == ["starting", "healthy", "exited", "backoff", "backoff", "starting", "healthy"]
+    assert disk.events("a")[4].data["disk_full"] is True

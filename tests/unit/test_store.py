@@ -3,10 +3,11 @@ import threading
 
 import pytest
 
-from llama_orchestrator.errors import StateError
+from llama_orchestrator.errors import DiskFull, StateError
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import SCHEMA_VERSION, InstanceRow, Store
+from llama_orchestrator.store import SCHEMA_VERSION, InstanceRow, Store, Unsaved
+from tests.helpers import fill, make_room
 
 
 class Clock:
@@ -158,3 +159,60 @@ def test_last_used_is_written_only_by_mark_used(tmp_path):
     store.save(stale)
     row = store.get("a")
     assert (row.last_used_at, row.restarts) == (123.5, 2)
+
+
+# --- a full disk (issue 24) ---------------------------------------------------------
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_the_row_as_it_was(tmp_path):
+    store = Store.open(tmp_path / "state" / "state.sqlite")
+    row = store.get_or_new("a")
+    store.set_state(row, S.STARTING, "started", pid=5)
+    fill(store)
+    with pytest.raises(DiskFull) as err:
+        store.set_state(store.get("a"), S.HEALTHY, "ok", {"probe": "x" * 5000})
+    msg = str(err.value)
+    assert "state.sqlite cannot be written" in msg and "is full (" in msg and "free)" in msg
+    assert str(tmp_path / "state") in msg and "Free some space" in err.value.hint
+    assert store.get("a").state == S.STARTING  # nothing half-written
+
+
+def test_the_daemons_stores_keep_what_a_full_disk_refused_and_write_it_in_order(tmp_path):
+    path = tmp_path / "state" / "state.sqlite"
+    clock = Clock()
+    unsaved = Unsaved()
+    loop, worker = Store.open(path, clock, unsaved), Store.open(path, clock, unsaved)
+    loop.set_state(loop.get_or_new("a"), S.STARTING, "started", pid=5)
+    loop.set_state(loop.get("a"), S.HEALTHY, "ok")
+    fill(loop, worker)
+    clock.t = 1001
+    row = loop.get("a")
+    loop.set_state(row, S.EXITED, "killed", {"signal": 9}, pid=None)  # no error raised
+    loop.set_state(loop.get("a"), S.BACKOFF, "restart in 1s", next_restart_at=1002)
+    assert unsaved and unsaved.error is not None and unsaved.since == 1000  # fill() met it
+    # every connection of the daemon sees the truth; the disk does not have it yet
+    assert worker.get("a").state == S.BACKOFF and [r.state for r in worker.all()] == [S.BACKOFF]
+    assert Store.open(path).get("a").state == S.HEALTHY
+    worker.set_state(worker.get("a"), S.STARTING, "started again", pid=6)  # queued behind
+    assert worker.get("a").pid == 6 and Store.open(path).get("a").state == S.HEALTHY
+    make_room(loop, worker)
+    loop.add_event(None, "later", "after the disk had room")
+    assert not unsaved and unsaved.since is None
+    disk = Store.open(path)
+    assert disk.get("a").state == S.STARTING and disk.get("a").pid == 6
+    kinds = [e.kind for e in disk.events() if e.kind != "filler"]
+    assert kinds == ["starting", "healthy", "exited", "backoff", "starting", "later"]
+
+
+def test_a_full_disk_does_not_drop_other_tables_writes_in_silence(tmp_path):
+    unsaved = Unsaved()
+    store = Store.open(tmp_path / "s.sqlite", Clock(), unsaved)
+    fill(store)
+    with pytest.raises(DiskFull), store.transaction():
+        for i in range(50):
+            store.execute(
+                "INSERT INTO plan_runs (id, name, state, created_at, source, plan) "
+                "VALUES (?, 'p', 'running', 0, '', ?)",
+                (f"r{i}", "x" * 2000),
+            )
+    assert store.execute("SELECT count(*) FROM plan_runs").fetchone()[0] == 0

@@ -126,5 +126,7 @@ def status(
         f"router       {data['router_url'] or 'not listening: ' + (data.get('router_error') or 'unknown')}"
     )
     say(f"supervises   {names}")
+    if unsaved := data.get("state_unsaved"):
+        say(f"state        {unsaved['changes']} changes kept in memory: {unsaved['error']}")
     say(f"log          {home.daemon_log}")
     sys.stdout.flush()

@@ -9,11 +9,13 @@ on the event loop thread, where the supervisor and its runners live.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,12 +51,15 @@ from llama_orchestrator.daemon.protocol import (
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.errors import OrchError
+from llama_orchestrator.files import disk_full, is_disk_full
 from llama_orchestrator.router.app import host_of
 
 __all__ = ["build_app", "MAX_BODY_BYTES"]
 
 MAX_BODY_BYTES = 1 << 20
 _LOOPBACK = {HOST, "localhost", "127.0.0.1", "[::1]", "::1"}
+
+log = logging.getLogger("llama_orchestrator.daemon")
 
 
 def _error(code: ErrorCode, message: str, hint: str | None = None) -> JSONResponse:
@@ -107,6 +112,16 @@ def build_app(
     async def orch_error(_: Request, exc: OrchError) -> JSONResponse:
         status = http_status(code_of(exc))
         return JSONResponse({"error": error_to_json(exc)}, status_code=status)
+
+    @app.exception_handler(OSError)
+    async def os_error(request: Request, exc: OSError) -> JSONResponse:
+        """A full disk is said as such (where, how much room is left); any
+        other fault of ours in our shape, never a bare HTTP 500."""
+        if is_disk_full(exc):
+            where = Path(exc.filename) if isinstance(exc.filename, str) else sup.home.root
+            return await orch_error(request, disk_full(where, str(where)))
+        log.error(f"{request.method} {request.url.path} failed", exc_info=exc)
+        return _error(ErrorCode.FAILED, f"The daemon could not do it: {exc}.")
 
     def names(requested: list[str]) -> list[str]:
         return engine.resolve_names(requested)

@@ -33,7 +33,7 @@ from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gguf_meta import ModelInfo, read_model
 from llama_orchestrator.gpu import GpuInfo, discover
 from llama_orchestrator.home import Home
-from llama_orchestrator.store import InstanceRow
+from llama_orchestrator.store import InstanceRow, Unsaved
 
 __all__ = ["Effects", "LiveEffects", "EventHook", "changed_within"]
 
@@ -100,6 +100,9 @@ class Effects(Protocol):
     async def check_gpus(self) -> None:
         """Record alerts about the cards instances are pinned to (hot, missing)."""
 
+    async def write_state(self) -> None:
+        """Write what a full disk refused before, if there is room now."""
+
     async def gpus(self) -> list[GpuInfo]:
         """The GPUs now, with their free memory."""
 
@@ -139,6 +142,8 @@ class LiveEffects:
         self.clock = clock
         self.on_event = on_event
         self._local = threading.local()
+        #: what a full disk refused, shared by the connections of every thread
+        self.unsaved = Unsaved()
         self._models: dict[tuple[str, int, int], ModelInfo] = {}
         self._gpus_checked = float("-inf")
 
@@ -146,7 +151,9 @@ class LiveEffects:
         """An engine for the calling thread (SQLite connections are per thread)."""
         eng = getattr(self._local, "engine", None)
         if eng is None:
-            eng = self._local.engine = Engine(self.home, clock=self.clock, supervisor=True)
+            eng = self._local.engine = Engine(
+                self.home, clock=self.clock, supervisor=True, unsaved=self.unsaved
+            )
             eng.store.on_event = self.on_event
         return eng
 
@@ -195,6 +202,10 @@ class LiveEffects:
         if now - self._gpus_checked >= interval:
             self._gpus_checked = now
             await self.in_thread(views.pinned_gpu_warnings)
+
+    async def write_state(self) -> None:
+        if self.unsaved:
+            await self.in_thread(lambda e: e.store.flush())
 
     async def prepare(self, names: list[str], strict: bool = False) -> list[Prepared]:
         return await self.in_thread(lambda e: e.prepare(names, strict))

@@ -203,7 +203,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     async def status_view() -> StatusReply:
         """`ps` through the daemon: the same view, made here, where the configs
         are read, with what only the daemon knows (the load queue)."""
-        return sup.with_loads(await effects.in_thread(lambda e: e.status()))
+        return sup.seen_here(await effects.in_thread(lambda e: e.status()))
 
     app = build_app(
         sup,

@@ -37,7 +37,7 @@ from llama_orchestrator.engine.logs import LoadProgress
 from llama_orchestrator.engine.policy import Ending, RestartBook, after_exit
 from llama_orchestrator.engine.process import ProcRef
 from llama_orchestrator.engine.step import Watch, step
-from llama_orchestrator.errors import OrchError
+from llama_orchestrator.errors import DiskFull, OrchError
 from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
@@ -63,6 +63,8 @@ START_PROBE_FIRST = 0.05
 START_PROBE_MAX = 0.5
 #: how soon an owned task that failed (a watch, the checks) is made anew
 TASK_RETRY_S = 1.0
+#: how often a start the full disk refused is tried again
+DISK_RETRY_S = 5.0
 
 #: hook(name, result) after every health check (the metrics use it)
 HealthHook = Callable[[str, health.ProbeResult], None]
@@ -189,6 +191,7 @@ class InstanceRunner:
         self._unhealthy_stop = False  # we are stopping it for failing its checks
         # a stop for failing its checks failed: the next failed check tries again
         self._stop_owed = False
+        self._room_wait = False  # a start waits for room on a full disk
         #: a start waiting for a load slot: (fresh, eager), as its Start said
         self._queued: tuple[bool, bool] | None = None
         #: "probe", "exit", "restart", "stop", "load"
@@ -488,6 +491,7 @@ class InstanceRunner:
             if holding:
                 self._d.loads.leave(self.name)
             raise
+        self._room_wait = False
         self._took(result, p, eager)
         if holding and (self._ref is None or result.outcome != "started"):
             self._d.loads.leave(self.name)
@@ -567,10 +571,27 @@ class InstanceRunner:
         try:
             (p,) = await self._fx.prepare([self.name])
             await self._spawn(p, fresh, eager, holding=True)
+        except DiskFull as exc:  # the disk's fault, not the server's: no crash counted
+            self._d.loads.leave(self.name)
+            self._wait_for_room(exc)
         except OrchError as exc:  # config broken meanwhile, port taken, ...
             self._d.loads.leave(self.name)  # (a prepare that failed held it too)
             self._d.store.add_event(self.name, "start_failed", str(exc))
             self._decide(self._row(), Ending())
+
+    def _wait_for_room(self, exc: DiskFull) -> None:
+        """A start the full disk refused: tried again every DISK_RETRY_S (its
+        restart count unchanged) until the disk has room; said once."""
+        at = self._fx.now() + DISK_RETRY_S
+        said, self._room_wait = self._room_wait, True
+        self._set(
+            self._row(),
+            S.BACKOFF,
+            f"{exc.message} It starts once the disk has room.",
+            None if said else {"disk_full": True, "restart_at": at},
+            next_restart_at=at,
+        )
+        self._schedule(at)
 
     def _probed(self, c: _Probed) -> None:
         cfg, watch = self._cfg, self._watch

@@ -231,11 +231,12 @@ class Supervisor:
         self.deps.board.known = offered_names(self._configs)
 
     async def _housekeep(self) -> None:
-        """Rotate the logs of running instances; record GPU alerts; re-read the
-        model names the configs offer."""
+        """Write what a full disk refused; rotate the logs of running instances;
+        record GPU alerts; re-read the model names the configs offer."""
         while True:
             await self.effects.sleep(HOUSEKEEPING_INTERVAL)
             try:
+                await self.effects.write_state()
                 await self.refresh()
                 await self.effects.rotate_logs([n for n, r in self._runners.items() if r.active])
                 await self.effects.check_gpus()
@@ -243,14 +244,24 @@ class Supervisor:
                 log.exception("housekeeping failed")
 
     def status(self) -> dict[str, Any]:
-        return {"instances": self.supervised()}
+        kept = self.store.unsaved
+        unsaved = None
+        if kept and kept.error is not None:  # a full disk: what is kept in memory, since when
+            unsaved = {"changes": kept.changes, "since": kept.since, "error": kept.error.message}
+        return {"instances": self.supervised(), "state_unsaved": unsaved}
 
     def loads(self) -> dict[str, list[int]]:
         """The load queue: {name: [k, n]}, load k of the n loading or waiting."""
         return self.deps.loads.positions()
 
-    def with_loads(self, reply: StatusReply) -> StatusReply:
-        """The status view with each loading or queued instance's place in
-        the load queue (`load_position`)."""
+    def seen_here(self, reply: StatusReply) -> StatusReply:
+        """The status view with what only the daemon knows: each loading or
+        queued instance's place in the load queue (`load_position`), and a
+        state the full disk keeps in memory."""
         with_loads(reply.instances, self.loads())
+        if unsaved := self.status()["state_unsaved"]:
+            reply.warnings.append(
+                f"{unsaved['error']} The daemon supervises from memory "
+                f"({unsaved['changes']} changes not yet written)."
+            )
         return reply

@@ -33,11 +33,11 @@ from llama_orchestrator.engine.process import (
 )
 from llama_orchestrator.engine.step import Watch, step
 from llama_orchestrator.errors import PortConflict, StartFailed, UnknownInstance, UserError
-from llama_orchestrator.files import private_dir
+from llama_orchestrator.files import disk_full, is_disk_full, private_dir
 from llama_orchestrator.home import Home, check_name, daemon_lock_held
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow, Store
+from llama_orchestrator.store import InstanceRow, Store, Unsaved
 
 if TYPE_CHECKING:
     # Imported where used: a command talking to the daemon (`up`, `down`)
@@ -130,9 +130,11 @@ class Engine:
         base_env: dict[str, str] | None = None,
         find_gpus: Callable[[], Discovery] | None = None,
         supervisor: bool = False,
+        unsaved: Unsaved | None = None,
     ) -> None:
         self.home = home
         self.is_supervisor = supervisor
+        self._unsaved = unsaved  # the daemon's: what a full disk refused
         self._daemon_checked: tuple[float, bool] | None = None
         self.clock = clock
         self._store: Store | None = None
@@ -146,7 +148,7 @@ class Engine:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store.open(self.home.db_path, self.clock)
+            self._store = Store.open(self.home.db_path, self.clock, self._unsaved)
         return self._store
 
     @property
@@ -367,12 +369,12 @@ class Engine:
                     hint=f"Stop that program or change server.port in {p.config_path}.",
                 )
             log_dir = self.home.log_dir(p.name)
-            private_dir(self.home.logs_dir)
-            log_dir.mkdir(exist_ok=True)
-            paths = {st: logs.log_file(log_dir, st) for st in logs.STREAMS}
-            self.rotate_logs(p.name, None)
             started_at = self.clock()
             try:
+                private_dir(self.home.logs_dir)
+                log_dir.mkdir(exist_ok=True)
+                paths = {st: logs.log_file(log_dir, st) for st in logs.STREAMS}
+                self.rotate_logs(p.name, None)
                 with open(paths["stdout"], "ab") as out, open(paths["stderr"], "ab") as err:
                     for f in (out, err):  # when this run's lines count from (LineTimes)
                         f.write(logs.start_line(started_at).encode() + b"\n")
@@ -381,6 +383,8 @@ class Engine:
                         p.launch.argv, p.launch.env, p.config_path.parent, out, err
                     )
             except OSError as exc:
+                if is_disk_full(exc):  # no log, no start: a server we could not follow
+                    raise disk_full(log_dir, f"The logs of instance '{p.name}'") from exc
                 raise StartFailed(
                     f"Instance '{p.name}' could not be started: {exc.strerror or exc} "
                     f"({p.launch.argv[0]})."

@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
 
+from llama_orchestrator.files import is_disk_full
+
 __all__ = [
     "STREAMS",
     "log_file",
@@ -96,7 +98,14 @@ def rotate_if_needed(path: Path, max_bytes: int, backups: int, header: str | Non
             older = path.with_name(f"{path.name}.{i}")
             if older.exists():
                 os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
-        shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+        first = path.with_name(f"{path.name}.1")
+        try:
+            shutil.copyfile(path, first)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            first.unlink(missing_ok=True)  # no room for the copy: the log stays as it is
+            return False
     with open(path, "r+b") as f:
         f.truncate(0)
     if header is not None:
