@@ -8,16 +8,19 @@ import os
 import signal
 import stat
 import threading
+import time
 
+import httpx
 import psutil
 import pytest
 
 from llama_orchestrator.daemon.info import lock_is_held, running
+from llama_orchestrator.daemon.main import stop as stop_daemon
 from llama_orchestrator.engine.health import http_get
 from llama_orchestrator.home import Home
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Store
-from tests.helpers import run_cli, wait_until, write_config, write_unloadable_model
+from tests.helpers import free_port, run_cli, wait_until, write_config, write_unloadable_model
 
 pytestmark = pytest.mark.integration
 
@@ -576,3 +579,131 @@ def _adopt_or_stop(home: Home, procs: dict) -> None:
     )
     assert "no instance of that name" in events(home, "c")[-1].message
     assert procs["a"].poll() is None  # the adopted one runs on, supervised
+
+
+@pytest.fixture()
+def tmpfs_home(tmp_path):
+    """A home on a 6 MB tmpfs (a disk that can really fill), unmounted afterwards."""
+    import subprocess
+
+    root = tmp_path / "small"
+    root.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(root)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"no tmpfs can be mounted here: {mounted.stderr.decode().strip()}")
+    (root / "instances").mkdir()
+    home = Home(root)
+    try:
+        yield home
+    finally:
+        stop_daemon(home, all_=True)
+        subprocess.run(["umount", str(root)], check=True)
+
+
+def fill_disk(folder) -> list:
+    """Take every byte left on the disk of `folder` (big blocks, then small)."""
+    taken = []
+    for size in (1 << 16, 512):
+        path = folder / f"ballast-{size}"
+        taken.append(path)
+        with open(path, "wb", buffering=0) as f:
+            try:
+                while f.write(b"\0" * size):
+                    pass
+            except OSError as exc:
+                assert exc.errno == 28, exc
+    return taken
+
+
+def test_a_full_disk_drops_nothing_and_says_so(tmpfs_home, tiny_model, server_bin):
+    """Issue 24.3: an instance killed while the disk is full is seen, restarted
+    and recorded; ps tells the truth throughout and says the disk is full; a
+    start that needs room is refused in one sentence; once there is room the
+    state is written and nothing was lost."""
+    home = tmpfs_home
+    write_config(home, "a", tiny_model, restart_policy={"backoff_initial": 0.1})
+    write_config(home, "b", tiny_model)
+    up(home, "a", "--wait")
+    first = row(home, "a").pid
+    ballast = fill_disk(home.root)
+    os.kill(first, signal.SIGKILL)
+
+    def ps() -> tuple[dict, str]:
+        r = run_cli(home, "ps", "--json")
+        assert r.returncode == 0, r.stderr
+        (a,) = [x for x in json.loads(r.stdout) if x["name"] == "a"]
+        assert not (a["pid"] == first and a["state"] == "healthy"), a  # never a dead pid's health
+        return a, r.stderr
+
+    a, warned = wait_until(lambda: (x := ps())[0]["pid"] not in (None, first) and x, timeout=30)
+    assert f"The state database {home.db_path} cannot be written" in warned
+    assert "is full (" in warned and "The daemon supervises from memory" in warned
+    r = run_cli(home, "up", "b")  # its log cannot even take its first line
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert (
+        f"The logs of instance 'b' cannot be written: the disk of {home.log_dir('b')}" in r.stderr
+    )
+    for path in ballast:
+        path.unlink()
+    wait_until(lambda: row(home, "a").pid == a["pid"], timeout=30)  # written once there is room
+    wait_until(lambda: not ps()[1], timeout=10)  # and the warning is gone
+    assert kinds(home, "a")[-4:] == ["exited", "backoff", "starting", "healthy"]
+    assert row(home, "a").state == S.HEALTHY and row(home, "a").restarts == 1
+    up(home, "b")  # and starts work again
+
+
+def test_running_out_of_descriptors_is_no_verdict_on_the_servers(home, tiny_model, server_bin):
+    """Issue 24.2: ~1,100 idle connections to a daemon whose open-files limit
+    is 1,024 (the router caps its own; the control socket takes the rest):
+    its probes cannot be made, which is logged and is no verdict, so nothing
+    is restarted and no task of the daemon dies; once they close, it serves."""
+    import resource
+    import socket
+    import subprocess
+    import sys
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"this test opens ~1,100 sockets; the hard open-files limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    router_port = free_port()
+    home.settings_path.write_text(json.dumps({"router": {"port": router_port}}))
+    write_config(home, "a", tiny_model, healthcheck=FAST | {"retries": 1})
+
+    def small_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    subprocess.run(
+        [sys.executable, "-m", "llama_orchestrator", "--home", str(home.root), "daemon", "start"],
+        check=True,
+        capture_output=True,
+        preexec_fn=small_limit,
+    )
+    up(home, "a", "--wait")
+    conns = []
+    try:
+        for i in range(1100):  # a quarter to the router, the rest to the control socket
+            s = socket.socket(socket.AF_UNIX) if i % 4 else socket.socket()
+            s.settimeout(5)
+            s.connect(str(home.daemon_socket) if i % 4 else ("127.0.0.1", router_port))
+            conns.append(s)
+        log = home.daemon_log
+        wait_until(lambda: "no verdict on the server" in log.read_text(), timeout=20)
+        time.sleep(1.0)  # five intervals with no descriptor to probe with
+        assert row(home, "a").state == S.HEALTHY and row(home, "a").restarts == 0
+    finally:
+        for s in conns:
+            s.close()
+    r = httpx.post(
+        f"http://127.0.0.1:{router_port}/v1/completions",
+        json={"model": "a", "prompt": "hi", "max_tokens": 2},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert row(home, "a").state == S.HEALTHY and row(home, "a").restarts == 0
+    text = home.daemon_log.read_text()
+    assert "task failed" not in text and "Traceback" not in text, text[-3000:]
