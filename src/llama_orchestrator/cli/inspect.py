@@ -99,7 +99,8 @@ def ps(
 
 
 def _warn(warnings: list[str]) -> None:
-    """Hot or missing cards that instances are pinned to (only if any are pinned)."""
+    """What the status view warns of: hot or missing cards that instances are
+    pinned to, a full disk the daemon supervises through."""
     for w in warnings:
         say(f"warning: {w}", to_err=True)
 
