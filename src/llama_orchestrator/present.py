@@ -82,6 +82,10 @@ def plan_task_cells(task: dict[str, Any], error_width: int = 60) -> list[str]:
     (where the cause is), or the beginning of what a ready task waits for."""
     elapsed = "-" if task["elapsed_s"] is None else f"{task['elapsed_s']:.1f}s"
     error = (task["error"] or "").replace("\n", " ")
+    instance = task["instance"] or "-"
+    if task.get("tier") == "external":  # an upstream answered: which tier, and what it cost
+        cost = task.get("cost")
+        instance += f" (external{'' if cost is None else f', cost {cost:.4f}'})"
     if error.startswith(WAITING):
         error = error if len(error) <= error_width else error[: error_width - 1] + "…"
     return [
@@ -89,7 +93,7 @@ def plan_task_cells(task: dict[str, Any], error_width: int = 60) -> list[str]:
         task["kind"],
         task["state"],
         str(task["attempts"]),
-        task["instance"] or "-",
+        instance,
         elapsed,
         error[-error_width:],
     ]

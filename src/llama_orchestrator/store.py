@@ -37,6 +37,7 @@ __all__ = [
     "InstanceRow",
     "Event",
     "Lease",
+    "UsageRecord",
     "SCHEMA_VERSION",
     "reset_state",
 ]
@@ -145,6 +146,24 @@ MIGRATIONS: list[str] = [
         yielded  TEXT NOT NULL DEFAULT '[]'
     );
     """,
+    # 8 -> 9: what each request to an external upstream cost (`llama-orch
+    # usage`, the daily budget), and which tier answered a plan's task
+    """
+    CREATE TABLE usage (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts         REAL NOT NULL,
+        upstream   TEXT NOT NULL,
+        model      TEXT NOT NULL,
+        run_id     TEXT,
+        task_id    TEXT,
+        tokens_in  INTEGER NOT NULL,
+        tokens_out INTEGER NOT NULL,
+        cost       REAL NOT NULL
+    );
+    CREATE INDEX usage_by_ts ON usage (ts);
+    ALTER TABLE plan_tasks ADD COLUMN tier TEXT;
+    ALTER TABLE plan_tasks ADD COLUMN cost REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -201,6 +220,21 @@ class Lease:
     since: float
     state: str = "yielding"
     yielded: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One request to an external upstream: its tokens and what they cost
+    (`run_id`/`task_id`: the plan task that sent it)."""
+
+    ts: float
+    upstream: str
+    model: str
+    run_id: str | None
+    task_id: str | None
+    tokens_in: int
+    tokens_out: int
+    cost: float
 
 
 @dataclass(frozen=True)
@@ -611,6 +645,41 @@ class Store:
         with self.transaction():
             for gpu in gpus:
                 self._exec("DELETE FROM gpu_leases WHERE gpu = ?", (gpu,))
+
+    def add_usage(self, records: list[UsageRecord]) -> None:
+        """What requests to upstreams cost, all in one transaction."""
+        with self.transaction():
+            for u in records:
+                self.execute(
+                    "INSERT INTO usage (ts, upstream, model, run_id, task_id, tokens_in, "
+                    "tokens_out, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        u.ts,
+                        u.upstream,
+                        u.model,
+                        u.run_id,
+                        u.task_id,
+                        u.tokens_in,
+                        u.tokens_out,
+                        u.cost,
+                    ),
+                )
+
+    def usage(self, since: float = 0.0) -> list[UsageRecord]:
+        rows = self._exec("SELECT * FROM usage WHERE ts >= ? ORDER BY id", (since,)).fetchall()
+        return [
+            UsageRecord(
+                r["ts"],
+                r["upstream"],
+                r["model"],
+                r["run_id"],
+                r["task_id"],
+                r["tokens_in"],
+                r["tokens_out"],
+                r["cost"],
+            )
+            for r in rows
+        ]
 
     def gpus_seen(self) -> set[int]:
         """Indices of every card discovery has ever reported in this home."""

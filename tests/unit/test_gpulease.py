@@ -113,7 +113,7 @@ def test_a_script_task_names_its_gpus_and_gpu_work_in_a_shell_task_is_not_guesse
         known_models=set(),
     )  # fmt: skip
     asr, ocr, _ = plan.tasks
-    assert (asr.slot_key, asr.gpus, asr.vram_mib, ocr.gpus) == ("script", 1, 3000, (2,))
+    assert (asr.slot_key(), asr.gpus, asr.vram_mib, ocr.gpus) == ("script", 1, 3000, (2,))
     assert type(plan).from_json(plan.to_json()) == plan  # as the store keeps it
     with pytest.raises(PlanError) as exc:
         parse_plan(

@@ -50,8 +50,8 @@ def test_a_good_plan_parses_with_defaults_and_vars():
     assert p.name == "p" and p.vars == {"topic": "llamas"} and p.base_dir == "dir"
     a, b, c = p.tasks
     assert (a.priority, a.retries, a.timeout, a.model) == (5, 3, 300, "tiny")
-    assert b.model == "tags:worker" and b.slot_key == "tags:worker"
-    assert c.slot_key == "shell" and c.command == ("echo", "{{b}}") and c.priority == 9
+    assert b.model == "tags:worker" and b.slot_key() == "tags:worker"
+    assert c.slot_key() == "shell" and c.command == ("echo", "{{b}}") and c.priority == 9
     assert Plan.from_json(json.loads(json.dumps(p.to_json()))) == p
 
 

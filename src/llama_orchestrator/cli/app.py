@@ -21,6 +21,7 @@ from llama_orchestrator.cli import (
     models_cmd,
     plan_cmd,
     service_cmd,
+    usage_cmd,
 )
 from llama_orchestrator.cli.context import AppContext, err
 from llama_orchestrator.cli.helptext import PlainHelpGroup
@@ -88,6 +89,7 @@ app.add_typer(plan_cmd.app, name="plan")
 app.add_typer(models_cmd.app, name="models")
 app.command("demo")(demo.demo)
 app.command("dashboard")(dashboard.dashboard)
+app.command("usage")(usage_cmd.usage)
 
 
 def _report(exc: OrchError) -> None:

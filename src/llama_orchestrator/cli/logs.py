@@ -78,7 +78,7 @@ def events(
     import json
 
     engine = app_context(ctx).engine
-    if name is not None:
+    if name is not None and name not in engine.upstreams():  # an upstream has events too
         (name,) = engine.resolve_names([name])
     start = parse_since(since, time.time()) if since else None
 

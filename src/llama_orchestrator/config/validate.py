@@ -14,7 +14,14 @@ from pathlib import Path
 
 from llama_orchestrator.binary import find_llama_server
 from llama_orchestrator.catalog import REF_PREFIX, is_ref
-from llama_orchestrator.config import InstanceConfig, load_config, load_settings
+from llama_orchestrator.config import (
+    InstanceConfig,
+    UpstreamConfig,
+    is_upstream,
+    load_config,
+    load_settings,
+    parse_upstream,
+)
 from llama_orchestrator.config.command import check_extra_args
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand, overcommits
 from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem, UserError
@@ -26,6 +33,7 @@ from llama_orchestrator.router.balance import tag_model
 __all__ = [
     "Loaded",
     "load_all",
+    "upstream_configs",
     "check_instance",
     "validate_home",
     "hosts_overlap",
@@ -38,12 +46,14 @@ _WILDCARDS = {"0.0.0.0", "::", "[::]", ""}
 
 @dataclass
 class Loaded:
-    """One instance folder: its config, or why it could not be parsed."""
+    """One instance folder: its config, or why it could not be parsed. An
+    upstream's folder has `upstream` (and no `config`: nothing to launch)."""
 
     name: str
     path: Path
     config: InstanceConfig | None
     problems: list[Problem]
+    upstream: UpstreamConfig | None = None
 
 
 def load_all(home: Home) -> list[Loaded]:
@@ -51,10 +61,30 @@ def load_all(home: Home) -> list[Loaded]:
     for name in home.instance_names():
         path = home.config_path(name)
         try:
-            out.append(Loaded(name, path, load_config(path), []))
+            text = path.read_text(encoding="utf-8")
+            if _declares_upstream(text):
+                out.append(Loaded(name, path, None, [], parse_upstream(text, str(path), name)))
+            else:
+                out.append(Loaded(name, path, load_config(path), []))
         except ConfigError as exc:
             out.append(Loaded(name, path, None, exc.problems))
+        except OSError as exc:
+            out.append(Loaded(name, path, None, [Problem(str(path), "", f"cannot be read: {exc}")]))
     return out
+
+
+def _declares_upstream(text: str) -> bool:
+    import json
+
+    try:
+        return is_upstream(json.loads(text))
+    except ValueError:
+        return False  # the process config's parse says what is wrong
+
+
+def upstream_configs(home: Home) -> dict[str, UpstreamConfig]:
+    """The home's upstreams (those whose config parses), by name."""
+    return {x.name: x.upstream for x in load_all(home) if x.upstream is not None}
 
 
 def hosts_overlap(a: str, b: str) -> bool:
@@ -268,6 +298,8 @@ def validate_home(
         problems += exc.problems
     for item in selected:
         problems += item.problems
+        if item.upstream is not None:
+            problems += upstream_problems(item.path, item.upstream)
         if item.config is not None:
             problems += check_instance(home, item, loaded)
     wanted = {x.name for x in selected}
@@ -279,6 +311,30 @@ def validate_home(
         together += [p for p in vram_problems(group, lambda: found, strict) if p not in together]
     together += cpu_thread_problems(loaded, os.cpu_count() or 1)
     return problems + [p for p in together if names is None or Path(p.file).parent.name in wanted]
+
+
+def upstream_problems(path: Path, cfg: UpstreamConfig) -> list[Problem]:
+    """An upstream's key must be where its config says (read again at each request)."""
+    u = cfg.upstream
+    if u.api_key_env and not os.environ.get(u.api_key_env):
+        return [
+            Problem(
+                str(path),
+                "upstream.api_key_env",
+                f"${u.api_key_env} is not set here; the daemon reads it from its own "
+                "environment (set it where the daemon starts, e.g. the service unit)",
+                "warning",
+            )
+        ]
+    if u.api_key_file and not (path.parent / u.api_key_file).expanduser().is_file():
+        return [
+            Problem(
+                str(path),
+                "upstream.api_key_file",
+                f"no such file {path.parent / u.api_key_file}; write the key there",
+            )
+        ]
+    return []
 
 
 def cpu_thread_problems(items: list[Loaded], cores: int) -> list[Problem]:
@@ -329,15 +385,19 @@ def replicas_of(home: Home, alias: str) -> list[str]:
 def model_names(home: Home) -> set[str]:
     """What a request (or a plan's task) may name: every alias and tags:<tag>
     (see `offered_names`)."""
-    return offered_names({x.name: x.config for x in load_all(home) if x.config is not None})
+    return offered_names(
+        {x.name: x.config or x.upstream for x in load_all(home) if x.config or x.upstream}
+    )
 
 
-def offered_names(configs: Mapping[str, InstanceConfig]) -> set[str]:
+def offered_names(configs: Mapping[str, InstanceConfig | UpstreamConfig | None]) -> set[str]:
     """Every alias and tags:<tag> of these configs (by instance name), and each
     instance's whole tag set (`tags:a,b`), against which `router.balance.offers`
     checks a request for several tags."""
     names: set[str] = set()
     for name, cfg in configs.items():
+        if cfg is None:
+            continue
         names.add(cfg.alias_or(name))
         names.update(f"tags:{t}" for t in cfg.tags)
         if len(cfg.tags) > 1:

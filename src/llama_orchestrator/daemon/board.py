@@ -21,7 +21,13 @@ class Board:
         self.replicas: dict[str, Replica] = {}
         #: every alias and `tags:` name the configs offer (503 rather than 404)
         self.known: set[str] = set()
+        #: the names the external upstreams' configs offer (`daemon.upstreams`)
+        self.remote_known: set[str] = set()
         self._watchers: list[Callable[[], None]] = []
+
+    def names(self) -> set[str]:
+        """Every model name a request or a plan may use."""
+        return self.known | self.remote_known
 
     def watch(self, fn: Callable[[], None]) -> None:
         """Call fn() after every change of `replicas`."""

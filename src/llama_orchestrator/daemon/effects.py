@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from llama_orchestrator import platform
-from llama_orchestrator.config import InstanceConfig, load_config
+from llama_orchestrator.config import InstanceConfig, UpstreamConfig, load_config
 from llama_orchestrator.config.prepare import Prepared
 from llama_orchestrator.config.validate import load_all
 from llama_orchestrator.engine import health
@@ -172,6 +172,14 @@ class LiveEffects:
     async def load_configs(self) -> dict[str, InstanceConfig]:
         loaded = await asyncio.to_thread(load_all, self.home)
         return {x.name: x.config for x in loaded if x.config is not None}
+
+    async def load_upstreams(self) -> dict[str, tuple[UpstreamConfig, Path]]:
+        """The external upstreams' configs (those that parse), with their folders."""
+
+        def read() -> dict[str, tuple[UpstreamConfig, Path]]:
+            return {x.name: (x.upstream, x.path.parent) for x in load_all(self.home) if x.upstream}
+
+        return await asyncio.to_thread(read)
 
     async def in_thread(self, fn: Callable[[Engine], T]) -> T:
         """fn(engine) in a worker thread with that thread's own engine."""

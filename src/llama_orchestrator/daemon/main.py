@@ -135,8 +135,11 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     from llama_orchestrator.daemon.plans import PlanRunner
     from llama_orchestrator.daemon.runner import RunnerDeps
     from llama_orchestrator.daemon.supervisor import Supervisor
+    from llama_orchestrator.daemon.upstreams import Upstreams, UsageWriter
+    from llama_orchestrator.router.external import Externals
     from llama_orchestrator.router.proxy import Router
     from llama_orchestrator.router.slots import Slots
+    from llama_orchestrator.store import UsageRecord
 
     _Server = _quiet_server()
 
@@ -177,17 +180,33 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     )
     leases = Leases(sup, busy=slots.busy, changed=slots.wake)
     on_demand = OnDemand(sup, slots, settings, held=leases.holds_for)
+    usage = UsageWriter(lambda fn: effects.in_thread(lambda e: fn(e.store)))
+
+    def on_usage(record: UsageRecord) -> None:
+        usage.add(record)
+        metrics.upstream_usage(record)
+
+    externals = Externals(
+        on_usage=on_usage, on_event=lambda name, kind, msg: store.add_event(name, kind, msg)
+    )
     router = Router(
         settings.router,
         lambda: board.replicas,
-        lambda: board.known,
+        board.names,
         metrics.router_hooks(),
         loader=on_demand,
         slots=slots,
+        externals=externals,
+    )
+    sup.upstreams = Upstreams(
+        effects.load_upstreams,
+        board,
+        externals,
+        lambda name, kind, msg: store.add_event(name, kind, msg),
     )
     metrics.watch_router(router)
     router_server, router_url, router_error = _router(home, router, store, metrics)
-    plans = PlanRunner(home, store, router, lambda: board.known, leases=leases)
+    plans = PlanRunner(home, store, router, board.names, leases=leases)
     sock = platform.bind_control(home.daemon_socket)
     transport = platform.CONTROL_TRANSPORT
     token = secrets.token_urlsafe(32) if transport == "tcp" else None
@@ -231,6 +250,8 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     platform.on_stop_signals(on_signal)
     log.info(f"daemon {os.getpid()} started for {home.root}", extra={"data": {"address": address}})
     store.add_event(None, "daemon_started", f"daemon {os.getpid()} started")
+    await usage.start(externals, time.time())  # the last day's spending, for the budgets
+    await sup.upstreams.start()
     await sup.start()
     await leases.start()  # a killed daemon's leases given back, what yielded restored
     on_demand.start()
@@ -257,6 +278,8 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         with contextlib.suppress(FileNotFoundError):
             home.daemon_info.unlink()
         await plans.shutdown()  # runs stay open in the database: the next daemon resumes them
+        await sup.upstreams.close()
+        await usage.close()  # what upstream requests cost, all of it written
         await on_demand.close()
         await leases.close()
         await sup.shutdown(stop_instances)  # drains the router's replicas on --all

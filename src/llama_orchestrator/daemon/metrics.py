@@ -18,7 +18,7 @@ from llama_orchestrator.engine.health import ProbeResult
 from llama_orchestrator.router.proxy import Router, RouterMetrics
 from llama_orchestrator.router.slots import CLASSES
 from llama_orchestrator.states import InstanceState
-from llama_orchestrator.store import Store
+from llama_orchestrator.store import Store, UsageRecord
 
 __all__ = ["Metrics", "CONTENT_TYPE"]
 
@@ -95,12 +95,30 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
+        self._tokens = Counter(
+            "llama_orch_upstream_tokens",
+            "Tokens sent to (in) and received from (out) external upstreams.",
+            ["upstream", "direction"],
+            registry=self.registry,
+        )
+        self._cost = Counter(
+            "llama_orch_upstream_cost",
+            "What external upstreams' answers cost, in their price's currency.",
+            ["upstream"],
+            registry=self.registry,
+        )
         self.on_demand = Counter(
             "llama_orch_on_demand_events",
             "On-demand instances: on_demand_start, on_demand_wait, swapped_out, idle_stop.",
             ["instance", "kind"],
             registry=self.registry,
         )
+
+    def upstream_usage(self, record: UsageRecord) -> None:
+        """One answer of an external upstream: its tokens and what they cost."""
+        self._tokens.labels(record.upstream, "in").inc(record.tokens_in)
+        self._tokens.labels(record.upstream, "out").inc(record.tokens_out)
+        self._cost.labels(record.upstream).inc(record.cost)
 
     def watch_router(self, router: Router) -> None:
         """The router's queue depth and requests in flight per instance (read at scrape)."""

@@ -30,6 +30,7 @@ from llama_orchestrator.errors import UserError
 from llama_orchestrator.home import Home
 from llama_orchestrator.plans import WAITING
 from llama_orchestrator.plans import schedule as S
+from llama_orchestrator.plans.check import check_output
 from llama_orchestrator.plans.records import (
     RunFiles,
     create_run,
@@ -39,10 +40,11 @@ from llama_orchestrator.plans.records import (
     save,
 )
 from llama_orchestrator.plans.spec import Plan, Task, parse_plan
-from llama_orchestrator.plans.template import prompt_messages, render
+from llama_orchestrator.plans.template import Attempt, prompt_messages, render
 from llama_orchestrator.router.balance import candidates, free_slots
-from llama_orchestrator.router.proxy import Router, RouterError
+from llama_orchestrator.router.proxy import Completion, Router, RouterError
 from llama_orchestrator.store import Lease, Store
+from llama_orchestrator.upstreams import redact
 
 __all__ = ["PlanRunner"]
 
@@ -291,7 +293,9 @@ class PlanRunner:
     def _free(self, plan: Plan, records: dict[str, S.TaskRecord]) -> dict[str, int]:
         router = self.router
         replicas = router.replicas()
-        keys = {plan.task(r.id).slot_key for r in records.values() if r.state == S.READY}
+        keys = {
+            plan.task(r.id).slot_key(r.attempts) for r in records.values() if r.state == S.READY
+        }
         free = {k: free_slots(k, replicas, router.in_flight) for k in keys if k != "shell"}
         for k, n in free.items():
             # all busy (with interactive requests): one task waits in the router's
@@ -349,7 +353,7 @@ class PlanRunner:
             return (base / rel).read_text(encoding="utf-8", errors="replace")
 
         if task.kind == "llm":
-            return await self._llm(active, task, outputs, read_file)
+            return await self._llm(run_id, active, task, outputs, read_file)
         if task.kind != "script":
             return await self._shell(run_id, active, task, outputs, read_file)
         leases = active.leases.pop(task.id)  # reserved when it was picked
@@ -365,34 +369,98 @@ class PlanRunner:
 
     async def _llm(
         self,
+        run_id: str,
         active: _Active,
         task: Task,
         outputs: dict[str, str],
         read_file: Callable[[str], str],
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": task.model,
-            "messages": prompt_messages(task, outputs, active.plan.vars, read_file),
-            "max_tokens": task.max_tokens,
-        }
+        """One attempt: to the task's model, or (escalated) to its upstream
+        with the failed attempts handed over. It fails when the request does
+        or its output fails the task's `check`."""
+        record = active.records[task.id]
+        number = record.attempts
+        model = task.model_for(number)
+        assert model is not None
+        external = [d for d in task.depends_on if active.records[d].tier == "external"]
+        failed = active.files.failed_attempts(task.id, number) if task.escalated(number) else []
+        messages = prompt_messages(task, outputs, active.plan.vars, read_file, external, failed)
+        body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": task.max_tokens}
         if task.temperature is not None:
             body["temperature"] = task.temperature
-        assert task.model is not None
+        began = self.clock()
         try:
-            instance, data = await self.router.complete(task.model, body, priority=task.priority)
+            done = await self.router.complete(
+                model, body, priority=task.priority, origin=(run_id, task.id)
+            )
         except RouterError as exc:
+            if not exc.busy:  # it reached a model: an attempt that failed
+                active.files.failed_attempt(task.id, Attempt(number, None, str(exc)))
+                self._sample(active, task, number, model, messages, None, None, began, str(exc))
             return {"error": str(exc), "final": exc.final, "busy": exc.busy}
-        try:
-            text = data["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            return {"error": f"{instance} answered without a message: {str(data)[-200:]}"}
-        active.files.write_output(task.id, text)
+        data = done.data
         usage = data.get("usage") or {}
-        return {
-            "instance": instance,
+        result: dict[str, Any] = {
+            "instance": done.instance,
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"),
+            "tier": done.tier,
+            "cost": None if done.cost is None else (record.cost or 0.0) + done.cost,
         }
+        text: str | None
+        why: str | None
+        try:
+            text = str(data["choices"][0]["message"]["content"] or "")
+        except (KeyError, IndexError, TypeError):
+            text, why = None, f"{done.instance} answered without a message: {str(data)[-200:]}"
+        else:
+            why = check_output(task.check, text)
+        self._sample(active, task, number, model, messages, done, text, began, why)
+        if why is not None:
+            active.files.failed_attempt(task.id, Attempt(number, text, why))
+            return {**result, "error": why}
+        assert text is not None
+        active.files.write_output(task.id, text)
+        return result
+
+    def _sample(
+        self,
+        active: _Active,
+        task: Task,
+        number: int,
+        model: str,
+        messages: list[dict[str, str]],
+        done: Completion | None,
+        text: str | None,
+        began: float,
+        error: str | None,
+    ) -> None:
+        """One line of the plan's training log, when it keeps one: a sensitive
+        task's prompt and answer are left out, and keys are redacted."""
+        if not active.plan.log_samples:
+            return
+        usage = (done.data.get("usage") if done else None) or {}
+        line: dict[str, Any] = {
+            "task": task.id,
+            "attempt": number,
+            "model": model,
+            "instance": done.instance if done else None,
+            "tier": done.tier if done else ("external" if task.escalated(number) else "local"),
+            "tokens": {
+                "prompt": usage.get("prompt_tokens"),
+                "completion": usage.get("completion_tokens"),
+            },
+            "cost": done.cost if done else None,
+            "elapsed_s": round(self.clock() - began, 3),
+            "success": error is None,
+        }
+        if error is not None:
+            line["error"] = error
+        if not task.sensitive:
+            keys = self.router.externals.keys()
+            line["prompt"] = [{**m, "content": redact(m["content"], keys)} for m in messages]
+            line["answer"] = None if text is None else redact(text, keys)
+        active.files.sample(line)
 
     async def _shell(
         self,

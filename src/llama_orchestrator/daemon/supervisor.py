@@ -30,6 +30,7 @@ from llama_orchestrator.daemon.runner import (
     Start,
     Stop,
 )
+from llama_orchestrator.daemon.upstreams import Upstreams
 from llama_orchestrator.engine.lifecycle import UpResult
 from llama_orchestrator.engine.status import StatusReply, with_loads
 from llama_orchestrator.errors import OrchError, StartFailed
@@ -53,6 +54,8 @@ class Supervisor:
         self.effects = deps.effects
         self._runners: dict[str, InstanceRunner] = {}
         self._configs: dict[str, InstanceConfig] = {}
+        #: the external upstreams the daemon checks (shown by `ps`)
+        self.upstreams: Upstreams | None = None
         self._housekeeping: asyncio.Task[None] | None = None
 
     # --- runners --------------------------------------------------------------
@@ -259,6 +262,12 @@ class Supervisor:
         queued instance's place in the load queue (`load_position`), and a
         state the full disk keeps in memory."""
         with_loads(reply.instances, self.loads())
+        if self.upstreams is not None:
+            for item in reply.instances:
+                seen = self.upstreams.states.get(item["name"])
+                if item["upstream"] is not None and seen is not None:
+                    item["state"] = seen.state
+                    item["upstream"] = {**item["upstream"], **seen.to_json()}
         if unsaved := self.status()["state_unsaved"]:
             reply.warnings.append(
                 f"{unsaved['error']} The daemon supervises from memory "

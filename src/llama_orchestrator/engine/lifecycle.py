@@ -42,7 +42,7 @@ from llama_orchestrator.store import InstanceRow, Store, Unsaved
 if TYPE_CHECKING:
     # Imported where used: a command talking to the daemon (`up`, `down`)
     # never reads a config, and pydantic's import alone is ~60 ms of every run.
-    from llama_orchestrator.config import InstanceConfig, Settings
+    from llama_orchestrator.config import InstanceConfig, Settings, UpstreamConfig
     from llama_orchestrator.config.prepare import Prepared
     from llama_orchestrator.engine.status import Activity, StatusReply
     from llama_orchestrator.gpu import Discovery
@@ -188,10 +188,16 @@ class Engine:
     # --- names and configs ----------------------------------------------------
 
     def known_names(self) -> list[str]:
-        """Instances with a config, plus any the store still tracks."""
-        names = set(self.home.instance_names())
+        """Instances with a config, plus any the store still tracks (not the
+        external upstreams: nothing of them runs here)."""
+        names = set(self.home.instance_names()) - set(self.upstreams())
         names.update(r.name for r in self.store.all())
         return sorted(names)
+
+    def upstreams(self) -> dict[str, UpstreamConfig]:
+        from llama_orchestrator.config.validate import upstream_configs
+
+        return upstream_configs(self.home)
 
     def resolve_names(self, names: Iterable[str], all_: bool = False) -> list[str]:
         if all_:
@@ -201,6 +207,12 @@ class Engine:
         for n in names:
             check_name(n)
             if n not in known:
+                if (up := self.upstreams().get(n)) is not None:
+                    raise UserError(
+                        f"'{n}' is an external upstream ({up.upstream.url}), not a llama-server: "
+                        "there is nothing of it to start, stop, restart or read logs of.",
+                        hint="`llama-orch ps` shows its state, `llama-orch usage` what it cost.",
+                    )
                 raise UnknownInstance(n, known)
             out.append(n)
         if not out:
@@ -227,6 +239,11 @@ class Engine:
             r.name for r in self.store.all() if r.state in RUNNING_STATES and is_alive(self._ref(r))
         }
         base = dict(os.environ) if self._base_env is None else self._base_env
+        # llama-server needs no upstream's key, and describe shows its environment
+        from llama_orchestrator.upstreams import key_env_names
+
+        hidden = key_env_names(self.upstreams())
+        base = {k: v for k, v in base.items() if k not in hidden}
         leased = frozenset(x.gpu for x in self.store.leases())
         return prepare(self.home, names, running, base, self.find_gpus, strict, leased)
 

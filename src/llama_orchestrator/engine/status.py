@@ -20,7 +20,7 @@ from llama_orchestrator.store import InstanceRow
 from llama_orchestrator.swap import idle_left
 
 if TYPE_CHECKING:  # the status view's types; `ps` through the daemon needs no config
-    from llama_orchestrator.config import InstanceConfig
+    from llama_orchestrator.config import InstanceConfig, UpstreamConfig
     from llama_orchestrator.engine.lifecycle import Engine
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "observed_state",
     "collect",
     "with_loads",
+    "upstream_view",
     "iso",
     "listening",
 ]
@@ -73,6 +74,8 @@ class InstanceStatus(TypedDict):
     load_position: list[int] | None
     #: percent of the model read, while it loads (llama.cpp's progress dots)
     load_progress: int | None
+    #: an external upstream: its URL, and why it does not answer (None for ours)
+    upstream: dict[str, Any] | None
 
 
 class Description(InstanceStatus, total=False):
@@ -179,6 +182,43 @@ def status_view(
         **on_demand_view(cfg, row, now),
         "load_position": None,
         "load_progress": load_percent,
+        "upstream": None,
+    }
+
+
+def upstream_view(name: str, cfg: UpstreamConfig, state: str = "unchecked") -> InstanceStatus:
+    """An external upstream's `ps --json` entry: `unchecked` until the
+    daemon (which checks it) says `checking`, `healthy` or `unhealthy`."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(cfg.upstream.url)
+    return {
+        "name": name,
+        "state": state,
+        "desired": "running",
+        "pid": None,
+        "host": parts.hostname,
+        "port": parts.port or (443 if parts.scheme == "https" else 80),
+        "alias": cfg.alias_or(name),
+        "model_path": cfg.remote_model(name),
+        "backend": "upstream",
+        "gpu_devices": [],
+        "restarts": 0,
+        "started_at": None,
+        "uptime_s": None,
+        "exit_code": None,
+        "last_exit": None,
+        "supervised": False,
+        "next_restart_at": None,
+        "next_try_s": None,
+        "config_error": None,
+        "config_changed": False,
+        "on_demand": False,
+        "last_used_at": None,
+        "idle_stop_in_s": None,
+        "load_position": None,
+        "load_progress": None,
+        "upstream": {"url": cfg.upstream.url, "error": None, "checked_at": None},
     }
 
 
@@ -267,4 +307,13 @@ def collect(
         out.append(
             status_view(row.name, cfg, row, now, item.path.parent if item else None, err, percent)
         )
-    return out
+    ups = [
+        x
+        for x in loaded.values()
+        if x.upstream is not None and x.name not in {r.name for r in rows}
+    ]
+    for x in ups:
+        if names is None or x.name in names:
+            assert x.upstream is not None
+            out.append(upstream_view(x.name, x.upstream))
+    return sorted(out, key=lambda s: s["name"])

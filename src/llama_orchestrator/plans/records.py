@@ -17,6 +17,7 @@ from llama_orchestrator.errors import UserError
 from llama_orchestrator.files import private_dir
 from llama_orchestrator.plans.schedule import TaskRecord, run_state
 from llama_orchestrator.plans.spec import Plan
+from llama_orchestrator.plans.template import Attempt
 from llama_orchestrator.router.balance import TAG_PREFIX, tag_set
 from llama_orchestrator.store import Store
 
@@ -74,6 +75,8 @@ class RunView:
                     "error": r.error,
                     "prompt_tokens": r.prompt_tokens,
                     "completion_tokens": r.completion_tokens,
+                    "tier": r.tier,
+                    "cost": None if r.cost is None else round(r.cost, 6),
                 }
             )
         counts = self.counts()
@@ -227,6 +230,36 @@ class RunFiles:
                 return None
 
         return read("out"), read("err")
+
+    def failed_attempt(self, task_id: str, attempt: Attempt) -> None:
+        """Keep a failed llm attempt (what it answered, why it failed): an
+        escalated attempt hands them over."""
+        line = {"number": attempt.number, "output": attempt.output, "error": attempt.error}
+        with open(self.output_path(task_id, "attempts.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def failed_attempts(self, task_id: str, before: int) -> list[Attempt]:
+        """The failed attempts numbered below `before`, the latest of each number
+        (a `plan retry` numbers them from 1 again)."""
+        try:
+            text = self.read_output(task_id, "attempts.jsonl")
+        except FileNotFoundError:
+            return []
+        found: dict[int, Attempt] = {}
+        for line in text.splitlines():
+            try:
+                d = json.loads(line)
+                found[int(d["number"])] = Attempt(
+                    int(d["number"]), d.get("output"), str(d["error"])
+                )
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line of a killed daemon
+        return [found[n] for n in sorted(found) if n < before]
+
+    def sample(self, data: dict[str, Any]) -> None:
+        """One line of the training log (`log_samples`)."""
+        with open(self.folder / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"ts": round(time.time(), 3), **data}) + "\n")
 
     def event(self, **data: Any) -> None:
         self.events([data])

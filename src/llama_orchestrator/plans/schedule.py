@@ -65,6 +65,9 @@ class TaskRecord:
     #: a shell task's process (pid, create_time), to kill what a dead daemon left
     pid: int | None = None
     create_time: float | None = None
+    #: an llm task: "local" or "external" (an upstream answered), and what it cost
+    tier: str | None = None
+    cost: float | None = None
 
 
 Records = Mapping[str, TaskRecord]
@@ -95,8 +98,9 @@ def pick(plan: Plan, records: Records, now: float, free: Mapping[str, int]) -> l
     if not left:
         return chosen
     for t in due(plan, records, now):
-        if left.get(t.slot_key, 0) > 0:
-            left[t.slot_key] -= 1
+        key = t.slot_key(records[t.id].attempts)
+        if left.get(key, 0) > 0:
+            left[key] -= 1
             chosen.append(t.id)
             if not any(left.values()):
                 break

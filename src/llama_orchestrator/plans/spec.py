@@ -3,7 +3,11 @@
 A plan is JSON: `{"name", "vars": {NAME: default}, "tasks": [...]}`; a task
 has `id`, `kind` (llm, shell or script), `depends_on`, `priority` 1-10,
 `retries`, `timeout`, `backoff`; llm: `model` (an alias or `tags:<tag>`) or
-`tags`, `prompt`, `system`, `max_tokens`, `temperature`, `untrusted`; shell:
+`tags`, `prompt`, `system`, `max_tokens`, `temperature`, `untrusted`,
+`check` (a regex or a JSON Schema its output must pass), `escalate` ({"to":
+an upstream's alias, "after_failures": N}: the next attempts go there, with
+the failed ones handed over as data), `tier` ("external": at once),
+`sensitive` (kept out of the plan's `log_samples`); shell:
 `command` (an argv list), `cwd`, `env`; script: a shell task that needs GPUs,
 `gpus` (how many, or which: `[2]`) and `vram_mib`, run on cards the daemon
 leases to it (daemon.leases). Prompts (and shell arguments) may reference
@@ -49,6 +53,20 @@ class PlanError(UserError):
         super().__init__("\n".join([head, *(f"  {p}" for p in problems)]))
 
 
+class _Check(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    regex: str | None = None
+    json_schema: dict[str, Any] | None = None
+
+
+class _Escalate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str
+    after_failures: int = Field(2, ge=1)
+
+
 class _TaskModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -68,6 +86,14 @@ class _TaskModel(BaseModel):
     max_tokens: int = Field(256, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     untrusted: list[str] = []
+    #: what the output must be: {"regex": "..."} or {"json_schema": {...}}
+    check: _Check | None = None
+    #: after this many failed local attempts, the next go to an external upstream
+    escalate: _Escalate | None = None
+    #: "external": every attempt goes to `escalate.to` at once
+    tier: Literal["local", "external"] = "local"
+    #: its prompt and answer stay out of the training log (`log_samples`)
+    sensitive: bool = False
     # shell and script
     command: list[str] | None = None
     cwd: str | None = None
@@ -82,6 +108,9 @@ class _PlanModel(BaseModel):
 
     name: str | None = None
     vars: dict[str, str] = {}
+    #: prompt, answer, tier, tokens, elapsed and success of every llm attempt,
+    #: as JSON lines in the run folder (samples.jsonl)
+    log_samples: bool = False
     tasks: list[dict[str, Any]] = Field(min_length=1)
 
 
@@ -107,14 +136,35 @@ class Task:
     #: script: how many cards (an int) or which (a tuple of indices)
     gpus: int | tuple[int, ...] | None = None
     vram_mib: int | None = None
+    #: llm: {"regex": ...} or {"json_schema": ...} its output must pass
+    check: dict[str, Any] | None = None
+    #: llm: the external model, and after how many failed local attempts it answers
+    escalate_to: str | None = None
+    after_failures: int = 2
+    tier: str = "local"
+    sensitive: bool = False
 
-    @property
-    def slot_key(self) -> str:
-        """What the task waits for a free slot of: its model, "shell", or
-        "script" (a GPU lease, granted by the daemon's leases, not a slot)."""
+    def model_for(self, attempt: int) -> str | None:
+        """The model attempt number `attempt` (1, 2, ...) asks: the task's, or
+        the escalation's once `after_failures` local attempts failed (all of
+        them with `tier: external`)."""
+        if self.escalate_to is not None and (
+            self.tier == "external" or attempt > self.after_failures
+        ):
+            return self.escalate_to
+        return self.model
+
+    def escalated(self, attempt: int) -> bool:
+        return self.escalate_to is not None and self.model_for(attempt) == self.escalate_to
+
+    def slot_key(self, attempts: int = 0) -> str:
+        """What the task's next attempt (after `attempts` done) waits for a
+        free slot of: its model, "shell", or "script" (a GPU lease, granted
+        by the daemon's leases, not a slot)."""
         if self.kind == "script":
             return "script"
-        return self.model if self.kind == "llm" and self.model else "shell"
+        model = self.model_for(attempts + 1) if self.kind == "llm" else None
+        return model or "shell"
 
     def templates(self) -> list[str]:
         return [self.prompt, self.system or "", *self.command]
@@ -128,6 +178,7 @@ class Plan:
     vars: dict[str, str]
     #: the plan file's folder: relative cwd and file: references start there
     base_dir: str
+    log_samples: bool = False
 
     @cached_property
     def _positions(self) -> dict[str, int]:
@@ -152,7 +203,13 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         tasks = [asdict(t) for t in self.tasks]  # tuples become JSON lists
-        return {"name": self.name, "vars": self.vars, "base_dir": self.base_dir, "tasks": tasks}
+        return {
+            "name": self.name,
+            "vars": self.vars,
+            "base_dir": self.base_dir,
+            "log_samples": self.log_samples,
+            "tasks": tasks,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
@@ -165,7 +222,13 @@ class Plan:
             if isinstance(d.get("gpus"), list):
                 d["gpus"] = tuple(d["gpus"])
             tasks.append(Task(**d))
-        return cls(data["name"], tuple(tasks), dict(data["vars"]), data["base_dir"])
+        return cls(
+            data["name"],
+            tuple(tasks),
+            dict(data["vars"]),
+            data["base_dir"],
+            bool(data.get("log_samples", False)),
+        )
 
 
 def references(text: str) -> list[str]:
@@ -246,6 +309,11 @@ def parse_plan(
                 env=dict(m.env),
                 gpus=tuple(m.gpus) if isinstance(m.gpus, list) else m.gpus,
                 vram_mib=m.vram_mib,
+                check=m.check.model_dump(exclude_none=True) if m.check else None,
+                escalate_to=m.escalate.to if m.escalate else None,
+                after_failures=m.escalate.after_failures if m.escalate else 2,
+                tier=m.tier,
+                sensitive=m.sensitive,
             )
         )
     values = {**top.vars, **(given_vars or {})}
@@ -262,7 +330,7 @@ def parse_plan(
         )
     if problems:
         raise PlanError(source, problems)
-    return Plan(top.name or Path(source).stem, tuple(tasks), values, str(base))
+    return Plan(top.name or Path(source).stem, tuple(tasks), values, str(base), top.log_samples)
 
 
 #: words in a shell task's command that say it runs on a GPU
@@ -320,6 +388,7 @@ def _kind_problems(m: _TaskModel, where: str, known_models: set[str]) -> list[st
         out.append(f"{where}: command is for shell tasks; an llm task has a prompt.")
     if not m.prompt:
         out.append(f"{where}: an llm task needs a prompt.")
+    out += _llm_extras(m, where, known_models)
     wanted = m.model or _tags_model(m)
     if bool(m.model) == bool(_tags_model(m)):
         out.append(f"{where}: an llm task names either model (an alias) or tags, one of them.")
@@ -335,6 +404,40 @@ def _kind_problems(m: _TaskModel, where: str, known_models: set[str]) -> list[st
             + (f"; tags: {', '.join(t[len(TAG_PREFIX) :] for t in tags)}" if tags else "")
             + "."
         )
+    return out
+
+
+def _llm_extras(m: _TaskModel, where: str, known_models: set[str]) -> list[str]:
+    """`check`, `escalate` and `tier` of an llm task."""
+    out = []
+    if m.check is not None:
+        if (m.check.regex is None) == (m.check.json_schema is None):
+            out.append(f'{where}: check takes one of "regex" or "json_schema".')
+        elif m.check.regex is not None:
+            try:
+                re.compile(m.check.regex)
+            except re.error as exc:
+                out.append(f"{where}: check.regex is not a valid regular expression ({exc}).")
+        else:
+            from jsonschema import Draft202012Validator, SchemaError
+
+            try:
+                Draft202012Validator.check_schema(m.check.json_schema or {})
+            except SchemaError as exc:
+                out.append(
+                    f"{where}: check.json_schema is not a valid JSON Schema ({exc.message})."
+                )
+    if m.escalate is not None:
+        if not offers(known_models, m.escalate.to):
+            out.append(f"{where}: escalate.to names '{m.escalate.to}', which nothing serves.")
+        if m.tier == "local" and m.retries < m.escalate.after_failures:
+            out.append(
+                f"{where}: escalate.after_failures is {m.escalate.after_failures} but the task "
+                f"has only {m.retries} retries, so it never escalates; set retries to at least "
+                f"{m.escalate.after_failures}."
+            )
+    elif m.tier == "external":
+        out.append(f'{where}: "tier": "external" needs "escalate": {{"to": "<upstream alias>"}}.')
     return out
 
 

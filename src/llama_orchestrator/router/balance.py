@@ -39,8 +39,12 @@ class Replica:
     tags: tuple[str, ...]
     host: str
     port: int
-    slots: int  # llama-server's parallel slots (-np)
+    slots: int  # llama-server's parallel slots (-np); an upstream's max_concurrent
     api_key: str | None = None
+    #: an external upstream: the model name it knows (None: an instance of ours)
+    remote: str | None = None
+    base: str = ""  # its URL's path (/v1), which request paths continue
+    tls: bool = False  # https
 
 
 def tag_set(model: str) -> frozenset[str]:

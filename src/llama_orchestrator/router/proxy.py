@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,9 +32,11 @@ from llama_orchestrator.router.balance import (
     tag_model,
     tag_set,
 )
+from llama_orchestrator.router.external import Externals
 from llama_orchestrator.router.front import Reply, Request, Stream
 from llama_orchestrator.router.slots import Refusal, Slots
 from llama_orchestrator.router.upstream import Exchange, Upstream, UpstreamError
+from llama_orchestrator.upstreams import KeyMissing, Usage, UsageMeter, for_upstream
 
 __all__ = [
     "Router",
@@ -44,6 +47,7 @@ __all__ = [
     "pass_on",
     "LIGHT",
     "MAX_REPLAYS",
+    "Completion",
 ]
 
 RETRY_AFTER = "1"
@@ -63,8 +67,11 @@ MODEL_INFO_TIMEOUT = 2.0
 _JSON = ("content-type", "application/json")
 
 
-def openai_error(status: int, message: str, kind: str, **extra: Any) -> Reply:
-    headers = [_JSON, ("retry-after", RETRY_AFTER)] if status in (429, 503) else [_JSON]
+def openai_error(
+    status: int, message: str, kind: str, retry_after: float | None = None, **extra: Any
+) -> Reply:
+    wait = str(math.ceil(retry_after)) if retry_after else RETRY_AFTER
+    headers = [_JSON, ("retry-after", wait)] if status in (429, 503) else [_JSON]
     body = {"error": {"message": message, "type": kind, "code": status, **extra}}
     return Reply(status, json.dumps(body).encode(), headers)
 
@@ -84,12 +91,31 @@ def pass_on(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
     return b"".join(lines), streamed
 
 
-def _headers_for(r: Replica, content_type: str) -> dict[str, str]:
+def _headers_for(r: Replica, content_type: str, key: str | None = None) -> dict[str, str]:
     """What a request to `r` carries besides its body (and the instance's key)."""
     headers = {"Content-Type": content_type}
-    if r.api_key:
-        headers["Authorization"] = f"Bearer {r.api_key}"
+    if key or r.api_key:
+        headers["Authorization"] = f"Bearer {key or r.api_key}"
     return headers
+
+
+def upstream_target(r: Replica, target: str) -> str:
+    """A request's path as an upstream gets it: its URL's path, then the
+    route after /v1 (`/v1/chat/completions` to https://x/api/v1 is
+    /api/v1/chat/completions)."""
+    rest = target[3:] if target.startswith("/v1/") or target == "/v1" else target
+    return r.base + rest
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A plan's request answered: by which instance, its JSON, the tier
+    ("local", or "external": an upstream) and what it cost."""
+
+    instance: str
+    data: dict[str, Any]
+    tier: str = "local"
+    cost: float | None = None
 
 
 def may_retry(error: UpstreamError, replays: int) -> bool:
@@ -159,6 +185,8 @@ class Router:
     upstream: Upstream = field(default_factory=Upstream)
     #: when it started: the `created` of a model no instance has told us about
     started: float = field(default_factory=time.time)
+    #: the external upstreams' keys, limits and spending (the daemon keeps them current)
+    externals: Externals = field(default_factory=Externals)
 
     def __post_init__(self) -> None:
         #: (instance, port) -> its /v1/models entry (with llama-server's `meta`),
@@ -240,9 +268,12 @@ class Router:
         replays = 0
         last_error = ""
         batch = self.is_batch(request)
+        skip = self._blocked(model)  # upstreams at their rate or budget
+        if isinstance(skip, Reply):
+            return skip
         while True:
             try:
-                r = await self.acquire(model, frozenset(tried), batch)
+                r = await self.acquire(model, frozenset(tried | skip), batch)
             except Refusal as refusal:
                 if tried:  # every replica failed before answering
                     return openai_error(
@@ -252,6 +283,11 @@ class Router:
                     )
                 self.metrics.request(model, "", refusal.status, 0.0)
                 return _refused(refusal)
+            if r.remote is not None and (late := self._take_upstream(r, model)) is not None:
+                skip.add(r.name)  # its limit was reached while this request waited
+                if isinstance(late, Reply):
+                    return late
+                continue
             try:
                 answer = await self._send(r, request)
             except UpstreamError as exc:
@@ -275,16 +311,54 @@ class Router:
                 continue
             return await self._answer(answer, r, model, start)
 
+    def _blocked(self, model: str) -> set[str] | Reply:
+        """The upstreams serving `model` that may take no request now (their
+        rate or budget); a 429 with when to come back when that is all of them."""
+        cands = candidates(model, self.replicas())
+        why = {c.name: b for c in cands if c.remote and (b := self.externals.blocked(c.name))}
+        if cands and len(why) == len(cands):
+            wait, reason = min(why.values())
+            self.metrics.request(model, "", 429, 0.0)
+            return openai_error(
+                429, f"{reason}; try again in {math.ceil(wait)}s.", "rate_limit", wait
+            )
+        return set(why)
+
+    def _take_upstream(self, r: Replica, model: str) -> Reply | bool | None:
+        """A request goes to upstream `r` now: counted against its rate. If
+        its limit was reached meanwhile: released, and a 429 when nothing
+        else serves `model` (True: try another)."""
+        blocked = self.externals.blocked(r.name)
+        if blocked is None:
+            self.externals.take(r.name)
+            return None
+        self.release(r)
+        others = [c for c in candidates(model, self.replicas()) if c.name != r.name]
+        if others:
+            return True
+        wait, reason = blocked
+        return openai_error(429, f"{reason}; try again in {math.ceil(wait)}s.", "rate_limit", wait)
+
     async def _send(self, r: Replica, request: Request) -> Exchange:
-        """The client's request, as it came, to `r` (with `r`'s own key)."""
+        """The client's request, as it came, to `r` (with `r`'s own key); to
+        an upstream with its key, its path and its model name."""
         content_type = request.headers.get("content-type", "application/json")
+        target, body, key = request.target, request.body, None
+        if r.remote is not None:
+            try:
+                key = self.externals.key(r.name)
+            except KeyMissing as exc:
+                raise UpstreamError(exc.message) from None
+            target = upstream_target(r, target)
+            body, _ = for_upstream(body, r.remote)
         return await self.upstream.open(
             r.host,
             r.port,
             request.method,
-            request.target,
-            _headers_for(r, content_type),
-            request.body,
+            target,
+            _headers_for(r, content_type, key),
+            body,
+            tls=r.tls,
         )
 
     async def _fetch(self, r: Replica, request: Request) -> tuple[int, Any, bytes]:
@@ -309,6 +383,10 @@ class Router:
         finally:
             self.upstream.finish(answer)
             self.release(r)
+        if r.remote is not None:
+            meter = UsageMeter(False)
+            meter.feed(body)
+            self._count(r, meter.done())
         elapsed = time.perf_counter() - start
         self.metrics.first_byte(model, elapsed)
         self.metrics.request(model, r.name, answer.status, elapsed)
@@ -326,16 +404,29 @@ class Router:
         """Chunks as they arrive; a client that leaves closes the upstream
         connection, which makes llama-server stop generating and free the slot."""
         first = True
+        meter = UsageMeter(True) if r.remote is not None else None
         try:
             async for chunk in answer.chunks():
                 if first:
                     self.metrics.first_byte(model, time.perf_counter() - start)
                     first = False
+                if meter is not None:
+                    meter.feed(chunk)
                 yield chunk
         finally:
             self.upstream.finish(answer)  # closed unless read to its end
             self.release(r)
+            if meter is not None:
+                self._count(r, meter.done())
             self.metrics.request(model, r.name, answer.status, time.perf_counter() - start)
+
+    def _count(
+        self, r: Replica, usage: Usage | None, run_id: str | None = None, task_id: str | None = None
+    ) -> float | None:
+        """What an upstream's answer cost (None: it said no `usage`)."""
+        if usage is None:
+            return None
+        return self.externals.record(r.name, usage, run_id, task_id)
 
     async def complete(
         self,
@@ -343,14 +434,26 @@ class Router:
         body: dict[str, Any],
         path: str = "/v1/chat/completions",
         priority: int = 5,
-    ) -> tuple[str, dict[str, Any]]:
-        """One request on behalf of the daemon (a plan's llm task), balanced and
-        queued as batch work of `priority`: (the instance that answered, its
-        JSON). Raises RouterError. Cancelling it closes the upstream connection."""
-        try:
-            r = await self.acquire(model, frozenset(), batch=True, priority=priority)
-        except Refusal as refusal:
-            raise RouterError(refusal.message, busy=True) from None
+        origin: tuple[str, str] | None = None,
+    ) -> Completion:
+        """One request on behalf of the daemon (a plan's llm task: `origin`
+        is its run and task), balanced and queued as batch work of
+        `priority`. Raises RouterError (busy: an upstream at its limit too).
+        Cancelling it closes the upstream connection."""
+        skip = self._blocked(model)
+        if isinstance(skip, Reply):
+            raise RouterError(json.loads(skip.body)["error"]["message"], busy=True)
+        while True:
+            try:
+                r = await self.acquire(model, frozenset(skip), batch=True, priority=priority)
+            except Refusal as refusal:
+                raise RouterError(refusal.message, busy=True) from None
+            late = self._take_upstream(r, model) if r.remote is not None else None
+            if late is None:
+                break
+            if isinstance(late, Reply):
+                raise RouterError(json.loads(late.body)["error"]["message"], busy=True)
+            skip.add(r.name)
         start = time.perf_counter()
         status = 0
         try:
@@ -368,7 +471,12 @@ class Router:
                 detail = detail or raw[-300:].decode("utf-8", "replace")
                 final = 400 <= status < 500 and status not in (408, 429)
                 raise RouterError(f"{r.name} answered HTTP {status}: {detail}", final)
-            return r.name, data
+            if r.remote is None:
+                return Completion(r.name, data)
+            meter = UsageMeter(False)
+            meter.feed(raw)
+            spent = self._count(r, meter.done(), *(origin or (None, None)))
+            return Completion(r.name, data, "external", spent)
         finally:
             self.release(r)
             self.metrics.request(model, r.name, status or 499, time.perf_counter() - start)
@@ -423,7 +531,8 @@ class Router:
         model = self._resolve(_named_model(request))
         if isinstance(model, Reply):
             return model
-        r = lightest(candidates(model, self.replicas()), self.in_flight)
+        ours = [c for c in candidates(model, self.replicas()) if c.remote is None]
+        r = lightest(ours, self.in_flight)
         if r is None:  # none healthy: queued like any request (an on-demand start)
             return await self.forward(request, model)
         start = time.perf_counter()
@@ -441,7 +550,7 @@ class Router:
         live = {(r.name, r.port) for r in replicas}
         for key in [k for k in self._model_info if k not in live]:
             del self._model_info[key]  # gone, or restarted elsewhere: ask anew
-        todo = [r for r in replicas if (r.name, r.port) not in self._model_info]
+        todo = [r for r in replicas if (r.name, r.port) not in self._model_info and not r.remote]
         for r, info in zip(
             todo, await asyncio.gather(*(self._ask_model_info(r) for r in todo)), strict=True
         ):

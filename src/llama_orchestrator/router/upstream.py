@@ -14,8 +14,11 @@ per open connection, so idle connections must not pile up there).
 from __future__ import annotations
 
 import asyncio
+import functools
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httptools
 
@@ -44,7 +47,7 @@ class Exchange(asyncio.Protocol):
     arrives). `Upstream.finish` returns the connection to the pool when the
     answer was read to its end, and closes it otherwise."""
 
-    def __init__(self, key: tuple[str, int]) -> None:
+    def __init__(self, key: tuple[str, int, bool]) -> None:
         self.key = key
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -164,16 +167,24 @@ class Upstream:
 
     def __init__(self, idle_s: float = IDLE_S) -> None:
         self.idle_s = idle_s
-        self._idle: dict[tuple[str, int], list[Exchange]] = {}
+        self._idle: dict[tuple[str, int, bool], list[Exchange]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def open(
-        self, host: str, port: int, method: str, target: str, headers: dict[str, str], body: bytes
+        self,
+        host: str,
+        port: int,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes,
+        tls: bool = False,
     ) -> Exchange:
         """Sends a request; returns once its status and headers arrived.
         A pooled connection the instance closed meanwhile is replaced by a
-        new one (nothing of the request was processed on it)."""
-        key = (host, port)
+        new one (nothing of the request was processed on it). `tls`: an
+        https upstream (the system's certificate store checks it)."""
+        key = (host, port, tls)
         head = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"]
         head += [f"{k}: {v}\r\n" for k, v in headers.items()]
         head.append(f"Content-Length: {len(body)}\r\n\r\n")
@@ -223,7 +234,7 @@ class Upstream:
             self._sweeper.cancel()
             self._sweeper = None
 
-    def _pooled(self, key: tuple[str, int]) -> Exchange | None:
+    def _pooled(self, key: tuple[str, int, bool]) -> Exchange | None:
         conns = self._idle.get(key)
         while conns:
             conn = conns.pop()
@@ -231,11 +242,14 @@ class Upstream:
                 return conn
         return None
 
-    async def _connect(self, key: tuple[str, int]) -> Exchange:
+    async def _connect(self, key: tuple[str, int, bool]) -> Exchange:
         loop = asyncio.get_running_loop()
+        host, port, tls = key
+        extra: dict[str, Any] = {"ssl": _tls_context(), "server_hostname": host} if tls else {}
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: Exchange(key), *key), CONNECT_TIMEOUT_S
+                loop.create_connection(lambda: Exchange(key), host, port, **extra),
+                CONNECT_TIMEOUT_S,
             )
         except asyncio.TimeoutError:
             raise UpstreamError(f"connecting to {key[0]}:{key[1]} timed out") from None
@@ -257,3 +271,9 @@ class Upstream:
             else:
                 del self._idle[key]
         self._sweeper = loop.call_later(self.idle_s / 2, self._sweep) if self._idle else None
+
+
+@functools.lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    """Certificates checked against the system's store, as any client does."""
+    return ssl.create_default_context()

@@ -1,0 +1,253 @@
+"""The daemon's external upstreams: each one checked with a cheap
+`GET <url>/models` at its interval (further apart while it fails: never a
+flood on an API that is down), on the board as a replica while it answers,
+off it when it does not (its requests then fail fast: 503 + Retry-After).
+
+The configs are read again every few seconds, as the supervisor reads the
+instances'; the keys at every check and request (`router.external`). What
+each request cost is written to the state database in batches, off the
+event loop (`UsageWriter`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from llama_orchestrator.config import UpstreamConfig
+from llama_orchestrator.daemon.board import Board
+from llama_orchestrator.errors import OrchError
+from llama_orchestrator.router.balance import Replica
+from llama_orchestrator.router.external import Externals
+from llama_orchestrator.store import Store, UsageRecord
+from llama_orchestrator.upstreams import DAY_S, check_delay
+
+__all__ = ["Upstreams", "UpstreamState", "UsageWriter", "replica_of", "CONFIG_POLL_S"]
+
+log = logging.getLogger("llama_orchestrator.daemon")
+
+#: how often the upstreams' configs are read again
+CONFIG_POLL_S = 5.0
+#: how often what upstream requests cost is written
+USAGE_FLUSH_S = 1.0
+
+#: get(url, headers, timeout) -> HTTP status and the start of the body; raises OSError
+Getter = Callable[[str, dict[str, str], float], Awaitable[tuple[int, str]]]
+#: add_event(instance, kind, message)
+EventSink = Callable[[str, str, str], None]
+
+
+@dataclass
+class UpstreamState:
+    url: str
+    state: str = "checking"  # then "healthy" or "unhealthy"
+    error: str | None = None
+    checked_at: float | None = None
+    next_check_at: float | None = None
+    failures: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "state": self.state,
+            "error": self.error,
+            "checked_at": self.checked_at,
+            "next_check_at": self.next_check_at,
+        }
+
+
+def replica_of(name: str, cfg: UpstreamConfig) -> Replica:
+    """What the router sees of an upstream that answers."""
+    parts = urlsplit(cfg.upstream.url)
+    tls = parts.scheme == "https"
+    return Replica(
+        name=name,
+        alias=cfg.alias_or(name),
+        tags=tuple(cfg.tags),
+        host=parts.hostname or "",
+        port=parts.port or (443 if tls else 80),
+        slots=cfg.upstream.max_concurrent,
+        remote=cfg.remote_model(name),
+        base=parts.path.rstrip("/"),
+        tls=tls,
+    )
+
+
+async def http_get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, str]:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
+        try:
+            r = await client.get(url, headers=headers)
+        except httpx.HTTPError as exc:
+            raise OSError(f"{type(exc).__name__}: {exc}") from None
+        return r.status_code, r.text[:300]
+
+
+class Upstreams:
+    def __init__(
+        self,
+        load: Callable[[], Awaitable[dict[str, tuple[UpstreamConfig, Path]]]],
+        board: Board,
+        externals: Externals,
+        add_event: EventSink,
+        *,
+        clock: Callable[[], float] = time.time,
+        get: Getter = http_get,
+    ) -> None:
+        self._load = load
+        self.board = board
+        self.externals = externals
+        self._event = add_event
+        self.clock = clock
+        self._get = get
+        self.states: dict[str, UpstreamState] = {}
+        self._configs: dict[str, tuple[UpstreamConfig, Path]] = {}
+        self._watches: dict[str, asyncio.Task[None]] = {}
+        self._poller: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._poller = asyncio.create_task(self._poll())
+
+    async def refresh(self) -> None:
+        """Read the configs again: watch new or changed upstreams, forget removed ones."""
+        configs = await self._load()
+        for name in [n for n in self._configs if n not in configs]:
+            self._forget(name)
+        for name, (cfg, folder) in configs.items():
+            if self._configs.get(name) == (cfg, folder):
+                continue
+            self._forget(name)
+            self._configs[name] = (cfg, folder)
+            self.externals.set(name, cfg, folder)
+            self.states[name] = UpstreamState(cfg.upstream.url)
+            self._watches[name] = asyncio.create_task(self._watch(name, cfg))
+        self.board.remote_known = {
+            n for name, (cfg, _) in configs.items() for n in _names(name, cfg)
+        }
+
+    def _forget(self, name: str) -> None:
+        task = self._watches.pop(name, None)
+        if task is not None:
+            task.cancel()
+        self._configs.pop(name, None)
+        self.states.pop(name, None)
+        self.externals.drop(name)
+        self.board.publish(name, None)
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._poller, *self._watches.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(CONFIG_POLL_S)
+            try:
+                await self.refresh()
+            except Exception:  # a config that cannot be read now: the next look tries again
+                log.exception("reading the upstreams' configs failed")
+
+    async def _watch(self, name: str, cfg: UpstreamConfig) -> None:
+        state = self.states[name]
+        hc = cfg.healthcheck
+        while True:
+            why = await self._check(name, cfg)
+            now = self.clock()
+            state.checked_at = now
+            old = state.state
+            if why is None:
+                state.failures, state.error, state.state = 0, None, "healthy"
+                self.board.publish(name, replica_of(name, cfg))
+            else:
+                state.failures += 1
+                state.error = why
+                if state.failures >= hc.retries:
+                    state.state = "unhealthy"
+                    self.board.publish(name, None)
+            if state.state != old:
+                message = (
+                    f"upstream {cfg.upstream.url} answers"
+                    if why is None
+                    else f"upstream {cfg.upstream.url} does not answer: {why}"
+                )
+                self._event(name, f"upstream_{state.state}", message)
+            delay = check_delay(hc.interval, state.failures)
+            state.next_check_at = now + delay
+            await asyncio.sleep(delay)
+
+    async def _check(self, name: str, cfg: UpstreamConfig) -> str | None:
+        """Why the upstream is not usable now (None: it is)."""
+        try:
+            key = self.externals.key(name)
+        except OrchError as exc:
+            return exc.message
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            status, body = await self._get(
+                f"{cfg.upstream.url}/models", headers, cfg.healthcheck.timeout
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            return str(exc) or type(exc).__name__
+        if status == 200:
+            return None
+        if status in (401, 403):
+            return f"HTTP {status}: it refused the key (check it, and that it may list models)"
+        return f"HTTP {status}: {body.strip()[:120]}"
+
+
+def _names(name: str, cfg: UpstreamConfig) -> set[str]:
+    from llama_orchestrator.config.validate import offered_names
+
+    return offered_names({name: cfg})
+
+
+class UsageWriter:
+    """Upstream usage, written in batches off the event loop; the last day's
+    read back at start, so the daily budgets hold across daemon restarts."""
+
+    def __init__(self, in_thread: Callable[[Callable[[Store], Any]], Awaitable[Any]]) -> None:
+        self._in_thread = in_thread
+        self._pending: list[UsageRecord] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, record: UsageRecord) -> None:
+        self._pending.append(record)
+
+    async def start(self, externals: Externals, now: float) -> None:
+        for u in await self._in_thread(lambda store: store.usage(since=now - DAY_S)):
+            externals.spending.add(u.upstream, u.ts, u.cost)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(USAGE_FLUSH_S)
+            await self.flush()
+
+    async def flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            await self._in_thread(lambda store: store.add_usage(batch))
+        except Exception:  # kept for the next flush (a full disk, a locked database)
+            log.exception("writing upstream usage failed; it is tried again")
+            self._pending[:0] = batch
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
