@@ -176,7 +176,9 @@ def test_random_runs_respect_dependencies_slots_retries_and_cascade(case):
     running: set[str] = set()
     for _ in range(200):
         S.promote(p, r)
-        free = {k: v - sum(1 for t in running if p.task(t).slot_key() == k) for k, v in slots.items()}
+        free = {
+            k: v - sum(1 for t in running if p.task(t).slot_key() == k) for k, v in slots.items()
+        }
         picked = S.pick(p, r, now, free)
         for t in picked:
             task = p.task(t)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import typer
 
@@ -112,9 +113,15 @@ def describe(
 ) -> None:
     """Everything about one instance: config, command, state, last exit, events."""
     engine = app_context(ctx).engine
-    (name,) = engine.resolve_names([name])
     from llama_orchestrator.engine import views
 
+    if name in engine.upstreams():
+        _describe_upstream(
+            views.describe_upstream(engine, name, app_context(ctx).control().status().instances),
+            json_,
+        )
+        return
+    (name,) = engine.resolve_names([name])
     d = views.describe(engine, name)
     with_loads([d], app_context(ctx).control().activity().loads)
     if json_:
@@ -182,6 +189,43 @@ def describe(
                 markup=False,
             )
     out.print(f"  logs         {d['logs']['stderr']}", markup=False)
+    if d["events"]:
+        out.print("  events:")
+        for e in d["events"]:
+            out.print(f"    {e['ts']}  {e['kind']:<10} {e['message']}", markup=False)
+
+
+def _describe_upstream(d: dict[str, Any], json_: bool) -> None:
+    if json_:
+        print_json(d)
+        return
+    u, up = d["config"]["upstream"], d["upstream"] or {}
+    out.print(
+        f"[bold]{d['name']}[/]  [{STATE_STYLES.get(d['state'], 'none')}]{d['state']}[/]  (external upstream)"
+    )
+    key = f"${u['api_key_env']}" if u.get("api_key_env") else u.get("api_key_file") or "none"
+    price = u.get("price") or {}
+    lines = {
+        "url": u["url"],
+        "alias": d["alias"],
+        "model": d["model_path"],
+        "key from": key,
+        "limits": f"{u.get('max_concurrent')} at once, "
+        + (
+            f"{u['requests_per_minute']:g} a minute"
+            if u.get("requests_per_minute")
+            else "no rate limit"
+        ),
+        "price": f"{price.get('input_per_mtok', 0):g} in, {price.get('output_per_mtok', 0):g} out per million tokens",
+        "budget": f"{u['budget']['per_day']:g} a day" if u.get("budget") else "none",
+        "last 24h": f"{d['last_24h']['requests']} requests, {d['last_24h']['tokens_in']} tokens in, "
+        f"{d['last_24h']['tokens_out']} out, cost {d['last_24h']['cost']:.4f}",
+        "config_path": d["config_path"],
+    }
+    for k, v in lines.items():
+        out.print(f"  {k:<12} {v}", markup=False)
+    if up.get("error"):
+        out.print(f"  [red]not answering:[/] {up['error']}")
     if d["events"]:
         out.print("  events:")
         for e in d["events"]:

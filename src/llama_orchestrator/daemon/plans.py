@@ -130,7 +130,7 @@ class PlanRunner:
         self.store.add_event(None, "plan_started", f"plan run {run_id} ({plan.name}) started")
         self._launch(run_id, _Active(plan, view.records, files))
         replicas = self.router.replicas()
-        wanted = sorted({t.model for t in plan.tasks if t.model})
+        wanted = sorted({m for t in plan.tasks if (m := t.model_for(1))})  # first attempts
         return run_id, [m for m in wanted if free_slots(m, replicas, {}) == 0]
 
     async def cancel(self, run_id: str) -> list[str]:

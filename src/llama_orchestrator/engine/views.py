@@ -12,7 +12,13 @@ from llama_orchestrator.config import InstanceConfig, is_secret_name, redacted
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand
 from llama_orchestrator.config.validate import Loaded, load_all, pinned_devices
 from llama_orchestrator.engine.lifecycle import Engine
-from llama_orchestrator.engine.status import Description, collect, iso
+from llama_orchestrator.engine.status import (
+    Description,
+    InstanceStatus,
+    collect,
+    iso,
+    upstream_view,
+)
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
 from llama_orchestrator.gpulease import card_state, occupants
@@ -62,6 +68,26 @@ def pinned_gpu_warnings(engine: Engine) -> list[str]:
     if not pinned(engine):
         return []
     return gpu_sample(engine).warnings
+
+
+def describe_upstream(engine: Engine, name: str, seen: list[InstanceStatus]) -> dict[str, Any]:
+    """An external upstream: its `ps` entry as the daemon sees it (`seen`),
+    its config (the key's source, never the key), what it cost in the last
+    24 hours, its recent events."""
+    from llama_orchestrator.upstreams import DAY_S, usage_summary
+
+    cfg = engine.upstreams()[name]
+    entry = next((x for x in seen if x["name"] == name), None) or upstream_view(name, cfg)
+    spent = usage_summary(
+        u for u in engine.store.usage(since=engine.clock() - DAY_S) if u.upstream == name
+    )["total"]
+    return {
+        **entry,
+        "config_path": str(engine.home.config_path(name)),
+        "config": cfg.model_dump(mode="json", exclude_none=True),
+        "last_24h": spent,
+        "events": [{**e.to_json(), "ts": iso(e.ts)} for e in engine.store.events(name, limit=10)],
+    }
 
 
 def describe(engine: Engine, name: str) -> Description:
