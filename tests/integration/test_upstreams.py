@@ -283,6 +283,7 @@ def test_a_task_failing_its_check_twice_escalates_with_both_attempts_handed_over
     home, _ = fleet
     plan = {
         "name": "escalate",
+        "log_samples": True,
         "tasks": [
             {
                 "id": "answer",
@@ -314,6 +315,15 @@ def test_a_task_failing_its_check_twice_escalates_with_both_attempts_handed_over
     assert task["instance"] == "big" and task["cost"] > 0
     assert run_cli(home, "plan", "status", run_id, "answer").stdout.strip() == "OK"
     assert "(external, cost " in run_cli(home, "plan", "status", run_id).stdout
+    samples = home.plan_run_dir(run_id) / "samples.jsonl"
+    lines = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert [(x["tier"], x["success"]) for x in lines] == [
+        ("local", False),
+        ("local", False),
+        ("external", True),
+    ]
+    assert lines[2]["answer"] == "OK" and lines[2]["tokens"]["completion"] > 0
+    assert "does not match" in lines[0]["error"] and lines[0]["prompt"][-1]["content"] == "Say OK."
 
 
 def test_an_upstream_that_goes_down_is_marked_and_refused_fast_then_used_again(

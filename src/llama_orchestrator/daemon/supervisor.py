@@ -42,6 +42,7 @@ from llama_orchestrator.states import InstanceState as S
 __all__ = ["Supervisor", "HOUSEKEEPING_INTERVAL"]
 
 HOUSEKEEPING_INTERVAL = 5.0  # log rotation, GPU alerts, the names configs offer
+STATE_WRITE_INTERVAL = 1.0  # what a full disk refused, written once it has room
 
 log = logging.getLogger("llama_orchestrator.daemon")
 
@@ -234,12 +235,21 @@ class Supervisor:
         self.deps.board.known = offered_names(self._configs)
 
     async def _housekeep(self) -> None:
-        """Write what a full disk refused; rotate the logs of running instances;
-        record GPU alerts; re-read the model names the configs offer."""
+        """Rotate the logs of running instances; record GPU alerts; re-read the
+        model names the configs offer; and, every second, write what a full
+        disk refused (nothing to do, and no I/O, while nothing is kept)."""
+        ticks = 0
         while True:
-            await self.effects.sleep(HOUSEKEEPING_INTERVAL)
+            await self.effects.sleep(STATE_WRITE_INTERVAL)
             try:
                 await self.effects.write_state()
+            except Exception:
+                log.exception("writing the kept state failed")
+            ticks += 1
+            if ticks * STATE_WRITE_INTERVAL < HOUSEKEEPING_INTERVAL:
+                continue
+            ticks = 0
+            try:
                 await self.refresh()
                 await self.effects.rotate_logs([n for n, r in self._runners.items() if r.active])
                 await self.effects.check_gpus()
