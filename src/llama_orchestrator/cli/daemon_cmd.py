@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -37,7 +38,9 @@ def start(
 ) -> None:
     """Start the daemon of this home (one per home)."""
     from llama_orchestrator.daemon.main import (
+        DAEMON_ENV,
         AlreadyRunning,
+        exit_now,
         reset_state_aside,
         run_foreground,
         start_background,
@@ -57,6 +60,12 @@ def start(
         except AlreadyRunning as exc:
             pid = f" (pid {exc.info.pid})" if exc.info else ""
             say(f"A llama-orch daemon is already running for {home.root}{pid}.")
+            return
+        if os.environ.get(DAEMON_ENV) == "1":
+            # a daemon `up` started, whose process has nothing else to do: all is
+            # closed and written, so the ~0.2 s of tearing down the interpreter
+            # (fastapi, pydantic, uvicorn) would only delay whoever waits for it
+            exit_now()
         return
     started = start_background(home)
     if started.new:

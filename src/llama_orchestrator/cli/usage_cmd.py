@@ -11,7 +11,6 @@ import typer
 from llama_orchestrator.cli.context import app_context, print_json, say
 from llama_orchestrator.present import columns
 from llama_orchestrator.timefmt import parse_since
-from llama_orchestrator.upstreams import usage_summary
 
 
 def usage(
@@ -22,6 +21,8 @@ def usage(
     json_: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Requests, tokens and cost of the external upstreams, by upstream, model and plan."""
+    from llama_orchestrator.upstreams import usage_summary  # lazily: pydantic, ~180 ms
+
     engine = app_context(ctx).engine
     start = parse_since(since, time.time()) if since else 0.0
     summary = usage_summary(engine.store.usage(since=start))
