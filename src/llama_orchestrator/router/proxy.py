@@ -268,9 +268,9 @@ class Router:
         replays = 0
         last_error = ""
         batch = self.is_batch(request)
-        skip = self._blocked(model)  # upstreams at their rate or budget
-        if isinstance(skip, Reply):
-            return skip
+        skip, limited = self._blocked(model)  # upstreams at their rate or budget
+        if limited is not None:
+            return self._limited(model, *limited)
         while True:
             try:
                 r = await self.acquire(model, frozenset(tried | skip), batch)
@@ -284,9 +284,9 @@ class Router:
                 self.metrics.request(model, "", refusal.status, 0.0)
                 return _refused(refusal)
             if r.remote is not None and (late := self._take_upstream(r, model)) is not None:
+                if isinstance(late, tuple):
+                    return self._limited(model, *late)
                 skip.add(r.name)  # its limit was reached while this request waited
-                if isinstance(late, Reply):
-                    return late
                 continue
             try:
                 answer = await self._send(r, request)
@@ -311,33 +311,29 @@ class Router:
                 continue
             return await self._answer(answer, r, model, start)
 
-    def _blocked(self, model: str) -> set[str] | Reply:
+    def _blocked(self, model: str) -> tuple[set[str], tuple[float, str] | None]:
         """The upstreams serving `model` that may take no request now (their
-        rate or budget); a 429 with when to come back when that is all of them."""
+        rate or budget), and (seconds to wait, why) when that is all of them."""
         cands = candidates(model, self.replicas())
         why = {c.name: b for c in cands if c.remote and (b := self.externals.blocked(c.name))}
-        if cands and len(why) == len(cands):
-            wait, reason = min(why.values())
-            self.metrics.request(model, "", 429, 0.0)
-            return openai_error(
-                429, f"{reason}; try again in {math.ceil(wait)}s.", "rate_limit", wait
-            )
-        return set(why)
+        return set(why), (min(why.values()) if cands and len(why) == len(cands) else None)
 
-    def _take_upstream(self, r: Replica, model: str) -> Reply | bool | None:
-        """A request goes to upstream `r` now: counted against its rate. If
-        its limit was reached meanwhile: released, and a 429 when nothing
-        else serves `model` (True: try another)."""
+    def _take_upstream(self, r: Replica, model: str) -> tuple[float, str] | bool | None:
+        """A request goes to upstream `r` now: counted against its rate (None).
+        If its limit was reached while the request waited: released, and True
+        when another replica serves `model`, else (seconds to wait, why)."""
         blocked = self.externals.blocked(r.name)
         if blocked is None:
             self.externals.take(r.name)
             return None
         self.release(r)
-        others = [c for c in candidates(model, self.replicas()) if c.name != r.name]
-        if others:
+        if any(c.name != r.name for c in candidates(model, self.replicas())):
             return True
-        wait, reason = blocked
-        return openai_error(429, f"{reason}; try again in {math.ceil(wait)}s.", "rate_limit", wait)
+        return blocked
+
+    def _limited(self, model: str, wait: float, why: str) -> Reply:
+        self.metrics.request(model, "", 429, 0.0)
+        return openai_error(429, f"{why}; try again in {math.ceil(wait)}s.", "rate_limit", wait)
 
     async def _send(self, r: Replica, request: Request) -> Exchange:
         """The client's request, as it came, to `r` (with `r`'s own key); to
@@ -440,10 +436,8 @@ class Router:
         is its run and task), balanced and queued as batch work of
         `priority`. Raises RouterError (busy: an upstream at its limit too).
         Cancelling it closes the upstream connection."""
-        skip = self._blocked(model)
-        if isinstance(skip, Reply):
-            raise RouterError(json.loads(skip.body)["error"]["message"], busy=True)
-        while True:
+        skip, limited = self._blocked(model)
+        while limited is None:
             try:
                 r = await self.acquire(model, frozenset(skip), batch=True, priority=priority)
             except Refusal as refusal:
@@ -451,9 +445,12 @@ class Router:
             late = self._take_upstream(r, model) if r.remote is not None else None
             if late is None:
                 break
-            if isinstance(late, Reply):
-                raise RouterError(json.loads(late.body)["error"]["message"], busy=True)
+            if isinstance(late, tuple):
+                limited = late
             skip.add(r.name)
+        if limited is not None:  # not the task's fault: it waits, as for a busy slot
+            wait, why = limited
+            raise RouterError(f"{why}; try again in {math.ceil(wait)}s.", busy=True)
         start = time.perf_counter()
         status = 0
         try:
