@@ -601,14 +601,25 @@ def tmpfs_home(tmp_path):
         yield home
     finally:
         stop_daemon(home, all_=True)
-        subprocess.run(["umount", str(root)], check=True)
+        # a process that just exited may hold it a moment longer ("target is busy")
+        try:
+            wait_until(lambda: _umount(root), timeout=10, interval=0.1)
+        except AssertionError:
+            subprocess.run(["umount", "-l", str(root)], check=True)
+            raise
+
+
+def _umount(root) -> bool:
+    import subprocess
+
+    return subprocess.run(["umount", str(root)], capture_output=True).returncode == 0
 
 
 def fill_disk(folder) -> list:
     """Take every byte left on the disk of `folder` (big blocks, then small)."""
     taken = []
     for size in (1 << 16, 512):
-        path = folder / f"ballast-{size}"
+        path = folder / f"ballast-{size}-{len(list(folder.glob('ballast-*')))}"
         taken.append(path)
         with open(path, "wb", buffering=0) as f:
             try:
@@ -642,6 +653,7 @@ def test_a_full_disk_drops_nothing_and_says_so(tmpfs_home, tiny_model, server_bi
     a, warned = wait_until(lambda: (x := ps())[0]["pid"] not in (None, first) and x, timeout=30)
     assert f"The state database {home.db_path} cannot be written" in warned
     assert "is full (" in warned and "The daemon supervises from memory" in warned
+    ballast += fill_disk(home.root)  # what a restart's churn gave back meanwhile
     r = run_cli(home, "up", "b")  # its log cannot even take its first line
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert (

@@ -185,6 +185,14 @@ def test_an_upstream_is_routed_to_by_alias_and_each_answer_counts_its_cost(fleet
     rows = {r["name"]: r for r in json.loads(run_cli(home, "ps", "--json").stdout)}
     assert rows["big"]["backend"] == "upstream" and rows["big"]["pid"] is None
     assert rows["big"]["upstream"]["url"].endswith("/v1") and rows["small"]["upstream"] is None
+    from llama_orchestrator.tui.data import EngineSource
+
+    source = EngineSource(home)  # the dashboard's view: the daemon's checks too
+    try:
+        seen = {v.name: v.status["state"] for v in source.snapshot().instances}
+    finally:
+        source.close()
+    assert seen["big"] == "healthy" and seen["small"] == "healthy"
     client = OpenAI(base_url=url, api_key="unused", max_retries=0)
     before = len(standin.posts())
     answer = client.chat.completions.create(

@@ -146,7 +146,7 @@ def build_app(
 
     @app.get("/v1/activity")
     async def activity() -> dict[str, Any]:
-        return asdict(Activity(sup.loads(), dict(plans.router.in_flight)))
+        return asdict(Activity(sup.loads(), dict(plans.router.in_flight), sup.upstream_states()))
 
     @app.post("/v1/up")
     async def up(body: UpRequest) -> dict[str, Any]:

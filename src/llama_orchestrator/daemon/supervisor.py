@@ -32,7 +32,7 @@ from llama_orchestrator.daemon.runner import (
 )
 from llama_orchestrator.daemon.upstreams import Upstreams
 from llama_orchestrator.engine.lifecycle import UpResult
-from llama_orchestrator.engine.status import StatusReply, with_loads
+from llama_orchestrator.engine.status import StatusReply, with_loads, with_upstreams
 from llama_orchestrator.errors import OrchError, StartFailed
 from llama_orchestrator.gpulease import refuse_leased
 from llama_orchestrator.home import Home
@@ -263,6 +263,12 @@ class Supervisor:
             unsaved = {"changes": kept.changes, "since": kept.since, "error": kept.error.message}
         return {"instances": self.supervised(), "state_unsaved": unsaved}
 
+    def upstream_states(self) -> dict[str, dict[str, Any]]:
+        """What the checks of the external upstreams found, by name."""
+        if self.upstreams is None:
+            return {}
+        return {name: st.to_json() for name, st in self.upstreams.states.items()}
+
     def loads(self) -> dict[str, list[int]]:
         """The load queue: {name: [k, n]}, load k of the n loading or waiting."""
         return self.deps.loads.positions()
@@ -272,12 +278,7 @@ class Supervisor:
         queued instance's place in the load queue (`load_position`), and a
         state the full disk keeps in memory."""
         with_loads(reply.instances, self.loads())
-        if self.upstreams is not None:
-            for item in reply.instances:
-                seen = self.upstreams.states.get(item["name"])
-                if item["upstream"] is not None and seen is not None:
-                    item["state"] = seen.state
-                    item["upstream"] = {**item["upstream"], **seen.to_json()}
+        with_upstreams(reply.instances, self.upstream_states())
         if unsaved := self.status()["state_unsaved"]:
             reply.warnings.append(
                 f"{unsaved['error']} The daemon supervises from memory "

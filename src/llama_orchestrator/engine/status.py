@@ -33,6 +33,7 @@ __all__ = [
     "observed_state",
     "collect",
     "with_loads",
+    "with_upstreams",
     "upstream_view",
     "iso",
     "listening",
@@ -105,11 +106,14 @@ class StatusReply:
 @dataclass
 class Activity:
     """What only the daemon knows (`GET /v1/activity`): its load queue
-    ({name: [k, n]}, load k of the n loading or waiting) and the router's
-    requests in flight per instance."""
+    ({name: [k, n]}, load k of the n loading or waiting), the router's
+    requests in flight per instance, and what its checks of the external
+    upstreams found."""
 
     loads: dict[str, list[int]] = field(default_factory=dict)
     in_flight: dict[str, int] = field(default_factory=dict)
+    #: the external upstreams as the daemon checks them: {name: {state, error, ...}}
+    upstreams: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class OnDemandStatus(TypedDict):
@@ -246,6 +250,15 @@ def with_loads(items: list[InstanceStatus], loads: dict[str, list[int]]) -> None
         item["load_position"] = loads.get(item["name"])
 
 
+def with_upstreams(items: list[InstanceStatus], upstreams: dict[str, dict[str, Any]]) -> None:
+    """Each upstream's state as the daemon's checks found it (`unchecked` without them)."""
+    for item in items:
+        seen = upstreams.get(item["name"])
+        if item["upstream"] is not None and seen is not None:
+            item["state"] = seen["state"]
+            item["upstream"] = {**item["upstream"], **seen}
+
+
 def observed_state(current: S, probe: health.ProbeResult) -> S:
     """The state one look at an unsupervised running instance shows (pure; a
     view for `ps`, not a verdict: nothing is written or restarted for it).
@@ -266,9 +279,11 @@ def collect(
     from llama_orchestrator.config.validate import load_all
 
     loaded = {x.name: x for x in load_all(engine.home)}
+    upstreams = {x.name: x.upstream for x in loaded.values() if x.upstream is not None}
+    ours = None if names is None else [n for n in names if n not in upstreams]
     # `supervised` as it is now: a row keeps the flag when its daemon is killed
     rows = [
-        replace(r, supervised=r.supervised and engine.daemon_alive()) for r in engine.rows(names)
+        replace(r, supervised=r.supervised and engine.daemon_alive()) for r in engine.rows(ours)
     ]
     if probe:
         todo = [
@@ -307,13 +322,8 @@ def collect(
         out.append(
             status_view(row.name, cfg, row, now, item.path.parent if item else None, err, percent)
         )
-    ups = [
-        x
-        for x in loaded.values()
-        if x.upstream is not None and x.name not in {r.name for r in rows}
-    ]
-    for x in ups:
-        if names is None or x.name in names:
-            assert x.upstream is not None
-            out.append(upstream_view(x.name, x.upstream))
+    recorded = {r.name for r in rows}
+    for name, up in upstreams.items():
+        if (names is None or name in names) and name not in recorded:
+            out.append(upstream_view(name, up))
     return sorted(out, key=lambda s: s["name"])

@@ -27,6 +27,7 @@ from llama_orchestrator.engine.status import (
     collect,
     iso,
     with_loads,
+    with_upstreams,
 )
 from llama_orchestrator.gpuwatch import GpuStatus
 from llama_orchestrator.home import Home
@@ -159,6 +160,7 @@ class EngineSource:
             rows = collect(engine)
             activity = control(engine, start=False).activity()
             with_loads(rows, activity.loads)
+            with_upstreams(rows, activity.upstreams)
             views_ = [self._live(r) for r in rows]
             events = [
                 {**e.to_json(), "id": e.id, "ts": iso(e.ts)} for e in engine.store.events(limit=200)
