@@ -1,8 +1,17 @@
-"""GPU discovery: NVML, then nvidia-smi, then rocm-smi, then none (issue 8).
+"""GPU discovery: NVML, then nvidia-smi, then rocm-smi (issue 8), each card
+joined with its Vulkan device and, for AMD, amdgpu's sysfs readings (issue 20).
 
-Parsers are pure (text in, GpuInfo out) and tested on recorded outputs; the
-runners only find and run the tools. On a machine without GPUs nothing is
-found on PATH and NVML is absent, so discovery costs a few milliseconds.
+One row per physical card: a card NVML or ROCm reports carries the index
+Vulkan gives it too (`vulkan_index`, matched by UUID or PCI address); where
+neither reports any card (AMD or Intel on Vulkan alone, Windows included)
+the Vulkan devices are the rows. Software renderers (Mesa's llvmpipe) are
+never rows: they are listed in `Discovery.vulkan` only, where a Vulkan pin
+is checked against them.
+
+Parsers and the merge are pure (text in, GpuInfo out) and tested on recorded
+outputs; the runners only find and run the tools. On a machine without GPUs
+nothing is found on PATH and NVML is absent, so discovery costs a few
+milliseconds.
 """
 
 from __future__ import annotations
@@ -10,11 +19,20 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from llama_orchestrator.amdgpu import AmdReading, read_cards
 from llama_orchestrator.errors import OrchError
+from llama_orchestrator.vulkan import (
+    NO_DRIVER_MARKERS,
+    VulkanDevice,
+    VulkanInfoError,
+    parse_vulkaninfo,
+)
 
 __all__ = [
     "GpuInfo",
@@ -23,6 +41,11 @@ __all__ = [
     "discover",
     "parse_nvidia_smi",
     "parse_rocm_smi",
+    "merge",
+    "seen_by",
+    "card_index",
+    "probe_vulkan",
+    "VulkanCache",
     "NVIDIA_SMI_QUERY",
     "ROCM_SMI_ARGS",
 ]
@@ -35,9 +58,13 @@ ROCM_SMI_ARGS = [
     "--showuse",
     "--showtemp",
     "--showpower",
+    "--showbus",
     "--json",
 ]
 TOOL_TIMEOUT = 10
+#: how long one vulkaninfo answer is used (the daemon samples every few
+#: seconds; the enumeration only changes with the drivers)
+VULKAN_TTL_S = 30.0
 
 
 class GpuQueryError(OrchError):
@@ -48,13 +75,18 @@ class GpuQueryError(OrchError):
 class GpuInfo:
     index: int
     name: str
-    backend: str  # "cuda" or "rocm"
+    backend: str  # "cuda", "rocm" or "vulkan": whose index `index` is
     memory_total_mib: int
-    memory_used_mib: int
+    #: None where the source does not report it (Vulkan without a memory budget)
+    memory_used_mib: int | None
     utilization_pct: float | None = None
     temperature_c: float | None = None
     power_w: float | None = None
     uuid: str | None = None
+    #: the PCI address, "0000:03:00.0", where the source reports it
+    pci: str | None = None
+    #: the index llama.cpp's Vulkan backend gives this card (GGML_VK_VISIBLE_DEVICES)
+    vulkan_index: int | None = None
     instances: list[str] = field(default_factory=list)
     #: where it is in its life (`gpulease.CARD_STATES`), and its script's lease
     state: str | None = None
@@ -62,17 +94,64 @@ class GpuInfo:
 
     @property
     def memory_free_mib(self) -> int:
-        return max(0, self.memory_total_mib - self.memory_used_mib)
+        """What is free; all of it where the use is unknown (as good a guess
+        as any, and the fit check says which figures it had)."""
+        return max(0, self.memory_total_mib - (self.memory_used_mib or 0))
+
+    @property
+    def unknown(self) -> list[str]:
+        """The readings its source does not give, named for people."""
+        readings = {
+            "memory used": self.memory_used_mib,
+            "utilization": self.utilization_pct,
+            "temperature": self.temperature_c,
+            "power": self.power_w,
+        }
+        return [what for what, v in readings.items() if v is None]
+
+    def index_for(self, backend: str) -> int | None:
+        """The index `backend` gives this card; None where it does not see it."""
+        if backend == self.backend:
+            return self.index
+        return self.vulkan_index if backend == "vulkan" else None
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "memory_free_mib": self.memory_free_mib}
+        return {**asdict(self), "memory_free_mib": self.memory_free_mib, "unknown": self.unknown}
 
 
 @dataclass
 class Discovery:
-    source: str  # "nvml", "nvidia-smi", "rocm-smi" or "none"
+    source: str  # "nvml", "nvidia-smi", "rocm-smi", "vulkaninfo" or "none"
     gpus: list[GpuInfo]
     notes: list[str] = field(default_factory=list)  # why a source was skipped
+    #: every Vulkan device the loader lists, software ones included; None
+    #: where Vulkan could not be asked (no vulkaninfo), so no pin is refused
+    vulkan: list[VulkanDevice] | None = None
+
+    def devices_of(self, backend: str) -> dict[int, str] | None:
+        """Index -> name of what `backend` can be pinned to here; None where
+        discovery cannot tell (a backend it does not ask, Vulkan not asked)."""
+        if backend == "vulkan":
+            return None if self.vulkan is None else {d.index: d.name for d in self.vulkan}
+        if backend in ("cuda", "rocm"):
+            return {g.index: g.name for g in seen_by(self.gpus, backend)}
+        return None
+
+
+def seen_by(gpus: list[GpuInfo], backend: str) -> list[GpuInfo]:
+    """The cards `backend` sees, each as a copy indexed the way that backend
+    counts (a CUDA card's Vulkan index for "vulkan")."""
+    out = []
+    for g in gpus:
+        i = g.index_for(backend)
+        if i is not None:
+            out.append(g if i == g.index and g.backend == backend else replace(g, index=i))
+    return out
+
+
+def card_index(gpus: list[GpuInfo], backend: str, device: int) -> int | None:
+    """The row index of the card that `backend` calls `device`."""
+    return next((g.index for g in gpus if g.index_for(backend) == device), None)
 
 
 def _num(text: str) -> float | None:
@@ -100,7 +179,7 @@ def parse_nvidia_smi(text: str) -> list[GpuInfo]:
                     backend="cuda",
                     uuid=cols[2] or None,
                     memory_total_mib=int(total or 0),
-                    memory_used_mib=int(used or 0),
+                    memory_used_mib=None if used is None else int(used),
                     utilization_pct=_num(cols[6]),
                     temperature_c=_num(cols[7]),
                     power_w=_num(cols[8]),
@@ -151,11 +230,12 @@ def parse_rocm_smi(text: str) -> list[GpuInfo]:
                     ),
                     backend="rocm",
                     memory_total_mib=int(int(total or 0) / (1024 * 1024)),
-                    memory_used_mib=int(int(used or 0) / (1024 * 1024)),
+                    memory_used_mib=None if used is None else int(int(used) / (1024 * 1024)),
                     utilization_pct=_float_of(card, "GPU use (%)"),
                     temperature_c=_float_of(
                         card, "Temperature (Sensor edge) (C)", "Temperature (Sensor junction) (C)"
                     ),
+                    pci=_pci(_first(card, "PCI Bus")),
                     power_w=_float_of(
                         card,
                         "Average Graphics Package Power (W)",
@@ -169,6 +249,80 @@ def parse_rocm_smi(text: str) -> list[GpuInfo]:
                 f"rocm-smi reported {key} with values that are not numbers"
             ) from exc
     return gpus
+
+
+def _pci(text: Any) -> str | None:
+    """ "0000:03:00.0" from rocm-smi's or NVML's bus id (NVML pads the domain to 8)."""
+    if not text:
+        return None
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    parts = text.strip().lower().split(":")
+    if len(parts) != 3:
+        return None
+    return f"{int(parts[0], 16):04x}:{parts[1]}:{parts[2]}"
+
+
+def _uuid_key(uuid: str | None) -> str | None:
+    """NVML's "GPU-6d65..." and Vulkan's "6d65..." name the same card."""
+    if not uuid:
+        return None
+    u = uuid.lower()
+    return u[4:] if u.startswith("gpu-") else u
+
+
+def _mib(n: int | None) -> int | None:
+    return None if n is None else int(n // (1024 * 1024))
+
+
+def _vulkan_row(d: VulkanDevice, amd: AmdReading | None) -> GpuInfo:
+    """A card Vulkan alone reports, with amdgpu's live readings where it has them."""
+    total = amd.memory_total_bytes if amd and amd.memory_total_bytes else d.memory_total_bytes
+    used = amd.memory_used_bytes if amd and amd.memory_used_bytes is not None else None
+    return GpuInfo(
+        index=d.index,
+        name=d.name,
+        backend="vulkan",
+        memory_total_mib=int(total // (1024 * 1024)),
+        memory_used_mib=_mib(used if used is not None else d.memory_used_bytes),
+        utilization_pct=amd.utilization_pct if amd else None,
+        temperature_c=amd.temperature_c if amd else None,
+        power_w=amd.power_w if amd else None,
+        uuid=d.uuid,
+        pci=d.pci,
+        vulkan_index=d.index,
+    )
+
+
+def merge(
+    cards: list[GpuInfo],
+    vulkan: list[VulkanDevice],
+    amd: dict[str, AmdReading],
+) -> tuple[list[GpuInfo], list[str]]:
+    """One row per physical card, and notes about Vulkan devices left out.
+
+    Cards NVML or ROCm report get the Vulkan index of the same card (by
+    UUID, else PCI address). With no such card, the hardware Vulkan devices
+    are the rows. Software devices are never rows (llvmpipe is the CPU)."""
+    hardware = [d for d in vulkan if not d.software]
+    if not cards:
+        return [_vulkan_row(d, amd.get(d.pci or "")) for d in hardware], []
+    by_uuid = {_uuid_key(d.uuid): d for d in hardware if d.uuid}
+    by_pci = {d.pci: d for d in hardware if d.pci}
+    rows, matched = [], set()
+    for g in cards:
+        d = by_uuid.get(_uuid_key(g.uuid) or "") or by_pci.get(g.pci or "")
+        if d is None or d.index in matched:
+            rows.append(g)
+            continue
+        matched.add(d.index)
+        rows.append(replace(g, vulkan_index=d.index, pci=g.pci or d.pci))
+    notes = [
+        f"Vulkan device {d.index} ({d.name}) matches no card {cards[0].backend} reports, so it "
+        f"is not listed; a vulkan instance may still pin device {d.index}"
+        for d in hardware
+        if d.index not in matched
+    ]
+    return rows, notes
 
 
 def _optional(fn: Callable[..., Any], *args: Any) -> Any:
@@ -198,6 +352,8 @@ def _from_nvml() -> list[GpuInfo] | None:
             util = _optional(pynvml.nvmlDeviceGetUtilizationRates, h)
             temp = _optional(pynvml.nvmlDeviceGetTemperature, h, 0)  # 0 = NVML_TEMPERATURE_GPU
             power_mw = _optional(pynvml.nvmlDeviceGetPowerUsage, h)
+            uuid = _optional(pynvml.nvmlDeviceGetUUID, h)
+            pci = _optional(pynvml.nvmlDeviceGetPciInfo, h)
             gpus.append(
                 GpuInfo(
                     index=i,
@@ -208,6 +364,8 @@ def _from_nvml() -> list[GpuInfo] | None:
                     utilization_pct=None if util is None else float(util.gpu),
                     temperature_c=None if temp is None else float(temp),
                     power_w=None if power_mw is None else power_mw / 1000.0,
+                    uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
+                    pci=None if pci is None else _pci(pci.busId),
                 )
             )
         return gpus
@@ -231,13 +389,44 @@ def _run(tool: str, args: list[str]) -> str | None:
     return r.stdout
 
 
-def discover() -> Discovery:
-    """Every GPU the first working source reports. A source that exists but
-    answers garbage is skipped with a note (and the next one tried), never a crash."""
-    notes: list[str] = []
+VulkanProbe = Callable[[], tuple[list[VulkanDevice] | None, list[str]]]
+
+
+def probe_vulkan() -> tuple[list[VulkanDevice] | None, list[str]]:
+    """The Vulkan devices (None: no vulkaninfo here, so Vulkan was not asked)
+    and why they could not be read."""
+    try:
+        out = _run("vulkaninfo", [])
+        return (None if out is None else parse_vulkaninfo(out)), []
+    except (GpuQueryError, VulkanInfoError) as exc:
+        if any(m in str(exc) for m in NO_DRIVER_MARKERS):
+            return [], []  # a loader without a driver: no Vulkan device, nothing wrong
+        return None, [str(exc)]
+
+
+class VulkanCache:
+    """`probe_vulkan`, its answer used for `ttl` seconds: for the daemon, which
+    samples the cards every few seconds while the enumeration only changes
+    with the drivers (live use comes from NVML, ROCm or sysfs, not from here)."""
+
+    def __init__(self, ttl: float = VULKAN_TTL_S, probe: VulkanProbe = probe_vulkan) -> None:
+        self.ttl, self.probe = ttl, probe
+        self._lock = threading.Lock()
+        self._last: tuple[float, tuple[list[VulkanDevice] | None, list[str]]] | None = None
+
+    def __call__(self) -> tuple[list[VulkanDevice] | None, list[str]]:
+        with self._lock:
+            now = time.monotonic()
+            if self._last is None or now - self._last[0] >= self.ttl:
+                self._last = (now, self.probe())
+            return self._last[1]
+
+
+def _primary(notes: list[str]) -> tuple[str, list[GpuInfo]]:
+    """The cards of the first vendor source that reports any."""
     nvml = _from_nvml()
     if nvml:
-        return Discovery("nvml", nvml)
+        return "nvml", nvml
     sources: list[tuple[str, list[str], Callable[[str], list[GpuInfo]]]] = [
         (
             "nvidia-smi",
@@ -256,5 +445,21 @@ def discover() -> Discovery:
             notes.append(str(exc))
             continue
         if gpus:
-            return Discovery(tool, gpus, notes)
-    return Discovery("none", [], notes)
+            return tool, gpus
+    return "none", []
+
+
+def discover(vulkan_probe: VulkanProbe = probe_vulkan) -> Discovery:
+    """Every GPU here, one row per card. A source that exists but answers
+    garbage is skipped with a note (and the next one tried), never a crash."""
+    notes: list[str] = []
+    source, cards = _primary(notes)
+    vulkan, vk_notes = vulkan_probe()
+    notes += vk_notes
+    if not vulkan:
+        return Discovery(source, cards, notes, vulkan)
+    amd = read_cards() if not cards else {}
+    rows, left_out = merge(cards, vulkan, amd)
+    if not cards and rows:
+        source = "vulkaninfo" + (" + amdgpu sysfs" if amd else "")
+    return Discovery(source, rows, notes + left_out, vulkan)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from llama_orchestrator.gpu import Discovery, GpuInfo, discover
 from llama_orchestrator.store import Store
+from llama_orchestrator.vulkan import VulkanDevice
 
 __all__ = ["Alert", "alerts", "record_changes", "GpuStatus", "check"]
 
@@ -80,6 +81,13 @@ class GpuStatus:
     warnings: list[str]
     source: str
     threshold: float = 85.0  # °C above which a card is hot
+    #: every Vulkan device (software ones too); None where Vulkan was not asked
+    vulkan: list[VulkanDevice] | None = None
+
+    @property
+    def software(self) -> list[VulkanDevice]:
+        """Vulkan devices that are the CPU (not cards, so not rows)."""
+        return [d for d in self.vulkan or [] if d.software]
 
 
 def check(
@@ -99,5 +107,9 @@ def check(
     current = alerts(found.gpus, pinned, threshold, store.gpus_seen())
     record_changes(store, current, {g.index for g in found.gpus} | set(pinned))
     return GpuStatus(
-        found.gpus, [a.message for a in current] + found.notes, found.source, threshold
+        found.gpus,
+        [a.message for a in current] + found.notes,
+        found.source,
+        threshold,
+        found.vulkan,
     )

@@ -23,6 +23,8 @@ __all__ = [
     "backend_label",
     "short_gpu_name",
     "gpu_cells",
+    "backend_of",
+    "unknown_line",
     "PLAN_RUN_COLUMNS",
     "PLAN_TASK_COLUMNS",
     "plan_run_cells",
@@ -179,15 +181,30 @@ def short_gpu_name(name: str) -> str:
     return name
 
 
+def backend_of(g: GpuInfo) -> str:
+    """Whose index the card's is, and Vulkan's too where it differs: `cuda (vk 1)`."""
+    if g.vulkan_index is None or g.backend == "vulkan":
+        return g.backend
+    return f"{g.backend} (vk {g.vulkan_index})"
+
+
+def unknown_line(g: GpuInfo, source: str) -> str | None:
+    """What `gpus` says of a card whose source leaves readings out (rather than zeros)."""
+    if not g.unknown:
+        return None
+    return f"GPU {g.index}: {source} reports no {', '.join(g.unknown)} for it (shown as - or ?)"
+
+
 def gpu_cells(g: GpuInfo, threshold: float) -> tuple[list[str], bool]:
     """The GPU_COLUMNS cells of one card, and whether it is over `threshold`."""
     hot = g.temperature_c is not None and g.temperature_c > threshold
+    used = "?" if g.memory_used_mib is None else str(g.memory_used_mib)
     return [
         str(g.index),
         short_gpu_name(g.name),
-        g.backend,
-        f"{g.memory_used_mib}/{g.memory_total_mib} MiB",
-        f"{g.memory_free_mib} MiB",
+        backend_of(g),
+        f"{used}/{g.memory_total_mib} MiB",
+        "?" if g.memory_used_mib is None else f"{g.memory_free_mib} MiB",
         "-" if g.utilization_pct is None else f"{g.utilization_pct:.0f}%",
         "-" if g.temperature_c is None else f"{g.temperature_c:.0f}°C",
         "-" if g.power_w is None else f"{g.power_w:.0f} W",

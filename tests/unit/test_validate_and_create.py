@@ -9,6 +9,7 @@ from llama_orchestrator.errors import BinaryNotFound, ConfigError, PortConflict,
 from llama_orchestrator.gpu import Discovery
 from llama_orchestrator.home import Home
 from tests.helpers import write_config
+from tests.unit.test_fit_and_watch import OUTPUTS
 from tests.unit.test_config import DESIGN_EXAMPLE
 
 
@@ -25,7 +26,7 @@ def test_design_example_with_missing_model_reports_only_that(home, monkeypatch, 
     folder = home.instances_dir / "gpt-oss"
     folder.mkdir()
     (folder / "config.json").write_text(DESIGN_EXAMPLE)
-    problems = validate_home(home)
+    problems = validate_home(home, find_gpus=lambda: Discovery("none", []))  # Vulkan not asked
     assert [(p.field, p.severity) for p in problems] == [("model.path", "error")]
     assert "gpt-oss-20b-Q4_K_S.gguf does not exist" in problems[0].message
 
@@ -254,3 +255,102 @@ def test_init_force_sets_gpu_force_only_when_no_gpu_was_found(home, gguf, monkey
     )  # fmt: skip
     assert json.loads(created.path.read_text())["gpu"]["force"] is True
     assert "gpu.force set: the pin is used although no GPU was found" in created.notes
+
+
+# --- Vulkan pins (issue 20) ---------------------------------------------------
+
+
+def vulkan_found(name: str) -> Discovery:
+    """What discovery makes of a recorded vulkaninfo, on no other tool."""
+    from llama_orchestrator.gpu import merge
+    from llama_orchestrator.vulkan import parse_vulkaninfo
+
+    devices = parse_vulkaninfo((OUTPUTS / name).read_text())
+    rows, notes = merge([], devices, {})
+    return Discovery("vulkaninfo", rows, notes, devices)
+
+
+def vulkan_problems(home, found):
+    return [p for p in validate_home(home, find_gpus=lambda: found) if p.field == "gpu.device_id"]
+
+
+def test_a_vulkan_pin_to_an_absent_index_is_refused_as_a_cuda_one_is(home, gguf, monkeypatch):
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    write_config(home, "v", gguf, gpu={"backend": "vulkan", "device_id": [0, 3]})
+    (p,) = vulkan_problems(home, vulkan_found("vulkaninfo_two_radv.txt"))
+    assert p.severity == "error" and p.message == (
+        "GPU 3 is not on this machine, which has vulkan GPU 0 (AMD Radeon RX 6800 (RADV NAVI21)), "
+        "1 (AMD Radeon RX 6600 (RADV NAVI23)), 2 (llvmpipe (LLVM 15.0.7, 256 bits)); pin one of "
+        'those, or use "auto".'
+    )
+    # Vulkan not asked (no vulkaninfo): no verdict, as for backends discovery does not ask
+    assert vulkan_problems(home, Discovery("none", [])) == []
+    # asked, and no device at all: refused unless forced
+    (p,) = vulkan_problems(home, Discovery("none", [], [], []))
+    assert "no GPU was found here (vulkaninfo lists no Vulkan device)" in p.message
+    write_config(home, "v", gguf, gpu={"backend": "vulkan", "device_id": 0, "force": True})
+    assert vulkan_problems(home, Discovery("none", [], [], [])) == []
+
+
+def test_a_vulkan_pin_to_a_software_device_is_allowed_with_a_warning(home, gguf, monkeypatch):
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    write_config(home, "v", gguf, gpu={"backend": "vulkan", "device_id": 0})
+    (p,) = vulkan_problems(home, vulkan_found("vulkaninfo_llvmpipe.txt"))
+    assert p.severity == "warning" and "llvmpipe (LLVM 15.0.6, 256 bits), a software" in p.message
+
+
+def test_vram_fit_uses_the_vulkan_heaps(home, gguf, monkeypatch):
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    for name in ("a", "b"):  # 2 x 4.5 GB on the RX 6600's 8 GB
+        write_config(home, name, gguf, gpu={"backend": "vulkan", "device_id": 1, "vram_mib": 4608})
+    (p,) = vulkan_problems(home, vulkan_found("vulkaninfo_two_radv.txt"))
+    assert p.severity == "warning" and p.message.startswith(
+        "GPU 1 (AMD Radeon RX 6600 (RADV NAVI23), 8.0 GB) cannot hold a (4.5 GB) + b (4.5 GB)"
+    )
+    write_config(home, "b", gguf, gpu={"backend": "vulkan", "device_id": 0, "vram_mib": 4608})
+    assert vulkan_problems(home, vulkan_found("vulkaninfo_two_radv.txt")) == []
+
+
+def test_a_vulkan_and_a_cuda_instance_on_one_card_add_up(home, gguf, monkeypatch):
+    """Vulkan device 3 is CUDA's card 1 (by UUID): both pins are the same 6 GB."""
+    from llama_orchestrator.gpu import merge, parse_nvidia_smi
+    from llama_orchestrator.vulkan import parse_vulkaninfo
+
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    cards = parse_nvidia_smi((OUTPUTS / "five_1060.csv").read_text())
+    devices = parse_vulkaninfo((OUTPUTS / "vulkaninfo_1060s_and_igpu.txt").read_text())
+    rows, notes = merge(cards, devices, {})
+    found = Discovery("nvidia-smi", rows, notes, devices)
+    write_config(home, "c", gguf, gpu={"backend": "cuda", "device_id": 1, "vram_mib": 3584})
+    write_config(home, "v", gguf, gpu={"backend": "vulkan", "device_id": 3, "vram_mib": 3584})
+    (p,) = vulkan_problems(home, found)
+    assert "GPU 1 (NVIDIA GeForce GTX 1060 6GB, 6.0 GB) cannot hold c (3.5 GB) + v (3.5 GB)" in (
+        p.message
+    )
+    write_config(home, "v", gguf, gpu={"backend": "vulkan", "device_id": 1, "vram_mib": 3584})
+    assert vulkan_problems(home, found) == []  # Vulkan 1 is CUDA's card 3
+
+
+def test_init_gpu_auto_on_vulkan_picks_by_vulkan_figures_and_writes_vulkans_index(
+    home, gguf, monkeypatch
+):
+    from llama_orchestrator.gpu import merge, parse_nvidia_smi
+    from llama_orchestrator.vulkan import parse_vulkaninfo
+
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    created = create_instance(
+        home, "amd", model=str(gguf), backend="vulkan", gpus="auto",
+        find_gpus=lambda: vulkan_found("vulkaninfo_windows_two_amd.txt"),
+    )  # fmt: skip
+    # the RX 6600 has 8 GB free (its budget reports no use), the RX 6800 14.8 GB
+    assert json.loads(created.path.read_text())["gpu"]["device_id"] == 0
+    cards = parse_nvidia_smi((OUTPUTS / "five_1060.csv").read_text())
+    devices = parse_vulkaninfo((OUTPUTS / "vulkaninfo_1060s_and_igpu.txt").read_text())
+    rows, notes = merge(cards, devices, {})
+    created = create_instance(
+        home, "nv", model=str(gguf), backend="vulkan", gpus="auto",
+        find_gpus=lambda: Discovery("nvidia-smi", rows, notes, devices),
+    )  # fmt: skip
+    # the emptiest 1060 is CUDA's 2, which Vulkan counts as 4
+    assert json.loads(created.path.read_text())["gpu"]["device_id"] == 4
+    assert "--gpu auto chose GPU 4 (most free VRAM)" in created.notes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from llama_orchestrator.cli.context import app_context, err, out, print_json, say
-from llama_orchestrator.present import GPU_COLUMNS, gpu_cells
+from llama_orchestrator.present import GPU_COLUMNS, gpu_cells, unknown_line
 
 __all__ = ["register"]
 
@@ -23,7 +23,7 @@ def gpus(
     if json_:
         print_json([g.to_json() for g in found])
     elif not found:
-        say("no GPU found (looked for NVML, nvidia-smi and rocm-smi)")
+        say("no GPU found (looked for NVML, nvidia-smi, rocm-smi and vulkaninfo)")
     else:
         from rich.table import Table
 
@@ -46,6 +46,15 @@ def gpus(
             table.add_row(*(v for c, v in zip(GPU_COLUMNS, cells, strict=True) if c in shown))
         out.print(table)
         out.print(f"[dim](from {source})[/]")
+        for g in found:
+            if line := unknown_line(g, source):
+                out.print(f"[dim]{line}[/]")
+    if not json_:
+        for d in status.software:
+            say(
+                f"Vulkan device {d.index} is {d.name}, a software renderer on the CPU: not a "
+                f"GPU, though backend vulkan with device_id {d.index} runs on it (for tests)"
+            )
     for w in warnings:
         err.print(f"warning: {w}", markup=False)
 

@@ -184,8 +184,9 @@ def describe(
             out.print(f"  [red]gpu {g['index']}      not reported by the driver[/]")
         else:
             out.print(
-                f"  gpu {g['index']:<8} {g['name']}: {g['memory_used_mib']}/{g['memory_total_mib']} MiB, "
-                f"{g['temperature_c']}°C, {g['utilization_pct']}% busy",
+                f"  gpu {g['index']:<8} {g['name']}: {_known(g['memory_used_mib'])}/"
+                f"{g['memory_total_mib']} MiB, {_known(g['temperature_c'])}°C, "
+                f"{_known(g['utilization_pct'])}% busy",
                 markup=False,
             )
     out.print(f"  logs         {d['logs']['stderr']}", markup=False)
@@ -252,3 +253,8 @@ def health(
 def register(app: typer.Typer) -> None:
     for cmd in (ps, describe, health):
         app.command()(cmd)
+
+
+def _known(value: object) -> object:
+    """A reading, or "?" where the card's source does not give it."""
+    return "?" if value is None else value

@@ -13,7 +13,7 @@ from llama_orchestrator import platform
 from llama_orchestrator.config import InstanceConfig, pydantic_problems, save_config
 from llama_orchestrator.config.fit import GPU_BACKENDS, pick_devices
 from llama_orchestrator.config.validate import (
-    DISCOVERED,
+    ASKED,
     Loaded,
     absent_devices,
     check_instance,
@@ -22,7 +22,7 @@ from llama_orchestrator.config.validate import (
 )
 from llama_orchestrator.errors import ConfigError, PortConflict, UserError
 from llama_orchestrator.gguf_meta import ModelError, ModelInfo, estimate, is_gguf, read_model
-from llama_orchestrator.gpu import Discovery, GpuInfo, discover
+from llama_orchestrator.gpu import Discovery, GpuInfo, discover, seen_by
 from llama_orchestrator.home import Home, check_name
 from llama_orchestrator.units import human_bytes
 
@@ -158,18 +158,19 @@ def create_instance(
         ctx = min(info.context_length or DEFAULT_CTX, DEFAULT_CTX) if info else DEFAULT_CTX
         notes.append(f"context size {ctx} tokens")
     devices: list[int] = []
-    found: list[GpuInfo] | None = None  # discovered once, when needed
+    found: Discovery | None = None  # discovered once, when needed
     if backend in GPU_BACKENDS and (gpus == "auto" or layers is None):
-        found = find_gpus().gpus
+        found = find_gpus()
+        cards = seen_by(found.gpus, backend)  # indexed as `backend` counts them
         if gpus == "auto":
             if info is None:
                 raise UserError("--gpu auto needs the model's metadata.", hint="Check --model.")
-            devices = pick_devices(info, ctx, parallel, layers, found)
+            devices = pick_devices(info, ctx, parallel, layers, cards)
             notes.append(f"--gpu auto chose GPU {','.join(map(str, devices))} (most free VRAM)")
         else:
             devices = list(gpus or [])
         if layers is None and info is not None and devices:
-            layers = _all_layers_if_they_fit(info, ctx, parallel, devices, found, notes)
+            layers = _all_layers_if_they_fit(info, ctx, parallel, devices, cards, notes)
     elif isinstance(gpus, list):
         devices = gpus
     old_gpu = base.get("gpu", {}) if same_backend else {}
@@ -215,11 +216,12 @@ def create_instance(
     # the checks `config validate` and `up` make: what init writes, up starts
     item = Loaded(name, path, cfg, [])
     checked = check_instance(home, item, others)
-    if cfg.gpu.backend in DISCOVERED and cfg.gpu.devices and not cfg.gpu.auto:
-        cards = found if found is not None else find_gpus().gpus
-        absent = absent_devices([item], cards)
+    if cfg.gpu.backend in ASKED and cfg.gpu.devices and not cfg.gpu.auto:
+        found = found if found is not None else find_gpus()
+        absent = absent_devices([item], found)
         checked += absent
-        if absent and force and not cards:  # no GPU at all (not merely another index)
+        refused = [p for p in absent if p.severity == "error"]
+        if refused and force and not found.devices_of(cfg.gpu.backend):  # no GPU at all
             cfg.gpu.force = True  # what --force asked for: up uses the pin too
             notes.append("gpu.force set: the pin is used although no GPU was found")
     problems = [p for p in checked if p.severity == "error"]

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from llama_orchestrator.config import InstanceConfig
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.gguf_meta import COMPUTE_OVERHEAD_BYTES, MIB, ModelInfo, estimate
-from llama_orchestrator.gpu import GpuInfo
+from llama_orchestrator.gpu import GpuInfo, card_index
 from llama_orchestrator.units import human_bytes, human_count
 
 __all__ = [
     "GPU_BACKENDS",
     "human_count",
     "demand",
+    "on_cards",
     "Overcommit",
     "overcommits",
     "pick_devices",
@@ -39,6 +40,18 @@ def demand(cfg: InstanceConfig, info: ModelInfo | None) -> dict[int, int]:
     return est.per_device(g.devices, g.tensor_split)
 
 
+def on_cards(per_device: dict[int, int], backend: str, gpus: list[GpuInfo]) -> dict[int, int]:
+    """A demand keyed by the cards' own indices (`gpus` rows) rather than
+    `backend`'s: a Vulkan and a CUDA instance on one card add up. Devices no
+    row stands for are left out (reported as absent elsewhere)."""
+    out: dict[int, int] = {}
+    for device, need in per_device.items():
+        card = card_index(gpus, backend, device)
+        if card is not None:
+            out[card] = out.get(card, 0) + need
+    return out
+
+
 @dataclass(frozen=True)
 class Overcommit:
     device: int
@@ -57,7 +70,8 @@ class Overcommit:
 
 
 def overcommits(demands: dict[str, dict[int, int]], gpus: list[GpuInfo]) -> list[Overcommit]:
-    """Devices whose pinned instances need more than the card's total VRAM."""
+    """Cards whose pinned instances need more than their total VRAM
+    (`demands` keyed by the cards' indices: `on_cards`)."""
     by_index = {g.index: g for g in gpus}
     out = []
     devices = sorted({d for per in demands.values() for d in per})

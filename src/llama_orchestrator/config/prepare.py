@@ -23,7 +23,7 @@ from llama_orchestrator.config.validate import (
 )
 from llama_orchestrator.errors import ConfigError, Problem, UnknownInstance, UserError
 from llama_orchestrator.gguf_meta import read_model
-from llama_orchestrator.gpu import Discovery
+from llama_orchestrator.gpu import Discovery, seen_by
 from llama_orchestrator.home import Home
 
 __all__ = ["Prepared", "prepare"]
@@ -104,7 +104,7 @@ def _resolve_auto(
         return cfg, cfg.gpu.devices
     info = read_model(cfg.model_path(folder))
     g = cfg.gpu
-    cards = find_gpus().gpus
+    cards = seen_by(find_gpus().gpus, g.backend)  # indexed as the backend counts them
     if cards and all(c.index in leased for c in cards):
         raise UserError(
             "Every GPU is leased to a plan's script task now, so `device_id: auto` has no card.",

@@ -23,10 +23,10 @@ from llama_orchestrator.config import (
     parse_upstream,
 )
 from llama_orchestrator.config.command import check_extra_args
-from llama_orchestrator.config.fit import GPU_BACKENDS, demand, overcommits
+from llama_orchestrator.config.fit import GPU_BACKENDS, demand, on_cards, overcommits
 from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem, UserError
 from llama_orchestrator.gguf_meta import ModelError, is_gguf, read_model
-from llama_orchestrator.gpu import Discovery, GpuInfo, discover
+from llama_orchestrator.gpu import Discovery, discover
 from llama_orchestrator.home import Home
 from llama_orchestrator.router.balance import tag_model
 
@@ -217,6 +217,7 @@ def vram_problems(
     anywhere means no discovery at all (CPU-only setups pay nothing)."""
     if not pinned_devices(items):
         return []
+    found = find_gpus()
     demands: dict[str, dict[int, int]] = {}
     paths: dict[str, Path] = {}
     for item in items:
@@ -227,44 +228,51 @@ def vram_problems(
             info = None if cfg.gpu.vram_mib else read_model(cfg.model_path(item.path.parent))
         except ModelError:
             continue  # check_instance reports an unreadable model
-        demands[item.name] = demand(cfg, info)
+        demands[item.name] = on_cards(demand(cfg, info), cfg.gpu.backend, found.gpus)
         paths[item.name] = item.path
-    gpus = find_gpus().gpus
     severity = "error" if strict else "warning"
-    return absent_devices(items, gpus) + [
+    return absent_devices(items, found) + [
         Problem(str(paths[oc.instances[-1][0]]), "gpu.device_id", oc.message(), severity)
-        for oc in overcommits(demands, gpus)
+        for oc in overcommits(demands, found.gpus)
     ]
 
 
-#: the backends whose cards discovery can see (NVML / nvidia-smi, rocm-smi)
-DISCOVERED = frozenset({"cuda", "rocm"})
+#: what discovery asks, per backend, for the message when it finds nothing
+ASKED = {
+    "cuda": "NVML, nvidia-smi and rocm-smi report none",
+    "rocm": "NVML, nvidia-smi and rocm-smi report none",
+    "vulkan": "vulkaninfo lists no Vulkan device",
+}
 
 
-def absent_devices(items: list[Loaded], gpus: list[GpuInfo]) -> list[Problem]:
-    """Pinned indices of a backend that discovery lists cards for, but not that
-    card: the backend would see no device and llama-server would silently run
-    on the CPU (seen on a real H100 with CUDA_VISIBLE_DEVICES=7). A pin on a
-    machine where discovery finds no card at all is refused too, unless the
-    config says `gpu.force` (discovery may lack the tools the card needs)."""
+def absent_devices(items: list[Loaded], found: Discovery) -> list[Problem]:
+    """Pinned indices of a backend that discovery lists devices for, but not
+    that one: the backend would see no device and llama-server would silently
+    run on the CPU (seen on a real H100 with CUDA_VISIBLE_DEVICES=7, and
+    ggml-vulkan only logs "Invalid device index"). A pin on a machine where
+    discovery finds nothing at all is refused too, unless the config says
+    `gpu.force` (discovery may lack the tools the card needs)."""
     problems = []
     for item in items:
         cfg = item.config
-        if cfg is None:
+        if cfg is None or not cfg.gpu.devices:
             continue
-        if not gpus and cfg.gpu.backend in DISCOVERED and cfg.gpu.devices and not cfg.gpu.force:
+        backend = cfg.gpu.backend
+        have = found.devices_of(backend)
+        if have is None:
+            continue  # nothing here asks that backend: no verdict
+        nothing = not have if backend == "vulkan" else not found.gpus
+        if nothing and not cfg.gpu.force:
             problems.append(
                 Problem(
                     str(item.path),
                     "gpu.device_id",
                     f"GPU {', '.join(map(str, cfg.gpu.devices))} is pinned but no GPU was found "
-                    "here (NVML, nvidia-smi and rocm-smi report none), so llama-server would run "
-                    'on the CPU; use backend "cpu", install the driver tools, or set gpu.force: '
-                    "true to pin anyway",
+                    f"here ({ASKED[backend]}), so llama-server would run on the CPU; use backend "
+                    '"cpu", install the driver tools, or set gpu.force: true to pin anyway',
                 )
             )
             continue
-        have = {g.index: g.name for g in gpus if g.backend == cfg.gpu.backend}
         missing = [d for d in cfg.gpu.devices if d not in have]
         if have and missing:
             listed = ", ".join(f"{i} ({n})" for i, n in sorted(have.items()))
@@ -273,7 +281,20 @@ def absent_devices(items: list[Loaded], gpus: list[GpuInfo]) -> list[Problem]:
                     str(item.path),
                     "gpu.device_id",
                     f"GPU {', '.join(map(str, missing))} is not on this machine, which has "
-                    f'{cfg.gpu.backend} GPU {listed}; pin one of those, or use "auto".',
+                    f'{backend} GPU {listed}; pin one of those, or use "auto".',
+                )
+            )
+        software = (
+            [d.index for d in found.vulkan or [] if d.software] if backend == "vulkan" else []
+        )
+        if slow := [d for d in cfg.gpu.devices if d in software]:
+            problems.append(
+                Problem(
+                    str(item.path),
+                    "gpu.device_id",
+                    f"Vulkan device {', '.join(map(str, slow))} is {have[slow[0]]}, a software "
+                    'renderer on the CPU: fine for a test, slower than backend "cpu" for work',
+                    "warning",
                 )
             )
     return problems

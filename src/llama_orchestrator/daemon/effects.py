@@ -31,7 +31,7 @@ from llama_orchestrator.engine.logs import LoadProgress, load_progress
 from llama_orchestrator.engine.process import ProcRef, activity, find, stop_tree, wait_exit
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gguf_meta import ModelInfo, read_model
-from llama_orchestrator.gpu import GpuInfo, discover
+from llama_orchestrator.gpu import Discovery, GpuInfo, VulkanCache, discover
 from llama_orchestrator.home import Home
 from llama_orchestrator.store import InstanceRow, Unsaved
 
@@ -146,13 +146,18 @@ class LiveEffects:
         self.unsaved = Unsaved()
         self._models: dict[tuple[str, int, int], ModelInfo] = {}
         self._gpus_checked = float("-inf")
+        self._vulkan = VulkanCache()  # sampled every few seconds: one vulkaninfo per 30 s
 
     def engine(self) -> Engine:
         """An engine for the calling thread (SQLite connections are per thread)."""
         eng = getattr(self._local, "engine", None)
         if eng is None:
             eng = self._local.engine = Engine(
-                self.home, clock=self.clock, supervisor=True, unsaved=self.unsaved
+                self.home,
+                clock=self.clock,
+                supervisor=True,
+                unsaved=self.unsaved,
+                find_gpus=self.discover,
             )
             eng.store.on_event = self.on_event
         return eng
@@ -276,8 +281,11 @@ class LiveEffects:
     async def forget(self, name: str) -> None:
         await self.in_thread(lambda e: e.forget(name))
 
+    def discover(self) -> Discovery:
+        return discover(self._vulkan)
+
     async def gpus(self) -> list[GpuInfo]:
-        return (await asyncio.to_thread(discover)).gpus
+        return (await asyncio.to_thread(self.discover)).gpus
 
     async def model(self, path: Path) -> ModelInfo:
         """Read once per file version (path, mtime, size): a GGUF header parse

@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from llama_orchestrator.config import InstanceConfig, Settings
-from llama_orchestrator.config.fit import demand
+from llama_orchestrator.config.fit import demand, on_cards
 from llama_orchestrator.config.validate import offered_names
 from llama_orchestrator.daemon.effects import Effects, changed_within
 from llama_orchestrator.daemon.supervisor import Supervisor
@@ -199,6 +200,11 @@ class OnDemand:
         if not target.demand:
             return plan_start(target, members, {}, None, self.max_running)
         gpus = await self.fx.gpus()
+        members = [  # every demand keyed by the cards' own indices, whatever the backend
+            replace(m, demand=on_cards(dict(m.demand), configs[m.name].gpu.backend, gpus))
+            for m in members
+        ]
+        target = next(m for m in members if m.name == name)
         total = {g.index: g.memory_total_mib * MIB for g in gpus}
         free = {g.index: g.memory_free_mib * MIB for g in gpus}
         return plan_start(target, members, total, free, self.max_running)
