@@ -14,12 +14,14 @@ pytestmark = pytest.mark.integration
 FAKES = Path(__file__).parents[1] / "fakes"
 
 
-def gpu_env(nvidia=None, rocm=None, **extra):
+def gpu_env(nvidia=None, rocm=None, vulkan=None, **extra):
     env = {
         "PATH": f"{FAKES / 'gpu_bin'}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(FAKES / "no_nvml"),  # NVML absent whatever is installed
         "FAKE_NVIDIA_SMI": str(FAKES / "gpu_outputs" / nvidia) if nvidia else "",
         "FAKE_ROCM_SMI": str(FAKES / "gpu_outputs" / rocm) if rocm else "",
+        # unset, the fake answers as a Vulkan loader without a driver does
+        "FAKE_VULKANINFO": str(FAKES / "gpu_outputs" / vulkan) if vulkan else "",
     }
     return {**env, **extra}
 
@@ -58,9 +60,72 @@ def test_gpus_from_rocm_smi_and_with_none(home):
     )
     assert (
         r.returncode == 0
-        and r.stdout.strip() == "no GPU found (looked for NVML, nvidia-smi and rocm-smi)"
+        and r.stdout.strip()
+        == "no GPU found (looked for NVML, nvidia-smi, rocm-smi and vulkaninfo)"
     )
     assert r.stderr == ""
+
+
+def test_gpus_of_two_amd_cards_on_vulkan_alone_says_what_is_unknown(home, tiny_model):
+    write_config(home, "big", tiny_model, gpu={"backend": "vulkan", "device_id": 1})
+    env = gpu_env(vulkan="vulkaninfo_windows_two_amd.txt")
+    r = run_cli(home, "gpus", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(g["index"], g["backend"], g["instances"]) for g in rows] == [
+        (0, "vulkan", []),
+        (1, "vulkan", ["big"]),
+    ]
+    assert rows[0]["memory_used_mib"] == 1200 and rows[0]["temperature_c"] is None
+    assert rows[0]["unknown"] == ["utilization", "temperature", "power"]
+    table = run_cli(home, "gpus", env={**env, "COLUMNS": "120"})
+    assert "RX 6800" in table.stdout and "1200/16384 MiB" in table.stdout
+    assert "GPU 0: vulkaninfo reports no utilization, temperature, power for it" in table.stdout
+    assert "0/0" not in table.stdout and "0°C" not in table.stdout
+
+
+def test_gpus_shows_each_cards_vulkan_index_and_a_software_device_apart(home):
+    env = gpu_env("five_1060.csv", vulkan="vulkaninfo_1060s_and_igpu.txt")
+    rows = json.loads(run_cli(home, "gpus", "--json", env=env).stdout)
+    assert [g["vulkan_index"] for g in rows] == [2, 3, 4, 1, 5]
+    r = run_cli(home, "gpus", env={**env, "COLUMNS": "120"})
+    assert "cuda (vk 2)" in r.stdout
+    assert "Vulkan device 0 (Intel(R) UHD Graphics 770 (ADL-S GT1)) matches no card" in r.stderr
+    r = run_cli(home, "gpus", env=gpu_env(vulkan="vulkaninfo_llvmpipe.txt"))
+    assert r.returncode == 0 and r.stdout.splitlines() == [
+        "no GPU found (looked for NVML, nvidia-smi, rocm-smi and vulkaninfo)",
+        "Vulkan device 0 is llvmpipe (LLVM 15.0.6, 256 bits), a software renderer on the CPU: not "
+        "a GPU, though backend vulkan with device_id 0 runs on it (for tests)",
+    ]
+
+
+def test_vulkan_pins_are_checked_and_fitted_with_vulkans_figures(home, tiny_model):
+    env = gpu_env(vulkan="vulkaninfo_two_radv.txt")
+    write_config(home, "a", tiny_model, gpu={"backend": "vulkan", "device_id": 1, "vram_mib": 4608})
+    write_config(home, "b", tiny_model, gpu={"backend": "vulkan", "device_id": 1, "vram_mib": 4608})
+    r = run_cli(home, "config", "validate", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "GPU 1 (AMD Radeon RX 6600 (RADV NAVI23), 8.0 GB) cannot hold a (4.5 GB)" in r.stderr
+    write_config(home, "b", tiny_model, gpu={"backend": "vulkan", "device_id": 5})
+    r = run_cli(home, "up", "b", env=env)
+    assert r.returncode == 2 and "GPU 5 is not on this machine, which has vulkan GPU 0" in r.stderr
+    assert "Traceback" not in r.stderr
+    rows = {x["name"]: x for x in json.loads(run_cli(home, "ps", "--json").stdout)}
+    assert rows["b"]["pid"] is None
+    r = run_cli(
+        home,
+        "init",
+        "c",
+        "--model",
+        str(tiny_model),
+        "--backend",
+        "vulkan",
+        "--gpu",
+        "auto",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(home.config_path("c").read_text())["gpu"]["device_id"] == 0
 
 
 def test_garbage_from_a_tool_is_a_warning_not_a_crash(home):
