@@ -8,9 +8,23 @@ from pathlib import Path
 
 from llama_orchestrator.errors import BinaryNotFound
 
-__all__ = ["find_llama_server", "EXE_NAME"]
+__all__ = ["find_llama_server", "EXE_NAME", "exe_name", "usable"]
 
-EXE_NAME = "llama-server.exe" if os.name == "nt" else "llama-server"
+WINDOWS = os.name == "nt"
+
+
+def exe_name(windows: bool = WINDOWS) -> str:
+    """What llama-server's file is called (a home's `bin/` holds that name)."""
+    return "llama-server.exe" if windows else "llama-server"
+
+
+def usable(p: Path, windows: bool = WINDOWS) -> bool:
+    """A file we can run: Windows has no execute bit (any file may be run by
+    its extension), so there an existing file is enough."""
+    return p.is_file() and (windows or os.access(p, os.X_OK))
+
+
+EXE_NAME = exe_name()
 
 
 def _packaged() -> Path | None:
@@ -28,10 +42,6 @@ def _packaged() -> Path | None:
 def find_llama_server(configured: str | None, home: Path, config_dir: Path | None = None) -> Path:
     """Return the llama-server to run, or raise BinaryNotFound naming every place searched."""
     searched: list[str] = []
-
-    def usable(p: Path) -> bool:
-        return p.is_file() and (os.name == "nt" or os.access(p, os.X_OK))
-
     if configured:
         p = Path(configured).expanduser()
         if not p.is_absolute() and config_dir is not None:

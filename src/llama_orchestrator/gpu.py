@@ -145,7 +145,7 @@ def seen_by(gpus: list[GpuInfo], backend: str) -> list[GpuInfo]:
     for g in gpus:
         i = g.index_for(backend)
         if i is not None:
-            out.append(g if i == g.index and g.backend == backend else replace(g, index=i))
+            out.append(g if g.backend == backend else replace(g, index=i))
     return out
 
 

@@ -6,10 +6,10 @@ its end once, when it clears."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from llama_orchestrator.gpu import Discovery, GpuInfo, discover
+from llama_orchestrator.gpu import Discovery, GpuInfo, card_index, discover
 from llama_orchestrator.store import Store
 from llama_orchestrator.vulkan import VulkanDevice
 
@@ -90,17 +90,33 @@ class GpuStatus:
         return [d for d in self.vulkan or [] if d.software]
 
 
+def on_rows(
+    pinned: dict[int, list[str]], backends: Mapping[str, str], gpus: list[GpuInfo]
+) -> dict[int, list[str]]:
+    """`pinned` (each instance's devices as its backend counts them) keyed by
+    the rows' own indices: a vulkan instance on Vulkan device 2 is on the CUDA
+    card Vulkan calls 2. Devices no row stands for keep their number."""
+    out: dict[int, list[str]] = {}
+    for device, names in pinned.items():
+        for name in names:
+            card = card_index(gpus, backends.get(name, ""), device)
+            out.setdefault(device if card is None else card, []).append(name)
+    return out
+
+
 def check(
     pinned: dict[int, list[str]],
     store: Store,
     threshold: float,
     find_gpus: Callable[[], Discovery] = discover,
+    backends: Mapping[str, str] | None = None,
 ) -> GpuStatus:
     """One sample: live GPUs with the instances pinned to each, the warnings to
     show (alerts and unreadable sources), alerts recorded as events. What `ps`,
     `gpus` and `describe` call, and what the daemon should call every
     `gpu.sample_interval` seconds."""
     found = find_gpus()
+    pinned = on_rows(pinned, backends or {}, found.gpus)
     for g in found.gpus:
         g.instances = pinned.get(g.index, [])
     store.mark_gpus_seen([(g.backend, g.index, g.name) for g in found.gpus])

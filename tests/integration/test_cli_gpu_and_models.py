@@ -84,10 +84,14 @@ def test_gpus_of_two_amd_cards_on_vulkan_alone_says_what_is_unknown(home, tiny_m
     assert "0/0" not in table.stdout and "0°C" not in table.stdout
 
 
-def test_gpus_shows_each_cards_vulkan_index_and_a_software_device_apart(home):
+def test_gpus_shows_each_cards_vulkan_index_and_a_software_device_apart(home, tiny_model):
+    write_config(home, "cu", tiny_model, gpu={"backend": "cuda", "device_id": 0})
+    write_config(home, "vk", tiny_model, gpu={"backend": "vulkan", "device_id": 2})
     env = gpu_env("five_1060.csv", vulkan="vulkaninfo_1060s_and_igpu.txt")
     rows = json.loads(run_cli(home, "gpus", "--json", env=env).stdout)
     assert [g["vulkan_index"] for g in rows] == [2, 3, 4, 1, 5]
+    # Vulkan's device 2 is CUDA's card 0: both instances are on that card
+    assert [sorted(g["instances"]) for g in rows] == [["cu", "vk"], [], [], [], []]
     r = run_cli(home, "gpus", env={**env, "COLUMNS": "120"})
     assert "cuda (vk 2)" in r.stdout
     assert "Vulkan device 0 (Intel(R) UHD Graphics 770 (ADL-S GT1)) matches no card" in r.stderr

@@ -74,9 +74,7 @@ def test_a_vulkan_server_runs_on_the_device_it_is_pinned_to(cli_home, tiny_model
     assert "offloaded 3/3 layers to GPU" in log
 
 
-def test_a_pin_to_an_absent_vulkan_index_is_refused_before_anything_starts(
-    cli_home, tiny_model
-):
+def test_a_pin_to_an_absent_vulkan_index_is_refused_before_anything_starts(cli_home, tiny_model):
     binary, devices = _vulkan_server()
     absent = len(devices)
     write_config(

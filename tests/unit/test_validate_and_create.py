@@ -9,8 +9,8 @@ from llama_orchestrator.errors import BinaryNotFound, ConfigError, PortConflict,
 from llama_orchestrator.gpu import Discovery
 from llama_orchestrator.home import Home
 from tests.helpers import write_config
-from tests.unit.test_fit_and_watch import OUTPUTS
 from tests.unit.test_config import DESIGN_EXAMPLE
+from tests.unit.test_fit_and_watch import OUTPUTS
 
 
 @pytest.fixture()
