@@ -292,6 +292,13 @@ def test_a_vulkan_pin_to_an_absent_index_is_refused_as_a_cuda_one_is(home, gguf,
     assert vulkan_problems(home, Discovery("none", [], [], [])) == []
 
 
+def test_a_cuda_pin_on_amd_cards_seen_by_vulkan_alone_is_refused(home, gguf, monkeypatch):
+    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    write_config(home, "c", gguf, gpu={"backend": "cuda", "device_id": 0})
+    (p,) = vulkan_problems(home, vulkan_found("vulkaninfo_two_radv.txt"))
+    assert p.severity == "error" and "GPU 0 is pinned but no GPU was found here" in p.message
+
+
 def test_a_vulkan_pin_to_a_software_device_is_allowed_with_a_warning(home, gguf, monkeypatch):
     monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
     write_config(home, "v", gguf, gpu={"backend": "vulkan", "device_id": 0})

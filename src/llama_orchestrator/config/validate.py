@@ -261,7 +261,12 @@ def absent_devices(items: list[Loaded], found: Discovery) -> list[Problem]:
         have = found.devices_of(backend)
         if have is None:
             continue  # nothing here asks that backend: no verdict
-        nothing = not have if backend == "vulkan" else not found.gpus
+        # no card at all of what the backend asks (an AMD card on Vulkan alone is no CUDA card)
+        nothing = (
+            not have
+            if backend == "vulkan"
+            else not [g for g in found.gpus if g.backend != "vulkan"]
+        )
         if nothing and not cfg.gpu.force:
             problems.append(
                 Problem(
