@@ -128,6 +128,13 @@ class Discovery:
     #: where Vulkan could not be asked (no vulkaninfo), so no pin is refused
     vulkan: list[VulkanDevice] | None = None
 
+    @property
+    def unlisted(self) -> list[VulkanDevice]:
+        """Vulkan devices no row stands for: software renderers, and next to
+        NVML or ROCm cards a device none of them is (an integrated GPU)."""
+        listed = {g.vulkan_index for g in self.gpus}
+        return [d for d in self.vulkan or [] if d.index not in listed]
+
     def devices_of(self, backend: str) -> dict[int, str] | None:
         """Index -> name of what `backend` can be pinned to here; None where
         discovery cannot tell (a backend it does not ask, Vulkan not asked)."""
@@ -297,15 +304,17 @@ def merge(
     cards: list[GpuInfo],
     vulkan: list[VulkanDevice],
     amd: dict[str, AmdReading],
-) -> tuple[list[GpuInfo], list[str]]:
-    """One row per physical card, and notes about Vulkan devices left out.
+) -> list[GpuInfo]:
+    """One row per physical card.
 
     Cards NVML or ROCm report get the Vulkan index of the same card (by
     UUID, else PCI address). With no such card, the hardware Vulkan devices
-    are the rows. Software devices are never rows (llvmpipe is the CPU)."""
+    are the rows. Software devices are never rows (llvmpipe is the CPU), nor,
+    next to NVML or ROCm cards, a Vulkan device none of them is (an iGPU):
+    `Discovery.unlisted` names both."""
     hardware = [d for d in vulkan if not d.software]
     if not cards:
-        return [_vulkan_row(d, amd.get(d.pci or "")) for d in hardware], []
+        return [_vulkan_row(d, amd.get(d.pci or "")) for d in hardware]
     by_uuid = {_uuid_key(d.uuid): d for d in hardware if d.uuid}
     by_pci = {d.pci: d for d in hardware if d.pci}
     rows, matched = [], set()
@@ -316,13 +325,7 @@ def merge(
             continue
         matched.add(d.index)
         rows.append(replace(g, vulkan_index=d.index, pci=g.pci or d.pci))
-    notes = [
-        f"Vulkan device {d.index} ({d.name}) matches no card {cards[0].backend} reports, so it "
-        f"is not listed; a vulkan instance may still pin device {d.index}"
-        for d in hardware
-        if d.index not in matched
-    ]
-    return rows, notes
+    return rows
 
 
 def _optional(fn: Callable[..., Any], *args: Any) -> Any:
@@ -459,7 +462,7 @@ def discover(vulkan_probe: VulkanProbe = probe_vulkan) -> Discovery:
     if not vulkan:
         return Discovery(source, cards, notes, vulkan)
     amd = read_cards() if not cards else {}
-    rows, left_out = merge(cards, vulkan, amd)
+    rows = merge(cards, vulkan, amd)
     if not cards and rows:
         source = "vulkaninfo" + (" + amdgpu sysfs" if amd else "")
-    return Discovery(source, rows, notes + left_out, vulkan)
+    return Discovery(source, rows, notes, vulkan)

@@ -7,7 +7,7 @@ its end once, when it clears."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llama_orchestrator.gpu import Discovery, GpuInfo, card_index, discover
 from llama_orchestrator.store import Store
@@ -81,13 +81,8 @@ class GpuStatus:
     warnings: list[str]
     source: str
     threshold: float = 85.0  # °C above which a card is hot
-    #: every Vulkan device (software ones too); None where Vulkan was not asked
-    vulkan: list[VulkanDevice] | None = None
-
-    @property
-    def software(self) -> list[VulkanDevice]:
-        """Vulkan devices that are the CPU (not cards, so not rows)."""
-        return [d for d in self.vulkan or [] if d.software]
+    #: Vulkan devices no row stands for (software ones, an iGPU next to NVIDIA cards)
+    unlisted: list[VulkanDevice] = field(default_factory=list)
 
 
 def on_rows(
@@ -127,5 +122,5 @@ def check(
         [a.message for a in current] + found.notes,
         found.source,
         threshold,
-        found.vulkan,
+        found.unlisted,
     )

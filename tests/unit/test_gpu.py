@@ -240,6 +240,7 @@ def test_amd_cards_on_vulkan_alone_are_the_rows_software_ones_never(monkeypatch)
         (1, "vulkan", 1),
     ]
     assert [x.index for x in d.vulkan] == [0, 1, 2]  # llvmpipe is still there to pin
+    assert [x.index for x in d.unlisted] == [2]
     six8 = d.gpus[0]
     assert (six8.memory_total_mib, six8.memory_used_mib, six8.memory_free_mib) == (
         16384,
@@ -315,8 +316,8 @@ def test_cuda_cards_get_their_vulkan_index_by_uuid_and_an_igpu_is_a_note(monkeyp
     d = discover()
     assert d.source == "nvidia-smi" and len(d.gpus) == 5
     assert [g.vulkan_index for g in d.gpus] == [2, 3, 4, 1, 5]
-    (note,) = d.notes
-    assert "Vulkan device 0 (Intel(R) UHD Graphics 770 (ADL-S GT1)) matches no card" in note
+    assert not _vulkan_notes(d)  # an iGPU is nothing to warn about
+    assert [x.name for x in d.unlisted] == ["Intel(R) UHD Graphics 770 (ADL-S GT1)"]
     as_vulkan = seen_by(d.gpus, "vulkan")
     assert [(g.index, g.memory_used_mib) for g in as_vulkan] == [
         (2, 412),
@@ -363,5 +364,5 @@ def test_the_vulkan_cache_asks_once_per_ttl():
 
 def test_merge_keeps_a_card_that_vulkan_does_not_list():
     cards = parse_nvidia_smi((OUTPUTS / "one_6gb.csv").read_text())
-    rows, notes = merge(cards, [], {})
-    assert rows == cards and notes == [] and rows[0].vulkan_index is None
+    rows = merge(cards, [], {})
+    assert rows == cards and rows[0].vulkan_index is None

@@ -266,8 +266,7 @@ def vulkan_found(name: str) -> Discovery:
     from llama_orchestrator.vulkan import parse_vulkaninfo
 
     devices = parse_vulkaninfo((OUTPUTS / name).read_text())
-    rows, notes = merge([], devices, {})
-    return Discovery("vulkaninfo", rows, notes, devices)
+    return Discovery("vulkaninfo", merge([], devices, {}), [], devices)
 
 
 def vulkan_problems(home, found):
@@ -326,8 +325,7 @@ def test_a_vulkan_and_a_cuda_instance_on_one_card_add_up(home, gguf, monkeypatch
     monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
     cards = parse_nvidia_smi((OUTPUTS / "five_1060.csv").read_text())
     devices = parse_vulkaninfo((OUTPUTS / "vulkaninfo_1060s_and_igpu.txt").read_text())
-    rows, notes = merge(cards, devices, {})
-    found = Discovery("nvidia-smi", rows, notes, devices)
+    found = Discovery("nvidia-smi", merge(cards, devices, {}), [], devices)
     write_config(home, "c", gguf, gpu={"backend": "cuda", "device_id": 1, "vram_mib": 3584})
     write_config(home, "v", gguf, gpu={"backend": "vulkan", "device_id": 3, "vram_mib": 3584})
     (p,) = vulkan_problems(home, found)
@@ -353,10 +351,10 @@ def test_init_gpu_auto_on_vulkan_picks_by_vulkan_figures_and_writes_vulkans_inde
     assert json.loads(created.path.read_text())["gpu"]["device_id"] == 0
     cards = parse_nvidia_smi((OUTPUTS / "five_1060.csv").read_text())
     devices = parse_vulkaninfo((OUTPUTS / "vulkaninfo_1060s_and_igpu.txt").read_text())
-    rows, notes = merge(cards, devices, {})
+    rows = merge(cards, devices, {})
     created = create_instance(
         home, "nv", model=str(gguf), backend="vulkan", gpus="auto",
-        find_gpus=lambda: Discovery("nvidia-smi", rows, notes, devices),
+        find_gpus=lambda: Discovery("nvidia-smi", rows, [], devices),
     )  # fmt: skip
     # the emptiest 1060 is CUDA's 2, which Vulkan counts as 4
     assert json.loads(created.path.read_text())["gpu"]["device_id"] == 4

@@ -50,10 +50,15 @@ def gpus(
             if line := unknown_line(g, source):
                 out.print(f"[dim]{line}[/]")
     if not json_:
-        for d in status.software:
+        for d in status.unlisted:
+            what = (
+                "a software renderer on the CPU: not a GPU"
+                if d.software
+                else f"which no card {source} reports is: not listed"
+            )
             say(
-                f"Vulkan device {d.index} is {d.name}, a software renderer on the CPU: not a "
-                f"GPU, though backend vulkan with device_id {d.index} runs on it (for tests)"
+                f"Vulkan device {d.index} is {d.name}, {what}, though backend vulkan with "
+                f"device_id {d.index} runs on it" + (" (for tests)" if d.software else "")
             )
     for w in warnings:
         err.print(f"warning: {w}", markup=False)
