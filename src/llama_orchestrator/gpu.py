@@ -410,7 +410,8 @@ def probe_vulkan() -> tuple[list[VulkanDevice] | None, list[str]]:
 class VulkanCache:
     """`probe_vulkan`, its answer used for `ttl` seconds: for the daemon, which
     samples the cards every few seconds while the enumeration only changes
-    with the drivers (live use comes from NVML, ROCm or sysfs, not from here)."""
+    with the drivers. Live use comes from NVML, ROCm or sysfs; only a card
+    Vulkan alone sees off Linux (AMD on Windows) shows a use up to `ttl` old."""
 
     def __init__(self, ttl: float = VULKAN_TTL_S, probe: VulkanProbe = probe_vulkan) -> None:
         self.ttl, self.probe = ttl, probe
