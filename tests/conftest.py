@@ -51,6 +51,17 @@ def _leftovers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter() if p.pid != me and _ours(p)]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On Windows (the CI workflow's job), tests of POSIX code paths, and
+    those that run the python-shebang fakes, are skipped, saying so."""
+    if os.name != "nt":
+        return
+    skip = pytest.mark.skip(reason="POSIX only (signals, pidfds, fcntl, shebang scripts)")
+    for item in items:
+        if item.name.startswith("test_posix_") or item.get_closest_marker("posix"):
+            item.add_marker(skip)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     left = [p for p in _leftovers() if p.status() != psutil.STATUS_ZOMBIE]
     if not left:

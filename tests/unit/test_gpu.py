@@ -79,12 +79,14 @@ def _fake_path(monkeypatch, nvidia=None, rocm=None, vulkan=None):
             monkeypatch.delenv(var, raising=False)
 
 
+@pytest.mark.posix  # the fake tools are shebang scripts
 def test_discover_prefers_nvidia_smi_then_rocm_smi(monkeypatch):
     _fake_path(monkeypatch, nvidia="five_1060.csv", rocm="rocm_two.json")
     d = discover()
     assert d.source == "nvidia-smi" and len(d.gpus) == 5 and d.notes == []
 
 
+@pytest.mark.posix  # the fake tools are shebang scripts
 def test_discover_falls_back_past_a_broken_tool_with_a_note(monkeypatch):
     _fake_path(monkeypatch, nvidia=None, rocm="rocm_two.json")  # nvidia-smi exits 9
     d = discover()
@@ -131,6 +133,7 @@ def _fake_nvml(cards, fail_power=False, fail_init=False):
     return mod, calls
 
 
+@pytest.mark.posix  # the fake tools are shebang scripts
 def test_nvml_comes_first_and_unsupported_readings_are_none(monkeypatch):
     card = {
         "name": "NVIDIA H100",
@@ -158,6 +161,7 @@ def test_nvml_comes_first_and_unsupported_readings_are_none(monkeypatch):
     assert g.unknown == ["power"]
 
 
+@pytest.mark.posix  # the fake tools are shebang scripts
 def test_nvml_without_a_driver_falls_back_to_nvidia_smi(monkeypatch):
     mod, _ = _fake_nvml([], fail_init=True)
     monkeypatch.setitem(sys.modules, "pynvml", mod)
@@ -166,6 +170,7 @@ def test_nvml_without_a_driver_falls_back_to_nvidia_smi(monkeypatch):
     assert discover().source == "nvidia-smi"
 
 
+@pytest.mark.posix  # the fake tools are shebang scripts
 def test_tool_timeout_is_a_note_not_a_hang(monkeypatch, tmp_path):
     slow = tmp_path / "nvidia-smi"
     slow.write_text("#!/bin/sh\nexec /bin/sleep 30\n")
@@ -231,6 +236,7 @@ def test_vulkaninfo_without_devices_is_an_empty_list():
     assert parse_vulkaninfo("==========\nVULKANINFO\n==========\n") == []
 
 
+@pytest.mark.posix  # the fake tools are shebang scripts
 def test_amd_cards_on_vulkan_alone_are_the_rows_software_ones_never(monkeypatch):
     _fake_path(monkeypatch, vulkan="vulkaninfo_two_radv.txt")
     d = discover()
@@ -256,6 +262,7 @@ def test_amd_cards_on_vulkan_alone_are_the_rows_software_ones_never(monkeypatch)
     assert d.devices_of("cuda") == {} and d.devices_of("sycl") is None
 
 
+@pytest.mark.posix  # the fake tools are shebang scripts
 def test_amdgpu_sysfs_fills_in_what_vulkan_lacks(monkeypatch, tmp_path):
     drm = _sysfs(tmp_path)
     _fake_path(monkeypatch, vulkan="vulkaninfo_two_radv.txt")
@@ -299,6 +306,7 @@ def test_amdgpu_sysfs_reads_amd_cards_only_by_pci_address(tmp_path):
     assert read_cards(tmp_path / "absent") == {}
 
 
+@pytest.mark.posix  # the fake tools are shebang scripts
 def test_rocm_cards_get_the_vulkan_index_of_the_same_card_by_pci(monkeypatch):
     _fake_path(monkeypatch, rocm="rocm_two.json", vulkan="vulkaninfo_two_radv.txt")
     d = discover()
@@ -310,6 +318,7 @@ def test_rocm_cards_get_the_vulkan_index_of_the_same_card_by_pci(monkeypatch):
     assert d.gpus[0].temperature_c == 52.0  # ROCm's readings stay
 
 
+@pytest.mark.posix  # the fake tools are shebang scripts
 def test_cuda_cards_get_their_vulkan_index_by_uuid_and_an_igpu_is_a_note(monkeypatch):
     # Vulkan counts the Intel iGPU first and the 1060s in another order than CUDA
     _fake_path(monkeypatch, nvidia="five_1060.csv", vulkan="vulkaninfo_1060s_and_igpu.txt")
@@ -331,12 +340,14 @@ def test_cuda_cards_get_their_vulkan_index_by_uuid_and_an_igpu_is_a_note(monkeyp
     assert d.devices_of("vulkan")[0].startswith("Intel")  # but may be pinned
 
 
+@pytest.mark.posix  # the fake tools are shebang scripts
 def test_a_loader_without_a_driver_is_no_vulkan_and_no_warning(monkeypatch):
     _fake_path(monkeypatch)  # the fake vulkaninfo then answers "Found no drivers"
     d = discover()
     assert (d.source, d.gpus, d.vulkan, _vulkan_notes(d)) == ("none", [], [], [])
 
 
+@pytest.mark.posix  # the fake tools are shebang scripts
 def test_windows_amd_vulkan_rows_say_which_readings_are_unknown(monkeypatch):
     _fake_path(monkeypatch, vulkan="vulkaninfo_windows_two_amd.txt")
     d = discover()

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -22,7 +23,7 @@ def gguf(tmp_path):
 
 
 def test_design_example_with_missing_model_reports_only_that(home, monkeypatch, tmp_path):
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")  # a binary exists
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)  # a binary exists
     folder = home.instances_dir / "gpt-oss"
     folder.mkdir()
     (folder / "config.json").write_text(DESIGN_EXAMPLE)
@@ -32,7 +33,7 @@ def test_design_example_with_missing_model_reports_only_that(home, monkeypatch, 
 
 
 def test_duplicate_ports_missing_model_and_non_gguf(home, gguf, tmp_path, monkeypatch):
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     write_config(home, "a", gguf, server={"port": 9001})
     write_config(home, "b", gguf, server={"port": 9001, "host": "0.0.0.0"})
     notgguf = tmp_path / "x.gguf"
@@ -69,6 +70,7 @@ def test_binary_not_found_names_every_place_searched(tmp_path, monkeypatch):
     assert "pip install" in msg
 
 
+@pytest.mark.posix  # /bin/true
 def test_binary_lookup_order(tmp_path, monkeypatch):
     home_bin = tmp_path / "bin" / "llama-server"
     home_bin.parent.mkdir()
@@ -76,8 +78,8 @@ def test_binary_lookup_order(tmp_path, monkeypatch):
     home_bin.chmod(0o755)
     monkeypatch.delenv("LLAMA_SERVER_BIN", raising=False)
     assert binary.find_llama_server(None, tmp_path) == home_bin
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
-    assert str(binary.find_llama_server(None, tmp_path)) == "/bin/sh"
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
+    assert str(binary.find_llama_server(None, tmp_path)) == sys.executable
     assert str(binary.find_llama_server("/bin/true", tmp_path)) == "/bin/true"
     with pytest.raises(BinaryNotFound, match="configured binary"):
         binary.find_llama_server(str(tmp_path / "missing"), tmp_path)
@@ -97,7 +99,7 @@ def four_cards() -> Discovery:
 
 
 def test_create_writes_a_valid_config_and_refuses_to_overwrite(home, gguf, monkeypatch):
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     path = create_instance(
         home,
         "w1",
@@ -127,7 +129,7 @@ def test_force_keeps_what_is_not_given_and_its_own_port_while_it_listens(
 
     from llama_orchestrator.tinymodel import write_tiny_model
 
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
@@ -155,7 +157,7 @@ def test_force_keeps_what_is_not_given_and_its_own_port_while_it_listens(
 
 
 def test_force_over_another_backend_drops_the_old_pin(home, gguf, monkeypatch):
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     path = create_instance(
         home, "w", model=str(gguf), backend="cuda", gpus=[3], layers=10, find_gpus=four_cards
     ).path
@@ -236,7 +238,7 @@ def test_describe_reports_the_operators_vram_figure_over_the_estimate(engine, ti
 
 
 def test_init_force_sets_gpu_force_only_when_no_gpu_was_found(home, gguf, monkeypatch):
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     # a card this machine lacks, among cards it has: written on --force, but not forced
     path = create_instance(
         home, "w", model=str(gguf), backend="cuda", gpus=[7], layers=0, force=True,
@@ -274,7 +276,7 @@ def vulkan_problems(home, found):
 
 
 def test_a_vulkan_pin_to_an_absent_index_is_refused_as_a_cuda_one_is(home, gguf, monkeypatch):
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     write_config(home, "v", gguf, gpu={"backend": "vulkan", "device_id": [0, 3]})
     (p,) = vulkan_problems(home, vulkan_found("vulkaninfo_two_radv.txt"))
     assert p.severity == "error" and p.message == (
@@ -292,21 +294,21 @@ def test_a_vulkan_pin_to_an_absent_index_is_refused_as_a_cuda_one_is(home, gguf,
 
 
 def test_a_cuda_pin_on_amd_cards_seen_by_vulkan_alone_is_refused(home, gguf, monkeypatch):
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     write_config(home, "c", gguf, gpu={"backend": "cuda", "device_id": 0})
     (p,) = vulkan_problems(home, vulkan_found("vulkaninfo_two_radv.txt"))
     assert p.severity == "error" and "GPU 0 is pinned but no GPU was found here" in p.message
 
 
 def test_a_vulkan_pin_to_a_software_device_is_allowed_with_a_warning(home, gguf, monkeypatch):
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     write_config(home, "v", gguf, gpu={"backend": "vulkan", "device_id": 0})
     (p,) = vulkan_problems(home, vulkan_found("vulkaninfo_llvmpipe.txt"))
     assert p.severity == "warning" and "llvmpipe (LLVM 15.0.6, 256 bits), a software" in p.message
 
 
 def test_vram_fit_uses_the_vulkan_heaps(home, gguf, monkeypatch):
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     for name in ("a", "b"):  # 2 x 4.5 GB on the RX 6600's 8 GB
         write_config(home, name, gguf, gpu={"backend": "vulkan", "device_id": 1, "vram_mib": 4608})
     (p,) = vulkan_problems(home, vulkan_found("vulkaninfo_two_radv.txt"))
@@ -322,7 +324,7 @@ def test_a_vulkan_and_a_cuda_instance_on_one_card_add_up(home, gguf, monkeypatch
     from llama_orchestrator.gpu import merge, parse_nvidia_smi
     from llama_orchestrator.vulkan import parse_vulkaninfo
 
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     cards = parse_nvidia_smi((OUTPUTS / "five_1060.csv").read_text())
     devices = parse_vulkaninfo((OUTPUTS / "vulkaninfo_1060s_and_igpu.txt").read_text())
     found = Discovery("nvidia-smi", merge(cards, devices, {}), [], devices)
@@ -342,7 +344,7 @@ def test_init_gpu_auto_on_vulkan_picks_by_vulkan_figures_and_writes_vulkans_inde
     from llama_orchestrator.gpu import merge, parse_nvidia_smi
     from llama_orchestrator.vulkan import parse_vulkaninfo
 
-    monkeypatch.setenv("LLAMA_SERVER_BIN", "/bin/sh")
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     created = create_instance(
         home, "amd", model=str(gguf), backend="vulkan", gpus="auto",
         find_gpus=lambda: vulkan_found("vulkaninfo_windows_two_amd.txt"),
