@@ -650,7 +650,11 @@ def test_a_full_disk_drops_nothing_and_says_so(tmpfs_home, tiny_model, server_bi
         assert not (a["pid"] == first and a["state"] == "healthy"), a  # never a dead pid's health
         return a, r.stderr
 
-    a, warned = wait_until(lambda: (x := ps())[0]["pid"] not in (None, first) and x, timeout=30)
+    # restarted and healthy again (so b below is not queued behind a's load)
+    a, warned = wait_until(
+        lambda: (x := ps())[0]["pid"] not in (None, first) and x[0]["state"] == "healthy" and x,
+        timeout=30,
+    )
     assert f"The state database {home.db_path} cannot be written" in warned
     assert "is full (" in warned and "The daemon supervises from memory" in warned
     ballast += fill_disk(home.root)  # what a restart's churn gave back meanwhile
