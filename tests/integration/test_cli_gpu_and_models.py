@@ -95,15 +95,15 @@ def test_gpus_shows_each_cards_vulkan_index_and_a_software_device_apart(home, ti
     r = run_cli(home, "gpus", env={**env, "COLUMNS": "120"})
     assert "cuda (vk 2)" in r.stdout
     assert (
-        "Vulkan device 0 is Intel(R) UHD Graphics 770 (ADL-S GT1), which no card nvidia-smi "
-        "reports is: not listed, though backend vulkan with device_id 0 runs on it"
+        "Vulkan device 0 is Intel(R) UHD Graphics 770 (ADL-S GT1), not a card nvidia-smi "
+        "reports, so not listed; backend vulkan with device_id 0 runs on it"
     ) in r.stdout
     assert "warning" not in r.stderr  # an iGPU is nothing to warn about
     r = run_cli(home, "gpus", env=gpu_env(vulkan="vulkaninfo_llvmpipe.txt"))
     assert r.returncode == 0 and r.stdout.splitlines() == [
         "no GPU found (looked for NVML, nvidia-smi, rocm-smi and vulkaninfo)",
-        "Vulkan device 0 is llvmpipe (LLVM 15.0.6, 256 bits), a software renderer on the CPU: not "
-        "a GPU, though backend vulkan with device_id 0 runs on it (for tests)",
+        "Vulkan device 0 is llvmpipe (LLVM 15.0.6, 256 bits), a software renderer on the CPU, so "
+        "not listed as a GPU; backend vulkan with device_id 0 runs on it (for tests)",
     ]
 
 

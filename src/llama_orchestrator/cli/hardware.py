@@ -52,12 +52,12 @@ def gpus(
     if not json_:
         for d in status.unlisted:
             what = (
-                "a software renderer on the CPU: not a GPU"
+                "a software renderer on the CPU, so not listed as a GPU"
                 if d.software
-                else f"which no card {source} reports is: not listed"
+                else f"not a card {source} reports, so not listed"
             )
             say(
-                f"Vulkan device {d.index} is {d.name}, {what}, though backend vulkan with "
+                f"Vulkan device {d.index} is {d.name}, {what}; backend vulkan with "
                 f"device_id {d.index} runs on it" + (" (for tests)" if d.software else "")
             )
     for w in warnings:
