@@ -11,6 +11,7 @@ from llama_orchestrator.timefmt import human_duration
 
 if TYPE_CHECKING:  # the engine is not imported to print a table
     from llama_orchestrator.engine.status import InstanceStatus
+    from llama_orchestrator.vulkan import VulkanDevice
 
 __all__ = [
     "ANSI",
@@ -25,6 +26,7 @@ __all__ = [
     "gpu_cells",
     "backend_of",
     "unknown_line",
+    "unlisted_line",
     "PLAN_RUN_COLUMNS",
     "PLAN_TASK_COLUMNS",
     "plan_run_cells",
@@ -193,6 +195,19 @@ def unknown_line(g: GpuInfo, source: str) -> str | None:
     if not g.unknown:
         return None
     return f"GPU {g.index}: {source} reports no {', '.join(g.unknown)} for it (shown as - or ?)"
+
+
+def unlisted_line(d: VulkanDevice, source: str) -> str:
+    """What `gpus` says of a Vulkan device it lists no row for, and how to pin it."""
+    what = (
+        "a software renderer on the CPU, so not listed as a GPU"
+        if d.software
+        else f"not a card {source} reports, so not listed"
+    )
+    return (
+        f"Vulkan device {d.index} is {d.name}, {what}; backend vulkan with "
+        f"device_id {d.index} runs on it" + (" (for tests)" if d.software else "")
+    )
 
 
 def gpu_cells(g: GpuInfo, threshold: float) -> tuple[list[str], bool]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from llama_orchestrator.cli.context import app_context, err, out, print_json, say
-from llama_orchestrator.present import GPU_COLUMNS, gpu_cells, unknown_line
+from llama_orchestrator.present import GPU_COLUMNS, gpu_cells, unknown_line, unlisted_line
 
 __all__ = ["register"]
 
@@ -51,15 +51,7 @@ def gpus(
                 out.print(f"[dim]{line}[/]")
     if not json_:
         for d in status.unlisted:
-            what = (
-                "a software renderer on the CPU, so not listed as a GPU"
-                if d.software
-                else f"not a card {source} reports, so not listed"
-            )
-            say(
-                f"Vulkan device {d.index} is {d.name}, {what}; backend vulkan with "
-                f"device_id {d.index} runs on it" + (" (for tests)" if d.software else "")
-            )
+            say(unlisted_line(d, source))
     for w in warnings:
         err.print(f"warning: {w}", markup=False)
 

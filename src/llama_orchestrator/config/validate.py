@@ -263,9 +263,7 @@ def absent_devices(items: list[Loaded], found: Discovery) -> list[Problem]:
             continue  # nothing here asks that backend: no verdict
         # no card at all of what the backend asks (an AMD card on Vulkan alone is no CUDA card)
         nothing = (
-            not have
-            if backend == "vulkan"
-            else not [g for g in found.gpus if g.backend != "vulkan"]
+            not have if backend == "vulkan" else not any(g.backend != "vulkan" for g in found.gpus)
         )
         if nothing and not cfg.gpu.force:
             problems.append(

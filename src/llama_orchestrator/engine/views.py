@@ -44,16 +44,15 @@ def gpu_sample(engine: Engine, busy: Callable[[str], bool] | None = None) -> Gpu
     lease (`busy`: an instance has requests in flight, as the daemon knows);
     new alerts recorded as events."""
     loaded = load_all(engine.home)
-    backends = {x.name: x.config.gpu.backend for x in loaded if x.config is not None}
+    configs = {x.name: x.config for x in loaded if x.config is not None}
     status = check(
         pinned(engine, loaded),
         engine.store,
         engine.settings.gpu.temp_threshold,
         engine.find_gpus,
-        backends,
+        {n: c.gpu.backend for n, c in configs.items()},
     )
     leases = {x.gpu: x for x in engine.store.leases()}
-    configs = {x.name: x.config for x in loaded if x.config is not None}
     on = occupants(
         engine.store.all(),
         lambda n: configs[n].gpu.devices if n in configs else [],
