@@ -27,6 +27,7 @@ from llama_orchestrator.errors import OrchError
 
 __all__ = [
     "KeyMissing",
+    "read_key",
     "api_key",
     "key_env_names",
     "RateWindow",
@@ -55,26 +56,38 @@ def api_key(
 ) -> str | None:
     """The key to send (None: the upstream needs none); raises KeyMissing."""
     u = cfg.upstream
-    if u.api_key_env:
-        key = env.get(u.api_key_env, "").strip()
+    return read_key(f"upstream '{name}'", u.api_key_env, u.api_key_file, config_dir, env)
+
+
+def read_key(
+    what: str,
+    env_name: str | None,
+    file: str | None,
+    folder: Path,
+    env: Mapping[str, str] = os.environ,
+) -> str | None:
+    """A key from the daemon's environment or from a file (relative to
+    `folder`), read now; None when neither is named. Raises KeyMissing."""
+    if env_name:
+        key = env.get(env_name, "").strip()
         if not key:
             raise KeyMissing(
-                f"The key of upstream '{name}' is not set: the daemon has no ${u.api_key_env}.",
-                hint=f"Set {u.api_key_env} where the daemon starts (its service unit, or the "
+                f"The key of {what} is not set: the daemon has no ${env_name}.",
+                hint=f"Set {env_name} where the daemon starts (its service unit, or the "
                 "shell of `daemon start`), then `llama-orch daemon stop` and `up`.",
             )
         return key
-    if u.api_key_file:
-        path = (config_dir / u.api_key_file).expanduser()
+    if file:
+        path = (folder / file).expanduser()
         try:
             key = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise KeyMissing(
-                f"The key of upstream '{name}' cannot be read from {path} ({exc.strerror}).",
+                f"The key of {what} cannot be read from {path} ({exc.strerror}).",
                 hint=f"Write the key to {path}.",
             ) from None
         if not key:
-            raise KeyMissing(f"The key file {path} of upstream '{name}' is empty.")
+            raise KeyMissing(f"The key file {path} of {what} is empty.")
         return key
     return None
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from llama_orchestrator import __version__
 from llama_orchestrator.cli import (
     config_cmd,
+    context_cmd,
     daemon_cmd,
     dashboard,
     demo,
@@ -21,12 +22,16 @@ from llama_orchestrator.cli import (
     models_cmd,
     plan_cmd,
     service_cmd,
+    system_cmd,
     usage_cmd,
 )
 from llama_orchestrator.cli.context import AppContext, err
 from llama_orchestrator.cli.helptext import PlainHelpGroup
 from llama_orchestrator.errors import ConfigError, OrchError, UserError
 from llama_orchestrator.home import find_home, require_home
+
+if TYPE_CHECKING:
+    from llama_orchestrator.remote import SshTarget
 
 __all__ = ["app", "main"]
 
@@ -61,6 +66,13 @@ def root(
         metavar="FOLDER",
         help="The home folder (default: nearest with instances/).",
     ),
+    host: Optional[str] = typer.Option(
+        None,
+        "--host",
+        envvar="LLAMA_ORCH_HOST",
+        metavar="URL",
+        help="Run on another machine: ssh://USER@HOST:PORT/HOME (user, port and home optional), or a context's name.",
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version."
@@ -87,6 +99,8 @@ app.add_typer(daemon_cmd.app, name="daemon")
 app.add_typer(service_cmd.app, name="service")
 app.add_typer(plan_cmd.app, name="plan")
 app.add_typer(models_cmd.app, name="models")
+app.add_typer(context_cmd.app, name="context")
+app.add_typer(system_cmd.app, name="system")
 app.command("demo")(demo.demo)
 app.command("dashboard")(dashboard.dashboard)
 app.command("usage")(usage_cmd.usage)
@@ -105,14 +119,38 @@ def _report(exc: OrchError) -> None:
     err.print(str(exc), markup=False)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app and turn every failure into one clear message.
+def _elsewhere(args: list[str]) -> SshTarget | None:
+    """The machine the command runs on when it is not this one (`--host`,
+    $LLAMA_ORCH_HOST, a context); None for this one, for help and --version,
+    and for the commands about this machine (`context`, `system`)."""
+    from llama_orchestrator import remote
+
+    host, rest, command = remote.split_root_args(args)
+    root_options = set(rest[: rest.index(command)]) if command else set()
+    if (
+        command is None
+        or command in remote.LOCAL_ONLY
+        or {"--version", "-h", "--help"} & root_options
+    ):
+        return None
+    from llama_orchestrator.contexts import choose
+
+    return choose(host)
+
+
+def main(argv: list[str] | None = None, here: bool = False) -> None:
+    """Entry point: run the app and turn every failure into one clear message
+    (on the machine `--host` names, unless `here`: what `system remote` was sent).
 
     Typer (in standalone mode) reports usage errors itself, exit 2; our own
     errors and anything unexpected arrive here."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
+        if not here and (target := _elsewhere(args)) is not None:
+            from llama_orchestrator import remote
+
+            sys.exit(remote.run(target, remote.split_root_args(args)[1]))
         app(args=args, prog_name="llama-orch")
     except OrchError as exc:
         if debug:

@@ -40,6 +40,10 @@ class _LazyConsole:
         return getattr(self.console(), name)
 
 
+#: the machine's name when another machine's `--host` runs this command here
+#: (`system remote`): `ps --json` says it as `machine`
+MACHINE: str | None = None
+
 out: Any = _LazyConsole(stderr=False)
 err: Any = _LazyConsole(stderr=True)
 

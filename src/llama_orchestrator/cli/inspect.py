@@ -63,7 +63,9 @@ def ps(
     seen = app.control().status()  # the daemon's view when one runs
     rows = seen.instances
     if json_:
-        print_json(rows)
+        from llama_orchestrator.cli import context
+
+        print_json([{**r, "machine": context.MACHINE} for r in rows])
         _warn(seen.warnings)
         return
     from llama_orchestrator.daemon.info import running

@@ -418,6 +418,42 @@ class ModelSettings(_Section):
     )
 
 
+class PeerSettings(_Section):
+    """Another machine's llama-orch router, whose models this router also serves."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        description="What the peer is called here (ps, /v1/models, a plan task's `host`).",
+    )
+    url: str = Field(
+        description="Its router: http://10.0.0.2:8080 (router.host there must be reachable from here)."
+    )
+    api_key_file: str | None = Field(
+        None,
+        description="File holding the key this machine presents to the peer (one of the peer's "
+        "router.api_keys), relative to the home; read at each refresh.",
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable (of the daemon) holding that key."
+    )
+    refresh: float = Field(
+        1.0, gt=0, description="Seconds between looks at the peer's models and free slots."
+    )
+    timeout: float = Field(
+        2.0, gt=0, description="Seconds a look may take before the peer is skipped."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+            raise ValueError("use the peer router's http:// address, e.g. http://10.0.0.2:8080")
+        return v.rstrip("/")
+
+
 class Settings(_Section):
     """Global settings: `<home>/llama-orch.json` (all optional)."""
 
@@ -431,6 +467,22 @@ class Settings(_Section):
     gpu: GpuSettings = Field(default_factory=GpuSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     loads: LoadSettings = Field(default_factory=LoadSettings)
+    peers: list[PeerSettings] = Field(
+        default_factory=list,
+        description="Other machines' routers: their models are served here too, each request "
+        "to the least busy replica wherever it runs.",
+    )
+
+    @field_validator("peers")
+    @classmethod
+    def _unique_peers(cls, v: list[PeerSettings]) -> list[PeerSettings]:
+        names = [p.name for p in v]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"peer names must differ ({', '.join(dup)} is given twice)")
+        for p in v:
+            if p.api_key_env and p.api_key_file:
+                raise ValueError(f"peer '{p.name}': give api_key_env or api_key_file, not both")
+        return v
 
 
 # --- parsing -----------------------------------------------------------------

@@ -23,11 +23,13 @@ class Board:
         self.known: set[str] = set()
         #: the names the external upstreams' configs offer (`daemon.upstreams`)
         self.remote_known: set[str] = set()
+        #: the names the peers' instances offer (`daemon.peers`), also while one is away
+        self.peer_known: set[str] = set()
         self._watchers: list[Callable[[], None]] = []
 
     def names(self) -> set[str]:
         """Every model name a request or a plan may use."""
-        return self.known | self.remote_known
+        return self.known | self.remote_known | self.peer_known
 
     def watch(self, fn: Callable[[], None]) -> None:
         """Call fn() after every change of `replicas`."""

@@ -140,6 +140,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     from llama_orchestrator.daemon.loads import LoadGate
     from llama_orchestrator.daemon.metrics import Metrics
     from llama_orchestrator.daemon.ondemand import OnDemand
+    from llama_orchestrator.daemon.peers import Peers
     from llama_orchestrator.daemon.plans import PlanRunner
     from llama_orchestrator.daemon.runner import RunnerDeps
     from llama_orchestrator.daemon.supervisor import Supervisor
@@ -212,6 +213,15 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         externals,
         lambda name, kind, msg: store.add_event(name, kind, msg),
     )
+    peers = Peers(
+        settings.peers,
+        home.root,
+        board,
+        router.upstream,
+        router.in_flight,
+        lambda name, kind, msg: store.add_event(name, kind, msg),
+        clock=effects.now,
+    )
     metrics.watch_router(router)
     router_server, router_url, router_error = _router(home, router, store, metrics)
     plans = PlanRunner(home, store, router, board.names, leases=leases)
@@ -263,6 +273,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     await sup.start()
     await leases.start()  # a killed daemon's leases given back, what yielded restored
     on_demand.start()
+    peers.start()
     await plans.start()
     write_info(
         home,
@@ -289,6 +300,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         await sup.upstreams.close()
         await usage.close()  # what upstream requests cost, all of it written
         await on_demand.close()
+        await peers.close()
         await leases.close()
         await sup.shutdown(stop_instances)  # drains the router's replicas on --all
         if router_task is not None:

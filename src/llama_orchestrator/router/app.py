@@ -10,6 +10,7 @@ import json
 import secrets
 from collections.abc import Callable
 
+from llama_orchestrator.peers import STATE_PATH, state_of
 from llama_orchestrator.router.front import Reply, Request, Stream
 from llama_orchestrator.router.proxy import LIGHT, Router, openai_error
 
@@ -17,7 +18,7 @@ __all__ = ["RouterSite", "is_loopback", "host_of", "PROXIED"]
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/completion")
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
-_GET = {"/v1/models", "/health", "/metrics"}
+_GET = {"/v1/models", "/health", "/metrics", STATE_PATH}
 
 
 def is_loopback(host: str) -> bool:
@@ -94,6 +95,8 @@ class RouterSite:
     async def _get(self, path: str) -> Reply:
         if path == "/v1/models":
             return _json({"object": "list", "data": await self.router.model_list()})
+        if path == STATE_PATH:  # what peers ask (with a key, as any client when keys are set)
+            return _json(state_of(self.router.replicas(), self.router.in_flight))
         if path == "/health":
             return _json({"status": "ok", "healthy_instances": len(self.router.replicas())})
         body, content_type = self.render_metrics()

@@ -25,6 +25,7 @@ __all__ = [
     "lightest",
     "free_slots",
     "model_names",
+    "hosts_of",
 ]
 
 TAG_PREFIX = "tags:"
@@ -45,6 +46,8 @@ class Replica:
     remote: str | None = None
     base: str = ""  # its URL's path (/v1), which request paths continue
     tls: bool = False  # https
+    #: another machine's router serving it (`router.peers`); None: this machine
+    peer: str | None = None
 
 
 def tag_set(model: str) -> frozenset[str]:
@@ -125,3 +128,15 @@ def free_slots(model: str, replicas: Iterable[Replica], in_flight: Mapping[str, 
 def model_names(replicas: Iterable[Replica]) -> list[str]:
     """What /v1/models lists: the aliases of healthy instances."""
     return sorted({r.alias for r in replicas})
+
+
+def hosts_of(alias: str, replicas: Iterable[Replica]) -> list[str]:
+    """Where `alias` runs: "local" (this machine), "upstream" (an external
+    API), and the peers' names."""
+    return sorted(
+        {
+            r.peer or ("upstream" if r.remote is not None else "local")
+            for r in replicas
+            if r.alias == alias
+        }
+    )

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llama_orchestrator.config import RouterSettings
+from llama_orchestrator.peers import HOP_HEADER
 from llama_orchestrator.router.balance import (
     TAG_PREFIX,
     Replica,
     candidates,
+    hosts_of,
     lightest,
     model_names,
     offers,
@@ -96,6 +98,8 @@ def _headers_for(r: Replica, content_type: str, key: str | None = None) -> dict[
     headers = {"Content-Type": content_type}
     if key or r.api_key:
         headers["Authorization"] = f"Bearer {key or r.api_key}"
+    if r.peer is not None:
+        headers[HOP_HEADER] = "1"  # the peer serves it itself: one hop at most
     return headers
 
 
@@ -271,6 +275,8 @@ class Router:
         skip, limited = self._blocked(model)  # upstreams at their rate or budget
         if limited is not None:
             return self._limited(model, *limited)
+        if HOP_HEADER in request.headers:  # a peer's: served here, never sent on
+            skip |= {c.name for c in candidates(model, self.replicas()) if c.peer is not None}
         while True:
             try:
                 r = await self.acquire(model, frozenset(tried | skip), batch)
@@ -528,7 +534,9 @@ class Router:
         model = self._resolve(_named_model(request))
         if isinstance(model, Reply):
             return model
-        ours = [c for c in candidates(model, self.replicas()) if c.remote is None]
+        ours = [
+            c for c in candidates(model, self.replicas()) if c.remote is None and c.peer is None
+        ]
         r = lightest(ours, self.in_flight)
         if r is None:  # none healthy: queued like any request (an on-demand start)
             return await self.forward(request, model)
@@ -547,7 +555,11 @@ class Router:
         live = {(r.name, r.port) for r in replicas}
         for key in [k for k in self._model_info if k not in live]:
             del self._model_info[key]  # gone, or restarted elsewhere: ask anew
-        todo = [r for r in replicas if (r.name, r.port) not in self._model_info and not r.remote]
+        todo = [
+            r
+            for r in replicas
+            if (r.name, r.port) not in self._model_info and not r.remote and r.peer is None
+        ]
         for r, info in zip(
             todo, await asyncio.gather(*(self._ask_model_info(r) for r in todo)), strict=True
         ):
@@ -571,6 +583,7 @@ class Router:
                 if isinstance(created, int) and created > 0
                 else int(self.started),
                 "owned_by": "llama-orch",
+                "hosts": hosts_of(alias, replicas),  # "local" and the peers it runs on
             }
             if isinstance(info.get("meta"), dict):
                 entry["meta"] = info["meta"]

@@ -169,6 +169,8 @@ class Upstream:
         self.idle_s = idle_s
         self._idle: dict[tuple[str, int, bool], list[Exchange]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        #: the exchanges whose answer is being awaited or read, per (host, port, tls)
+        self._busy: dict[tuple[str, int, bool], set[Exchange]] = {}
 
     async def open(
         self,
@@ -195,6 +197,7 @@ class Upstream:
             try:
                 if conn is None:
                     conn = await self._connect(key)
+                self._busy.setdefault(key, set()).add(conn)
                 conn.send(request)
                 await conn.head()
                 return conn
@@ -202,6 +205,7 @@ class Upstream:
                 if conn is None:  # could not connect
                     exc.delivered = stale
                     raise
+                self._done(conn)
                 conn.close()
                 if conn.reused and not exc.answered and not stale:
                     stale = True  # the instance closed it while idle: once more, anew
@@ -210,11 +214,30 @@ class Upstream:
                 raise
             except BaseException:
                 if conn is not None:
+                    self._done(conn)
                     conn.close()  # cancelled: the instance stops working on it
                 raise
 
+    def _done(self, conn: Exchange) -> None:
+        busy = self._busy.get(conn.key)
+        if busy is not None:
+            busy.discard(conn)
+            if not busy:
+                del self._busy[conn.key]
+
+    def abort(self, host: str, port: int, tls: bool = False) -> int:
+        """Drop every connection to (host, port) now: the requests on them
+        fail as the link did (a peer that stopped answering); how many."""
+        key = (host, port, tls)
+        conns = [*self._busy.pop(key, ()), *self._idle.pop(key, [])]
+        for conn in conns:
+            if conn.transport is not None:
+                conn.transport.abort()
+        return len(conns)
+
     def finish(self, conn: Exchange) -> None:
         """Back to the pool when its answer was read whole, else closed."""
+        self._done(conn)
         if not conn.reusable:
             conn.close()
             return

@@ -1,0 +1,267 @@
+"""Several machines, for real: hosts B and C are network namespaces with
+their own homes, daemons and real sshd (tests/netns.py); this process is
+host A. `--host ssh://` runs commands there through the system's OpenSSH
+client, and A's router serves B's and C's real llama-servers as peers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from llama_orchestrator.daemon.main import stop as stop_daemon
+from llama_orchestrator.home import Home
+from tests.helpers import free_port, run_cli, wait_until
+from tests.netns import SSHD, Hosts, why_not
+
+pytestmark = [pytest.mark.integration, pytest.mark.posix]
+
+_WHY_NOT = why_not()
+if _WHY_NOT:
+    pytest.skip(f"no extra hosts here: {_WHY_NOT}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    hosts = Hosts(tmp_path_factory.mktemp("hosts"))
+    try:
+        yield hosts
+    finally:
+        for h in hosts.hosts:
+            stop_daemon(Home(h.home), all_=True)  # the control socket is a file: reached from here
+        hosts.close()
+
+
+def instance(host, name: str, model: Path, alias: str, port: int) -> None:
+    cfg = {
+        "model": {"path": str(model), "context_size": 512, "alias": alias, "threads": 1},
+        "server": {"host": "127.0.0.1", "port": port, "parallel": 2},
+        "healthcheck": {"interval": 0.5, "start_period": 30},
+        "stop_timeout": 5,
+    }
+    path = host.home / "instances" / name / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg))
+
+
+def cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    """`llama-orch ARGS` on A, as a user types it (no --home)."""
+    return subprocess.run(
+        [sys.executable, "-m", "llama_orchestrator", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+    )
+
+
+def over_ssh(net, host, *args, config=None, url=None, timeout=120):
+    """`llama-orch --host ssh://root@<host>/<its home> ARGS` from A."""
+    config = config or net.ssh_config()
+    return cli(
+        "--host",
+        url or f"ssh://root@{host.addr}{host.home}",
+        *args,
+        timeout=timeout,
+        LLAMA_ORCH_SSH_COMMAND=f"ssh -F {config}",
+    )
+
+
+def test_commands_run_on_another_host_over_ssh(net, tiny_model, server_bin, monkeypatch):
+    if not Path(SSHD).is_file() or not shutil.which("ssh"):
+        pytest.skip(
+            "Debian's openssh-server and openssh-client are not installed (.ci/run installs them)"
+        )
+    b = net.add("s")
+    net.start_sshd(b)
+    port = free_port()
+    r = over_ssh(
+        net, b, "init", "tiny", "--model", str(tiny_model), "--port", str(port), "--ctx", "512"
+    )
+    assert r.returncode == 0, r.stderr
+    assert (b.home / "instances" / "tiny" / "config.json").is_file()  # written there
+    r = over_ssh(net, b, "up", "tiny", "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    r = over_ssh(net, b, "ps", "--json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["state"] == "healthy" and row["machine"] == b.addr and row["port"] == port
+    assert {"name", "desired", "pid", "host", "supervised"} <= set(row)  # the keys of local ps
+    # it runs on B: in B's network namespace, supervised by B's daemon
+    server = psutil.Process(row["pid"])
+    assert os.readlink(f"/proc/{server.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    assert row["supervised"]
+    r = over_ssh(net, b, "logs", "tiny", "--tail", "50", "--stream", "stderr")
+    # the server's stderr comes out on ours, as `docker logs` does
+    assert r.returncode == 0 and f"listening on http://127.0.0.1:{port}" in r.stderr, r.stderr[
+        -500:
+    ]
+    r = over_ssh(net, b, "down", "tiny")
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE)
+    r = over_ssh(net, b, "ps", "--json")
+    assert json.loads(r.stdout)[0]["state"] == "stopped"
+
+    # a key B does not know: one sentence, exit 2, no traceback
+    r = over_ssh(net, b, "ps", config=net.ssh_config(key="stranger"))
+    assert r.returncode == 2 and "refused the SSH login for root@" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    # B's host key is not the one recorded: refused
+    r = over_ssh(net, b, "ps", config=net.ssh_config(host_key="impostor"))
+    assert r.returncode == 2 and "host key of" in r.stderr and "has changed" in r.stderr, r.stderr
+    # no llama-orch there (as ssh would run it)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(net.base / "xdg"))
+    r = cli(
+        "context",
+        "create",
+        "bare",
+        "--host",
+        f"ssh://root@{b.addr}",
+        "--remote-command",
+        "/nowhere/llama-orch",
+    )
+    assert r.returncode == 0, r.stderr
+    r = over_ssh(net, b, "ps", url="bare")
+    assert r.returncode == 2 and "has no `/nowhere/llama-orch`" in r.stderr, r.stderr
+    # a context is used by name and by `context use`
+    r = cli(
+        "context",
+        "create",
+        "rig",
+        "--host",
+        f"ssh://root@{b.addr}{b.home}",
+        "--remote-command",
+        str(Path(sys.executable).parent / "llama-orch"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert cli("context", "use", "rig").returncode == 0
+    r = cli("ps", "--json", LLAMA_ORCH_SSH_COMMAND=f"ssh -F {net.ssh_config()}")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["machine"] == "rig", r.stderr
+
+
+def _requests_by(url: str, key: str, instance: str) -> float:
+    """Requests A's router sent to `instance` (its Prometheus counter)."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}).text
+    total = 0.0
+    for line in text.splitlines():
+        if (
+            line.startswith("llama_orch_router_requests_total{")
+            and f'instance="{instance}"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_one_router_across_hosts_survives_a_cut_link(net, tmp_path, tiny_model, server_bin):
+    b, c = net.add("b"), net.add("c")
+    keys = {"b": "key-of-a-at-b", "c": "key-of-a-at-c"}
+    for h, (own, shared) in ((b, ("bee", "tiny")), (c, ("sea", "tiny"))):
+        h.home.joinpath("llama-orch.json").write_text(
+            json.dumps({"router": {"host": h.addr, "port": 8080, "api_keys": [keys[h.name]]}})
+        )
+        instance(h, own, tiny_model, own, 8001)
+        instance(h, "tiny", tiny_model, shared, 8002)
+        r = h.cli("up", own, "tiny", "--timeout", "60")
+        assert r.returncode == 0, r.stderr
+    a = Home(tmp_path / "a")
+    a.instances_dir.mkdir(parents=True)
+    port = free_port()
+    peers = []
+    for h in (b, c):
+        (a.root / f"{h.name}.key").write_text(keys[h.name])
+        peers.append(
+            {
+                "name": h.name,
+                "url": f"http://{h.addr}:8080",
+                "api_key_file": f"{h.name}.key",
+                "refresh": 0.5,
+                "timeout": 1,
+            }
+        )
+    a.settings_path.write_text(
+        json.dumps({"router": {"port": port, "api_keys": ["client-key"]}, "peers": peers})
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        r = run_cli(a, "daemon", "start")
+        assert r.returncode == 0, r.stderr
+        client = openai.OpenAI(
+            base_url=f"{url}/v1", api_key="client-key", max_retries=0, timeout=60
+        )
+
+        def where() -> dict[str, list[str]]:
+            return {m.id: m.model_extra["hosts"] for m in client.models.list().data}
+
+        wait_until(lambda: where() == {"bee": ["b"], "sea": ["c"], "tiny": ["b", "c"]}, timeout=30)
+        for model in ("bee", "sea", "tiny"):  # the official client reaches each, wherever it runs
+            answer = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+            )
+            assert answer.choices[0].message.content is not None
+        # nothing is accepted from a peer without its key, and no control verb is there
+        assert httpx.get(f"http://{b.addr}:8080/v1/peer/state").status_code == 401
+        assert (
+            httpx.post(
+                f"http://{b.addr}:8080/v1/up", headers={"Authorization": f"Bearer {keys['b']}"}
+            ).status_code
+            == 404
+        )
+
+        failures: list[str] = []
+        done = [0]
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def worker() -> None:
+            while not stop.is_set():
+                with lock:
+                    done[0] += 1
+                    i = done[0]
+                try:
+                    client.chat.completions.create(
+                        model="tiny",
+                        messages=[{"role": "user", "content": f"Hi {i}"}],
+                        max_tokens=4,
+                    )
+                except Exception as exc:  # noqa: BLE001 - every failure counts
+                    failures.append(f"{i}: {type(exc).__name__}: {exc}")
+
+        def count() -> int:
+            with lock:
+                return done[0]
+
+        # the load, at concurrency 8: 100 requests, then B's cable is pulled;
+        # 100 while A skips B, then it is plugged in again; 100 once A uses B again
+        workers = [threading.Thread(target=worker) for _ in range(8)]
+        for w in workers:
+            w.start()
+        try:
+            wait_until(lambda: count() >= 100, timeout=60)
+            assert _requests_by(url, "client-key", "tiny@b") > 0  # B took its share
+            b.cut()
+            wait_until(lambda: where().get("tiny") == ["c"], timeout=15)  # skipped while away
+            at_cut = count()
+            wait_until(lambda: count() >= at_cut + 100, timeout=60)
+            b.restore()
+            wait_until(lambda: where().get("tiny") == ["b", "c"], timeout=15)  # and back
+            back_at, at_back = _requests_by(url, "client-key", "tiny@b"), count()
+            wait_until(lambda: count() >= at_back + 100, timeout=60)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(120)
+        assert count() >= 300 and failures == [], failures[:5]
+        assert _requests_by(url, "client-key", "tiny@b") > back_at  # used again
+    finally:
+        stop_daemon(a, all_=True)
+        for h in (b, c):
+            stop_daemon(Home(h.home), all_=True)
