@@ -20,7 +20,7 @@ from llama_orchestrator.errors import UserError
 from llama_orchestrator.files import atomic_write_text
 from llama_orchestrator.remote import SshTarget, parse_target
 
-__all__ = ["Context", "Contexts", "DEFAULT", "config_dir", "choose"]
+__all__ = ["Context", "Contexts", "DEFAULT", "config_dir", "choose", "resolve"]
 
 DEFAULT = "default"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -123,11 +123,16 @@ def choose(flag: str | None, env: dict[str, str] | None = None) -> SshTarget | N
     env = dict(os.environ) if env is None else env
     url = flag or env.get("LLAMA_ORCH_HOST") or None
     if url:
-        if not url.startswith("ssh://") and _NAME.match(url):
-            context = Contexts().get(url)  # --host rig2: a context's name
-            return context.target() if context else None
-        return parse_target(url)
+        return resolve(url)
     store = Contexts()
     name = env.get("LLAMA_ORCH_CONTEXT") or store.current()
     context = store.get(name)
     return context.target() if context else None
+
+
+def resolve(url: str) -> SshTarget | None:
+    """An ssh:// address, or a context's name (None: `default`, this machine)."""
+    if not url.startswith("ssh://") and _NAME.match(url):
+        context = Contexts().get(url)  # --host rig2: a context's name
+        return context.target() if context else None
+    return parse_target(url)

@@ -28,6 +28,7 @@ without ssh; `run` is the thin shell around them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -53,6 +54,9 @@ __all__ = [
     "ssh_failure",
     "MARKER",
     "run",
+    "start",
+    "call",
+    "split_marked",
     "LOCAL_ONLY",
 ]
 
@@ -296,6 +300,46 @@ class _Relay(threading.Thread):
                 self.started = True
             else:
                 self.before.append(line)
+
+
+def split_marked(stderr: str) -> tuple[str, str, bool]:
+    """(ssh's lines, the remote llama-orch's, whether it ran) of a whole stderr."""
+    head, marker, tail = stderr.partition(MARKER)
+    if not marker:
+        return stderr, "", False
+    return head, tail.partition("\n")[2], True
+
+
+async def start(target: SshTarget, argv: list[str]) -> asyncio.subprocess.Process:
+    """`llama-orch <argv>` on `target` as a child of ours, for the daemon
+    (no terminal, no prompt): stdin, stdout and stderr are pipes; `finish`
+    reads what it said."""
+    if target.home is not None:
+        argv = ["--home", target.home, *argv]
+    cmd = ssh_argv(
+        target, encode_payload(argv, target.name), False, os.environ.get("LLAMA_ORCH_SSH_COMMAND")
+    )
+    try:
+        return await asyncio.create_subprocess_exec(
+            *cmd,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except FileNotFoundError:
+        raise OrchError(f"There is no `{cmd[0]}` here to reach {target.name}.") from None
+
+
+async def call(target: SshTarget, argv: list[str], stdin: bytes = b"") -> tuple[int, str, str]:
+    """`llama-orch <argv>` on `target`, read whole: (exit code, stdout, its
+    stderr). Raises OrchError when ssh (or the far side) could not run it."""
+    proc = await start(target, argv)
+    out, err = await proc.communicate(stdin)
+    rc = proc.returncode or 0
+    before, said, started = split_marked(err.decode("utf-8", "replace"))
+    if (problem := ssh_failure(target, rc, before, started)) is not None:
+        raise problem
+    return rc, out.decode("utf-8", "replace"), said
 
 
 def run(target: SshTarget, argv: list[str]) -> int:

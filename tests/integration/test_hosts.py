@@ -265,3 +265,135 @@ def test_one_router_across_hosts_survives_a_cut_link(net, tmp_path, tiny_model, 
         stop_daemon(a, all_=True)
         for h in (b, c):
             stop_daemon(Home(h.home), all_=True)
+
+
+#: a task for host C: it binds C's address (which exists in C's network
+#: namespace alone), says it started, waits for the test's go, and counts its runs
+ON_C = """
+import os, socket, sys, time
+addr, folder = sys.argv[1], sys.argv[2]
+with socket.socket() as s:
+    s.bind((addr, 0))
+with open(os.path.join(folder, "runs"), "a") as f:
+    f.write("ran\\n")
+open(os.path.join(folder, "started"), "w").close()
+while not os.path.exists(os.path.join(folder, "go")):
+    time.sleep(0.05)
+print("bound", addr, "in the namespace of C")
+"""
+
+
+def test_a_plan_runs_where_its_models_and_hosts_are(net, tmp_path, tiny_model, server_bin):
+    """llm tasks on B and C through A's router, a shell task on C through C's
+    daemon (over ssh), its output back into A's plan; A's daemon killed -9
+    while the task runs on C: the next one follows C's run, never runs it twice."""
+    if not Path(SSHD).is_file() or not shutil.which("ssh"):
+        pytest.skip("Debian's openssh-server and openssh-client are not installed")
+    b, c = net.add("pb"), net.add("pc")
+    net.start_sshd(c)
+    for h, model in ((b, "bee"), (c, "sea")):
+        h.home.joinpath("llama-orch.json").write_text(
+            json.dumps({"router": {"host": h.addr, "port": 8080, "api_keys": [f"key-{h.name}"]}})
+        )
+        instance(h, model, tiny_model, model, 8001)
+        r = h.cli("up", model, "--timeout", "60")
+        assert r.returncode == 0, r.stderr
+    a = Home(tmp_path / "a")
+    a.instances_dir.mkdir(parents=True)
+    peers = []
+    for h in (b, c):
+        (a.root / f"{h.name}.key").write_text(f"key-{h.name}")
+        peers.append(
+            {"name": h.name, "url": f"http://{h.addr}:8080", "api_key_file": f"{h.name}.key"}
+        )
+    peers[1]["ssh"] = f"ssh://root@{c.addr}{c.home}"  # C runs A's tasks too
+    a.settings_path.write_text(
+        json.dumps(
+            {"router": {"port": free_port()}, "peers": [{**p, "refresh": 0.5} for p in peers]}
+        )
+    )
+    ssh_env = {"LLAMA_ORCH_SSH_COMMAND": f"ssh -F {net.ssh_config()}"}
+    shared = tmp_path / "on-c"  # C's files are A's: the same file system
+    shared.mkdir()
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps(
+            {
+                "name": "across",
+                "tasks": [
+                    {"id": "ask-b", "kind": "llm", "model": "bee", "prompt": "Hi", "max_tokens": 4},
+                    {"id": "ask-c", "kind": "llm", "model": "sea", "prompt": "Hi", "max_tokens": 4},
+                    {
+                        "id": "on-c",
+                        "kind": "shell",
+                        "host": "pc",
+                        "depends_on": ["ask-b", "ask-c"],
+                        "command": [sys.executable, "-c", ON_C, c.addr, str(shared)],
+                        "timeout": 120,
+                    },
+                    {
+                        "id": "back",
+                        "kind": "shell",
+                        "depends_on": ["on-c"],
+                        "command": [
+                            sys.executable,
+                            "-c",
+                            "import sys; print('got:', sys.argv[1])",
+                            "{{on-c}}",
+                        ],
+                    },
+                ],
+            }
+        )
+    )
+
+    def daemon_pid() -> int:
+        r = run_cli(a, "daemon", "status", "--json")
+        return int(json.loads(r.stdout)["pid"])
+
+    def tasks(run_id: str) -> dict[str, dict]:
+        r = run_cli(a, "plan", "status", run_id, "--json")
+        assert r.returncode == 0, r.stderr
+        return {t["id"]: t for t in json.loads(r.stdout)["tasks"]}
+
+    try:
+        r = run_cli(a, "daemon", "start", env=ssh_env)
+        assert r.returncode == 0, r.stderr
+        r = run_cli(a, "plan", "run", str(plan), env=ssh_env)
+        assert r.returncode == 0, r.stderr
+        run_id = r.stdout.split()[0]
+        wait_until(lambda: (shared / "started").exists(), timeout=90)
+        assert tasks(run_id)["on-c"]["state"] == "running"
+        # A's daemon dies while the task runs on C, which goes on with it
+        first = psutil.Process(daemon_pid())
+        first.kill()
+        first.wait(10)
+        r = c.cli("plan", "list", "--json")
+        (there,) = [p for p in json.loads(r.stdout) if p["name"].startswith(f"{run_id}/on-c from ")]
+        assert there["state"] == "running"
+        r = run_cli(a, "daemon", "start", env=ssh_env)
+        assert r.returncode == 0, r.stderr
+        (shared / "go").touch()
+        done = wait_until(
+            lambda: (
+                (t := tasks(run_id))["back"]["state"] in ("completed", "failed", "skipped") and t
+            ),
+            timeout=120,
+            interval=0.3,
+        )
+        assert {k: v["state"] for k, v in done.items()} == dict.fromkeys(done, "completed"), done
+        # the llm tasks ran where their models are, through A's router
+        assert done["ask-b"]["instance"] == "bee@pb" and done["ask-c"]["instance"] == "sea@pc"
+        # the shell task ran on C, once (the resumed daemon followed C's run),
+        # and its output came back into the plan
+        out = (a.plan_run_dir(run_id) / "on-c.out").read_text()
+        assert out.strip() == f"bound {c.addr} in the namespace of C"
+        assert (shared / "runs").read_text() == "ran\n"
+        assert (a.plan_run_dir(run_id) / "back.out").read_text().strip() == f"got: {out.strip()}"
+        r = c.cli("plan", "list", "--json")
+        (there,) = [p for p in json.loads(r.stdout) if p["name"].startswith(f"{run_id}/on-c from ")]
+        assert there["state"] == "completed"
+    finally:
+        stop_daemon(a, all_=True)
+        for h in (b, c):
+            stop_daemon(Home(h.home), all_=True)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llama_orchestrator.backends import BACKENDS
 from llama_orchestrator.catalog import is_ref, resolve_local
-from llama_orchestrator.errors import ConfigError, Problem
+from llama_orchestrator.errors import ConfigError, Problem, UserError
 from llama_orchestrator.files import atomic_write_text
 from llama_orchestrator.home import NAME_RE
 
@@ -436,6 +436,12 @@ class PeerSettings(_Section):
     api_key_env: str | None = Field(
         None, description="Environment variable (of the daemon) holding that key."
     )
+    ssh: str | None = Field(
+        None,
+        description="How this daemon reaches the peer's own daemon, for plan tasks that name "
+        "it as their host: ssh://user@host/path/to/home, or a context's name "
+        "(`llama-orch context create`); the daemon's user needs a key the peer accepts.",
+    )
     refresh: float = Field(
         1.0, gt=0, description="Seconds between looks at the peer's models and free slots."
     )
@@ -452,6 +458,21 @@ class PeerSettings(_Section):
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
             raise ValueError("use the peer router's http:// address, e.g. http://10.0.0.2:8080")
         return v.rstrip("/")
+
+    @field_validator("ssh")
+    @classmethod
+    def _valid_ssh(cls, v: str | None) -> str | None:
+        if v is None or not v.startswith("ssh://"):
+            if v is not None and not NAME_RE.match(v):
+                raise ValueError("use ssh://user@host/path/to/home, or a context's name")
+            return v
+        from llama_orchestrator.remote import parse_target
+
+        try:
+            parse_target(v)
+        except UserError as exc:
+            raise ValueError(exc.message) from None
+        return v
 
 
 class Settings(_Section):

@@ -136,6 +136,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     from llama_orchestrator.daemon.api import build_app
     from llama_orchestrator.daemon.board import Board
     from llama_orchestrator.daemon.effects import LiveEffects
+    from llama_orchestrator.daemon.hosttasks import HostTasks
     from llama_orchestrator.daemon.leases import Leases
     from llama_orchestrator.daemon.loads import LoadGate
     from llama_orchestrator.daemon.metrics import Metrics
@@ -223,8 +224,21 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         clock=effects.now,
     )
     metrics.watch_router(router)
+
+    async def status_view() -> StatusReply:
+        """`ps` through the daemon: the same view, made here, where the configs
+        are read, with what only the daemon knows (the load queue)."""
+        return sup.seen_here(await effects.in_thread(lambda e: e.status()))
+
     router_server, router_url, router_error = _router(home, router, store, metrics)
-    plans = PlanRunner(home, store, router, board.names, leases=leases)
+    plans = PlanRunner(
+        home,
+        store,
+        router,
+        lambda: board.names() if peers.all_seen() else None,
+        leases=leases,
+        hosts=HostTasks(settings.peers),
+    )
     sock = platform.bind_control(home.daemon_socket)
     transport = platform.CONTROL_TRANSPORT
     token = secrets.token_urlsafe(32) if transport == "tcp" else None
@@ -236,11 +250,6 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         nonlocal stop_instances
         stop_instances = stop_instances or all_
         server.should_exit = True
-
-    async def status_view() -> StatusReply:
-        """`ps` through the daemon: the same view, made here, where the configs
-        are read, with what only the daemon knows (the load queue)."""
-        return sup.seen_here(await effects.in_thread(lambda e: e.status()))
 
     app = build_app(
         sup,

@@ -187,5 +187,10 @@ class Peers:
             self.board.publish(name, None)
         self._published[peer] = self._published.get(peer, set()) & keep
 
+    def all_seen(self) -> bool:
+        """Whether every peer has answered once: until then, what models
+        there are is not known (a plan naming one of theirs is not refused)."""
+        return all(p.name in self._names for p in self.peers)
+
     def to_json(self) -> dict[str, Any]:
         return {name: s.to_json() for name, s in self.states.items()}

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from llama_orchestrator import platform
+from llama_orchestrator.daemon.hosttasks import SLOTS as HOST_SLOTS
+from llama_orchestrator.daemon.hosttasks import HostTasks
 from llama_orchestrator.daemon.leases import Leases
 from llama_orchestrator.engine.process import ProcRef, create_time_of, stop_tree
 from llama_orchestrator.errors import UserError
@@ -39,7 +41,7 @@ from llama_orchestrator.plans.records import (
     require_run,
     save,
 )
-from llama_orchestrator.plans.spec import Plan, Task, parse_plan
+from llama_orchestrator.plans.spec import HOST_PREFIX, Plan, Task, parse_plan
 from llama_orchestrator.plans.template import Attempt, prompt_messages, render
 from llama_orchestrator.router.balance import candidates, free_slots
 from llama_orchestrator.router.proxy import Completion, Router, RouterError
@@ -76,9 +78,10 @@ class PlanRunner:
         home: Home,
         store: Store,
         router: Router,
-        known_models: Callable[[], set[str]],
+        known_models: Callable[[], set[str] | None],
         clock: Callable[[], float] = time.time,
         leases: Leases | None = None,
+        hosts: HostTasks | None = None,
     ) -> None:
         self.home = home
         self.store = store
@@ -86,6 +89,7 @@ class PlanRunner:
         self.known_models = known_models
         self.clock = clock
         self.leases = leases
+        self.hosts = hosts or HostTasks([])
         self.shell_slots = os.cpu_count() or 2
         self.active: dict[str, _Active] = {}
 
@@ -119,6 +123,7 @@ class PlanRunner:
             known_models=self.known_models(),
             given_vars=given_vars,
             base_dir=Path(base_dir),
+            hosts=self.hosts.names(),
         )
         run_id = secrets.token_hex(4)
         files = RunFiles(self.run_dir(run_id))
@@ -168,7 +173,9 @@ class PlanRunner:
 
     async def shutdown(self) -> None:
         """Daemon stop: runs stay `running` in the database (the next daemon
-        resumes them); their shell processes are killed, nothing leaks."""
+        resumes them); their shell processes are killed, nothing leaks. Tasks
+        on peers go on there, and the next daemon follows them again."""
+        self.hosts.closing = True
         for active in self.active.values():
             if active.driver is not None:
                 active.driver.cancel()
@@ -273,7 +280,7 @@ class PlanRunner:
         records = active.records
         picked, changed = [], []
         for task in S.due(active.plan, records, now):
-            if task.kind != "script":
+            if task.kind != "script" or task.host is not None:  # a peer leases its own
                 continue
             got = (
                 self.leases.reserve(run_id, task)
@@ -296,7 +303,11 @@ class PlanRunner:
         keys = {
             plan.task(r.id).slot_key(r.attempts) for r in records.values() if r.state == S.READY
         }
-        free = {k: free_slots(k, replicas, router.in_flight) for k in keys if k != "shell"}
+        free = {
+            k: free_slots(k, replicas, router.in_flight)
+            for k in keys
+            if k != "shell" and not k.startswith(HOST_PREFIX)
+        }
         for k, n in free.items():
             # all busy (with interactive requests): one task waits in the router's
             # queue as batch work, so it gets its share of the freed slots
@@ -306,9 +317,17 @@ class PlanRunner:
             1
             for other in self.active.values()
             for task_id in other.attempts
-            if other.plan.task(task_id).kind == "shell"
+            if other.plan.task(task_id).kind == "shell" and other.plan.task(task_id).host is None
         )
         free["shell"] = max(0, self.shell_slots - running_shell)
+        on_hosts = [
+            other.plan.task(task_id).host
+            for other in self.active.values()
+            for task_id in other.attempts
+        ]
+        for k in keys:
+            if k.startswith(HOST_PREFIX):
+                free[k] = max(0, HOST_SLOTS - on_hosts.count(k.removeprefix(HOST_PREFIX)))
         return free
 
     async def _sleep(self, active: _Active, now: float) -> None:
@@ -354,6 +373,15 @@ class PlanRunner:
 
         if task.kind == "llm":
             return await self._llm(run_id, active, task, outputs, read_file)
+        if task.host is not None:
+            return await self.hosts.run(
+                run_id,
+                task,
+                self._argv(active, task, outputs, read_file),
+                active.files.output_path(task.id),
+                active.files.output_path(task.id, "err"),
+                lambda pid: self._hold(run_id, active, task.id, pid),
+            )
         if task.kind != "script":
             return await self._shell(run_id, active, task, outputs, read_file)
         leases = active.leases.pop(task.id)  # reserved when it was picked
@@ -472,10 +500,7 @@ class PlanRunner:
         gpu_env: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """`gpu_env`: a script task's leased cards (see daemon.leases)."""
-        argv = [
-            render(a, task, outputs, active.plan.vars, read_file, wrap=False)[0]
-            for a in task.command
-        ]
+        argv = self._argv(active, task, outputs, read_file)
         cwd = Path(active.plan.base_dir) / (task.cwd or ".")
         out_path, err_path = (
             active.files.output_path(task.id),
@@ -487,15 +512,10 @@ class PlanRunner:
                 proc = platform.spawn(argv, env, cwd, out, err)
         except OSError as exc:
             return {"error": f"cannot run {argv[0]!r}: {exc.strerror or exc}"}
-        record = active.records[task.id]
-        record.pid, record.create_time = proc.pid, create_time_of(proc.pid)
-        save(
-            self.store, run_id, active.plan, active.records, [task.id]
-        )  # a dead daemon's successor kills it
+        ref = self._hold(run_id, active, task.id, proc.pid)
         try:
             code = await asyncio.to_thread(proc.wait)
         except asyncio.CancelledError:  # timed out or cancelled: the whole tree goes
-            ref = ProcRef(proc.pid, record.create_time)
             with contextlib.suppress(Exception):
                 await asyncio.shield(asyncio.to_thread(stop_tree, ref, KILL_GRACE_S))
             raise
@@ -504,3 +524,24 @@ class PlanRunner:
             tail = err_path.read_text(encoding="utf-8", errors="replace").strip()[-200:]
             result["error"] = f"exit code {code}" + (f": {tail}" if tail else "")
         return result
+
+    def _argv(
+        self,
+        active: _Active,
+        task: Task,
+        outputs: dict[str, str],
+        read_file: Callable[[str], str],
+    ) -> list[str]:
+        """A shell or script task's command, its templates filled in."""
+        return [
+            render(a, task, outputs, active.plan.vars, read_file, wrap=False)[0]
+            for a in task.command
+        ]
+
+    def _hold(self, run_id: str, active: _Active, task_id: str, pid: int) -> ProcRef:
+        """The attempt's process, recorded: a dead daemon's successor kills it."""
+        ref = ProcRef(pid, create_time_of(pid))
+        record = active.records[task_id]
+        record.pid, record.create_time = ref.pid, ref.create_time
+        save(self.store, run_id, active.plan, active.records, [task_id])
+        return ref

@@ -12,11 +12,11 @@ from typing import Any
 from llama_orchestrator.config.validate import model_names
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.home import Home
-from llama_orchestrator.plans.records import RunView, require_run
+from llama_orchestrator.plans.records import RunFiles, RunView, named_run, require_run
 from llama_orchestrator.plans.spec import Plan, parse_plan
 from llama_orchestrator.store import Store
 
-__all__ = ["check_file", "follow"]
+__all__ = ["check_file", "follow", "for_peer"]
 
 
 def check_file(home: Home, path: Path, given_vars: dict[str, str]) -> tuple[Plan, str]:
@@ -29,8 +29,17 @@ def check_file(home: Home, path: Path, given_vars: dict[str, str]) -> tuple[Plan
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"Cannot read the plan file {path}: {exc}.") from None
+    from llama_orchestrator.config import load_settings
+
+    peers = load_settings(home.settings_path).peers
     plan = parse_plan(
-        text, str(path), known_models=model_names(home), given_vars=given_vars, base_dir=path.parent
+        text,
+        str(path),
+        # with peers, the daemon checks the models: it knows what theirs offer
+        known_models=None if peers else model_names(home),
+        given_vars=given_vars,
+        base_dir=path.parent,
+        hosts={p.name for p in peers if p.ssh},
     )
     return plan, text
 
@@ -52,3 +61,32 @@ def follow(
         if current.state != "running":
             return current
         time.sleep(interval)
+
+
+def for_peer(
+    home: Home,
+    store: Store,
+    submit: Callable[[Path, str], str],
+    text: str,
+    origin: str,
+    started: Callable[[str], None],
+) -> dict[str, Any]:
+    """A task another machine's plan runs here (`system task`): a one-task
+    plan named `origin` (that plan's run and task). A run of that name that
+    is still going, or that completed, is followed again rather than started
+    anew (the other machine's daemon was restarted meanwhile); else `submit`
+    starts one. `started(run_id)` is told before it is followed to its end."""
+    run_id = named_run(store, origin, ("running", "completed")) or submit(
+        home.root / "from-peers.json", text
+    )
+    started(run_id)
+    view = follow(store, run_id, lambda _: None)
+    (record,) = view.records.values()
+    output, stderr = RunFiles(home.plan_run_dir(run_id)).task_output(record.id)
+    return {
+        "run": run_id,
+        "state": record.state,
+        "error": record.error,
+        "output": output or "",
+        "stderr": stderr or "",
+    }

@@ -31,6 +31,7 @@ __all__ = [
     "require_task",
     "list_runs",
     "open_runs",
+    "named_run",
 ]
 
 _COLUMNS = [f.name for f in fields(TaskRecord) if f.name != "id"]
@@ -183,6 +184,16 @@ def list_runs(store: Store, limit: int = 50) -> list[RunView]:
         "SELECT id FROM plan_runs ORDER BY created_at DESC LIMIT ?", (limit,)
     ).fetchall()
     return [v for v in (load_run(store, row["id"]) for row in ids) if v is not None]
+
+
+def named_run(store: Store, name: str, states: tuple[str, ...]) -> str | None:
+    """The newest run called `name` that is in one of `states`, if any."""
+    row = store.execute(
+        f"SELECT id FROM plan_runs WHERE name = ? AND state IN ({', '.join('?' for _ in states)}) "
+        "ORDER BY created_at DESC LIMIT 1",
+        (name, *states),
+    ).fetchone()
+    return str(row["id"]) if row else None
 
 
 def open_runs(store: Store) -> list[str]:

@@ -101,6 +101,8 @@ class _TaskModel(BaseModel):
     # script: how many cards, or which; 0 on a shell task says it needs none
     gpus: NonNegativeInt | list[NonNegativeInt] | None = None
     vram_mib: int | None = Field(None, ge=1)
+    #: shell and script: the peer (llama-orch.json's "peers") whose daemon runs it
+    host: str | None = None
 
 
 class _PlanModel(BaseModel):
@@ -112,6 +114,10 @@ class _PlanModel(BaseModel):
     #: as JSON lines in the run folder (samples.jsonl)
     log_samples: bool = False
     tasks: list[dict[str, Any]] = Field(min_length=1)
+
+
+#: the slot key of a task another machine runs (`host`)
+HOST_PREFIX = "host:"
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,8 @@ class Task:
     #: script: how many cards (an int) or which (a tuple of indices)
     gpus: int | tuple[int, ...] | None = None
     vram_mib: int | None = None
+    #: shell and script: the peer that runs it (None: this machine)
+    host: str | None = None
     #: llm: {"regex": ...} or {"json_schema": ...} its output must pass
     check: dict[str, Any] | None = None
     #: llm: the external model, and after how many failed local attempts it answers
@@ -159,8 +167,10 @@ class Task:
 
     def slot_key(self, attempts: int = 0) -> str:
         """What the task's next attempt (after `attempts` done) waits for a
-        free slot of: its model, "shell", or "script" (a GPU lease, granted
-        by the daemon's leases, not a slot)."""
+        free slot of: its model, "shell", "script" (a GPU lease, granted
+        by the daemon's leases, not a slot), or "host:<peer>" (run there)."""
+        if self.host is not None:
+            return f"{HOST_PREFIX}{self.host}"
         if self.kind == "script":
             return "script"
         model = self.model_for(attempts + 1) if self.kind == "llm" else None
@@ -252,11 +262,15 @@ def parse_plan(
     text: str,
     source: str,
     *,
-    known_models: set[str],
+    known_models: set[str] | None,
     given_vars: dict[str, str] | None = None,
     base_dir: Path | None = None,
+    hosts: set[str] | None = None,
 ) -> Plan:
-    """The checked plan, or PlanError naming every problem."""
+    """The checked plan, or PlanError naming every problem. `known_models`
+    None: the models are not checked here (the daemon checks them against
+    what its peers offer too); `hosts`: the peers a task may run on (None:
+    not checked here)."""
     try:
         raw = json.loads(text)
     except ValueError as exc:
@@ -288,6 +302,7 @@ def parse_plan(
             problems.append(f"{where}: duplicate task id '{m.id}'.")
         seen.add(m.id)
         problems += _kind_problems(m, where, known_models)
+        problems += _host_problems(m, where, hosts)
         model = m.model or _tags_model(m)
         tasks.append(
             Task(
@@ -309,6 +324,7 @@ def parse_plan(
                 env=dict(m.env),
                 gpus=tuple(m.gpus) if isinstance(m.gpus, list) else m.gpus,
                 vram_mib=m.vram_mib,
+                host=m.host,
                 check=m.check.model_dump(exclude_none=True) if m.check else None,
                 escalate_to=m.escalate.to if m.escalate else None,
                 after_failures=m.escalate.after_failures if m.escalate else 2,
@@ -355,7 +371,25 @@ def gpu_hint(command: list[str]) -> str | None:
     return None
 
 
-def _kind_problems(m: _TaskModel, where: str, known_models: set[str]) -> list[str]:
+def _host_problems(m: _TaskModel, where: str, hosts: set[str] | None) -> list[str]:
+    if m.host is None:
+        return []
+    if m.kind == "llm":
+        return [
+            f"{where}: an llm task runs wherever its model is (the router picks the machine); "
+            "remove host."
+        ]
+    if hosts is not None and m.host not in hosts:
+        listed = ", ".join(sorted(hosts)) or "none has"
+        return [
+            f"{where}: host '{m.host}' is no peer this daemon can run tasks on ({listed}); "
+            f'add {{"name": "{m.host}", "url": ..., "ssh": "ssh://user@host/home"}} to '
+            '"peers" in llama-orch.json.'
+        ]
+    return []
+
+
+def _kind_problems(m: _TaskModel, where: str, known_models: set[str] | None) -> list[str]:
     if m.kind in ("shell", "script"):
         if not m.command:
             return [f"{where}: a {m.kind} task needs command, a list of arguments."]
@@ -393,7 +427,7 @@ def _kind_problems(m: _TaskModel, where: str, known_models: set[str]) -> list[st
     if bool(m.model) == bool(_tags_model(m)):
         out.append(f"{where}: an llm task names either model (an alias) or tags, one of them.")
         return out
-    if wanted is not None and not offers(known_models, wanted):
+    if known_models is not None and wanted is not None and not offers(known_models, wanted):
         aliases = sorted(x for x in known_models if not x.startswith(TAG_PREFIX))
         tags = sorted(x for x in known_models if x.startswith(TAG_PREFIX) and "," not in x)
         what = "an instance that carries all of" if len(tag_set(wanted)) > 1 else "an instance for"
@@ -407,7 +441,7 @@ def _kind_problems(m: _TaskModel, where: str, known_models: set[str]) -> list[st
     return out
 
 
-def _llm_extras(m: _TaskModel, where: str, known_models: set[str]) -> list[str]:
+def _llm_extras(m: _TaskModel, where: str, known_models: set[str] | None) -> list[str]:
     """`check`, `escalate` and `tier` of an llm task."""
     out = []
     if m.check is not None:
@@ -428,7 +462,7 @@ def _llm_extras(m: _TaskModel, where: str, known_models: set[str]) -> list[str]:
                     f"{where}: check.json_schema is not a valid JSON Schema ({exc.message})."
                 )
     if m.escalate is not None:
-        if not offers(known_models, m.escalate.to):
+        if known_models is not None and not offers(known_models, m.escalate.to):
             out.append(f"{where}: escalate.to names '{m.escalate.to}', which nothing serves.")
         if m.tier == "local" and m.retries < m.escalate.after_failures:
             out.append(
