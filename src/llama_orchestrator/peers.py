@@ -25,6 +25,8 @@ from llama_orchestrator.router.balance import Replica, tag_model
 
 __all__ = [
     "STATE_PATH",
+    "INSTANCES_PATH",
+    "rows_for_peers",
     "HOP_HEADER",
     "PeerInstance",
     "state_of",
@@ -35,6 +37,8 @@ __all__ = [
 ]
 
 STATE_PATH = "/v1/peer/state"
+#: every instance of the peer as its own `ps --json` shows it (`ps --all-hosts`)
+INSTANCES_PATH = "/v1/peer/instances"
 #: set on requests a router forwards to a peer: that peer serves them itself
 HOP_HEADER = "x-llama-orch-hop"
 
@@ -67,6 +71,18 @@ def state_of(replicas: Iterable[Replica], in_flight: Mapping[str, int]) -> dict[
             if r.peer is None and r.remote is None
         ],
     }
+
+
+def rows_for_peers(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """What `INSTANCES_PATH` answers: this machine's `ps --json` rows, less
+    the last exit's stderr lines (a server's log is no business of a peer)."""
+    out = []
+    for r in rows:
+        row = dict(r)
+        if isinstance(row.get("last_exit"), dict):
+            row["last_exit"] = {k: v for k, v in row["last_exit"].items() if k != "stderr_tail"}
+        out.append(row)
+    return {"version": __version__, "instances": out}
 
 
 def parse_state(data: Any) -> list[PeerInstance]:

@@ -202,6 +202,16 @@ def test_one_router_across_hosts_survives_a_cut_link(net, tmp_path, tiny_model, 
             return {m.id: m.model_extra["hosts"] for m in client.models.list().data}
 
         wait_until(lambda: where() == {"bee": ["b"], "sea": ["c"], "tiny": ["b", "c"]}, timeout=30)
+        # every host's instances, as each one's own ps has them, with where they run
+        r = run_cli(a, "ps", "--all-hosts", "--json")
+        assert r.returncode == 0, r.stderr
+        seen = {(row["machine"], row["name"]): row for row in json.loads(r.stdout)}
+        assert set(seen) == {("b", "bee"), ("b", "tiny"), ("c", "sea"), ("c", "tiny")}
+        assert all(row["state"] == "healthy" for row in seen.values())
+        assert seen[("c", "sea")]["port"] == 8001 and seen[("b", "tiny")]["alias"] == "tiny"
+        table = run_cli(a, "ps", "--all-hosts").stdout.splitlines()
+        assert table[0].split()[:3] == ["HOST", "NAME", "STATE"], table
+        assert sorted(line.split()[:2] for line in table[1:]) == sorted(map(list, seen))
         for model in ("bee", "sea", "tiny"):  # the official client reaches each, wherever it runs
             answer = client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
@@ -249,6 +259,9 @@ def test_one_router_across_hosts_survives_a_cut_link(net, tmp_path, tiny_model, 
             assert _requests_by(url, "client-key", "tiny@b") > 0  # B took its share
             b.cut()
             wait_until(lambda: where().get("tiny") == ["c"], timeout=15)  # skipped while away
+            r = run_cli(a, "ps", "--all-hosts", "--json")
+            assert r.returncode == 0 and {row["machine"] for row in json.loads(r.stdout)} == {"c"}
+            assert "warning: peer b: http://" in r.stderr and "does not answer" in r.stderr
             at_cut = count()
             wait_until(lambda: count() >= at_cut + 100, timeout=60)
             b.restore()

@@ -13,6 +13,7 @@ import pytest
 from llama_orchestrator.config import PeerSettings, RouterSettings, Settings
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.peers import Peers
+from llama_orchestrator.fleet import ask_peers, gather
 from llama_orchestrator.peers import (
     HOP_HEADER,
     PeerInstance,
@@ -20,6 +21,7 @@ from llama_orchestrator.peers import (
     parse_state,
     replica_name,
     replicas_of,
+    rows_for_peers,
     state_of,
 )
 from llama_orchestrator.router.app import RouterSite
@@ -129,11 +131,15 @@ async def test_a_request_from_a_peer_is_never_sent_on_to_another_peer():
 
 
 @contextlib.asynccontextmanager
-async def peer_router(replicas: dict[str, Replica], keys: list[str]):
+async def peer_router(replicas: dict[str, Replica], keys: list[str], rows=None):
     """Router B's site, listening on a free loopback port (its own instances
-    are `replicas`; nothing is forwarded in these tests)."""
+    are `replicas`, its `ps` rows `rows`; nothing is forwarded in these tests)."""
     router = Router(RouterSettings(api_keys=keys), lambda: replicas, lambda: {"m"})
-    site = RouterSite(router, lambda: (b"", "text/plain"))
+
+    async def instances():
+        return rows or []
+
+    site = RouterSite(router, lambda: (b"", "text/plain"), instances)
     sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     task = asyncio.create_task(serve(sock, site))
@@ -216,3 +222,65 @@ async def test_a_peer_that_stops_answering_fails_the_requests_waiting_there(tmp_
         w.close()
     server.close()
     upstream.close()
+
+
+# --- ps --all-hosts: every peer's rows, asked of its router ----------------------
+
+
+def test_a_peer_is_shown_its_rows_without_a_servers_log():
+    rows = [
+        {"name": "b1", "state": "healthy", "last_exit": None},
+        {"name": "b2", "state": "exited", "last_exit": {"code": 1, "stderr_tail": ["key=sk-x"]}},
+    ]
+    told = rows_for_peers(rows)
+    assert told["instances"][0] == rows[0]
+    assert told["instances"][1]["last_exit"] == {"code": 1}
+    assert rows[1]["last_exit"]["stderr_tail"] == ["key=sk-x"]  # ours are left as they were
+
+
+def test_the_fleet_is_this_machine_first_then_each_peer_or_why_not():
+    fleet = gather(
+        [{"name": "a1"}],
+        {"b": [{"name": "b1"}, {"name": "b2"}], "c": "http://c does not answer"},
+    )
+    assert [(r["machine"], r["name"]) for r in fleet.rows] == [
+        (None, "a1"),
+        ("b", "b1"),
+        ("b", "b2"),
+    ]
+    assert fleet.unreached == {"c": "http://c does not answer"}
+
+
+async def test_every_peers_rows_are_asked_of_its_router_with_its_key(tmp_path):
+    (tmp_path / "b.key").write_text("sekret\n")
+    (tmp_path / "c.key").write_text("wrong")
+    rows = [{"name": "b1", "state": "healthy", "port": 8001}]
+    async with peer_router({}, ["sekret"], rows) as (port, _):
+        url = f"http://127.0.0.1:{port}"
+        peers = [
+            PeerSettings(name="b", url=url, api_key_file="b.key"),
+            PeerSettings(name="c", url=url, api_key_file="c.key"),
+            PeerSettings(name="d", url=url, api_key_file="missing.key"),
+            PeerSettings(name="e", url=url),  # no key: refused, as any client without one
+        ]
+        answers = await ask_peers(peers, tmp_path)
+    assert answers["b"] == rows
+    assert "refused this machine's key" in answers["c"]
+    assert "cannot be read" in answers["d"]
+    assert "refused this machine's key" in answers["e"]
+    gone = await ask_peers([PeerSettings(name="b", url=url, api_key_file="b.key")], tmp_path)
+    assert "does not answer" in gone["b"]
+
+
+async def test_a_peer_that_is_no_llama_orch_router_is_said_so(tmp_path):
+    import httpx
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "old":
+            return httpx.Response(404, json={"error": "not found"})
+        return httpx.Response(200, json={"something": "else"})
+
+    peers = [PeerSettings(name="x", url="http://old:80"), PeerSettings(name="y", url="http://odd")]
+    answers = await ask_peers(peers, tmp_path, transport=httpx.MockTransport(handler))
+    assert "HTTP 404" in answers["x"] and "of this version" in answers["x"]
+    assert "no list of instances" in answers["y"]

@@ -28,17 +28,21 @@ __all__ = ["register", "ps_table"]
 PS_COLUMNS = ["NAME", "STATE", "PID", "PORT", "ALIAS", "BACKEND", "RESTARTS", "UPTIME", "MODEL"]
 
 
-def ps_table(rows: list[InstanceStatus], color: bool = False, now: float | None = None) -> str:
+def ps_table(
+    rows: list[InstanceStatus], color: bool = False, now: float | None = None, hosts: bool = False
+) -> str:
     """The `ps` table as plain text (ANSI colours for the state when `color`);
-    with a LAST USED column when any instance is on demand."""
+    with a LAST USED column when any instance is on demand, and HOST first
+    when `hosts` (`ps --all-hosts`: each row's `machine`, "local" for this one)."""
     on_demand = any(r.get("on_demand") for r in rows)
     now = time.time() if now is None else now
     cells = []
     for r in rows:
-        state = state_label(r) + (" (bad config)" if r["config_error"] else "")
+        state = state_label(r) + (" (bad config)" if r.get("config_error") else "")
         state += " (config changed)" if r.get("config_changed") else ""
         cells.append(
             [
+                *([str(r.get("machine") or "local")] if hosts else []),
                 r["name"],
                 state,
                 str(r["pid"] or "-"),
@@ -51,17 +55,28 @@ def ps_table(rows: list[InstanceStatus], color: bool = False, now: float | None 
                 (r["model_path"] or "-").rsplit("/", 1)[-1],
             ]
         )
-    headers = PS_COLUMNS[:-1] + ["LAST USED"] * on_demand + PS_COLUMNS[-1:]
-    return columns(headers, cells, [STATE_STYLES.get(r["state"]) for r in rows], color)
+    headers = ["HOST"] * hosts + PS_COLUMNS[:-1] + ["LAST USED"] * on_demand + PS_COLUMNS[-1:]
+    styles = [STATE_STYLES.get(r["state"]) for r in rows]
+    return columns(headers, cells, styles, color, state_at=1 + hosts)
 
 
 def ps(
-    ctx: typer.Context, json_: bool = typer.Option(False, "--json", help="JSON output.")
+    ctx: typer.Context,
+    json_: bool = typer.Option(False, "--json", help="JSON output."),
+    all_hosts: bool = typer.Option(
+        False,
+        "--all-hosts",
+        help="Also the instances of every peer in llama-orch.json, with a HOST column.",
+    ),
 ) -> None:
     """List instances and their state."""
     app = app_context(ctx)
     seen = app.control().status()  # the daemon's view when one runs
     rows = seen.instances
+    if all_hosts:
+        _ps_all_hosts(app, rows, json_)
+        _warn(seen.warnings)
+        return
     if json_:
         from llama_orchestrator.cli import context
 
@@ -99,6 +114,31 @@ def ps(
     elif info is not None and info.router_error:
         say(f"warning: no router: {info.router_error}", to_err=True)
     _warn(seen.warnings)
+
+
+def _ps_all_hosts(app: Any, rows: list[InstanceStatus], json_: bool) -> None:
+    """`ps --all-hosts`: this machine's rows and every peer's (`fleet`)."""
+    import asyncio
+
+    from llama_orchestrator import fleet
+    from llama_orchestrator.config import load_settings
+
+    peers = load_settings(app.home.settings_path).peers
+    seen = fleet.gather(rows, asyncio.run(fleet.ask_peers(peers, app.home.root)))
+    if json_:
+        print_json(seen.rows)
+    elif seen.rows:
+        say(ps_table(seen.rows, color=sys.stdout.isatty(), hosts=True))  # type: ignore[arg-type]
+    else:
+        say("No instances on this machine or its peers.")
+    for name, why in seen.unreached.items():
+        say(f"warning: peer {name}: {why}; its instances are not listed", to_err=True)
+    if not peers:
+        say(
+            'note: no peers in llama-orch.json ("peers": [{"name": ..., "url": ...}]); '
+            "this machine's instances only",
+            to_err=True,
+        )
 
 
 def _warn(warnings: list[str]) -> None:

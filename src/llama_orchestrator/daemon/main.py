@@ -230,7 +230,10 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         are read, with what only the daemon knows (the load queue)."""
         return sup.seen_here(await effects.in_thread(lambda e: e.status()))
 
-    router_server, router_url, router_error = _router(home, router, store, metrics)
+    async def instance_rows() -> list[dict[str, Any]]:
+        return list((await status_view()).instances)  # type: ignore[arg-type]
+
+    router_server, router_url, router_error = _router(home, router, store, metrics, instance_rows)
     plans = PlanRunner(
         home,
         store,
@@ -323,7 +326,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
 
 
 def _router(
-    home: Home, router: Any, store: Any, metrics: Any
+    home: Home, router: Any, store: Any, metrics: Any, instances: Any
 ) -> tuple[Any, str | None, str | None]:
     """The router's server (a coroutine function), URL and None; (None, None,
     why) when it cannot or must not listen: that is recorded and shown by up,
@@ -368,7 +371,7 @@ def _router(
 
         return metrics.render(), CONTENT_TYPE
 
-    site = RouterSite(router, render)
+    site = RouterSite(router, render, instances)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     limits = router_limits(settings, platform.raise_open_files_limit())
     return (lambda: serve(sock, site, limits)), f"http://{host}:{settings.port}", None

@@ -8,9 +8,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from llama_orchestrator.peers import STATE_PATH, state_of
+from llama_orchestrator.peers import INSTANCES_PATH, STATE_PATH, rows_for_peers, state_of
 from llama_orchestrator.router.front import Reply, Request, Stream
 from llama_orchestrator.router.proxy import LIGHT, Router, openai_error
 
@@ -18,7 +19,7 @@ __all__ = ["RouterSite", "is_loopback", "host_of", "PROXIED"]
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/completion")
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
-_GET = {"/v1/models", "/health", "/metrics", STATE_PATH}
+_GET = {"/v1/models", "/health", "/metrics", STATE_PATH, INSTANCES_PATH}
 
 
 def is_loopback(host: str) -> bool:
@@ -40,9 +41,16 @@ def host_of(header: str) -> str:
 class RouterSite:
     """What `front.serve` answers with: the routes of DESIGN §6."""
 
-    def __init__(self, router: Router, render_metrics: Callable[[], tuple[bytes, str]]) -> None:
+    def __init__(
+        self,
+        router: Router,
+        render_metrics: Callable[[], tuple[bytes, str]],
+        instances: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
+    ) -> None:
         self.router = router
         self.render_metrics = render_metrics
+        #: this machine's `ps --json` rows, for the peers' `ps --all-hosts`
+        self.instances = instances
         settings = router.settings
         self.keys = [f"Bearer {k}" for k in [*settings.api_keys, *settings.batch_api_keys]]
         # Bound to loopback: only loopback names may reach us (DNS rebinding);
@@ -97,6 +105,9 @@ class RouterSite:
             return _json({"object": "list", "data": await self.router.model_list()})
         if path == STATE_PATH:  # what peers ask (with a key, as any client when keys are set)
             return _json(state_of(self.router.replicas(), self.router.in_flight))
+        if path == INSTANCES_PATH:  # read-only, as /v1/models: what `ps` would show here
+            rows = await self.instances() if self.instances is not None else []
+            return _json(rows_for_peers(rows))
         if path == "/health":
             return _json({"status": "ok", "healthy_instances": len(self.router.replicas())})
         body, content_type = self.render_metrics()
