@@ -406,6 +406,23 @@ def test_a_plan_runs_where_its_models_and_hosts_are(net, tmp_path, tiny_model, s
         r = c.cli("plan", "list", "--json")
         (there,) = [p for p in json.loads(r.stdout) if p["name"].startswith(f"{run_id}/on-c from ")]
         assert there["state"] == "completed"
+
+        # a task cancelled here is cancelled there
+        for name in ("started", "go"):
+            (shared / name).unlink()
+        alone = json.loads(plan.read_text())["tasks"][2]
+        plan.write_text(json.dumps({"tasks": [{**alone, "depends_on": []}]}))
+        r = run_cli(a, "plan", "run", str(plan), env=ssh_env)
+        assert r.returncode == 0, r.stderr
+        second = r.stdout.split()[0]
+        wait_until(lambda: (shared / "started").exists(), timeout=60)
+        assert run_cli(a, "plan", "cancel", second).returncode == 0
+
+        def state_there() -> str:
+            runs = json.loads(c.cli("plan", "list", "--json").stdout)
+            return next(p["state"] for p in runs if p["name"].startswith(f"{second}/on-c from "))
+
+        wait_until(lambda: state_there() == "cancelled", timeout=30, interval=0.3)
     finally:
         stop_daemon(a, all_=True)
         for h in (b, c):
