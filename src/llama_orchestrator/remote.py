@@ -312,8 +312,7 @@ def split_marked(stderr: str) -> tuple[str, str, bool]:
 
 async def start(target: SshTarget, argv: list[str]) -> asyncio.subprocess.Process:
     """`llama-orch <argv>` on `target` as a child of ours, for the daemon
-    (no terminal, no prompt): stdin, stdout and stderr are pipes; `finish`
-    reads what it said."""
+    (no terminal, no prompt): stdin, stdout and stderr are pipes."""
     if target.home is not None:
         argv = ["--home", target.home, *argv]
     cmd = ssh_argv(
@@ -325,6 +324,9 @@ async def start(target: SshTarget, argv: list[str]) -> asyncio.subprocess.Proces
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            # its own group, as a shell task's: the daemon after a crash stops
+            # it (and nothing else) by the pid recorded; ignored on Windows
+            start_new_session=True,
         )
     except FileNotFoundError:
         raise OrchError(f"There is no `{cmd[0]}` here to reach {target.name}.") from None
