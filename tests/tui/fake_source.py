@@ -79,6 +79,7 @@ class FakeSource:
         self.log_root = log_root
         self.calls: list[tuple[str, str]] = []
         self.fail: str | None = None
+        self.unreached: dict[str, str] = {}
         names = ["gpt-oss", "qwen-7b", "llama-8b"] + [
             f"worker-{i:02d}" for i in range(max(0, n - 3))
         ]
@@ -166,6 +167,7 @@ class FakeSource:
             events,
             self.gpus if with_gpus else None,
             self.plans,
+            unreached=self.unreached,
         )
 
     def _act(self, verb: str, name: str) -> None:

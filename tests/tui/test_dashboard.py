@@ -10,8 +10,9 @@ from llama_orchestrator.tui.app import (
     LogScreen,
     column_widths,
 )
+from llama_orchestrator.tui.data import InstanceView
 from tests.tui.conftest import until
-from tests.tui.fake_source import FakeSource
+from tests.tui.fake_source import FakeSource, status
 
 
 def rows(app):
@@ -290,3 +291,38 @@ def test_the_header_names_the_daemon_and_its_router_or_why_there_is_none():
     info = DaemonInfo(7, 0.0, 0.0, "unix", router_error="port 8080 is in use")
     assert header(info).endswith("; no router: port 8080 is in use")
     assert "`llama-orch up` starts one" in header(None)
+
+
+async def test_peers_instances_show_where_they_run_and_are_managed_there(source):
+    peer_row = status("tiny", "healthy", 8001, 777, supervised=True)
+    source.instances.append(InstanceView(peer_row, machine="rig2"))
+    source.unreached = {"rig3": "http://10.0.0.3:8080 does not answer"}
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(150, 36)) as pilot:
+        await until(lambda: len(rows(app)) == 4)
+        table = app.query_one("#instances", DataTable)
+        assert [str(c.label) for c in table.ordered_columns][:3] == ["HOST", "NAME", "STATE"]
+        assert str(table.get_cell("tiny@rig2", "HOST")) == "rig2"
+        assert str(table.get_cell("gpt-oss", "HOST")) == "local"
+        assert rows(app)[-1] == ("tiny@rig2", "healthy")
+        assert "peer rig3 does not answer" in str(app.query_one("#status", Static).render())
+        await pilot.press("down", "down", "down")
+        await until(lambda: app.selected == "tiny@rig2")
+        config = app.query_one("#config", Static)
+        await until(lambda: "on peer rig2" in str(config.render()))
+        assert "tiny.gguf" in str(config.render())
+        log = app.query_one("#logtail", Log)
+        await until(lambda: log.lines == ["tiny's logs are on rig2."])
+        await pilot.press("d")  # its actions are on rig2: said, not asked, not done
+        await pilot.press("u")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen) and source.calls == []
+        await pilot.press("l")
+        await pilot.pause()
+        assert not isinstance(app.screen, LogScreen)
+        await pilot.press("slash", *"rig2")
+        await until(lambda: [n for n, _ in rows(app)] == ["tiny@rig2"])
+        # the columns stay while a filter hides every peer's row
+        await pilot.press(*["backspace"] * 4, *"gpt")
+        await until(lambda: [n for n, _ in rows(app)] == ["gpt-oss"])
+        assert str(table.ordered_columns[0].label) == "HOST"

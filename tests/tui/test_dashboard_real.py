@@ -125,6 +125,46 @@ def test_engine_source_reads_cpu_rss_and_token_rate_from_a_real_server(home, tin
         engine.close()
 
 
+def test_engine_source_shows_the_peers_instances_as_their_routers_report_them(tmp_path, tiny_model):
+    """A peer (another home, its daemon's router behind a key) on this
+    machine's loopback: its instances come in with `machine`, and a peer
+    that does not answer is named, not fatal."""
+    import json
+
+    from llama_orchestrator.daemon.main import stop as stop_daemon
+    from llama_orchestrator.home import Home
+    from tests.helpers import free_port
+
+    a, b = Home(tmp_path / "a"), Home(tmp_path / "b")
+    a.instances_dir.mkdir(parents=True)
+    write_config(b, "far", tiny_model)
+    port = free_port()
+    b.settings_path.write_text(json.dumps({"router": {"port": port, "api_keys": ["k"]}}))
+    (a.root / "b.key").write_text("k")
+    a.settings_path.write_text(
+        json.dumps(
+            {
+                "peers": [
+                    {"name": "b", "url": f"http://127.0.0.1:{port}", "api_key_file": "b.key"},
+                    {"name": "c", "url": f"http://127.0.0.1:{free_port()}", "timeout": 0.5},
+                ]
+            }
+        )
+    )
+    source = EngineSource(a)
+    try:
+        assert run_cli(b, "up", "far").returncode == 0
+        snap = source.snapshot()
+        (row,) = snap.instances
+        assert (row.machine, row.key, row.status["state"]) == ("b", "far@b", "healthy")
+        assert row.cpu_pct is None  # its process is b's to measure, not ours
+        assert list(snap.unreached) == ["c"] and "does not answer" in snap.unreached["c"]
+        assert matches(row, "b") and not matches(row, "elsewhere")
+    finally:
+        source.close()
+        stop_daemon(b, all_=True)
+
+
 def test_parse_metrics_rates_and_filter():
     text = (
         "# HELP x\nllamacpp:tokens_predicted_total 8\nllamacpp:requests_processing 1\nbad line x\n"

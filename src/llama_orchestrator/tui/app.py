@@ -62,6 +62,8 @@ COLUMNS = (
     "TOK/S",
     "NEXT TRY",
 )
+#: with peers' instances (`fleet`): where each runs, first
+HOST_COLUMNS = ("HOST", *COLUMNS)
 KEYS_HELP = """\
 [b]Keys[/b]
   ↑/↓, mouse   select an instance
@@ -100,6 +102,28 @@ def cells(v: InstanceView) -> tuple[Text | str, ...]:
         dash if v.active is None else str(v.active),
         dash if v.tokens_per_s is None else f"{v.tokens_per_s:.1f}",
         next_at[11:19] if (next_at := s["next_restart_at"]) else dash,  # HH:MM:SS of the ISO time
+    )
+
+
+def host_cells(v: InstanceView) -> tuple[Text | str, ...]:
+    """The row of one instance in a table with HOST (pure)."""
+    return (v.machine or "local", *cells(v))
+
+
+def peer_detail(v: InstanceView) -> str:
+    """What the detail pane says of a peer's instance: its row, and where to
+    manage it (its logs, config and actions are on that machine) (pure)."""
+    s = v.status
+    return "\n".join(
+        [
+            f"[b]{s['name']}[/b] on peer [b]{v.machine}[/b]  {state_label(s)}",
+            f"model   {(s.get('model_path') or '-').rsplit('/', 1)[-1]}",
+            f"listen  {s.get('host')}:{s.get('port')}  alias {s.get('alias')}",
+            f"gpu     {backend_label(s)}",
+            "",
+            f"It is managed on {v.machine}: `llama-orch --host <ssh address of {v.machine}> "
+            "dashboard` shows its logs and config and acts on it.",
+        ]
     )
 
 
@@ -162,6 +186,13 @@ class LogTail(Log):
         self.clear()
         self.border_title = f"{name} {stream}"
         self._tail(source, name, stream)
+
+    def say(self, title: str, line: str) -> None:
+        """No log to follow (a peer's instance): `line` instead."""
+        self.workers.cancel_group(self, "tail")
+        self.clear()
+        self.border_title = title
+        self.write_line(line)
 
     @work(thread=True, exclusive=True, group="tail")
     def _tail(self, source: DataSource, name: str, stream: str) -> None:
@@ -376,7 +407,8 @@ class DashboardApp(App[None]):
                 Text(f"{self.source.home.root} — cannot read state: {snap.error}", style="bold red")
             )
             return
-        status.update(f"{self.source.home.root} — {snap.mode}")
+        away = "".join(f"; peer {n} does not answer" for n in snap.unreached)
+        status.update(f"{self.source.home.root} — {snap.mode}{away}")
         self._apply_table([v for v in snap.instances if matches(v, self.query_text)])
         self._apply_events(snap)
         self._apply_gpus(snap)
@@ -388,12 +420,19 @@ class DashboardApp(App[None]):
         no_instances = not (self.snapshot and self.snapshot.instances)
         empty.display = no_instances
         table.display = not no_instances
-        wanted = [v.name for v in rows]
-        values = {v.name: cells(v) for v in rows}
-        if sync_rows(table, COLUMNS, values) and self.selected in wanted:
+        # HOST while any peer's instance is shown (filtered or not: no jumping columns)
+        hosts = any(v.machine for v in (self.snapshot.instances if self.snapshot else rows))
+        labels = HOST_COLUMNS if hosts else COLUMNS
+        if [str(c.label) for c in table.ordered_columns] != list(labels):
+            table.clear(columns=True)
+            for col in labels:
+                table.add_column(col, key=col)
+        wanted = [v.key for v in rows]
+        values = {v.key: host_cells(v) if hosts else cells(v) for v in rows}
+        if sync_rows(table, labels, values) and self.selected in wanted:
             table.move_cursor(row=wanted.index(self.selected))
         if rows and self.selected not in wanted:
-            self._select(rows[table.cursor_row if table.cursor_row < len(rows) else 0].name)
+            self._select(rows[table.cursor_row if table.cursor_row < len(rows) else 0].key)
 
     def _apply_events(self, snap: Snapshot) -> None:
         log = self.query_one("#events", Log)
@@ -473,8 +512,17 @@ class DashboardApp(App[None]):
         except NoMatches:  # a highlight that arrived while the app quits
             return
         self.selected = name
+        if (peer := self._peer_row(name)) is not None:
+            tail.say(name, f"{peer.name}'s logs are on {peer.machine}.")
+            self._show_detail(peer_detail(peer))
+            return
         tail.show(self.source, name, self.stream)
         self._load_detail(name)
+
+    def _peer_row(self, key: str) -> InstanceView | None:
+        """The peer's instance `key` names (None: one of this machine's)."""
+        rows = self.snapshot.instances if self.snapshot else []
+        return next((v for v in rows if v.machine and v.key == key), None)
 
     @work(thread=True, exclusive=True, group="detail")
     def _load_detail(self, name: str) -> None:
@@ -516,6 +564,13 @@ class DashboardApp(App[None]):
     def _target(self) -> str | None:
         if self.selected is None:
             self.notify("No instance selected.", severity="warning")
+        elif (peer := self._peer_row(self.selected)) is not None:
+            self.notify(
+                f"{peer.name} runs on peer {peer.machine}: act on it there "
+                f"(`llama-orch --host <ssh address of {peer.machine}> …`).",
+                severity="warning",
+            )
+            return None
         return self.selected
 
     def action_up(self) -> None:
@@ -592,7 +647,7 @@ class DashboardApp(App[None]):
 
     def action_stream(self) -> None:
         self.stream = "stdout" if self.stream == "stderr" else "stderr"
-        if self.selected:
+        if self.selected and self._peer_row(self.selected) is None:
             self.query_one("#logtail", LogTail).show(self.source, self.selected, self.stream)
 
     def action_filter(self) -> None:

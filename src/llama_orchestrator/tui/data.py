@@ -77,10 +77,17 @@ class InstanceView:
     rss_mib: float | None = None
     active: int | None = None  # requests being processed + deferred
     tokens_per_s: float | None = None
+    #: the peer it runs on (its own `ps` row, `fleet`); None: this machine
+    machine: str | None = None
 
     @property
     def name(self) -> str:
         return str(self.status["name"])
+
+    @property
+    def key(self) -> str:
+        """What names the row: the instance, `name@peer` for a peer's."""
+        return self.name if self.machine is None else f"{self.name}@{self.machine}"
 
 
 def matches(view: InstanceView, query: str) -> bool:
@@ -89,7 +96,8 @@ def matches(view: InstanceView, query: str) -> bool:
     if not q:
         return True
     s = view.status
-    return any(q in str(s.get(k) or "").lower() for k in ("name", "alias", "state"))
+    fields = [s.get(k) for k in ("name", "alias", "state")] + [view.machine]
+    return any(q in str(f or "").lower() for f in fields)
 
 
 @dataclass
@@ -101,6 +109,8 @@ class Snapshot:
     #: the newest plan runs (RunView.to_json(), tasks included), newest first
     plans: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    #: peer name -> why its instances are not shown
+    unreached: dict[str, str] = field(default_factory=dict)
 
 
 class DataSource(Protocol):
@@ -121,6 +131,8 @@ T = TypeVar("T")
 
 #: plan runs the dashboard lists
 PLAN_RUNS_SHOWN = 30
+#: seconds between asks of the peers' routers for their instances
+PEERS_EVERY = 2.0
 
 
 def header(info: DaemonInfo | None) -> str:
@@ -153,6 +165,9 @@ class EngineSource:
         self._lock = threading.Lock()  # one snapshot at a time on this engine's connection
         self._procs: dict[int, psutil.Process] = {}
         self._counters: dict[str, tuple[float, float]] = {}
+        self._peers: list[InstanceView] = []
+        self._unreached: dict[str, str] = {}
+        self._peers_at: float | None = None
 
     def snapshot(self, with_gpus: bool = False) -> Snapshot:
         with self._lock:
@@ -168,7 +183,41 @@ class EngineSource:
             busy = activity.in_flight
             gpus = views.gpu_sample(engine, lambda n: busy.get(n, 0) > 0) if with_gpus else None
             plans = [v.to_json() for v in list_runs(engine.store, PLAN_RUNS_SHOWN)]
-        return Snapshot(header(running(self.home)), views_, events, gpus, plans)
+        self._ask_peers()
+        return Snapshot(
+            header(running(self.home)),
+            views_ + self._peers,
+            events,
+            gpus,
+            plans,
+            unreached=dict(self._unreached),
+        )
+
+    def _ask_peers(self) -> None:
+        """The peers' rows (`fleet`), asked again every PEERS_EVERY seconds."""
+        now = time.monotonic()  # pacing only (the injected clock times the token rates)
+        if self._peers_at is not None and now - self._peers_at < PEERS_EVERY:
+            return
+        self._peers_at = now
+        import asyncio
+
+        from llama_orchestrator import fleet
+        from llama_orchestrator.config import load_settings
+        from llama_orchestrator.errors import OrchError
+
+        try:
+            peers = load_settings(self.home.settings_path).peers
+        except OrchError:  # a broken llama-orch.json: `ps` and the daemon say so
+            peers = []
+        if not peers:
+            self._peers, self._unreached = [], {}
+            return
+        seen = fleet.gather([], asyncio.run(fleet.ask_peers(peers, self.home.root)))
+        self._peers = [
+            InstanceView(row, machine=row["machine"])  # type: ignore[arg-type]
+            for row in seen.rows
+        ]
+        self._unreached = seen.unreached
 
     def _live(self, status: InstanceStatus) -> InstanceView:
         view = InstanceView(status)
