@@ -379,6 +379,7 @@ def test_a_plan_runs_where_its_models_and_hosts_are(net, tmp_path, tiny_model, s
         assert tasks(run_id)["on-c"]["state"] == "running"
         # A's daemon dies while the task runs on C, which goes on with it
         first = psutil.Process(daemon_pid())
+        (ssh,) = [p for p in first.children() if p.name() == "ssh"]  # the task's link to C
         first.kill()
         first.wait(10)
         r = c.cli("plan", "list", "--json")
@@ -386,6 +387,7 @@ def test_a_plan_runs_where_its_models_and_hosts_are(net, tmp_path, tiny_model, s
         assert there["state"] == "running"
         r = run_cli(a, "daemon", "start", env=ssh_env)
         assert r.returncode == 0, r.stderr
+        wait_until(lambda: not ssh.is_running(), timeout=15)  # the dead daemon's, ended
         (shared / "go").touch()
         done = wait_until(
             lambda: (
