@@ -27,6 +27,7 @@ __all__ = [
     "backend_of",
     "unknown_line",
     "unlisted_line",
+    "peer_line",
     "PLAN_RUN_COLUMNS",
     "PLAN_TASK_COLUMNS",
     "plan_run_cells",
@@ -208,6 +209,17 @@ def unlisted_line(d: VulkanDevice, source: str) -> str:
         f"Vulkan device {d.index} is {d.name}, {what}; backend vulkan with "
         f"device_id {d.index} runs on it" + (" (for tests)" if d.software else "")
     )
+
+
+def peer_line(name: str, peer: dict[str, Any]) -> str:
+    """What `daemon status` says of one peer (`daemon.peers.PeerState.to_json`)."""
+    where = f"{name} ({peer['url']})"
+    if peer["state"] == "reachable":
+        n = len(peer.get("instances") or [])
+        return f"{where}: answers, {n} healthy instance{'s' * (n != 1)}"
+    if peer["state"] == "unreachable":
+        return f"{where}: does not answer: {peer.get('error') or 'unknown'}"
+    return f"{where}: not asked yet"
 
 
 def gpu_cells(g: GpuInfo, threshold: float) -> tuple[list[str], bool]:

@@ -262,6 +262,12 @@ def test_one_router_across_hosts_survives_a_cut_link(net, tmp_path, tiny_model, 
             r = run_cli(a, "ps", "--all-hosts", "--json")
             assert r.returncode == 0 and {row["machine"] for row in json.loads(r.stdout)} == {"c"}
             assert "warning: peer b: http://" in r.stderr and "does not answer" in r.stderr
+            said = json.loads(run_cli(a, "daemon", "status", "--json").stdout)["peers"]
+            assert (said["b"]["state"], said["c"]["state"]) == ("unreachable", "reachable")
+            assert (
+                f"peer         b (http://{b.addr}:8080): does not answer: "
+                in run_cli(a, "daemon", "status").stdout
+            )
             at_cut = count()
             wait_until(lambda: count() >= at_cut + 100, timeout=60)
             b.restore()

@@ -159,3 +159,16 @@ def test_a_queued_or_loading_instance_says_its_place_in_line_and_how_far_it_load
     assert dots_percent(head + "." * 100 + "\nllama_context: y\n") == 100
     assert dots_percent(head + "no dots yet") is None
     assert dots_percent("." * 80 + "\n" + head) is None  # an earlier run's dots do not count
+
+
+def test_daemon_status_says_of_each_peer_whether_it_answers():
+    from llama_orchestrator.present import peer_line
+
+    url = "http://10.0.0.2:8080"
+    two = {"url": url, "state": "reachable", "instances": [{}, {}]}
+    assert peer_line("rig2", two) == f"rig2 ({url}): answers, 2 healthy instances"
+    one = {**two, "instances": [{}]}
+    assert peer_line("rig2", one).endswith("answers, 1 healthy instance")
+    away = {"url": url, "state": "unreachable", "error": "no answer within 2s"}
+    assert peer_line("rig2", away) == f"rig2 ({url}): does not answer: no answer within 2s"
+    assert peer_line("rig2", {"url": url, "state": "checking"}) == f"rig2 ({url}): not asked yet"

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from llama_orchestrator.cli.context import app_context, print_json, say
+from llama_orchestrator.present import peer_line
 from llama_orchestrator.timefmt import human_duration
 
 __all__ = ["app"]
@@ -113,6 +114,7 @@ def status(
             "router_url": None,
             "router_error": None,
             "instances": [],
+            "peers": {},
         }
     else:
         data = DaemonClient(info, timeout=10).call("GET", "/v1/status")
@@ -135,6 +137,8 @@ def status(
         f"router       {data['router_url'] or 'not listening: ' + (data.get('router_error') or 'unknown')}"
     )
     say(f"supervises   {names}")
+    for name, peer in (data.get("peers") or {}).items():
+        say(f"peer         {peer_line(name, peer)}")
     if unsaved := data.get("state_unsaved"):
         say(f"state        {unsaved['changes']} changes kept in memory: {unsaved['error']}")
     say(f"log          {home.daemon_log}")

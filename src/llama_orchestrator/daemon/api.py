@@ -80,6 +80,7 @@ def build_app(
     status_view: Callable[[], Awaitable[StatusReply]],
     router_url: str | None = None,
     router_error: str | None = None,
+    peers: Callable[[], dict[str, Any]] = dict,
 ) -> FastAPI:
     app = FastAPI(title="llama-orch daemon", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -137,6 +138,7 @@ def build_app(
             "router_url": router_url,
             "router_error": router_error,
             "version": __version__,
+            "peers": peers(),
             **sup.status(),
         }
 

@@ -266,6 +266,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         status_view=status_view,
         router_url=router_url,
         router_error=router_error,
+        peers=peers.to_json,
     )
     server = _Server(
         uvicorn.Config(
