@@ -69,6 +69,8 @@ NOT_FOUND = 127
 SSH_FAILED = 255
 #: commands that are about this machine, never sent elsewhere
 LOCAL_ONLY = {"context", "system"}
+#: the longest line `start`'s reader takes (asyncio's default is 64 KiB)
+LINE_LIMIT = 64 << 20
 #: the root options that take a value (the rest are flags)
 _VALUED = {"--home", "--host"}
 
@@ -327,6 +329,8 @@ async def start(target: SshTarget, argv: list[str]) -> asyncio.subprocess.Proces
             # its own group, as a shell task's: the daemon after a crash stops
             # it (and nothing else) by the pid recorded; ignored on Windows
             start_new_session=True,
+            # a line may be long: `system task` sends a task's whole output as one
+            limit=LINE_LIMIT,
         )
     except FileNotFoundError:
         raise OrchError(f"There is no `{cmd[0]}` here to reach {target.name}.") from None
