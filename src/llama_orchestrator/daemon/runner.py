@@ -675,19 +675,22 @@ class InstanceRunner:
         cfg = self._cfg or self._fx.config(self.name)
         if cfg is None:
             return  # no (valid) config any more: nothing to restart it with
+        now = self._fx.now()
         d = after_exit(
             cfg.restart_policy,
             RestartBook(row.restarts, row.streak, row.started_at),
             ending,
             row.desired,
-            self._fx.now(),
+            now,
             self._d.rng.uniform(-1.0, 1.0),
         )
+        # the delay as decided: the event's own time is taken later, when it is written
+        delay = None if d.restart_at is None else round(d.restart_at - now, 3)
         self._set(
             row,
             d.state,
             d.reason,
-            {"restarts": d.book.restarts, "restart_at": d.restart_at},
+            {"restarts": d.book.restarts, "restart_at": d.restart_at, "delay_s": delay},
             restarts=d.book.restarts,
             streak=d.book.streak,
             next_restart_at=d.restart_at,
