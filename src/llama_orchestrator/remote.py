@@ -369,9 +369,11 @@ def run(target: SshTarget, argv: list[str]) -> int:
     relay.start()
     try:
         rc = proc.wait()
-    except KeyboardInterrupt:  # with -t the remote side got the ^C itself
-        proc.terminate()
-        rc = proc.wait()
+    except KeyboardInterrupt:  # without -t (with it, ^C goes to the far side as a key)
+        proc.terminate()  # the far side sees its output's reader go, and stops too
+        proc.wait()
+        relay.join(timeout=5)
+        raise
     relay.join(timeout=5)
     before = "".join(relay.before)
     problem = ssh_failure(target, rc, before, relay.started)

@@ -5,9 +5,11 @@ client, and A's router serves B's and C's real llama-servers as peers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -105,6 +107,30 @@ def test_commands_run_on_another_host_over_ssh(net, tiny_model, server_bin, monk
     assert r.returncode == 0 and f"listening on http://127.0.0.1:{port}" in r.stderr, r.stderr[
         -500:
     ]
+    # `logs -f` there, without a terminal (piped): stopping it here ends it there
+    config = net.ssh_config()
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "llama_orchestrator", "--host", f"ssh://root@{b.addr}{b.home}"]
+        + ["logs", "tiny", "-f"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "LLAMA_ORCH_SSH_COMMAND": f"ssh -F {config}"},
+    )
+
+    def there() -> list[psutil.Process]:
+        assert b.sshd is not None
+        found = []
+        for p in psutil.Process(b.sshd.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # one that ended meanwhile
+                if p.cmdline()[-3:-1] == ["system", "remote"]:
+                    found.append(p)
+        return found
+
+    (far,) = wait_until(there, timeout=30)
+    follow.send_signal(signal.SIGINT)  # ^C
+    assert follow.wait(30) == 130
+    wait_until(lambda: not far.is_running() or far.status() == psutil.STATUS_ZOMBIE, timeout=15)
+
     r = over_ssh(net, b, "down", "tiny")
     assert r.returncode == 0, r.stderr
     wait_until(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE)

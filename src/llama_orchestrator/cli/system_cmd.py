@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -25,6 +26,11 @@ def remote(payload: str = typer.Argument(..., metavar="PAYLOAD")) -> None:
     if not sys.stderr.isatty():  # over ssh -T: what follows on stderr is ours, not ssh's
         sys.stderr.write(f"{MARKER}{__version__}\n")
         sys.stderr.flush()
+        from llama_orchestrator import platform
+
+        # no terminal whose close ends us: the client's going away must (`logs -f`)
+        with contextlib.suppress(OSError, ValueError):  # no file under us: nobody to watch
+            platform.interrupt_on_hangup(sys.stdout.fileno())
     theirs, argv, machine = decode_payload(payload)
     if problem := version_mismatch(theirs, __version__, machine):
         raise UserError(problem)

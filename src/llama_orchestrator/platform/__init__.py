@@ -11,6 +11,7 @@ imports `signal`, calls `os.kill` or sets process-creation flags.
     try_lock(path) -> file | None                     an exclusive lock held while open
     exit_fd(pid) -> int | None                        readable when pid exits (Linux pidfd)
     on_stop_signals(callback)                         SIGTERM/SIGINT/... -> callback(name)
+    interrupt_on_hangup(fd)                           SIGINT to us once fd's reader is gone
     CONTROL_TRANSPORT, bind_control, connect_control  the daemon's control socket
 """
 
@@ -25,6 +26,7 @@ if os.name == "nt":
         connect_control,
         exit_fd,
         force_kill_group,
+        interrupt_on_hangup,
         on_stop_signals,
         port_is_free,
         raise_open_files_limit,
@@ -40,6 +42,7 @@ else:
         connect_control,
         exit_fd,
         force_kill_group,
+        interrupt_on_hangup,
         on_stop_signals,
         port_is_free,
         raise_open_files_limit,
@@ -55,6 +58,7 @@ __all__ = [
     "connect_control",
     "exit_fd",
     "force_kill_group",
+    "interrupt_on_hangup",
     "on_stop_signals",
     "port_is_free",
     "raise_open_files_limit",

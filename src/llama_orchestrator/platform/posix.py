@@ -146,6 +146,26 @@ def exit_fd(pid: int) -> int | None:
         return None
 
 
+def interrupt_on_hangup(fd: int) -> None:
+    """When the reader of `fd` goes away (ssh's client was stopped: sshd
+    closes the pipe a command run without a terminal writes to), SIGINT to
+    this process, as ^C would be: a `logs -f` there must not wait for its
+    next line to find out. A thread blocked in poll(2), no cost meanwhile."""
+    import select
+    import threading
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(fd, 0)  # POLLERR and POLLHUP are reported whatever the mask
+        while True:
+            events = poller.poll()
+            if any(e & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, e in events):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    threading.Thread(target=watch, name="hangup", daemon=True).start()
+
+
 def on_stop_signals(callback: Callable[[str], None]) -> None:
     """Call `callback(signal name)` on SIGTERM, SIGINT and SIGHUP (main thread)."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

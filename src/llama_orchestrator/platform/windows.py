@@ -143,6 +143,11 @@ def exit_fd(pid: int) -> int | None:
     return None  # the caller waits on the process handle in a thread instead
 
 
+def interrupt_on_hangup(fd: int) -> None:
+    """Not watched on Windows: its OpenSSH server ends the command's console
+    with the session (and a pipe's hangup is not pollable there)."""
+
+
 def on_stop_signals(callback: Callable[[str], None]) -> None:
     """Ctrl+C, Ctrl+Break and the console's close/logoff/shutdown events."""
     import signal
