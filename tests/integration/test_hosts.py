@@ -432,6 +432,7 @@ def test_a_plan_runs_where_its_models_and_hosts_are(net, tmp_path, tiny_model, s
         assert {k: v["state"] for k, v in done.items()} == dict.fromkeys(done, "completed"), done
         # the llm tasks ran where their models are, through A's router
         assert done["ask-b"]["instance"] == "bee@pb" and done["ask-c"]["instance"] == "sea@pc"
+        assert done["on-c"]["instance"] == f"pc (run {there['id']})"  # where to look on C
         # the shell task ran on C, once (the resumed daemon followed C's run),
         # and its output came back into the plan
         out = (a.plan_run_dir(run_id) / "on-c.out").read_text()

@@ -98,7 +98,13 @@ class HostTasks:
         out_path.write_text(str(reply.end.get("output") or ""), encoding="utf-8")
         err_path.write_text(str(reply.end.get("stderr") or ""), encoding="utf-8")
         error = reply.error(task.host)
-        return {"pid": None, "create_time": None, **({"error": error} if error else {})}
+        where = f"{task.host} (run {reply.run})"  # plan status: where to look there
+        return {
+            "pid": None,
+            "create_time": None,
+            "instance": where,
+            **({"error": error} if error else {}),
+        }
 
     async def _cancelled(
         self, target: remote.SshTarget, run: str | None, proc: asyncio.subprocess.Process
