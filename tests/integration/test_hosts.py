@@ -55,18 +55,21 @@ def instance(host, name: str, model: Path, alias: str, port: int) -> None:
     path.write_text(json.dumps(cfg))
 
 
-def cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, timeout: float = 120, input: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
     """`llama-orch ARGS` on A, as a user types it (no --home)."""
     return subprocess.run(
         [sys.executable, "-m", "llama_orchestrator", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=input,
         env={**os.environ, **env},
     )
 
 
-def over_ssh(net, host, *args, config=None, url=None, timeout=120):
+def over_ssh(net, host, *args, config=None, url=None, timeout=120, input=None):
     """`llama-orch --host ssh://root@<host>/<its home> ARGS` from A."""
     config = config or net.ssh_config()
     return cli(
@@ -74,6 +77,7 @@ def over_ssh(net, host, *args, config=None, url=None, timeout=120):
         url or f"ssh://root@{host.addr}{host.home}",
         *args,
         timeout=timeout,
+        input=input,
         LLAMA_ORCH_SSH_COMMAND=f"ssh -F {config}",
     )
 
@@ -107,6 +111,21 @@ def test_commands_run_on_another_host_over_ssh(net, tiny_model, server_bin, monk
     assert r.returncode == 0 and f"listening on http://127.0.0.1:{port}" in r.stderr, r.stderr[
         -500:
     ]
+    # what else a user runs there: describe, gpus, daemon status, and a local plan sent along
+    r = over_ssh(net, b, "describe", "tiny", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["pid"] == row["pid"], r.stderr
+    r = over_ssh(net, b, "gpus", "--json")
+    assert r.returncode == 0 and isinstance(json.loads(r.stdout), list), r.stderr
+    r = over_ssh(net, b, "daemon", "status", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["home"] == str(b.home), r.stderr
+    plan = {
+        "tasks": [{"id": "hi", "kind": "llm", "model": "tiny", "prompt": "Hi", "max_tokens": 2}]
+    }
+    r = over_ssh(net, b, "plan", "run", "-", "--wait", input=json.dumps(plan))
+    assert r.returncode == 0 and "1 completed" in r.stdout, r.stdout + r.stderr
+    r = over_ssh(net, b, "plan", "run", "plan.json")
+    assert r.returncode == 2 and "`plan run - < plan.json` sends one from here" in r.stderr
+
     # `logs -f` there, without a terminal (piped): stopping it here ends it there
     config = net.ssh_config()
     follow = subprocess.Popen(

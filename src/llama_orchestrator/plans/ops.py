@@ -4,6 +4,7 @@ file, follow a run. Handing it to the daemon is the client's
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +21,15 @@ __all__ = ["check_file", "follow", "for_peer"]
 
 
 def check_file(home: Home, path: Path, given_vars: dict[str, str]) -> tuple[Plan, str]:
-    """The plan checked as the daemon will check it, and its text."""
+    """The plan checked as the daemon will check it, and its text (`-`: read
+    from stdin, e.g. a local file sent to another machine's `--host`)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(
-            f"No plan file {path}.", hint="Give the path of a plan's JSON file."
+            f"No plan file {path}.",
+            hint="Give the path of a plan's JSON file (with --host, a path on that machine; "
+            "`plan run - < plan.json` sends one from here).",
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"Cannot read the plan file {path}: {exc}.") from None
