@@ -20,9 +20,10 @@ import httpx
 
 from llama_orchestrator.config import PeerSettings
 from llama_orchestrator.errors import OrchError
+from llama_orchestrator.home import Home
 from llama_orchestrator.peers import INSTANCES_PATH
 
-__all__ = ["Fleet", "gather", "ask_peer", "ask_peers"]
+__all__ = ["Fleet", "look", "gather", "ask_peer", "ask_peers"]
 
 
 @dataclass
@@ -31,6 +32,19 @@ class Fleet:
     rows: list[dict[str, Any]] = field(default_factory=list)
     #: peer name -> why its instances are not listed
     unreached: dict[str, str] = field(default_factory=dict)
+    #: how many peers llama-orch.json names
+    peers: int = 0
+
+
+def look(home: Home, local: Sequence[Mapping[str, Any]]) -> Fleet:
+    """`local` (this machine's rows) with every peer's, asked now. A broken
+    llama-orch.json raises its ConfigError, as everything that reads it does."""
+    from llama_orchestrator.config import load_settings
+
+    peers = load_settings(home.settings_path).peers
+    fleet = gather(local, asyncio.run(ask_peers(peers, home.root)) if peers else {})
+    fleet.peers = len(peers)
+    return fleet
 
 
 def gather(

@@ -118,13 +118,9 @@ def ps(
 
 def _ps_all_hosts(app: Any, rows: list[InstanceStatus], json_: bool) -> None:
     """`ps --all-hosts`: this machine's rows and every peer's (`fleet`)."""
-    import asyncio
-
     from llama_orchestrator import fleet
-    from llama_orchestrator.config import load_settings
 
-    peers = load_settings(app.home.settings_path).peers
-    seen = fleet.gather(rows, asyncio.run(fleet.ask_peers(peers, app.home.root)))
+    seen = fleet.look(app.home, rows)
     if json_:
         print_json(seen.rows)
     elif seen.rows:
@@ -133,7 +129,7 @@ def _ps_all_hosts(app: Any, rows: list[InstanceStatus], json_: bool) -> None:
         say("No instances on this machine or its peers.")
     for name, why in seen.unreached.items():
         say(f"warning: peer {name}: {why}; its instances are not listed", to_err=True)
-    if not peers:
+    if not seen.peers:
         say(
             'note: no peers in llama-orch.json ("peers": [{"name": ..., "url": ...}]); '
             "this machine's instances only",

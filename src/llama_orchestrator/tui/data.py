@@ -199,20 +199,13 @@ class EngineSource:
         if self._peers_at is not None and now - self._peers_at < PEERS_EVERY:
             return
         self._peers_at = now
-        import asyncio
-
         from llama_orchestrator import fleet
-        from llama_orchestrator.config import load_settings
         from llama_orchestrator.errors import OrchError
 
         try:
-            peers = load_settings(self.home.settings_path).peers
+            seen = fleet.look(self.home, [])
         except OrchError:  # a broken llama-orch.json: `ps` and the daemon say so
-            peers = []
-        if not peers:
-            self._peers, self._unreached = [], {}
-            return
-        seen = fleet.gather([], asyncio.run(fleet.ask_peers(peers, self.home.root)))
+            seen = fleet.Fleet()
         self._peers = [
             InstanceView(row, machine=row["machine"])  # type: ignore[arg-type]
             for row in seen.rows
