@@ -82,6 +82,10 @@ class FakeEffects:
         self.models: dict[str, ModelInfo] = {}  # by file name
         #: bytes an instance's logs hold (a test grows it: its load progresses)
         self.logged: dict[str, int] = {}
+        #: instances whose next process is gone as soon as it is spawned: its exit code
+        self.dies_at_once: dict[str, int] = {}
+        #: turns of the loop exit_info takes (the real one reads the log tail in a thread)
+        self.exit_info_lag = 0
 
     # --- the test's controls -------------------------------------------------------
 
@@ -164,6 +168,8 @@ class FakeEffects:
             return UpResult(p.name, "already running", live[0].ref.pid, port)
         ref = ProcRef(4000 + len(self.procs), self.t)
         self.procs.append(FakeProc(ref, p.name, ignores_term=p.name in self.ignore_term))
+        if p.name in self.dies_at_once:
+            self.procs[-1].end(code=self.dies_at_once.pop(p.name))
         self.store.set_state(
             row,
             S.STARTING,
@@ -215,6 +221,8 @@ class FakeEffects:
             await asyncio.shield(proc.gone)
 
     async def exit_info(self, row: InstanceRow) -> dict[str, Any]:
+        for _ in range(self.exit_info_lag):
+            await asyncio.sleep(0)
         proc = self._find(ProcRef.of(row.pid, row.create_time))
         return {
             "code": proc.code if proc else None,
@@ -243,6 +251,7 @@ class FakeEffects:
         return self.models[path.name]
 
     async def mark_used(self, used: dict[str, float]) -> None:
+        await asyncio.sleep(0)  # the real one writes in a thread: the loop turns meanwhile
         self.store.mark_used(used)
 
     async def rows(self) -> list[InstanceRow]:
