@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.files import atomic_write_text
+from llama_orchestrator.home import NAME_RE
 from llama_orchestrator.remote import SshTarget, parse_target
 
 __all__ = ["Context", "Contexts", "DEFAULT", "config_dir", "choose", "resolve"]
 
 DEFAULT = "default"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ class Contexts:
         )
 
     def create(self, context: Context, force: bool = False) -> None:
-        if not _NAME.match(context.name) or context.name == DEFAULT:
+        if not NAME_RE.match(context.name) or context.name == DEFAULT:
             raise UserError(
                 f"'{context.name}' cannot name a context; use lowercase letters, digits, "
                 "'.', '_' and '-' (and not 'default', which is this machine)."
@@ -132,7 +131,7 @@ def choose(flag: str | None, env: dict[str, str] | None = None) -> SshTarget | N
 
 def resolve(url: str) -> SshTarget | None:
     """An ssh:// address, or a context's name (None: `default`, this machine)."""
-    if not url.startswith("ssh://") and _NAME.match(url):
+    if not url.startswith("ssh://") and NAME_RE.match(url):
         context = Contexts().get(url)  # --host rig2: a context's name
         return context.target() if context else None
     return parse_target(url)

@@ -304,6 +304,14 @@ class _Relay(threading.Thread):
                 self.before.append(line)
 
 
+def _command(target: SshTarget, argv: list[str], tty: bool) -> list[str]:
+    """The ssh command line that runs `llama-orch <argv>` against the target's home."""
+    if target.home is not None:
+        argv = ["--home", target.home, *argv]
+    payload = encode_payload(argv, target.name)
+    return ssh_argv(target, payload, tty, os.environ.get("LLAMA_ORCH_SSH_COMMAND"))
+
+
 def split_marked(stderr: str) -> tuple[str, str, bool]:
     """(ssh's lines, the remote llama-orch's, whether it ran) of a whole stderr."""
     head, marker, tail = stderr.partition(MARKER)
@@ -315,11 +323,7 @@ def split_marked(stderr: str) -> tuple[str, str, bool]:
 async def start(target: SshTarget, argv: list[str]) -> asyncio.subprocess.Process:
     """`llama-orch <argv>` on `target` as a child of ours, for the daemon
     (no terminal, no prompt): stdin, stdout and stderr are pipes."""
-    if target.home is not None:
-        argv = ["--home", target.home, *argv]
-    cmd = ssh_argv(
-        target, encode_payload(argv, target.name), False, os.environ.get("LLAMA_ORCH_SSH_COMMAND")
-    )
+    cmd = _command(target, argv, tty=False)
     try:
         return await asyncio.create_subprocess_exec(
             *cmd,
@@ -351,12 +355,7 @@ async def call(target: SshTarget, argv: list[str], stdin: bytes = b"") -> tuple[
 def run(target: SshTarget, argv: list[str]) -> int:
     """Run `llama-orch <argv>` on `target`; its exit code. Raises OrchError
     with one sentence when ssh (or the remote side) could not."""
-    if target.home is not None:
-        argv = ["--home", target.home, *argv]
-    tty = sys.stdin.isatty() and sys.stdout.isatty()
-    cmd = ssh_argv(
-        target, encode_payload(argv, target.name), tty, os.environ.get("LLAMA_ORCH_SSH_COMMAND")
-    )
+    cmd = _command(target, argv, tty=sys.stdin.isatty() and sys.stdout.isatty())
     try:
         proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     except FileNotFoundError:

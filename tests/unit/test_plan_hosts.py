@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llama_orchestrator.plans.hosts import Reply, one_task_plan, origin_of, parse_reply
+from llama_orchestrator.plans.hosts import Reply, one_task_plan, origin_of
 from llama_orchestrator.plans.spec import HOST_PREFIX, PlanError, parse_plan
 
 
@@ -111,9 +111,13 @@ def test_the_peer_is_sent_the_task_alone_filled_in_and_tried_once():
 
 
 def test_the_peers_answer_is_its_run_then_its_end():
-    reply = parse_reply('{"run": "ab12"}\n')
+    reply = Reply()
+    reply.feed('{"run": "ab12"}\n')
     assert reply.run == "ab12" and reply.end is None
-    assert reply.error("rig2") == "rig2 did not say how the task ended"
+    # no end: what the far llama-orch said last, or its exit code
+    said = "Started the daemon.\nerror: No plan file x.\n"
+    assert reply.error("rig2", said, 2) == "on rig2: No plan file x."
+    assert reply.error("rig2", "", 3) == "on rig2: exit code 3"
     reply = Reply()
     for line in ['{"run": "ab12"}', "some noise", "[1]", '{"state": "completed", "output": "x"}']:
         reply.feed(line)

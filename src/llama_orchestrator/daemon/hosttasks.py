@@ -91,13 +91,12 @@ class HostTasks:
         problem = remote.ssh_failure(target, rc, before, ran)
         if problem is not None:
             return {"error": problem.message}
+        error = reply.error(task.host, said, rc)
         if reply.end is None:
-            last = [ln for ln in said.splitlines() if ln.strip()][-1:]
-            why = last[0].removeprefix("error: ") if last else f"exit code {rc}"
-            return {"error": f"on {task.host}: {why}"}
+            assert error is not None
+            return {"error": error}
         out_path.write_text(str(reply.end.get("output") or ""), encoding="utf-8")
         err_path.write_text(str(reply.end.get("stderr") or ""), encoding="utf-8")
-        error = reply.error(task.host)
         where = f"{task.host} (run {reply.run})"  # plan status: where to look there
         return {
             "pid": None,

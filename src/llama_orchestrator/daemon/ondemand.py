@@ -21,7 +21,6 @@ from llama_orchestrator.config import InstanceConfig, Settings
 from llama_orchestrator.config.fit import demand, on_cards
 from llama_orchestrator.config.validate import offered_names
 from llama_orchestrator.daemon.effects import Effects, changed_within
-from llama_orchestrator.daemon.runner import InstanceRunner
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.lifecycle import exit_text
 from llama_orchestrator.errors import OrchError
@@ -158,13 +157,9 @@ class OnDemand:
             runner = self.sup.runner(name)  # loading; the router's queue waits for it
             left = max(0.0, deadline - self.fx.now())
 
-            # ended: no process in its care *and* its end recorded (last_exit): the
-            # runner forgets the process before it has read how it ended, and this
-            # looks first without waiting (CI once said "the server stopped." here)
-            def ended_or_up(r: InstanceRunner) -> bool:
-                return r.healthy or (not r.active and r.state not in RUNNING_STATES)
-
-            if not await runner.until(ended_or_up, left):
+            # ended, not merely inactive: its last_exit is what the queue is told
+            # (CI once said "the server stopped." when this looked in between)
+            if not await runner.until(lambda r: r.healthy or r.ended, left):
                 return  # the queued requests time out with 503 themselves
             if not runner.healthy:
                 row = store.get(name)

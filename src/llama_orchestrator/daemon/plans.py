@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,21 +314,13 @@ class PlanRunner:
             # queue as batch work, so it gets its share of the freed slots
             if n == 0 and candidates(k, replicas) and not router.waiting(k, "batch"):
                 free[k] = 1
-        running_shell = sum(  # shell slots are the machine's cores, shared by every run
-            1
-            for other in self.active.values()
-            for task_id in other.attempts
-            if other.plan.task(task_id).kind == "shell" and other.plan.task(task_id).host is None
-        )
-        free["shell"] = max(0, self.shell_slots - running_shell)
-        on_hosts = [
-            other.plan.task(task_id).host
-            for other in self.active.values()
-            for task_id in other.attempts
-        ]
+        # what every run has running, by slot key: shell slots are the machine's
+        # cores, a peer's are HOST_SLOTS, both shared by every run
+        busy = Counter(o.plan.task(t).slot_key() for o in self.active.values() for t in o.attempts)
+        free["shell"] = max(0, self.shell_slots - busy["shell"])
         for k in keys:
             if k.startswith(HOST_PREFIX):
-                free[k] = max(0, HOST_SLOTS - on_hosts.count(k.removeprefix(HOST_PREFIX)))
+                free[k] = max(0, HOST_SLOTS - busy[k])
         return free
 
     async def _sleep(self, active: _Active, now: float) -> None:

@@ -229,6 +229,12 @@ class InstanceRunner:
         return self._ref is not None or "restart" in self._tasks or self.queued
 
     @property
+    def ended(self) -> bool:
+        """Nothing of it in our care, and its end recorded: the process is
+        forgotten first and how it ended is read after (`_exited`)."""
+        return not self.active and self.state not in RUNNING_STATES
+
+    @property
     def queued(self) -> bool:
         """A start of it waits for a load slot."""
         return self._queued is not None

@@ -27,7 +27,7 @@ from typing import Any
 
 from llama_orchestrator.plans.spec import Task
 
-__all__ = ["FROM_PEER", "origin_of", "one_task_plan", "parse_reply", "Reply"]
+__all__ = ["FROM_PEER", "origin_of", "one_task_plan", "Reply"]
 
 #: the plan name, on the peer, of a task another machine's plan runs there
 FROM_PEER = "{run}/{task} from {machine}"
@@ -78,18 +78,14 @@ class Reply:
         elif isinstance(data.get("run"), str):
             self.run = data["run"]
 
-    def error(self, host: str) -> str | None:
-        """Why the task failed there (None: it completed)."""
+    def error(self, host: str, said: str = "", rc: int = 0) -> str | None:
+        """Why the task failed there (None: it completed). Without an end,
+        what the far llama-orch said last on stderr (`said`), or its exit code."""
         if self.end is None:
-            return f"{host} did not say how the task ended"
-        if self.end.get("state") == "completed":
+            last = [ln for ln in said.splitlines() if ln.strip()][-1:]
+            why = last[0].removeprefix("error: ") if last else f"exit code {rc}"
+        elif self.end.get("state") == "completed":
             return None
-        why = self.end.get("error") or self.end.get("state")
+        else:
+            why = str(self.end.get("error") or self.end.get("state"))
         return f"on {host}: {why}"
-
-
-def parse_reply(stdout: str) -> Reply:
-    reply = Reply()
-    for line in stdout.splitlines():
-        reply.feed(line)
-    return reply
