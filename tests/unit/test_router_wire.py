@@ -13,7 +13,15 @@ from typing import Any
 import httpx
 import pytest
 
-from llama_orchestrator.router.front import Reply, Request, Stream, encode_chunk, encode_head, serve
+from llama_orchestrator.router.front import (
+    Limits,
+    Reply,
+    Request,
+    Stream,
+    encode_chunk,
+    encode_head,
+    serve,
+)
 from llama_orchestrator.router.proxy import MAX_REPLAYS, may_retry
 from llama_orchestrator.router.upstream import Upstream, UpstreamError
 
@@ -167,6 +175,30 @@ async def test_pipelined_requests_are_answered_in_order_and_100_continue():
         got = await raw(url, b"GET /d HTTP/1.0\r\n\r\n")  # HTTP/1.0: closed after the answer
         assert got.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in got
     finally:
+        task.cancel()
+
+
+@on_both_loops
+async def test_at_the_cap_the_connections_that_came_first_give_way_first():
+    """Twelve stalled heads at a cap of four: the first eight are closed
+    without a word, in the order they came, though uvloop's clock (whole
+    milliseconds, fixed for a turn of the loop) gives them one time."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    task = asyncio.create_task(serve(sock, EchoSite(), Limits(max_connections=4)))
+    await asyncio.sleep(0)
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(12)]
+    try:
+        for _, writer in conns:
+            writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+        for reader, _ in conns[:8]:
+            assert await asyncio.wait_for(reader.read(100), 5) == b""
+        for reader, _ in conns[8:]:  # the last four wait for the rest of their heads
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(100), 0.2)
+    finally:
+        for _, writer in conns:
+            writer.close()
         task.cancel()
 
 

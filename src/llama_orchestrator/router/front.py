@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 from collections import deque
@@ -140,6 +141,11 @@ def encode_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+#: connections in the order they came: ties of the loop's clock (uvloop counts
+#: milliseconds, and dozens connect within one) go to the one that came first
+_ARRIVAL = itertools.count()
+
+
 class _Connection(asyncio.Protocol):
     """One client connection; requests on it are answered in order."""
 
@@ -153,6 +159,7 @@ class _Connection(asyncio.Protocol):
         self.pending: deque[tuple[Request, bool]] = deque()
         self.task: asyncio.Task[None] | None = None
         self.last_active = self.loop.time()
+        self.arrival = next(_ARRIVAL)
         self._url = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._current = Request("", "", {})
@@ -178,7 +185,7 @@ class _Connection(asyncio.Protocol):
             if not stalled:  # every one is being answered: this one waits its turn elsewhere
                 self._refuse(Reply(503, b"Too many connections; try again shortly.\n"))
                 return
-            min(stalled, key=_Connection.waiting_since).close()
+            min(stalled, key=lambda c: (c.waiting_since(), c.arrival)).close()
         self.conns.add(self)
 
     def data_received(self, data: bytes) -> None:
