@@ -11,8 +11,10 @@ take the link down and up at the host's end. Commands run "on" a host with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -158,6 +160,12 @@ class Hosts:
                 "KbdInteractiveAuthentication=no",
                 "-o",
                 "PermitRootLogin=prohibit-password",
+                # a session whose client vanished (a cut link, a killed daemon's ssh)
+                # ends within seconds, and with it what it ran
+                "-o",
+                "ClientAliveInterval=2",
+                "-o",
+                "ClientAliveCountMax=3",
                 # what the commands it runs see: our python first, and this test
                 # session's mark (the leak check finds what they leave running)
                 "-o",
@@ -190,9 +198,16 @@ class Hosts:
         return config
 
     def close(self) -> None:
+        """Every host down, and nothing left running in it: an sshd session
+        whose client vanished with the link never learns it did, and would
+        keep what it runs (a `system task` follower) forever."""
         for h in self.hosts:
             if h.sshd is not None:
                 h.sshd.terminate()
                 h.sshd.wait(10)
+            left = sh("ip", "netns", "pids", h.ns, check=False).stdout.split()
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             sh("ip", "link", "del", h.link, check=False)
             sh("ip", "netns", "del", h.ns, check=False)
