@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from llama_orchestrator.binary import find_llama_server
-from llama_orchestrator.tinymodel import write_tiny_model
+from llama_orchestrator.config.binary import find_llama_server
+from llama_orchestrator.models.tiny import write_tiny_model
 
 POLL = 0.05  # the same interval `llama-orch up` polls /health with
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import cli, free_port, write_instance  # noqa: E402
 
 from llama_orchestrator.home import Home  # noqa: E402
-from llama_orchestrator.tinymodel import write_tiny_model  # noqa: E402
+from llama_orchestrator.models.tiny import write_tiny_model  # noqa: E402
 from llama_orchestrator.tui.app import DashboardApp  # noqa: E402
 from llama_orchestrator.tui.data import EngineSource, Snapshot  # noqa: E402
 

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cli, free_port, write_instance  # noqa: E402
 
-from llama_orchestrator.tinymodel import write_tiny_model  # noqa: E402
+from llama_orchestrator.models.tiny import write_tiny_model  # noqa: E402
 
 N = 5
 

@@ -38,8 +38,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cli, free_port, model_and_binary, write_instance  # noqa: E402
 
+from llama_orchestrator.models.tiny import write_tiny_model  # noqa: E402
 from llama_orchestrator.router.upstream import Upstream  # noqa: E402
-from llama_orchestrator.tinymodel import write_tiny_model  # noqa: E402
 
 BODY = {"model": "a", "prompt": "Hi", "n_predict": 4, "cache_prompt": True}
 # part 2: long enough that where a request waits matters more than the proxy

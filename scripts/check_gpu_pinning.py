@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from llama_orchestrator.tinymodel import write_tiny_model
+from llama_orchestrator.models.tiny import write_tiny_model
 
 failures: list[str] = []
 

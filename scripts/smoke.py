@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import psutil
 
-from llama_orchestrator.tinymodel import write_tiny_model
+from llama_orchestrator.models.tiny import write_tiny_model
 
 failures: list[str] = []
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from llama_orchestrator.binary import find_llama_server
+from llama_orchestrator.config.binary import find_llama_server
 from llama_orchestrator.daemon.main import stop as stop_daemon
 from llama_orchestrator.engine.lifecycle import Engine
+from llama_orchestrator.engine.unsupervised import Unsupervised
 from llama_orchestrator.errors import BinaryNotFound
 from llama_orchestrator.home import Home
-from llama_orchestrator.tinymodel import write_tiny_model
+from llama_orchestrator.models.tiny import write_tiny_model
 from tests.helpers import FAKE_SERVER
 
 _SESSION_START = time.time()
@@ -137,9 +138,15 @@ def engine(home: Home) -> Iterator[Engine]:
     e = Engine(home)
     yield e
     try:
-        e.down(e.known_names(), timeout=5)
+        Unsupervised(e).down(e.known_names(), timeout=5)
     finally:
         e.close()
+
+
+@pytest.fixture()
+def control(engine: Engine) -> Unsupervised:
+    """up/down/restart/rm on the test home without a daemon."""
+    return Unsupervised(engine)
 
 
 @pytest.fixture()

@@ -95,7 +95,10 @@ class Hosts:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.tag = f"{os.getpid() % 100000}"
-        self.net = 100 + os.getpid() % 100  # 10.<net>.N.0/24: unlikely to clash with a real one
+        # 10.<net>.N.0/24: unlikely to clash with a real one, and never with
+        # another worker's of this run (pytest-xdist: gw0, gw1, ... each a quarter)
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+        self.net = 100 + (worker % 4) * 25 + os.getpid() % 25
         self.hosts: list[Host] = []
         self.keys = base / "keys"
         self.keys.mkdir(parents=True, exist_ok=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from llama_orchestrator.gpu import GpuInfo
+from llama_orchestrator.gpus.discover import GpuInfo
 from llama_orchestrator.plans import WAITING
 from llama_orchestrator.timefmt import human_duration
 
 if TYPE_CHECKING:  # the engine is not imported to print a table
     from llama_orchestrator.engine.status import InstanceStatus
-    from llama_orchestrator.vulkan import VulkanDevice
+    from llama_orchestrator.gpus.vulkan import VulkanDevice
 
 __all__ = [
     "ANSI",

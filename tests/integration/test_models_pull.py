@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from llama_orchestrator.tinymodel import write_tiny_model
+from llama_orchestrator.models.tiny import write_tiny_model
 from tests.fakes.fake_hub import FakeHub, Repo
 from tests.helpers import run_cli, wait_until, write_config
 

@@ -11,7 +11,7 @@ import subprocess
 import psutil
 import pytest
 
-from llama_orchestrator.gpu import probe_vulkan
+from llama_orchestrator.gpus.discover import probe_vulkan
 from tests.helpers import run_cli, write_config
 
 pytestmark = pytest.mark.integration

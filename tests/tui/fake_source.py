@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.gpu import GpuInfo
-from llama_orchestrator.gpuwatch import GpuStatus
+from llama_orchestrator.gpus.alerts import GpuStatus
+from llama_orchestrator.gpus.discover import GpuInfo
 from llama_orchestrator.home import Home
 from llama_orchestrator.tui.data import InstanceView, Snapshot
 

@@ -11,6 +11,7 @@ import pytest
 from textual.widgets import DataTable
 
 from llama_orchestrator.engine.lifecycle import Engine
+from llama_orchestrator.engine.unsupervised import Unsupervised
 from llama_orchestrator.tui.app import DashboardApp
 from llama_orchestrator.tui.data import EngineSource, matches, parse_metrics, per_second
 from tests.helpers import run_cli, write_config
@@ -41,7 +42,7 @@ async def test_up_and_down_from_the_dashboard_on_a_real_server(home, tiny_model,
             assert state_of(app, "beta") == "created"
     finally:
         source.close()
-        Engine(home).down(["alpha", "beta"])
+        Unsupervised(Engine(home)).down(["alpha", "beta"])
 
 
 def plan_states(app):
@@ -102,7 +103,7 @@ async def test_the_plans_pane_on_a_real_daemon_opens_output_cancels_and_retries(
 def test_engine_source_reads_cpu_rss_and_token_rate_from_a_real_server(home, tiny_model):
     write_config(home, "a", tiny_model)
     engine = Engine(home)
-    (res,) = engine.up(["a"], timeout=60)
+    (res,) = Unsupervised(engine).up(["a"], timeout=60)
     ticks = iter([100.0, 102.0])
     source = EngineSource(home, clock=lambda: next(ticks))
     try:
@@ -121,7 +122,7 @@ def test_engine_source_reads_cpu_rss_and_token_rate_from_a_real_server(home, tin
         )  # 10 tokens over the 2 s between samples
     finally:
         source.close()
-        engine.down(["a"])
+        Unsupervised(engine).down(["a"])
         engine.close()
 
 

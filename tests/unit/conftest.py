@@ -1,7 +1,9 @@
-"""The fake world the daemon's unit tests run on (see fake_effects)."""
+"""The fake world the daemon's unit tests run on (see fake_effects), and
+what keeps the unit tests hermetic."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,3 +19,11 @@ async def w(tmp_path) -> AsyncIterator[World]:
     yield world
     await world.sup.shutdown(stop_instances=False)
     world.store.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_real_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No unit test needs, or finds, a real llama-server: the binary that the
+    config checks look for is one that exists (the interpreter). A test of
+    finding the binary sets its own."""
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)

@@ -21,16 +21,15 @@ from llama_orchestrator.daemon.loads import LoadGate
 from llama_orchestrator.daemon.runner import RunnerDeps, Start
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, LOCAL, ProbeResult
-from llama_orchestrator.engine.lifecycle import UpResult, ended
 from llama_orchestrator.engine.logs import LoadProgress
 from llama_orchestrator.engine.process import ProcRef
+from llama_orchestrator.engine.results import UpResult, ended, started
 from llama_orchestrator.errors import UnknownInstance
-from llama_orchestrator.gguf_meta import ModelError, ModelInfo
-from llama_orchestrator.gpu import GpuInfo
+from llama_orchestrator.gpus.discover import GpuInfo
 from llama_orchestrator.home import Home
+from llama_orchestrator.models.gguf import ModelError, ModelInfo
 from llama_orchestrator.router.slots import Slots
-from llama_orchestrator.states import RUNNING_STATES, Desired
-from llama_orchestrator.states import InstanceState as S
+from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.store import InstanceRow, Store, Unsaved
 from tests.helpers import overlay
 
@@ -170,19 +169,18 @@ class FakeEffects:
         self.procs.append(FakeProc(ref, p.name, ignores_term=p.name in self.ignore_term))
         if p.name in self.dies_at_once:
             self.procs[-1].end(code=self.dies_at_once.pop(p.name))
-        self.store.set_state(
-            row,
-            S.STARTING,
-            f"started process {ref.pid} on port {port}",
-            desired=Desired.RUNNING,
-            pid=ref.pid,
-            create_time=ref.create_time,
-            port=port,
-            started_at=self.t,
+        state, message, data, changes = started(
+            ref.pid,
+            ref.create_time,
+            p.config.server.host,
+            port,
+            self.t,
             supervised=True,
-            next_restart_at=None,
-            **({"restarts": 0, "streak": 0} if fresh else {}),
+            devices=p.devices,
+            digest=p.config.digest(),
+            fresh=fresh,
         )
+        self.store.set_state(row, state, message, data, **changes)
         return UpResult(p.name, "started", ref.pid, port)
 
     def _find(self, ref: ProcRef | None) -> FakeProc | None:

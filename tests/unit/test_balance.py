@@ -2,6 +2,7 @@
 
 import json
 
+from llama_orchestrator.names import offers, serves, tag_model, tag_set
 from llama_orchestrator.router.balance import (
     Replica,
     candidates,
@@ -9,10 +10,6 @@ from llama_orchestrator.router.balance import (
     lightest,
     matches,
     model_names,
-    offers,
-    serves,
-    tag_model,
-    tag_set,
 )
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_orchestrator.catalog import (
+from llama_orchestrator.errors import UserError
+from llama_orchestrator.models.catalog import (
     Catalog,
     Entry,
     Ref,
@@ -19,8 +20,7 @@ from llama_orchestrator.catalog import (
     quant_of,
     resolve_local,
 )
-from llama_orchestrator.errors import UserError
-from llama_orchestrator.gguf_meta import split_of, split_parts
+from llama_orchestrator.models.gguf import split_of, split_parts
 
 REPO = "Qwen/Qwen2.5-0.5B-Instruct-GGUF"
 

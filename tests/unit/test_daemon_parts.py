@@ -77,9 +77,10 @@ def test_an_unknown_code_from_a_newer_daemon_still_exits_as_it_said():
 
 def test_the_engine_refuses_what_needs_the_daemon_with_the_fix(tmp_path):
     from llama_orchestrator.engine.lifecycle import Engine
+    from llama_orchestrator.engine.unsupervised import Unsupervised
     from llama_orchestrator.home import Home
 
-    engine = Engine(Home(tmp_path))
+    engine = Unsupervised(Engine(Home(tmp_path)))
     for call in (
         lambda: engine.restart(["a"], rolling=True),
         lambda: engine.submit_plan(tmp_path / "p.json", "{}", {}),

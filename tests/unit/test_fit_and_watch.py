@@ -4,9 +4,9 @@ import pytest
 
 from llama_orchestrator.config.fit import overcommits, pick_devices
 from llama_orchestrator.errors import UserError
-from llama_orchestrator.gguf_meta import MIB, read_model
-from llama_orchestrator.gpu import parse_nvidia_smi
-from llama_orchestrator.gpuwatch import alerts, record_changes
+from llama_orchestrator.gpus.alerts import alerts, record_changes
+from llama_orchestrator.gpus.discover import parse_nvidia_smi
+from llama_orchestrator.models.gguf import MIB, read_model
 from llama_orchestrator.store import Store
 from llama_orchestrator.units import human_bytes, human_count
 

@@ -1,8 +1,8 @@
 import gguf
 import pytest
 
-from llama_orchestrator.gguf_meta import COMPUTE_OVERHEAD_BYTES, ModelError, estimate, read_model
-from llama_orchestrator.tinymodel import write_tiny_model
+from llama_orchestrator.models.gguf import COMPUTE_OVERHEAD_BYTES, ModelError, estimate, read_model
+from llama_orchestrator.models.tiny import write_tiny_model
 
 # The default tiny model, counted by hand (vocab 259, embd 32, heads 4/2, ff 64, 2 layers):
 # token_embd 259*32 = 8288, output 8288, output_norm 32,

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from llama_orchestrator import gpu
-from llama_orchestrator.amdgpu import read_cards
-from llama_orchestrator.gpu import (
+from llama_orchestrator.gpus import discover as discovery
+from llama_orchestrator.gpus.amdgpu import read_cards
+from llama_orchestrator.gpus.discover import (
     GpuQueryError,
     card_index,
     discover,
@@ -16,7 +16,7 @@ from llama_orchestrator.gpu import (
     parse_rocm_smi,
     seen_by,
 )
-from llama_orchestrator.vulkan import VulkanInfoError, parse_vulkaninfo
+from llama_orchestrator.gpus.vulkan import VulkanInfoError, parse_vulkaninfo
 
 FAKES = Path(__file__).parents[1] / "fakes"
 OUTPUTS = FAKES / "gpu_outputs"
@@ -67,7 +67,7 @@ def test_rocm_smi_garbage_is_a_clear_error(text):
 def _fake_path(monkeypatch, nvidia=None, rocm=None, vulkan=None):
     monkeypatch.setenv("PATH", FAKE_PATH)
     monkeypatch.setitem(sys.modules, "pynvml", None)  # NVML absent
-    monkeypatch.setattr(gpu, "read_cards", lambda: {})  # this machine's sysfs left out
+    monkeypatch.setattr(discovery, "read_cards", lambda: {})  # this machine's sysfs left out
     for var, name in (
         ("FAKE_NVIDIA_SMI", nvidia),
         ("FAKE_ROCM_SMI", rocm),
@@ -177,7 +177,7 @@ def test_tool_timeout_is_a_note_not_a_hang(monkeypatch, tmp_path):
     slow.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    monkeypatch.setattr(gpu, "TOOL_TIMEOUT", 0.2)
+    monkeypatch.setattr(discovery, "TOOL_TIMEOUT", 0.2)
     d = discover()
     assert d.source == "none" and "did not answer within 0.2s" in d.notes[0]
 
@@ -266,7 +266,7 @@ def test_amd_cards_on_vulkan_alone_are_the_rows_software_ones_never(monkeypatch)
 def test_amdgpu_sysfs_fills_in_what_vulkan_lacks(monkeypatch, tmp_path):
     drm = _sysfs(tmp_path)
     _fake_path(monkeypatch, vulkan="vulkaninfo_two_radv.txt")
-    monkeypatch.setattr(gpu, "read_cards", lambda: read_cards(drm))
+    monkeypatch.setattr(discovery, "read_cards", lambda: read_cards(drm))
     d = discover()
     assert d.source == "vulkaninfo + amdgpu sysfs"
     six8, six6 = d.gpus
@@ -366,9 +366,9 @@ def test_the_vulkan_cache_asks_once_per_ttl():
         calls.append(1)
         return [], []
 
-    cached = gpu.VulkanCache(ttl=3600, probe=probe)
+    cached = discovery.VulkanCache(ttl=3600, probe=probe)
     assert cached() == cached() == ([], []) and len(calls) == 1
-    fresh = gpu.VulkanCache(ttl=0, probe=probe)
+    fresh = discovery.VulkanCache(ttl=0, probe=probe)
     fresh(), fresh()
     assert len(calls) == 3
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llama_orchestrator.errors import UserError
-from llama_orchestrator.gpulease import (
+from llama_orchestrator.gpus.leases import (
     Card,
     Choice,
     Occupant,
@@ -142,9 +142,9 @@ def test_device_id_auto_never_picks_a_leased_card(tmp_path):
     import sys
 
     from llama_orchestrator.config.prepare import prepare
-    from llama_orchestrator.gpu import Discovery, GpuInfo
+    from llama_orchestrator.gpus.discover import Discovery, GpuInfo
     from llama_orchestrator.home import Home
-    from llama_orchestrator.tinymodel import write_tiny_model
+    from llama_orchestrator.models.tiny import write_tiny_model
 
     home = Home(tmp_path / "home")
     folder = home.instance_dir("a")

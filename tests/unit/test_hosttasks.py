@@ -42,7 +42,7 @@ def test_only_peers_with_an_ssh_address_run_tasks():
 
 def test_a_peers_ssh_may_be_a_context(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    from llama_orchestrator.contexts import Context, Contexts
+    from llama_orchestrator.hosts.contexts import Context, Contexts
 
     Contexts().create(Context("rigctx", "ssh://ops@10.0.0.2:2222/srv/llm"))
     target = HostTasks([peer("rigctx")]).target("rig2")

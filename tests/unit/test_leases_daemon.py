@@ -9,7 +9,7 @@ import pytest
 from llama_orchestrator.daemon.leases import Leases
 from llama_orchestrator.engine.health import HEALTHY
 from llama_orchestrator.errors import UserError
-from llama_orchestrator.gpu import GpuInfo
+from llama_orchestrator.gpus.discover import GpuInfo
 from llama_orchestrator.plans.spec import Task
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import Lease

@@ -11,7 +11,7 @@ from llama_orchestrator.config import Settings
 from llama_orchestrator.daemon.ondemand import OnDemand
 from llama_orchestrator.engine.health import DOWN, HEALTHY
 from llama_orchestrator.errors import StartFailed
-from llama_orchestrator.gpu import GpuInfo
+from llama_orchestrator.gpus.discover import GpuInfo
 from llama_orchestrator.router.slots import Refusal
 from tests.unit.fake_effects import World
 

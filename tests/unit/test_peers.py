@@ -13,8 +13,11 @@ import pytest
 from llama_orchestrator.config import PeerSettings, RouterSettings, Settings
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.peers import Peers
-from llama_orchestrator.fleet import ask_peers, gather
-from llama_orchestrator.peers import (
+from llama_orchestrator.hosts.fleet import ask_peers, gather
+from llama_orchestrator.router.app import RouterSite
+from llama_orchestrator.router.balance import Replica, hosts_of, least_busy
+from llama_orchestrator.router.front import Request, serve
+from llama_orchestrator.router.peers import (
     HOP_HEADER,
     PeerInstance,
     names_of,
@@ -24,9 +27,6 @@ from llama_orchestrator.peers import (
     rows_for_peers,
     state_of,
 )
-from llama_orchestrator.router.app import RouterSite
-from llama_orchestrator.router.balance import Replica, hosts_of, least_busy
-from llama_orchestrator.router.front import Request, serve
 from llama_orchestrator.router.proxy import Router
 from llama_orchestrator.router.upstream import Upstream
 

@@ -1,5 +1,5 @@
 from llama_orchestrator.cli.lifecycle import _log_message
-from llama_orchestrator.engine.lifecycle import exit_text
+from llama_orchestrator.engine.results import exit_text
 
 
 def test_exit_text_names_signals_codes_and_the_unknown():

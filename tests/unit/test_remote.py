@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from llama_orchestrator import __version__
-from llama_orchestrator.cli.app import _elsewhere, app
-from llama_orchestrator.contexts import Context, Contexts, choose
+from llama_orchestrator.cli.app import _elsewhere, app, main
 from llama_orchestrator.errors import UserError
-from llama_orchestrator.remote import (
+from llama_orchestrator.hosts.contexts import Context, Contexts, choose
+from llama_orchestrator.hosts.ssh import (
     MARKER,
     SshTarget,
     decode_payload,
@@ -236,7 +236,7 @@ def test_which_machine_a_command_runs_on(tmp_path, monkeypatch):
     assert _elsewhere(["ps"]).name == "rig2"  # type: ignore[union-attr]
 
 
-def test_context_commands_and_a_remote_call_of_another_version(tmp_path, monkeypatch):
+def test_context_commands_and_a_remote_call_of_another_version(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     run = CliRunner().invoke
     r = run(app, ["context", "create", "rig2", "--host", "ssh://me@rig2"])
@@ -248,7 +248,9 @@ def test_context_commands_and_a_remote_call_of_another_version(tmp_path, monkeyp
     r = run(app, ["context", "ls", "--json"])
     rows = json.loads(r.stdout)
     assert [(x["name"], x["current"]) for x in rows] == [("default", False), ("rig2", True)]
-    r = run(app, ["system", "remote", encode_payload(["ps"], "rig2", version="0.0.1")])
-    assert isinstance(r.exception, UserError)  # exit 2, by main's one handler
-    assert "rig2 runs llama-orch" in str(r.exception) and "==0.0.1" in str(r.exception)
-    assert MARKER in r.stderr or r.stderr == ""  # marked only when stderr is no terminal
+    with pytest.raises(SystemExit) as ended:  # the far end is the entry point's
+        main(["system", "remote", encode_payload(["ps"], "rig2", version="0.0.1")])
+    said = capsys.readouterr().err
+    assert ended.value.code == 2  # a UserError, by main's one handler
+    assert "rig2 runs llama-orch" in said and "==0.0.1" in said
+    assert MARKER in said  # marked: stderr is no terminal here

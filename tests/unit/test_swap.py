@@ -6,7 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama_orchestrator.swap import Member, idle_due, idle_left, plan_start
+from llama_orchestrator.daemon.swap import Member, idle_due, plan_start
+from llama_orchestrator.engine.policy import idle_left
 
 GB = 1024**3
 CARD = {0: 6 * GB}  # one 6 GB card

@@ -257,6 +257,7 @@ def test_an_output_an_upstream_wrote_is_untrusted_in_later_prompts():
 def test_an_upstream_folder_is_no_process_instance_and_says_so(tmp_path, monkeypatch):
     from llama_orchestrator.config.validate import load_all, validate_home
     from llama_orchestrator.engine.lifecycle import Engine
+    from llama_orchestrator.engine.views import status_reply
     from llama_orchestrator.errors import UserError
     from llama_orchestrator.home import Home
 
@@ -276,7 +277,7 @@ def test_an_upstream_folder_is_no_process_instance_and_says_so(tmp_path, monkeyp
         assert engine.known_names() == []  # `down --all` has nothing of it to stop
         with pytest.raises(UserError, match="'big' is an external upstream"):
             engine.resolve_names(["big"])
-        (row,) = [r for r in engine.status().instances if r["name"] == "big"]
+        (row,) = [r for r in status_reply(engine).instances if r["name"] == "big"]
         assert (row["state"], row["backend"], row["pid"]) == ("unchecked", "upstream", None)
     finally:
         engine.close()

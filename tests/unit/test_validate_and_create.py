@@ -3,11 +3,11 @@ import sys
 
 import pytest
 
-from llama_orchestrator import binary
+from llama_orchestrator.config import binary
 from llama_orchestrator.config.create import create_instance, pick_port
 from llama_orchestrator.config.validate import validate_home
 from llama_orchestrator.errors import BinaryNotFound, ConfigError, PortConflict, UserError
-from llama_orchestrator.gpu import Discovery
+from llama_orchestrator.gpus.discover import Discovery
 from llama_orchestrator.home import Home
 from tests.helpers import write_config
 from tests.unit.test_config import DESIGN_EXAMPLE
@@ -17,7 +17,7 @@ from tests.unit.test_fit_and_watch import OUTPUTS
 @pytest.fixture()
 def gguf(tmp_path):
     """A model init accepts: it reads whole, as up will need it to."""
-    from llama_orchestrator.tinymodel import write_tiny_model
+    from llama_orchestrator.models.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path / "m.gguf")
 
@@ -93,7 +93,7 @@ def test_pick_port_skips_taken_and_busy():
 
 def four_cards() -> Discovery:
     """Four full cards (so `layers` is left to llama-server)."""
-    from llama_orchestrator.gpu import GpuInfo
+    from llama_orchestrator.gpus.discover import GpuInfo
 
     return Discovery("nvidia-smi", [GpuInfo(i, "GTX 1060", "cuda", 6144, 6144) for i in range(4)])
 
@@ -127,7 +127,7 @@ def test_force_keeps_what_is_not_given_and_its_own_port_while_it_listens(
     free), alias, threads, tags and what init has no flag for stay."""
     import socket
 
-    from llama_orchestrator.tinymodel import write_tiny_model
+    from llama_orchestrator.models.tiny import write_tiny_model
 
     monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     with socket.socket() as held:
@@ -201,7 +201,7 @@ def test_cpu_instances_asking_for_more_threads_than_cores_are_warned_about(home,
 
 
 def test_on_demand_instances_are_checked_one_at_a_time_next_to_the_always_on_ones(home, tiny_model):
-    from llama_orchestrator.gpu import GpuInfo
+    from llama_orchestrator.gpus.discover import GpuInfo
 
     card = GpuInfo(0, "GTX 1060 6GB", "cuda", 6144, 0, 0.0, 40.0, 50.0)
 
@@ -264,8 +264,8 @@ def test_init_force_sets_gpu_force_only_when_no_gpu_was_found(home, gguf, monkey
 
 def vulkan_found(name: str) -> Discovery:
     """What discovery makes of a recorded vulkaninfo, on no other tool."""
-    from llama_orchestrator.gpu import merge
-    from llama_orchestrator.vulkan import parse_vulkaninfo
+    from llama_orchestrator.gpus.discover import merge
+    from llama_orchestrator.gpus.vulkan import parse_vulkaninfo
 
     devices = parse_vulkaninfo((OUTPUTS / name).read_text())
     return Discovery("vulkaninfo", merge([], devices, {}), [], devices)
@@ -321,8 +321,8 @@ def test_vram_fit_uses_the_vulkan_heaps(home, gguf, monkeypatch):
 
 def test_a_vulkan_and_a_cuda_instance_on_one_card_add_up(home, gguf, monkeypatch):
     """Vulkan device 3 is CUDA's card 1 (by UUID): both pins are the same 6 GB."""
-    from llama_orchestrator.gpu import merge, parse_nvidia_smi
-    from llama_orchestrator.vulkan import parse_vulkaninfo
+    from llama_orchestrator.gpus.discover import merge, parse_nvidia_smi
+    from llama_orchestrator.gpus.vulkan import parse_vulkaninfo
 
     monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     cards = parse_nvidia_smi((OUTPUTS / "five_1060.csv").read_text())
@@ -341,8 +341,8 @@ def test_a_vulkan_and_a_cuda_instance_on_one_card_add_up(home, gguf, monkeypatch
 def test_init_gpu_auto_on_vulkan_picks_by_vulkan_figures_and_writes_vulkans_index(
     home, gguf, monkeypatch
 ):
-    from llama_orchestrator.gpu import merge, parse_nvidia_smi
-    from llama_orchestrator.vulkan import parse_vulkaninfo
+    from llama_orchestrator.gpus.discover import merge, parse_nvidia_smi
+    from llama_orchestrator.gpus.vulkan import parse_vulkaninfo
 
     monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
     created = create_instance(

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from llama_orchestrator import binary, platform
+from llama_orchestrator import platform
+from llama_orchestrator.config import binary
 from llama_orchestrator.platform import windows
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -31,7 +32,7 @@ from llama_orchestrator.errors import ConfigError, OrchError, UserError
 from llama_orchestrator.home import find_home, require_home
 
 if TYPE_CHECKING:
-    from llama_orchestrator.remote import SshTarget
+    from llama_orchestrator.hosts.ssh import SshTarget
 
 __all__ = ["app", "main"]
 
@@ -123,34 +124,55 @@ def _elsewhere(args: list[str]) -> SshTarget | None:
     """The machine the command runs on when it is not this one (`--host`,
     $LLAMA_ORCH_HOST, a context); None for this one, for help and --version,
     and for the commands about this machine (`context`, `system`)."""
-    from llama_orchestrator import remote
+    from llama_orchestrator.hosts import ssh
 
-    host, rest, command = remote.split_root_args(args)
+    host, rest, command = ssh.split_root_args(args)
     root_options = set(rest[: rest.index(command)]) if command else set()
-    if (
-        command is None
-        or command in remote.LOCAL_ONLY
-        or {"--version", "-h", "--help"} & root_options
-    ):
+    if command is None or command in ssh.LOCAL_ONLY or {"--version", "-h", "--help"} & root_options:
         return None
-    from llama_orchestrator.contexts import choose
+    from llama_orchestrator.hosts.contexts import choose
 
     return choose(host)
 
 
-def main(argv: list[str] | None = None, here: bool = False) -> None:
-    """Entry point: run the app and turn every failure into one clear message
-    (on the machine `--host` names, unless `here`: what `system remote` was sent).
+def _far_end(payload: str) -> list[str]:
+    """The command line that another machine's `--host ssh://…` sent
+    (`llama-orch system remote PAYLOAD`), to run here if its version is ours."""
+    from llama_orchestrator.cli import context
+    from llama_orchestrator.hosts.ssh import MARKER, decode_payload, version_mismatch
+
+    if not sys.stderr.isatty():  # over ssh -T: what follows on stderr is ours, not ssh's
+        sys.stderr.write(f"{MARKER}{__version__}\n")
+        sys.stderr.flush()
+        from llama_orchestrator import platform
+
+        # no terminal whose close ends us: the client's going away must (`logs -f`)
+        with contextlib.suppress(OSError, ValueError):  # no file under us: nobody to watch
+            platform.interrupt_on_hangup(sys.stdout.fileno())
+    theirs, argv, machine = decode_payload(payload)
+    if problem := version_mismatch(theirs, __version__, machine):
+        raise UserError(problem)
+    context.MACHINE = machine or None
+    return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the command line on the machine `--host` names (this
+    one by default), and turn every failure into one clear message.
 
     Typer (in standalone mode) reports usage errors itself, exit 2; our own
     errors and anything unexpected arrive here."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
+        here = args[:2] == ["system", "remote"]  # sent by another machine: run it here
+        if here:
+            args = _far_end(" ".join(args[2:]))
+            debug = "--debug" in args
         if not here and (target := _elsewhere(args)) is not None:
-            from llama_orchestrator import remote
+            from llama_orchestrator.hosts import ssh
 
-            sys.exit(remote.run(target, remote.split_root_args(args)[1]))
+            sys.exit(ssh.run(target, ssh.split_root_args(args)[1]))
         app(args=args, prog_name="llama-orch")
     except OrchError as exc:
         if debug:

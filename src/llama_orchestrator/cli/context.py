@@ -95,6 +95,12 @@ class AppContext:
 
         return control(self.engine, start_daemon, started)
 
+    def unsupervised(self) -> Control:
+        """up/down/restart/rm done here, with no daemon (`up --no-daemon`)."""
+        from llama_orchestrator.engine.unsupervised import Unsupervised
+
+        return Unsupervised(self.engine)
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()

@@ -36,7 +36,7 @@ def create(
     force: bool = typer.Option(False, "--force", help="Replace a context of that name."),
 ) -> None:
     """Name a machine: `--host NAME` and `context use NAME` then reach it."""
-    from llama_orchestrator.contexts import Context, Contexts
+    from llama_orchestrator.hosts.contexts import Context, Contexts
 
     Contexts().create(Context(name, host, remote_command, description), force)
     say(f"Created context '{name}' ({host}); `llama-orch context use {name}` makes it current.")
@@ -45,7 +45,7 @@ def create(
 @app.command("ls")
 def ls(json_: bool = typer.Option(False, "--json", help="JSON output.")) -> None:
     """The contexts, the current one marked *."""
-    from llama_orchestrator.contexts import DEFAULT, Contexts
+    from llama_orchestrator.hosts.contexts import DEFAULT, Contexts
 
     store = Contexts()
     current = store.current()
@@ -79,7 +79,7 @@ def ls(json_: bool = typer.Option(False, "--json", help="JSON output.")) -> None
 @app.command()
 def use(name: str = typer.Argument(..., metavar="NAME")) -> None:
     """Run later commands on NAME (`default`: this machine)."""
-    from llama_orchestrator.contexts import Contexts
+    from llama_orchestrator.hosts.contexts import Contexts
 
     Contexts().use(name)
     say(f"Commands now run on '{name}'.")
@@ -88,7 +88,7 @@ def use(name: str = typer.Argument(..., metavar="NAME")) -> None:
 @app.command("rm")
 def rm(name: str = typer.Argument(..., metavar="NAME")) -> None:
     """Forget a context (the machine itself is not touched)."""
-    from llama_orchestrator.contexts import Contexts
+    from llama_orchestrator.hosts.contexts import Contexts
 
     Contexts().remove(name)
     say(f"Removed context '{name}'.")

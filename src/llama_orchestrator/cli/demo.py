@@ -21,9 +21,10 @@ from llama_orchestrator.cli.context import app_context, err, out
 from llama_orchestrator.cli.inspect import ps_table
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.status import collect
+from llama_orchestrator.engine.unsupervised import Unsupervised
 from llama_orchestrator.errors import OrchError, UserError
-from llama_orchestrator.gguf_meta import is_gguf
 from llama_orchestrator.home import Home
+from llama_orchestrator.models.gguf import is_gguf
 
 __all__ = ["demo", "run_demo"]
 
@@ -62,7 +63,7 @@ def run_demo(root: Path, model: Path | None) -> None:
     t0 = time.monotonic()
     try:
         if model is None:
-            from llama_orchestrator.tinymodel import write_tiny_model
+            from llama_orchestrator.models.tiny import write_tiny_model
 
             model = write_tiny_model(root / "models" / "tiny-llama.gguf")
             _step(f"1. Wrote a tiny test model ({model.stat().st_size // 1024} KiB): {model}")
@@ -121,7 +122,8 @@ def run_demo(root: Path, model: Path | None) -> None:
             if stop(home, all_=True) is not None:  # `daemon stop --all`
                 _step("8. llama-orch daemon stop --all → the instances and the daemon stopped")
         finally:
-            engine.down(engine.known_names())  # whatever may still run (a daemon that failed)
+            # whatever may still run (a daemon that failed)
+            Unsupervised(engine).down(engine.known_names())
             engine.close()
     _step(f"\nDone in {time.monotonic() - t0:.1f}s; nothing is left running.")
 

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from llama_orchestrator.cli.context import app_context, out, print_json, say
-from llama_orchestrator.engine.lifecycle import exit_text
+from llama_orchestrator.engine.results import exit_text
 from llama_orchestrator.engine.status import InstanceStatus, with_loads
 from llama_orchestrator.present import (
     STATE_STYLES,
@@ -118,7 +118,7 @@ def ps(
 
 def _ps_all_hosts(app: Any, rows: list[InstanceStatus], json_: bool) -> None:
     """`ps --all-hosts`: this machine's rows and every peer's (`fleet`)."""
-    from llama_orchestrator import fleet
+    from llama_orchestrator.hosts import fleet
 
     seen = fleet.look(app.home, rows)
     if json_:
@@ -279,7 +279,9 @@ def health(
     """Probe /health once; exit 0 only if healthy."""
     engine = app_context(ctx).engine
     (name,) = engine.resolve_names([name])
-    p = engine.probe(name)
+    from llama_orchestrator.engine import views
+
+    p = views.probe(engine, name)
     if json_:
         print_json({"name": name, **p.to_json()})
     else:

@@ -11,10 +11,10 @@ from typing import List, Literal, Optional, Union
 
 import typer
 
-from llama_orchestrator.backends import BACKENDS
 from llama_orchestrator.cli.context import app_context, err, say
-from llama_orchestrator.engine.lifecycle import Progress, UpResult
+from llama_orchestrator.engine.results import Progress, UpResult
 from llama_orchestrator.errors import UserError
+from llama_orchestrator.gpus.backends import BACKENDS
 
 __all__ = ["register"]
 
@@ -82,7 +82,7 @@ def init(
     app = app_context(ctx)
 
     def locate(text: str) -> tuple[Path, list[str]]:
-        from llama_orchestrator.models import local_model
+        from llama_orchestrator.models.pull import local_model
 
         return local_model(app.home, text, lambda ref: pull_with_progress(app.home, ref))
 
@@ -219,7 +219,7 @@ def up(
     targets, lazy = app.engine.up_names(names or [], all_)
     for name in lazy:
         say(f"{name} is on demand: the router starts it when a request names it")
-    ctl = app.engine if no_daemon else app.control(start_daemon=True)
+    ctl = app.control(start_daemon=True) if not no_daemon else app.unsupervised()
     if not targets:
         return  # every one is on demand: the daemon (and its router) is what they need
     with _progress() as on_progress, _interrupt_note(targets):

@@ -78,13 +78,13 @@ class BarProgress:
 
 
 def pull_with_progress(home: Any, ref: str, **kw: Any) -> Any:
-    """`models.pull` with a bar, turning Ctrl+C into one sentence about the
-    partial file (kept, resumed by the next pull)."""
-    from llama_orchestrator import models
+    """`models.pull.pull` with a bar, turning Ctrl+C into one sentence about
+    the partial file (kept, resumed by the next pull)."""
+    from llama_orchestrator.models.pull import pull as pull_model
 
     bar = BarProgress()
     try:
-        return models.pull(home, ref, bar, **kw)
+        return pull_model(home, ref, bar, **kw)
     except KeyboardInterrupt:
         bar.close()
         if kw.get("use_cache"):
@@ -149,10 +149,11 @@ def list_(
 ) -> None:
     """Pulled models (the catalog), other .gguf files in the models folder and
     those in the shared Hugging Face cache; with DIR, the .gguf files there."""
-    from llama_orchestrator import models
+    from llama_orchestrator.models.pull import models_dir
+    from llama_orchestrator.models.pull import rows as model_rows
 
     home = app_context(ctx).home
-    rows = models.rows(home, folder)
+    rows = model_rows(home, folder)
     if json_:
         print_json(rows)
         return
@@ -160,7 +161,7 @@ def list_(
         where = (
             f"under {folder}"
             if folder
-            else f"pulled, under {models.models_dir(home)} or in the Hugging Face cache"
+            else f"pulled, under {models_dir(home)} or in the Hugging Face cache"
         )
         say(f"no models {where}. Pull one: llama-orch models pull OWNER/REPO:QUANT")
         return
@@ -222,9 +223,9 @@ def rm(
     ),
 ) -> None:
     """Delete a pulled model's files and its catalog entry (refused while an instance uses it)."""
-    from llama_orchestrator import models
+    from llama_orchestrator.models.pull import remove
 
-    entry, notes = models.remove(app_context(ctx).home, model_id)
+    entry, notes = remove(app_context(ctx).home, model_id)
     say(f"removed {entry.id} ({human_bytes(entry.size)})")
     for note in notes:
         say(f"note: {note}", to_err=True)
@@ -246,8 +247,8 @@ def inspect(
     json_: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Metadata of one model and the memory it needs."""
-    from llama_orchestrator.catalog import Catalog, catalog_path
-    from llama_orchestrator.gguf_meta import estimate, read_model
+    from llama_orchestrator.models.catalog import Catalog, catalog_path
+    from llama_orchestrator.models.gguf import estimate, read_model
 
     path = Path(target)
     if not path.exists():

@@ -1,41 +1,18 @@
-"""system remote: the far end of `--host ssh://…` (see `llama_orchestrator.remote`)."""
+"""system task: a plan task another machine's daemon runs here (`plans.hosts`).
+
+The far end of `--host ssh://…`, `system remote`, is the entry point's
+(`cli.app.main`): it runs a whole command line, not one command."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
 import typer
 
-from llama_orchestrator import __version__
-from llama_orchestrator.errors import UserError
-
 __all__ = ["app"]
 
 app = typer.Typer(help="What other machines' llama-orch runs here.", hidden=True)
-
-
-@app.command(hidden=True)
-def remote(payload: str = typer.Argument(..., metavar="PAYLOAD")) -> None:
-    """Run the argv another machine's `--host ssh://…` sent, if its version is ours."""
-    from llama_orchestrator.cli import context
-    from llama_orchestrator.cli.app import main
-    from llama_orchestrator.remote import MARKER, decode_payload, version_mismatch
-
-    if not sys.stderr.isatty():  # over ssh -T: what follows on stderr is ours, not ssh's
-        sys.stderr.write(f"{MARKER}{__version__}\n")
-        sys.stderr.flush()
-        from llama_orchestrator import platform
-
-        # no terminal whose close ends us: the client's going away must (`logs -f`)
-        with contextlib.suppress(OSError, ValueError):  # no file under us: nobody to watch
-            platform.interrupt_on_hangup(sys.stdout.fileno())
-    theirs, argv, machine = decode_payload(payload)
-    if problem := version_mismatch(theirs, __version__, machine):
-        raise UserError(problem)
-    context.MACHINE = machine or None
-    main(argv, here=True)
 
 
 @app.command(hidden=True)

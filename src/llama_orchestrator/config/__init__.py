@@ -13,11 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llama_orchestrator.backends import BACKENDS
-from llama_orchestrator.catalog import is_ref, resolve_local
 from llama_orchestrator.errors import ConfigError, Problem, UserError
 from llama_orchestrator.files import atomic_write_text
+from llama_orchestrator.gpus.backends import BACKENDS
 from llama_orchestrator.home import NAME_RE
+from llama_orchestrator.models.catalog import is_ref, resolve_local
 
 __all__ = [
     "Backend",
@@ -466,7 +466,7 @@ class PeerSettings(_Section):
             if v is not None and not NAME_RE.match(v):
                 raise ValueError("use ssh://user@host/path/to/home, or a context's name")
             return v
-        from llama_orchestrator.remote import parse_target
+        from llama_orchestrator.hosts.ssh import parse_target
 
         try:
             parse_target(v)

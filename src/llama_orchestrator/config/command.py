@@ -11,16 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.gpus.pinning import PIN_VARS, pin_env
 
-__all__ = ["Launch", "build_launch", "PIN_VARS", "MANAGED_FLAGS", "check_extra_args"]
-
-#: The environment variable that limits which GPUs each backend sees.
-PIN_VARS = {
-    "cuda": "CUDA_VISIBLE_DEVICES",
-    "rocm": "HIP_VISIBLE_DEVICES",
-    "vulkan": "GGML_VK_VISIBLE_DEVICES",
-    "sycl": "ONEAPI_DEVICE_SELECTOR",
-}
+__all__ = ["Launch", "build_launch", "MANAGED_FLAGS", "check_extra_args"]
 
 #: Flags llama-orch sets itself; the same flag in extra_args would fight it.
 MANAGED_FLAGS = {
@@ -74,11 +67,6 @@ def check_extra_args(extra_args: list[str]) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
-def _pin_value(backend: str, devices: list[int]) -> str:
-    ids = ",".join(str(d) for d in devices)
-    return f"level_zero:{ids}" if backend == "sycl" else ids
-
-
 def build_launch(
     cfg: InstanceConfig,
     name: str,
@@ -112,15 +100,12 @@ def build_launch(
     argv += s.extra_args
 
     added: dict[str, str] = dict(cfg.env)
-    if g.backend == "cpu":
-        added.setdefault("CUDA_VISIBLE_DEVICES", "")  # no CUDA context on any card
-    pin_var = PIN_VARS.get(g.backend)
-    if pin_var and g.devices:
-        added[pin_var] = _pin_value(g.backend, g.devices)
-        if g.backend == "cuda":
-            # CUDA numbers cards fastest-first by default; nvidia-smi (and the
-            # operator) count in PCI bus order. Make the indices mean the same.
-            added.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    pinned = PIN_VARS.get(g.backend) if g.devices else None
+    for var, value in pin_env(g.backend, g.devices).items():
+        if var == pinned:
+            added[var] = value  # `gpu.devices` wins over the config's env
+        else:
+            added.setdefault(var, value)  # a default the config's env may change
     if s.api_key:
         added["LLAMA_API_KEY"] = s.api_key
     added[INSTANCE_ENV] = name

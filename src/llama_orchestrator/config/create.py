@@ -21,9 +21,9 @@ from llama_orchestrator.config.validate import (
     load_all,
 )
 from llama_orchestrator.errors import ConfigError, PortConflict, UserError
-from llama_orchestrator.gguf_meta import ModelError, ModelInfo, estimate, is_gguf, read_model
-from llama_orchestrator.gpu import Discovery, GpuInfo, discover, seen_by
+from llama_orchestrator.gpus.discover import Discovery, GpuInfo, discover, seen_by
 from llama_orchestrator.home import Home, check_name
+from llama_orchestrator.models.gguf import ModelError, ModelInfo, estimate, is_gguf, read_model
 from llama_orchestrator.units import human_bytes
 
 __all__ = ["create_instance", "pick_port", "Created", "FIRST_PORT", "DEFAULT_CTX"]

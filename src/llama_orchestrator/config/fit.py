@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from llama_orchestrator.config import InstanceConfig
 from llama_orchestrator.errors import UserError
-from llama_orchestrator.gguf_meta import COMPUTE_OVERHEAD_BYTES, MIB, ModelInfo, estimate
-from llama_orchestrator.gpu import GpuInfo, card_index
+from llama_orchestrator.gpus.discover import GpuInfo, card_index
+from llama_orchestrator.models.gguf import COMPUTE_OVERHEAD_BYTES, MIB, ModelInfo, estimate
 from llama_orchestrator.units import human_bytes, human_count
 
 __all__ = [

@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama_orchestrator.binary import find_llama_server
 from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.config.binary import find_llama_server
 from llama_orchestrator.config.command import Launch, build_launch
 from llama_orchestrator.config.fit import GPU_BACKENDS, pick_devices
 from llama_orchestrator.config.validate import (
@@ -22,9 +22,9 @@ from llama_orchestrator.config.validate import (
     vram_problems,
 )
 from llama_orchestrator.errors import ConfigError, Problem, UnknownInstance, UserError
-from llama_orchestrator.gguf_meta import read_model
-from llama_orchestrator.gpu import Discovery, seen_by
+from llama_orchestrator.gpus.discover import Discovery, seen_by
 from llama_orchestrator.home import Home
+from llama_orchestrator.models.gguf import read_model
 
 __all__ = ["Prepared", "prepare"]
 

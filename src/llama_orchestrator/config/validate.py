@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_orchestrator.binary import find_llama_server
-from llama_orchestrator.catalog import REF_PREFIX, is_ref
 from llama_orchestrator.config import (
     InstanceConfig,
     UpstreamConfig,
@@ -22,13 +20,15 @@ from llama_orchestrator.config import (
     load_settings,
     parse_upstream,
 )
+from llama_orchestrator.config.binary import find_llama_server
 from llama_orchestrator.config.command import check_extra_args
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand, on_cards, overcommits
 from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem, UserError
-from llama_orchestrator.gguf_meta import ModelError, is_gguf, read_model
-from llama_orchestrator.gpu import Discovery, discover
+from llama_orchestrator.gpus.discover import Discovery, discover
 from llama_orchestrator.home import Home
-from llama_orchestrator.router.balance import tag_model
+from llama_orchestrator.models.catalog import REF_PREFIX, is_ref
+from llama_orchestrator.models.gguf import ModelError, is_gguf, read_model
+from llama_orchestrator.names import tag_model
 
 __all__ = [
     "Loaded",
@@ -416,7 +416,7 @@ def model_names(home: Home) -> set[str]:
 
 def offered_names(configs: Mapping[str, InstanceConfig | UpstreamConfig | None]) -> set[str]:
     """Every alias and tags:<tag> of these configs (by instance name), and each
-    instance's whole tag set (`tags:a,b`), against which `router.balance.offers`
+    instance's whole tag set (`tags:a,b`), against which `names.offers`
     checks a request for several tags."""
     names: set[str] = set()
     for name, cfg in configs.items():

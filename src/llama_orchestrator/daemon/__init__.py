@@ -12,6 +12,7 @@ from llama_orchestrator.daemon.client import Supervised
 from llama_orchestrator.daemon.info import DaemonInfo, running
 from llama_orchestrator.daemon.protocol import Control
 from llama_orchestrator.engine.lifecycle import Engine
+from llama_orchestrator.engine.unsupervised import Unsupervised
 from llama_orchestrator.home import Home
 
 __all__ = ["Control", "control", "ensure_running"]
@@ -21,9 +22,9 @@ def control(
     engine: Engine, start: bool, on_start: Callable[[DaemonInfo], None] | None = None
 ) -> Control:
     """The daemon of engine's home if it runs (or once started, with `start`);
-    else the engine itself, and what it starts runs unsupervised."""
+    else the engine's own control, and what it starts runs unsupervised."""
     info = ensure_running(engine.home, on_start) if start else running(engine.home)
-    return Supervised(engine, info) if info is not None else engine
+    return Supervised(engine, info) if info is not None else Unsupervised(engine)
 
 
 def ensure_running(home: Home, on_start: Callable[[DaemonInfo], None] | None = None) -> DaemonInfo:

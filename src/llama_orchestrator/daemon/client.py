@@ -33,7 +33,9 @@ from llama_orchestrator.daemon.protocol import (
     error_from_json,
     error_to_json,
 )
-from llama_orchestrator.engine.lifecycle import Engine, Progress, UpResult
+from llama_orchestrator.engine.lifecycle import Engine
+from llama_orchestrator.engine.results import Progress, UpResult
+from llama_orchestrator.engine.wait import wait_healthy
 from llama_orchestrator.errors import OrchError, StartFailed
 
 __all__ = ["DaemonClient", "Supervised", "error_from_json", "error_to_json"]
@@ -134,7 +136,7 @@ class Supervised:
     ) -> list[UpResult]:
         results = reply.results
         if wait:
-            self.engine.wait_healthy(results, timeout, on_progress)
+            wait_healthy(self.engine, results, timeout, on_progress)
         failed = [r for r in results if r.error]
         if failed:
             raise StartFailed("\n".join(r.error for r in failed if r.error))
@@ -157,7 +159,9 @@ class Supervised:
             )
             return StatusReply(**answer)
         except OrchError:
-            return self.engine.status()
+            from llama_orchestrator.engine.views import status_reply
+
+            return status_reply(self.engine)
 
     def activity(self) -> Activity:
         """The daemon's load queue and requests in flight (none when it does

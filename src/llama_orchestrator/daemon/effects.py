@@ -26,13 +26,14 @@ from llama_orchestrator.config import InstanceConfig, UpstreamConfig, load_confi
 from llama_orchestrator.config.prepare import Prepared
 from llama_orchestrator.config.validate import load_all
 from llama_orchestrator.engine import health
-from llama_orchestrator.engine.lifecycle import Engine, UpResult
+from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.logs import LoadProgress, load_progress
 from llama_orchestrator.engine.process import ProcRef, activity, find, stop_tree, wait_exit
+from llama_orchestrator.engine.results import UpResult
 from llama_orchestrator.errors import OrchError
-from llama_orchestrator.gguf_meta import ModelInfo, read_model
-from llama_orchestrator.gpu import Discovery, GpuInfo, VulkanCache, discover
+from llama_orchestrator.gpus.discover import Discovery, GpuInfo, VulkanCache, discover
 from llama_orchestrator.home import Home
+from llama_orchestrator.models.gguf import ModelInfo, read_model
 from llama_orchestrator.store import InstanceRow, Unsaved
 
 __all__ = ["Effects", "LiveEffects", "EventHook", "changed_within"]

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator import remote
 from llama_orchestrator.config import PeerSettings
 from llama_orchestrator.errors import OrchError
+from llama_orchestrator.hosts import ssh
 from llama_orchestrator.plans.hosts import Reply, one_task_plan, origin_of
 from llama_orchestrator.plans.spec import Task
 
@@ -43,11 +43,11 @@ class HostTasks:
     def names(self) -> set[str]:
         return set(self.peers)
 
-    def target(self, host: str) -> remote.SshTarget:
+    def target(self, host: str) -> ssh.SshTarget:
         peer = self.peers.get(host)
         if peer is None or peer.ssh is None:
             raise OrchError(f"'{host}' is no peer with an ssh address in llama-orch.json.")
-        from llama_orchestrator.contexts import resolve
+        from llama_orchestrator.hosts.contexts import resolve
 
         found = resolve(peer.ssh)  # an ssh:// address, or a context's name
         if found is None:
@@ -69,7 +69,7 @@ class HostTasks:
         try:
             target = self.target(task.host)
             origin = origin_of(run_id, task.id, self.machine)
-            proc = await remote.start(target, ["system", "task", "--origin", origin])
+            proc = await ssh.start(target, ["system", "task", "--origin", origin])
         except OrchError as exc:
             return {"error": exc.message}
         started(proc.pid)
@@ -87,8 +87,8 @@ class HostTasks:
                 proc.kill()
             await asyncio.shield(self._cancelled(target, reply.run, proc))
             raise
-        before, said, ran = remote.split_marked((await stderr).decode("utf-8", "replace"))
-        problem = remote.ssh_failure(target, rc, before, ran)
+        before, said, ran = ssh.split_marked((await stderr).decode("utf-8", "replace"))
+        problem = ssh.ssh_failure(target, rc, before, ran)
         if problem is not None:
             return {"error": problem.message}
         error = reply.error(task.host, said, rc)
@@ -106,13 +106,13 @@ class HostTasks:
         }
 
     async def _cancelled(
-        self, target: remote.SshTarget, run: str | None, proc: asyncio.subprocess.Process
+        self, target: ssh.SshTarget, run: str | None, proc: asyncio.subprocess.Process
     ) -> None:
         """The peer's run is cancelled too, unless this daemon is only stopping."""
         await proc.wait()
         if self.closing or run is None:
             return
         try:
-            await asyncio.wait_for(remote.call(target, ["plan", "cancel", run]), CANCEL_TIMEOUT_S)
+            await asyncio.wait_for(ssh.call(target, ["plan", "cancel", run]), CANCEL_TIMEOUT_S)
         except (OrchError, asyncio.TimeoutError) as exc:
             log.warning(f"could not cancel plan run {run} on {target.name}: {exc}")

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llama_orchestrator.errors import OrchError
-from llama_orchestrator.gpulease import Card, choose, lease_env, occupants
-from llama_orchestrator.router.balance import serves
+from llama_orchestrator.gpus.leases import Card, choose, lease_env, occupants
+from llama_orchestrator.names import serves
 from llama_orchestrator.store import Lease, Store
 
 if TYPE_CHECKING:
     from llama_orchestrator.daemon.supervisor import Supervisor
-    from llama_orchestrator.gpu import GpuInfo
+    from llama_orchestrator.gpus.discover import GpuInfo
     from llama_orchestrator.plans.spec import Task
 
 __all__ = ["Leases", "REFRESH_S"]

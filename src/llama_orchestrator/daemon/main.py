@@ -146,6 +146,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     from llama_orchestrator.daemon.runner import RunnerDeps
     from llama_orchestrator.daemon.supervisor import Supervisor
     from llama_orchestrator.daemon.upstreams import Upstreams, UsageWriter
+    from llama_orchestrator.engine.views import status_reply
     from llama_orchestrator.router.external import Externals
     from llama_orchestrator.router.proxy import Router
     from llama_orchestrator.router.slots import Slots
@@ -228,7 +229,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     async def status_view() -> StatusReply:
         """`ps` through the daemon: the same view, made here, where the configs
         are read, with what only the daemon knows (the load queue)."""
-        return sup.seen_here(await effects.in_thread(lambda e: e.status()))
+        return sup.seen_here(await effects.in_thread(status_reply))
 
     async def instance_rows() -> list[dict[str, Any]]:
         return list((await status_view()).instances)  # type: ignore[arg-type]

@@ -22,13 +22,14 @@ from llama_orchestrator.config.fit import demand, on_cards
 from llama_orchestrator.config.validate import offered_names
 from llama_orchestrator.daemon.effects import Effects, changed_within
 from llama_orchestrator.daemon.supervisor import Supervisor
-from llama_orchestrator.engine.lifecycle import exit_text
+from llama_orchestrator.daemon.swap import Member, StartPlan, idle_due, plan_start
+from llama_orchestrator.engine.results import exit_text
 from llama_orchestrator.errors import OrchError
-from llama_orchestrator.gguf_meta import MIB, ModelError
-from llama_orchestrator.router.balance import candidates, serves
+from llama_orchestrator.models.gguf import MIB, ModelError
+from llama_orchestrator.names import serves
+from llama_orchestrator.router.balance import candidates
 from llama_orchestrator.router.slots import Slots
 from llama_orchestrator.states import RUNNING_STATES
-from llama_orchestrator.swap import Member, StartPlan, idle_due, plan_start
 
 __all__ = ["OnDemand", "TICK"]
 

@@ -1,4 +1,4 @@
-"""The daemon's peers (`"peers"` in llama-orch.json; see `llama_orchestrator.peers`):
+"""The daemon's peers (`"peers"` in llama-orch.json; see `llama_orchestrator.router.peers`):
 one task per peer that asks its router for its state every `refresh`
 seconds, over the router's own pooled keep-alive client, and keeps its
 replicas on the board while it answers.
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from llama_orchestrator.config import PeerSettings
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.errors import OrchError
-from llama_orchestrator.peers import STATE_PATH, names_of, parse_state, replicas_of
+from llama_orchestrator.router.peers import STATE_PATH, names_of, parse_state, replicas_of
 from llama_orchestrator.router.upstream import Upstream, UpstreamError
 from llama_orchestrator.upstreams import read_key
 

@@ -23,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
-from llama_orchestrator.engine.lifecycle import Progress, UpResult
+from llama_orchestrator.engine.results import Progress, UpResult
 from llama_orchestrator.engine.status import Activity, StatusReply
 from llama_orchestrator.errors import (
     BinaryNotFound,

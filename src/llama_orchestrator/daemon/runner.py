@@ -32,10 +32,10 @@ from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.effects import Effects, changed_within
 from llama_orchestrator.daemon.loads import LoadGate
 from llama_orchestrator.engine import health
-from llama_orchestrator.engine.lifecycle import UpResult, ended, running_rm_refused
 from llama_orchestrator.engine.logs import LoadProgress
 from llama_orchestrator.engine.policy import Ending, RestartBook, after_exit
 from llama_orchestrator.engine.process import ProcRef
+from llama_orchestrator.engine.results import UpResult, ended, running_rm_refused
 from llama_orchestrator.engine.step import Watch, step
 from llama_orchestrator.errors import DiskFull, OrchError
 from llama_orchestrator.router.balance import Replica

@@ -31,10 +31,10 @@ from llama_orchestrator.daemon.runner import (
     Stop,
 )
 from llama_orchestrator.daemon.upstreams import Upstreams
-from llama_orchestrator.engine.lifecycle import UpResult
+from llama_orchestrator.engine.results import UpResult
 from llama_orchestrator.engine.status import StatusReply, with_loads, with_upstreams
 from llama_orchestrator.errors import OrchError, StartFailed
-from llama_orchestrator.gpulease import refuse_leased
+from llama_orchestrator.gpus.leases import refuse_leased
 from llama_orchestrator.home import Home
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S

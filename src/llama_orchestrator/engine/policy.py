@@ -37,6 +37,7 @@ __all__ = [
     "after_exit",
     "Verdict",
     "after_probe",
+    "idle_left",
 ]
 
 JITTER = 0.10
@@ -261,3 +262,11 @@ def after_probe(
     reason = f"{failures} health checks failed in a row (last: {what})"
     restart = state != S.UNHEALTHY and wants_restart(mode, Ending(unhealthy=True), desired)
     return Verdict(S.UNHEALTHY, failures, restart, reason)
+
+
+def idle_left(last_used: float, idle_ttl: float, busy: bool, now: float) -> float | None:
+    """Seconds until an on-demand instance's idle stop is due (0: due now); None while busy: the
+    idle clock counts from the end of the last request and never runs during one."""
+    if busy:
+        return None
+    return max(0.0, idle_ttl - (now - last_used))

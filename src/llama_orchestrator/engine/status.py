@@ -14,10 +14,10 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from llama_orchestrator.engine import health, logs
+from llama_orchestrator.engine.policy import idle_left
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow
-from llama_orchestrator.swap import idle_left
 
 if TYPE_CHECKING:  # the status view's types; `ps` through the daemon needs no config
     from llama_orchestrator.config import InstanceConfig, UpstreamConfig

@@ -11,21 +11,33 @@ from typing import Any
 from llama_orchestrator.config import InstanceConfig, is_secret_name, redacted
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand
 from llama_orchestrator.config.validate import Loaded, load_all, pinned_devices
+from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import Engine
+from llama_orchestrator.engine.process import is_alive
 from llama_orchestrator.engine.status import (
     Description,
     InstanceStatus,
+    StatusReply,
     collect,
     iso,
+    listening,
     upstream_view,
 )
 from llama_orchestrator.errors import OrchError
-from llama_orchestrator.gguf_meta import ModelError, estimate, read_model
-from llama_orchestrator.gpulease import card_state, occupants
-from llama_orchestrator.gpuwatch import GpuStatus, check
+from llama_orchestrator.gpus.alerts import GpuStatus, check
+from llama_orchestrator.gpus.leases import card_state, occupants
+from llama_orchestrator.models.gguf import ModelError, estimate, read_model
 from llama_orchestrator.states import RUNNING_STATES
 
-__all__ = ["describe", "gpu_sample", "pinned", "pinned_gpu_warnings"]
+__all__ = [
+    "status_reply",
+    "describe",
+    "describe_upstream",
+    "probe",
+    "gpu_sample",
+    "pinned",
+    "pinned_gpu_warnings",
+]
 
 
 def pinned(engine: Engine, loaded: list[Loaded] | None = None) -> dict[int, list[str]]:
@@ -72,6 +84,23 @@ def pinned_gpu_warnings(engine: Engine) -> list[str]:
     if not pinned(engine):
         return []
     return gpu_sample(engine).warnings
+
+
+def status_reply(engine: Engine) -> StatusReply:
+    """What `ps` shows: every instance's status view, and card warnings."""
+    return StatusReply(collect(engine), pinned_gpu_warnings(engine))
+
+
+def probe(engine: Engine, name: str) -> health.ProbeResult:
+    """One instance's /health now, as `probe` asks it (down when not running)."""
+    row = engine.rows([name])[0]
+    loaded = {x.name: x for x in load_all(engine.home)}
+    cfg = loaded[name].config if name in loaded else None
+    host, port = listening(row, cfg)
+    if port is None or not is_alive(engine.ref(row)):
+        return health.ProbeResult(health.DOWN, None, 0.0, f"instance is {row.state}")
+    timeout = cfg.healthcheck.timeout if cfg else 5.0
+    return health.probe(host, port, timeout, engine.get)
 
 
 def describe_upstream(engine: Engine, name: str, seen: list[InstanceStatus]) -> dict[str, Any]:

@@ -15,10 +15,10 @@ from typing import Any
 from llama_orchestrator.engine.status import iso
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.files import private_dir
+from llama_orchestrator.names import TAG_PREFIX, tag_set
 from llama_orchestrator.plans.schedule import TaskRecord, run_state
 from llama_orchestrator.plans.spec import Plan
 from llama_orchestrator.plans.template import Attempt
-from llama_orchestrator.router.balance import TAG_PREFIX, tag_set
 from llama_orchestrator.store import Store
 
 __all__ = [

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
 
 from llama_orchestrator.errors import UserError
-from llama_orchestrator.router.balance import TAG_PREFIX, offers, tag_model, tag_set
+from llama_orchestrator.names import TAG_PREFIX, offers, tag_model, tag_set
 
 __all__ = [
     "Plan",

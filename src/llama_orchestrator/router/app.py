@@ -11,8 +11,8 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from llama_orchestrator.peers import INSTANCES_PATH, STATE_PATH, rows_for_peers, state_of
 from llama_orchestrator.router.front import Reply, Request, Stream
+from llama_orchestrator.router.peers import INSTANCES_PATH, STATE_PATH, rows_for_peers, state_of
 from llama_orchestrator.router.proxy import LIGHT, Router, openai_error
 
 __all__ = ["RouterSite", "is_loopback", "host_of", "PROXIED"]

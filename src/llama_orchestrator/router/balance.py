@@ -1,8 +1,8 @@
 """Which instance gets a request (DESIGN §6): pure functions, no I/O.
 
-A request names a `model`: an instance alias (several instances may share
-one: replicas) or `tags:<tag>[,<tag>...]`, served by an instance that
-carries every tag listed (`tags:worker,gpu`). Among the healthy, non-draining candidates
+A request names a `model` (`names`): an instance alias (several instances
+may share one: replicas) or `tags:<tag>[,<tag>...]`, served by an instance
+that carries every tag listed (`tags:worker,gpu`). Among the healthy, non-draining candidates
 with a free slot the least busy wins: the lowest share of its `parallel`
 slots in use, then the fewest requests in flight, then the name (stable).
 """
@@ -12,13 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from llama_orchestrator.names import serves
+
 __all__ = [
     "Replica",
-    "TAG_PREFIX",
-    "tag_model",
-    "tag_set",
-    "offers",
-    "serves",
     "matches",
     "candidates",
     "least_busy",
@@ -27,8 +24,6 @@ __all__ = [
     "model_names",
     "hosts_of",
 ]
-
-TAG_PREFIX = "tags:"
 
 
 @dataclass(frozen=True)
@@ -48,37 +43,6 @@ class Replica:
     tls: bool = False  # https
     #: another machine's router serving it (`router.peers`); None: this machine
     peer: str | None = None
-
-
-def tag_set(model: str) -> frozenset[str]:
-    """The tags a `tags:a,b` name asks for (empty for an alias, or for `tags:`)."""
-    if not model.startswith(TAG_PREFIX):
-        return frozenset()
-    return frozenset(t.strip() for t in model[len(TAG_PREFIX) :].split(",") if t.strip())
-
-
-def tag_model(tags: Iterable[str]) -> str:
-    """The one name for a set of tags: `tags:` and the tags sorted, comma-joined
-    (so `tags:gpu,worker` and `tags:worker, gpu` wait in the same queue)."""
-    return TAG_PREFIX + ",".join(sorted({t.strip() for t in tags if t.strip()}))
-
-
-def offers(known: Iterable[str], model: str) -> bool:
-    """Whether `model` names what the configs offer (`known`, see
-    `config.validate.offered_names`): an alias, or tags that one instance
-    carries all of (`known` holds each instance's whole set, `tags:a,b,c`)."""
-    if not model.startswith(TAG_PREFIX):
-        return model in known
-    wanted = tag_set(model)
-    return bool(wanted) and any(wanted <= tag_set(k) for k in known)
-
-
-def serves(model: str, alias: str, tags: Iterable[str]) -> bool:
-    """Whether an instance with this alias and these tags serves `model`."""
-    if model.startswith(TAG_PREFIX):
-        wanted = tag_set(model)
-        return bool(wanted) and wanted <= set(tags)
-    return model == alias
 
 
 def matches(model: str, r: Replica) -> bool:

@@ -22,20 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llama_orchestrator.config import RouterSettings
-from llama_orchestrator.peers import HOP_HEADER
+from llama_orchestrator.names import TAG_PREFIX, offers, tag_model, tag_set
 from llama_orchestrator.router.balance import (
-    TAG_PREFIX,
     Replica,
     candidates,
     hosts_of,
     lightest,
     model_names,
-    offers,
-    tag_model,
-    tag_set,
 )
 from llama_orchestrator.router.external import Externals
 from llama_orchestrator.router.front import Reply, Request, Stream
+from llama_orchestrator.router.peers import HOP_HEADER
 from llama_orchestrator.router.slots import Refusal, Slots
 from llama_orchestrator.router.upstream import Exchange, Upstream, UpstreamError
 from llama_orchestrator.upstreams import KeyMissing, Usage, UsageMeter, for_upstream

@@ -29,7 +29,7 @@ from llama_orchestrator.engine.status import (
     with_loads,
     with_upstreams,
 )
-from llama_orchestrator.gpuwatch import GpuStatus
+from llama_orchestrator.gpus.alerts import GpuStatus
 from llama_orchestrator.home import Home
 from llama_orchestrator.plans.records import RunFiles, list_runs
 from llama_orchestrator.present import plan_cancelled, plan_requeued
@@ -199,8 +199,8 @@ class EngineSource:
         if self._peers_at is not None and now - self._peers_at < PEERS_EVERY:
             return
         self._peers_at = now
-        from llama_orchestrator import fleet
         from llama_orchestrator.errors import OrchError
+        from llama_orchestrator.hosts import fleet
 
         try:
             seen = fleet.look(self.home, [])

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from llama_orchestrator.amdgpu import AmdReading, read_cards
 from llama_orchestrator.errors import OrchError
-from llama_orchestrator.vulkan import (
+from llama_orchestrator.gpus.amdgpu import AmdReading, read_cards
+from llama_orchestrator.gpus.vulkan import (
     NO_DRIVER_MARKERS,
     VulkanDevice,
     VulkanInfoError,

@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from llama_orchestrator.engine.policy import idle_left
 from llama_orchestrator.units import human_bytes
 
-__all__ = ["Member", "StartPlan", "plan_start", "idle_left", "idle_due"]
+__all__ = ["Member", "StartPlan", "plan_start", "idle_due"]
 
 
 @dataclass(frozen=True)
@@ -120,14 +121,6 @@ def plan_start(
             "in flight and always-on instances are never stopped)"
         )
     return StartPlan(stop=tuple(chosen))
-
-
-def idle_left(last_used: float, idle_ttl: float, busy: bool, now: float) -> float | None:
-    """Seconds until an idle stop is due (0: due now); None while busy: the
-    idle clock counts from the end of the last request and never runs during one."""
-    if busy:
-        return None
-    return max(0.0, idle_ttl - (now - last_used))
 
 
 def idle_due(members: Iterable[Member], idle_ttl: Mapping[str, float], now: float) -> list[str]:

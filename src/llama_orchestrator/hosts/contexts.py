@@ -18,7 +18,7 @@ from typing import Any
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.files import atomic_write_text
 from llama_orchestrator.home import NAME_RE
-from llama_orchestrator.remote import SshTarget, parse_target
+from llama_orchestrator.hosts.ssh import SshTarget, parse_target
 
 __all__ = ["Context", "Contexts", "DEFAULT", "config_dir", "choose", "resolve"]
 

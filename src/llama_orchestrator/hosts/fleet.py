@@ -21,7 +21,7 @@ import httpx
 from llama_orchestrator.config import PeerSettings
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.home import Home
-from llama_orchestrator.peers import INSTANCES_PATH
+from llama_orchestrator.router.peers import INSTANCES_PATH
 
 __all__ = ["Fleet", "look", "gather", "ask_peer", "ask_peers"]
 

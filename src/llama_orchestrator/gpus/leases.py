@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from llama_orchestrator.config.command import PIN_VARS
 from llama_orchestrator.errors import UserError
+from llama_orchestrator.gpus.pinning import PIN_VARS
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store import InstanceRow, Lease

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from llama_orchestrator.gpu import Discovery, GpuInfo, card_index, discover
+from llama_orchestrator.gpus.discover import Discovery, GpuInfo, card_index, discover
+from llama_orchestrator.gpus.vulkan import VulkanDevice
 from llama_orchestrator.store import Store
-from llama_orchestrator.vulkan import VulkanDevice
 
 __all__ = ["Alert", "alerts", "record_changes", "GpuStatus", "check"]
 

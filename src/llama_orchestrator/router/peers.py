@@ -21,7 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from llama_orchestrator import __version__
-from llama_orchestrator.router.balance import Replica, tag_model
+from llama_orchestrator.names import tag_model
+from llama_orchestrator.router.balance import Replica
 
 __all__ = [
     "STATE_PATH",

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from llama_orchestrator.catalog import Ref, RemoteFile
 from llama_orchestrator.errors import OrchError, UserError
+from llama_orchestrator.models.catalog import Ref, RemoteFile
 
 __all__ = [
     "HubError",

@@ -3,7 +3,7 @@ they lie and whether their checksums were verified.
 
 Pure decisions (parsing a model reference, choosing the file(s) of a repo for a
 quant tag) plus the catalog file itself, `<home>/state/models.json`, written
-atomically. The network side is `llama_orchestrator.hub`.
+atomically. The network side is `llama_orchestrator.models.hub`.
 
 A reference names a repo and, optionally, what in it:
 
@@ -25,7 +25,7 @@ from typing import Any
 
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.files import atomic_write_text
-from llama_orchestrator.gguf_meta import split_of
+from llama_orchestrator.models.gguf import split_of
 
 __all__ = [
     "REF_PREFIX",

@@ -17,8 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator import hub
-from llama_orchestrator.catalog import (
+from llama_orchestrator.config import load_settings
+from llama_orchestrator.errors import OrchError, UserError
+from llama_orchestrator.home import Home
+from llama_orchestrator.models import hub
+from llama_orchestrator.models.catalog import (
     Catalog,
     Choice,
     Entry,
@@ -30,10 +33,7 @@ from llama_orchestrator.catalog import (
     parse_ref,
     quant_of,
 )
-from llama_orchestrator.config import load_settings
-from llama_orchestrator.errors import OrchError, UserError
-from llama_orchestrator.gguf_meta import split_of, split_parts
-from llama_orchestrator.home import Home
+from llama_orchestrator.models.gguf import split_of, split_parts
 from llama_orchestrator.units import human_bytes
 
 __all__ = [
@@ -379,7 +379,7 @@ def _first_parts(folder: Path) -> list[Path]:
 
 
 def _meta(path: Path) -> dict[str, Any]:
-    from llama_orchestrator.gguf_meta import ModelError, read_model
+    from llama_orchestrator.models.gguf import ModelError, read_model
 
     try:
         info = read_model(path).to_json()
