@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import free_port, model_and_binary, write_instance  # noqa: E402
 
-from llama_orchestrator.store import Store  # noqa: E402
+from llama_orchestrator.store.database import Store  # noqa: E402
 
 CARD = "0, NVIDIA GeForce GTX 1060 6GB, GPU-0, 6144, 0, 6144, 0, 35, 20.00\n"
 SCRIPT = "import time; print(time.time(), flush=True)"

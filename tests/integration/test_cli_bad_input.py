@@ -261,7 +261,7 @@ def test_ps_names_the_per_user_home_it_falls_back_to(tmp_path):
 def test_a_damaged_or_emptied_state_database_is_named_and_kept_aside_on_reset(home, tiny_model):
     """Issue 24.5: a corrupted page is not 'the disk is full', and a 0-byte
     database does not silently start a fresh history."""
-    from llama_orchestrator.store import Store
+    from llama_orchestrator.store.database import Store
 
     write_config(home, "a", tiny_model)
     store = Store.open(home.db_path)

@@ -10,7 +10,7 @@ import httpx
 import psutil
 import pytest
 
-from llama_orchestrator.store import Store
+from llama_orchestrator.store.database import Store
 from tests.helpers import run_cli, wait_until, write_config
 
 pytestmark = pytest.mark.integration

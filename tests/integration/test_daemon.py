@@ -19,7 +19,8 @@ from llama_orchestrator.daemon.main import stop as stop_daemon
 from llama_orchestrator.engine.health import http_get
 from llama_orchestrator.home import Home
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow, Store
+from llama_orchestrator.store.database import Store
+from llama_orchestrator.store.rows import InstanceRow
 from tests.helpers import free_port, run_cli, wait_until, write_config, write_unloadable_model
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from llama_orchestrator.home import Home
-from llama_orchestrator.store import Store
+from llama_orchestrator.store.database import Store
 from tests.helpers import run_cli, wait_until, write_config
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ import pytest
 
 from llama_orchestrator.home import Home
 from llama_orchestrator.models.tiny import write_tiny_model
-from llama_orchestrator.store import Store
+from llama_orchestrator.store.database import Store
 from tests.helpers import free_port, run_cli, wait_until, write_config, write_unloadable_model
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import pytest
 from llama_orchestrator.daemon.info import running
 from llama_orchestrator.home import Home
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import Store
+from llama_orchestrator.store.database import Store
 from tests.helpers import free_port, run_cli, wait_until, write_config
 
 pytestmark = pytest.mark.integration

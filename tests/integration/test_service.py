@@ -18,7 +18,7 @@ from llama_orchestrator.errors import UserError
 from llama_orchestrator.service import manage
 from llama_orchestrator.service import spec as sp
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import Store
+from llama_orchestrator.store.database import Store
 from tests.helpers import run_cli, wait_until, write_config
 
 FAKE_TOOL = Path(__file__).parent.parent / "fakes" / "fake_tool.py"

@@ -30,7 +30,9 @@ from llama_orchestrator.home import Home
 from llama_orchestrator.models.gguf import ModelError, ModelInfo
 from llama_orchestrator.router.slots import Slots
 from llama_orchestrator.states import RUNNING_STATES
-from llama_orchestrator.store import InstanceRow, Store, Unsaved
+from llama_orchestrator.store.database import Store
+from llama_orchestrator.store.rows import InstanceRow
+from llama_orchestrator.store.unsaved import Unsaved
 from tests.helpers import overlay
 
 T0 = 1_000_000.0

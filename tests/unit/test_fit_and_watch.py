@@ -7,7 +7,7 @@ from llama_orchestrator.errors import UserError
 from llama_orchestrator.gpus.alerts import alerts, record_changes
 from llama_orchestrator.gpus.discover import parse_nvidia_smi
 from llama_orchestrator.models.gguf import MIB, read_model
-from llama_orchestrator.store import Store
+from llama_orchestrator.store.database import Store
 from llama_orchestrator.units import human_bytes, human_count
 
 OUTPUTS = Path(__file__).parents[1] / "fakes" / "gpu_outputs"

@@ -18,7 +18,7 @@ from llama_orchestrator.gpus.leases import (
 )
 from llama_orchestrator.plans.spec import PlanError, gpu_hint, parse_plan
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow, Lease
+from llama_orchestrator.store.rows import InstanceRow, Lease
 
 IDLE_YIELDS = Occupant("big", S.HEALTHY, may_yield=True, busy=False)
 KEEPS = Occupant("chat", S.HEALTHY, may_yield=False, busy=False)

@@ -12,7 +12,7 @@ from llama_orchestrator.errors import UserError
 from llama_orchestrator.gpus.discover import GpuInfo
 from llama_orchestrator.plans.spec import Task
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import Lease
+from llama_orchestrator.store.rows import Lease
 
 ASR = Task(id="asr", kind="script", gpus=1, command=("whisper",))
 

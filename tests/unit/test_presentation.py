@@ -77,7 +77,7 @@ def test_on_demand_state_countdown_and_ps_column():
     from llama_orchestrator.present import on_demand_line, state_label
     from llama_orchestrator.states import Desired
     from llama_orchestrator.states import InstanceState as S
-    from llama_orchestrator.store import InstanceRow
+    from llama_orchestrator.store.rows import InstanceRow
 
     cfg = InstanceConfig.model_validate(
         {"model": {"path": "m.gguf"}, "server": {"port": 8001}, "on_demand": {"idle_ttl": 300}}
@@ -119,7 +119,7 @@ def test_on_demand_state_countdown_and_ps_column():
 def test_ps_json_gives_the_last_exit_time_in_iso_8601_like_every_other_time():
     from llama_orchestrator.config import InstanceConfig
     from llama_orchestrator.engine.status import status_view
-    from llama_orchestrator.store import InstanceRow
+    from llama_orchestrator.store.rows import InstanceRow
 
     cfg = InstanceConfig.model_validate({"model": {"path": "m.gguf"}, "server": {"port": 8001}})
     ended = InstanceRow(
@@ -138,7 +138,7 @@ def test_a_queued_or_loading_instance_says_its_place_in_line_and_how_far_it_load
     from llama_orchestrator.present import state_label
     from llama_orchestrator.states import Desired
     from llama_orchestrator.states import InstanceState as S
-    from llama_orchestrator.store import InstanceRow
+    from llama_orchestrator.store.rows import InstanceRow
 
     cfg = InstanceConfig.model_validate({"model": {"path": "m.gguf"}, "server": {"port": 8001}})
     queued = status_view("q", cfg, InstanceRow("q", Desired.RUNNING, S.QUEUED), now=5.0)

@@ -18,7 +18,8 @@ from llama_orchestrator.errors import StartFailed, UserError
 from llama_orchestrator.files import disk_full
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow, Store
+from llama_orchestrator.store.database import Store
+from llama_orchestrator.store.rows import InstanceRow
 from tests.helpers import fill, make_room
 
 

@@ -6,7 +6,10 @@ import pytest
 from llama_orchestrator.errors import DiskFull, StateError
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import SCHEMA_VERSION, InstanceRow, Store, Unsaved
+from llama_orchestrator.store.database import Store
+from llama_orchestrator.store.rows import InstanceRow
+from llama_orchestrator.store.schema import SCHEMA_VERSION
+from llama_orchestrator.store.unsaved import Unsaved
 from tests.helpers import fill, make_room
 
 
@@ -121,7 +124,7 @@ def test_concurrent_read_then_write_transactions_serialise(tmp_path):
 
 
 def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
-    from llama_orchestrator.store import MIGRATIONS
+    from llama_orchestrator.store.schema import MIGRATIONS
 
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path)

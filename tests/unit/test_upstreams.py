@@ -14,7 +14,7 @@ from llama_orchestrator.plans.check import check_output
 from llama_orchestrator.plans.spec import PlanError, parse_plan
 from llama_orchestrator.plans.template import Attempt, prompt_messages
 from llama_orchestrator.router.external import Externals
-from llama_orchestrator.store import UsageRecord
+from llama_orchestrator.store.rows import UsageRecord
 from llama_orchestrator.upstreams import (
     KeyMissing,
     RateWindow,

@@ -12,7 +12,7 @@ from llama_orchestrator.cli.context import app_context, out
 from llama_orchestrator.engine import logs as logfiles
 from llama_orchestrator.engine.status import iso
 from llama_orchestrator.errors import UserError
-from llama_orchestrator.store import Event
+from llama_orchestrator.store.rows import Event
 from llama_orchestrator.timefmt import parse_since
 
 __all__ = ["register"]

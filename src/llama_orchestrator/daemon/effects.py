@@ -34,7 +34,8 @@ from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gpus.discover import Discovery, GpuInfo, VulkanCache, discover
 from llama_orchestrator.home import Home
 from llama_orchestrator.models.gguf import ModelInfo, read_model
-from llama_orchestrator.store import InstanceRow, Unsaved
+from llama_orchestrator.store.rows import InstanceRow
+from llama_orchestrator.store.unsaved import Unsaved
 
 __all__ = ["Effects", "LiveEffects", "EventHook", "changed_within"]
 

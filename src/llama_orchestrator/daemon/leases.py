@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gpus.leases import Card, choose, lease_env, occupants
 from llama_orchestrator.names import serves
-from llama_orchestrator.store import Lease, Store
+from llama_orchestrator.store.database import Store
+from llama_orchestrator.store.rows import Lease
 
 if TYPE_CHECKING:
     from llama_orchestrator.daemon.supervisor import Supervisor

@@ -150,7 +150,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     from llama_orchestrator.router.external import Externals
     from llama_orchestrator.router.proxy import Router
     from llama_orchestrator.router.slots import Slots
-    from llama_orchestrator.store import UsageRecord
+    from llama_orchestrator.store.rows import UsageRecord
 
     _Server = _quiet_server()
 
@@ -403,7 +403,7 @@ def router_limits(settings: RouterSettings, open_files: int) -> Limits:
 def reset_state_aside(home: Home) -> Path | None:
     """`daemon start --reset-state`: the database moved aside, refused while a
     daemon runs (it holds the database open)."""
-    from llama_orchestrator.store import reset_state
+    from llama_orchestrator.store.database import reset_state
 
     info = running(home)
     if info is not None:

@@ -18,7 +18,8 @@ from llama_orchestrator.engine.health import ProbeResult
 from llama_orchestrator.router.proxy import Router, RouterMetrics
 from llama_orchestrator.router.slots import CLASSES
 from llama_orchestrator.states import InstanceState
-from llama_orchestrator.store import Store, UsageRecord
+from llama_orchestrator.store.database import Store
+from llama_orchestrator.store.rows import UsageRecord
 
 __all__ = ["Metrics", "CONTENT_TYPE"]
 

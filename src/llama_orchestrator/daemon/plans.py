@@ -46,7 +46,8 @@ from llama_orchestrator.plans.spec import HOST_PREFIX, Plan, Task, parse_plan
 from llama_orchestrator.plans.template import Attempt, prompt_messages, render
 from llama_orchestrator.router.balance import candidates, free_slots
 from llama_orchestrator.router.proxy import Completion, Router, RouterError
-from llama_orchestrator.store import Lease, Store
+from llama_orchestrator.store.database import Store
+from llama_orchestrator.store.rows import Lease
 from llama_orchestrator.upstreams import redact
 
 __all__ = ["PlanRunner"]

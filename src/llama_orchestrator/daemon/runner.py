@@ -41,7 +41,8 @@ from llama_orchestrator.errors import DiskFull, OrchError
 from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow, Store
+from llama_orchestrator.store.database import Store
+from llama_orchestrator.store.rows import InstanceRow
 
 __all__ = [
     "InstanceRunner",

@@ -26,7 +26,8 @@ from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.router.external import Externals
-from llama_orchestrator.store import Store, UsageRecord
+from llama_orchestrator.store.database import Store
+from llama_orchestrator.store.rows import UsageRecord
 from llama_orchestrator.upstreams import DAY_S, check_delay
 
 __all__ = ["Upstreams", "UpstreamState", "UsageWriter", "replica_of", "CONFIG_POLL_S"]

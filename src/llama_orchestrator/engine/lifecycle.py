@@ -36,7 +36,9 @@ from llama_orchestrator.files import disk_full, is_disk_full, private_dir
 from llama_orchestrator.home import Home, check_name, daemon_lock_held
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow, Store, Unsaved
+from llama_orchestrator.store.database import Store
+from llama_orchestrator.store.rows import InstanceRow
+from llama_orchestrator.store.unsaved import Unsaved
 
 if TYPE_CHECKING:
     # Imported where used: a command talking to the daemon (`up`, `down`)

@@ -16,7 +16,7 @@ from llama_orchestrator import platform
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow
+from llama_orchestrator.store.rows import InstanceRow
 
 __all__ = [
     "UpResult",

@@ -17,7 +17,7 @@ from llama_orchestrator.engine import health, logs
 from llama_orchestrator.engine.policy import idle_left
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow
+from llama_orchestrator.store.rows import InstanceRow
 
 if TYPE_CHECKING:  # the status view's types; `ps` through the daemon needs no config
     from llama_orchestrator.config import InstanceConfig, UpstreamConfig

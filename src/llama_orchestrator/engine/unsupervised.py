@@ -20,7 +20,7 @@ from llama_orchestrator.engine.wait import wait_healthy
 from llama_orchestrator.errors import StartFailed, UserError
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow
+from llama_orchestrator.store.rows import InstanceRow
 
 if TYPE_CHECKING:
     from llama_orchestrator.engine.status import StatusReply

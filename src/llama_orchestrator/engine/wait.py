@@ -17,7 +17,7 @@ from llama_orchestrator.engine.results import Progress, UpResult, exit_text, wit
 from llama_orchestrator.engine.step import Watch, step
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow
+from llama_orchestrator.store.rows import InstanceRow
 
 if TYPE_CHECKING:
     from llama_orchestrator.config import InstanceConfig

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from llama_orchestrator.gpus.discover import Discovery, GpuInfo, card_index, discover
 from llama_orchestrator.gpus.vulkan import VulkanDevice
-from llama_orchestrator.store import Store
+from llama_orchestrator.store.database import Store
 
 __all__ = ["Alert", "alerts", "record_changes", "GpuStatus", "check"]
 

@@ -14,7 +14,7 @@ from llama_orchestrator.errors import UserError
 from llama_orchestrator.gpus.pinning import PIN_VARS
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
-from llama_orchestrator.store import InstanceRow, Lease
+from llama_orchestrator.store.rows import InstanceRow, Lease
 
 __all__ = [
     "Occupant",

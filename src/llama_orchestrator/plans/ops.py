@@ -15,7 +15,7 @@ from llama_orchestrator.errors import UserError
 from llama_orchestrator.home import Home
 from llama_orchestrator.plans.records import RunFiles, RunView, named_run, require_run
 from llama_orchestrator.plans.spec import Plan, parse_plan
-from llama_orchestrator.store import Store
+from llama_orchestrator.store.database import Store
 
 __all__ = ["check_file", "follow", "for_peer"]
 

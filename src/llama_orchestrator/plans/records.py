@@ -19,7 +19,7 @@ from llama_orchestrator.names import TAG_PREFIX, tag_set
 from llama_orchestrator.plans.schedule import TaskRecord, run_state
 from llama_orchestrator.plans.spec import Plan
 from llama_orchestrator.plans.template import Attempt
-from llama_orchestrator.store import Store
+from llama_orchestrator.store.database import Store
 
 __all__ = [
     "RunView",

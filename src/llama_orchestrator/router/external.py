@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llama_orchestrator.config import UpstreamConfig
 from llama_orchestrator.errors import OrchError
-from llama_orchestrator.store import UsageRecord
+from llama_orchestrator.store.rows import UsageRecord
 from llama_orchestrator.upstreams import RateWindow, Spending, Usage, api_key, cost
 
 __all__ = ["External", "Externals"]

@@ -1,16 +1,5 @@
-"""SQLite state: the one owner of `state/state.sqlite` (DESIGN §5, STYLE 10).
-
-WAL mode, synchronous=FULL and BEGIN IMMEDIATE for read-then-write, so two
-CLI processes (or the CLI and the daemon) serialise on the write lock and a
-process killed at any moment loses nothing it committed. The schema version
-lives in `PRAGMA user_version`; MIGRATIONS[i] upgrades version i to i+1.
-
-A full disk does not stop the daemon's supervision: its stores share one
-`Unsaved`, which keeps the instance rows and events the disk refused; every
-read of the daemon sees them, and they are written with the next write that
-succeeds (or by `flush`, which the daemon calls every few seconds). A CLI
-command without the daemon gets the full-disk error instead.
-"""
+"""The state database: one connection per Store, WAL, BEGIN IMMEDIATE for
+read-then-write, typed rows in and out (see the package's docstring)."""
 
 from __future__ import annotations
 
@@ -19,318 +8,30 @@ import json
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from llama_orchestrator.errors import DiskFull, StateError
 from llama_orchestrator.files import disk_full, is_disk_full, private_dir
-from llama_orchestrator.states import Desired, InstanceState, is_allowed
+from llama_orchestrator.states import InstanceState, is_allowed
+from llama_orchestrator.store.rows import (
+    COLUMNS,
+    INSERT_EVENT,
+    Event,
+    InstanceRow,
+    Lease,
+    UsageRecord,
+    save_sql,
+)
+from llama_orchestrator.store.schema import MIGRATIONS, SCHEMA_VERSION
+from llama_orchestrator.store.unsaved import Unsaved, Write
 
-__all__ = [
-    "Store",
-    "Unsaved",
-    "InstanceRow",
-    "Event",
-    "Lease",
-    "UsageRecord",
-    "SCHEMA_VERSION",
-    "reset_state",
-]
+__all__ = ["Store", "reset_state", "damaged"]
 
 log = logging.getLogger("llama_orchestrator.daemon")
-
-MIGRATIONS: list[str] = [
-    # 0 -> 1: the first release
-    """
-    CREATE TABLE instances (
-        name            TEXT PRIMARY KEY,
-        desired         TEXT NOT NULL DEFAULT 'stopped',
-        state           TEXT NOT NULL DEFAULT 'created',
-        pid             INTEGER,
-        create_time     REAL,
-        host            TEXT,
-        port            INTEGER,
-        started_at      REAL,
-        exited_at       REAL,
-        exit_code       INTEGER,
-        restarts        INTEGER NOT NULL DEFAULT 0,
-        last_exit       TEXT,
-        supervised      INTEGER NOT NULL DEFAULT 0,
-        next_restart_at REAL,
-        updated_at      REAL NOT NULL
-    );
-    CREATE TABLE events (
-        id       INTEGER PRIMARY KEY AUTOINCREMENT,
-        ts       REAL NOT NULL,
-        instance TEXT,
-        kind     TEXT NOT NULL,
-        message  TEXT NOT NULL,
-        data     TEXT NOT NULL DEFAULT '{}'
-    );
-    CREATE INDEX events_by_instance ON events (instance, id);
-    CREATE INDEX events_by_ts ON events (ts);
-    """,
-    # 1 -> 2: the GPUs a run actually got (`device_id: auto` is chosen at each start)
-    """
-    ALTER TABLE instances ADD COLUMN gpu_devices TEXT;
-    """,
-    # 2 -> 3: restarts in a row (the backoff exponent), so a daemon that is
-    # killed and started again resumes the count where it was
-    """
-    ALTER TABLE instances ADD COLUMN streak INTEGER NOT NULL DEFAULT 0;
-    """,
-    # 3 -> 4: plan runs (DESIGN §7) and their tasks, so a run survives the daemon
-    """
-    CREATE TABLE plan_runs (
-        id          TEXT PRIMARY KEY,
-        name        TEXT NOT NULL,
-        state       TEXT NOT NULL,
-        created_at  REAL NOT NULL,
-        finished_at REAL,
-        source      TEXT NOT NULL,
-        plan        TEXT NOT NULL
-    );
-    CREATE TABLE plan_tasks (
-        run_id            TEXT NOT NULL,
-        task_id           TEXT NOT NULL,
-        idx               INTEGER NOT NULL,
-        state             TEXT NOT NULL,
-        attempts          INTEGER NOT NULL DEFAULT 0,
-        not_before        REAL NOT NULL DEFAULT 0,
-        started_at        REAL,
-        finished_at       REAL,
-        instance          TEXT,
-        error             TEXT,
-        prompt_tokens     INTEGER,
-        completion_tokens INTEGER,
-        pid               INTEGER,
-        create_time       REAL,
-        PRIMARY KEY (run_id, task_id)
-    );
-    """,
-    # 4 -> 5: when an on-demand instance last served a request (its idle clock)
-    """
-    ALTER TABLE instances ADD COLUMN last_used_at REAL;
-    """,
-    # 5 -> 6: the cards discovery has reported, so a pinned card that is gone
-    # is told apart from one that never was there
-    """
-    CREATE TABLE gpus_seen (
-        backend TEXT NOT NULL,
-        idx     INTEGER NOT NULL,
-        name    TEXT,
-        seen_at REAL NOT NULL,
-        PRIMARY KEY (backend, idx)
-    );
-    """,
-    # 6 -> 7: the config a running process was started with (its digest), so
-    # ps can say a config was changed since: it takes effect at the next restart
-    """
-    ALTER TABLE instances ADD COLUMN config_digest TEXT;
-    """,
-    # 7 -> 8: the state `queued` (waiting for its turn to load), which an
-    # older llama-orch cannot read; and the GPU leases of plans' script tasks,
-    # so a daemon killed mid-lease gives the card back and restores what yielded
-    """
-    CREATE TABLE gpu_leases (
-        gpu      INTEGER PRIMARY KEY,
-        run_id   TEXT NOT NULL,
-        task_id  TEXT NOT NULL,
-        since    REAL NOT NULL,
-        state    TEXT NOT NULL,
-        yielded  TEXT NOT NULL DEFAULT '[]'
-    );
-    """,
-    # 8 -> 9: what each request to an external upstream cost (`llama-orch
-    # usage`, the daily budget), and which tier answered a plan's task
-    """
-    CREATE TABLE usage (
-        id         INTEGER PRIMARY KEY AUTOINCREMENT,
-        ts         REAL NOT NULL,
-        upstream   TEXT NOT NULL,
-        model      TEXT NOT NULL,
-        run_id     TEXT,
-        task_id    TEXT,
-        tokens_in  INTEGER NOT NULL,
-        tokens_out INTEGER NOT NULL,
-        cost       REAL NOT NULL
-    );
-    CREATE INDEX usage_by_ts ON usage (ts);
-    ALTER TABLE plan_tasks ADD COLUMN tier TEXT;
-    ALTER TABLE plan_tasks ADD COLUMN cost REAL;
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-@dataclass
-class InstanceRow:
-    """Runtime facts about one instance (its config lives in config.json)."""
-
-    name: str
-    desired: Desired = Desired.STOPPED
-    state: InstanceState = InstanceState.CREATED
-    pid: int | None = None
-    create_time: float | None = None
-    host: str | None = None
-    port: int | None = None
-    started_at: float | None = None
-    exited_at: float | None = None
-    exit_code: int | None = None
-    restarts: int = 0
-    last_exit: dict[str, Any] | None = None
-    supervised: bool = False
-    next_restart_at: float | None = None
-    updated_at: float = 0.0
-    gpu_devices: list[int] | None = None
-    streak: int = 0  # restarts since the instance last stayed up reset_after seconds
-    last_used_at: float | None = None  # an on-demand instance's last request (the daemon writes it)
-    config_digest: str | None = None  # InstanceConfig.digest() of the config it was started with
-
-    @classmethod
-    def from_sql(cls, r: sqlite3.Row) -> InstanceRow:
-        d = dict(r)
-        d["desired"] = Desired(d["desired"])
-        d["state"] = InstanceState(d["state"])
-        for key in _JSON_COLUMNS:
-            d[key] = json.loads(d[key]) if d[key] else None
-        d["supervised"] = bool(d["supervised"])
-        return cls(**d)
-
-
-_COLUMNS = tuple(f.name for f in fields(InstanceRow))
-_SAVED = tuple(c for c in _COLUMNS if c != "last_used_at")
-_JSON_COLUMNS = ("last_exit", "gpu_devices")
-
-
-@dataclass
-class Lease:
-    """One card leased to a plan's script task (DESIGN §7): `state` is
-    "yielding" (the instances on it being stopped) or "active" (the script
-    runs); `yielded`, the instances stopped for it, restored when it ends."""
-
-    gpu: int
-    run_id: str
-    task_id: str
-    since: float
-    state: str = "yielding"
-    yielded: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class UsageRecord:
-    """One request to an external upstream: its tokens and what they cost
-    (`run_id`/`task_id`: the plan task that sent it)."""
-
-    ts: float
-    upstream: str
-    model: str
-    run_id: str | None
-    task_id: str | None
-    tokens_in: int
-    tokens_out: int
-    cost: float
-
-
-@dataclass(frozen=True)
-class Event:
-    id: int
-    ts: float
-    instance: str | None
-    kind: str
-    message: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "id"}
-
-
-def _sql_value(key: str, value: Any) -> Any:
-    if key in _JSON_COLUMNS:
-        return json.dumps(value) if value is not None else None
-    if isinstance(value, (InstanceState, Desired)):
-        return value.value
-    if isinstance(value, bool):
-        return int(value)
-    return value
-
-
-#: one write of a transaction, kept in case the disk refuses it:
-#: ("row", InstanceRow) or ("event", (ts, instance, kind, message, data as JSON))
-_Write = tuple[str, Any]
-
-
-class Unsaved:
-    """What the disk refused, kept in memory for every connection of one
-    process (the daemon's): the newest row of each instance and the events,
-    in order, until a write succeeds."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._rows: dict[str, InstanceRow] = {}
-        self._events: list[tuple[Any, ...]] = []
-        self.since: float | None = None  # when the disk first refused
-        self.error: DiskFull | None = None  # what it said last
-
-    def __bool__(self) -> bool:
-        return bool(self._rows or self._events)
-
-    @property
-    def changes(self) -> int:
-        return len(self._rows) + len(self._events)
-
-    def keep(self, writes: list[_Write], error: DiskFull, now: float) -> None:
-        with self._lock:
-            first = self.since is None
-            for kind, value in writes:
-                if kind == "row":
-                    self._rows[value.name] = copy.deepcopy(value)
-                else:
-                    self._events.append(value)
-            self.error = error
-            if first:
-                self.since = now
-        if first:
-            log.error(f"{error} The daemon goes on from memory and writes its state when it can.")
-
-    def row(self, name: str) -> InstanceRow | None:
-        with self._lock:
-            row = self._rows.get(name)
-        return copy.deepcopy(row) if row is not None else None
-
-    def rows(self) -> list[InstanceRow]:
-        with self._lock:
-            return [copy.deepcopy(r) for r in self._rows.values()]
-
-    def snapshot(self) -> tuple[dict[str, InstanceRow], list[tuple[Any, ...]]]:
-        with self._lock:
-            return dict(self._rows), list(self._events)
-
-    def written(self, rows: dict[str, InstanceRow], events: int, now: float) -> None:
-        """Forget what a flush wrote (rows kept since then stay)."""
-        with self._lock:
-            for name, row in rows.items():
-                if self._rows.get(name) is row:
-                    del self._rows[name]
-            del self._events[:events]
-            since, done = self.since, not self
-            if done:
-                self.since = self.error = None
-        if done and since is not None:
-            log.warning(
-                f"The state database is written again, after {now - since:.0f}s "
-                "of a full disk: nothing was lost."
-            )
-
-    def saved(self, name: str) -> None:
-        """A newer row of `name` is on disk: the kept one is stale."""
-        with self._lock:
-            self._rows.pop(name, None)
 
 
 class Store:
@@ -349,7 +50,7 @@ class Store:
         self.clock = clock
         self.unsaved = unsaved
         #: the writes of the transaction under way, and the full-disk error it met
-        self._writes: list[_Write] | None = None
+        self._writes: list[Write] | None = None
         self._full: DiskFull | None = None  # rows and events are only kept, not written
         self._failed = False  # a write of this transaction failed (SQLite may have undone it)
         self._raw = False  # it wrote other tables (`execute`)
@@ -455,9 +156,9 @@ class Store:
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             for row in rows.values():
-                self._conn.execute(*_save_sql(row))
+                self._conn.execute(*save_sql(row))
             for event in events:
-                self._conn.execute(_INSERT_EVENT, event)
+                self._conn.execute(INSERT_EVENT, event)
             self._conn.execute("COMMIT")
         except sqlite3.Error:
             self._rollback()
@@ -465,7 +166,7 @@ class Store:
         unsaved.written(rows, len(events), self.clock())
         return not unsaved
 
-    def _write(self, sql: str, params: tuple[Any, ...], kept: _Write) -> None:
+    def _write(self, sql: str, params: tuple[Any, ...], kept: Write) -> None:
         """A write of a row or an event: inside a transaction, kept in case
         the disk refuses it (and, once it has, the rest are only kept)."""
         assert self._writes is not None
@@ -531,7 +232,7 @@ class Store:
         clock must not be set back by a row read a moment earlier)."""
         row.updated_at = self.clock()
         with self.transaction():
-            self._write(*_save_sql(row), ("row", copy.deepcopy(row)))
+            self._write(*save_sql(row), ("row", copy.deepcopy(row)))
 
     def mark_used(self, used: dict[str, float]) -> None:
         """When each named on-demand instance last served a request."""
@@ -558,7 +259,7 @@ class Store:
             raise StateError(f"Instance {row.name}: illegal transition {row.state} -> {new}.")
         old = row.state
         for key, value in changes.items():
-            if key not in _COLUMNS:
+            if key not in COLUMNS:
                 raise TypeError(f"unknown column {key}")
             setattr(row, key, value)
         row.state = new
@@ -575,7 +276,7 @@ class Store:
     ) -> None:
         event = (self.clock(), instance, kind, message, json.dumps(data or {}))
         with self.transaction():
-            self._write(_INSERT_EVENT, event, ("event", event))
+            self._write(INSERT_EVENT, event, ("event", event))
         if self.on_event is not None:
             self.on_event(instance, kind, message, data or {})
 
@@ -697,18 +398,6 @@ class Store:
             Event(r["id"], r["ts"], r["instance"], r["kind"], r["message"], json.loads(r["data"]))
             for r in rows
         ]
-
-
-_INSERT_EVENT = "INSERT INTO events (ts, instance, kind, message, data) VALUES (?, ?, ?, ?, ?)"
-
-
-def _save_sql(row: InstanceRow) -> tuple[str, tuple[Any, ...]]:
-    values = tuple(_sql_value(c, getattr(row, c)) for c in _SAVED)
-    cols = ", ".join(_SAVED)
-    marks = ", ".join("?" for _ in _SAVED)
-    updates = ", ".join(f"{c} = excluded.{c}" for c in _SAVED if c != "name")
-    sql = f"INSERT INTO instances ({cols}) VALUES ({marks}) ON CONFLICT (name) DO UPDATE SET {updates}"
-    return sql, values
 
 
 def _enable_wal(conn: sqlite3.Connection, timeout: float = 15.0) -> None:
