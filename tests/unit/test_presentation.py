@@ -1,4 +1,4 @@
-from llama_orchestrator.cli.lifecycle import _log_message
+from llama_orchestrator.cli.lifecycle_cmd import _log_message
 from llama_orchestrator.engine.results import exit_text
 
 
@@ -71,7 +71,7 @@ def test_dashboard_row_for_an_instance_in_backoff():
 def test_on_demand_state_countdown_and_ps_column():
     from dataclasses import replace
 
-    from llama_orchestrator.cli.inspect import ps_table
+    from llama_orchestrator.cli.inspect_cmd import ps_table
     from llama_orchestrator.config import InstanceConfig
     from llama_orchestrator.engine.status import status_view
     from llama_orchestrator.present import on_demand_line, state_label

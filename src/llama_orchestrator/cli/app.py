@@ -14,12 +14,12 @@ from llama_orchestrator.cli import (
     config_cmd,
     context_cmd,
     daemon_cmd,
-    dashboard,
-    demo,
-    hardware,
-    inspect,
-    lifecycle,
-    logs,
+    dashboard_cmd,
+    demo_cmd,
+    gpus_cmd,
+    inspect_cmd,
+    lifecycle_cmd,
+    logs_cmd,
     models_cmd,
     plan_cmd,
     service_cmd,
@@ -91,10 +91,10 @@ def root(
     ctx.call_on_close(app_ctx.close)
 
 
-lifecycle.register(app)
-inspect.register(app)
-logs.register(app)
-hardware.register(app)
+lifecycle_cmd.register(app)
+inspect_cmd.register(app)
+logs_cmd.register(app)
+gpus_cmd.register(app)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(daemon_cmd.app, name="daemon")
 app.add_typer(service_cmd.app, name="service")
@@ -102,8 +102,8 @@ app.add_typer(plan_cmd.app, name="plan")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(context_cmd.app, name="context")
 app.add_typer(system_cmd.app, name="system")
-app.command("demo")(demo.demo)
-app.command("dashboard")(dashboard.dashboard)
+app.command("demo")(demo_cmd.demo)
+app.command("dashboard")(dashboard_cmd.dashboard)
 app.command("usage")(usage_cmd.usage)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import typer
 
 from llama_orchestrator.cli.context import app_context, err, out
-from llama_orchestrator.cli.inspect import ps_table
+from llama_orchestrator.cli.inspect_cmd import ps_table
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.status import collect
 from llama_orchestrator.engine.unsupervised import Unsupervised
