@@ -35,6 +35,15 @@ os.environ[_MARK] = _SESSION
 # --- leak check ------------------------------------------------------------
 
 
+def in_this_session(p: psutil.Process) -> bool:
+    """Whether `p` was started by this test session (this worker's, under
+    pytest-xdist: each worker marks what it starts with a mark of its own)."""
+    try:
+        return p.environ().get(_MARK) == _SESSION
+    except psutil.Error:
+        return False
+
+
 def _ours(p: psutil.Process) -> bool:
     """A server or daemon process started by this test session (real or fake)."""
     try:

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from llama_orchestrator.store.database import Store
+from tests.conftest import in_this_session
 from tests.helpers import run_cli, wait_until, write_config
 
 pytestmark = pytest.mark.integration
@@ -213,12 +214,13 @@ def test_demo_runs_end_to_end_and_leaves_nothing(tmp_path, server_bin):
     a request in the OpenAI wire format, a kill -9 and the restart; then it
     stops everything, the daemon too."""
 
-    def ours() -> set[int]:
+    def ours() -> set[int]:  # this session's only: other workers start servers meanwhile
         return {
             p.pid
             for p in psutil.process_iter()
             if p.status() != psutil.STATUS_ZOMBIE
             and ("llama-server" in p.name() or "llama-orch-demo-" in " ".join(p.cmdline()))
+            and in_this_session(p)
         }
 
     before = ours()

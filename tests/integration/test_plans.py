@@ -229,7 +229,7 @@ def test_a_daemon_killed_mid_run_resumes_without_redoing_completed_work(two, tmp
     leftover = next(
         p
         for p in psutil.process_iter(["cmdline"])
-        if "time.sleep(30)" in " ".join(p.info["cmdline"] or [])
+        if "time.sleep(30)" in (cmd := " ".join(p.info["cmdline"] or [])) and str(log) in cmd
     )
     info = running(home)
     assert info is not None

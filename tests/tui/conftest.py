@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from tests.tui.fake_source import FakeSource
+from tests.fakes.fake_source import FakeSource
 
 
 @pytest.fixture()

@@ -11,8 +11,8 @@ from llama_orchestrator.tui.app import (
     column_widths,
 )
 from llama_orchestrator.tui.data import InstanceView
+from tests.fakes.fake_source import FakeSource, status
 from tests.tui.conftest import until
-from tests.tui.fake_source import FakeSource, status
 
 
 def rows(app):

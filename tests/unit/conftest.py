@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from llama_orchestrator.home import Home
-from tests.unit.fake_effects import World
+from tests.fakes.fake_effects import World
 
 
 @pytest.fixture()

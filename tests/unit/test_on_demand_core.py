@@ -13,7 +13,7 @@ from llama_orchestrator.engine.health import DOWN, HEALTHY
 from llama_orchestrator.errors import StartFailed
 from llama_orchestrator.gpus.discover import GpuInfo
 from llama_orchestrator.router.slots import Refusal
-from tests.unit.fake_effects import World
+from tests.fakes.fake_effects import World
 
 CARD_MIB = 8192
 NEEDS_MIB = 5000  # two of them do not fit on the card
