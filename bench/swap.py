@@ -34,8 +34,9 @@ from _common import (  # noqa: E402
     write_instance,
 )
 
-from llama_orchestrator.config import load_config  # noqa: E402
 from llama_orchestrator.config.command import build_launch  # noqa: E402
+from llama_orchestrator.config.parse import load_config  # noqa: E402
+from llama_orchestrator.models.catalog import model_file
 
 BODY = {
     "model": "od",
@@ -66,7 +67,7 @@ def through_router(home: Path, client: httpx.Client, router: str) -> float:
 def by_hand(home: Path, client: httpx.Client, binary: Path, port: int) -> float:
     cfg_path = home / "instances" / "od" / "config.json"
     cfg = load_config(cfg_path)
-    launch = build_launch(cfg, "od", binary, cfg.model_path(cfg_path.parent), {}, home)
+    launch = build_launch(cfg, "od", binary, model_file(cfg.model.path, cfg_path.parent), {}, home)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         launch.argv, env=launch.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -19,7 +19,7 @@ from llama_orchestrator.engine.unsupervised import Unsupervised
 from llama_orchestrator.errors import BinaryNotFound
 from llama_orchestrator.home import Home
 from llama_orchestrator.models.tiny import write_tiny_model
-from tests.helpers import FAKE_SERVER
+from tests.helpers import FAKE_SERVER, write_settings
 
 _SESSION_START = time.time()
 
@@ -137,6 +137,7 @@ def home(tmp_path: Path) -> Iterator[Home]:
     root = tmp_path / "home"
     (root / "instances").mkdir(parents=True)
     home = Home(root)
+    write_settings(home)  # its daemon's router on a free port, not everyone's 8080
     yield home
     stop_daemon(home, all_=True)
 

@@ -24,6 +24,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def write_settings(home: Home, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a test home's llama-orch.json: `data`, with the router on a port
+    of its own unless `data` names one. The default, 8080, is one machine's:
+    the test workers (pytest-xdist) each run daemons at once."""
+    data = json.loads(json.dumps(data or {}))
+    data.setdefault("router", {}).setdefault("port", free_port())
+    home.settings_path.write_text(json.dumps(data))
+    return data
+
+
 def overlay(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """`cfg` with `overrides` laid over it, one section deep (a dict given for
     a section updates that section)."""

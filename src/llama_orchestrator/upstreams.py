@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.config import UpstreamConfig
+from llama_orchestrator.config.upstream import UpstreamConfig
 from llama_orchestrator.errors import OrchError
 
 __all__ = [

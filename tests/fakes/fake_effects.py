@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.config import InstanceConfig, RouterSettings, parse_config
 from llama_orchestrator.config.command import Launch
+from llama_orchestrator.config.instance import InstanceConfig
+from llama_orchestrator.config.parse import parse_config
 from llama_orchestrator.config.prepare import Prepared
+from llama_orchestrator.config.settings import RouterSettings
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.loads import LoadGate
 from llama_orchestrator.daemon.runner import RunnerDeps, Start

@@ -11,7 +11,7 @@ import pytest
 
 from llama_orchestrator.home import Home
 from llama_orchestrator.store.database import Store
-from tests.helpers import run_cli, wait_until, write_config
+from tests.helpers import run_cli, wait_until, write_config, write_settings
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +51,7 @@ def _loading_spans(home: Home) -> dict[str, list[tuple[float, float]]]:
 def test_five_instances_up_load_one_at_a_time_all_healthy_none_restarted(
     home, tiny_model, fake_bin
 ):
-    home.settings_path.write_text(json.dumps({"loads": {"max_concurrent": 1}}))
+    write_settings(home, {"loads": {"max_concurrent": 1}})
     for name in NAMES:
         write_config(
             home,
@@ -174,7 +174,7 @@ def test_an_out_of_memory_exit_fails_after_one_attempt_and_says_how_to_fix_it(
 
 
 def test_a_queued_instance_survives_a_daemon_restart_and_loads(home, tiny_model, fake_bin):
-    home.settings_path.write_text(json.dumps({"loads": {"max_concurrent": 1}}))
+    write_settings(home, {"loads": {"max_concurrent": 1}})
     for name, load in (("a", "4"), ("b", "0.5")):  # a still loads when the daemon goes
         write_config(
             home,

@@ -54,7 +54,7 @@ def test_a_tags_name_asks_for_an_instance_that_carries_every_tag_listed():
 
 
 def test_offers_checks_one_instance_carries_all_of_the_tags():
-    from llama_orchestrator.config import parse_config
+    from llama_orchestrator.config.parse import parse_config
     from llama_orchestrator.config.validate import offered_names
 
     def cfg(tags: list[str]):

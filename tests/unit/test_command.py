@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_orchestrator.config import InstanceConfig
 from llama_orchestrator.config.command import build_launch, check_extra_args
+from llama_orchestrator.config.instance import InstanceConfig
 
 BIN = Path("/opt/llama-server")
 MODEL = Path("/models/m.gguf")

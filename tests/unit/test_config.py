@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from llama_orchestrator.config import (
-    InstanceConfig,
+from llama_orchestrator.config.instance import InstanceConfig
+from llama_orchestrator.config.parse import (
     load_config,
     parse_config,
     parse_settings,
@@ -11,6 +11,7 @@ from llama_orchestrator.config import (
     save_config,
 )
 from llama_orchestrator.errors import ConfigError
+from llama_orchestrator.models.catalog import model_file
 
 DESIGN_EXAMPLE = """{
   "name": "gpt-oss",
@@ -101,7 +102,7 @@ def test_config_restart_mode_from_original_and_new_format(policy, mode):
 def test_config_relative_model_path_resolves_against_config_folder(tmp_path):
     cfg = parse_config(DESIGN_EXAMPLE, "f", "gpt-oss")
     folder = tmp_path / "instances" / "gpt-oss"
-    assert cfg.model_path(folder) == tmp_path / "models" / "gpt-oss-20b-Q4_K_S.gguf"
+    assert model_file(cfg.model.path, folder) == tmp_path / "models" / "gpt-oss-20b-Q4_K_S.gguf"
 
 
 def test_config_save_is_atomic_and_round_trips(tmp_path):

@@ -93,7 +93,7 @@ def test_the_engine_refuses_what_needs_the_daemon_with_the_fix(tmp_path):
 
 
 def test_router_connections_are_capped_by_the_open_files_limit_keeping_a_reserve():
-    from llama_orchestrator.config import RouterSettings
+    from llama_orchestrator.config.settings import RouterSettings
     from llama_orchestrator.daemon.main import FD_RESERVE, router_limits
 
     s = RouterSettings(max_connections=1000, header_timeout=5, send_timeout=7)

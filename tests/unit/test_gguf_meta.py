@@ -101,3 +101,22 @@ def test_truncated_and_non_gguf_files_are_clear_errors(tmp_path, tiny_model):
         read_model(junk)
     with pytest.raises(ModelError, match="cannot be read"):
         read_model(tmp_path / "missing.gguf")
+
+
+def test_a_header_is_read_once_per_version_of_the_file(tmp_path, monkeypatch):
+    from llama_orchestrator.models import gguf as header
+
+    reads = []
+    real = header._read_header
+    monkeypatch.setattr(header, "_read_header", lambda p: reads.append(p) or real(p))
+    model = write_tiny_model(tmp_path / "m.gguf")
+    first = read_model(model)
+    assert read_model(model) == first and len(reads) == 1  # checks, card choice, fit: one read
+    write_tiny_model(model, n_layer=3)  # replaced: another size, another mtime
+    assert read_model(model).layers == 3 and len(reads) == 2
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(model.read_bytes()[:200])
+    for _ in range(2):  # an error is not kept: the file may be fixed meanwhile
+        with pytest.raises(ModelError, match="is truncated"):
+            read_model(cut)
+    assert len(reads) == 4

@@ -128,7 +128,7 @@ def test_http_get_rejects_something_that_is_not_http():
 def test_a_probe_we_cannot_make_is_local_and_no_step_counts_it():
     import errno
 
-    from llama_orchestrator.config import HealthcheckSection
+    from llama_orchestrator.config.instance import HealthcheckSection
     from llama_orchestrator.engine import health
     from llama_orchestrator.engine.step import Watch, step
     from llama_orchestrator.states import Desired

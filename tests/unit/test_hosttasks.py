@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from llama_orchestrator.config import PeerSettings
+from llama_orchestrator.config.settings import PeerSettings
 from llama_orchestrator.daemon.hosttasks import HostTasks
 from llama_orchestrator.plans.spec import parse_plan
 

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from llama_orchestrator.config import Settings
+from llama_orchestrator.config.settings import Settings
 from llama_orchestrator.daemon.ondemand import OnDemand
 from llama_orchestrator.engine.health import DOWN, HEALTHY
 from llama_orchestrator.errors import StartFailed

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from llama_orchestrator.config import PeerSettings, RouterSettings, Settings
+from llama_orchestrator.config.settings import PeerSettings, RouterSettings, Settings
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.peers import Peers
 from llama_orchestrator.hosts.fleet import ask_peers, gather
@@ -273,14 +273,27 @@ async def test_every_peers_rows_are_asked_of_its_router_with_its_key(tmp_path):
 
 
 async def test_a_peer_that_is_no_llama_orch_router_is_said_so(tmp_path):
-    import httpx
+    async def answering(status: str, body: bytes) -> asyncio.Server:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+            writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+            writer.close()
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.host == "old":
-            return httpx.Response(404, json={"error": "not found"})
-        return httpx.Response(200, json={"something": "else"})
+        return await asyncio.start_server(answer, "127.0.0.1", 0)
 
-    peers = [PeerSettings(name="x", url="http://old:80"), PeerSettings(name="y", url="http://odd")]
-    answers = await ask_peers(peers, tmp_path, transport=httpx.MockTransport(handler))
+    old = await answering("404 Not Found", b'{"error": "not found"}')  # another program
+    odd = await answering("200 OK", b'{"something": "else"}')
+    url = "http://127.0.0.1:{}".format
+    peers = [
+        PeerSettings(name="x", url=url(old.sockets[0].getsockname()[1])),
+        PeerSettings(name="y", url=url(odd.sockets[0].getsockname()[1])),
+    ]
+    try:
+        answers = await ask_peers(peers, tmp_path)
+    finally:
+        old.close()
+        odd.close()
     assert "HTTP 404" in answers["x"] and "of this version" in answers["x"]
     assert "no list of instances" in answers["y"]

@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from llama_orchestrator.config import HealthcheckSection, RestartPolicySection
+from llama_orchestrator.config.instance import HealthcheckSection, RestartPolicySection
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, ProbeResult
 from llama_orchestrator.engine.logs import LoadProgress
 from llama_orchestrator.engine.policy import (

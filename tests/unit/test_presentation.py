@@ -72,7 +72,7 @@ def test_on_demand_state_countdown_and_ps_column():
     from dataclasses import replace
 
     from llama_orchestrator.cli.inspect_cmd import ps_table
-    from llama_orchestrator.config import InstanceConfig
+    from llama_orchestrator.config.instance import InstanceConfig
     from llama_orchestrator.engine.status import status_view
     from llama_orchestrator.present import on_demand_line, state_label
     from llama_orchestrator.states import Desired
@@ -117,7 +117,7 @@ def test_on_demand_state_countdown_and_ps_column():
 
 
 def test_ps_json_gives_the_last_exit_time_in_iso_8601_like_every_other_time():
-    from llama_orchestrator.config import InstanceConfig
+    from llama_orchestrator.config.instance import InstanceConfig
     from llama_orchestrator.engine.status import status_view
     from llama_orchestrator.store.rows import InstanceRow
 
@@ -132,7 +132,7 @@ def test_ps_json_gives_the_last_exit_time_in_iso_8601_like_every_other_time():
 
 
 def test_a_queued_or_loading_instance_says_its_place_in_line_and_how_far_it_loaded():
-    from llama_orchestrator.config import InstanceConfig
+    from llama_orchestrator.config.instance import InstanceConfig
     from llama_orchestrator.engine.logs import dots_percent
     from llama_orchestrator.engine.status import status_view, with_loads
     from llama_orchestrator.present import state_label

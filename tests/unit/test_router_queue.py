@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from llama_orchestrator.config import RouterSettings
+from llama_orchestrator.config.settings import RouterSettings
 from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.router.proxy import Router, _Refusal
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_orchestrator.config import parse_upstream
+from llama_orchestrator.config.parse import parse_upstream
 from llama_orchestrator.errors import ConfigError
 from llama_orchestrator.plans.check import check_output
 from llama_orchestrator.plans.spec import PlanError, parse_plan

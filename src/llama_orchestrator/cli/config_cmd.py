@@ -41,7 +41,7 @@ def validate(
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of instances/<name>/config.json (for editors)."""
-    from llama_orchestrator.config import InstanceConfig
+    from llama_orchestrator.config.instance import InstanceConfig
 
     print_json(InstanceConfig.model_json_schema())
 
@@ -51,7 +51,7 @@ def show(ctx: typer.Context, name: str = typer.Argument(..., metavar="NAME")) ->
     """Print an instance's config with defaults filled in and secrets hidden."""
     a = app_context(ctx)
     (name,) = a.engine.resolve_names([name])
-    from llama_orchestrator.config import redacted
+    from llama_orchestrator.config.parse import redacted
     from llama_orchestrator.config.validate import load_all
 
     item = next((x for x in load_all(a.home) if x.name == name), None)

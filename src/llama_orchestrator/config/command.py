@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.config.instance import InstanceConfig
 from llama_orchestrator.gpus.pinning import PIN_VARS, pin_env
 
 __all__ = ["Launch", "build_launch", "MANAGED_FLAGS", "check_extra_args"]

@@ -10,8 +10,9 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from llama_orchestrator import platform
-from llama_orchestrator.config import InstanceConfig, pydantic_problems, save_config
 from llama_orchestrator.config.fit import GPU_BACKENDS, pick_devices
+from llama_orchestrator.config.instance import InstanceConfig
+from llama_orchestrator.config.parse import pydantic_problems, save_config
 from llama_orchestrator.config.validate import (
     ASKED,
     Loaded,
@@ -23,6 +24,7 @@ from llama_orchestrator.config.validate import (
 from llama_orchestrator.errors import ConfigError, PortConflict, UserError
 from llama_orchestrator.gpus.discover import Discovery, GpuInfo, discover, seen_by
 from llama_orchestrator.home import Home, check_name
+from llama_orchestrator.models.catalog import model_file
 from llama_orchestrator.models.gguf import ModelError, ModelInfo, estimate, is_gguf, read_model
 from llama_orchestrator.units import human_bytes
 
@@ -132,7 +134,7 @@ def create_instance(
                 f"Instance '{name}' needs a model; nothing was written.",
                 hint="Pass --model (a .gguf file, hf://OWNER/REPO:QUANT or a pulled model's ID).",
             )
-        model_path = old.model_path(path.parent)
+        model_path = model_file(old.model.path, path.parent)
     elif locate is not None:  # after the checks above: never pull for an init that fails
         model_path, located = locate(model)
         notes += located

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.config.instance import InstanceConfig
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.gpus.discover import GpuInfo, card_index
 from llama_orchestrator.models.gguf import COMPUTE_OVERHEAD_BYTES, MIB, ModelInfo, estimate

@@ -11,10 +11,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama_orchestrator.config import InstanceConfig
 from llama_orchestrator.config.binary import find_llama_server
 from llama_orchestrator.config.command import Launch, build_launch
 from llama_orchestrator.config.fit import GPU_BACKENDS, pick_devices
+from llama_orchestrator.config.instance import InstanceConfig
 from llama_orchestrator.config.validate import (
     check_instance,
     cpu_thread_problems,
@@ -24,6 +24,7 @@ from llama_orchestrator.config.validate import (
 from llama_orchestrator.errors import ConfigError, Problem, UnknownInstance, UserError
 from llama_orchestrator.gpus.discover import Discovery, seen_by
 from llama_orchestrator.home import Home
+from llama_orchestrator.models.catalog import model_file
 from llama_orchestrator.models.gguf import read_model
 
 __all__ = ["Prepared", "prepare"]
@@ -75,7 +76,9 @@ def prepare(
         folder = item.path.parent
         cfg, devices = _resolve_auto(item.config, folder, find_gpus, notes, leased)
         binary = find_llama_server(cfg.binary, home.root, folder)
-        launch = build_launch(cfg, name, binary, cfg.model_path(folder), base_env, home.root)
+        launch = build_launch(
+            cfg, name, binary, model_file(cfg.model.path, folder), base_env, home.root
+        )
         prepared.append(Prepared(name, item.config, item.path, launch, warnings, devices, notes))
     if problems:
         raise ConfigError(problems)
@@ -102,7 +105,7 @@ def _resolve_auto(
     the card(s) with the most free VRAM now. Other configs pass unchanged."""
     if not (cfg.gpu.auto and cfg.gpu.backend in GPU_BACKENDS):
         return cfg, cfg.gpu.devices
-    info = read_model(cfg.model_path(folder))
+    info = read_model(model_file(cfg.model.path, folder))
     g = cfg.gpu
     cards = seen_by(find_gpus().gpus, g.backend)  # indexed as the backend counts them
     if cards and all(c.index in leased for c in cards):

@@ -12,21 +12,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_orchestrator.config import (
-    InstanceConfig,
-    UpstreamConfig,
-    is_upstream,
-    load_config,
-    load_settings,
-    parse_upstream,
-)
 from llama_orchestrator.config.binary import find_llama_server
 from llama_orchestrator.config.command import check_extra_args
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand, on_cards, overcommits
+from llama_orchestrator.config.instance import InstanceConfig
+from llama_orchestrator.config.parse import is_upstream, load_config, load_settings, parse_upstream
+from llama_orchestrator.config.upstream import UpstreamConfig
 from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem, UserError
 from llama_orchestrator.gpus.discover import Discovery, discover
 from llama_orchestrator.home import Home
-from llama_orchestrator.models.catalog import REF_PREFIX, is_ref
+from llama_orchestrator.models.catalog import REF_PREFIX, is_ref, model_file
 from llama_orchestrator.models.gguf import ModelError, is_gguf, read_model
 from llama_orchestrator.names import tag_model
 
@@ -112,7 +107,7 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
                 )
             )
 
-    model = cfg.model_path(item.path.parent)
+    model = model_file(cfg.model.path, item.path.parent)
     if is_ref(cfg.model.path) and not model.exists():
         ref = cfg.model.path[len(REF_PREFIX) :]
         problems.append(
@@ -225,7 +220,11 @@ def vram_problems(
         if cfg is None or cfg.gpu.backend not in GPU_BACKENDS or not cfg.gpu.devices:
             continue
         try:
-            info = None if cfg.gpu.vram_mib else read_model(cfg.model_path(item.path.parent))
+            info = (
+                None
+                if cfg.gpu.vram_mib
+                else read_model(model_file(cfg.model.path, item.path.parent))
+            )
         except ModelError:
             continue  # check_instance reports an unreadable model
         demands[item.name] = on_cards(demand(cfg, info), cfg.gpu.backend, found.gpus)

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from llama_orchestrator import platform
-from llama_orchestrator.config import InstanceConfig, UpstreamConfig, load_config
+from llama_orchestrator.config.instance import InstanceConfig
+from llama_orchestrator.config.parse import load_config
 from llama_orchestrator.config.prepare import Prepared
+from llama_orchestrator.config.upstream import UpstreamConfig
 from llama_orchestrator.config.validate import load_all
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import Engine

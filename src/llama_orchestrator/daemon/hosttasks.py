@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.config import PeerSettings
+from llama_orchestrator.config.settings import PeerSettings
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.hosts import ssh
 from llama_orchestrator.plans.hosts import Reply, one_task_plan, origin_of

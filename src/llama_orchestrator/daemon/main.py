@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama_orchestrator import __version__, platform
-from llama_orchestrator.config import RouterSettings, load_settings
+from llama_orchestrator.config.parse import load_settings
+from llama_orchestrator.config.settings import RouterSettings
 from llama_orchestrator.daemon.info import (
     DaemonInfo,
     lock_is_held,

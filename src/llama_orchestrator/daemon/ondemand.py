@@ -17,14 +17,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.config import InstanceConfig, Settings
 from llama_orchestrator.config.fit import demand, on_cards
+from llama_orchestrator.config.instance import InstanceConfig
+from llama_orchestrator.config.settings import Settings
 from llama_orchestrator.config.validate import offered_names
 from llama_orchestrator.daemon.effects import Effects, changed_within
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.daemon.swap import Member, StartPlan, idle_due, plan_start
 from llama_orchestrator.engine.results import exit_text
 from llama_orchestrator.errors import OrchError
+from llama_orchestrator.models.catalog import model_file
 from llama_orchestrator.models.gguf import MIB, ModelError
 from llama_orchestrator.names import serves
 from llama_orchestrator.router.balance import candidates
@@ -222,7 +224,7 @@ class OnDemand:
             cfg.gpu.device_id = devices
         if not cfg.gpu.devices or cfg.gpu.vram_mib is not None:
             return demand(cfg, None)
-        path: Path = cfg.model_path(self.sup.home.config_path(name).parent)
+        path: Path = model_file(cfg.model.path, self.sup.home.config_path(name).parent)
         try:
             info = await self.fx.model(path)
         except (ModelError, OSError):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from llama_orchestrator.config import PeerSettings
+from llama_orchestrator.config.settings import PeerSettings
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.router.peers import STATE_PATH, names_of, parse_state, replicas_of

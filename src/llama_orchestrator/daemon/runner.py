@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.config.instance import InstanceConfig
 from llama_orchestrator.config.prepare import Prepared
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.effects import Effects, changed_within

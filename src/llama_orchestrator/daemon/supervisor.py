@@ -19,7 +19,7 @@ import logging
 import os
 from typing import Any
 
-from llama_orchestrator.config import InstanceConfig
+from llama_orchestrator.config.instance import InstanceConfig
 from llama_orchestrator.config.validate import offered_names
 from llama_orchestrator.daemon.runner import (
     Adopt,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from llama_orchestrator.config import UpstreamConfig
+from llama_orchestrator.config.upstream import UpstreamConfig
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.router.balance import Replica

@@ -43,8 +43,9 @@ from llama_orchestrator.store.unsaved import Unsaved
 if TYPE_CHECKING:
     # Imported where used: a command talking to the daemon (`up`, `down`)
     # never reads a config, and pydantic's import alone is ~60 ms of every run.
-    from llama_orchestrator.config import Settings, UpstreamConfig
     from llama_orchestrator.config.prepare import Prepared
+    from llama_orchestrator.config.settings import Settings
+    from llama_orchestrator.config.upstream import UpstreamConfig
     from llama_orchestrator.gpus.discover import Discovery
 
 __all__ = ["Engine"]
@@ -86,7 +87,7 @@ class Engine:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            from llama_orchestrator.config import load_settings
+            from llama_orchestrator.config.parse import load_settings
 
             self._settings = load_settings(self.home.settings_path)
         return self._settings

@@ -24,7 +24,7 @@ from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
 
 if TYPE_CHECKING:  # types only: a CLI command that never reads a config skips pydantic
-    from llama_orchestrator.config import HealthcheckSection, RestartPolicySection
+    from llama_orchestrator.config.instance import HealthcheckSection, RestartPolicySection
 
 __all__ = [
     "Ending",

@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from llama_orchestrator.engine import health, logs
 from llama_orchestrator.engine.policy import idle_left
+from llama_orchestrator.models.catalog import model_file
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store.rows import InstanceRow
 
 if TYPE_CHECKING:  # the status view's types; `ps` through the daemon needs no config
-    from llama_orchestrator.config import InstanceConfig, UpstreamConfig
+    from llama_orchestrator.config.instance import InstanceConfig
+    from llama_orchestrator.config.upstream import UpstreamConfig
     from llama_orchestrator.engine.lifecycle import Engine
 
 __all__ = [
@@ -152,7 +154,11 @@ def status_view(
     host, port = listening(row, cfg)
     model_path = None
     if cfg is not None:
-        model_path = str(cfg.model_path(config_dir)) if config_dir is not None else cfg.model.path
+        model_path = (
+            str(model_file(cfg.model.path, config_dir))
+            if config_dir is not None
+            else cfg.model.path
+        )
     return {
         "name": name,
         "state": row.state.value,

@@ -26,7 +26,7 @@ from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
 
 if TYPE_CHECKING:
-    from llama_orchestrator.config import HealthcheckSection
+    from llama_orchestrator.config.instance import HealthcheckSection
 
 __all__ = ["Watch", "Step", "step"]
 

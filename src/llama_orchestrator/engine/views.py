@@ -8,8 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.config import InstanceConfig, is_secret_name, redacted
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand
+from llama_orchestrator.config.instance import InstanceConfig
+from llama_orchestrator.config.parse import is_secret_name, redacted
 from llama_orchestrator.config.validate import Loaded, load_all, pinned_devices
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import Engine
@@ -26,6 +27,7 @@ from llama_orchestrator.engine.status import (
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gpus.alerts import GpuStatus, check
 from llama_orchestrator.gpus.leases import card_state, occupants
+from llama_orchestrator.models.catalog import model_file
 from llama_orchestrator.models.gguf import ModelError, estimate, read_model
 from llama_orchestrator.states import RUNNING_STATES
 
@@ -151,7 +153,7 @@ def describe(engine: Engine, name: str) -> Description:
 def _model_and_gpus(engine: Engine, cfg: InstanceConfig, folder: Path) -> dict[str, Any]:
     """The model's metadata and estimate, and live figures of the pinned GPUs."""
     try:
-        info = read_model(cfg.model_path(folder))
+        info = read_model(model_file(cfg.model.path, folder))
     except ModelError as exc:
         return {"model_error": exc.message}
     gpu = cfg.gpu.backend in GPU_BACKENDS

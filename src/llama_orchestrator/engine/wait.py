@@ -20,7 +20,7 @@ from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store.rows import InstanceRow
 
 if TYPE_CHECKING:
-    from llama_orchestrator.config import InstanceConfig
+    from llama_orchestrator.config.instance import InstanceConfig
     from llama_orchestrator.engine.lifecycle import Engine
 
 __all__ = ["wait_healthy", "POLL_INTERVAL", "STATE_POLL_INTERVAL"]

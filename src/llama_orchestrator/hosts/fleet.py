@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from llama_orchestrator.config import PeerSettings
+from llama_orchestrator.config.settings import PeerSettings
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.home import Home
 from llama_orchestrator.router.peers import INSTANCES_PATH
@@ -39,7 +39,7 @@ class Fleet:
 def look(home: Home, local: Sequence[Mapping[str, Any]]) -> Fleet:
     """`local` (this machine's rows) with every peer's, asked now. A broken
     llama-orch.json raises its ConfigError, as everything that reads it does."""
-    from llama_orchestrator.config import load_settings
+    from llama_orchestrator.config.parse import load_settings
 
     peers = load_settings(home.settings_path).peers
     fleet = gather(local, asyncio.run(ask_peers(peers, home.root)) if peers else {})

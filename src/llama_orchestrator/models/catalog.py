@@ -28,6 +28,7 @@ from llama_orchestrator.files import atomic_write_text
 from llama_orchestrator.models.gguf import split_of
 
 __all__ = [
+    "model_file",
     "REF_PREFIX",
     "DEFAULT_QUANT",
     "Ref",
@@ -298,6 +299,18 @@ def entry_id(repo: str, choice: Choice, files: list[RemoteFile]) -> str:
 
 def catalog_path(home_root: Path) -> Path:
     return home_root / "state" / "models.json"
+
+
+def model_file(path: str, config_dir: Path) -> Path:
+    """The model file an instance config's `model.path` names: a relative
+    path resolved against the config's folder; an `hf://` reference is the
+    file the home's catalog has for it (the reference itself, which exists
+    nowhere, while it is not pulled)."""
+    if is_ref(path):
+        # instances/<name>/config.json: the home is two folders up
+        return resolve_local(config_dir.parent.parent, path) or Path(path)
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (config_dir / p).resolve()
 
 
 def resolve_local(home_root: Path, text: str) -> Path | None:

@@ -8,6 +8,7 @@ package still supplies the names and block sizes of file and tensor types.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from dataclasses import dataclass, field
@@ -197,7 +198,30 @@ class _Header:
 def read_model(path: Path) -> ModelInfo:
     """Read a GGUF file's metadata; ModelError (exit 2) when it is not one. For
     the first part of a split model the figures cover every part (a missing
-    part is an error: llama-server would refuse to load it)."""
+    part is an error: llama-server would refuse to load it).
+
+    Each version of a file is read once per process: an `up` asks for a
+    model's header in its checks, its card choice and its VRAM fit, and the
+    daemon at every start. What was read is kept by the path, size and
+    modification time of every part, so a file that changed is read again."""
+    try:
+        key = tuple(_version(p) for p in split_parts(path))
+    except OSError:  # missing or unreadable: the read says which, and why
+        return _read_model(path)
+    return _read_once(key)
+
+
+def _version(part: Path) -> tuple[str, int, int]:
+    st = part.stat()
+    return str(part), st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _read_once(key: tuple[tuple[str, int, int], ...]) -> ModelInfo:
+    return _read_model(Path(key[0][0]))
+
+
+def _read_model(path: Path) -> ModelInfo:
     kv, tensors = _read_header(path)
     size = path.stat().st_size
     parts = split_parts(path)

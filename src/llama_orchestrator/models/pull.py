@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.config import load_settings
+from llama_orchestrator.config.parse import load_settings
 from llama_orchestrator.errors import OrchError, UserError
 from llama_orchestrator.home import Home
 from llama_orchestrator.models import hub
@@ -30,6 +30,7 @@ from llama_orchestrator.models.catalog import (
     choose,
     entry_id,
     is_ref,
+    model_file,
     parse_ref,
     quant_of,
 )
@@ -281,7 +282,7 @@ def _users(home: Home, path: Path, entry_id: str | None) -> list[str]:
             found = catalog.find(text)
             if found is not None and found.id == entry_id:
                 names.append(item.name)
-        elif item.config.model_path(item.path.parent).resolve() == target:
+        elif model_file(item.config.model.path, item.path.parent).resolve() == target:
             names.append(item.name)
     return names
 

@@ -33,7 +33,7 @@ def check_file(home: Home, path: Path, given_vars: dict[str, str]) -> tuple[Plan
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"Cannot read the plan file {path}: {exc}.") from None
-    from llama_orchestrator.config import load_settings
+    from llama_orchestrator.config.parse import load_settings
 
     peers = load_settings(home.settings_path).peers
     plan = parse_plan(

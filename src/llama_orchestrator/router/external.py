@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama_orchestrator.config import UpstreamConfig
+from llama_orchestrator.config.upstream import UpstreamConfig
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.store.rows import UsageRecord
 from llama_orchestrator.upstreams import RateWindow, Spending, Usage, api_key, cost

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from llama_orchestrator.config import RouterSettings
+from llama_orchestrator.config.settings import RouterSettings
 from llama_orchestrator.names import TAG_PREFIX, offers, tag_model, tag_set
 from llama_orchestrator.router.balance import (
     Replica,

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from llama_orchestrator.config import RouterSettings
+from llama_orchestrator.config.settings import RouterSettings
 from llama_orchestrator.router.balance import Replica, candidates, least_busy
 
 __all__ = ["Slots", "Refusal", "next_waiter", "BATCH_SHARE", "CLASSES"]

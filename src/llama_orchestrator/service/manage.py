@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.config import atomic_write_text, load_settings
+from llama_orchestrator.config.parse import load_settings
 from llama_orchestrator.config.validate import load_all
 from llama_orchestrator.errors import OrchError, UserError
+from llama_orchestrator.files import atomic_write_text
 from llama_orchestrator.home import Home
 from llama_orchestrator.service import spec as sp
 

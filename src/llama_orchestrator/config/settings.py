@@ -1,0 +1,179 @@
+"""The home's settings (`llama-orch.json`, DESIGN §2): router, logs, GPUs,
+groups, loads, models and peers."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from llama_orchestrator.config.section import Section
+from llama_orchestrator.errors import UserError
+from llama_orchestrator.home import NAME_RE
+
+__all__ = [
+    "RouterSettings",
+    "LogSettings",
+    "GpuSettings",
+    "GroupSettings",
+    "LoadSettings",
+    "ModelSettings",
+    "PeerSettings",
+    "Settings",
+]
+
+
+class RouterSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    batch_api_keys: list[str] = Field(
+        default_factory=list,
+        description="Keys whose requests are batch work: served after interactive ones (at least one freed slot in four goes to batch).",
+    )
+    max_queue: int = Field(64, ge=0)
+    queue_timeout: float = Field(30, ge=0)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    header_timeout: float = Field(
+        60, gt=0, description="Seconds a request head may take to arrive whole (then 408)."
+    )
+    body_timeout: float = Field(
+        60, gt=0, description="Seconds a request body may pause between two parts (then 408)."
+    )
+    send_timeout: float = Field(
+        60, gt=0, description="Seconds a client may read none of its answer before it is dropped."
+    )
+    keepalive_timeout: float = Field(
+        75, gt=0, description="Seconds an idle client connection stays open between requests."
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Web pages (origins such as http://localhost:5173) whose requests are "
+        "served; a request a browser sends from any other page is refused (a page could "
+        "spend your GPUs), unless it carries an API key.",
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Client connections at once (also capped by the open-files limit, keeping a "
+        "reserve for the control socket); at the cap the most stalled one is closed.",
+    )
+
+
+class LogSettings(Section):
+    max_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Size at which an instance log is rotated."
+    )
+    backups: int = Field(3, ge=0, description="Rotated files kept (.1 .2 ...).")
+
+
+class GpuSettings(Section):
+    sample_interval: float = Field(5, gt=0)
+    temp_threshold: float = 85
+
+
+class GroupSettings(Section):
+    max_running: int = Field(
+        1, ge=1, description="Members of this on-demand group that may run at once."
+    )
+
+
+class LoadSettings(Section):
+    max_concurrent: int = Field(
+        1,
+        ge=0,
+        description="Models the daemon loads at once (0: no limit); the other starts wait their turn, shown as `queued`. One by default: parallel loads share one disk and one PCIe bus, and on a riser rig each slows the others past their start_period.",
+    )
+
+
+class ModelSettings(Section):
+    dir: str | None = Field(
+        None,
+        description="Where `models pull` puts models (relative to the home); default <home>/models.",
+    )
+
+
+class PeerSettings(Section):
+    """Another machine's llama-orch router, whose models this router also serves."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        description="What the peer is called here (ps, /v1/models, a plan task's `host`).",
+    )
+    url: str = Field(
+        description="Its router: http://10.0.0.2:8080 (router.host there must be reachable from here)."
+    )
+    api_key_file: str | None = Field(
+        None,
+        description="File holding the key this machine presents to the peer (one of the peer's "
+        "router.api_keys), relative to the home; read at each refresh.",
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable (of the daemon) holding that key."
+    )
+    ssh: str | None = Field(
+        None,
+        description="How this daemon reaches the peer's own daemon, for plan tasks that name "
+        "it as their host: ssh://user@host/path/to/home, or a context's name "
+        "(`llama-orch context create`); the daemon's user needs a key the peer accepts.",
+    )
+    refresh: float = Field(
+        1.0, gt=0, description="Seconds between looks at the peer's models and free slots."
+    )
+    timeout: float = Field(
+        2.0, gt=0, description="Seconds a look may take before the peer is skipped."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+            raise ValueError("use the peer router's http:// address, e.g. http://10.0.0.2:8080")
+        return v.rstrip("/")
+
+    @field_validator("ssh")
+    @classmethod
+    def _valid_ssh(cls, v: str | None) -> str | None:
+        if v is None or not v.startswith("ssh://"):
+            if v is not None and not NAME_RE.match(v):
+                raise ValueError("use ssh://user@host/path/to/home, or a context's name")
+            return v
+        from llama_orchestrator.hosts.ssh import parse_target
+
+        try:
+            parse_target(v)
+        except UserError as exc:
+            raise ValueError(exc.message) from None
+        return v
+
+
+class Settings(Section):
+    """Global settings: `<home>/llama-orch.json` (all optional)."""
+
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    groups: dict[str, GroupSettings] = Field(
+        default_factory=dict,
+        description='On-demand swap groups (`on_demand.group`): {"big": {"max_running": 1}}; '
+        "a group not listed runs one member at a time.",
+    )
+    logs: LogSettings = Field(default_factory=LogSettings)
+    gpu: GpuSettings = Field(default_factory=GpuSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    loads: LoadSettings = Field(default_factory=LoadSettings)
+    peers: list[PeerSettings] = Field(
+        default_factory=list,
+        description="Other machines' routers: their models are served here too, each request "
+        "to the least busy replica wherever it runs.",
+    )
+
+    @field_validator("peers")
+    @classmethod
+    def _unique_peers(cls, v: list[PeerSettings]) -> list[PeerSettings]:
+        names = [p.name for p in v]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"peer names must differ ({', '.join(dup)} is given twice)")
+        for p in v:
+            if p.api_key_env and p.api_key_file:
+                raise ValueError(f"peer '{p.name}': give api_key_env or api_key_file, not both")
+        return v
