@@ -10,7 +10,7 @@
     │   └── DiskFull          no space left where we must write (names the path)
     └── StartFailed           an instance died or timed out while starting
 
-Foreign exceptions (OSError, sqlite3, httpx, pydantic) are translated where
+Foreign exceptions (OSError, sqlite3, pydantic) are translated where
 they enter, so the CLI's single handler only ever sees these.
 """
 

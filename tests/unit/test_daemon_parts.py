@@ -121,3 +121,24 @@ def test_the_open_files_limit_is_raised_to_the_hard_one():
         assert got == resource.getrlimit(resource.RLIMIT_NOFILE)[0] > min(256, hard) or hard <= 256
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_daemon_starting_while_a_cli_looks_at_the_lock_takes_it_after_the_look(tmp_path):
+    """`daemon_lock_held` holds the lock for a moment to see whether a daemon
+    runs; a daemon starting in that moment must not take the asker for a
+    daemon and exit "already running" (seen right after a `daemon stop`)."""
+    import threading
+
+    from llama_orchestrator import platform
+    from llama_orchestrator.daemon import main
+    from llama_orchestrator.home import Home
+
+    home = Home(tmp_path)
+    home.daemon_lock.parent.mkdir(parents=True, exist_ok=True)
+    looking = platform.try_lock(home.daemon_lock)  # a CLI's look, in progress
+    assert looking is not None
+    threading.Timer(0.1, looking.close).start()  # the look ends
+    mine = main._take_lock(home)
+    assert mine is not None  # taken once the look ended
+    assert main._take_lock(home) is None  # a daemon that holds it is no look: it gives way
+    mine.close()

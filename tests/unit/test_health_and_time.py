@@ -3,6 +3,7 @@ import pytest
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.status import observed_state
 from llama_orchestrator.errors import UserError
+from llama_orchestrator.router.pool import Pool
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.timefmt import human_duration, parse_since
 
@@ -171,13 +172,14 @@ async def test_a_probe_timed_out_by_our_own_busy_loop_is_no_verdict():
 
         t = threading.Thread(target=answer_late)
         t.start()
-        probe = asyncio.ensure_future(health.aprobe("127.0.0.1", port, 0.2))
+        pool = Pool()
+        probe = asyncio.ensure_future(health.aprobe("127.0.0.1", port, 0.2, pool.fetch))
         await asyncio.sleep(0.05)  # the request is out
         time.sleep(1.5)  # the loop is blocked, far past the timeout
         result = await probe
         t.join()
     assert result.status in (health.LOCAL, health.HEALTHY), result  # never the server's fault
-    slow = await health.aprobe("127.0.0.1", _silent_port(), 0.2)
+    slow = await health.aprobe("127.0.0.1", _silent_port(), 0.2, pool.fetch)
     assert slow.status == health.ERROR and "no answer within 0.2s" in (slow.error or "")
 
 
@@ -193,3 +195,49 @@ def _silent_port() -> int:
 
 
 _SILENT: list = []
+
+
+async def test_the_daemons_probe_goes_through_its_one_client_and_tells_down_from_loading():
+    """The daemon probes with the pool the router forwards through: refused
+    is `down` (nothing listens yet), 503 is `loading`, and a deep check
+    sends its completion as JSON with the instance's key."""
+    import asyncio
+    import contextlib
+    import socket
+
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body = b'{"error": {"message": "Loading model"}}'
+        with contextlib.suppress(asyncio.IncompleteReadError):  # the pool closed it
+            while head := await reader.readuntil(b"\r\n\r\n"):  # keep-alive, as llama-server
+                lines = head.lower().split(b"\r\n")
+                length = next((int(x[15:]) for x in lines if x.startswith(b"content-length:")), 0)
+                seen.append(head + await reader.readexactly(length))
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\n")
+                writer.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    pool = Pool()
+    try:
+        refused = await health.aprobe("127.0.0.1", closed, 1.0, pool.fetch)
+        assert refused.status == health.DOWN and "refused" in (refused.error or "")
+        loading = await health.aprobe("127.0.0.1", port, 1.0, pool.fetch)
+        assert (loading.status, loading.http_status) == (health.LOADING, 503)
+        deep = await health.aprobe("127.0.0.1", port, 1.0, pool.fetch, True, "k")
+        assert deep.status == health.LOADING
+        assert seen[0].startswith(b"GET /health HTTP/1.1")
+        assert b"Connection: close" in seen[0]  # no server thread held between probes
+        assert seen[1].startswith(b"POST /completion HTTP/1.1")
+        assert (
+            b"Authorization: Bearer k" in seen[1] and b"Content-Type: application/json" in seen[1]
+        )
+        assert seen[1].endswith(b'"n_predict": 1, "cache_prompt": false}')
+    finally:
+        pool.close()
+        server.close()

@@ -27,8 +27,8 @@ from llama_orchestrator.router.peers import (
     rows_for_peers,
     state_of,
 )
+from llama_orchestrator.router.pool import Pool
 from llama_orchestrator.router.proxy import Router
-from llama_orchestrator.router.upstream import Upstream
 
 
 def rep(name, alias="m", slots=2, tags=(), **kw):
@@ -155,7 +155,7 @@ async def test_the_daemon_publishes_a_peers_replicas_while_it_answers(tmp_path):
     (tmp_path / "b.key").write_text("sekret\n")
     events: list[tuple[str, str]] = []
     board = Board()
-    upstream = Upstream()
+    upstream = Pool()
     b_instances = {"b1": rep("b1", slots=4), "b2": rep("b2", alias="other", tags=("worker",))}
     async with peer_router(b_instances, ["sekret"]) as (port, b_router):
         b_router.in_flight["b1"] = 1
@@ -201,7 +201,7 @@ async def test_a_peer_that_stops_answering_fails_the_requests_waiting_there(tmp_
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    upstream = Upstream()
+    upstream = Pool()
     waiting = asyncio.create_task(
         upstream.open("127.0.0.1", port, "POST", "/v1/completions", {}, b"{}")
     )
@@ -213,9 +213,9 @@ async def test_a_peer_that_stops_answering_fails_the_requests_waiting_there(tmp_
     why = await peers.look(peer)
     assert why == "no answer within 0.2s"
     assert board.replicas == {}
-    from llama_orchestrator.router.upstream import UpstreamError
+    from llama_orchestrator.router.pool import PoolError
 
-    with pytest.raises(UpstreamError) as exc:
+    with pytest.raises(PoolError) as exc:
         await asyncio.wait_for(waiting, 5)
     assert exc.value.delivered and not exc.value.answered  # so: retried once elsewhere
     for w in accepted:

@@ -22,8 +22,8 @@ from llama_orchestrator.router.front import (
     encode_head,
     serve,
 )
+from llama_orchestrator.router.pool import Pool, PoolError
 from llama_orchestrator.router.proxy import MAX_REPLAYS, may_retry
-from llama_orchestrator.router.upstream import Upstream, UpstreamError
 
 RUNNERS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {"asyncio": asyncio.run}
 with contextlib.suppress(ImportError):  # the daemon runs uvloop where it exists
@@ -65,7 +65,7 @@ def test_encoding_a_head_and_chunks():
     ],
 )
 def test_what_is_sent_again_elsewhere(delivered, answered, replays, expected):
-    error = UpstreamError("x", answered=answered)
+    error = PoolError("x", answered=answered)
     error.delivered = delivered
     assert may_retry(error, replays) is expected
 
@@ -302,7 +302,7 @@ async def test_connections_are_reused_and_chunked_answers_decoded():
     port, per_conn, server = await upstream_server(
         lambda head, w: chunked if b"/chunked" in head else OK
     )
-    up = Upstream()
+    up = Pool()
     try:
         for _ in range(3):
             ex = await up.open("127.0.0.1", port, "POST", "/x", {"A": "b"}, b"{}")
@@ -320,7 +320,7 @@ async def test_connections_are_reused_and_chunked_answers_decoded():
 @on_both_loops
 async def test_an_unfinished_answer_closes_its_connection():
     port, per_conn, server = await upstream_server(lambda head, w: OK)
-    up = Upstream()
+    up = Pool()
     try:
         ex = await up.open("127.0.0.1", port, "GET", "/", {}, b"")
         up.finish(ex)  # body not read... but it had arrived whole with the head
@@ -339,7 +339,7 @@ async def test_an_unfinished_answer_closes_its_connection():
 async def test_a_stale_keep_alive_connection_is_replaced_but_a_death_is_reported():
     answers = iter([OK, None, OK, None])
     port, per_conn, server = await upstream_server(lambda head, w: next(answers))
-    up = Upstream()
+    up = Pool()
     try:
         ex = await up.open("127.0.0.1", port, "GET", "/", {}, b"")
         up.finish(ex)
@@ -349,13 +349,13 @@ async def test_a_stale_keep_alive_connection_is_replaced_but_a_death_is_reported
         ex.close()
         up.finish(ex)
         # a new connection that dies on the request: the caller learns it was delivered
-        with pytest.raises(UpstreamError) as info:
+        with pytest.raises(PoolError) as info:
             await up.open("127.0.0.1", port, "GET", "/", {}, b"")
         assert info.value.delivered and not info.value.answered
     finally:
         up.close()
         server.close()
-    with pytest.raises(UpstreamError) as info:  # nobody listens: never delivered
+    with pytest.raises(PoolError) as info:  # nobody listens: never delivered
         await up.open("127.0.0.1", port, "GET", "/", {}, b"")
     assert not info.value.delivered
 
@@ -371,10 +371,10 @@ async def test_a_death_mid_answer_and_idle_connections_closed():
         return OK
 
     port, per_conn, server = await upstream_server(answer)
-    up = Upstream(idle_s=0.2)
+    up = Pool(idle_s=0.2)
     try:
         ex = await up.open("127.0.0.1", port, "GET", "/half", {}, b"")
-        with pytest.raises(UpstreamError) as info:
+        with pytest.raises(PoolError) as info:
             await ex.body()
         assert info.value.answered
         up.finish(ex)

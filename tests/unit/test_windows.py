@@ -57,6 +57,7 @@ async def test_an_exit_is_seen_without_a_pidfd_as_on_windows(monkeypatch, tmp_pa
     from llama_orchestrator.daemon.effects import LiveEffects
     from llama_orchestrator.engine.process import ProcRef
     from llama_orchestrator.home import Home
+    from llama_orchestrator.router.pool import Pool
 
     monkeypatch.setattr(platform, "exit_fd", lambda pid: None)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
@@ -64,7 +65,7 @@ async def test_an_exit_is_seen_without_a_pidfd_as_on_windows(monkeypatch, tmp_pa
         import psutil
 
         ref = ProcRef(proc.pid, psutil.Process(proc.pid).create_time())
-        fx = LiveEffects(Home(tmp_path / "home"))
+        fx = LiveEffects(Home(tmp_path / "home"), Pool())
         await asyncio.wait_for(fx.watch_exit(ref), timeout=30)
         assert proc.poll() is not None
     finally:

@@ -19,6 +19,7 @@ import typer
 
 from llama_orchestrator.cli.context import app_context, err, out
 from llama_orchestrator.cli.inspect_cmd import ps_table
+from llama_orchestrator.engine.health import http_request
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.status import collect
 from llama_orchestrator.engine.unsupervised import Unsupervised
@@ -45,9 +46,18 @@ def _step(text: str) -> None:
     out.print(text, markup=False, highlight=False)
 
 
+def _ask(port: int, method: str, path: str, body: bytes = b"") -> Any:
+    """The router's JSON answer (the CLI's one HTTP client, the standard library's)."""
+    status, text = http_request("127.0.0.1", port, method, path, 60, body)
+    if status != 200:
+        raise UserError(
+            f"The demo's router answered {method} {path} with HTTP {status}: {text[:200]}"
+        )
+    return json.loads(text)
+
+
 def run_demo(root: Path, model: Path | None) -> None:
     """The demo in home `root`; stops everything it started, whatever happens."""
-    import httpx  # only the demo needs a general HTTP client
     import psutil
 
     from llama_orchestrator.config.create import create_instance
@@ -88,23 +98,19 @@ def run_demo(root: Path, model: Path | None) -> None:
         _step("4. llama-orch ps")
         _step(ps_table(collect(engine)))
 
-        with httpx.Client(trust_env=False, timeout=60) as client:
-            body = {
-                "model": ALIAS,
-                "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": 16,
-                "temperature": 0,
-            }
-            t = time.monotonic()
-            resp = client.post(f"{router}/v1/chat/completions", json=body)
-            resp.raise_for_status()
-            text = resp.json()["choices"][0]["message"]["content"]
-            _step(
-                f"5. POST {router}/v1/chat/completions  model={ALIAS!r}  (the OpenAI wire format)"
-            )
-            _step(f"   {prompt!r} → {text!r} ({time.monotonic() - t:.2f}s, least busy replica)")
-            models = [m["id"] for m in client.get(f"{router}/v1/models").json()["data"]]
-            _step(f"   GET {router}/v1/models → {models}")
+        body = {
+            "model": ALIAS,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 16,
+            "temperature": 0,
+        }
+        t = time.monotonic()
+        answer = _ask(router_port, "POST", "/v1/chat/completions", json.dumps(body).encode())
+        text = answer["choices"][0]["message"]["content"]
+        _step(f"5. POST {router}/v1/chat/completions  model={ALIAS!r}  (the OpenAI wire format)")
+        _step(f"   {prompt!r} → {text!r} ({time.monotonic() - t:.2f}s, least busy replica)")
+        models = [m["id"] for m in _ask(router_port, "GET", "/v1/models")["data"]]
+        _step(f"   GET {router}/v1/models → {models}")
 
         victim = results[0]
         _step(f"6. kill -9 {victim.pid} ({victim.name}): the daemon sees it die and restarts it")

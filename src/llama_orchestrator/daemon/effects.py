@@ -36,6 +36,7 @@ from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gpus.discover import Discovery, GpuInfo, VulkanCache, discover
 from llama_orchestrator.home import Home
 from llama_orchestrator.models.gguf import ModelInfo, read_model
+from llama_orchestrator.router.pool import Pool
 from llama_orchestrator.store.rows import InstanceRow
 from llama_orchestrator.store.unsaved import Unsaved
 
@@ -138,17 +139,18 @@ class LiveEffects:
     def __init__(
         self,
         home: Home,
+        pool: Pool,
         *,
         clock: Callable[[], float] = time.time,
         on_event: EventHook | None = None,
     ) -> None:
         self.home = home
+        self.pool = pool  # the daemon's HTTP client: the probes go through it
         self.clock = clock
         self.on_event = on_event
         self._local = threading.local()
         #: what a full disk refused, shared by the connections of every thread
         self.unsaved = Unsaved()
-        self._models: dict[tuple[str, int, int], ModelInfo] = {}
         self._gpus_checked = float("-inf")
         self._vulkan = VulkanCache()  # sampled every few seconds: one vulkaninfo per 30 s
 
@@ -236,8 +238,10 @@ class LiveEffects:
     async def probe(self, cfg: InstanceConfig, deep: bool) -> health.ProbeResult:
         s = cfg.server
         if deep:
-            return await health.aprobe(s.host, s.port, cfg.healthcheck.timeout, True, s.api_key)
-        return await health.aprobe(s.host, s.port, cfg.healthcheck.timeout)
+            return await health.aprobe(
+                s.host, s.port, cfg.healthcheck.timeout, self.pool.fetch, True, s.api_key
+            )
+        return await health.aprobe(s.host, s.port, cfg.healthcheck.timeout, self.pool.fetch)
 
     async def load_progress(self, name: str, ref: ProcRef) -> LoadProgress:
         log_dir = self.home.log_dir(name)
@@ -292,17 +296,9 @@ class LiveEffects:
         return (await asyncio.to_thread(self.discover)).gpus
 
     async def model(self, path: Path) -> ModelInfo:
-        """Read once per file version (path, mtime, size): a GGUF header parse
-        costs milliseconds, and on-demand plans ask on every start."""
-
-        def read() -> ModelInfo:
-            st = path.stat()
-            key = (str(path), st.st_mtime_ns, st.st_size)
-            if key not in self._models:
-                self._models[key] = read_model(path)
-            return self._models[key]
-
-        return await asyncio.to_thread(read)
+        """The model's header (read once per version of the file: on-demand
+        plans ask on every start)."""
+        return await asyncio.to_thread(read_model, path)
 
     async def mark_used(self, used: dict[str, float]) -> None:
         await self.in_thread(lambda e: e.store.mark_used(used))

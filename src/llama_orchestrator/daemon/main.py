@@ -81,6 +81,23 @@ def _setup_logging(home: Home) -> logging.Handler:
     return handler
 
 
+#: how long a daemon that finds the lock taken tries again before it gives way
+LOCK_GRACE_S = 1.0
+
+
+def _take_lock(home: Home) -> Any:
+    """The home's daemon lock, or None while another daemon holds it. A CLI
+    that asks whether a daemon runs (`daemon_lock_held`) holds the lock for a
+    moment to find out: a daemon starting in that moment tries again rather
+    than take the asker for a daemon (seen under load, right after a stop)."""
+    deadline = time.monotonic() + LOCK_GRACE_S
+    while (lock := platform.try_lock(home.daemon_lock)) is None:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+    return lock
+
+
 class AlreadyRunning(Exception):
     def __init__(self, info: DaemonInfo | None) -> None:
         super().__init__("already running")
@@ -103,7 +120,7 @@ def run_foreground(home: Home, stop_instances_on_signal: bool = False) -> None:
 
     Raises AlreadyRunning when another process holds the home's lock."""
     private_dir(home.state_dir)
-    lock = platform.try_lock(home.daemon_lock)
+    lock = _take_lock(home)
     if lock is None:
         raise AlreadyRunning(wait_running(home, 5.0))
     try:
@@ -146,9 +163,10 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     from llama_orchestrator.daemon.plans import PlanRunner
     from llama_orchestrator.daemon.runner import RunnerDeps
     from llama_orchestrator.daemon.supervisor import Supervisor
-    from llama_orchestrator.daemon.upstreams import Upstreams, UsageWriter
+    from llama_orchestrator.daemon.upstreams import Upstreams, UsageWriter, getter
     from llama_orchestrator.engine.views import status_reply
     from llama_orchestrator.router.external import Externals
+    from llama_orchestrator.router.pool import Pool
     from llama_orchestrator.router.proxy import Router
     from llama_orchestrator.router.slots import Slots
     from llama_orchestrator.store.rows import UsageRecord
@@ -168,7 +186,8 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     # after construction; what changes later reaches the others through the
     # board's watchers.
     settings = load_settings(home.settings_path)
-    effects = LiveEffects(home, on_event=on_event)
+    pool = Pool()  # the one HTTP client: forwarding, probes, upstream checks, peers
+    effects = LiveEffects(home, pool, on_event=on_event)
     store = effects.engine().store  # the loop thread's connection
     metrics = Metrics(store)
     board = Board()  # who takes requests now, and the names configs offer
@@ -209,18 +228,20 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         loader=on_demand,
         slots=slots,
         externals=externals,
+        pool=pool,
     )
     sup.upstreams = Upstreams(
         effects.load_upstreams,
         board,
         externals,
         lambda name, kind, msg: store.add_event(name, kind, msg),
+        getter(pool),
     )
     peers = Peers(
         settings.peers,
         home.root,
         board,
-        router.upstream,
+        pool,
         router.in_flight,
         lambda name, kind, msg: store.add_event(name, kind, msg),
         clock=effects.now,

@@ -27,7 +27,7 @@ from llama_orchestrator.config.settings import PeerSettings
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.router.peers import STATE_PATH, names_of, parse_state, replicas_of
-from llama_orchestrator.router.upstream import Upstream, UpstreamError
+from llama_orchestrator.router.pool import Pool, PoolError
 from llama_orchestrator.upstreams import read_key
 
 __all__ = ["Peers", "PeerState"]
@@ -62,7 +62,7 @@ class Peers:
         peers: list[PeerSettings],
         home_root: Path,
         board: Board,
-        upstream: Upstream,
+        pool: Pool,
         in_flight: Mapping[str, int],
         add_event: EventSink,
         *,
@@ -71,7 +71,7 @@ class Peers:
         self.peers = peers
         self.home_root = home_root
         self.board = board
-        self.upstream = upstream
+        self.pool = pool
         self.in_flight = in_flight
         self._event = add_event
         self.clock = clock
@@ -128,11 +128,12 @@ class Peers:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         try:
-            status, body = await asyncio.wait_for(self._get(host, port, tls, headers), peer.timeout)
+            ask = self.pool.fetch(host, port, "GET", STATE_PATH, headers, tls=tls)
+            status, body = await asyncio.wait_for(ask, peer.timeout)
         except asyncio.TimeoutError:
             self._lost(peer)
             return f"no answer within {peer.timeout:g}s"
-        except UpstreamError as exc:
+        except PoolError as exc:
             self._lost(peer)
             return str(exc)
         if status != 200:
@@ -165,22 +166,13 @@ class Peers:
         ]
         return None
 
-    async def _get(
-        self, host: str, port: int, tls: bool, headers: dict[str, str]
-    ) -> tuple[int, bytes]:
-        answer = await self.upstream.open(host, port, "GET", STATE_PATH, headers, b"", tls=tls)
-        try:
-            return answer.status, await answer.body()
-        finally:
-            self.upstream.finish(answer)
-
     def _lost(self, peer: PeerSettings) -> None:
         """Off the board, and its connections dropped (see the module's doc)."""
         self._withdraw(peer.name, set())
         self.states[peer.name].instances = []
         parts = urlsplit(peer.url)
         tls = parts.scheme == "https"
-        self.upstream.abort(parts.hostname or "", parts.port or (443 if tls else 80), tls)
+        self.pool.abort(parts.hostname or "", parts.port or (443 if tls else 80), tls)
 
     def _withdraw(self, peer: str, keep: set[str]) -> None:
         for name in self._published.get(peer, set()) - keep:

@@ -26,6 +26,7 @@ from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.router.external import Externals
+from llama_orchestrator.router.pool import Pool
 from llama_orchestrator.store.database import Store
 from llama_orchestrator.store.rows import UsageRecord
 from llama_orchestrator.upstreams import DAY_S, check_delay
@@ -81,15 +82,22 @@ def replica_of(name: str, cfg: UpstreamConfig) -> Replica:
     )
 
 
-async def http_get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, str]:
-    import httpx
+def getter(pool: Pool) -> Getter:
+    """GET through the daemon's one HTTP client (redirects not followed)."""
 
-    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
+    async def get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, str]:
+        parts = urlsplit(url)
+        tls = parts.scheme == "https"
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        port = parts.port or (443 if tls else 80)
         try:
-            r = await client.get(url, headers=headers)
-        except httpx.HTTPError as exc:
-            raise OSError(f"{type(exc).__name__}: {exc}") from None
-        return r.status_code, r.text[:300]
+            ask = pool.fetch(parts.hostname or "", port, "GET", target, headers, tls=tls)
+            status, body = await asyncio.wait_for(ask, timeout)
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+            raise OSError(f"no answer within {timeout:g}s") from None
+        return status, body[:300]
+
+    return get
 
 
 class Upstreams:
@@ -99,9 +107,9 @@ class Upstreams:
         board: Board,
         externals: Externals,
         add_event: EventSink,
+        get: Getter,
         *,
         clock: Callable[[], float] = time.time,
-        get: Getter = http_get,
     ) -> None:
         self._load = load
         self.board = board

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ __all__ = [
     "probe_host",
     "http_get",
     "http_request",
-    "ahttp_request",
+    "Requester",
     "aprobe",
     "HEALTHY",
     "LOADING",
@@ -44,6 +44,9 @@ _LOCAL_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 #: get(host, port, path, timeout) -> (status, body); raises OSError on failure
 Getter = Callable[[str, int, str, float], "tuple[int, str]"]
+#: request(host, port, method, path, headers, body) -> (status, body) on the
+#: event loop (the daemon's `router.pool.Pool.fetch`); raises OSError on failure
+Requester = Callable[[str, int, str, str, dict[str, str], bytes], Awaitable["tuple[int, str]"]]
 
 
 @dataclass(frozen=True)
@@ -117,53 +120,7 @@ def http_request(
         conn.close()
 
 
-async def ahttp_request(
-    host: str,
-    port: int,
-    method: str,
-    path: str,
-    body: bytes = b"",
-    headers: dict[str, str] | None = None,
-) -> tuple[int, str]:
-    """`http_request` on the running event loop (the caller bounds the time):
-    the daemon probes many servers without a thread per probe. The standard
-    library has no asyncio HTTP client; this one sends `Connection: close`
-    and reads at most 64 KB, which is all a probe needs."""
-    import asyncio  # here: a CLI importing this module never needs it
-
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(_request(host, port, method, path, body, headers))
-        data = b""
-        while len(data) < _MAX_ANSWER:
-            chunk = await reader.read(8192)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        writer.close()
-    return _response(data)
-
-
 _MAX_ANSWER = 65536
-
-
-def _request(
-    host: str, port: int, method: str, path: str, body: bytes, headers: dict[str, str] | None
-) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
-    if body:
-        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def _response(data: bytes) -> tuple[int, str]:
-    head, _, body = data.partition(b"\r\n\r\n")
-    parts = head.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-        raise OSError(f"not an HTTP response: {head[:60]!r}")
-    return int(parts[1]), body.decode("utf-8", errors="replace")
 
 
 #: the deep check: a 1-token completion (a server can answer /health while
@@ -171,8 +128,8 @@ def _response(data: bytes) -> tuple[int, str]:
 _COMPLETION = b'{"prompt": "Hi", "n_predict": 1, "cache_prompt": false}'
 
 
-def _auth(api_key: str | None) -> dict[str, str] | None:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else None
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def probe(host: str, port: int, timeout: float, get: Getter = http_get) -> ProbeResult:
@@ -185,18 +142,29 @@ def probe(host: str, port: int, timeout: float, get: Getter = http_get) -> Probe
 
 
 async def aprobe(
-    host: str, port: int, timeout: float, completion: bool = False, api_key: str | None = None
+    host: str,
+    port: int,
+    timeout: float,
+    request: Requester,
+    completion: bool = False,
+    api_key: str | None = None,
 ) -> ProbeResult:
-    """`probe` on the event loop; with `completion`, the deep check instead."""
+    """`probe` on the event loop, through the daemon's client (`request`);
+    with `completion`, the deep check instead."""
     import asyncio
 
     method, path, body = (
         ("POST", "/completion", _COMPLETION) if completion else ("GET", "/health", b"")
     )
+    # a connection of its own, closed after: a probe holds none of the server's
+    # few HTTP threads, and one that cannot be made (no descriptor left) says so
+    headers = {"Connection": "close", **_auth(api_key)}
+    if body:
+        headers["Content-Type"] = "application/json"
     start = time.perf_counter()
     try:
         answer = await asyncio.wait_for(
-            ahttp_request(probe_host(host), port, method, path, body, _auth(api_key)), timeout
+            request(probe_host(host), port, method, path, headers, body), timeout
         )
     except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
         late = time.perf_counter() - start - timeout
@@ -211,6 +179,7 @@ async def aprobe(
 
 def _failed(exc: BaseException, start: float, timeout: float) -> ProbeResult:
     ms = (time.perf_counter() - start) * 1000
+    exc = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc  # what the system said
     if isinstance(exc, ConnectionRefusedError):
         return ProbeResult(DOWN, None, ms, f"connection refused ({exc})")
     if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:

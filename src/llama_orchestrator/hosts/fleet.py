@@ -11,17 +11,18 @@ that is down.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import httpx
+from urllib.parse import urlsplit
 
 from llama_orchestrator.config.settings import PeerSettings
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.home import Home
 from llama_orchestrator.router.peers import INSTANCES_PATH
+from llama_orchestrator.router.pool import Pool, PoolError
 
 __all__ = ["Fleet", "look", "gather", "ask_peer", "ask_peers"]
 
@@ -61,30 +62,31 @@ def gather(
     return fleet
 
 
-async def ask_peer(
-    client: httpx.AsyncClient, peer: PeerSettings, home_root: Path
-) -> list[dict[str, Any]] | str:
+async def ask_peer(pool: Pool, peer: PeerSettings, home_root: Path) -> list[dict[str, Any]] | str:
     """The peer's rows, or why not (one phrase)."""
     from llama_orchestrator.upstreams import read_key
 
+    parts = urlsplit(peer.url)
+    tls = parts.scheme == "https"
     try:
         key = read_key(f"peer '{peer.name}'", peer.api_key_env, peer.api_key_file, home_root)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        reply = await client.get(peer.url + INSTANCES_PATH, headers=headers, timeout=peer.timeout)
+        host, port = parts.hostname or "", parts.port or (443 if tls else 80)
+        target = parts.path.rstrip("/") + INSTANCES_PATH
+        ask = pool.fetch(host, port, "GET", target, headers, tls=tls)
+        status, body = await asyncio.wait_for(ask, peer.timeout)
     except OrchError as exc:
         return exc.message
-    except httpx.TimeoutException:
+    except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
         return f"{peer.url} does not answer (no answer within {peer.timeout:g}s)"
-    except httpx.ConnectError as exc:
-        return f"{peer.url} does not answer (cannot connect: {exc or 'refused'})"
-    except httpx.HTTPError as exc:
-        return f"{peer.url} does not answer ({type(exc).__name__}: {exc or 'no answer'})"
-    if reply.status_code == 401:
+    except PoolError as exc:
+        return f"{peer.url} does not answer ({exc})"
+    if status == 401:
         return f"{peer.url} refused this machine's key (it is not one of its router.api_keys)"
-    if reply.status_code != 200:
-        return f"{peer.url} answered HTTP {reply.status_code} (is it llama-orch's router, of this version?)"
+    if status != 200:
+        return f"{peer.url} answered HTTP {status} (is it llama-orch's router, of this version?)"
     try:
-        rows = reply.json()["instances"]
+        rows = json.loads(body)["instances"]
         if not isinstance(rows, list):
             raise TypeError("instances is not a list")
     except (ValueError, KeyError, TypeError) as exc:
@@ -93,9 +95,12 @@ async def ask_peer(
 
 
 async def ask_peers(
-    peers: list[PeerSettings], home_root: Path, transport: httpx.AsyncBaseTransport | None = None
+    peers: list[PeerSettings], home_root: Path
 ) -> dict[str, list[dict[str, Any]] | str]:
     """Every peer's rows (or why not), asked at once."""
-    async with httpx.AsyncClient(transport=transport) as client:
-        answers = await asyncio.gather(*(ask_peer(client, p, home_root) for p in peers))
+    pool = Pool()
+    try:
+        answers = await asyncio.gather(*(ask_peer(pool, p, home_root) for p in peers))
+    finally:
+        pool.close()
     return {p.name: a for p, a in zip(peers, answers, strict=True)}

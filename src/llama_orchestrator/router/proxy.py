@@ -33,8 +33,8 @@ from llama_orchestrator.router.balance import (
 from llama_orchestrator.router.external import Externals
 from llama_orchestrator.router.front import Reply, Request, Stream
 from llama_orchestrator.router.peers import HOP_HEADER
+from llama_orchestrator.router.pool import Exchange, Pool, PoolError
 from llama_orchestrator.router.slots import Refusal, Slots
-from llama_orchestrator.router.upstream import Exchange, Upstream, UpstreamError
 from llama_orchestrator.upstreams import KeyMissing, Usage, UsageMeter, for_upstream
 
 __all__ = [
@@ -119,7 +119,7 @@ class Completion:
     cost: float | None = None
 
 
-def may_retry(error: UpstreamError, replays: int) -> bool:
+def may_retry(error: PoolError, replays: int) -> bool:
     """Whether a request that failed on a replica goes to another one:
     never once the answer began; once (MAX_REPLAYS) when the replica took it
     and died; always when it was never delivered."""
@@ -183,7 +183,7 @@ class Router:
     loader: Loader | None = None
     #: in-flight counts and queues (shared with on-demand); made here when not given
     slots: Slots | None = None
-    upstream: Upstream = field(default_factory=Upstream)
+    pool: Pool = field(default_factory=Pool)
     #: when it started: the `created` of a model no instance has told us about
     started: float = field(default_factory=time.time)
     #: the external upstreams' keys, limits and spending (the daemon keeps them current)
@@ -258,7 +258,7 @@ class Router:
     # --- forwarding -------------------------------------------------------------
 
     async def close(self) -> None:
-        self.upstream.close()
+        self.pool.close()
 
     async def forward(self, request: Request, model: str) -> Reply | Stream:
         """Sends the request to the least busy replica serving `model`
@@ -293,7 +293,7 @@ class Router:
                 continue
             try:
                 answer = await self._send(r, request)
-            except UpstreamError as exc:
+            except PoolError as exc:
                 self.release(r)
                 if not may_retry(exc, replays):
                     return self._broken(model, r, exc, start)
@@ -347,10 +347,10 @@ class Router:
             try:
                 key = self.externals.key(r.name)
             except KeyMissing as exc:
-                raise UpstreamError(exc.message) from None
+                raise PoolError(exc.message) from None
             target = upstream_target(r, target)
             body, _ = for_upstream(body, r.remote)
-        return await self.upstream.open(
+        return await self.pool.open(
             r.host,
             r.port,
             request.method,
@@ -362,12 +362,12 @@ class Router:
 
     async def _fetch(self, r: Replica, request: Request) -> tuple[int, Any, bytes]:
         """`request` to `r`, its answer read whole: (status, headers, body).
-        Raises UpstreamError."""
+        Raises PoolError."""
         answer = await self._send(r, request)
         try:
             return answer.status, answer.headers, await answer.body()
         finally:
-            self.upstream.finish(answer)
+            self.pool.finish(answer)
 
     async def _answer(
         self, answer: Exchange, r: Replica, model: str, start: float
@@ -377,10 +377,10 @@ class Router:
             return Stream(answer.status, self._relay(answer, r, model, start), raw_headers=raw)
         try:
             body = await answer.body()
-        except UpstreamError as exc:
+        except PoolError as exc:
             return self._broken(model, r, exc, start)
         finally:
-            self.upstream.finish(answer)
+            self.pool.finish(answer)
             self.release(r)
         if r.remote is not None:
             meter = UsageMeter(False)
@@ -391,7 +391,7 @@ class Router:
         self.metrics.request(model, r.name, answer.status, elapsed)
         return Reply(answer.status, body, raw_headers=raw)
 
-    def _broken(self, model: str, r: Replica, exc: UpstreamError, start: float) -> Reply:
+    def _broken(self, model: str, r: Replica, exc: PoolError, start: float) -> Reply:
         self.metrics.request(model, r.name, 502, time.perf_counter() - start)
         return openai_error(
             502, f"The instance '{r.name}' failed while answering ({exc}).", "upstream_error"
@@ -413,7 +413,7 @@ class Router:
                     meter.feed(chunk)
                 yield chunk
         finally:
-            self.upstream.finish(answer)  # closed unless read to its end
+            self.pool.finish(answer)  # closed unless read to its end
             self.release(r)
             if meter is not None:
                 self._count(r, meter.done())
@@ -459,7 +459,7 @@ class Router:
         try:
             try:
                 status, _, raw = await self._fetch(r, _own_request("POST", path, json.dumps(body)))
-            except UpstreamError as exc:
+            except PoolError as exc:
                 raise RouterError(f"{r.name}: {exc}") from None
             try:
                 data = json.loads(raw)
@@ -540,7 +540,7 @@ class Router:
         start = time.perf_counter()
         try:
             status, headers, body = await self._fetch(r, request)
-        except UpstreamError as exc:
+        except PoolError as exc:
             return self._broken(model, r, exc, start)
         self.metrics.request(model, r.name, status, time.perf_counter() - start)
         return Reply(status, body, raw_headers=pass_on(headers)[0])
@@ -594,7 +594,7 @@ class Router:
                 self._fetch(r, _own_request("GET", "/v1/models")), MODEL_INFO_TIMEOUT
             )
             data = json.loads(raw)["data"][0]
-        except (UpstreamError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError):
+        except (PoolError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError):
             return None
         return data if isinstance(data, dict) else None
 

@@ -1,5 +1,8 @@
-"""The router's upstream client: HTTP/1.1 to llama-server over pooled
-keep-alive connections, parsed by httptools (llhttp, what uvicorn uses).
+"""The daemon's one HTTP client: HTTP/1.1 over pooled keep-alive
+connections, parsed by httptools (llhttp, what uvicorn uses). The router
+forwards through it to our llama-servers, external upstreams and peers'
+routers; the daemon probes its servers, checks its upstreams and asks its
+peers with it (`fetch`), and `ps --all-hosts` asks the peers with it too.
 
 The hot path of every routed request. A general client (aiohttp, httpx)
 builds URL objects, header multidicts, timers and tasks per request; this one
@@ -22,13 +25,13 @@ from typing import Any
 
 import httptools
 
-__all__ = ["Upstream", "Exchange", "UpstreamError"]
+__all__ = ["Pool", "Exchange", "PoolError"]
 
 IDLE_S = 2.0
 CONNECT_TIMEOUT_S = 5.0
 
 
-class UpstreamError(ConnectionError):
+class PoolError(ConnectionError):
     """The connection failed or the answer was not valid HTTP. `delivered`:
     the request had been written to the instance; `answered`: some of the
     answer had arrived."""
@@ -44,7 +47,7 @@ class Exchange(asyncio.Protocol):
 
     After `send`: `await head()` gives the status and headers, then either
     `await body()` (all of it) or `async for chunk in chunks()` (as it
-    arrives). `Upstream.finish` returns the connection to the pool when the
+    arrives). `Pool.finish` returns the connection to the pool when the
     answer was read to its end, and closes it otherwise."""
 
     def __init__(self, key: tuple[str, int, bool]) -> None:
@@ -62,7 +65,7 @@ class Exchange(asyncio.Protocol):
         self._received = False  # any byte of this answer
         self._complete = False
         self._keep_alive = False
-        self._error: UpstreamError | None = None
+        self._error: PoolError | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------
 
@@ -74,14 +77,14 @@ class Exchange(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"invalid HTTP from the instance ({exc})", True))
+            self._fail(PoolError(f"invalid HTTP from the instance ({exc})", True))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         if not self._complete:
             why = f"{type(exc).__name__}: {exc}" if exc else "the connection closed"
-            self._fail(UpstreamError(why, self._received))
+            self._fail(PoolError(why, self._received))
 
     # --- llhttp callbacks ------------------------------------------------------------
 
@@ -114,7 +117,7 @@ class Exchange(asyncio.Protocol):
         self.transport.write(request)
 
     async def head(self) -> None:
-        """Waits for the status line and headers (raises UpstreamError)."""
+        """Waits for the status line and headers (raises PoolError)."""
         assert self._head is not None
         await self._head  # done already: returns (or raises) at once
 
@@ -154,7 +157,7 @@ class Exchange(asyncio.Protocol):
         if more is not None and not more.done():
             more.set_result(None)
 
-    def _fail(self, error: UpstreamError) -> None:
+    def _fail(self, error: PoolError) -> None:
         self._error = error
         for waiter in (self._head, self._more):
             if waiter is not None and not waiter.done():
@@ -162,7 +165,7 @@ class Exchange(asyncio.Protocol):
                 waiter.exception()  # retrieved: nobody may be waiting on it
 
 
-class Upstream:
+class Pool:
     """Keep-alive connections to the instances, per (host, port)."""
 
     def __init__(self, idle_s: float = IDLE_S) -> None:
@@ -201,7 +204,7 @@ class Upstream:
                 conn.send(request)
                 await conn.head()
                 return conn
-            except UpstreamError as exc:
+            except PoolError as exc:
                 if conn is None:  # could not connect
                     exc.delivered = stale
                     raise
@@ -217,6 +220,27 @@ class Upstream:
                     self._done(conn)
                     conn.close()  # cancelled: the instance stops working on it
                 raise
+
+    async def fetch(
+        self,
+        host: str,
+        port: int,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes = b"",
+        tls: bool = False,
+    ) -> tuple[int, str]:
+        """One request and its whole answer, (status, body as text), for the
+        daemon's own asks: probes, upstream checks, peers. The caller bounds
+        the time. Any failure is a PoolError; one to connect has what the
+        system said as its cause (ConnectionRefusedError, ...)."""
+        conn = await self.open(host, port, method, target, headers, body, tls)
+        try:
+            data = await conn.body()
+        finally:
+            self.finish(conn)  # closed unless read to its end
+        return conn.status, data.decode("utf-8", errors="replace")
 
     def _done(self, conn: Exchange) -> None:
         busy = self._busy.get(conn.key)
@@ -275,9 +299,9 @@ class Upstream:
                 CONNECT_TIMEOUT_S,
             )
         except asyncio.TimeoutError:
-            raise UpstreamError(f"connecting to {key[0]}:{key[1]} timed out") from None
-        except OSError as exc:
-            raise UpstreamError(f"{type(exc).__name__}: {exc.strerror or exc}") from None
+            raise PoolError(f"connecting to {key[0]}:{key[1]} timed out") from None
+        except OSError as exc:  # kept as the cause: `fetch` raises it as it is
+            raise PoolError(f"{type(exc).__name__}: {exc.strerror or exc}") from exc
         return conn
 
     def _sweep(self) -> None:
