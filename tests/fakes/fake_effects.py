@@ -19,8 +19,9 @@ from llama_orchestrator.config.parse import parse_config
 from llama_orchestrator.config.prepare import Prepared
 from llama_orchestrator.config.settings import RouterSettings
 from llama_orchestrator.daemon.board import Board
+from llama_orchestrator.daemon.commands import Start
 from llama_orchestrator.daemon.loads import LoadGate
-from llama_orchestrator.daemon.runner import RunnerDeps, Start
+from llama_orchestrator.daemon.runner import RunnerDeps
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, LOCAL, ProbeResult
 from llama_orchestrator.engine.logs import LoadProgress

@@ -3,14 +3,10 @@
 from rich.text import Text
 from textual.widgets import DataTable, Log, Static
 
-from llama_orchestrator.tui.app import (
-    ConfirmScreen,
-    DashboardApp,
-    HelpScreen,
-    LogScreen,
-    column_widths,
-)
+from llama_orchestrator.tui.app import DashboardApp
+from llama_orchestrator.tui.cells import column_widths
 from llama_orchestrator.tui.data import InstanceView
+from llama_orchestrator.tui.screens import ConfirmScreen, HelpScreen, LogScreen
 from tests.fakes.fake_source import FakeSource, status
 from tests.tui.conftest import until
 
@@ -216,7 +212,7 @@ def plan_rows(app, table_id):
 
 async def test_the_plans_pane_shows_runs_tasks_and_output_and_cancels_and_retries(source):
     """Issue 23.2: runs, a run's tasks, a task's output; cancel/retry ask first."""
-    from llama_orchestrator.tui.app import TaskOutputScreen
+    from llama_orchestrator.tui.screens import TaskOutputScreen
 
     app = DashboardApp(source, refresh=60)
     async with app.run_test(size=(130, 36)) as pilot:

@@ -55,7 +55,7 @@ async def test_the_plans_pane_on_a_real_daemon_opens_output_cancels_and_retries(
     cancel and retry from the pane reach the daemon as `plan cancel/retry` do."""
     import json
 
-    from llama_orchestrator.tui.app import ConfirmScreen, TaskOutputScreen
+    from llama_orchestrator.tui.screens import ConfirmScreen, TaskOutputScreen
 
     py = sys.executable
     plan = tmp_path / "plan.json"

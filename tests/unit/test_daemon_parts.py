@@ -130,7 +130,7 @@ def test_a_daemon_starting_while_a_cli_looks_at_the_lock_takes_it_after_the_look
     import threading
 
     from llama_orchestrator import platform
-    from llama_orchestrator.daemon import main
+    from llama_orchestrator.daemon.info import take_lock
     from llama_orchestrator.home import Home
 
     home = Home(tmp_path)
@@ -138,7 +138,7 @@ def test_a_daemon_starting_while_a_cli_looks_at_the_lock_takes_it_after_the_look
     looking = platform.try_lock(home.daemon_lock)  # a CLI's look, in progress
     assert looking is not None
     threading.Timer(0.1, looking.close).start()  # the look ends
-    mine = main._take_lock(home)
+    mine = take_lock(home)
     assert mine is not None  # taken once the look ended
-    assert main._take_lock(home) is None  # a daemon that holds it is no look: it gives way
+    assert take_lock(home) is None  # a daemon that holds it is no look: it gives way
     mine.close()

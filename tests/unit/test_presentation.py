@@ -35,7 +35,7 @@ def test_columns_pads_like_docker_ps_and_colours_only_when_asked():
 
 
 def test_dashboard_row_for_an_instance_in_backoff():
-    from llama_orchestrator.tui.app import cells
+    from llama_orchestrator.tui.cells import cells
     from llama_orchestrator.tui.data import InstanceView
     from tests.fakes.fake_source import status
 

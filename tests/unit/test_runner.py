@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from llama_orchestrator.daemon.commands import Adopt, Remove, Resume, Start, Stop
 from llama_orchestrator.daemon.loads import LoadGate
-from llama_orchestrator.daemon.runner import Adopt, Remove, Resume, Start, Stop
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.engine.health import DOWN, ERROR, HEALTHY, LOADING, LOCAL
 from llama_orchestrator.errors import StartFailed, UserError

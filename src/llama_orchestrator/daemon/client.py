@@ -35,8 +35,8 @@ from llama_orchestrator.daemon.protocol import (
 )
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.results import Progress, UpResult
-from llama_orchestrator.engine.wait import wait_healthy
-from llama_orchestrator.errors import OrchError, StartFailed
+from llama_orchestrator.engine.wait import finish_up
+from llama_orchestrator.errors import OrchError
 
 __all__ = ["DaemonClient", "Supervised", "error_from_json", "error_to_json"]
 
@@ -134,13 +134,7 @@ class Supervised:
     def _finish(
         self, reply: UpReply, wait: bool, timeout: float, on_progress: Progress | None
     ) -> list[UpResult]:
-        results = reply.results
-        if wait:
-            wait_healthy(self.engine, results, timeout, on_progress)
-        failed = [r for r in results if r.error]
-        if failed:
-            raise StartFailed("\n".join(r.error for r in failed if r.error))
-        return results
+        return finish_up(self.engine, reply.results, wait, timeout, on_progress)
 
     def down(self, names: list[str], timeout: float | None = None) -> list[str]:
         answer = self.client.call("POST", "/v1/down", DownRequest(names, timeout))

@@ -16,8 +16,16 @@ from typing import Any
 from llama_orchestrator.engine.process import ProcRef, is_alive
 from llama_orchestrator.files import atomic_write_text
 from llama_orchestrator.home import Home, daemon_lock_held
+from llama_orchestrator.platform import try_lock
 
-__all__ = ["DaemonInfo", "lock_is_held", "running", "write_info", "wait_running"]
+__all__ = [
+    "DaemonInfo",
+    "lock_is_held",
+    "take_lock",
+    "running",
+    "write_info",
+    "wait_running",
+]
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,23 @@ def _read(home: Home) -> DaemonInfo | None:
         return DaemonInfo(**data)
     except (OSError, ValueError, TypeError):
         return None
+
+
+#: how long a daemon that finds the lock taken tries again before it gives way
+LOCK_GRACE_S = 1.0
+
+
+def take_lock(home: Home) -> Any:
+    """The home's daemon lock, or None while another daemon holds it. A CLI
+    that asks whether a daemon runs (`daemon_lock_held`) holds the lock for a
+    moment to find out: a daemon starting in that moment tries again rather
+    than take the asker for a daemon (seen under load, right after a stop)."""
+    deadline = time.monotonic() + LOCK_GRACE_S
+    while (lock := try_lock(home.daemon_lock)) is None:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+    return lock
 
 
 def running(home: Home) -> DaemonInfo | None:

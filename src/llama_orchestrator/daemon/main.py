@@ -27,6 +27,7 @@ from llama_orchestrator.daemon.info import (
     DaemonInfo,
     lock_is_held,
     running,
+    take_lock,
     wait_running,
     write_info,
 )
@@ -81,23 +82,6 @@ def _setup_logging(home: Home) -> logging.Handler:
     return handler
 
 
-#: how long a daemon that finds the lock taken tries again before it gives way
-LOCK_GRACE_S = 1.0
-
-
-def _take_lock(home: Home) -> Any:
-    """The home's daemon lock, or None while another daemon holds it. A CLI
-    that asks whether a daemon runs (`daemon_lock_held`) holds the lock for a
-    moment to find out: a daemon starting in that moment tries again rather
-    than take the asker for a daemon (seen under load, right after a stop)."""
-    deadline = time.monotonic() + LOCK_GRACE_S
-    while (lock := platform.try_lock(home.daemon_lock)) is None:
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.01)
-    return lock
-
-
 class AlreadyRunning(Exception):
     def __init__(self, info: DaemonInfo | None) -> None:
         super().__init__("already running")
@@ -120,7 +104,7 @@ def run_foreground(home: Home, stop_instances_on_signal: bool = False) -> None:
 
     Raises AlreadyRunning when another process holds the home's lock."""
     private_dir(home.state_dir)
-    lock = _take_lock(home)
+    lock = take_lock(home)
     if lock is None:
         raise AlreadyRunning(wait_running(home, 5.0))
     try:

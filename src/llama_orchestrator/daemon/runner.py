@@ -29,10 +29,22 @@ from typing import Any
 from llama_orchestrator.config.instance import InstanceConfig
 from llama_orchestrator.config.prepare import Prepared
 from llama_orchestrator.daemon.board import Board
+from llama_orchestrator.daemon.commands import (
+    Adopt,
+    Command,
+    Exited,
+    LoadTurn,
+    Probed,
+    Remove,
+    RestartDue,
+    Resume,
+    Start,
+    Stop,
+    StopFailed,
+)
 from llama_orchestrator.daemon.effects import Effects, changed_within
 from llama_orchestrator.daemon.loads import LoadGate
 from llama_orchestrator.engine import health
-from llama_orchestrator.engine.logs import LoadProgress
 from llama_orchestrator.engine.policy import Ending, RestartBook, after_exit
 from llama_orchestrator.engine.process import ProcRef
 from llama_orchestrator.engine.results import UpResult, ended, running_rm_refused
@@ -48,11 +60,6 @@ __all__ = [
     "InstanceRunner",
     "RunnerDeps",
     "HealthHook",
-    "Start",
-    "Stop",
-    "Adopt",
-    "Resume",
-    "Remove",
     "START_PROBE_FIRST",
     "START_PROBE_MAX",
 ]
@@ -73,93 +80,6 @@ HealthHook = Callable[[str, health.ProbeResult], None]
 Settle = Callable[[str, float], Awaitable[None]]
 
 log = logging.getLogger("llama_orchestrator.daemon")
-
-
-# --- commands ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Start:
-    """Start the prepared launch, or take over the process already running.
-    `fresh`: a user's up/restart (a failed instance gets its budget back).
-    `eager`: requests wait for it (on demand): probe every 50 ms while loading."""
-
-    prepared: Prepared
-    fresh: bool = True
-    eager: bool = False
-
-
-@dataclass(frozen=True)
-class Stop:
-    """Drain (no new requests, those in flight finish), then stop the process
-    tree; `timeout` overrides `stop_timeout`. Answers whether a process was stopped."""
-
-    timeout: float | None = None
-
-
-@dataclass(frozen=True)
-class Adopt:
-    """Supervise a process an earlier daemon started (the daemon's start)."""
-
-    row: InstanceRow
-
-
-@dataclass(frozen=True)
-class Resume:
-    """A restart an earlier daemon had scheduled: do it at `at`."""
-
-    at: float
-
-
-@dataclass(frozen=True)
-class Remove:
-    """Forget the instance: state, config folder, logs (stopped first with `force`)."""
-
-    force: bool = False
-
-
-@dataclass(frozen=True)
-class _Probed:
-    ref: ProcRef
-    result: health.ProbeResult
-    progress: LoadProgress | None = None  # what its logs said, while it loads
-
-
-@dataclass(frozen=True)
-class _Exited:
-    ref: ProcRef
-
-
-@dataclass(frozen=True)
-class _RestartDue:
-    token: int
-
-
-@dataclass(frozen=True)
-class _LoadTurn:
-    """A load slot is ours: the start that waited for it goes ahead."""
-
-
-@dataclass(frozen=True)
-class _StopFailed:
-    """Stopping an unhealthy process raised (no descriptor left, ...)."""
-
-    ref: ProcRef
-    error: str
-
-
-Command = (
-    Start
-    | Stop
-    | Adopt
-    | Resume
-    | Remove
-    | _Probed
-    | _Exited
-    | _RestartDue
-    | _StopFailed
-    | _LoadTurn
-)
 
 
 @dataclass
@@ -299,15 +219,15 @@ class InstanceRunner:
                 self._notify()
 
     async def _handle(self, c: Command) -> Any:
-        if isinstance(c, _Probed):
+        if isinstance(c, Probed):
             return self._probed(c)
-        if isinstance(c, _Exited):
+        if isinstance(c, Exited):
             return await self._exited(c.ref)
-        if isinstance(c, _RestartDue):
+        if isinstance(c, RestartDue):
             return await self._restart_due(c.token)
-        if isinstance(c, _StopFailed):
+        if isinstance(c, StopFailed):
             return self._stop_failed(c)
-        if isinstance(c, _LoadTurn):
+        if isinstance(c, LoadTurn):
             return await self._load_turn()
         if isinstance(c, Start):
             return await self._start(c)
@@ -405,7 +325,7 @@ class InstanceRunner:
 
         async def exit_watch() -> None:
             await self._fx.watch_exit(ref)
-            self.post(_Exited(ref))
+            self.post(Exited(ref))
 
         self._own("exit", exit_watch, again=True)
         if cfg is not None:
@@ -439,7 +359,7 @@ class InstanceRunner:
                 loading = self.state == S.STARTING and not result.ok
                 progress = await self._fx.load_progress(self.name, ref) if loading else None
                 # one at a time: probes never pile up
-                await self.ask(_Probed(ref, result, progress))
+                await self.ask(Probed(ref, result, progress))
             except Exception:  # a fault of ours: logged, and the checks go on
                 log.exception(f"{self.name}: health check failed in the daemon")
 
@@ -449,7 +369,7 @@ class InstanceRunner:
 
         async def timer() -> None:
             await self._fx.sleep(max(0.0, at - self._fx.now()))
-            self.post(_RestartDue(token))
+            self.post(RestartDue(token))
 
         self._own("restart", timer)
 
@@ -535,7 +455,7 @@ class InstanceRunner:
 
         async def wait() -> None:
             await turn
-            self.post(_LoadTurn())
+            self.post(LoadTurn())
 
         self._own("load", wait)
 
@@ -600,7 +520,7 @@ class InstanceRunner:
         )
         self._schedule(at)
 
-    def _probed(self, c: _Probed) -> None:
+    def _probed(self, c: Probed) -> None:
         cfg, watch = self._cfg, self._watch
         if c.ref != self._ref or cfg is None or watch is None:
             return  # an old process's probe
@@ -638,9 +558,9 @@ class InstanceRunner:
             await self._fx.stop(ref, grace)
         except Exception as exc:  # e.g. no descriptor left to look at the process tree
             log.exception(f"{self.name}: stopping unhealthy process {ref.pid} failed")
-            self.post(_StopFailed(ref, f"{type(exc).__name__}: {exc}"))
+            self.post(StopFailed(ref, f"{type(exc).__name__}: {exc}"))
 
-    def _stop_failed(self, c: _StopFailed) -> None:
+    def _stop_failed(self, c: StopFailed) -> None:
         """The stop did not happen: the process still runs, so it is watched
         and checked again (the next failed checks try the stop anew)."""
         if c.ref != self._ref or self._cfg is None:

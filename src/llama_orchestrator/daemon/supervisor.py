@@ -21,15 +21,8 @@ from typing import Any
 
 from llama_orchestrator.config.instance import InstanceConfig
 from llama_orchestrator.config.validate import offered_names
-from llama_orchestrator.daemon.runner import (
-    Adopt,
-    InstanceRunner,
-    Remove,
-    Resume,
-    RunnerDeps,
-    Start,
-    Stop,
-)
+from llama_orchestrator.daemon.commands import Adopt, Remove, Resume, Start, Stop
+from llama_orchestrator.daemon.runner import InstanceRunner, RunnerDeps
 from llama_orchestrator.daemon.upstreams import Upstreams
 from llama_orchestrator.engine.results import UpResult
 from llama_orchestrator.engine.status import StatusReply, with_loads, with_upstreams

@@ -16,8 +16,8 @@ from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.process import exit_code, is_alive, stop_tree
 from llama_orchestrator.engine.results import Progress, UpResult, running_rm_refused
 from llama_orchestrator.engine.status import Activity
-from llama_orchestrator.engine.wait import wait_healthy
-from llama_orchestrator.errors import StartFailed, UserError
+from llama_orchestrator.engine.wait import finish_up
+from llama_orchestrator.errors import UserError
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store.rows import InstanceRow
@@ -52,12 +52,7 @@ class Unsupervised:
         results = [self.engine.spawn(p) for p in prepared]
         for p, r in zip(prepared, results, strict=True):
             r.warnings, r.notes = p.warnings, p.notes
-        if wait:
-            wait_healthy(self.engine, results, timeout, on_progress)
-        failed = [r for r in results if r.error]
-        if failed:
-            raise StartFailed("\n".join(r.error for r in failed if r.error))
-        return results
+        return finish_up(self.engine, results, wait, timeout, on_progress)
 
     # --- down / restart / rm ----------------------------------------------------
 

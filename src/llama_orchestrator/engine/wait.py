@@ -15,6 +15,7 @@ from llama_orchestrator.engine import health, logs
 from llama_orchestrator.engine.process import activity
 from llama_orchestrator.engine.results import Progress, UpResult, exit_text, with_tail
 from llama_orchestrator.engine.step import Watch, step
+from llama_orchestrator.errors import StartFailed
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store.rows import InstanceRow
@@ -23,10 +24,28 @@ if TYPE_CHECKING:
     from llama_orchestrator.config.instance import InstanceConfig
     from llama_orchestrator.engine.lifecycle import Engine
 
-__all__ = ["wait_healthy", "POLL_INTERVAL", "STATE_POLL_INTERVAL"]
+__all__ = ["finish_up", "wait_healthy", "POLL_INTERVAL", "STATE_POLL_INTERVAL"]
 
 POLL_INTERVAL = 0.05  # seconds between health probes while waiting for `up`
 STATE_POLL_INTERVAL = 0.02  # seconds between reads of the state a daemon writes
+
+
+def finish_up(
+    engine: Engine,
+    results: list[UpResult],
+    wait: bool,
+    timeout: float,
+    on_progress: Progress | None,
+) -> list[UpResult]:
+    """The end of an `up` (with a daemon or without): with `wait`, until each
+    is healthy; StartFailed (exit 1) naming each instance that died or timed
+    out, with its exit code and last stderr lines."""
+    if wait:
+        wait_healthy(engine, results, timeout, on_progress)
+    failed = [r.error for r in results if r.error]
+    if failed:
+        raise StartFailed("\n".join(failed))
+    return results
 
 
 def wait_healthy(

@@ -12,7 +12,6 @@ replayed into every replica. Nothing is retried once the answer began.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import secrets
@@ -26,12 +25,12 @@ from llama_orchestrator.names import TAG_PREFIX, offers, tag_model, tag_set
 from llama_orchestrator.router.balance import (
     Replica,
     candidates,
-    hosts_of,
     lightest,
     model_names,
 )
 from llama_orchestrator.router.external import Externals
 from llama_orchestrator.router.front import Reply, Request, Stream
+from llama_orchestrator.router.listing import ModelList
 from llama_orchestrator.router.peers import HOP_HEADER
 from llama_orchestrator.router.pool import Exchange, Pool, PoolError
 from llama_orchestrator.router.slots import Refusal, Slots
@@ -61,8 +60,6 @@ _CORS = b"access-control-"
 #: llama-server's routes that compute nothing a slot holds: sent to an
 #: instance of the model named without waiting for a slot (method each takes)
 LIGHT = {"/tokenize": "POST", "/detokenize": "POST", "/props": "GET", "/slots": "GET"}
-#: how long /v1/models waits for an instance's own /v1/models (its `meta`)
-MODEL_INFO_TIMEOUT = 2.0
 _JSON = ("content-type", "application/json")
 
 
@@ -190,9 +187,7 @@ class Router:
     externals: Externals = field(default_factory=Externals)
 
     def __post_init__(self) -> None:
-        #: (instance, port) -> its /v1/models entry (with llama-server's `meta`),
-        #: asked once while it stays healthy
-        self._model_info: dict[tuple[str, int], dict[str, Any]] = {}
+        self.listing = ModelList(self._get, self.started)
         if self.slots is None:
             self.slots = Slots(self.settings, lambda: self.healthy().values())
         self._slots: Slots = self.slots
@@ -546,57 +541,12 @@ class Router:
         return Reply(status, body, raw_headers=pass_on(headers)[0])
 
     async def model_list(self) -> list[dict[str, Any]]:
-        """/v1/models: every model listed, with what its instance's own
-        /v1/models says of it (`meta`: parameters, context, size; `created`)."""
-        replicas = self.replicas()
-        live = {(r.name, r.port) for r in replicas}
-        for key in [k for k in self._model_info if k not in live]:
-            del self._model_info[key]  # gone, or restarted elsewhere: ask anew
-        todo = [
-            r
-            for r in replicas
-            if (r.name, r.port) not in self._model_info and not r.remote and r.peer is None
-        ]
-        for r, info in zip(
-            todo, await asyncio.gather(*(self._ask_model_info(r) for r in todo)), strict=True
-        ):
-            if info is not None:
-                self._model_info[(r.name, r.port)] = info
-        entries = []
-        for alias in self.models():
-            info = next(
-                (
-                    self._model_info[(r.name, r.port)]
-                    for r in replicas
-                    if r.alias == alias and (r.name, r.port) in self._model_info
-                ),
-                {},
-            )
-            created = info.get("created")
-            entry: dict[str, Any] = {
-                "id": alias,
-                "object": "model",
-                "created": created
-                if isinstance(created, int) and created > 0
-                else int(self.started),
-                "owned_by": "llama-orch",
-                "hosts": hosts_of(alias, replicas),  # "local" and the peers it runs on
-            }
-            if isinstance(info.get("meta"), dict):
-                entry["meta"] = info["meta"]
-            entries.append(entry)
-        return entries
+        """/v1/models (see `router.listing`)."""
+        return await self.listing.entries(self.models(), self.replicas())
 
-    async def _ask_model_info(self, r: Replica) -> dict[str, Any] | None:
-        """The first entry of `r`'s own /v1/models; None if it does not say in time."""
-        try:
-            _, _, raw = await asyncio.wait_for(
-                self._fetch(r, _own_request("GET", "/v1/models")), MODEL_INFO_TIMEOUT
-            )
-            data = json.loads(raw)["data"][0]
-        except (PoolError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError):
-            return None
-        return data if isinstance(data, dict) else None
+    async def _get(self, r: Replica, path: str) -> bytes:
+        """GET `path` of `r`, the answer's body."""
+        return (await self._fetch(r, _own_request("GET", path)))[2]
 
 
 def _own_request(method: str, target: str, body: str = "") -> Request:

@@ -9,281 +9,51 @@ functions the CLI uses.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, ClassVar
 
-from rich.cells import cell_len
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
-from textual.screen import ModalScreen, Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Log, Static
-from textual.worker import get_current_worker
 
-from llama_orchestrator.engine.logs import follow, tail_lines
 from llama_orchestrator.present import (
     GPU_COLUMNS,
     PLAN_RUN_COLUMNS,
     PLAN_STATE_STYLES,
     PLAN_TASK_COLUMNS,
-    STATE_STYLES,
-    backend_label,
     gpu_cells,
     on_demand_line,
     plan_run_cells,
     plan_task_cells,
-    state_label,
 )
-from llama_orchestrator.timefmt import human_duration
+from llama_orchestrator.tui.cells import (
+    COLUMNS,
+    HOST_COLUMNS,
+    cells,
+    fit_columns,
+    host_cells,
+    peer_detail,
+    styled,
+    sync_rows,
+)
 from llama_orchestrator.tui.data import DataSource, InstanceView, Snapshot, matches
+from llama_orchestrator.tui.screens import (
+    ConfirmScreen,
+    HelpScreen,
+    LogScreen,
+    LogTail,
+    TaskOutputScreen,
+)
 from llama_orchestrator.units import human_bytes
 
 __all__ = ["DashboardApp", "MIN_WIDTH", "MIN_HEIGHT"]
 
 MIN_WIDTH, MIN_HEIGHT = 70, 14
-HEALTH = {"healthy": "ok", "unhealthy": "failing", "starting": "loading"}
-COLUMNS = (
-    "NAME",
-    "STATE",
-    "HEALTH",
-    "PID",
-    "PORT",
-    "ALIAS",
-    "BACKEND",
-    "RESTARTS",
-    "UPTIME",
-    "CPU%",
-    "RSS",
-    "ACTIVE",
-    "TOK/S",
-    "NEXT TRY",
-)
-#: with peers' instances (`fleet`): where each runs, first
-HOST_COLUMNS = ("HOST", *COLUMNS)
-KEYS_HELP = """\
-[b]Keys[/b]
-  ↑/↓, mouse   select an instance
-  u            up: start the selected instance
-  d            down: stop it (asks first)
-  r            restart it (asks first)
-  l            full-screen logs of it (s: stdout/stderr, esc: back)
-  s            switch the log tail between stderr and stdout
-  /            filter by name, alias or state (esc clears)
-  e  g  p      events, GPU, plans pane (again: back to details)
-  in plans     ↑/↓ a run, tab to its tasks; o or enter: a task's output;
-               c cancel the run, t retry its failed tasks (both ask first)
-  ?            this help
-  q            quit
-"""
-
-
-def cells(v: InstanceView) -> tuple[Text | str, ...]:
-    """The table row of one instance (pure)."""
-    s = v.status
-    state = state_label(s)
-    backend = backend_label(s)
-    dash = "-"
-    return (
-        s["name"],
-        Text(state, style=STATE_STYLES.get(s["state"], "")),
-        HEALTH.get(s["state"], dash),
-        str(s["pid"] or dash),
-        str(s["port"] or dash),
-        s["alias"] or dash,
-        backend,
-        str(s["restarts"]),
-        human_duration(s["uptime_s"]),
-        dash if v.cpu_pct is None else f"{v.cpu_pct:.0f}",
-        dash if v.rss_mib is None else f"{v.rss_mib:.0f}M",
-        dash if v.active is None else str(v.active),
-        dash if v.tokens_per_s is None else f"{v.tokens_per_s:.1f}",
-        next_at[11:19] if (next_at := s["next_restart_at"]) else dash,  # HH:MM:SS of the ISO time
-    )
-
-
-def host_cells(v: InstanceView) -> tuple[Text | str, ...]:
-    """The row of one instance in a table with HOST (pure)."""
-    return (v.machine or "local", *cells(v))
-
-
-def peer_detail(v: InstanceView) -> str:
-    """What the detail pane says of a peer's instance: its row, and where to
-    manage it (its logs, config and actions are on that machine) (pure)."""
-    s = v.status
-    return "\n".join(
-        [
-            f"[b]{s['name']}[/b] on peer [b]{v.machine}[/b]  {state_label(s)}",
-            f"model   {(s.get('model_path') or '-').rsplit('/', 1)[-1]}",
-            f"listen  {s.get('host')}:{s.get('port')}  alias {s.get('alias')}",
-            f"gpu     {backend_label(s)}",
-            "",
-            f"It is managed on {v.machine}: `llama-orch --host <ssh address of {v.machine}> "
-            "dashboard` shows its logs and config and acts on it.",
-        ]
-    )
-
-
-def column_widths(labels: Sequence[str], rows: Iterable[Sequence[Text | str]]) -> list[int]:
-    """Each column's content width: its widest cell, at least its label (pure)."""
-    widths = [cell_len(label) for label in labels]
-    for row in rows:
-        for i, cell in enumerate(row):
-            text = (
-                Text.from_markup(cell) if isinstance(cell, str) else cell
-            )  # as DataTable draws it
-            widths[i] = max(widths[i], text.cell_len)
-    return widths
-
-
-def fit_columns(table: DataTable, rows: Sequence[Sequence[Text | str]]) -> None:
-    """Size the columns now, in the same call that changed the cells.
-
-    Textual measures them on the table's next idle, and a paint that came first
-    was cached with the labels' widths ("smok" for smoke-one) until a cell changed.
-    """
-    columns = table.ordered_columns
-    for column, width in zip(
-        columns, column_widths([c.label.plain for c in columns], rows), strict=True
-    ):
-        column.content_width = width
-
-
-def sync_rows(
-    table: DataTable, labels: Sequence[str], values: Mapping[str, Sequence[Text | str]]
-) -> bool:
-    """Make `table` show `values` (key -> cells) in order: rebuilt when the
-    keys changed (True), else only changed cells updated (no flicker, the
-    cursor stays)."""
-    wanted = list(values)
-    if wanted != [str(k.value) for k in table.rows]:
-        table.clear()
-        for key, row in values.items():
-            table.add_row(*row, key=key)
-        rebuilt = True
-    else:
-        for key, row in values.items():
-            for col, value in zip(labels, row, strict=True):
-                if str(table.get_cell(key, col)) != str(value):
-                    table.update_cell(key, col, value, update_width=True)
-        rebuilt = False
-    fit_columns(table, list(values.values()))
-    return rebuilt
-
-
-def styled(cells_: list[str], styles: dict[str, str]) -> list[Text | str]:
-    """The cells with the state (third column) coloured."""
-    return [*cells_[:2], Text(cells_[2], style=styles.get(cells_[2], "")), *cells_[3:]]
-
-
-class LogTail(Log):
-    """The last lines of one instance's log, following new ones (and rotation)."""
-
-    def show(self, source: DataSource, name: str, stream: str) -> None:
-        self.clear()
-        self.border_title = f"{name} {stream}"
-        self._tail(source, name, stream)
-
-    def say(self, title: str, line: str) -> None:
-        """No log to follow (a peer's instance): `line` instead."""
-        self.workers.cancel_group(self, "tail")
-        self.clear()
-        self.border_title = title
-        self.write_line(line)
-
-    @work(thread=True, exclusive=True, group="tail")
-    def _tail(self, source: DataSource, name: str, stream: str) -> None:
-        worker = get_current_worker()
-        path = source.log_paths(name)[stream]
-        lines = follow({stream: path}, should_stop=lambda: worker.is_cancelled, interval=0.25)
-        first = tail_lines(path, 300)
-        if first:
-            self.app.call_from_thread(self.write_lines, first)
-        for _, line in lines:
-            self.app.call_from_thread(self.write_line, line)
-
-
-class LogScreen(Screen[None]):
-    BINDINGS: ClassVar = [
-        Binding("escape,l,q", "app.pop_screen", "Back"),
-        Binding("s", "switch", "stdout/stderr"),
-    ]
-
-    def __init__(self, source: DataSource, name: str, stream: str) -> None:
-        super().__init__()
-        self.source, self.instance, self.stream = source, name, stream
-
-    def compose(self) -> ComposeResult:
-        yield LogTail(id="fulllog", highlight=False)
-        yield Footer()
-
-    def on_mount(self) -> None:
-        self.query_one(LogTail).show(self.source, self.instance, self.stream)
-
-    def action_switch(self) -> None:
-        self.stream = "stdout" if self.stream == "stderr" else "stderr"
-        self.query_one(LogTail).show(self.source, self.instance, self.stream)
-
-
-class TaskOutputScreen(Screen[None]):
-    """A plan task's output (a shell task's stderr after it), read once."""
-
-    BINDINGS: ClassVar = [Binding("escape,o,q", "app.pop_screen", "Back")]
-
-    def __init__(self, source: DataSource, run_id: str, task_id: str) -> None:
-        super().__init__()
-        self.source, self.run_id, self.task_id = source, run_id, task_id
-
-    def compose(self) -> ComposeResult:
-        yield Log(id="task-output", highlight=False)
-        yield Footer()
-
-    def on_mount(self) -> None:
-        log = self.query_one("#task-output", Log)
-        log.border_title = f"plan run {self.run_id}: task {self.task_id}"
-        self._load()
-
-    @work(thread=True)
-    def _load(self) -> None:
-        try:
-            output, stderr = self.source.task_output(self.run_id, self.task_id)
-        except Exception as exc:
-            output, stderr = f"cannot read the output: {exc}", None
-        lines = (output or "").splitlines() or ["(no output)"]
-        if stderr:
-            lines += ["", "--- stderr ---", *stderr.splitlines()]
-        self.app.call_from_thread(self._show, lines)
-
-    def _show(self, lines: list[str]) -> None:
-        with suppress(NoMatches):
-            self.query_one("#task-output", Log).write_lines(lines)
-
-
-class ConfirmScreen(ModalScreen[bool]):
-    BINDINGS: ClassVar = [
-        Binding("y", "answer(True)", "Yes"),
-        Binding("n,escape", "answer(False)", "No"),
-    ]
-
-    def __init__(self, question: str) -> None:
-        super().__init__()
-        self.question = question
-
-    def compose(self) -> ComposeResult:
-        yield Static(f"{self.question}\n\n[b]y[/b] yes    [b]n[/b] no", id="dialog")
-
-    def action_answer(self, yes: bool) -> None:
-        self.dismiss(yes)
-
-
-class HelpScreen(ModalScreen[None]):
-    BINDINGS: ClassVar = [Binding("escape,question_mark,q", "app.pop_screen", "Close")]
-
-    def compose(self) -> ComposeResult:
-        yield Static(KEYS_HELP, id="dialog")
 
 
 class DashboardApp(App[None]):
