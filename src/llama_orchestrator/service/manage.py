@@ -164,9 +164,9 @@ def _check_tools(t: Target, plan: sp.Plan, host: Host) -> None:
 def _stop_background_daemon(home: Home) -> list[sp.Step]:
     """A daemon `up` started would keep the service's daemon from taking the
     home's lock: stop it first (instances keep running; the service adopts them)."""
-    from llama_orchestrator.daemon.info import lock_is_held
+    from llama_orchestrator.home import daemon_lock_held
 
-    if not lock_is_held(home):
+    if not daemon_lock_held(home):
         return []
     return [
         sp.Run(
