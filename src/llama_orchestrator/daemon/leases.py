@@ -16,13 +16,12 @@ The decisions are `gpulease`'s, pure; `Leases` carries them out.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from llama_orchestrator.daemon.tasks import OwnedTasks
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gpus.leases import Card, choose, lease_env, occupants
 from llama_orchestrator.names import serves
@@ -52,7 +51,7 @@ class Leases:
     changed: Callable[[], None] = lambda: None
     #: the last discovery's cards (refreshed every REFRESH_S, off the loop)
     cards: list[GpuInfo] = field(default_factory=list)
-    _poll: asyncio.Task[None] | None = None
+    _tasks: OwnedTasks = field(default_factory=lambda: OwnedTasks("leases"))
 
     @property
     def store(self) -> Store:
@@ -67,13 +66,10 @@ class Leases:
         for leases in by_task.values():
             await self.end(leases, "the daemon restarted")
         await self.refresh()
-        self._poll = asyncio.create_task(self._refresh_often())
+        self._tasks.start(self._refresh_often, renew_after=REFRESH_S)
 
     async def close(self) -> None:
-        if self._poll is not None:
-            self._poll.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poll
+        await self._tasks.close()
 
     async def refresh(self) -> None:
         try:

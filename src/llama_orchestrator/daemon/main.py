@@ -182,6 +182,22 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         on_wait=metrics.queue_wait,
     )
     board.watch(slots.wake)  # a replica up (or freed): queued requests are served at once
+    usage = UsageWriter(lambda fn: effects.in_thread(lambda e: fn(e.store)))
+
+    def on_usage(record: UsageRecord) -> None:
+        usage.add(record)
+        metrics.upstream_usage(record)
+
+    externals = Externals(
+        on_usage=on_usage, on_event=lambda name, kind, msg: store.add_event(name, kind, msg)
+    )
+    upstreams = Upstreams(
+        effects.load_upstreams,
+        board,
+        externals,
+        lambda name, kind, msg: store.add_event(name, kind, msg),
+        getter(pool),
+    )
     sup = Supervisor(
         home,
         RunnerDeps(
@@ -192,18 +208,10 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
             on_health=metrics.health,
             loads=LoadGate(settings.loads.max_concurrent),
         ),
+        upstreams,
     )
     leases = Leases(sup, busy=slots.busy, changed=slots.wake)
     on_demand = OnDemand(sup, slots, settings, held=leases.holds_for)
-    usage = UsageWriter(lambda fn: effects.in_thread(lambda e: fn(e.store)))
-
-    def on_usage(record: UsageRecord) -> None:
-        usage.add(record)
-        metrics.upstream_usage(record)
-
-    externals = Externals(
-        on_usage=on_usage, on_event=lambda name, kind, msg: store.add_event(name, kind, msg)
-    )
     router = Router(
         settings.router,
         lambda: board.replicas,
@@ -213,13 +221,6 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         slots=slots,
         externals=externals,
         pool=pool,
-    )
-    sup.upstreams = Upstreams(
-        effects.load_upstreams,
-        board,
-        externals,
-        lambda name, kind, msg: store.add_event(name, kind, msg),
-        getter(pool),
     )
     peers = Peers(
         settings.peers,
@@ -289,7 +290,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     log.info(f"daemon {os.getpid()} started for {home.root}", extra={"data": {"address": address}})
     store.add_event(None, "daemon_started", f"daemon {os.getpid()} started")
     await usage.start(externals, time.time())  # the last day's spending, for the budgets
-    await sup.upstreams.start()
+    await upstreams.start()
     await sup.start()
     await leases.start()  # a killed daemon's leases given back, what yielded restored
     on_demand.start()
@@ -317,7 +318,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         with contextlib.suppress(FileNotFoundError):
             home.daemon_info.unlink()
         await plans.shutdown()  # runs stay open in the database: the next daemon resumes them
-        await sup.upstreams.close()
+        await upstreams.close()
         await usage.close()  # what upstream requests cost, all of it written
         await on_demand.close()
         await peers.close()

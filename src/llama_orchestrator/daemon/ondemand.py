@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 from llama_orchestrator.config.fit import demand, on_cards
 from llama_orchestrator.config.instance import InstanceConfig
@@ -24,6 +24,7 @@ from llama_orchestrator.config.validate import offered_names
 from llama_orchestrator.daemon.effects import Effects, changed_within
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.daemon.swap import Member, StartPlan, idle_due, plan_start
+from llama_orchestrator.daemon.tasks import OwnedTasks
 from llama_orchestrator.engine.results import exit_text
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.models.catalog import model_file
@@ -65,19 +66,14 @@ class OnDemand:
         self._written: dict[str, float] = {}
         self._changed = asyncio.Event()  # a request ended or an instance stopped
         self._waiting = 0  # starts waiting for room
-        self._tasks: set[asyncio.Task[None]] = set()  # idle stops under way, the loop
+        self._tasks = OwnedTasks("on-demand")  # the idle loop, idle stops under way
 
     def start(self) -> None:
-        self._own(self._loop())
-
-    def _own(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        self._tasks.start(self._loop, renew_after=1.0)
 
     async def close(self) -> None:
-        for task in [*self._tasks, *self.starting.values()]:
+        await self._tasks.close()
+        for task in self.starting.values():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -279,7 +275,7 @@ class OnDemand:
             )
             self.sup.runner(name).drain()  # at once: no request may reach it any more
             self.stopping.add(name)
-            self._own(self._stop(name))
+            self._tasks.start(partial(self._stop, name))
         for model in self.slots.waiting_models():  # e.g. after a user's `down`
             if not candidates(model, self.slots.replicas()):
                 self.wake(model)

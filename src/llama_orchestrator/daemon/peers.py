@@ -13,18 +13,19 @@ retried on another replica (the router's rule). It is asked again every
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from llama_orchestrator.config.settings import PeerSettings
 from llama_orchestrator.daemon.board import Board
+from llama_orchestrator.daemon.tasks import OwnedTasks
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.router.peers import STATE_PATH, names_of, parse_state, replicas_of
 from llama_orchestrator.router.pool import Pool, PoolError
@@ -78,17 +79,14 @@ class Peers:
         self.states = {p.name: PeerState(p.url) for p in peers}
         self._published: dict[str, set[str]] = {p.name: set() for p in peers}
         self._names: dict[str, set[str]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = OwnedTasks("peers")  # one watch per peer
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._watch(p)) for p in self.peers]
+        for p in self.peers:
+            self._tasks.start(partial(self._watch, p), key=p.name, renew_after=1.0)
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await self._tasks.close()
         for p in self.peers:
             self._withdraw(p.name, set())
 

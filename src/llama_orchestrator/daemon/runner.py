@@ -44,6 +44,7 @@ from llama_orchestrator.daemon.commands import (
 )
 from llama_orchestrator.daemon.effects import Effects, changed_within
 from llama_orchestrator.daemon.loads import LoadGate
+from llama_orchestrator.daemon.tasks import OwnedTasks
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.policy import Ending, RestartBook, after_exit
 from llama_orchestrator.engine.process import ProcRef
@@ -116,7 +117,7 @@ class InstanceRunner:
         #: a start waiting for a load slot: (fresh, eager), as its Start said
         self._queued: tuple[bool, bool] | None = None
         #: "probe", "exit", "restart", "stop", "load"
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks = OwnedTasks(name, sleep=deps.effects.sleep)
         self._due = 0  # the token of the restart timer that counts
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -279,34 +280,12 @@ class InstanceRunner:
     def _own(self, key: str, make: Callable[[], Awaitable[None]], again: bool = False) -> None:
         """Run make() as the task `key` (replacing one before). No task dies
         in silence: a failure is logged and, with `again`, the task is made
-        anew a moment later (as long as nothing replaced it meanwhile)."""
-        self._cancel(key)
-        task = asyncio.ensure_future(make())
-        self._tasks[key] = task
-
-        def done(t: asyncio.Task[None]) -> None:
-            mine = self._tasks.get(key) is t
-            if mine:
-                del self._tasks[key]
-            if t.cancelled() or t.exception() is None:
-                return
-            log.error(f"{self.name}: the {key} task failed", exc_info=t.exception())
-            if again and mine:
-                asyncio.ensure_future(self._renew(key, make, self._ref))
-
-        task.add_done_callback(done)
-
-    async def _renew(self, key: str, make: Callable[[], Awaitable[None]], ref: Any) -> None:
-        """A failed task made anew, unless its process changed or it was replaced."""
-        await self._fx.sleep(TASK_RETRY_S)
-        if self._ref == ref and key not in self._tasks:
-            log.info(f"{self.name}: the {key} task runs again")
-            self._own(key, make, again=True)
+        anew a moment later (unless replaced or cancelled meanwhile: a new
+        process replaces its watches)."""
+        self._tasks.start(make, key=key, renew_after=TASK_RETRY_S if again else None)
 
     def _cancel(self, key: str) -> None:
-        task = self._tasks.pop(key, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        self._tasks.cancel(key)
 
     def _quiet(self) -> None:
         """Forget the watched process: no health checks, no restart pending."""
@@ -470,7 +449,7 @@ class InstanceRunner:
             return  # stopped meanwhile: the stop gave the slot back
         fresh, eager = self._queued
         self._queued = None
-        self._tasks.pop("load", None)
+        self._tasks.forget("load")
         row = self._row()
         if row.state != S.QUEUED or row.desired != Desired.RUNNING:
             self._d.loads.leave(self.name)
@@ -480,7 +459,7 @@ class InstanceRunner:
     async def _restart_due(self, token: int) -> None:
         if token != self._due:
             return  # a later command replaced this timer
-        self._tasks.pop("restart", None)
+        self._tasks.forget("restart")
         row = self._row()
         if row.state != S.BACKOFF or row.desired != Desired.RUNNING:
             return

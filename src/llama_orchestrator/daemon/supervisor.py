@@ -23,6 +23,7 @@ from llama_orchestrator.config.instance import InstanceConfig
 from llama_orchestrator.config.validate import offered_names
 from llama_orchestrator.daemon.commands import Adopt, Remove, Resume, Start, Stop
 from llama_orchestrator.daemon.runner import InstanceRunner, RunnerDeps
+from llama_orchestrator.daemon.tasks import OwnedTasks
 from llama_orchestrator.daemon.upstreams import Upstreams
 from llama_orchestrator.engine.results import UpResult
 from llama_orchestrator.engine.status import StatusReply, with_loads, with_upstreams
@@ -41,7 +42,7 @@ log = logging.getLogger("llama_orchestrator.daemon")
 
 
 class Supervisor:
-    def __init__(self, home: Home, deps: RunnerDeps) -> None:
+    def __init__(self, home: Home, deps: RunnerDeps, upstreams: Upstreams | None = None) -> None:
         self.home = home
         self.deps = deps
         self.store = deps.store
@@ -49,8 +50,8 @@ class Supervisor:
         self._runners: dict[str, InstanceRunner] = {}
         self._configs: dict[str, InstanceConfig] = {}
         #: the external upstreams the daemon checks (shown by `ps`)
-        self.upstreams: Upstreams | None = None
-        self._housekeeping: asyncio.Task[None] | None = None
+        self.upstreams = upstreams
+        self._tasks = OwnedTasks("supervisor", sleep=deps.effects.sleep)  # housekeeping
 
     # --- runners --------------------------------------------------------------
 
@@ -115,7 +116,7 @@ class Supervisor:
                 await self.up([name])
             except OrchError as exc:  # a broken config, a port taken meanwhile, ...
                 self.store.add_event(name, "start_failed", f"daemon start: {exc}")
-        self._housekeeping = asyncio.create_task(self._housekeep())
+        self._tasks.start(self._housekeep, key="housekeeping", renew_after=STATE_WRITE_INTERVAL)
 
     async def _orphans(self) -> None:
         """This home's llama-server processes that no row owns (a daemon killed
@@ -200,8 +201,7 @@ class Supervisor:
     async def shutdown(self, stop_instances: bool) -> None:
         """Stop supervising. The instances keep running (a later daemon adopts
         them) unless `stop_instances`."""
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
+        await self._tasks.close()
         if stop_instances:
             rows = await self.effects.rows()
             await self.down([r.name for r in rows if r.state in RUNNING_STATES])

@@ -12,17 +12,18 @@ event loop (`UsageWriter`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from llama_orchestrator.config.upstream import UpstreamConfig
 from llama_orchestrator.daemon.board import Board
+from llama_orchestrator.daemon.tasks import OwnedTasks
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.router.external import Externals
@@ -119,12 +120,11 @@ class Upstreams:
         self._get = get
         self.states: dict[str, UpstreamState] = {}
         self._configs: dict[str, tuple[UpstreamConfig, Path]] = {}
-        self._watches: dict[str, asyncio.Task[None]] = {}
-        self._poller: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks("upstreams")  # the config poll, one watch per upstream
 
     async def start(self) -> None:
         await self.refresh()
-        self._poller = asyncio.create_task(self._poll())
+        self._tasks.start(self._poll, key="poll", renew_after=CONFIG_POLL_S)
 
     async def refresh(self) -> None:
         """Read the configs again: watch new or changed upstreams, forget removed ones."""
@@ -138,27 +138,20 @@ class Upstreams:
             self._configs[name] = (cfg, folder)
             self.externals.set(name, cfg, folder)
             self.states[name] = UpstreamState(cfg.upstream.url)
-            self._watches[name] = asyncio.create_task(self._watch(name, cfg))
+            self._tasks.start(partial(self._watch, name, cfg), key=name, renew_after=1.0)
         self.board.remote_known = {
             n for name, (cfg, _) in configs.items() for n in _names(name, cfg)
         }
 
     def _forget(self, name: str) -> None:
-        task = self._watches.pop(name, None)
-        if task is not None:
-            task.cancel()
+        self._tasks.cancel(name)
         self._configs.pop(name, None)
         self.states.pop(name, None)
         self.externals.drop(name)
         self.board.publish(name, None)
 
     async def close(self) -> None:
-        tasks = [t for t in (self._poller, *self._watches.values()) if t is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await self._tasks.close()
 
     async def _poll(self) -> None:
         while True:
@@ -229,7 +222,7 @@ class UsageWriter:
     def __init__(self, in_thread: Callable[[Callable[[Store], Any]], Awaitable[Any]]) -> None:
         self._in_thread = in_thread
         self._pending: list[UsageRecord] = []
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks("usage writer")
 
     def add(self, record: UsageRecord) -> None:
         self._pending.append(record)
@@ -237,7 +230,7 @@ class UsageWriter:
     async def start(self, externals: Externals, now: float) -> None:
         for u in await self._in_thread(lambda store: store.usage(since=now - DAY_S)):
             externals.spending.add(u.upstream, u.ts, u.cost)
-        self._task = asyncio.create_task(self._run())
+        self._tasks.start(self._run, renew_after=USAGE_FLUSH_S)
 
     async def _run(self) -> None:
         while True:
@@ -255,8 +248,5 @@ class UsageWriter:
             self._pending[:0] = batch
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._tasks.close()
         await self.flush()
