@@ -245,6 +245,9 @@ class FakeEffects:
     async def load_configs(self) -> dict[str, InstanceConfig]:
         return dict(self.configs)
 
+    async def load_upstreams(self) -> dict[str, tuple[Any, Path]]:
+        return {}  # the upstreams' own tests run on a real daemon
+
     async def gpus(self) -> list[GpuInfo]:
         return self.cards()
 

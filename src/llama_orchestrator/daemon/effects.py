@@ -111,6 +111,9 @@ class Effects(Protocol):
     async def gpus(self) -> list[GpuInfo]:
         """The GPUs now, with their free memory."""
 
+    async def load_upstreams(self) -> dict[str, tuple[UpstreamConfig, Path]]:
+        """The external upstreams' configs (those that parse), with their folders."""
+
     async def model(self, path: Path) -> ModelInfo:
         """A model file's metadata (raises ModelError or OSError)."""
 

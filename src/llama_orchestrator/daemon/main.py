@@ -136,24 +136,11 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     import uvicorn
 
     from llama_orchestrator.daemon.api import build_app
-    from llama_orchestrator.daemon.board import Board
     from llama_orchestrator.daemon.effects import LiveEffects
-    from llama_orchestrator.daemon.hosttasks import HostTasks
-    from llama_orchestrator.daemon.leases import Leases
-    from llama_orchestrator.daemon.loads import LoadGate
     from llama_orchestrator.daemon.metrics import Metrics
-    from llama_orchestrator.daemon.ondemand import OnDemand
-    from llama_orchestrator.daemon.peers import Peers
-    from llama_orchestrator.daemon.plans import PlanRunner
-    from llama_orchestrator.daemon.runner import RunnerDeps
-    from llama_orchestrator.daemon.supervisor import Supervisor
-    from llama_orchestrator.daemon.upstreams import Upstreams, UsageWriter, getter
+    from llama_orchestrator.daemon.parts import Parts
     from llama_orchestrator.engine.views import status_reply
-    from llama_orchestrator.router.external import Externals
     from llama_orchestrator.router.pool import Pool
-    from llama_orchestrator.router.proxy import Router
-    from llama_orchestrator.router.slots import Slots
-    from llama_orchestrator.store.rows import UsageRecord
 
     _Server = _quiet_server()
 
@@ -166,72 +153,14 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         if metrics is not None:
             metrics.event(instance, kind)
 
-    # Built in the order they need each other: no part is handed another
-    # after construction; what changes later reaches the others through the
-    # board's watchers.
     settings = load_settings(home.settings_path)
     pool = Pool()  # the one HTTP client: forwarding, probes, upstream checks, peers
     effects = LiveEffects(home, pool, on_event=on_event)
     store = effects.engine().store  # the loop thread's connection
-    metrics = Metrics(store)
-    board = Board()  # who takes requests now, and the names configs offer
-    slots = Slots(
-        settings.router,
-        lambda: board.replicas.values(),
-        clock=effects.now,
-        on_wait=metrics.queue_wait,
+    parts = Parts.build(
+        home, settings, effects, pool, store, lambda fn: effects.in_thread(lambda e: fn(e.store))
     )
-    board.watch(slots.wake)  # a replica up (or freed): queued requests are served at once
-    usage = UsageWriter(lambda fn: effects.in_thread(lambda e: fn(e.store)))
-
-    def on_usage(record: UsageRecord) -> None:
-        usage.add(record)
-        metrics.upstream_usage(record)
-
-    externals = Externals(
-        on_usage=on_usage, on_event=lambda name, kind, msg: store.add_event(name, kind, msg)
-    )
-    upstreams = Upstreams(
-        effects.load_upstreams,
-        board,
-        externals,
-        lambda name, kind, msg: store.add_event(name, kind, msg),
-        getter(pool),
-    )
-    sup = Supervisor(
-        home,
-        RunnerDeps(
-            store,
-            effects,
-            board,
-            slots.settle,
-            on_health=metrics.health,
-            loads=LoadGate(settings.loads.max_concurrent),
-        ),
-        upstreams,
-    )
-    leases = Leases(sup, busy=slots.busy, changed=slots.wake)
-    on_demand = OnDemand(sup, slots, settings, held=leases.holds_for)
-    router = Router(
-        settings.router,
-        lambda: board.replicas,
-        board.names,
-        metrics.router_hooks(),
-        loader=on_demand,
-        slots=slots,
-        externals=externals,
-        pool=pool,
-    )
-    peers = Peers(
-        settings.peers,
-        home.root,
-        board,
-        pool,
-        router.in_flight,
-        lambda name, kind, msg: store.add_event(name, kind, msg),
-        clock=effects.now,
-    )
-    metrics.watch_router(router)
+    metrics, sup, router = parts.metrics, parts.sup, parts.router
 
     async def status_view() -> StatusReply:
         """`ps` through the daemon: the same view, made here, where the configs
@@ -242,14 +171,6 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         return list((await status_view()).instances)  # type: ignore[arg-type]
 
     router_server, router_url, router_error = _router(home, router, store, metrics, instance_rows)
-    plans = PlanRunner(
-        home,
-        store,
-        router,
-        lambda: board.names() if peers.all_seen() else None,
-        leases=leases,
-        hosts=HostTasks(settings.peers),
-    )
     sock = platform.bind_control(home.daemon_socket)
     transport = platform.CONTROL_TRANSPORT
     token = secrets.token_urlsafe(32) if transport == "tcp" else None
@@ -266,7 +187,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         sup,
         effects.engine(),
         metrics,
-        plans,
+        parts.plans,
         started_at=started_at,
         address=address,
         token=token,
@@ -274,7 +195,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
         status_view=status_view,
         router_url=router_url,
         router_error=router_error,
-        peers=peers.to_json,
+        peers=parts.peers.to_json,
     )
     server = _Server(
         uvicorn.Config(
@@ -289,13 +210,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     platform.on_stop_signals(on_signal)
     log.info(f"daemon {os.getpid()} started for {home.root}", extra={"data": {"address": address}})
     store.add_event(None, "daemon_started", f"daemon {os.getpid()} started")
-    await usage.start(externals, time.time())  # the last day's spending, for the budgets
-    await upstreams.start()
-    await sup.start()
-    await leases.start()  # a killed daemon's leases given back, what yielded restored
-    on_demand.start()
-    peers.start()
-    await plans.start()
+    await parts.start()
     write_info(
         home,
         DaemonInfo(
@@ -317,18 +232,12 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             home.daemon_info.unlink()
-        await plans.shutdown()  # runs stay open in the database: the next daemon resumes them
-        await upstreams.close()
-        await usage.close()  # what upstream requests cost, all of it written
-        await on_demand.close()
-        await peers.close()
-        await leases.close()
-        await sup.shutdown(stop_instances)  # drains the router's replicas on --all
+        await parts.stop(stop_instances)  # drains the router's replicas on --all
         if router_task is not None:
             router_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await router_task
-        await router.close()
+        await parts.close()
         if transport == "unix":
             with contextlib.suppress(FileNotFoundError):
                 home.daemon_socket.unlink()
