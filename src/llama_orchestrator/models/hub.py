@@ -200,15 +200,20 @@ def download(
         with WeakFileLock(part.with_name(part.name + ".lock")), open(part, "ab") as f:
             done = resumed = f.tell()
             progress.start(file.name, size, done)
-            if size is None or done < size:
-                disable_progress_bars("huggingface_hub.http_get")  # `progress` draws ours
-                http_get(
-                    meta.location or url,
-                    _Counted(f, progress),  # type: ignore[arg-type]
-                    resume_size=done,
-                    headers=headers,
-                    expected_size=size,
-                )
+            try:
+                if size is None or done < size:
+                    disable_progress_bars("huggingface_hub.http_get")  # `progress` draws ours
+                    http_get(
+                        meta.location or url,
+                        _Counted(f, progress),  # type: ignore[arg-type]
+                        resume_size=done,
+                        headers=headers,
+                        expected_size=size,
+                    )
+            except KeyboardInterrupt:
+                # what the kept file holds: ^C may land between a write and its count
+                progress.reset(f.tell())
+                raise
     return part, resumed
 
 
