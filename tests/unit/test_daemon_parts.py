@@ -142,3 +142,30 @@ def test_a_daemon_starting_while_a_cli_looks_at_the_lock_takes_it_after_the_look
     assert mine is not None  # taken once the look ended
     assert take_lock(home) is None  # a daemon that holds it is no look: it gives way
     mine.close()
+
+
+def test_a_daemon_that_is_up_is_given_way_to_at_once(tmp_path, monkeypatch):
+    """A second `up`'s daemon finds the first one's lock and address: it gives
+    way without waiting, or it would outwait the first and start after it."""
+    import os
+
+    from llama_orchestrator import platform
+    from llama_orchestrator.daemon import info
+    from llama_orchestrator.engine.process import create_time_of
+    from llama_orchestrator.home import Home
+
+    home = Home(tmp_path)
+    home.state_dir.mkdir(parents=True, exist_ok=True)
+    held = platform.try_lock(home.daemon_lock)  # the first daemon, up
+    assert held is not None
+    me = os.getpid()
+    info.write_info(home, info.DaemonInfo(me, create_time_of(me), 0.0, "unix", "x.sock"))
+
+    def waited(_: float) -> None:
+        raise AssertionError("the second daemon waited for the lock")
+
+    monkeypatch.setattr(info.time, "sleep", waited)
+    try:
+        assert info.take_lock(home) is None
+    finally:
+        held.close()

@@ -61,18 +61,21 @@ def _read(home: Home) -> DaemonInfo | None:
         return None
 
 
-#: how long a daemon that finds the lock taken tries again before it gives way
-LOCK_GRACE_S = 1.0
+#: how long a daemon that finds the lock taken, and no daemon's address,
+#: tries again before it gives way
+LOCK_GRACE_S = 0.5
 
 
 def take_lock(home: Home) -> Any:
     """The home's daemon lock, or None while another daemon holds it. A CLI
     that asks whether a daemon runs (`daemon_lock_held`) holds the lock for a
     moment to find out: a daemon starting in that moment tries again rather
-    than take the asker for a daemon (seen under load, right after a stop)."""
+    than take the asker for a daemon (seen under load, right after a stop).
+    A daemon that is up (its address written) is given way to at once: a
+    second `up`'s daemon must not outwait it and start after it stops."""
     deadline = time.monotonic() + LOCK_GRACE_S
     while (lock := try_lock(home.daemon_lock)) is None:
-        if time.monotonic() > deadline:
+        if running(home) is not None or time.monotonic() > deadline:
             return None
         time.sleep(0.01)
     return lock
