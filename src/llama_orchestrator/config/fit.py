@@ -78,7 +78,7 @@ def overcommits(demands: dict[str, dict[int, int]], gpus: list[GpuInfo]) -> list
     for dev in devices:
         gpu = by_index.get(dev)
         if gpu is None:
-            continue  # a missing card is reported by gpuwatch, not as a fit problem
+            continue  # a missing card is reported by gpus.alerts, not as a fit problem
         users = tuple((name, per[dev]) for name, per in demands.items() if dev in per)
         needed = sum(b for _, b in users)
         total = gpu.memory_total_mib * MIB

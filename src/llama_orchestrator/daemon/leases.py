@@ -11,7 +11,7 @@ than refusing them. Leases are rows of the state database: a daemon killed
 mid-lease gives the cards back at its next start and restores what yielded
 (the plan runner runs the task again, which asks anew).
 
-The decisions are `gpulease`'s, pure; `Leases` carries them out.
+The decisions are pure, in `gpus.leases`; `Leases` carries them out.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class Description(InstanceStatus, total=False):
 @dataclass
 class StatusReply:
     """`ps`: every instance's status view, and warnings about the cards they use
-    (made by `Engine.status`, here or in the daemon, which sends it as is)."""
+    (made by `engine.views.status_reply`, here or in the daemon, which sends it as is)."""
 
     instances: list[InstanceStatus]
     warnings: list[str] = field(default_factory=list)

@@ -88,7 +88,7 @@ class GpuInfo:
     #: the index llama.cpp's Vulkan backend gives this card (GGML_VK_VISIBLE_DEVICES)
     vulkan_index: int | None = None
     instances: list[str] = field(default_factory=list)
-    #: where it is in its life (`gpulease.CARD_STATES`), and its script's lease
+    #: where it is in its life (`gpus.leases.CARD_STATES`), and its script's lease
     state: str | None = None
     lease: dict[str, Any] | None = None
 

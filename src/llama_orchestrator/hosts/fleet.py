@@ -1,6 +1,6 @@
 """Every host's instances, for `ps --all-hosts` and the dashboard: this
 machine's, and each peer's (`"peers"` in llama-orch.json) as its own `ps`
-shows them, asked of the peer's router (`peers.INSTANCES_PATH`) with the
+shows them, asked of the peer's router (`router.peers.INSTANCES_PATH`) with the
 key this machine holds for it, all peers at once.
 
 A peer that does not answer is no error: its rows are missing and the
