@@ -27,7 +27,9 @@ def test_overcommit_names_instances_and_numbers():
         "GPU 0 (NVIDIA GeForce GTX 1060 6GB, 6.0 GB) cannot hold qwen (3.5 GB) + llama (3.0 GB) = 6.5 GB"
         in msg
     )
-    assert overcommits({"a": {9: 10 * GIB}}, cards()) == []  # missing cards are gpus.alerts' business
+    assert (
+        overcommits({"a": {9: 10 * GIB}}, cards()) == []
+    )  # missing cards are gpus.alerts' business
 
 
 @pytest.fixture()
