@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         here = args[:2] == ["system", "remote"]  # sent by another machine: run it here
         if here:
-            args = _far_end(" ".join(args[2:]))
+            args = _far_end(args[2] if len(args) == 3 else "")  # one word, or none of ours
             debug = "--debug" in args
         if not here and (target := _elsewhere(args)) is not None:
             from llama_orchestrator.hosts import ssh

@@ -10,7 +10,6 @@ start goes through `up`'s checks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -61,22 +60,18 @@ class OnDemand:
         self.queue_timeout = settings.router.queue_timeout
         self.fx: Effects = sup.effects
         self.max_running = {g: s.max_running for g, s in settings.groups.items()}
-        self.starting: dict[str, asyncio.Task[None]] = {}
+        self.starting: set[str] = set()  # on their way up (each a task of _tasks)
         self.stopping: set[str] = set()
         self._written: dict[str, float] = {}
         self._changed = asyncio.Event()  # a request ended or an instance stopped
         self._waiting = 0  # starts waiting for room
-        self._tasks = OwnedTasks("on-demand")  # the idle loop, idle stops under way
+        self._tasks = OwnedTasks("on-demand")  # the idle loop, starts and idle stops
 
     def start(self) -> None:
         self._tasks.start(self._loop, renew_after=1.0)
 
     async def close(self) -> None:
         await self._tasks.close()
-        for task in self.starting.values():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     # --- the router's Loader --------------------------------------------------
 
@@ -102,7 +97,8 @@ class OnDemand:
             if name in self.starting or name in self.stopping or self.sup.active(name):
                 return loads[name]
         name = names[0]
-        self.starting[name] = asyncio.create_task(self._bring_up(name, model))
+        self.starting.add(name)
+        self._tasks.start(partial(self._bring_up, name, model))
         return loads[name]
 
     def _notify(self) -> None:
@@ -168,7 +164,7 @@ class OnDemand:
             store.add_event(name, "start_failed", f"on-demand start: {exc}")
             self._give_up(name, cfg, f"'{model}' cannot start: {exc}")
         finally:
-            self.starting.pop(name, None)
+            self.starting.discard(name)
             self._notify()  # no longer busy: a start waiting for room may go on
 
     def _give_up(self, name: str, cfg: InstanceConfig, message: str) -> None:

@@ -99,11 +99,10 @@ class Parts:
             effects,
             board,
             slots.settle,
+            rng=rng or random.Random(),
             on_health=metrics.health,
             loads=LoadGate(settings.loads.max_concurrent),
         )
-        if rng is not None:
-            deps.rng = rng
         sup = Supervisor(home, deps, upstreams)
         leases = Leases(sup, busy=slots.busy, changed=slots.wake)
         on_demand = OnDemand(sup, slots, settings, held=leases.holds_for)

@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from llama_orchestrator.config.settings import PeerSettings
 from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.tasks import OwnedTasks
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.router.peers import STATE_PATH, names_of, parse_state, replicas_of
-from llama_orchestrator.router.pool import Pool, PoolError
+from llama_orchestrator.router.pool import Pool, PoolError, origin
 from llama_orchestrator.upstreams import read_key
 
 __all__ = ["Peers", "PeerState"]
@@ -119,9 +118,7 @@ class Peers:
         except OrchError as exc:
             self._lost(peer)
             return exc.message
-        parts = urlsplit(peer.url)
-        tls = parts.scheme == "https"
-        host, port = parts.hostname or "", parts.port or (443 if tls else 80)
+        host, port, tls = origin(peer.url)
         headers = {"Accept": "application/json"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
@@ -168,9 +165,7 @@ class Peers:
         """Off the board, and its connections dropped (see the module's doc)."""
         self._withdraw(peer.name, set())
         self.states[peer.name].instances = []
-        parts = urlsplit(peer.url)
-        tls = parts.scheme == "https"
-        self.pool.abort(parts.hostname or "", parts.port or (443 if tls else 80), tls)
+        self.pool.abort(*origin(peer.url))
 
     def _withdraw(self, peer: str, keep: set[str]) -> None:
         for name in self._published.get(peer, set()) - keep:

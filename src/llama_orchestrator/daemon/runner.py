@@ -184,7 +184,7 @@ class InstanceRunner:
         Its load slot is not given back: the daemon is going, and nothing
         else may start on the way."""
         self._quiet()
-        self._cancel("load")
+        self._tasks.cancel("load")
         self._d.board.publish(self.name, None)
         if self._task is not None:
             self._task.cancel()
@@ -284,13 +284,10 @@ class InstanceRunner:
         process replaces its watches)."""
         self._tasks.start(make, key=key, renew_after=TASK_RETRY_S if again else None)
 
-    def _cancel(self, key: str) -> None:
-        self._tasks.cancel(key)
-
     def _quiet(self) -> None:
         """Forget the watched process: no health checks, no restart pending."""
         for key in ("probe", "exit", "restart"):
-            self._cancel(key)
+            self._tasks.cancel(key)
         self._ref = None
         self._watch = None
         self._unhealthy_stop = self._stop_owed = False
@@ -419,7 +416,7 @@ class InstanceRunner:
         self, row: InstanceRow, turn: asyncio.Future[None], fresh: bool, eager: bool
     ) -> None:
         """Wait for a load slot (`daemon.loads`): `queued` until the turn comes."""
-        self._cancel("restart")
+        self._tasks.cancel("restart")
         self._due += 1
         self._queued = (fresh, eager)
         k, n = self._d.loads.position(self.name) or [0, 0]
@@ -440,7 +437,7 @@ class InstanceRunner:
 
     def _unqueue(self) -> None:
         """Hold no load slot and wait for none (stopped, removed, loaded, dead)."""
-        self._cancel("load")
+        self._tasks.cancel("load")
         self._queued = None
         self._d.loads.leave(self.name)
 
@@ -529,7 +526,7 @@ class InstanceRunner:
             self._stop_owed = False
             # the exit watch sees it go, and the policy decides what follows
             self._unhealthy_stop = True
-            self._cancel("probe")  # no more checks of a process on its way out
+            self._tasks.cancel("probe")  # no more checks of a process on its way out
             self._own("stop", lambda: self._stop_unhealthy(c.ref, cfg.stop_timeout))
 
     async def _stop_unhealthy(self, ref: ProcRef, grace: float) -> None:

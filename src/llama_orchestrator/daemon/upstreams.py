@@ -27,7 +27,7 @@ from llama_orchestrator.daemon.tasks import OwnedTasks
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.router.external import Externals
-from llama_orchestrator.router.pool import Pool
+from llama_orchestrator.router.pool import Pool, origin
 from llama_orchestrator.store.database import Store
 from llama_orchestrator.store.rows import UsageRecord
 from llama_orchestrator.upstreams import DAY_S, check_delay
@@ -68,17 +68,16 @@ class UpstreamState:
 
 def replica_of(name: str, cfg: UpstreamConfig) -> Replica:
     """What the router sees of an upstream that answers."""
-    parts = urlsplit(cfg.upstream.url)
-    tls = parts.scheme == "https"
+    host, port, tls = origin(cfg.upstream.url)
     return Replica(
         name=name,
         alias=cfg.alias_or(name),
         tags=tuple(cfg.tags),
-        host=parts.hostname or "",
-        port=parts.port or (443 if tls else 80),
+        host=host,
+        port=port,
         slots=cfg.upstream.max_concurrent,
         remote=cfg.remote_model(name),
-        base=parts.path.rstrip("/"),
+        base=urlsplit(cfg.upstream.url).path.rstrip("/"),
         tls=tls,
     )
 
@@ -87,13 +86,8 @@ def getter(pool: Pool) -> Getter:
     """GET through the daemon's one HTTP client (redirects not followed)."""
 
     async def get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, str]:
-        parts = urlsplit(url)
-        tls = parts.scheme == "https"
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        port = parts.port or (443 if tls else 80)
         try:
-            ask = pool.fetch(parts.hostname or "", port, "GET", target, headers, tls=tls)
-            status, body = await asyncio.wait_for(ask, timeout)
+            status, body = await asyncio.wait_for(pool.fetch_url(url, "GET", headers), timeout)
         except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
             raise OSError(f"no answer within {timeout:g}s") from None
         return status, body[:300]

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from llama_orchestrator.config.settings import PeerSettings
 from llama_orchestrator.errors import OrchError
@@ -66,14 +65,10 @@ async def ask_peer(pool: Pool, peer: PeerSettings, home_root: Path) -> list[dict
     """The peer's rows, or why not (one phrase)."""
     from llama_orchestrator.upstreams import read_key
 
-    parts = urlsplit(peer.url)
-    tls = parts.scheme == "https"
     try:
         key = read_key(f"peer '{peer.name}'", peer.api_key_env, peer.api_key_file, home_root)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        host, port = parts.hostname or "", parts.port or (443 if tls else 80)
-        target = parts.path.rstrip("/") + INSTANCES_PATH
-        ask = pool.fetch(host, port, "GET", target, headers, tls=tls)
+        ask = pool.fetch_url(peer.url.rstrip("/") + INSTANCES_PATH, "GET", headers)
         status, body = await asyncio.wait_for(ask, peer.timeout)
     except OrchError as exc:
         return exc.message

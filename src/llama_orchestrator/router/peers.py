@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from llama_orchestrator import __version__
 from llama_orchestrator.names import tag_model
 from llama_orchestrator.router.balance import Replica
+from llama_orchestrator.router.pool import origin
 
 __all__ = [
     "STATE_PATH",
@@ -119,8 +119,7 @@ def replicas_of(
     """The replicas a peer's state gives, by name: one per (alias, tags) it
     serves, its slots what the peer's own clients leave free (the peer's
     in-flight count includes `ours`, this router's requests there now)."""
-    parts = urlsplit(url)
-    tls = parts.scheme == "https"
+    host, port, tls = origin(url)
     groups: dict[tuple[str, tuple[str, ...]], list[PeerInstance]] = {}
     for i in instances:
         groups.setdefault((i.alias, tuple(sorted(i.tags))), []).append(i)
@@ -132,8 +131,8 @@ def replicas_of(
             name=name,
             alias=alias,
             tags=tags,
-            host=parts.hostname or "",
-            port=parts.port or (443 if tls else 80),
+            host=host,
+            port=port,
             slots=max(1, sum(m.slots for m in members) - max(0, others)),
             api_key=key,
             tls=tls,

@@ -22,13 +22,22 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httptools
 
-__all__ = ["Pool", "Exchange", "PoolError"]
+__all__ = ["Pool", "Exchange", "PoolError", "origin"]
 
 IDLE_S = 2.0
 CONNECT_TIMEOUT_S = 5.0
+
+
+def origin(url: str) -> tuple[str, int, bool]:
+    """Where an http(s) URL points, as a pooled connection is keyed: (host,
+    port, tls), the scheme's own port when the URL names none."""
+    parts = urlsplit(url)
+    tls = parts.scheme == "https"
+    return parts.hostname or "", parts.port or (443 if tls else 80), tls
 
 
 class PoolError(ConnectionError):
@@ -241,6 +250,15 @@ class Pool:
         finally:
             self.finish(conn)  # closed unless read to its end
         return conn.status, data.decode("utf-8", errors="replace")
+
+    async def fetch_url(
+        self, url: str, method: str, headers: dict[str, str], body: bytes = b""
+    ) -> tuple[int, str]:
+        """`fetch` of an http(s) URL: its path and query are the target."""
+        host, port, tls = origin(url)
+        parts = urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return await self.fetch(host, port, method, target, headers, body, tls)
 
     def _done(self, conn: Exchange) -> None:
         busy = self._busy.get(conn.key)
