@@ -8,7 +8,7 @@
    through nginx's round-robin upstream (on a generated model whose tokens
    are memory-bound, see WIDE, or on --model);
 3. the upstream client choice: httpx, aiohttp and llama-orch's own
-   (router/pool.py), straight to the instance.
+   (wire/pool.py), straight to the instance.
 
     python bench/router.py [--requests 300] [--model PATH]
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import cli, free_port, model_and_binary, write_instance  # noqa: E402
 
 from llama_orchestrator.models.tiny import write_tiny_model  # noqa: E402
-from llama_orchestrator.router.pool import Pool  # noqa: E402
+from llama_orchestrator.wire.pool import Pool  # noqa: E402
 
 BODY = {"model": "a", "prompt": "Hi", "n_predict": 4, "cache_prompt": True}
 # part 2: long enough that where a request waits matters more than the proxy

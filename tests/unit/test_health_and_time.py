@@ -3,9 +3,9 @@ import pytest
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.status import observed_state
 from llama_orchestrator.errors import UserError
-from llama_orchestrator.router.pool import Pool
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.timefmt import human_duration, parse_since
+from llama_orchestrator.wire.pool import Pool
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ from llama_orchestrator.config.settings import Settings
 from llama_orchestrator.daemon.parts import Parts
 from llama_orchestrator.engine.health import HEALTHY
 from llama_orchestrator.home import Home
-from llama_orchestrator.router.pool import Pool
 from llama_orchestrator.store.database import Store
 from llama_orchestrator.store.unsaved import Unsaved
+from llama_orchestrator.wire.pool import Pool
 from tests.fakes.fake_effects import FakeEffects
 
 

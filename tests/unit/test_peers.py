@@ -16,7 +16,6 @@ from llama_orchestrator.daemon.peers import Peers
 from llama_orchestrator.hosts.fleet import ask_peers, gather
 from llama_orchestrator.router.app import RouterSite
 from llama_orchestrator.router.balance import Replica, hosts_of, least_busy
-from llama_orchestrator.router.front import Request, serve
 from llama_orchestrator.router.peers import (
     HOP_HEADER,
     PeerInstance,
@@ -27,8 +26,9 @@ from llama_orchestrator.router.peers import (
     rows_for_peers,
     state_of,
 )
-from llama_orchestrator.router.pool import Pool
 from llama_orchestrator.router.proxy import Router
+from llama_orchestrator.wire.pool import Pool
+from llama_orchestrator.wire.server import Request, serve
 
 
 def rep(name, alias="m", slots=2, tags=(), **kw):
@@ -213,7 +213,7 @@ async def test_a_peer_that_stops_answering_fails_the_requests_waiting_there(tmp_
     why = await peers.look(peer)
     assert why == "no answer within 0.2s"
     assert board.replicas == {}
-    from llama_orchestrator.router.pool import PoolError
+    from llama_orchestrator.wire.pool import PoolError
 
     with pytest.raises(PoolError) as exc:
         await asyncio.wait_for(waiting, 5)

@@ -141,7 +141,7 @@ async def test_interactive_requests_go_first_batch_keeps_its_share_and_waits_are
 
 
 def test_batch_requests_are_told_apart_by_header_or_key():
-    from llama_orchestrator.router.front import Request
+    from llama_orchestrator.wire.server import Request
 
     rt = Router(RouterSettings(batch_api_keys=["nightly"]), lambda: {}, set)
     ask = lambda **h: rt.is_batch(Request("POST", "/v1/chat/completions", h))  # noqa: E731

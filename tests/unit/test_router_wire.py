@@ -1,4 +1,4 @@
-"""The router's wire, on real sockets: the HTTP/1.1 server (`front`) with a
+"""The router's wire, on real sockets: the HTTP/1.1 server (`wire.server`) with a
 site made for the test, and the upstream client (`upstream`) against small
 asyncio servers that answer, close or die as each test needs."""
 
@@ -13,7 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from llama_orchestrator.router.front import (
+from llama_orchestrator.router.proxy import MAX_REPLAYS, may_retry
+from llama_orchestrator.wire.pool import Pool, PoolError
+from llama_orchestrator.wire.server import (
     Limits,
     Reply,
     Request,
@@ -22,8 +24,6 @@ from llama_orchestrator.router.front import (
     encode_head,
     serve,
 )
-from llama_orchestrator.router.pool import Pool, PoolError
-from llama_orchestrator.router.proxy import MAX_REPLAYS, may_retry
 
 RUNNERS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {"asyncio": asyncio.run}
 with contextlib.suppress(ImportError):  # the daemon runs uvloop where it exists

@@ -57,7 +57,7 @@ async def test_an_exit_is_seen_without_a_pidfd_as_on_windows(monkeypatch, tmp_pa
     from llama_orchestrator.daemon.effects import LiveEffects
     from llama_orchestrator.engine.process import ProcRef
     from llama_orchestrator.home import Home
-    from llama_orchestrator.router.pool import Pool
+    from llama_orchestrator.wire.pool import Pool
 
     monkeypatch.setattr(platform, "exit_fd", lambda pid: None)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])

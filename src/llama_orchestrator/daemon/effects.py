@@ -36,9 +36,9 @@ from llama_orchestrator.errors import OrchError
 from llama_orchestrator.gpus.discover import Discovery, GpuInfo, VulkanCache, discover
 from llama_orchestrator.home import Home
 from llama_orchestrator.models.gguf import ModelInfo, read_model
-from llama_orchestrator.router.pool import Pool
 from llama_orchestrator.store.rows import InstanceRow
 from llama_orchestrator.store.unsaved import Unsaved
+from llama_orchestrator.wire.pool import Pool
 
 __all__ = ["Effects", "LiveEffects", "EventHook", "changed_within"]
 

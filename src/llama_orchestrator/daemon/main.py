@@ -39,7 +39,7 @@ from llama_orchestrator.home import Home
 
 if TYPE_CHECKING:
     from llama_orchestrator.engine.status import StatusReply
-    from llama_orchestrator.router.front import Limits
+    from llama_orchestrator.wire.server import Limits
 
 __all__ = ["run_foreground", "start_background", "stop", "Started", "DAEMON_ENV"]
 
@@ -140,7 +140,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     from llama_orchestrator.daemon.metrics import Metrics
     from llama_orchestrator.daemon.parts import Parts
     from llama_orchestrator.engine.views import status_reply
-    from llama_orchestrator.router.pool import Pool
+    from llama_orchestrator.wire.pool import Pool
 
     _Server = _quiet_server()
 
@@ -253,7 +253,7 @@ def _router(
     import socket
 
     from llama_orchestrator.router.app import RouterSite, is_loopback
-    from llama_orchestrator.router.front import serve
+    from llama_orchestrator.wire.server import serve
 
     settings = router.settings
     if not is_loopback(settings.host) and not settings.api_keys:
@@ -304,7 +304,7 @@ def router_limits(settings: RouterSettings, open_files: int) -> Limits:
     """The router's limits: its settings, with client connections capped so
     that each (and its connection to an instance) fits in the open-files
     limit and the reserve stays free (pure)."""
-    from llama_orchestrator.router.front import Limits
+    from llama_orchestrator.wire.server import Limits
 
     fit = max(1, (open_files - FD_RESERVE) // 2)
     return Limits(

@@ -30,11 +30,11 @@ from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.daemon.upstreams import Upstreams, UsageWriter, getter
 from llama_orchestrator.home import Home
 from llama_orchestrator.router.external import Externals
-from llama_orchestrator.router.pool import Pool
 from llama_orchestrator.router.proxy import Router
 from llama_orchestrator.router.slots import Slots
 from llama_orchestrator.store.database import Store
 from llama_orchestrator.store.rows import UsageRecord
+from llama_orchestrator.wire.pool import Pool
 
 __all__ = ["Parts", "InStore"]
 

@@ -27,8 +27,8 @@ from llama_orchestrator.daemon.board import Board
 from llama_orchestrator.daemon.tasks import OwnedTasks
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.router.peers import STATE_PATH, names_of, parse_state, replicas_of
-from llama_orchestrator.router.pool import Pool, PoolError, origin
 from llama_orchestrator.upstreams import read_key
+from llama_orchestrator.wire.pool import Pool, PoolError, origin
 
 __all__ = ["Peers", "PeerState"]
 

@@ -27,10 +27,10 @@ from llama_orchestrator.daemon.tasks import OwnedTasks
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.router.external import Externals
-from llama_orchestrator.router.pool import Pool, origin
 from llama_orchestrator.store.database import Store
 from llama_orchestrator.store.rows import UsageRecord
 from llama_orchestrator.upstreams import DAY_S, check_delay
+from llama_orchestrator.wire.pool import Pool, origin
 
 __all__ = ["Upstreams", "UpstreamState", "UsageWriter", "replica_of", "CONFIG_POLL_S"]
 

@@ -45,7 +45,7 @@ _LOCAL_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 #: get(host, port, path, timeout) -> (status, body); raises OSError on failure
 Getter = Callable[[str, int, str, float], "tuple[int, str]"]
 #: request(host, port, method, path, headers, body) -> (status, body) on the
-#: event loop (the daemon's `router.pool.Pool.fetch`); raises OSError on failure
+#: event loop (the daemon's `wire.pool.Pool.fetch`); raises OSError on failure
 Requester = Callable[[str, int, str, str, dict[str, str], bytes], Awaitable["tuple[int, str]"]]
 
 

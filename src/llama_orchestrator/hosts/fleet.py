@@ -21,7 +21,7 @@ from llama_orchestrator.config.settings import PeerSettings
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.home import Home
 from llama_orchestrator.router.peers import INSTANCES_PATH
-from llama_orchestrator.router.pool import Pool, PoolError
+from llama_orchestrator.wire.pool import Pool, PoolError
 
 __all__ = ["Fleet", "look", "gather", "ask_peer", "ask_peers"]
 

@@ -1,7 +1,7 @@
 """The router's HTTP surface: which route does what, and who may ask.
 Auth, the Host check and the body limit are decided on a request's head,
 before its body is read; the proxied routes are `Router.handle`'s. The wire
-(HTTP/1.1, keep-alive, streaming) is `front`'s."""
+(HTTP/1.1, keep-alive, streaming) is `wire.server`'s."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from llama_orchestrator.router.front import Reply, Request, Stream
 from llama_orchestrator.router.peers import INSTANCES_PATH, STATE_PATH, rows_for_peers, state_of
 from llama_orchestrator.router.proxy import LIGHT, Router, openai_error
+from llama_orchestrator.wire.server import Reply, Request, Stream
 
 __all__ = ["RouterSite", "is_loopback", "host_of", "PROXIED"]
 
@@ -39,7 +39,7 @@ def host_of(header: str) -> str:
 
 
 class RouterSite:
-    """What `front.serve` answers with: the routes of DESIGN §6."""
+    """What `wire.server.serve` answers with: the routes of DESIGN §6."""
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from llama_orchestrator.router.balance import Replica, hosts_of
-from llama_orchestrator.router.pool import PoolError
+from llama_orchestrator.wire.pool import PoolError
 
 __all__ = ["ModelList", "MODEL_INFO_TIMEOUT"]
 

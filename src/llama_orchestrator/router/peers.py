@@ -22,7 +22,7 @@ from typing import Any
 from llama_orchestrator import __version__
 from llama_orchestrator.names import tag_model
 from llama_orchestrator.router.balance import Replica
-from llama_orchestrator.router.pool import origin
+from llama_orchestrator.wire.pool import origin
 
 __all__ = [
     "STATE_PATH",

@@ -1,7 +1,7 @@
 """The router: one OpenAI-compatible endpoint in front of the healthy
 instances (DESIGN §6). Choosing is `balance`'s; this module keeps the slot
 counts and queues in `slots`, and forwards
-(over `upstream`, answering through `front`).
+(over `wire.pool`, answering through `wire.server`).
 
 What is retried (`may_retry`): a replica that could not be reached, or that
 answered 5xx while another can take the request, is skipped transparently.
@@ -29,12 +29,12 @@ from llama_orchestrator.router.balance import (
     model_names,
 )
 from llama_orchestrator.router.external import Externals
-from llama_orchestrator.router.front import Reply, Request, Stream
 from llama_orchestrator.router.listing import ModelList
 from llama_orchestrator.router.peers import HOP_HEADER
-from llama_orchestrator.router.pool import Exchange, Pool, PoolError
 from llama_orchestrator.router.slots import Refusal, Slots
 from llama_orchestrator.upstreams import KeyMissing, Usage, UsageMeter, for_upstream
+from llama_orchestrator.wire.pool import Exchange, Pool, PoolError
+from llama_orchestrator.wire.server import Reply, Request, Stream
 
 __all__ = [
     "Router",
@@ -52,7 +52,7 @@ RETRY_AFTER = "1"
 #: how many times a request whose replica died while working on it is sent again
 MAX_REPLAYS = 1
 #: not passed on: they describe our connection to the instance (the length
-#: and framing of the client's answer are the front's)
+#: and framing of the client's answer are the server's)
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length"}
 #: nor is an instance's CORS policy (llama-server sends an empty
 #: Access-Control-Allow-Origin): the router sends no CORS headers (DESIGN §6)
