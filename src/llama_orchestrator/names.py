@@ -6,10 +6,20 @@ choice all speak this vocabulary, and none of them owns it."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 
-__all__ = ["TAG_PREFIX", "tag_set", "tag_model", "offers", "serves"]
+__all__ = ["TAG_PREFIX", "tag_set", "tag_model", "offers", "serves", "alias_names"]
 
 TAG_PREFIX = "tags:"
+
+
+@lru_cache(maxsize=1024)
+def alias_names(alias: str) -> tuple[str, ...]:
+    """The names an alias gives: llama-server's `--alias a,b,c` is three
+    names of one model ("a,b,c" -> ("a", "b", "c"); one name stays one)."""
+    if "," not in alias:
+        return (alias,)
+    return tuple(n for n in (part.strip() for part in alias.split(",")) if n) or (alias,)
 
 
 def tag_set(model: str) -> frozenset[str]:
@@ -40,4 +50,4 @@ def serves(model: str, alias: str, tags: Iterable[str]) -> bool:
     if model.startswith(TAG_PREFIX):
         wanted = tag_set(model)
         return bool(wanted) and wanted <= set(tags)
-    return model == alias
+    return model == alias or model in alias_names(alias)

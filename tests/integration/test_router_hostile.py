@@ -245,7 +245,7 @@ def test_a_cross_site_post_from_a_web_page_is_refused_unless_its_origin_is_allow
     url = f"http://127.0.0.1:{port}/v1/completions"
     plain = {"Content-Type": "text/plain"}
     r = httpx.post(url, content=body, headers={**plain, "Origin": "https://evil.example"})
-    assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden_origin"
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
     assert "router.allowed_origins" in r.json()["error"]["message"]
     r = httpx.post(url, content=body, headers={**plain, "Origin": "http://localhost:5173"})
     assert r.status_code == 200, r.text

@@ -54,6 +54,18 @@ class ServerSection(Section):
         ge=1, le=65535, description="TCP port llama-server listens on; unique per host."
     )
     parallel: int = Field(1, ge=1, description="Number of parallel request slots (-np).")
+
+    @field_validator("host")
+    @classmethod
+    def _one_host(cls, v: str) -> str:
+        # llama-server binds one address: "127.0.0.1,::1" would pass here and
+        # then fail to bind at `up` as a port "in use"
+        if not v.strip() or any(c in v for c in ", \t/"):
+            raise ValueError(
+                "give one address or host name (e.g. 127.0.0.1 or ::1); llama-server listens on one"
+            )
+        return v
+
     api_key: str | None = Field(
         None,
         description="API key llama-server requires; passed through the environment, never argv.",

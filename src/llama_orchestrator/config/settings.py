@@ -50,6 +50,22 @@ class RouterSettings(Section):
         "served; a request a browser sends from any other page is refused (a page could "
         "spend your GPUs), unless it carries an API key.",
     )
+    model_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Model names clients hard-code, mapped to ours: "
+        '{"gpt-4o-mini": "qwen"} sends requests for gpt-4o-mini to the instances of qwen.',
+    )
+    strict_models: bool = Field(
+        False,
+        description="Refuse (404) a request naming an unknown model even when one model is "
+        "served; by default it goes to that model, as llama-server itself answers.",
+    )
+    model_control: bool = Field(
+        True,
+        description="Let clients of the router load and unload models (POST /models/load and "
+        "/models/unload, as llama-server's own router mode and its web UI do): a load starts "
+        "the instances of the model, an unload stops them. Behind api_keys when they are set.",
+    )
     max_connections: int = Field(
         1024,
         ge=1,

@@ -23,7 +23,7 @@ from llama_orchestrator.gpus.discover import Discovery, discover
 from llama_orchestrator.home import Home
 from llama_orchestrator.models.catalog import REF_PREFIX, is_ref, model_file
 from llama_orchestrator.models.gguf import ModelError, is_gguf, read_model
-from llama_orchestrator.names import tag_model
+from llama_orchestrator.names import alias_names, tag_model
 
 __all__ = [
     "Loaded",
@@ -393,7 +393,11 @@ def cpu_thread_problems(items: list[Loaded], cores: int) -> list[Problem]:
 def replicas_of(home: Home, alias: str) -> list[str]:
     """The instances serving `alias` (or the instance of that name), sorted."""
     loaded = [x for x in load_all(home) if x.config is not None]
-    names = [x.name for x in loaded if x.config is not None and x.config.alias_or(x.name) == alias]
+    names = [
+        x.name
+        for x in loaded
+        if x.config is not None and alias in alias_names(x.config.alias_or(x.name))
+    ]
     if not names and alias in {x.name for x in loaded}:
         names = [alias]
     if not names:
@@ -421,7 +425,7 @@ def offered_names(configs: Mapping[str, InstanceConfig | UpstreamConfig | None])
     for name, cfg in configs.items():
         if cfg is None:
             continue
-        names.add(cfg.alias_or(name))
+        names.update(alias_names(cfg.alias_or(name)))
         names.update(f"tags:{t}" for t in cfg.tags)
         if len(cfg.tags) > 1:
             names.add(tag_model(cfg.tags))

@@ -139,6 +139,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     from llama_orchestrator.daemon.effects import LiveEffects
     from llama_orchestrator.daemon.metrics import Metrics
     from llama_orchestrator.daemon.parts import Parts
+    from llama_orchestrator.daemon.switching import ModelSwitch
     from llama_orchestrator.engine.views import status_reply
     from llama_orchestrator.wire.pool import Pool
 
@@ -170,7 +171,10 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     async def instance_rows() -> list[dict[str, Any]]:
         return list((await status_view()).instances)  # type: ignore[arg-type]
 
-    router_server, router_url, router_error = _router(home, router, store, metrics, instance_rows)
+    switch = ModelSwitch(sup, parts.on_demand)
+    router_server, router_url, router_error = _router(
+        home, router, store, metrics, instance_rows, switch
+    )
     sock = platform.bind_control(home.daemon_socket)
     transport = platform.CONTROL_TRANSPORT
     token = secrets.token_urlsafe(32) if transport == "tcp" else None
@@ -244,7 +248,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
 
 
 def _router(
-    home: Home, router: Any, store: Any, metrics: Any, instances: Any
+    home: Home, router: Any, store: Any, metrics: Any, instances: Any, models: Any
 ) -> tuple[Any, str | None, str | None]:
     """The router's server (a coroutine function), URL and None; (None, None,
     why) when it cannot or must not listen: that is recorded and shown by up,
@@ -289,7 +293,7 @@ def _router(
 
         return metrics.render(), CONTENT_TYPE
 
-    site = RouterSite(router, render, instances)
+    site = RouterSite(router, render, instances, models)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     limits = router_limits(settings, platform.raise_open_files_limit())
     return (lambda: serve(sock, site, limits)), f"http://{host}:{settings.port}", None

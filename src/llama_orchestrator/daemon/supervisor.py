@@ -77,6 +77,11 @@ class Supervisor:
         r = self._runners.get(name)
         return r is not None and r.healthy
 
+    def state_of(self, name: str) -> S | None:
+        """What the runner of `name` last recorded (None: no runner yet)."""
+        r = self._runners.get(name)
+        return r.state if r is not None else None
+
     def supervised(self) -> list[str]:
         return sorted(n for n, r in self._runners.items() if r.active)
 

@@ -9,17 +9,39 @@ import ipaddress
 import json
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
+from llama_orchestrator.errors import OrchError
+from llama_orchestrator.names import TAG_PREFIX
 from llama_orchestrator.router.peers import INSTANCES_PATH, STATE_PATH, rows_for_peers, state_of
-from llama_orchestrator.router.proxy import LIGHT, Router, openai_error
+from llama_orchestrator.router.proxy import JSON_HEADER as _JSON
+from llama_orchestrator.router.proxy import Router, openai_error
+from llama_orchestrator.router.routes import PREFLIGHT_METHODS, cors_headers, presented_key
 from llama_orchestrator.wire.server import Reply, Request, Stream
 
-__all__ = ["RouterSite", "is_loopback", "host_of", "PROXIED"]
+__all__ = ["RouterSite", "ModelControl", "is_loopback", "host_of", "OWN_GET"]
 
-PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/completion")
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
-_GET = {"/v1/models", "/health", "/metrics", STATE_PATH, INSTANCES_PATH}
+#: the router's own GET routes (a request with `?instance=` goes to the instance)
+OWN_GET = {"/v1/models", "/models", "/health", "/v1/health", "/metrics", STATE_PATH, INSTANCES_PATH}
+#: answered without an API key, as llama-server answers them
+_PUBLIC = {"/health", "/v1/health"}
+
+
+class ModelControl(Protocol):
+    """The daemon's side of llama-server's model management API (its router
+    mode, which its web UI uses): what each model's instances are doing,
+    and starting or stopping them."""
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        """Every model name -> {"value": "loaded" | "loading" | "unloaded",
+        "instances": [...]} (and "failed": true)."""
+
+    async def load(self, model: str) -> None:
+        """Start what serves `model`; raises OrchError with the reason."""
+
+    async def unload(self, model: str) -> None:
+        """Stop what serves `model`; raises OrchError with the reason."""
 
 
 def is_loopback(host: str) -> bool:
@@ -46,13 +68,16 @@ class RouterSite:
         router: Router,
         render_metrics: Callable[[], tuple[bytes, str]],
         instances: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
+        models: ModelControl | None = None,
     ) -> None:
         self.router = router
         self.render_metrics = render_metrics
         #: this machine's `ps --json` rows, for the peers' `ps --all-hosts`
         self.instances = instances
+        #: loads and unloads for /models/load and /models/unload (None: refused)
+        self.models = models if router.settings.model_control else None
         settings = router.settings
-        self.keys = [f"Bearer {k}" for k in [*settings.api_keys, *settings.batch_api_keys]]
+        self.keys = [*settings.api_keys, *settings.batch_api_keys]
         # Bound to loopback: only loopback names may reach us (DNS rebinding);
         # bound wider, API keys are required and a browser cannot present one.
         self.check_host = is_loopback(settings.host)
@@ -62,12 +87,20 @@ class RouterSite:
     def check(self, request: Request) -> Reply | None:
         headers = request.headers
         if self.check_host and host_of(headers.get("host", "")) not in _LOOPBACK_NAMES:
-            return openai_error(421, "This Host is not served here.", "bad_host")
-        if self.keys and request.path != "/health":
-            given = headers.get("authorization", "")
-            if not any(secrets.compare_digest(given, k) for k in self.keys):
-                return openai_error(401, "A valid API key is required.", "unauthorized")
+            return openai_error(421, "This Host is not served here.", "permission_error")
         origin = headers.get("origin")
+        if request.method == "OPTIONS":
+            return None  # a preflight carries no key: `handle` answers it
+        if self.keys and request.path not in _PUBLIC:
+            given = presented_key(headers)
+            if not any(secrets.compare_digest(given, k) for k in self.keys):
+                refused = openai_error(
+                    401,
+                    "A valid API key is required (Authorization: Bearer KEY, or X-Api-Key).",
+                    "authentication_error",
+                )
+                self._cors(refused, origin)
+                return refused
         if origin is not None and not self.keys and origin.rstrip("/").lower() not in self.origins:
             # a browser says which page sent it: a "simple" cross-site POST needs no
             # CORS answer to be served, so any page could spend the GPUs
@@ -75,44 +108,187 @@ class RouterSite:
                 403,
                 f"Requests from the web page {origin} are refused; add it to "
                 "router.allowed_origins in llama-orch.json if it is yours.",
-                "forbidden_origin",
+                "permission_error",
             )
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.limit:
-            return self.too_large()
+            too_large = self.too_large()
+            self._cors(too_large, origin)
+            return too_large
         return None
 
     def too_large(self) -> Reply:
-        return openai_error(413, f"Request bodies are limited to {self.limit} bytes.", "too_large")
+        return openai_error(
+            413, f"Request bodies are limited to {self.limit} bytes.", "invalid_request_error"
+        )
+
+    def _cors(
+        self, reply: Reply | Stream, origin: str | None, preflight: str | None = None
+    ) -> None:
+        """Adds to `reply` the CORS headers `origin` gets (none unless allowed)."""
+        if origin is not None and (extra := cors_headers(origin, self.origins, preflight)):
+            reply.headers.extend(extra)
 
     async def handle(self, request: Request) -> Reply | Stream:
-        path = request.path
-        if request.method == "POST" and path in PROXIED:
-            return await self.router.handle(request)
-        if request.method == LIGHT.get(path):
-            return await self.router.handle_light(request)
-        if request.method in ("GET", "HEAD") and path in _GET:
-            return await self._get(path)
-        if path in PROXIED or path in _GET or path in LIGHT:
-            allowed = "POST" if path in PROXIED else LIGHT.get(path, "GET")
-            reply = openai_error(405, f"{path} takes {allowed}.", "method_not_allowed")
-            reply.headers.append(("allow", allowed))
-            return reply
-        return openai_error(404, f"There is no route {request.path}.", "not_found")
+        origin = request.headers.get("origin")
+        if request.method == "OPTIONS":
+            return self._preflight(request, origin)
+        answer = await self._route(request)
+        if origin is not None:
+            self._cors(answer, origin)
+        return answer
+
+    def _preflight(self, request: Request, origin: str | None) -> Reply:
+        """A browser asks whether its page may send a request: yes for an
+        allowed origin, with the methods and headers it may use."""
+        asked = request.headers.get("access-control-request-headers", "")
+        if origin is None:  # not a browser's preflight: what may be sent
+            return Reply(204, headers=[("allow", PREFLIGHT_METHODS)])
+        reply = Reply(204)
+        self._cors(reply, origin, asked)
+        if not reply.headers:
+            return openai_error(
+                403,
+                f"Requests from the web page {origin} are refused; add it to "
+                "router.allowed_origins in llama-orch.json if it is yours.",
+                "permission_error",
+            )
+        return reply
+
+    async def _route(self, request: Request) -> Reply | Stream:
+        path, method = request.path, request.method
+        if "instance=" not in request.query:
+            if method in ("GET", "HEAD") and path in OWN_GET:
+                return await self._get(path)
+            if (
+                path == "/props"
+                and method == "GET"
+                and "model=" not in request.query
+                and (props := self._router_props()) is not None
+            ):
+                return props
+            if method == "POST" and path in ("/models/load", "/models/unload"):
+                return await self._load_or_unload(request, path == "/models/load")
+        return await self.router.handle(request)
 
     async def _get(self, path: str) -> Reply:
         if path == "/v1/models":
-            return _json({"object": "list", "data": await self.router.model_list()})
+            return _json({"object": "list", "data": await self._model_entries(False)})
+        if path == "/models":
+            return _json({"object": "list", "data": await self._model_entries(True)})
         if path == STATE_PATH:  # what peers ask (with a key, as any client when keys are set)
             return _json(state_of(self.router.replicas(), self.router.in_flight))
         if path == INSTANCES_PATH:  # read-only, as /v1/models: what `ps` would show here
             rows = await self.instances() if self.instances is not None else []
             return _json(rows_for_peers(rows))
-        if path == "/health":
-            return _json({"status": "ok", "healthy_instances": len(self.router.replicas())})
+        if path in ("/health", "/v1/health"):
+            return self._health()
         body, content_type = self.render_metrics()
         return Reply(200, body, [("content-type", content_type)])
 
+    def _health(self) -> Reply:
+        """200 while a request can be served (an instance is healthy, or a
+        model loads on demand); 503 before, as llama-server while it loads."""
+        healthy = len(self.router.replicas())
+        lazy = len(self.router.loader.models()) if self.router.loader is not None else 0
+        body: dict[str, Any] = {"status": "ok", "healthy_instances": healthy}
+        if lazy:
+            body["on_demand_models"] = lazy
+        if healthy or lazy:
+            return _json(body)
+        body["status"] = "unavailable"
+        body["error"] = {
+            "code": 503,
+            "message": "No instance is healthy yet; `llama-orch ps` shows what is starting.",
+            "type": "unavailable_error",
+        }
+        return _json(body, 503)
 
-def _json(data: object) -> Reply:
-    return Reply(200, json.dumps(data).encode(), [("content-type", "application/json")])
+    async def _model_entries(self, every: bool) -> list[dict[str, Any]]:
+        """/v1/models: what may be asked now (healthy, or loaded on demand).
+        /models (`every`): each model the configs offer, loaded or not, as
+        llama-server's router mode lists them for its web UI."""
+        served = await self.router.model_list()
+        statuses = self.models.statuses() if self.models is not None else {}
+        healthy = {e["id"] for e in served}
+        for entry in served:
+            entry["status"] = _status(statuses.get(entry["id"]), loaded=True)
+        if not every:
+            return served
+        known = sorted(
+            n for n in self.router.known() if not n.startswith(TAG_PREFIX) and n not in healthy
+        )
+        return served + [
+            {
+                "id": name,
+                "object": "model",
+                "owned_by": "llama-orch",
+                "created": int(self.router.started),
+                "status": _status(statuses.get(name), loaded=False),
+            }
+            for name in known
+        ]
+
+    def _router_props(self) -> Reply | None:
+        """GET /props without `?model=` while several models are served: the
+        answer of llama-server's router mode, which makes its web UI list the
+        models and let the user pick one (None: one model; its own /props)."""
+        aliases = [n for n in self.router.known() if not n.startswith(TAG_PREFIX)]
+        if len(aliases) < 2:
+            return None
+        return _json(
+            {
+                "role": "router",
+                "max_instances": len(aliases),
+                "models_autoload": self.router.loader is not None,
+                "model_alias": "llama-orch",
+                "model_path": "none",
+                "default_generation_settings": {"params": {}, "n_ctx": 0},
+                "build_info": "llama-orch",
+            }
+        )
+
+    async def _load_or_unload(self, request: Request, load: bool) -> Reply:
+        """POST /models/load or /models/unload {"model": NAME}: the model's
+        instances started (on-demand ones as a request would) or stopped."""
+        if self.models is None:
+            return openai_error(
+                403,
+                "Loading and unloading models through the router is off "
+                "(router.model_control in llama-orch.json).",
+                "permission_error",
+            )
+        try:
+            data = json.loads(request.body or b"{}")
+        except ValueError as exc:
+            return openai_error(
+                400, f"The request body is not valid JSON ({exc}).", "invalid_request_error"
+            )
+        model = data.get("model") if isinstance(data, dict) else None
+        known = self.router.known()
+        if not isinstance(model, str) or not model or model not in known:
+            aliases = sorted(n for n in known if not n.startswith(TAG_PREFIX))
+            return openai_error(
+                404 if model else 400,
+                f"The model '{model}' does not exist; available: {', '.join(aliases) or 'none'}."
+                if model
+                else f"Name a model; available: {', '.join(aliases) or 'none'}.",
+                "not_found_error" if model else "invalid_request_error",
+            )
+        try:
+            await (self.models.load(model) if load else self.models.unload(model))
+        except OrchError as exc:
+            return openai_error(400, exc.message, "invalid_request_error")
+        return _json({"success": True})
+
+
+def _status(seen: dict[str, Any] | None, loaded: bool) -> dict[str, Any]:
+    """A model's `status` as llama-server's router mode gives it."""
+    status: dict[str, Any] = {"value": "loaded" if loaded else "unloaded", "args": []}
+    if seen:
+        status.update({k: v for k, v in seen.items() if k != "value" or not loaded})
+    return status
+
+
+def _json(data: object, status: int = 200) -> Reply:
+    return Reply(status, json.dumps(data).encode(), [_JSON])

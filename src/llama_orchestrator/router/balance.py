@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from llama_orchestrator.names import serves
+from llama_orchestrator.names import alias_names, serves
 
 __all__ = [
     "Replica",
@@ -90,8 +90,9 @@ def free_slots(model: str, replicas: Iterable[Replica], in_flight: Mapping[str, 
 
 
 def model_names(replicas: Iterable[Replica]) -> list[str]:
-    """What /v1/models lists: the aliases of healthy instances."""
-    return sorted({r.alias for r in replicas})
+    """What /v1/models lists: the aliases of healthy instances (each name of
+    an alias list)."""
+    return sorted({n for r in replicas for n in alias_names(r.alias)})
 
 
 def hosts_of(alias: str, replicas: Iterable[Replica]) -> list[str]:
@@ -101,6 +102,6 @@ def hosts_of(alias: str, replicas: Iterable[Replica]) -> list[str]:
         {
             r.peer or ("upstream" if r.remote is not None else "local")
             for r in replicas
-            if r.alias == alias
+            if alias in alias_names(r.alias)
         }
     )

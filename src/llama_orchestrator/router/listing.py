@@ -9,6 +9,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from llama_orchestrator.names import alias_names
 from llama_orchestrator.router.balance import Replica, hosts_of
 from llama_orchestrator.wire.pool import PoolError
 
@@ -48,7 +49,7 @@ class ModelList:
                 (
                     self._info[(r.name, r.port)]
                     for r in replicas
-                    if r.alias == alias and (r.name, r.port) in self._info
+                    if alias in alias_names(r.alias) and (r.name, r.port) in self._info
                 ),
                 {},
             )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llama_orchestrator import __version__
-from llama_orchestrator.names import tag_model
+from llama_orchestrator.names import alias_names, tag_model
 from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.wire.pool import origin
 
@@ -145,7 +145,7 @@ def names_of(instances: Iterable[PeerInstance]) -> set[str]:
     """The model names a peer's instances offer (aliases, `tags:` sets)."""
     names: set[str] = set()
     for i in instances:
-        names.add(i.alias)
+        names.update(alias_names(i.alias))
         if i.tags:
             names.add(tag_model(i.tags))
     return names

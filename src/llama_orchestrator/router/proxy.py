@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llama_orchestrator.config.settings import RouterSettings
-from llama_orchestrator.names import TAG_PREFIX, offers, tag_model, tag_set
 from llama_orchestrator.router.balance import (
     Replica,
     candidates,
@@ -31,6 +30,15 @@ from llama_orchestrator.router.balance import (
 from llama_orchestrator.router.external import Externals
 from llama_orchestrator.router.listing import ModelList
 from llama_orchestrator.router.peers import HOP_HEADER
+from llama_orchestrator.router.routes import (
+    MODEL_GETS,
+    Unresolved,
+    presented_key,
+    query_value,
+    resolve,
+    takes_slot,
+    without_param,
+)
 from llama_orchestrator.router.slots import Refusal, Slots
 from llama_orchestrator.upstreams import KeyMissing, Usage, UsageMeter, for_upstream
 from llama_orchestrator.wire.pool import Exchange, Pool, PoolError
@@ -43,7 +51,7 @@ __all__ = [
     "openai_error",
     "may_retry",
     "pass_on",
-    "LIGHT",
+    "JSON_HEADER",
     "MAX_REPLAYS",
     "Completion",
 ]
@@ -54,13 +62,11 @@ MAX_REPLAYS = 1
 #: not passed on: they describe our connection to the instance (the length
 #: and framing of the client's answer are the server's)
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length"}
-#: nor is an instance's CORS policy (llama-server sends an empty
-#: Access-Control-Allow-Origin): the router sends no CORS headers (DESIGN §6)
+#: nor is an instance's CORS policy (llama-server's own is permissive): the
+#: router sends its own, for `router.allowed_origins` only (`routes.cors_headers`)
 _CORS = b"access-control-"
-#: llama-server's routes that compute nothing a slot holds: sent to an
-#: instance of the model named without waiting for a slot (method each takes)
-LIGHT = {"/tokenize": "POST", "/detokenize": "POST", "/props": "GET", "/slots": "GET"}
-_JSON = ("content-type", "application/json")
+#: as llama-server labels its JSON
+JSON_HEADER = _JSON = ("content-type", "application/json; charset=utf-8")
 
 
 def openai_error(
@@ -245,10 +251,8 @@ class Router:
         headers = request.headers
         if headers.get("x-priority", "").strip().lower() == "batch":
             return True
-        given = headers.get("authorization", "")
-        return any(
-            secrets.compare_digest(given, f"Bearer {k}") for k in self.settings.batch_api_keys
-        )
+        given = presented_key(headers)
+        return any(secrets.compare_digest(given, k) for k in self.settings.batch_api_keys)
 
     # --- forwarding -------------------------------------------------------------
 
@@ -277,7 +281,7 @@ class Router:
                     return openai_error(
                         503,
                         f"Every instance serving '{model}' failed this request ({last_error}).",
-                        "unavailable",
+                        "unavailable_error",
                     )
                 self.metrics.request(model, "", refusal.status, 0.0)
                 return _refused(refusal)
@@ -331,7 +335,9 @@ class Router:
 
     def _limited(self, model: str, wait: float, why: str) -> Reply:
         self.metrics.request(model, "", 429, 0.0)
-        return openai_error(429, f"{why}; try again in {math.ceil(wait)}s.", "rate_limit", wait)
+        return openai_error(
+            429, f"{why}; try again in {math.ceil(wait)}s.", "rate_limit_error", wait
+        )
 
     async def _send(self, r: Replica, request: Request) -> Exchange:
         """The client's request, as it came, to `r` (with `r`'s own key); to
@@ -389,7 +395,7 @@ class Router:
     def _broken(self, model: str, r: Replica, exc: PoolError, start: float) -> Reply:
         self.metrics.request(model, r.name, 502, time.perf_counter() - start)
         return openai_error(
-            502, f"The instance '{r.name}' failed while answering ({exc}).", "upstream_error"
+            502, f"The instance '{r.name}' failed while answering ({exc}).", "server_error"
         )
 
     async def _relay(
@@ -479,66 +485,116 @@ class Router:
     # --- the proxied routes ----------------------------------------------------
 
     async def handle(self, request: Request) -> Reply | Stream:
-        """POST /v1/chat/completions, /v1/completions, /v1/embeddings, /completion
-        (the body's size was checked on the head, by the site)."""
-        try:
-            data = json.loads(request.body)
-        except ValueError as exc:
-            return openai_error(
-                400, f"The request body is not valid JSON ({exc}).", "invalid_request_error"
-            )
-        if not isinstance(data, dict):
-            return openai_error(
-                400, "The request body must be a JSON object.", "invalid_request_error"
-            )
-        model = self._resolve(data.get("model"))
+        """A request for an instance (see `routes`): with `?instance=NAME` to
+        that instance; else to the model it names (its JSON body's `model`,
+        or `?model=`), balanced over its replicas' slots when it runs the
+        model. The body's size was checked on the head, by the site."""
+        instance = query_value(request.query, "instance")
+        if instance is not None:
+            return await self._to_instance(request, instance)
+        named = _named(request)
+        if isinstance(named, Reply):
+            return named
+        slot = takes_slot(request.method, request.path)
+        if named is None and request.method == "GET" and request.path not in MODEL_GETS:
+            # a page of the web UI: every instance serves the same
+            r = lightest(self.local(), self.in_flight)
+            if r is not None:
+                return await self.send_to(r, request)
+        model = self.resolve(named)
         if isinstance(model, Reply):
             return model
-        return await self.forward(request, model)
+        if slot:
+            return await self.forward(request, model)
+        return await self.handle_light(request, model)
 
-    def _resolve(self, model: Any) -> str | Reply:
-        """The model a request names, as the router queues it; with none named,
-        the only one there is (as llama-server itself answers); else a 400/404
-        that lists what there is."""
-        known = self.known()
-        aliases = sorted(m for m in known if not m.startswith(TAG_PREFIX))
-        if model is None and len(aliases) == 1:
-            model = aliases[0]
-        if isinstance(model, str) and model.startswith(TAG_PREFIX):
-            model = tag_model(tag_set(model))  # one queue per set of tags, in any order
-        if not isinstance(model, str) or not offers(known, model):
-            if model:
-                what = f"The model '{model}' does not exist"
-            else:
-                what = "Name a model (several are served)" if aliases else "Name a model"
+    async def _to_instance(self, request: Request, name: str) -> Reply | Stream:
+        """`?instance=NAME`: to that instance of this machine, the parameter
+        removed (its slot actions, its own /metrics)."""
+        found = self.local(name)
+        if not found:
+            healthy = ", ".join(sorted(r.name for r in self.local())) or "none"
             return openai_error(
-                404 if model else 400,
-                f"{what}; available: {', '.join(aliases) or 'none'}.",
-                "model_not_found" if model else "invalid_request_error",
-                available=aliases,
+                404,
+                f"No healthy instance '{name}' here (healthy: {healthy}); "
+                "`llama-orch ps` shows them all.",
+                "not_found_error",
+            )
+        query = without_param(request.query, "instance")
+        return await self.send_to(
+            found[0],
+            Request(
+                request.method, request.path, request.headers, request.body, query, request.version
+            ),
+        )
+
+    def resolve(self, named: Any) -> str | Reply:
+        """The model a request names, as the router queues it (see
+        `routes.resolve`: with one model served, any name means it); else a
+        400/404 that lists what there is."""
+        s = self.settings
+        served = {r.alias for r in self.replicas()}
+        model = resolve(named, self.known(), s.model_map, s.strict_models, served)
+        if isinstance(model, Unresolved):
+            return openai_error(
+                model.status,
+                model.message,
+                "not_found_error" if model.status == 404 else "invalid_request_error",
+                available=model.available,
             )
         return model
 
-    async def handle_light(self, request: Request) -> Reply | Stream:
-        """/tokenize, /detokenize, /props, /slots: to an instance of the model
-        named (`?model=`, or the body's `model`), or of the only one served,
-        without waiting for a slot: llama-server answers them at once."""
-        model = self._resolve(_named_model(request))
-        if isinstance(model, Reply):
-            return model
+    async def handle_light(self, request: Request, model: str) -> Reply | Stream:
+        """A request that takes no slot (/tokenize, /props, /slots, the web
+        UI's pages ...): to the least loaded instance of `model` on this
+        machine, without waiting for a slot: llama-server answers them at
+        once. With none healthy it is queued as any request (an on-demand start)."""
         ours = [
             c for c in candidates(model, self.replicas()) if c.remote is None and c.peer is None
         ]
         r = lightest(ours, self.in_flight)
-        if r is None:  # none healthy: queued like any request (an on-demand start)
+        if r is None:
             return await self.forward(request, model)
+        return await self.send_to(r, request, model)
+
+    def local(self, name: str | None = None) -> list[Replica]:
+        """The healthy instances of this machine (only `name`, when given)."""
+        return [
+            r
+            for r in self.replicas()
+            if r.remote is None and r.peer is None and (name is None or r.name == name)
+        ]
+
+    async def send_to(
+        self, r: Replica, request: Request, model: str | None = None
+    ) -> Reply | Stream:
+        """`request` to instance `r` itself, unbalanced: no slot is taken (a
+        light request, or one addressed with `?instance=`). A streamed answer
+        is passed on as it comes."""
         start = time.perf_counter()
+        label = model or r.alias
         try:
-            status, headers, body = await self._fetch(r, request)
+            answer = await self._send(r, request)
         except PoolError as exc:
-            return self._broken(model, r, exc, start)
-        self.metrics.request(model, r.name, status, time.perf_counter() - start)
-        return Reply(status, body, raw_headers=pass_on(headers)[0])
+            return self._broken(label, r, exc, start)
+        raw, streamed = pass_on(answer.headers)
+        if streamed:
+            return Stream(answer.status, self._passed(answer), raw_headers=raw)
+        try:
+            body = await answer.body()
+        except PoolError as exc:
+            return self._broken(label, r, exc, start)
+        finally:
+            self.pool.finish(answer)
+        self.metrics.request(label, r.name, answer.status, time.perf_counter() - start)
+        return Reply(answer.status, body, raw_headers=raw)
+
+    async def _passed(self, answer: Exchange) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in answer.chunks():
+                yield chunk
+        finally:
+            self.pool.finish(answer)
 
     async def model_list(self) -> list[dict[str, Any]]:
         """/v1/models (see `router.listing`)."""
@@ -549,22 +605,28 @@ class Router:
         return (await self._fetch(r, _own_request("GET", path)))[2]
 
 
+def _named(request: Request) -> Any:
+    """The model a request names: its JSON body's `model`, else `?model=`
+    (None when neither does); a 400 for a body that should be JSON and is not."""
+    named = None
+    body = request.body
+    if body and "json" in request.headers.get("content-type", "application/json"):
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            return openai_error(
+                400, f"The request body is not valid JSON ({exc}).", "invalid_request_error"
+            )
+        if not isinstance(data, dict):
+            return openai_error(
+                400, "The request body must be a JSON object.", "invalid_request_error"
+            )
+        named = data.get("model")
+    if named is None and request.query:
+        named = query_value(request.query, "model")
+    return named
+
+
 def _own_request(method: str, target: str, body: str = "") -> Request:
     """A request the router makes itself (a plan's task, a look at /v1/models)."""
     return Request(method, target, {"content-type": "application/json"}, body.encode())
-
-
-def _named_model(request: Request) -> Any:
-    """The model a light request names: `?model=`, else its JSON body's `model`."""
-    from urllib.parse import parse_qs
-
-    if named := parse_qs(request.query).get("model"):
-        return named[-1]
-    if request.body:
-        try:
-            data = json.loads(request.body)
-        except ValueError:
-            return None
-        if isinstance(data, dict):
-            return data.get("model")
-    return None

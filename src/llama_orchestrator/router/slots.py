@@ -127,7 +127,7 @@ class Slots:
         for model in models:
             for waiter in self._queues.pop(model, deque()):
                 if not waiter.future.done():
-                    waiter.future.set_exception(Refusal(503, message, "unavailable"))
+                    waiter.future.set_exception(Refusal(503, message, "unavailable_error"))
 
     def wake(self) -> None:
         """Give freed (or newly healthy) slots to the oldest waiters, per model."""
@@ -176,7 +176,7 @@ class Slots:
                 raise Refusal(
                     503,
                     f"No healthy instance serves '{model}' right now; try again shortly.",
-                    "unavailable",
+                    "unavailable_error",
                 )
             timeout = loading
         else:
@@ -187,7 +187,9 @@ class Slots:
             if r is not None:
                 return self.take(r)
         if len(queue) >= self.settings.max_queue:
-            raise Refusal(429, f"Every slot for '{model}' is busy and the queue is full.", "busy")
+            raise Refusal(
+                429, f"Every slot for '{model}' is busy and the queue is full.", "rate_limit_error"
+            )
         waiter = _Waiter(
             asyncio.get_running_loop().create_future(), exclude, batch, priority, self.clock()
         )
@@ -208,9 +210,13 @@ class Slots:
             self._forget(queue, waiter)
             if loading is not None:
                 raise Refusal(
-                    503, f"'{model}' did not finish loading within {loading:g}s.", "unavailable"
+                    503,
+                    f"'{model}' did not finish loading within {loading:g}s.",
+                    "unavailable_error",
                 )
-            raise Refusal(429, f"Every slot for '{model}' stayed busy for {timeout:g}s.", "busy")
+            raise Refusal(
+                429, f"Every slot for '{model}' stayed busy for {timeout:g}s.", "rate_limit_error"
+            )
         return waiter.future.result()  # or the refusal an on-demand start failed with
 
     @staticmethod
