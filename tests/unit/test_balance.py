@@ -28,6 +28,13 @@ def test_models_match_by_alias_or_tag():
     assert model_names([A, B, C]) == ["m", "other"]
 
 
+def test_an_alias_list_is_one_model_listed_by_its_first_name_in_order():
+    listed = rep("d", alias="qwen, default,big")
+    assert matches("default", listed) and matches("big", listed) and matches("qwen", listed)
+    assert not matches("qwen, default,big", rep("e", alias="qwen"))
+    assert model_names([A, listed]) == ["big", "m"]
+
+
 def test_the_least_busy_share_of_slots_wins():
     assert least_busy([A, B], {}) == A  # tie on 0: by name
     assert least_busy([A, B], {"a": 1}) == B  # 1/2 busy vs 0/4

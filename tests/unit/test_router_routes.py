@@ -131,6 +131,7 @@ def test_cors_answers_only_allowed_origins() -> None:
     assert pre["access-control-allow-origin"] == "http://LOCALHOST:5173/"
     assert pre["access-control-allow-headers"] == "content-type, authorization"
     assert "POST" in pre["access-control-allow-methods"]
+    assert cors_headers("http://any.example", {"*"}) is not None  # every page: "*"
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,11 @@ __all__ = [
 
 
 class RouterSettings(Section):
-    host: str = "127.0.0.1"
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the router listens on; several, comma-separated, as "
+        'llama-server takes them ("127.0.0.1,::1"). Beyond loopback, api_keys are required.',
+    )
     port: int = Field(8080, ge=1, le=65535)
     api_keys: list[str] = Field(default_factory=list)
     batch_api_keys: list[str] = Field(
@@ -47,8 +51,9 @@ class RouterSettings(Section):
     allowed_origins: list[str] = Field(
         default_factory=list,
         description="Web pages (origins such as http://localhost:5173) whose requests are "
-        "served; a request a browser sends from any other page is refused (a page could "
-        "spend your GPUs), unless it carries an API key.",
+        "served and whose browsers may read the answers (CORS); a request a browser sends "
+        "from any other page is refused (a page could spend your GPUs), unless it carries "
+        'an API key. "*" allows every page (sensible only with api_keys).',
     )
     model_map: dict[str, str] = Field(
         default_factory=dict,
@@ -66,6 +71,19 @@ class RouterSettings(Section):
         "/models/unload, as llama-server's own router mode and its web UI do): a load starts "
         "the instances of the model, an unload stops them. Behind api_keys when they are set.",
     )
+
+    @field_validator("host")
+    @classmethod
+    def _hosts(cls, v: str) -> str:
+        parts = [p.strip() for p in v.split(",")]
+        if not all(parts) or any(c in p for p in parts for c in " \t/"):
+            raise ValueError('give an address, or several comma-separated ("127.0.0.1,::1")')
+        return ",".join(parts)
+
+    def hosts(self) -> list[str]:
+        """The addresses to listen on, in the order given."""
+        return [h.strip("[]") for h in self.host.split(",")]
+
     max_connections: int = Field(
         1024,
         ge=1,

@@ -260,28 +260,34 @@ def _router(
     from llama_orchestrator.wire.server import serve
 
     settings = router.settings
-    if not is_loopback(settings.host) and not settings.api_keys:
+    hosts = settings.hosts()
+    wide = [h for h in hosts if not is_loopback(h)]
+    if wide and not settings.api_keys:
         why = (
-            f"The router does not listen on {settings.host} without API keys; "
+            f"The router does not listen on {wide[0]} without API keys; "
             "set router.api_keys in llama-orch.json (or keep router.host on 127.0.0.1)."
         )
         store.add_event(None, "router_refused", why)
         return None, None, why
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    socks: list[socket.socket] = []
     try:
-        sock = socket.create_server((settings.host, settings.port), family=family, backlog=1024)
+        for h in hosts:
+            family = socket.AF_INET6 if ":" in h else socket.AF_INET
+            socks.append(socket.create_server((h, settings.port), family=family, backlog=1024))
     except OSError as exc:
+        for bound in socks:
+            bound.close()
         free = next(
             (
                 p
                 for p in range(settings.port + 1, settings.port + 100)
-                if platform.port_is_free(settings.host, p)
+                if all(platform.port_is_free(h, p) for h in hosts)
             ),
             None,
         )
         suggestion = f' ({{"router": {{"port": {free}}}}} is free)' if free else ""
         why = (
-            f"The router cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}; "
+            f"The router cannot listen on {h}:{settings.port} ({exc.strerror or exc}; "
             f"another home's daemon?); set router.port in llama-orch.json{suggestion} and "
             "restart the daemon (`llama-orch daemon stop`, then `up`)."
         )
@@ -294,9 +300,9 @@ def _router(
         return metrics.render(), CONTENT_TYPE
 
     site = RouterSite(router, render, instances, models)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    host = f"[{hosts[0]}]" if ":" in hosts[0] else hosts[0]
     limits = router_limits(settings, platform.raise_open_files_limit())
-    return (lambda: serve(sock, site, limits)), f"http://{host}:{settings.port}", None
+    return (lambda: serve(socks, site, limits)), f"http://{host}:{settings.port}", None
 
 
 #: descriptors kept for the control socket, logs, the database and the daemon's

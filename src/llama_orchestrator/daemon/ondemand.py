@@ -28,7 +28,7 @@ from llama_orchestrator.engine.results import exit_text
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.models.catalog import model_file
 from llama_orchestrator.models.gguf import MIB, ModelError
-from llama_orchestrator.names import alias_names, serves
+from llama_orchestrator.names import serves
 from llama_orchestrator.router.balance import candidates
 from llama_orchestrator.router.slots import Slots
 from llama_orchestrator.states import RUNNING_STATES
@@ -79,7 +79,7 @@ class OnDemand:
         return {n: c for n, c in self.sup.configs().items() if c.on_demand is not None}
 
     def models(self) -> set[str]:
-        return {n for name, cfg in self._lazy().items() for n in alias_names(cfg.alias_or(name))}
+        return {cfg.alias_or(name) for name, cfg in self._lazy().items()}
 
     def idle(self, name: str) -> None:
         if self._waiting:  # a start waits for room: this one may be a victim now

@@ -13,6 +13,7 @@ from llama_orchestrator.daemon.ondemand import OnDemand
 from llama_orchestrator.daemon.supervisor import Supervisor
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.names import alias_names, serves
+from llama_orchestrator.router.balance import model_id
 from llama_orchestrator.states import RUNNING_STATES
 from llama_orchestrator.states import InstanceState as S
 
@@ -48,13 +49,16 @@ class ModelSwitch:
         for name, cfg in sorted(self.sup.configs().items()):
             state = self.sup.state_of(name)
             value = status_value(state, self.sup.active(name))
-            for alias in alias_names(cfg.alias_or(name)):
-                entry = out.setdefault(alias, {"value": "unloaded", "instances": []})
-                entry["instances"].append(name)
-                if _RANK[value] > _RANK[entry["value"]]:
-                    entry["value"] = value
-                if state == S.FAILED:
-                    entry["failed"] = True
+            alias = cfg.alias_or(name)
+            entry = out.setdefault(
+                model_id(alias),
+                {"value": "unloaded", "aliases": list(alias_names(alias)), "instances": []},
+            )
+            entry["instances"].append(name)
+            if _RANK[value] > _RANK[entry["value"]]:
+                entry["value"] = value
+            if state == S.FAILED:
+                entry["failed"] = True
         return out
 
     async def load(self, model: str) -> None:

@@ -16,7 +16,12 @@ from llama_orchestrator.names import TAG_PREFIX
 from llama_orchestrator.router.peers import INSTANCES_PATH, STATE_PATH, rows_for_peers, state_of
 from llama_orchestrator.router.proxy import JSON_HEADER as _JSON
 from llama_orchestrator.router.proxy import Router, openai_error
-from llama_orchestrator.router.routes import PREFLIGHT_METHODS, cors_headers, presented_key
+from llama_orchestrator.router.routes import (
+    PREFLIGHT_METHODS,
+    cors_headers,
+    origin_allowed,
+    presented_key,
+)
 from llama_orchestrator.wire.server import Reply, Request, Stream
 
 __all__ = ["RouterSite", "ModelControl", "is_loopback", "host_of", "OWN_GET"]
@@ -34,7 +39,8 @@ class ModelControl(Protocol):
     and starting or stopping them."""
 
     def statuses(self) -> dict[str, dict[str, Any]]:
-        """Every model name -> {"value": "loaded" | "loading" | "unloaded",
+        """Every model of this machine's configs, by the id /v1/models gives
+        it -> {"value": "loaded" | "loading" | "unloaded", "aliases": [...],
         "instances": [...]} (and "failed": true)."""
 
     async def load(self, model: str) -> None:
@@ -80,7 +86,7 @@ class RouterSite:
         self.keys = [*settings.api_keys, *settings.batch_api_keys]
         # Bound to loopback: only loopback names may reach us (DNS rebinding);
         # bound wider, API keys are required and a browser cannot present one.
-        self.check_host = is_loopback(settings.host)
+        self.check_host = all(is_loopback(h) for h in settings.hosts())
         self.limit = settings.max_body_bytes
         self.origins = {o.rstrip("/").lower() for o in settings.allowed_origins}
 
@@ -101,7 +107,7 @@ class RouterSite:
                 )
                 self._cors(refused, origin)
                 return refused
-        if origin is not None and not self.keys and origin.rstrip("/").lower() not in self.origins:
+        if origin is not None and not self.keys and not origin_allowed(origin, self.origins):
             # a browser says which page sent it: a "simple" cross-site POST needs no
             # CORS answer to be served, so any page could spend the GPUs
             return openai_error(
@@ -139,20 +145,12 @@ class RouterSite:
         return answer
 
     def _preflight(self, request: Request, origin: str | None) -> Reply:
-        """A browser asks whether its page may send a request: yes for an
-        allowed origin, with the methods and headers it may use."""
-        asked = request.headers.get("access-control-request-headers", "")
-        if origin is None:  # not a browser's preflight: what may be sent
-            return Reply(204, headers=[("allow", PREFLIGHT_METHODS)])
-        reply = Reply(204)
-        self._cors(reply, origin, asked)
-        if not reply.headers:
-            return openai_error(
-                403,
-                f"Requests from the web page {origin} are refused; add it to "
-                "router.allowed_origins in llama-orch.json if it is yours.",
-                "permission_error",
-            )
+        """A browser asks whether its page may send a request: 200 always, as
+        llama-server answers; the CORS headers that say yes (the methods and
+        headers it may use) for an allowed origin only, so the browser
+        refuses every other page."""
+        reply = Reply(200, headers=[("allow", PREFLIGHT_METHODS)])
+        self._cors(reply, origin, request.headers.get("access-control-request-headers", ""))
         return reply
 
     async def _route(self, request: Request) -> Reply | Stream:
@@ -206,27 +204,26 @@ class RouterSite:
 
     async def _model_entries(self, every: bool) -> list[dict[str, Any]]:
         """/v1/models: what may be asked now (healthy, or loaded on demand).
-        /models (`every`): each model the configs offer, loaded or not, as
-        llama-server's router mode lists them for its web UI."""
+        /models (`every`): each model of this machine's configs as well,
+        loaded or not, as llama-server's router mode lists them for its web UI."""
         served = await self.router.model_list()
         statuses = self.models.statuses() if self.models is not None else {}
-        healthy = {e["id"] for e in served}
         for entry in served:
             entry["status"] = _status(statuses.get(entry["id"]), loaded=True)
         if not every:
             return served
-        known = sorted(
-            n for n in self.router.known() if not n.startswith(TAG_PREFIX) and n not in healthy
-        )
+        listed = {e["id"] for e in served}
         return served + [
             {
-                "id": name,
+                "id": model,
+                "aliases": seen["aliases"],
                 "object": "model",
                 "owned_by": "llama-orch",
                 "created": int(self.router.started),
-                "status": _status(statuses.get(name), loaded=False),
+                "status": _status(seen, loaded=False),
             }
-            for name in known
+            for model, seen in sorted(statuses.items())
+            if model not in listed
         ]
 
     def _router_props(self) -> Reply | None:
@@ -285,8 +282,9 @@ class RouterSite:
 def _status(seen: dict[str, Any] | None, loaded: bool) -> dict[str, Any]:
     """A model's `status` as llama-server's router mode gives it."""
     status: dict[str, Any] = {"value": "loaded" if loaded else "unloaded", "args": []}
-    if seen:
-        status.update({k: v for k, v in seen.items() if k != "value" or not loaded})
+    for key, value in (seen or {}).items():
+        if key != "aliases" and (key != "value" or not loaded):
+            status[key] = value
     return status
 
 

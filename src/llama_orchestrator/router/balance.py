@@ -22,6 +22,7 @@ __all__ = [
     "lightest",
     "free_slots",
     "model_names",
+    "model_id",
     "hosts_of",
 ]
 
@@ -89,10 +90,15 @@ def free_slots(model: str, replicas: Iterable[Replica], in_flight: Mapping[str, 
     )
 
 
+def model_id(alias: str) -> str:
+    """The one name /v1/models lists a model by: an alias list's first name
+    in sorted order, as llama-server lists itself ("qwen,default" -> "default")."""
+    return min(alias_names(alias))
+
+
 def model_names(replicas: Iterable[Replica]) -> list[str]:
-    """What /v1/models lists: the aliases of healthy instances (each name of
-    an alias list)."""
-    return sorted({n for r in replicas for n in alias_names(r.alias)})
+    """What /v1/models lists: one id per model of the healthy instances."""
+    return sorted({model_id(r.alias) for r in replicas})
 
 
 def hosts_of(alias: str, replicas: Iterable[Replica]) -> list[str]:

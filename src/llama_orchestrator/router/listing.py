@@ -1,6 +1,7 @@
 """/v1/models: every model the router serves, each with what one of its
 instances' own /v1/models says of it (`meta`: parameters, context, size;
-`created`), asked once while that instance stays healthy, and where it runs."""
+`aliases`, `tags`, `created`), asked once while that instance stays
+healthy, and where it runs."""
 
 from __future__ import annotations
 
@@ -44,27 +45,25 @@ class ModelList:
             if info is not None:
                 self._info[(r.name, r.port)] = info
         entries = []
-        for alias in aliases:
+        for model in aliases:
+            mine = [r for r in replicas if model in alias_names(r.alias)]
             info = next(
-                (
-                    self._info[(r.name, r.port)]
-                    for r in replicas
-                    if alias in alias_names(r.alias) and (r.name, r.port) in self._info
-                ),
-                {},
+                (self._info[(r.name, r.port)] for r in mine if (r.name, r.port) in self._info), {}
             )
             created = info.get("created")
             entry: dict[str, Any] = {
-                "id": alias,
+                **info,  # what llama-server says of itself: meta, aliases, tags ...
+                "id": model,
                 "object": "model",
                 "created": created
                 if isinstance(created, int) and created > 0
                 else int(self.started),
                 "owned_by": "llama-orch",
-                "hosts": hosts_of(alias, replicas),  # "local" and the peers it runs on
+                "hosts": hosts_of(model, replicas),  # "local" and the peers it runs on
             }
-            if isinstance(info.get("meta"), dict):
-                entry["meta"] = info["meta"]
+            names = sorted({n for r in mine for n in alias_names(r.alias)})
+            if len(names) > 1 and "aliases" not in info:
+                entry["aliases"] = names
             entries.append(entry)
         return entries
 

@@ -25,6 +25,7 @@ from llama_orchestrator.router.balance import (
     Replica,
     candidates,
     lightest,
+    model_id,
     model_names,
 )
 from llama_orchestrator.router.external import Externals
@@ -93,9 +94,36 @@ def pass_on(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
     return b"".join(lines), streamed
 
 
-def _headers_for(r: Replica, content_type: str, key: str | None = None) -> dict[str, str]:
-    """What a request to `r` carries besides its body (and the instance's key)."""
-    headers = {"Content-Type": content_type}
+#: a client's request headers not passed on to an instance: those of its
+#: connection to us, and its key for the router (the instance gets its own)
+_NOT_FORWARDED = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "content-length",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "proxy-authorization",
+        "proxy-connection",
+        "authorization",
+        "x-api-key",
+        "content-type",
+    }
+)
+
+
+def _headers_for(
+    r: Replica, content_type: str, key: str | None = None, client: dict[str, str] | None = None
+) -> dict[str, str]:
+    """What a request to `r` carries besides its body: the client's own
+    headers when `r` is an instance of ours (llama-server reads some:
+    conversation ids, its CORS proxy's), and the instance's key."""
+    headers = {k: v for k, v in client.items() if k not in _NOT_FORWARDED} if client else {}
+    headers["Content-Type"] = content_type
     if key or r.api_key:
         headers["Authorization"] = f"Bearer {key or r.api_key}"
     if r.peer is not None:
@@ -214,7 +242,7 @@ class Router:
     def models(self) -> list[str]:
         """What /v1/models lists: healthy aliases and those loaded on demand."""
         lazy = self.loader.models() if self.loader is not None else set()
-        return sorted(set(model_names(self.replicas())) | lazy)
+        return sorted(set(model_names(self.replicas())) | {model_id(a) for a in lazy})
 
     def queue_depth(self, cls: str | None = None) -> int:
         return self._slots.queue_depth(cls)
@@ -356,7 +384,7 @@ class Router:
             r.port,
             request.method,
             target,
-            _headers_for(r, content_type, key),
+            _headers_for(r, content_type, key, request.headers if r.remote is None else None),
             body,
             tls=r.tls,
         )

@@ -28,6 +28,7 @@ __all__ = [
     "query_value",
     "without_param",
     "cors_headers",
+    "origin_allowed",
     "PREFLIGHT_METHODS",
     "presented_key",
 ]
@@ -162,14 +163,20 @@ def without_param(query: str, name: str) -> str:
     return urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != name])
 
 
+def origin_allowed(origin: str, allowed: Collection[str]) -> bool:
+    """Whether a page at `origin` may use the router (`allowed`: lower-case
+    origins without a trailing slash, or "*")."""
+    return "*" in allowed or origin.rstrip("/").lower() in allowed
+
+
 def cors_headers(
     origin: str | None, allowed: Collection[str], preflight_headers: str | None = None
 ) -> list[tuple[str, str]] | None:
     """The CORS headers for a request from web page `origin`: None when the
-    origin is not allowed (the browser then shows the page nothing). For a
-    preflight (`preflight_headers`: its Access-Control-Request-Headers) the
-    methods and headers it may send as well."""
-    if origin is None or origin.rstrip("/").lower() not in allowed:
+    origin is not allowed (the browser then shows the page nothing; "*" in
+    `allowed` allows every page). For a preflight (`preflight_headers`: its
+    Access-Control-Request-Headers) the methods and headers it may send as well."""
+    if origin is None or not origin_allowed(origin, allowed):
         return None
     headers = [("access-control-allow-origin", origin), ("vary", "Origin")]
     if preflight_headers is not None:

@@ -404,13 +404,18 @@ class _Connection(asyncio.Protocol):
         return False
 
 
-async def serve(sock: socket.socket, site: Site, limits: Limits | None = None) -> None:
-    """Serves `site` on the listening socket until cancelled; then every
+async def serve(
+    socks: socket.socket | list[socket.socket], site: Site, limits: Limits | None = None
+) -> None:
+    """Serves `site` on the listening socket(s) until cancelled; then every
     client connection is closed (their requests are cancelled)."""
     limits = limits or Limits()
     loop = asyncio.get_running_loop()
     conns: set[_Connection] = set()
-    server = await loop.create_server(lambda: _Connection(site, conns, limits), sock=sock)
+    servers = [
+        await loop.create_server(lambda: _Connection(site, conns, limits), sock=sock)
+        for sock in (socks if isinstance(socks, list) else [socks])
+    ]
     shortest = min(
         limits.header_timeout, limits.body_timeout, limits.send_timeout, limits.keepalive_timeout
     )
@@ -421,8 +426,10 @@ async def serve(sock: socket.socket, site: Site, limits: Limits | None = None) -
             for conn in list(conns):
                 conn.overdue(now)
     finally:
-        server.close()
+        for server in servers:
+            server.close()
         for conn in list(conns):
             conn.close()
-        with contextlib.suppress(Exception):
-            await server.wait_closed()
+        for server in servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
