@@ -561,8 +561,11 @@ class Router:
         `routes.resolve`: with one model served, any name means it); else a
         400/404 that lists what there is."""
         s = self.settings
+        known = self.known()
+        if isinstance(named, str) and named in known and named not in s.model_map:
+            return named  # the common case: a name served, as it is
         served = {r.alias for r in self.replicas()}
-        model = resolve(named, self.known(), s.model_map, s.strict_models, served)
+        model = resolve(named, known, s.model_map, s.strict_models, served)
         if isinstance(model, Unresolved):
             return openai_error(
                 model.status,
