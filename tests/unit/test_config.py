@@ -59,6 +59,20 @@ def test_config_every_problem_is_reported_at_once():
     assert any(m.startswith("f.json: x: unknown field") for m in msgs)
 
 
+def test_a_host_list_is_refused_for_an_instance_and_taken_by_the_router():
+    (msg,) = problems_of(
+        '{"model": {"path": "m.gguf"}, "server": {"port": 8001, "host": "127.0.0.1,::1"}}'
+    )
+    assert msg.startswith("f.json: server.host: give one address or host name")
+    assert "Value error" not in msg
+    from llama_orchestrator.config.settings import RouterSettings
+
+    assert RouterSettings(host="127.0.0.1, ::1").hosts() == ["127.0.0.1", "::1"]
+    assert RouterSettings(host="[::1]").hosts() == ["::1"]
+    with pytest.raises(ValueError, match="comma-separated"):
+        RouterSettings(host="127.0.0.1,")
+
+
 def test_config_unknown_backend_lists_the_known_ones():
     data = json.loads(DESIGN_EXAMPLE)
     data["gpu"]["backend"] = "opencl"

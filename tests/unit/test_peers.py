@@ -119,7 +119,9 @@ async def test_a_request_from_a_peer_is_never_sent_on_to_another_peer():
     away = rep("m@c", peer="c")
     router = Router(RouterSettings(queue_timeout=0), lambda: {away.name: away}, lambda: {"m"})
     hop = Request("POST", "/v1/completions", {HOP_HEADER: "1"}, b'{"model": "m"}')
-    reply = await router.handle(hop)
+    from llama_orchestrator.router.app import RouterSite
+
+    reply = await RouterSite(router, lambda: (b"", "text/plain")).handle(hop)
     assert reply.status == 503  # only a peer serves it: not here, then
     from llama_orchestrator.router.proxy import _headers_for
 

@@ -50,7 +50,8 @@ def pydantic_problems(file: str, exc: ValidationError) -> list[Problem]:
         elif hint:
             msg = hint
         else:
-            msg = f"{err['msg']} (got {json.dumps(err['input'], default=str)})"
+            said = err["msg"].removeprefix("Value error, ")  # our validators' own sentence
+            msg = f"{said} (got {json.dumps(err['input'], default=str)})"
         problems.append(Problem(file, field, msg))
     return problems
 

@@ -1,7 +1,9 @@
 """The router's HTTP surface: which route does what, and who may ask.
 Auth, the Host check and the body limit are decided on a request's head,
-before its body is read; the proxied routes are `Router.handle`'s. The wire
-(HTTP/1.1, keep-alive, streaming) is `wire.server`'s."""
+before its body is read. The router's own routes are answered here; every
+other request goes to the model it names (`routes`), where `Router`
+balances, queues and forwards it. The wire (HTTP/1.1, keep-alive,
+streaming) is `wire.server`'s."""
 
 from __future__ import annotations
 
@@ -13,14 +15,21 @@ from typing import Any, Protocol
 
 from llama_orchestrator.errors import OrchError
 from llama_orchestrator.names import TAG_PREFIX
+from llama_orchestrator.router.balance import lightest
 from llama_orchestrator.router.peers import INSTANCES_PATH, STATE_PATH, rows_for_peers, state_of
 from llama_orchestrator.router.proxy import JSON_HEADER as _JSON
 from llama_orchestrator.router.proxy import Router, openai_error
 from llama_orchestrator.router.routes import (
+    MODEL_GETS,
     PREFLIGHT_METHODS,
+    Unresolved,
     cors_headers,
     origin_allowed,
     presented_key,
+    query_value,
+    resolve,
+    takes_slot,
+    without_param,
 )
 from llama_orchestrator.wire.server import Reply, Request, Stream
 
@@ -167,7 +176,71 @@ class RouterSite:
                 return props
             if method == "POST" and path in ("/models/load", "/models/unload"):
                 return await self._load_or_unload(request, path == "/models/load")
-        return await self.router.handle(request)
+        return await self._to_model(request)
+
+    async def _to_model(self, request: Request) -> Reply | Stream:
+        """A request for an instance (see `routes`): with `?instance=NAME` to
+        that instance; else to the model it names (its JSON body's `model`,
+        or `?model=`), balanced over its replicas' slots when it runs the
+        model. The body's size was checked on the head, by `check`."""
+        router = self.router
+        instance = query_value(request.query, "instance")
+        if instance is not None:
+            return await self._to_instance(request, instance)
+        named = _named(request)
+        if isinstance(named, Reply):
+            return named
+        slot = takes_slot(request.method, request.path)
+        if named is None and request.method == "GET" and request.path not in MODEL_GETS:
+            # a page of the web UI: every instance serves the same
+            r = lightest(router.local(), router.in_flight)
+            if r is not None:
+                return await router.send_to(r, request)
+        model = self.resolve(named)
+        if isinstance(model, Reply):
+            return model
+        if slot:
+            return await router.forward(request, model)
+        return await router.handle_light(request, model)
+
+    async def _to_instance(self, request: Request, name: str) -> Reply | Stream:
+        """`?instance=NAME`: to that instance of this machine, the parameter
+        removed (its slot actions, its own /metrics)."""
+        found = self.router.local(name)
+        if not found:
+            healthy = ", ".join(sorted(r.name for r in self.router.local())) or "none"
+            return openai_error(
+                404,
+                f"No healthy instance '{name}' here (healthy: {healthy}); "
+                "`llama-orch ps` shows them all.",
+                "not_found_error",
+            )
+        query = without_param(request.query, "instance")
+        return await self.router.send_to(
+            found[0],
+            Request(
+                request.method, request.path, request.headers, request.body, query, request.version
+            ),
+        )
+
+    def resolve(self, named: Any) -> str | Reply:
+        """The model a request names, as the router queues it (see
+        `routes.resolve`: with one model served, any name means it); else a
+        400/404 that lists what there is."""
+        s = self.router.settings
+        known = self.router.known()
+        if isinstance(named, str) and named in known and named not in s.model_map:
+            return named  # the common case: a name served, as it is
+        served = {r.alias for r in self.router.replicas()}
+        model = resolve(named, known, s.model_map, s.strict_models, served)
+        if isinstance(model, Unresolved):
+            return openai_error(
+                model.status,
+                model.message,
+                "not_found_error" if model.status == 404 else "invalid_request_error",
+                available=model.available,
+            )
+        return model
 
     async def _get(self, path: str) -> Reply:
         if path == "/v1/models":
@@ -277,6 +350,28 @@ class RouterSite:
         except OrchError as exc:
             return openai_error(400, exc.message, "invalid_request_error")
         return _json({"success": True})
+
+
+def _named(request: Request) -> Any:
+    """The model a request names: its JSON body's `model`, else `?model=`
+    (None when neither does); a 400 for a body that should be JSON and is not."""
+    named = None
+    body = request.body
+    if body and "json" in request.headers.get("content-type", "application/json"):
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            return openai_error(
+                400, f"The request body is not valid JSON ({exc}).", "invalid_request_error"
+            )
+        if not isinstance(data, dict):
+            return openai_error(
+                400, "The request body must be a JSON object.", "invalid_request_error"
+            )
+        named = data.get("model")
+    if named is None and request.query:
+        named = query_value(request.query, "model")
+    return named
 
 
 def _status(seen: dict[str, Any] | None, loaded: bool) -> dict[str, Any]:

@@ -31,15 +31,7 @@ from llama_orchestrator.router.balance import (
 from llama_orchestrator.router.external import Externals
 from llama_orchestrator.router.listing import ModelList
 from llama_orchestrator.router.peers import HOP_HEADER
-from llama_orchestrator.router.routes import (
-    MODEL_GETS,
-    Unresolved,
-    presented_key,
-    query_value,
-    resolve,
-    takes_slot,
-    without_param,
-)
+from llama_orchestrator.router.routes import presented_key
 from llama_orchestrator.router.slots import Refusal, Slots
 from llama_orchestrator.upstreams import KeyMissing, Usage, UsageMeter, for_upstream
 from llama_orchestrator.wire.pool import Exchange, Pool, PoolError
@@ -512,69 +504,6 @@ class Router:
 
     # --- the proxied routes ----------------------------------------------------
 
-    async def handle(self, request: Request) -> Reply | Stream:
-        """A request for an instance (see `routes`): with `?instance=NAME` to
-        that instance; else to the model it names (its JSON body's `model`,
-        or `?model=`), balanced over its replicas' slots when it runs the
-        model. The body's size was checked on the head, by the site."""
-        instance = query_value(request.query, "instance")
-        if instance is not None:
-            return await self._to_instance(request, instance)
-        named = _named(request)
-        if isinstance(named, Reply):
-            return named
-        slot = takes_slot(request.method, request.path)
-        if named is None and request.method == "GET" and request.path not in MODEL_GETS:
-            # a page of the web UI: every instance serves the same
-            r = lightest(self.local(), self.in_flight)
-            if r is not None:
-                return await self.send_to(r, request)
-        model = self.resolve(named)
-        if isinstance(model, Reply):
-            return model
-        if slot:
-            return await self.forward(request, model)
-        return await self.handle_light(request, model)
-
-    async def _to_instance(self, request: Request, name: str) -> Reply | Stream:
-        """`?instance=NAME`: to that instance of this machine, the parameter
-        removed (its slot actions, its own /metrics)."""
-        found = self.local(name)
-        if not found:
-            healthy = ", ".join(sorted(r.name for r in self.local())) or "none"
-            return openai_error(
-                404,
-                f"No healthy instance '{name}' here (healthy: {healthy}); "
-                "`llama-orch ps` shows them all.",
-                "not_found_error",
-            )
-        query = without_param(request.query, "instance")
-        return await self.send_to(
-            found[0],
-            Request(
-                request.method, request.path, request.headers, request.body, query, request.version
-            ),
-        )
-
-    def resolve(self, named: Any) -> str | Reply:
-        """The model a request names, as the router queues it (see
-        `routes.resolve`: with one model served, any name means it); else a
-        400/404 that lists what there is."""
-        s = self.settings
-        known = self.known()
-        if isinstance(named, str) and named in known and named not in s.model_map:
-            return named  # the common case: a name served, as it is
-        served = {r.alias for r in self.replicas()}
-        model = resolve(named, known, s.model_map, s.strict_models, served)
-        if isinstance(model, Unresolved):
-            return openai_error(
-                model.status,
-                model.message,
-                "not_found_error" if model.status == 404 else "invalid_request_error",
-                available=model.available,
-            )
-        return model
-
     async def handle_light(self, request: Request, model: str) -> Reply | Stream:
         """A request that takes no slot (/tokenize, /props, /slots, the web
         UI's pages ...): to the least loaded instance of `model` on this
@@ -634,28 +563,6 @@ class Router:
     async def _get(self, r: Replica, path: str) -> bytes:
         """GET `path` of `r`, the answer's body."""
         return (await self._fetch(r, _own_request("GET", path)))[2]
-
-
-def _named(request: Request) -> Any:
-    """The model a request names: its JSON body's `model`, else `?model=`
-    (None when neither does); a 400 for a body that should be JSON and is not."""
-    named = None
-    body = request.body
-    if body and "json" in request.headers.get("content-type", "application/json"):
-        try:
-            data = json.loads(body)
-        except ValueError as exc:
-            return openai_error(
-                400, f"The request body is not valid JSON ({exc}).", "invalid_request_error"
-            )
-        if not isinstance(data, dict):
-            return openai_error(
-                400, "The request body must be a JSON object.", "invalid_request_error"
-            )
-        named = data.get("model")
-    if named is None and request.query:
-        named = query_value(request.query, "model")
-    return named
 
 
 def _own_request(method: str, target: str, body: str = "") -> Request:
