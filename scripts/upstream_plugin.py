@@ -102,14 +102,22 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 class _Daemon:
     """One home per test process, its daemon kept while the router's
     settings stay the same (its port, host and key): a test's server is
-    the instance `srv`, started by `up` and stopped by `down`."""
+    the instance `srv`, started by `up` and stopped by `down`, asked of
+    the daemon as the CLI asks it (without a CLI process each time)."""
 
     def __init__(self) -> None:
+        from llama_orchestrator.engine.lifecycle import Engine
+        from llama_orchestrator.home import Home
+
         self.home = Path(tempfile.mkdtemp(prefix="llama-orch-suite-"))
         (self.home / "instances" / "srv").mkdir(parents=True)
+        self.engine = Engine(Home(self.home))
         self.router: dict[str, Any] | None = None
 
     def start(self, cfg: dict[str, Any], router: dict[str, Any]) -> None:
+        from llama_orchestrator.daemon import control
+        from llama_orchestrator.daemon.info import running
+
         if router != self.router:
             self.close()
             (self.home / "llama-orch.json").write_text(json.dumps({"router": router}))
@@ -117,15 +125,15 @@ class _Daemon:
         (self.home / "instances" / "srv" / "config.json").write_text(json.dumps(cfg))
         for log in (self.home / "logs" / "srv").glob("*.log"):
             log.unlink()  # a test reads its own server's log, as direct
-        up = _cli(self.home, "up", "srv")
-        if up.returncode != 0:
-            raise RuntimeError(f"llama-orch up failed: {up.stderr.strip()}")
-        status = json.loads(_cli(self.home, "daemon", "status", "--json").stdout or "{}")
-        if status.get("router_error"):
-            raise RuntimeError(f"the router is not listening: {status['router_error']}")
+        control(self.engine, True).up(["srv"], timeout=120)
+        info = running(self.engine.home)
+        if info is None or info.router_error:
+            raise RuntimeError(f"the router is not listening: {info and info.router_error}")
 
     def stop(self) -> None:
-        _cli(self.home, "down", "srv")
+        from llama_orchestrator.daemon import control
+
+        control(self.engine, False).down(["srv"])
 
     def close(self) -> None:
         if self.router is not None:
@@ -178,7 +186,7 @@ def pytest_configure(config: Any) -> None:
         cfg["env"] = {k: v for k, v in env.items() if os.environ.get(k) != v}
         if "AIP_HTTP_PORT" in cfg["env"]:  # the port it listens on is the instance's
             cfg["env"]["AIP_HTTP_PORT"] = str(cfg["server"]["port"])
-        cfg["healthcheck"] = {"interval": 0.5, "start_period": 60}
+        cfg["healthcheck"] = {"interval": 0.05, "start_period": 60}
         cfg["restart_policy"] = {"mode": "no"}
         router: dict[str, Any] = {"host": self.server_host, "port": self.server_port}
         if key:
