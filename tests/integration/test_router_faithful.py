@@ -94,6 +94,8 @@ def test_llama_servers_other_paths_answer_through_the_router_as_direct(one) -> N
             assert ours.json() == theirs.json(), path
         else:
             assert ours.json()["error"]["type"] == theirs.json()["error"]["type"], path
+    head = httpx.head(url + "/props", timeout=10)
+    assert head.status_code == 200 and head.content == b""
     # a method llama-server does not take is its own 404, not a 405 of ours
     wrong = httpx.get(url + "/v1/chat/completions")
     assert wrong.status_code == httpx.get(direct + "/v1/chat/completions").status_code

@@ -176,6 +176,10 @@ class RouterSite:
                 return props
             if method == "POST" and path in ("/models/load", "/models/unload"):
                 return await self._load_or_unload(request, path == "/models/load")
+        if method == "HEAD":  # the instance's GET answer, of which the wire sends the head
+            request = Request(
+                "GET", path, request.headers, request.body, request.query, request.version
+            )
         return await self._to_model(request)
 
     async def _to_model(self, request: Request) -> Reply | Stream:
