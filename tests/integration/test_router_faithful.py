@@ -182,6 +182,9 @@ def test_keys_in_either_header_and_llama_servers_error_shapes(home, tiny_model, 
         r = httpx.post(f"{url}/v1/chat/completions", json=chat, headers=headers)
         assert r.status_code == 200, (headers, r.text)
     assert httpx.get(f"{url}/v1/health").status_code == 200  # public, as llama-server's
+    # ... the router's health only: not another method, nor an instance's path
+    assert httpx.post(f"{url}/health").status_code == 401
+    assert httpx.get(f"{url}/health", params={"instance": "a"}).status_code == 401
 
 
 def test_cors_for_an_allowed_page_only(home, tiny_model, server_bin) -> None:

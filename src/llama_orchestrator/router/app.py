@@ -106,7 +106,12 @@ class RouterSite:
         origin = headers.get("origin")
         if request.method == "OPTIONS":
             return None  # a preflight carries no key: `handle` answers it
-        if self.keys and request.path not in _PUBLIC:
+        public = (
+            request.path in _PUBLIC
+            and request.method in ("GET", "HEAD")
+            and "instance=" not in request.query
+        )
+        if self.keys and not public:
             given = presented_key(headers)
             if not any(secrets.compare_digest(given, k) for k in self.keys):
                 refused = openai_error(
