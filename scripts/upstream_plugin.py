@@ -48,6 +48,12 @@ _FIELDS = {
 _INTS = {"context_size", "parallel", "port", "threads", "batch_size"}
 
 
+def _note(line: str) -> None:
+    """Something the run's summary must say (the runner prints the file)."""
+    with open(os.environ.get("LLAMA_ORCH_SUITE_NOTES", os.devnull), "a") as f:
+        f.write(line + "\n")
+
+
 class _Captured(Exception):
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.argv, self.env = argv, env
@@ -136,9 +142,27 @@ class _Daemon:
         control(self.engine, False).down(["srv"])
 
     def close(self) -> None:
-        if self.router is not None:
-            _cli(self.home, "daemon", "stop", "--all")
-            self.router = None
+        """The daemon stopped with its instances, and gone (the next one takes
+        the home's lock): one that outlives its stop by 30 s is killed, and
+        the run says so on stderr."""
+        import psutil
+
+        from llama_orchestrator.daemon.info import running
+
+        if self.router is None:
+            return
+        info = running(self.engine.home)
+        _cli(self.home, "daemon", "stop", "--all")
+        self.router = None
+        if info is None or not psutil.pid_exists(info.pid):
+            return
+        try:
+            psutil.Process(info.pid).wait(30)
+        except psutil.TimeoutExpired:
+            _note(f"llama-orch daemon {info.pid} did not exit within 30 s of its stop; killed")
+            psutil.Process(info.pid).kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 _daemon: _Daemon | None = None

@@ -143,13 +143,20 @@ def run_mode(
         "LLAMA_ORCH_SUITE_MODE": mode,
         "LLAMA_ORCH_SUITE_MODEL": str(model),
         "LLAMA_CACHE": str(Path(tempfile.mkdtemp())),
+        "LLAMA_ORCH_SUITE_NOTES": str(junit.with_suffix(".notes")),
     }
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=tests, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=tests, env=env, capture_output=True, text=True, timeout=1200)
+    except subprocess.TimeoutExpired as exc:
+        raise SystemExit(f"the {mode} run did not finish in {exc.timeout:.0f} s") from None
     took = time.perf_counter() - start
     if not junit.exists():
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"the {mode} run wrote no report (pytest exited {proc.returncode})")
+    notes = junit.with_suffix(".notes")
+    if notes.exists():
+        print(f"{mode}: " + notes.read_text().strip().replace("\n", f"\n{mode}: "), flush=True)
     return outcomes(junit), took
 
 

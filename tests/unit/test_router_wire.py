@@ -387,3 +387,44 @@ async def test_a_death_mid_answer_and_idle_connections_closed():
     finally:
         up.close()
         server.close()
+
+
+class _Backlog:
+    """A site whose answer is a stream of 16 MB that then waits for ever."""
+
+    limit = 1 << 20
+
+    def too_large(self) -> Reply:
+        return Reply(413)
+
+    def check(self, request: Request) -> Reply | None:
+        return None
+
+    async def handle(self, request: Request) -> Stream:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(256):
+                yield b"x" * 65536
+            await asyncio.Event().wait()
+
+        return Stream(200, chunks())
+
+
+@on_both_loops
+async def test_the_server_ends_while_a_client_holds_an_answer_it_never_reads():
+    """A daemon that stops must not wait for a client that reads nothing: a
+    closed connection waits to write what it holds, and the server's close
+    waited for every connection (the daemon hung in its exit)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    task = asyncio.create_task(serve(sock, _Backlog(), Limits(max_buffered=1 << 30)))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await loop.sock_connect(client, ("127.0.0.1", port))
+    await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await asyncio.sleep(0.5)  # the answer backs up behind a client that reads none of it
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=30)
+    client.close()
+    assert task in done, "the server did not end while a client held an unread answer"

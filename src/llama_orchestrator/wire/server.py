@@ -377,6 +377,10 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
     def waiting_since(self) -> float:
         """Since when this connection has made no progress towards an answer."""
         return self._head_started if self._reading == "head" else self.last_active
@@ -429,7 +433,10 @@ async def serve(
         for server in servers:
             server.close()
         for conn in list(conns):
-            conn.close()
+            # aborted, not closed: a close waits to write what a client that reads
+            # nothing was sent (a stream it holds open), and the servers' close
+            # waits for every connection: the daemon would never exit
+            conn.abort()
         for server in servers:
             with contextlib.suppress(Exception):
-                await server.wait_closed()
+                await asyncio.wait_for(server.wait_closed(), 5)
