@@ -293,3 +293,20 @@ def test_a_damaged_or_emptied_state_database_is_named_and_kept_aside_on_reset(ho
     r = run_cli(home, "ps")
     assert r.returncode == 1 and "is empty (0 bytes): its history is gone" in r.stderr
     assert home.db_path.stat().st_size == 0  # nothing was written over it
+
+
+def test_a_model_folder_is_named_as_a_folder_and_logs_say_nothing_ran(home, tiny_model, tmp_path):
+    """Issue 40: `init --model models/` said the file "does not exist"; `logs`
+    of an instance never started printed nothing."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "tiny.gguf").write_bytes(tiny_model.read_bytes())
+    r = run_cli(home, "init", "x", "--model", str(folder))
+    assert_user_error(r, "is a folder, not a model file", "tiny.gguf")
+    assert not home.config_path("x").exists()
+    write_config(home, "a", folder)
+    assert_user_error(run_cli(home, "config", "validate", "a"), "is a folder; name a .gguf file")
+    write_config(home, "b", tiny_model)
+    r = run_cli(home, "logs", "b")
+    assert r.returncode == 0 and r.stdout == ""
+    assert "'b' has no output yet: it has not been started (`llama-orch up b`)" in r.stderr

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from llama_orchestrator.cli.context import app_context, out
+from llama_orchestrator.cli.context import app_context, out, say
 from llama_orchestrator.engine import logs as logfiles
 from llama_orchestrator.engine.status import iso
 from llama_orchestrator.errors import UserError
@@ -50,6 +50,12 @@ def logs(
     def text(ts: float | None, line: str) -> str:
         return f"{logfiles.wall_clock(ts)} {line}\n" if timestamps else line + "\n"
 
+    if not follow and not any(p.exists() for p in paths.values()):
+        say(
+            f"'{name}' has no output yet: it has not been started (`llama-orch up {name}`).",
+            to_err=True,
+        )
+        return
     for s, path in paths.items():
         lines = logfiles.read_lines(path, tail, start, times[s], timestamps)
         sinks[s].write("".join(text(ts, line) for ts, line in lines))

@@ -118,6 +118,10 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
                 "(nothing is downloaded at start)",
             )
         )
+    elif model.is_dir():
+        problems.append(
+            Problem(file, "model.path", f"{model} is a folder; name a .gguf file in it")
+        )
     elif not model.exists():
         problems.append(
             Problem(
