@@ -141,11 +141,11 @@ def create_instance(
     else:
         model_path = Path(model).expanduser().absolute()
     if model_path.is_dir():
-        found = sorted(p.name for p in model_path.glob("*.gguf"))[:3]
+        ggufs = sorted(p.name for p in model_path.glob("*.gguf"))[:3]
         raise UserError(
             f"{model_path} is a folder, not a model file; nothing was written.",
-            hint=f"Name one of its .gguf files ({', '.join(found)})."
-            if found
+            hint=f"Name one of its .gguf files ({', '.join(ggufs)})."
+            if ggufs
             else "Name a .gguf file (this folder holds none).",
         )
     if not model_path.is_file():
