@@ -361,3 +361,18 @@ def test_init_gpu_auto_on_vulkan_picks_by_vulkan_figures_and_writes_vulkans_inde
     # the emptiest 1060 is CUDA's 2, which Vulkan counts as 4
     assert json.loads(created.path.read_text())["gpu"]["device_id"] == 4
     assert "--gpu auto chose GPU 4 (most free VRAM)" in created.notes
+
+
+def test_a_gpu_pin_without_a_gpu_backend_is_refused_and_nothing_written(home, gguf, monkeypatch):
+    """Issue 40: `init x --model M --gpu 0` wrote a cpu config with device_id 0
+    and warned "warning: is ignored with backend 'cpu'", naming no field."""
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
+    for gpus in ([0], "auto"):
+        with pytest.raises(UserError, match="pins a GPU, but the instance's backend is cpu") as e:
+            create_instance(home, "g", model=str(gguf), gpus=gpus, find_gpus=four_cards)
+        assert "--backend cuda" in (e.value.hint or "")
+        assert not home.config_path("g").exists()
+    # a cuda config given --force and a new --gpu keeps its backend
+    create_instance(home, "g", model=str(gguf), backend="cuda", gpus=[0], find_gpus=four_cards)
+    create_instance(home, "g", model=str(gguf), gpus=[1], force=True, find_gpus=four_cards)
+    assert json.loads(home.config_path("g").read_text())["gpu"]["device_id"] == 1

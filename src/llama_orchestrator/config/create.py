@@ -97,6 +97,12 @@ def create_instance(
     base = old.model_dump(mode="json", by_alias=True, exclude_defaults=True) if old else {}
     host = host or (old.server.host if old else "127.0.0.1")
     same_backend = old is not None and backend in (None, old.gpu.backend)
+    if gpus is not None and backend is None and (old is None or old.gpu.backend == "cpu"):
+        raise UserError(
+            f"--gpu {_gpus_arg(gpus)} pins a GPU, but the instance's backend is cpu, which "
+            "uses none; nothing was written.",
+            hint="Add --backend cuda (or rocm, vulkan, metal), or leave --gpu out.",
+        )
     backend = backend or (old.gpu.backend if old else "cpu")
     if old is not None and same_backend:  # a card pinned for another backend is not one for this
         if gpus is None and old.gpu.device_id is not None:
@@ -239,11 +245,15 @@ def create_instance(
         raise ConfigError(
             problems, hint="Nothing was written; fix it, or --force to write it anyway."
         )
-    notes += [f"warning: {p.message}" for p in checked if p.severity == "warning"]
+    notes += [f"warning: {p.field}: {p.message}" for p in checked if p.severity == "warning"]
     if not home.instances_dir.is_dir():
         notes.insert(0, f"created a new home at {home.root}")
     save_config(path, cfg)
     return Created(path, notes, replaced=old is not None)
+
+
+def _gpus_arg(gpus: list[int] | Literal["auto"]) -> str:
+    return gpus if isinstance(gpus, str) else ",".join(str(g) for g in gpus)
 
 
 def _old_config(loaded: list[Loaded], name: str, notes: list[str]) -> InstanceConfig | None:
