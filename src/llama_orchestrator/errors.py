@@ -70,6 +70,15 @@ class ConfigError(UserError):
         super().__init__("\n".join(str(p) for p in problems), hint=hint)
 
 
+class UnknownRun(UserError):
+    """A plan run id this home does not have."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            f"No plan run '{run_id}' in this home.", hint="`llama-orch plan list` shows them."
+        )
+
+
 class UnknownInstance(UserError):
     def __init__(self, name: str, known: list[str]) -> None:
         self.name = name

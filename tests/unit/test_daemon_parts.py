@@ -9,6 +9,7 @@ from llama_orchestrator.errors import (
     Problem,
     StartFailed,
     UnknownInstance,
+    UnknownRun,
     UserError,
 )
 from llama_orchestrator.router.app import host_of
@@ -52,6 +53,7 @@ def test_host_of_drops_the_port(header, host):
     ("exc", "code", "status"),
     [
         (UnknownInstance("ghost", []), "unknown_instance", 404),
+        (UnknownRun("zzzz"), "unknown_run", 404),  # issue 40: was 400
         (ConfigError([Problem("a", "b", "c")]), "invalid_config", 400),
         (UserError("Bad."), "bad_input", 400),
         (StartFailed("Died."), "start_failed", 500),

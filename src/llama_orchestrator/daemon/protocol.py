@@ -34,6 +34,7 @@ from llama_orchestrator.errors import (
     StartFailed,
     StateError,
     UnknownInstance,
+    UnknownRun,
     UserError,
 )
 
@@ -71,6 +72,7 @@ class ErrorCode(str, Enum):
     TOO_LARGE = "too_large"
     NO_ROUTE = "no_route"
     UNKNOWN_INSTANCE = "unknown_instance"
+    UNKNOWN_RUN = "unknown_run"  # a plan run id this home does not have
     INVALID_CONFIG = "invalid_config"
     PORT_CONFLICT = "port_conflict"
     NO_BINARY = "no_binary"
@@ -89,6 +91,7 @@ _EXIT_1 = {ErrorCode.START_FAILED, ErrorCode.STATE_ERROR, ErrorCode.FAILED}
 #: most specific first: the first class an exception is an instance of gives its code
 _CODES: list[tuple[type[OrchError], ErrorCode]] = [
     (UnknownInstance, ErrorCode.UNKNOWN_INSTANCE),
+    (UnknownRun, ErrorCode.UNKNOWN_RUN),
     (ConfigError, ErrorCode.INVALID_CONFIG),
     (PortConflict, ErrorCode.PORT_CONFLICT),
     (BinaryNotFound, ErrorCode.NO_BINARY),
@@ -105,6 +108,7 @@ _HTTP = {
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.NO_ROUTE: 404,
     ErrorCode.UNKNOWN_INSTANCE: 404,
+    ErrorCode.UNKNOWN_RUN: 404,
 }
 
 

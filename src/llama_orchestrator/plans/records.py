@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_orchestrator.engine.status import iso
-from llama_orchestrator.errors import UserError
+from llama_orchestrator.errors import UnknownRun, UserError
 from llama_orchestrator.files import private_dir
 from llama_orchestrator.names import TAG_PREFIX, tag_set
 from llama_orchestrator.plans.schedule import TaskRecord, run_state
@@ -162,9 +162,7 @@ def load_run(store: Store, run_id: str) -> RunView | None:
 def require_run(store: Store, run_id: str) -> RunView:
     found = load_run(store, run_id)
     if found is None:
-        raise UserError(
-            f"No plan run '{run_id}' in this home.", hint="`llama-orch plan list` shows them."
-        )
+        raise UnknownRun(run_id)
     return found
 
 
