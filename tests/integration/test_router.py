@@ -330,7 +330,9 @@ def test_no_healthy_instance_is_503_and_a_wide_bind_needs_keys(home, tiny_model,
     write_config(home, "a", tiny_model, model={"alias": "tiny"})
     assert run_cli(home, "daemon", "start").returncode == 0
     r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x"})
-    assert r.status_code == 503 and r.headers["retry-after"]
+    # stopped, not starting: how to start it, and no invitation to retry (issue 40)
+    assert r.status_code == 503 and "retry-after" not in r.headers
+    assert "'tiny' is stopped; start it with `llama-orch up a`" in r.json()["error"]["message"]
     assert run_cli(home, "daemon", "stop").returncode == 0
 
     home.settings_path.write_text(json.dumps({"router": {"host": "0.0.0.0", "port": free_port()}}))

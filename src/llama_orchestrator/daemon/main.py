@@ -139,7 +139,6 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     from llama_orchestrator.daemon.effects import LiveEffects
     from llama_orchestrator.daemon.metrics import Metrics
     from llama_orchestrator.daemon.parts import Parts
-    from llama_orchestrator.daemon.switching import ModelSwitch
     from llama_orchestrator.engine.views import status_reply
     from llama_orchestrator.wire.pool import Pool
 
@@ -171,9 +170,8 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     async def instance_rows() -> list[dict[str, Any]]:
         return list((await status_view()).instances)  # type: ignore[arg-type]
 
-    switch = ModelSwitch(sup, parts.on_demand)
     router_server, router_url, router_error = _router(
-        home, router, store, metrics, instance_rows, switch
+        home, router, store, metrics, instance_rows, parts.switch
     )
     sock = platform.bind_control(home.daemon_socket)
     transport = platform.CONTROL_TRANSPORT

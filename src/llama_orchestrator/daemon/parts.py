@@ -27,6 +27,7 @@ from llama_orchestrator.daemon.peers import Peers
 from llama_orchestrator.daemon.plans import PlanRunner
 from llama_orchestrator.daemon.runner import RunnerDeps
 from llama_orchestrator.daemon.supervisor import Supervisor
+from llama_orchestrator.daemon.switching import ModelSwitch
 from llama_orchestrator.daemon.upstreams import Upstreams, UsageWriter, getter
 from llama_orchestrator.home import Home
 from llama_orchestrator.router.external import Externals
@@ -58,6 +59,7 @@ class Parts:
     sup: Supervisor
     leases: Leases
     on_demand: OnDemand
+    switch: ModelSwitch  # loads and unloads through the router; why a model is stopped
     router: Router
     peers: Peers
     plans: PlanRunner
@@ -106,6 +108,7 @@ class Parts:
         sup = Supervisor(home, deps, upstreams)
         leases = Leases(sup, busy=slots.busy, changed=slots.wake)
         on_demand = OnDemand(sup, slots, settings, held=leases.holds_for)
+        switch = ModelSwitch(sup, on_demand)
         router = Router(
             settings.router,
             lambda: board.replicas,
@@ -115,6 +118,7 @@ class Parts:
             slots=slots,
             externals=externals,
             pool=pool,
+            stopped=switch.why_stopped,
         )
         peers = Peers(
             settings.peers,
@@ -148,6 +152,7 @@ class Parts:
             sup,
             leases,
             on_demand,
+            switch,
             router,
             peers,
             plans,

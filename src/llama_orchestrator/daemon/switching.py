@@ -61,6 +61,26 @@ class ModelSwitch:
                 entry["failed"] = True
         return out
 
+    def why_stopped(self, model: str) -> str | None:
+        """The router's answer when nothing serves `model` and nothing will by
+        itself: each of its instances is stopped or failed (None when one is
+        starting, restarting, or started on demand)."""
+        names = self._serving(model)
+        configs = self.sup.configs()
+        if not names or any(self.sup.active(n) or configs[n].on_demand for n in names):
+            return None
+        failed = [n for n in names if self.sup.state_of(n) == S.FAILED]
+        if failed:
+            return (
+                f"'{model}' is not served: instance '{failed[0]}' failed (restarts "
+                f"exhausted); see `llama-orch describe {failed[0]}`, then "
+                f"`llama-orch up {failed[0]}`."
+            )
+        return (
+            f"'{model}' is stopped; start it with `llama-orch up {' '.join(names)}` "
+            "(or POST /models/load)."
+        )
+
     async def load(self, model: str) -> None:
         names = self._serving(model)
         if not names:

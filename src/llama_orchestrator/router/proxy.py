@@ -63,10 +63,17 @@ JSON_HEADER = _JSON = ("content-type", "application/json; charset=utf-8")
 
 
 def openai_error(
-    status: int, message: str, kind: str, retry_after: float | None = None, **extra: Any
+    status: int,
+    message: str,
+    kind: str,
+    retry_after: float | None = None,
+    retry: bool = True,
+    **extra: Any,
 ) -> Reply:
+    """An error in llama-server's (and OpenAI's) shape; a 429 or 503 invites
+    the client to try again (Retry-After) unless `retry` is False."""
     wait = str(math.ceil(retry_after)) if retry_after else RETRY_AFTER
-    headers = [_JSON, ("retry-after", wait)] if status in (429, 503) else [_JSON]
+    headers = [_JSON, ("retry-after", wait)] if status in (429, 503) and retry else [_JSON]
     body = {"error": {"message": message, "type": kind, "code": status, **extra}}
     return Reply(status, json.dumps(body).encode(), headers)
 
@@ -156,7 +163,7 @@ _Refusal = Refusal
 
 
 def _refused(refusal: Refusal) -> Reply:
-    return openai_error(refusal.status, refusal.message, refusal.kind)
+    return openai_error(refusal.status, refusal.message, refusal.kind, retry=refusal.retry)
 
 
 class RouterError(Exception):
@@ -211,6 +218,9 @@ class Router:
     started: float = field(default_factory=time.time)
     #: the external upstreams' keys, limits and spending (the daemon keeps them current)
     externals: Externals = field(default_factory=Externals)
+    #: why nothing will serve `model` until someone starts it (every instance of
+    #: it stopped or failed): a sentence saying how; None while one is coming
+    stopped: Callable[[str], str | None] = lambda model: None
 
     def __post_init__(self) -> None:
         self.listing = ModelList(self._get, self.started)
@@ -261,8 +271,12 @@ class Router:
         """A slot on the least busy replica (see `Slots.acquire`); when nothing
         serves `model`, the loader may start an on-demand instance for it."""
         loading = None
-        if self.loader is not None and not candidates(model, self.replicas()):
-            loading = self.loader.wake(model)
+        if not candidates(model, self.replicas()):
+            if self.loader is not None:
+                loading = self.loader.wake(model)
+            if loading is None and (why := self.stopped(model)) is not None:
+                # not coming back by itself: a retry would only be refused again
+                raise Refusal(503, why, "unavailable_error", retry=False)
         return await self._slots.acquire(model, exclude, loading, batch, priority)
 
     def is_batch(self, request: Request) -> bool:

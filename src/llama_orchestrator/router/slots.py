@@ -37,9 +37,11 @@ class Refusal(Exception):
     """No slot for the request: 503 (none healthy, or what it waited for will
     not come) or 429 (busy)."""
 
-    def __init__(self, status: int, message: str, kind: str) -> None:
+    def __init__(self, status: int, message: str, kind: str, retry: bool = True) -> None:
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
+        #: whether to invite the client to try again (Retry-After)
+        self.retry = retry
 
 
 @dataclass
