@@ -376,3 +376,15 @@ def test_a_gpu_pin_without_a_gpu_backend_is_refused_and_nothing_written(home, gg
     create_instance(home, "g", model=str(gguf), backend="cuda", gpus=[0], find_gpus=four_cards)
     create_instance(home, "g", model=str(gguf), gpus=[1], force=True, find_gpus=four_cards)
     assert json.loads(home.config_path("g").read_text())["gpu"]["device_id"] == 1
+
+
+def test_init_does_not_hand_out_a_port_a_broken_config_names(home, gguf, monkeypatch):
+    """Issue 40: a config that fails validation (here, an unknown field) was
+    skipped when init chose a port, so two instances ended up on 8001."""
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
+    write_config(home, "broken", gguf, server={"port": 8001}, servr={"typo": 1})
+    assert validate_home(home, find_gpus=four_cards)  # it does fail validation
+    port = json.loads(create_instance(home, "new", model=str(gguf)).path.read_text())
+    assert port["server"]["port"] != 8001
+    with pytest.raises(PortConflict, match="already used by instance 'broken'"):
+        create_instance(home, "other", model=str(gguf), port=8001)

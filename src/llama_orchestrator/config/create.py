@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,18 +119,27 @@ def create_instance(
         extra_args = extra_args or list(old.server.extra_args)
     parallel = parallel or 1
     others = [x for x in loaded if x.name != name and x.config is not None]
+    held = {  # by a config that fails validation: it means to use that port all the same
+        port: x.name
+        for x in loaded
+        if x.name != name and x.config is None and x.upstream is None
+        for port in [_port_of_broken(x.path, host)]
+        if port is not None
+    }
     taken = {
         x.config.server.port
         for x in others
         if x.config and hosts_overlap(x.config.server.host, host)
-    }
+    } | set(held)
     if port is None and old is not None and old.server.port not in taken:
         port = old.server.port  # its own: a running instance holds it, so it looks taken
     if port is None:
         port = pick_port(taken, lambda p: platform.port_is_free(host, p))
         notes.append(f"port {port} (the first free one from {FIRST_PORT}; --port to choose)")
     elif port in taken:
-        owner = next(x.name for x in others if x.config and x.config.server.port == port)
+        owner = held.get(port) or next(
+            x.name for x in others if x.config and x.config.server.port == port
+        )
         raise PortConflict(
             f"Port {port} is already used by instance '{owner}'.",
             hint="Pick another --port, or leave it out to get a free one.",
@@ -250,6 +260,20 @@ def create_instance(
         notes.insert(0, f"created a new home at {home.root}")
     save_config(path, cfg)
     return Created(path, notes, replaced=old is not None)
+
+
+def _port_of_broken(path: Path, host: str) -> int | None:
+    """The port a config that fails validation names, when it can be read
+    (and on a host that overlaps `host`)."""
+    try:
+        server = json.loads(path.read_text()).get("server", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    port = server.get("port") if isinstance(server, dict) else None
+    other = server.get("host", "127.0.0.1") if isinstance(server, dict) else "127.0.0.1"
+    if isinstance(port, int) and isinstance(other, str) and hosts_overlap(other, host):
+        return port
+    return None
 
 
 def _gpus_arg(gpus: list[int] | Literal["auto"]) -> str:
