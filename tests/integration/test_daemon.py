@@ -725,3 +725,26 @@ def test_running_out_of_descriptors_is_no_verdict_on_the_servers(home, tiny_mode
     assert row(home, "a").state == S.HEALTHY and row(home, "a").restarts == 0
     text = home.daemon_log.read_text()
     assert "task failed" not in text and "Traceback" not in text, text[-3000:]
+
+
+def test_an_argument_llama_server_refuses_fails_at_once(home, tiny_model):
+    """Issue 40: an unknown flag burnt five restarts (~31 s) before `failed`."""
+    write_config(
+        home,
+        "a",
+        tiny_model,
+        server={"extra_args": ["--no-such-flag"]},
+        restart_policy={"mode": "always", "max_retries": 5},
+    )
+    try:
+        run_cli(home, "up", "a", "--timeout", "30")
+        wait_until(lambda: row(home, "a").state == S.FAILED, timeout=30)
+        assert row(home, "a").restarts == 0
+        events = run_cli(home, "events", "a", "--json").stdout.splitlines()
+        failed = [json.loads(x) for x in events if json.loads(x)["kind"] == "failed"]
+        assert (
+            "llama-server refused its arguments (invalid argument: --no-such-flag)"
+            in (failed[-1]["message"])
+        )
+    finally:
+        run_cli(home, "down", "--all", "--timeout", "5")

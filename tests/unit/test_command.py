@@ -143,3 +143,15 @@ def test_extra_args_that_fight_managed_flags_are_errors():
 def test_extra_args_opening_the_network_warn(args):
     _, warnings = check_extra_args(args)
     assert warnings == ["--host 0.0.0.0 opens the server to the network"]
+
+
+def test_several_flags_in_one_item_are_refused():
+    """Issue 40: `init m -- "--jinja --flash-attn on"` passed init and validate,
+    then llama-server refused it at every one of five restarts."""
+    errors, _ = check_extra_args(["--jinja --flash-attn on"])
+    assert errors == [
+        "'--jinja --flash-attn on' is one argument holding several; give each flag and "
+        "value as its own item: ['--jinja', '--flash-attn', 'on']"
+    ]
+    ok = ["--chat-template={% if x %}{{ y }}{% endif %}", "--system-prompt", "be brief, please"]
+    assert check_extra_args(ok) == ([], [])

@@ -69,6 +69,11 @@ def test_a_model_that_cannot_load_fails_at_once_with_llama_servers_reason():
         "llama-server could not load its model: fix the model (or its path), then `up` it again"
     )
     assert fatal_reason(["segfault"]) is None and fatal_reason([]) is None
+    # a flag llama-server does not know: every restart would be refused too (issue 40)
+    reason = fatal_reason(["error: invalid argument: --jinja --flash-attn on"])
+    assert reason is not None and reason.startswith(
+        "llama-server refused its arguments (invalid argument: --jinja --flash-attn on)"
+    )
 
 
 #: what ggml and llama-server print when the model's buffers do not fit

@@ -56,6 +56,14 @@ def check_extra_args(extra_args: list[str]) -> tuple[list[str], list[str]]:
     errors, warnings = [], []
     for i, arg in enumerate(extra_args):
         flag = _flag_name(arg)
+        if arg.startswith("-") and len(flag.split()) > 1:
+            # "--jinja --flash-attn on" as one item: llama-server takes it as one
+            # unknown flag and exits at every start
+            errors.append(
+                f"'{arg}' is one argument holding several; give each flag and value "
+                f"as its own item: {arg.split()}"
+            )
+            continue
         if flag in MANAGED_FLAGS:
             errors.append(
                 f"{flag} is managed by llama-orch; set {MANAGED_FLAGS[flag]} in the config instead"

@@ -57,6 +57,9 @@ _OUT_OF_MEMORY = (
     "unable to allocate",
     "failed to allocate buffer",
 )
+#: llama-server's words for a flag it does not know (or one argument holding
+#: several): every restart would be refused the same way
+_BAD_ARGUMENT = "error: invalid argument:"
 #: llama.cpp's line prefix: time since its start, and the level letter
 _PREFIX = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?(?:[DIWE] )?")
 
@@ -71,6 +74,13 @@ def fatal_reason(stderr_tail: list[str]) -> str | None:
             f"llama-server ran out of memory loading its model ({detail}): lower "
             "gpu.layers (-ngl) or model.context_size, or set gpu.vram_mib to what the card "
             "can give it, then `up` it again"
+        )
+    bad = next((ln for ln in stderr_tail if _BAD_ARGUMENT in ln), None)
+    if bad is not None:
+        what = bad.split(_BAD_ARGUMENT, 1)[1].strip()[:200]
+        return (
+            f"llama-server refused its arguments (invalid argument: {what}): fix "
+            "server.extra_args (one flag or value per list item), then `up` it again"
         )
     text = "\n".join(stderr_tail).lower()
     if any(marker in text for marker in _LOAD_FAILURE):
