@@ -82,7 +82,11 @@ def run_demo(root: Path, model: Path | None) -> None:
             _step(f"1. Using your model: {model}")
             prompt, ctx = "The capital of France is", 2048
         for name in NAMES:
-            create_instance(home, name, model=str(model), ctx=ctx, parallel=2, alias=ALIAS)
+            # ports the system hands out, not the first free from 8001: another
+            # program (or another demo) choosing at the same moment takes those
+            create_instance(
+                home, name, model=str(model), ctx=ctx, parallel=2, alias=ALIAS, port=_free_port()
+            )
         _step(f"2. llama-orch init {NAMES[0]} / {NAMES[1]} --model … --alias {ALIAS}: two replicas")
 
         def started(info: Any) -> None:
