@@ -405,24 +405,30 @@ class Router:
             self.pool.finish(answer)
 
     async def _answer(
-        self, answer: Exchange, r: Replica, model: str, start: float
+        self, answer: Exchange, r: Replica, model: str, start: float, held: bool = True
     ) -> Reply | Stream:
+        """`answer` passed on to the client: whole, or as a stream. `held`:
+        the request holds a slot of `r` (released at the end) and its first
+        byte is measured; False for one that takes none (`send_to`)."""
         raw, streamed = pass_on(answer.headers)
         if streamed:
-            return Stream(answer.status, self._relay(answer, r, model, start), raw_headers=raw)
+            chunks = self._relay(answer, r, model, start, held)
+            return Stream(answer.status, chunks, raw_headers=raw)
         try:
             body = await answer.body()
         except PoolError as exc:
             return self._broken(model, r, exc, start)
         finally:
             self.pool.finish(answer)
-            self.release(r)
+            if held:
+                self.release(r)
         if r.remote is not None:
             meter = UsageMeter(False)
             meter.feed(body)
             self._count(r, meter.done())
         elapsed = time.perf_counter() - start
-        self.metrics.first_byte(model, elapsed)
+        if held:
+            self.metrics.first_byte(model, elapsed)
         self.metrics.request(model, r.name, answer.status, elapsed)
         return Reply(answer.status, body, raw_headers=raw)
 
@@ -433,11 +439,11 @@ class Router:
         )
 
     async def _relay(
-        self, answer: Exchange, r: Replica, model: str, start: float
+        self, answer: Exchange, r: Replica, model: str, start: float, held: bool = True
     ) -> AsyncIterator[bytes]:
         """Chunks as they arrive; a client that leaves closes the upstream
         connection, which makes llama-server stop generating and free the slot."""
-        first = True
+        first = held  # only a slot's request has its first byte measured
         meter = UsageMeter(True) if r.remote is not None else None
         try:
             async for chunk in answer.chunks():
@@ -449,7 +455,8 @@ class Router:
                 yield chunk
         finally:
             self.pool.finish(answer)  # closed unless read to its end
-            self.release(r)
+            if held:
+                self.release(r)
             if meter is not None:
                 self._count(r, meter.done())
             self.metrics.request(model, r.name, answer.status, time.perf_counter() - start)
@@ -551,24 +558,7 @@ class Router:
             answer = await self._send(r, request)
         except PoolError as exc:
             return self._broken(label, r, exc, start)
-        raw, streamed = pass_on(answer.headers)
-        if streamed:
-            return Stream(answer.status, self._passed(answer), raw_headers=raw)
-        try:
-            body = await answer.body()
-        except PoolError as exc:
-            return self._broken(label, r, exc, start)
-        finally:
-            self.pool.finish(answer)
-        self.metrics.request(label, r.name, answer.status, time.perf_counter() - start)
-        return Reply(answer.status, body, raw_headers=raw)
-
-    async def _passed(self, answer: Exchange) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in answer.chunks():
-                yield chunk
-        finally:
-            self.pool.finish(answer)
+        return await self._answer(answer, r, label, start, held=False)
 
     async def model_list(self) -> list[dict[str, Any]]:
         """/v1/models (see `router.listing`)."""
