@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -46,14 +47,53 @@ def overlay(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: the library each GPU backend's ggml build puts beside llama-server
+GGML_LIBRARIES = {
+    "cuda": "libggml-cuda.so",
+    "rocm": "libggml-hip.so",
+    "vulkan": "libggml-vulkan.so",
+    "sycl": "libggml-sycl.so",
+    "metal": "libggml-metal.so",
+}
+
+
+def gpu_build(*backends: str) -> Path:
+    """A llama-server that reads as a build of `backends` (all GPU backends
+    when none is named): the real (CPU) one, linked into a folder beside those
+    backends' ggml libraries, as the fake nvidia-smi makes cards. The tests
+    pin instances to fake cards with it; the real server then runs on the CPU
+    with the pin in its environment."""
+    backends = backends or tuple(GGML_LIBRARIES)
+    import hashlib
+    import tempfile
+
+    from llama_orchestrator.config.binary import exe_name, find_llama_server
+
+    real = find_llama_server(None, Path("/nonexistent"))
+    tag = hashlib.sha1(str(real).encode()).hexdigest()[:10]
+    folder = Path(tempfile.gettempdir()) / f"llama-orch-{'-'.join(backends)}-build-{tag}"
+    exe = folder / exe_name()
+    if not exe.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for backend in backends:
+            (folder / GGML_LIBRARIES[backend]).touch()
+        with contextlib.suppress(FileExistsError):  # another test worker made it
+            exe.symlink_to(real)
+    return exe
+
+
 def write_config(home: Home, name: str, model_path: Path | str, **overrides: Any) -> Path:
-    """Write instances/NAME/config.json: the tiny model, a free port, fast checks."""
+    """Write instances/NAME/config.json: the tiny model, a free port, fast
+    checks; a GPU backend runs `gpu_build(backend)` unless `binary` is named."""
     cfg: dict[str, Any] = {
         "model": {"path": str(model_path), "context_size": 512},
         "server": {"host": "127.0.0.1", "port": free_port(), "parallel": 2},
         "stop_timeout": 5,
     }
     cfg = overlay(cfg, overrides)
+    backend = cfg.get("gpu", {}).get("backend", "cpu")
+    if backend in GGML_LIBRARIES and "binary" not in cfg:
+        cfg["binary"] = str(gpu_build(backend))
     path = home.config_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg, indent=2))

@@ -176,6 +176,15 @@ def backend_label(status: InstanceStatus) -> str:
     return f"{status['backend']}:{gpus}" if gpus else (status["backend"] or "-")
 
 
+def build_label(build: dict[str, Any]) -> str:
+    """A llama-server binary and what it was built for, from `Build.to_json`:
+    `/opt/llama/llama-server (cuda)`, `… (cpu only)`."""
+    from llama_orchestrator.gpus.builds import Build
+
+    known = Build(build["binary"], frozenset(build["backends"]), bool(build["known"]))
+    return f"{known.binary} ({known.label()})"
+
+
 def short_gpu_name(name: str) -> str:
     """`NVIDIA GeForce GTX 1060 6GB` -> `GTX 1060 6GB`: the vendor is in the backend."""
     for prefix in ("NVIDIA GeForce ", "NVIDIA ", "AMD Radeon ", "AMD "):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli, write_config
+from tests.helpers import gpu_build, run_cli, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -22,6 +22,8 @@ def gpu_env(nvidia=None, rocm=None, vulkan=None, **extra):
         "FAKE_ROCM_SMI": str(FAKES / "gpu_outputs" / rocm) if rocm else "",
         # unset, the fake answers as a Vulkan loader without a driver does
         "FAKE_VULKANINFO": str(FAKES / "gpu_outputs" / vulkan) if vulkan else "",
+        # and a llama-server built for those cards (`init` names no binary)
+        "LLAMA_SERVER_BIN": str(gpu_build()),
     }
     return {**env, **extra}
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import typer
 
 from llama_orchestrator.cli.context import app_context, err, out, print_json, say
-from llama_orchestrator.present import GPU_COLUMNS, gpu_cells, unknown_line, unlisted_line
+from llama_orchestrator.present import (
+    GPU_COLUMNS,
+    build_label,
+    gpu_cells,
+    unknown_line,
+    unlisted_line,
+)
 
 __all__ = ["register"]
 
@@ -52,6 +58,9 @@ def gpus(
     if not json_:
         for d in status.unlisted:
             say(unlisted_line(d, source))
+        for build, names in views.builds_in_use(app.engine):
+            used = f"; runs {', '.join(names)}" if names else ""
+            say(f"llama-server {build_label(build.to_json())}{used}")
     for w in warnings:
         err.print(f"warning: {w}", markup=False)
 

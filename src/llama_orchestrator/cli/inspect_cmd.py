@@ -15,6 +15,7 @@ from llama_orchestrator.present import (
     STATE_STYLES,
     ago,
     backend_label,
+    build_label,
     columns,
     on_demand_line,
     state_label,
@@ -196,6 +197,8 @@ def describe(
     od = (d.get("config") or {}).get("on_demand") or {}
     if line := on_demand_line(d, od.get("idle_ttl"), time.time()):
         out.print(f"  on demand    {line}", markup=False)
+    if build := d.get("build"):
+        out.print(f"  build        {build_label(build)}", markup=False)
     if d.get("command"):
         out.print("  command      " + " ".join(d["command"]), markup=False)
         for k, v in d.get("env", {}).items():

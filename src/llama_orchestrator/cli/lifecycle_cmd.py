@@ -70,6 +70,11 @@ def init(
         None, metavar="ALIAS", help="Model name clients ask for (default: NAME)."
     ),
     tag: List[str] = typer.Option([], "--tag", metavar="TAG", help="A tag (repeatable)."),
+    binary: Optional[str] = typer.Option(
+        None,
+        metavar="PATH",
+        help="The llama-server to run, e.g. your CUDA build (default: the lookup in the docs).",
+    ),
     force: bool = typer.Option(
         False, "--force", help="Overwrite an existing config (keeping what is not given)."
     ),
@@ -101,6 +106,7 @@ def init(
         alias=alias,
         tags=tag,
         extra_args=extra or [],
+        binary=binary,
         force=force,
         locate=locate,
     )

@@ -68,6 +68,7 @@ def create_instance(
     alias: str | None = None,
     tags: list[str] | None = None,
     extra_args: list[str] | None = None,
+    binary: str | None = None,
     force: bool = False,
     find_gpus: Callable[[], Discovery] = discover,
     locate: Callable[[str], tuple[Path, list[str]]] | None = None,
@@ -83,7 +84,8 @@ def create_instance(
 
     With `force` over an existing config, what is not given is kept from it
     (its port, alias, threads, health check, restart policy ...): `None` (or
-    an empty list) means "not given"."""
+    an empty list) means "not given". `binary` (a llama-server build, e.g. a
+    CUDA one) is made absolute as the model path is."""
     check_name(name)
     notes: list[str] = []
     path = home.config_path(name)
@@ -227,6 +229,8 @@ def create_instance(
         "server": server,
         "gpu": gpu,
     }
+    if binary is not None:  # absolute, as --model: the config is read from elsewhere
+        data["binary"] = str(Path(binary).expanduser().absolute())
     for section, key, value in (
         (model_section, "threads", threads),
         (model_section, "alias", alias),

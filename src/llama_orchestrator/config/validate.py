@@ -19,6 +19,7 @@ from llama_orchestrator.config.instance import InstanceConfig
 from llama_orchestrator.config.parse import is_upstream, load_config, load_settings, parse_upstream
 from llama_orchestrator.config.upstream import UpstreamConfig
 from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem, UserError
+from llama_orchestrator.gpus import builds
 from llama_orchestrator.gpus.discover import Discovery, discover
 from llama_orchestrator.home import Home
 from llama_orchestrator.models.catalog import REF_PREFIX, is_ref, model_file
@@ -146,9 +147,14 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
             problems.append(Problem(file, "model.path", exc.message))
 
     try:
-        find_llama_server(cfg.binary, home.root, item.path.parent)
+        binary = find_llama_server(cfg.binary, home.root, item.path.parent)
     except BinaryNotFound as exc:
         problems.append(Problem(file, "binary" if cfg.binary else "", str(exc)))
+    else:
+        if cfg.gpu.backend in GPU_BACKENDS:
+            problems += build_problems(
+                file, cfg.gpu.backend, builds.probe(binary, build_cache(home))
+            )
 
     if cfg.autostart and cfg.on_demand is not None:
         problems.append(
@@ -195,6 +201,30 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
             )
         )
     return problems
+
+
+def build_cache(home: Home) -> Path:
+    """Where the backends of each llama-server binary are remembered."""
+    return home.state_dir / "builds.json"
+
+
+def build_problems(file: str, backend: str, build: builds.Build) -> list[Problem]:
+    """A GPU backend the binary was not built with: llama-server would run on
+    the CPU, healthy, without a word (gpu.force does not change that)."""
+    if not build.lacks(backend):
+        return []
+    want = builds.LABELS[backend]
+    has = " and ".join(builds.LABELS[b] for b in sorted(build.backends))
+    what = f"built for {has}, not {want}" if has else "a CPU-only build"
+    return [
+        Problem(
+            file,
+            "gpu.backend",
+            f"the llama-server {build.binary} is {what}, so this instance would run on the CPU; "
+            f"point `binary` (or $LLAMA_SERVER_BIN) at a {want} build of llama-server "
+            '(see "GPU builds" in the docs), or set gpu.backend to "cpu"',
+        )
+    ]
 
 
 def pinned_devices(items: list[Loaded]) -> dict[int, list[str]]:

@@ -88,6 +88,7 @@ class Description(InstanceStatus, total=False):
     config: dict[str, Any]  # secrets hidden
     command: list[str]
     env: dict[str, str]  # what the launch adds, secrets hidden
+    build: dict[str, Any]  # the llama-server binary and its GPU backends (gpus.builds)
     command_error: str
     model: dict[str, Any]
     model_error: str

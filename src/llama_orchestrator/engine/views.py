@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llama_orchestrator.config.binary import find_llama_server
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand
 from llama_orchestrator.config.instance import InstanceConfig
 from llama_orchestrator.config.parse import is_secret_name, redacted
-from llama_orchestrator.config.validate import Loaded, load_all, pinned_devices
+from llama_orchestrator.config.validate import Loaded, build_cache, load_all, pinned_devices
 from llama_orchestrator.engine import health
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.process import is_alive
@@ -24,7 +25,8 @@ from llama_orchestrator.engine.status import (
     listening,
     upstream_view,
 )
-from llama_orchestrator.errors import OrchError
+from llama_orchestrator.errors import BinaryNotFound, OrchError
+from llama_orchestrator.gpus import builds
 from llama_orchestrator.gpus.alerts import GpuStatus, check
 from llama_orchestrator.gpus.leases import card_state, occupants
 from llama_orchestrator.models.catalog import model_file
@@ -39,6 +41,7 @@ __all__ = [
     "gpu_sample",
     "pinned",
     "pinned_gpu_warnings",
+    "builds_in_use",
 ]
 
 
@@ -79,6 +82,27 @@ def gpu_sample(engine: Engine, busy: Callable[[str], bool] | None = None) -> Gpu
         if lease is not None:
             g.lease = {"task": lease.task_id, "plan": lease.run_id, "since": iso(lease.since)}
     return status
+
+
+def builds_in_use(engine: Engine) -> list[tuple[builds.Build, list[str]]]:
+    """Each llama-server binary this home runs, with its GPU backends and the
+    instances that run it (the default lookup's binary when none does)."""
+    users: dict[Path, list[str]] = {}
+    for item in load_all(engine.home):
+        if item.config is None:
+            continue
+        try:
+            binary = find_llama_server(item.config.binary, engine.home.root, item.path.parent)
+        except BinaryNotFound:
+            continue  # `config validate` says where it looked
+        users.setdefault(binary, []).append(item.name)
+    if not users:
+        try:
+            users[find_llama_server(None, engine.home.root)] = []
+        except BinaryNotFound:
+            return []
+    cache = build_cache(engine.home)
+    return [(builds.probe(b, cache), names) for b, names in users.items()]
 
 
 def pinned_gpu_warnings(engine: Engine) -> list[str]:
@@ -137,6 +161,9 @@ def describe(engine: Engine, name: str) -> Description:
             data.update(_model_and_gpus(engine, item.config, item.path.parent))  # type: ignore[typeddict-item]
             try:
                 (prepared,) = engine.prepare([name])
+                data["build"] = builds.probe(
+                    Path(prepared.launch.argv[0]), build_cache(engine.home)
+                ).to_json()
                 data["command"] = prepared.launch.argv
                 data["env"] = {
                     k: ("********" if is_secret_name(k) else v)
