@@ -1,7 +1,7 @@
 """A stand-in for llama-server, for faults the real one won't do on demand.
 
 Accepts llama-server's argv (only --host/--port matter) and serves GET
-/health. Behaviour comes from the environment:
+/health; `--list-devices` answers as a CPU build does. Behaviour comes from the environment:
   FAKE_IGNORE_SIGTERM=1   keep running on SIGTERM (tests the kill fallback)
   FAKE_CHILD=1            start a grandchild that also ignores SIGTERM (tests tree kill)
   FAKE_HEALTH=503         answer /health with this status forever
@@ -86,6 +86,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main() -> None:
+    if "--list-devices" in sys.argv:  # as a CPU build of llama-server answers
+        print("Available devices:\n  (none)")
+        return
     if os.environ.get("FAKE_IGNORE_SIGTERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.environ.get("FAKE_CHILD"):

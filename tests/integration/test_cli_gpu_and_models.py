@@ -60,11 +60,12 @@ def test_gpus_from_rocm_smi_and_with_none(home):
         "gpus",
         env={"PATH": str(Path(os.sys.executable).parent), "PYTHONPATH": str(FAKES / "no_nvml")},
     )
-    assert (
-        r.returncode == 0
-        and r.stdout.strip()
-        == "no GPU found (looked for NVML, nvidia-smi, rocm-smi and vulkaninfo)"
-    )
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0
+    assert lines[0] == "no GPU found (looked for NVML, nvidia-smi, rocm-smi and vulkaninfo)"
+    # and the llama-server this home would run (no instance yet: the lookup's)
+    assert len(lines) == 2 and lines[1].startswith("llama-server ")
+    assert lines[1].endswith("(cpu only)")
     assert r.stderr == ""
 
 
@@ -102,11 +103,13 @@ def test_gpus_shows_each_cards_vulkan_index_and_a_software_device_apart(home, ti
     ) in r.stdout
     assert "warning" not in r.stderr  # an iGPU is nothing to warn about
     r = run_cli(home, "gpus", env=gpu_env(vulkan="vulkaninfo_llvmpipe.txt"))
-    assert r.returncode == 0 and r.stdout.splitlines() == [
+    assert r.returncode == 0 and r.stdout.splitlines()[:2] == [
         "no GPU found (looked for NVML, nvidia-smi, rocm-smi and vulkaninfo)",
         "Vulkan device 0 is llvmpipe (LLVM 15.0.6, 256 bits), a software renderer on the CPU, so "
         "not listed as a GPU; backend vulkan with device_id 0 runs on it (for tests)",
     ]
+    # then the builds the instances run, each with what it was built for
+    assert f"llama-server {gpu_build('vulkan')} (vulkan); runs vk" in r.stdout
 
 
 def test_vulkan_pins_are_checked_and_fitted_with_vulkans_figures(home, tiny_model):

@@ -128,7 +128,9 @@ def test_a_diamond_with_templates_and_shell_steps_runs_in_order(two, tmp_path):
     assert (r.returncode, r.stdout) == (0, "LLAMAS\n")
     assert "task echo (shell): completed" in r.stderr
     r = run_cli(home, "plan", "status", run_id, "root")
-    assert r.stdout.rstrip("\n") == outputs["root"].rstrip("\n") and r.stdout.strip()
+    assert r.stdout.rstrip("\n") == outputs["root"].rstrip("\n")
+    # the random tiny model may sample nothing printable: then that is said
+    assert bool(outputs["root"]) != ("(no output)" in r.stderr)
     assert f"on {tasks['root']['instance']}" in r.stderr
     got = json.loads(run_cli(home, "plan", "status", run_id, "right", "--json").stdout)
     assert (got["state"], got["output"].strip()) == ("completed", str(len(outputs["root"])))

@@ -116,7 +116,7 @@ def from_files(names: Iterable[str]) -> frozenset[str]:
 _SEEN: dict[tuple[str, int, int], Build] = {}
 
 
-def probe(binary: Path, cache: Path | None = None, timeout: float = 30.0) -> Build:
+def probe(binary: Path, cache: Path | None = None, timeout: float = 15.0) -> Build:
     """The backends of `binary`: remembered, or read from it now (and written
     to `cache`, a JSON file, for the next process)."""
     try:
