@@ -245,6 +245,26 @@ def test_demo_runs_end_to_end_and_leaves_nothing(tmp_path, server_bin):
     assert ours() <= before  # no server and no daemon of the demo's home left
 
 
+def test_the_demo_on_a_base_model_asks_for_a_completion_and_says_why(tmp_path, server_bin):
+    from llama_orchestrator.models.tiny import write_tiny_model
+
+    base = write_tiny_model(tmp_path / "base.gguf")  # no tokenizer.chat_template
+    r = run_cli(tmp_path / "unused-home", "demo", "--model", str(base), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "the model has no chat template, so the demo asks for a plain completion" in r.stdout
+    assert "/v1/completions  model='demo'" in r.stdout and "chat/completions  model" not in r.stdout
+    chat = write_tiny_model(tmp_path / "chat.gguf", chat_template=CHATML)
+    r = run_cli(tmp_path / "unused-home", "demo", "--model", str(chat), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "/v1/chat/completions  model='demo'" in r.stdout and "no chat template" not in r.stdout
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def test_ctrl_c_while_up_waits_stops_the_waiting_not_the_instance(cli_home, tiny_model, fake_bin):
     import signal
 

@@ -25,7 +25,7 @@ from llama_orchestrator.engine.status import collect
 from llama_orchestrator.engine.unsupervised import Unsupervised
 from llama_orchestrator.errors import OrchError, UserError
 from llama_orchestrator.home import Home
-from llama_orchestrator.models.gguf import is_gguf
+from llama_orchestrator.models.gguf import is_gguf, read_model
 
 __all__ = ["demo", "run_demo"]
 
@@ -77,10 +77,11 @@ def run_demo(root: Path, model: Path | None) -> None:
 
             model = write_tiny_model(root / "models" / "tiny-llama.gguf")
             _step(f"1. Wrote a tiny test model ({model.stat().st_size // 1024} KiB): {model}")
-            prompt, ctx = "Hello", 512
+            prompt, ctx, chat = "Hello", 512, True
         else:
             _step(f"1. Using your model: {model}")
             prompt, ctx = "The capital of France is", 2048
+            chat = read_model(model).chat_template
         for name in NAMES:
             # ports the system hands out, not the first free from 8001: another
             # program (or another demo) choosing at the same moment takes those
@@ -102,16 +103,19 @@ def run_demo(root: Path, model: Path | None) -> None:
         _step("4. llama-orch ps")
         _step(ps_table(collect(engine)))
 
-        body = {
-            "model": ALIAS,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": 16,
-            "temperature": 0,
-        }
         t = time.monotonic()
-        answer = _ask(router_port, "POST", "/v1/chat/completions", json.dumps(body).encode())
-        text = answer["choices"][0]["message"]["content"]
-        _step(f"5. POST {router}/v1/chat/completions  model={ALIAS!r}  (the OpenAI wire format)")
+        if chat:
+            path = "/v1/chat/completions"
+            body: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}]}
+        else:
+            path = "/v1/completions"
+            body = {"prompt": prompt}
+            _step("   (the model has no chat template, so the demo asks for a plain completion)")
+        body = {"model": ALIAS, **body, "max_tokens": 16, "temperature": 0}
+        answer = _ask(router_port, "POST", path, json.dumps(body).encode())
+        choice = answer["choices"][0]
+        text = choice["message"]["content"] if chat else choice["text"]
+        _step(f"5. POST {router}{path}  model={ALIAS!r}  (the OpenAI wire format)")
         _step(f"   {prompt!r} → {text!r} ({time.monotonic() - t:.2f}s, least busy replica)")
         models = [m["id"] for m in _ask(router_port, "GET", "/v1/models")["data"]]
         _step(f"   GET {router}/v1/models → {models}")
@@ -160,7 +164,7 @@ Now with your own model, in a folder of your choice:
   llama-orch init my-model --model /path/to/model.gguf     # add --backend cuda --gpu 0 for a GPU
   llama-orch up my-model                                   # starts the daemon and its router
   llama-orch ps
-  curl http://127.0.0.1:8080/v1/chat/completions -d '{"model": "my-model", "messages":[{"role":"user","content":"Hi"}]}'
+  curl http://127.0.0.1:8080/v1/chat/completions -d '{"model": "my-model", "messages":[{"role":"user","content":"Hi"}], "max_tokens": 64}'
   llama-orch dashboard
   llama-orch down my-model"""
 

@@ -129,6 +129,9 @@ class ModelInfo:
     value_length: int | None
     size_bytes: int
     tensors: tuple[TensorInfo, ...] = field(repr=False, default=())
+    #: tokenizer.chat_template is set: without one (a base model) llama-server
+    #: formats chat in a template the model never saw, and the answer is noise
+    chat_template: bool = False
 
     def to_json(self) -> dict[str, Any]:
         keys = (
@@ -260,6 +263,7 @@ def _read_model(path: Path) -> ModelInfo:
         value_length=arch_int("attention.value_length"),
         size_bytes=size,
         tensors=tuple(tensors),
+        chat_template=isinstance(kv.get("tokenizer.chat_template"), str),
     )
 
 

@@ -30,6 +30,7 @@ def write_tiny_model(
     n_ff: int = 64,
     n_ctx: int = 2048,
     split: int = 1,
+    chat_template: str | None = None,
 ) -> Path:
     """Write the model to `path` (atomically) and return the path. The default
     shape is ~150 KB; others exist for metadata and estimate tests. With
@@ -56,6 +57,8 @@ def write_tiny_model(
         str(tmp), "llama", split_max_tensors=-(-n_tensors // split) if split > 1 else 0
     )
     w.add_name(name)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
