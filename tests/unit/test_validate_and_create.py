@@ -53,6 +53,43 @@ def test_duplicate_ports_missing_model_and_non_gguf(home, gguf, tmp_path, monkey
     assert any("0.0.0.0 exposes llama-server" in w for w in warnings)
 
 
+def test_one_pass_reports_schema_errors_and_what_the_rest_of_the_config_gets_wrong(
+    home, gguf, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
+    write_config(home, "b", gguf, server={"port": 9001})
+    # a misspelt key and a bad value, and behind them a missing model, a shared
+    # port and a pin to a card that is not there
+    write_config(
+        home,
+        "a",
+        tmp_path / "nope.gguf",
+        server={"port": 9001, "prot": 3},
+        model={"path": str(tmp_path / "nope.gguf"), "context_size": -5},
+        gpu={"backend": "cuda", "device_id": 7},
+        binary=sys.executable,
+    )
+    got = {(p.field, p.message.split(";")[0]) for p in validate_home(home, find_gpus=four_cards)}
+    fields = {f for f, _ in got}
+    assert {"server.prot", "model.context_size"} <= fields  # the schema's
+    assert ("server.port", "port 9001 is also used by instance 'b'") in got
+    assert any(f == "model.path" and "does not exist" in m for f, m in got)
+    assert any(f == "gpu.device_id" and "GPU 7 is not on this machine" in m for f, m in got)
+    # a field at fault is not judged again with its default in its place
+    assert [f for f, _ in got].count("model.context_size") == 1
+    # what up is told is unchanged: the config does not parse, nothing starts
+    (problem,) = [p for p in validate_home(home, ["b"], find_gpus=four_cards)]
+    assert "also used by instance 'a'" in problem.message
+
+
+def test_a_config_missing_a_required_field_is_not_checked_further(home, tmp_path):
+    path = home.config_path("a")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"server": {"port": 9001}, "model": {"context_size": 1}}))
+    (problem,) = validate_home(home, find_gpus=lambda: Discovery("none", []))
+    assert problem.field == "model.path" and "required" in problem.message
+
+
 def test_binary_not_found_names_every_place_searched(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_SERVER_BIN", str(tmp_path / "nope"))
     monkeypatch.setenv("PATH", str(tmp_path))

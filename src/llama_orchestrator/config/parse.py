@@ -25,6 +25,7 @@ __all__ = [
     "is_upstream",
     "parse_settings",
     "load_config",
+    "salvage_config",
     "load_settings",
     "save_config",
     "redacted",
@@ -124,6 +125,47 @@ def parse_settings(text: str, file: str) -> Settings:
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(pydantic_problems(file, exc)) from None
+
+
+def salvage_config(text: str) -> InstanceConfig | None:
+    """What is left of a config that fails its schema once the fields at fault
+    are taken out (their defaults stand in), so that `config validate` checks
+    the rest in the same pass: the model file, the port, the GPUs. None when
+    a required field is what is wrong, or the text is not a JSON object."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or is_upstream(data):
+        return None
+    data.pop("name", None)  # a name unlike the folder's is a problem of its own
+    for _ in range(8):  # each round takes out what the last one found
+        try:
+            return InstanceConfig.model_validate(data)
+        except ValidationError as exc:
+            errors = exc.errors()
+            if any(e["type"] == "missing" for e in errors):
+                return None
+            if not any([_drop(data, e["loc"]) for e in errors]):
+                return None
+    return None
+
+
+def _drop(data: Any, loc: tuple[int | str, ...]) -> bool:
+    """Take the value at `loc` out of `data`; False when there is none."""
+    if not loc:
+        return False
+    node = data
+    for part in loc[:-1]:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    try:
+        del node[loc[-1]]
+    except (KeyError, IndexError, TypeError):
+        return False
+    return True
 
 
 def load_config(path: Path) -> InstanceConfig:

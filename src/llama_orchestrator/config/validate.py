@@ -7,6 +7,7 @@ file system lives here, so the config models stay pure parsing.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,7 +17,13 @@ from llama_orchestrator.config.binary import find_llama_server
 from llama_orchestrator.config.command import check_extra_args
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand, on_cards, overcommits
 from llama_orchestrator.config.instance import InstanceConfig
-from llama_orchestrator.config.parse import is_upstream, load_config, load_settings, parse_upstream
+from llama_orchestrator.config.parse import (
+    is_upstream,
+    load_config,
+    load_settings,
+    parse_upstream,
+    salvage_config,
+)
 from llama_orchestrator.config.upstream import UpstreamConfig
 from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem, UserError
 from llama_orchestrator.gpus import builds
@@ -50,12 +57,16 @@ class Loaded:
     config: InstanceConfig | None
     problems: list[Problem]
     upstream: UpstreamConfig | None = None
+    #: a config that fails its schema, without the fields at fault (see
+    #: `parse.salvage_config`): `config validate` checks the rest of it too
+    salvaged: InstanceConfig | None = None
 
 
 def load_all(home: Home) -> list[Loaded]:
     out = []
     for name in home.instance_names():
         path = home.config_path(name)
+        text = ""
         try:
             text = path.read_text(encoding="utf-8")
             if _declares_upstream(text):
@@ -63,7 +74,7 @@ def load_all(home: Home) -> list[Loaded]:
             else:
                 out.append(Loaded(name, path, load_config(path), []))
         except ConfigError as exc:
-            out.append(Loaded(name, path, None, exc.problems))
+            out.append(Loaded(name, path, None, exc.problems, salvaged=salvage_config(text)))
         except OSError as exc:
             out.append(Loaded(name, path, None, [Problem(str(path), "", f"cannot be read: {exc}")]))
     return out
@@ -346,7 +357,12 @@ def validate_home(
     """Every problem of the named instances (all when None); VRAM is checked as
     if every always-on instance ran at once, with each on-demand one in turn
     (the router swaps those, so they need not fit together)."""
-    loaded = load_all(home)
+    # a config that fails its schema is checked without the fields at fault,
+    # so that one pass reports every problem (its port, model file, GPUs)
+    loaded = [
+        x if x.salvaged is None else dataclasses.replace(x, config=x.salvaged)
+        for x in load_all(home)
+    ]
     selected = [x for x in loaded if names is None or x.name in names]
     problems: list[Problem] = []
     try:  # the daemon reads it at start: a typo there must show here, not there
@@ -358,7 +374,12 @@ def validate_home(
         if item.upstream is not None:
             problems += upstream_problems(item.path, item.upstream)
         if item.config is not None:
-            problems += check_instance(home, item, loaded)
+            faulted = {p.field for p in item.problems}
+            problems += [
+                p
+                for p in check_instance(home, item, loaded)
+                if not any(p.field == f or p.field.startswith(f"{f}.") for f in faulted)
+            ]
     wanted = {x.name for x in selected}
     lazy = [x for x in loaded if x.config is not None and x.config.on_demand is not None]
     always = [x for x in loaded if x not in lazy]
