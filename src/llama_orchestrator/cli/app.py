@@ -49,6 +49,8 @@ app = typer.Typer(
 
 #: the commands that may be given a home that does not exist yet
 _MAKE_A_HOME = {"init", "demo"}
+#: the commands that only look: a typo in llama-orch.json is a warning there
+_READ_ONLY = {"ps", "describe", "health", "logs", "events", "gpus", "usage", "dashboard"}
 
 
 def _version(value: bool) -> None:
@@ -86,7 +88,13 @@ def root(
         except UserError as exc:  # said when a command uses the home: help needs none
             problem = exc
     found, source = find_home(home)
-    app_ctx = AppContext(found, debug, home_source=source, home_problem=problem)
+    app_ctx = AppContext(
+        found,
+        debug,
+        home_source=source,
+        home_problem=problem,
+        read_only=ctx.invoked_subcommand in _READ_ONLY,
+    )
     ctx.obj = app_ctx
     ctx.call_on_close(app_ctx.close)
 

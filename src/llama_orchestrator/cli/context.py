@@ -62,6 +62,9 @@ class AppContext:
     #: what is wrong with the home named (a file, a folder that is not there):
     #: raised when a command first uses it, so that `--help` always works
     home_problem: OrchError | None = None
+    #: a command that only looks (`ps`, `logs` ...): a typo in llama-orch.json
+    #: is a warning there, not a refusal
+    read_only: bool = False
     _engine: Engine | None = field(default=None, repr=False)
 
     @property
@@ -75,7 +78,11 @@ class AppContext:
         if self._engine is None:
             from llama_orchestrator.engine.lifecycle import Engine
 
-            self._engine = Engine(self.home)
+            self._engine = Engine(self.home, lenient_settings=self.read_only)
+            if self.read_only:
+                self._engine.settings  # noqa: B018 -- read now, to warn once
+                for problem in self._engine.settings_problems:
+                    say(f"warning: {problem} (left out here; up and the daemon refuse it)", to_err=True)
         return self._engine
 
     def control(

@@ -27,6 +27,7 @@ __all__ = [
     "load_config",
     "salvage_config",
     "load_settings",
+    "load_settings_leniently",
     "save_config",
     "redacted",
     "is_secret_name",
@@ -139,9 +140,14 @@ def salvage_config(text: str) -> InstanceConfig | None:
     if not isinstance(data, dict) or is_upstream(data):
         return None
     data.pop("name", None)  # a name unlike the folder's is a problem of its own
+    return _salvage(InstanceConfig, data)
+
+
+def _salvage(model: Any, data: dict[str, Any]) -> Any:
+    """`model` validated from `data` without the values at fault, or None."""
     for _ in range(8):  # each round takes out what the last one found
         try:
-            return InstanceConfig.model_validate(data)
+            return model.model_validate(data)
         except ValidationError as exc:
             errors = exc.errors()
             if any(e["type"] == "missing" for e in errors):
@@ -180,6 +186,21 @@ def load_settings(path: Path) -> Settings:
     if not path.is_file():
         return Settings()
     return parse_settings(path.read_text(encoding="utf-8"), str(path))
+
+
+def load_settings_leniently(path: Path) -> tuple[Settings, list[Problem]]:
+    """The settings, and what is wrong with them: for the commands that only
+    look (`ps`, `logs` ...), which must work while `llama-orch.json` has a
+    typo. What is at fault is left at its default."""
+    try:
+        return load_settings(path), []
+    except ConfigError as exc:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        kept = _salvage(Settings, data) if isinstance(data, dict) else None
+        return kept or Settings(), exc.problems
 
 
 # --- saving ------------------------------------------------------------------

@@ -31,7 +31,7 @@ from llama_orchestrator.engine.process import (
     track_child,
 )
 from llama_orchestrator.engine.results import EXIT_TAIL_LINES, UpResult, ended, started
-from llama_orchestrator.errors import PortConflict, StartFailed, UnknownInstance, UserError
+from llama_orchestrator.errors import PortConflict, Problem, StartFailed, UnknownInstance, UserError
 from llama_orchestrator.files import disk_full, is_disk_full, private_dir
 from llama_orchestrator.home import Home, check_name, daemon_lock_held
 from llama_orchestrator.states import RUNNING_STATES, Desired
@@ -64,8 +64,13 @@ class Engine:
         find_gpus: Callable[[], Discovery] | None = None,
         supervisor: bool = False,
         unsaved: Unsaved | None = None,
+        lenient_settings: bool = False,
     ) -> None:
         self.home = home
+        #: what is wrong with llama-orch.json, read leniently (for commands that
+        #: only look): its faults are left at their defaults and listed here
+        self.lenient_settings = lenient_settings
+        self.settings_problems: list[Problem] = []
         self.is_supervisor = supervisor
         self._unsaved = unsaved  # the daemon's: what a full disk refused
         self._daemon_checked: tuple[float, bool] | None = None
@@ -87,9 +92,13 @@ class Engine:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            from llama_orchestrator.config.parse import load_settings
+            from llama_orchestrator.config.parse import load_settings, load_settings_leniently
 
-            self._settings = load_settings(self.home.settings_path)
+            if self.lenient_settings:
+                found = load_settings_leniently(self.home.settings_path)
+                self._settings, self.settings_problems = found
+            else:
+                self._settings = load_settings(self.home.settings_path)
         return self._settings
 
     def find_gpus(self) -> Discovery:
