@@ -65,6 +65,8 @@ class AppContext:
     #: a command that only looks (`ps`, `logs` ...): a typo in llama-orch.json
     #: is a warning there, not a refusal
     read_only: bool = False
+    #: this command started the home's daemon (`control(start_daemon=True)`)
+    started_daemon: bool = False
     _engine: Engine | None = field(default=None, repr=False)
 
     @property
@@ -82,7 +84,10 @@ class AppContext:
             if self.read_only:
                 self._engine.settings  # noqa: B018 -- read now, to warn once
                 for problem in self._engine.settings_problems:
-                    say(f"warning: {problem} (left out here; up and the daemon refuse it)", to_err=True)
+                    say(
+                        f"warning: {problem} (left out here; up and the daemon refuse it)",
+                        to_err=True,
+                    )
         return self._engine
 
     def control(
@@ -96,6 +101,7 @@ class AppContext:
         from llama_orchestrator.daemon import control
 
         def started(info: DaemonInfo) -> None:
+            self.started_daemon = True
             say(says.format(pid=info.pid), to_err=True)
             if info.router_error:
                 say(f"warning: no router: {info.router_error}", to_err=True)

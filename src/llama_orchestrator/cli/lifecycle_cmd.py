@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterator
@@ -11,9 +12,9 @@ from typing import List, Literal, Optional, Union
 
 import typer
 
-from llama_orchestrator.cli.context import app_context, err, say
+from llama_orchestrator.cli.context import AppContext, app_context, err, say
 from llama_orchestrator.engine.results import Progress, UpResult
-from llama_orchestrator.errors import UserError
+from llama_orchestrator.errors import OrchError, UserError
 from llama_orchestrator.gpus.backends import BACKENDS
 
 __all__ = ["register"]
@@ -228,11 +229,27 @@ def up(
     ctl = app.control(start_daemon=True) if not no_daemon else app.unsupervised()
     if not targets:
         return  # every one is on demand: the daemon (and its router) is what they need
-    with _progress() as on_progress, _interrupt_note(targets):
-        results = ctl.up(
-            targets, wait=wait, timeout=timeout, on_progress=on_progress, strict=strict
-        )
+    try:
+        with _progress() as on_progress, _interrupt_note(targets):
+            results = ctl.up(
+                targets, wait=wait, timeout=timeout, on_progress=on_progress, strict=strict
+            )
+    except OrchError:
+        if app.started_daemon and not app.engine.needs_daemon():
+            _stop_idle_daemon(app)
+        raise
     _report_up(results)
+
+
+def _stop_idle_daemon(app: AppContext) -> None:
+    """A daemon this `up` started, left with nothing to do after it failed,
+    would hold the router's port for nothing (and keep another home's daemon
+    off it): stop it again."""
+    from llama_orchestrator.daemon.main import stop
+
+    with contextlib.suppress(OrchError):  # the up's own error is what matters
+        stop(app.home, all_=False)
+        say("Stopped the daemon this `up` started: nothing is left for it to run.", to_err=True)
 
 
 def down(

@@ -28,6 +28,7 @@ from llama_orchestrator.engine.process import (
     exit_code,
     find,
     is_alive,
+    port_owner,
     track_child,
 )
 from llama_orchestrator.engine.results import EXIT_TAIL_LINES, UpResult, ended, started
@@ -160,6 +161,15 @@ class Engine:
         if not out:
             raise UserError("Name at least one instance.", hint="Or use --all.")
         return out
+
+    def needs_daemon(self) -> bool:
+        """Whether the home has work for a daemon: an instance wanted running,
+        an on-demand one or an upstream (the router serves those)."""
+        from llama_orchestrator.config.validate import load_all
+
+        if any(r.desired == Desired.RUNNING for r in self.store.all()):
+            return True
+        return any(x.upstream or (x.config and x.config.on_demand) for x in load_all(self.home))
 
     def up_names(self, names: Iterable[str], all_: bool) -> tuple[list[str], list[str]]:
         """(what `up` starts, the on-demand instances it leaves to the router).
@@ -294,6 +304,24 @@ class Engine:
 
     # --- up -----------------------------------------------------------------
 
+    def _port_taken(self, p: Prepared, host: str, port: int) -> PortConflict:
+        """Who holds the port an instance needs: llama-orch's own instance of
+        another home is named, with the command that stops it."""
+        owner = port_owner(port)
+        if owner is None:
+            return PortConflict(
+                f"Port {port} on {host} is already in use by another program, "
+                f"so instance '{p.name}' cannot listen there.",
+                hint=f"Stop that program or change server.port in {p.config_path}.",
+            )
+        home, name = owner
+        return PortConflict(
+            f"Port {port} on {host} is already in use by instance '{name}' of the llama-orch "
+            f"home {home}, so instance '{p.name}' cannot listen there.",
+            hint=f"Stop it (`llama-orch --home {home} down {name}`) or change server.port "
+            f"in {p.config_path}.",
+        )
+
     def spawn(self, p: Prepared, fresh: bool = True) -> UpResult:
         """Start one instance unless its process already runs.
 
@@ -323,11 +351,7 @@ class Engine:
                     stale = False
                 return UpResult(p.name, "already running", row.pid, s.port, stale=stale)
             if not platform.port_is_free(s.host, s.port):
-                raise PortConflict(
-                    f"Port {s.port} on {s.host} is already in use by another program, "
-                    f"so instance '{p.name}' cannot listen there.",
-                    hint=f"Stop that program or change server.port in {p.config_path}.",
-                )
+                raise self._port_taken(p, s.host, s.port)
             log_dir = self.home.log_dir(p.name)
             started_at = self.clock()
             try:

@@ -223,3 +223,27 @@ def marked_processes(home_root: str) -> list[tuple[str, psutil.Process]]:
         except psutil.Error:
             continue
     return found
+
+
+def port_owner(port: int) -> tuple[str, str] | None:
+    """(home, instance) of the llama-orch instance listening on `port`, as its
+    environment says (config.command's marks); None when the listener is
+    another program, or one we may not look at."""
+    from llama_orchestrator.config.command import HOME_ENV, INSTANCE_ENV
+
+    try:
+        listening = [
+            c.pid
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid
+        ]
+    except (psutil.Error, OSError):
+        return None
+    for pid in listening:
+        try:
+            env = psutil.Process(pid).environ()
+        except psutil.Error:
+            continue
+        if env.get(INSTANCE_ENV) and env.get(HOME_ENV):
+            return env[HOME_ENV], env[INSTANCE_ENV]
+    return None

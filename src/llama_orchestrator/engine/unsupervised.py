@@ -17,7 +17,7 @@ from llama_orchestrator.engine.process import exit_code, is_alive, stop_tree
 from llama_orchestrator.engine.results import Progress, UpResult, running_rm_refused
 from llama_orchestrator.engine.status import Activity
 from llama_orchestrator.engine.wait import finish_up
-from llama_orchestrator.errors import UserError
+from llama_orchestrator.errors import StartFailed, UserError
 from llama_orchestrator.states import Desired
 from llama_orchestrator.states import InstanceState as S
 from llama_orchestrator.store.rows import InstanceRow
@@ -52,7 +52,21 @@ class Unsupervised:
         results = [self.engine.spawn(p) for p in prepared]
         for p, r in zip(prepared, results, strict=True):
             r.warnings, r.notes = p.warnings, p.notes
-        return finish_up(self.engine, results, wait, timeout, on_progress)
+        try:
+            return finish_up(self.engine, results, wait, timeout, on_progress)
+        except StartFailed:
+            self._stopped_if_dead(names)
+            raise
+
+    def _stopped_if_dead(self, names: list[str]) -> None:
+        """Nothing restarts what `up` started here: one that died starting is
+        wanted stopped, or the next daemon would start it again and again."""
+        with self.engine.store.transaction():
+            for name in names:
+                row = self.engine.observe(self.engine.store.get_or_new(name))
+                if row.desired == Desired.RUNNING and not is_alive(self.engine.ref(row)):
+                    row.desired = Desired.STOPPED
+                    self.engine.store.save(row)
 
     # --- down / restart / rm ----------------------------------------------------
 
