@@ -64,7 +64,9 @@ def test_five_instances_up_load_one_at_a_time_all_healthy_none_restarted(
     try:
         r = run_cli(home, "up", "--all", "--no-wait")
         assert r.returncode == 0, r.stderr
-        assert "e queued (load 5 of 5)" in r.stdout
+        # each says where it stands among all five, not among those queued before it
+        for k, name in enumerate(NAMES[1:], 2):
+            assert f"{name} queued (load {k} of 5)" in r.stdout, r.stdout
         ps = _ps(home)
         assert ps["a"]["state"] == "starting" and ps["a"]["load_position"] == [1, 5]
         assert [ps[n]["state"] for n in NAMES[1:]] == ["queued"] * 4

@@ -163,6 +163,11 @@ class Supervisor:
         for p in prepared:
             refuse_leased(leases, p.name, p.devices)
         results = [await self.runner(p.name).ask(Start(p, eager=eager)) for p in prepared]
+        # each was queued behind the ones before it: say where it stands among all
+        positions = self.loads()
+        for r in results:
+            if r.outcome == "queued" and r.name in positions:
+                r.load_position = positions[r.name]
         await self.refresh()
         return results
 
