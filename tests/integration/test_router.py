@@ -153,7 +153,7 @@ def test_a_request_without_a_model_names_the_choices_when_several_are_served(
     r = httpx.post(
         f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}
     )
-    assert r.status_code == 400 and "several are served" in r.text
+    assert r.status_code == 400 and "this router has several" in r.text
     assert r.json()["error"]["available"] == ["first", "second"]
     assert httpx.post(f"{url}/tokenize", json={"content": "x"}).status_code == 400
     assert (

@@ -78,11 +78,11 @@ def test_with_several_served_an_unknown_name_is_404_and_none_is_400_listing_them
     assert unknown.available == ["llama", "qwen"]
     missing = resolve(None, TWO)
     assert isinstance(missing, Unresolved) and missing.status == 400
-    assert "several are served" in missing.message
+    assert "this router has several" in missing.message
     nothing = resolve("x", set())
     assert isinstance(nothing, Unresolved) and nothing.status == 404
     empty = resolve(None, set())
-    assert isinstance(empty, Unresolved) and "No model is served" in empty.message
+    assert isinstance(empty, Unresolved) and "No model is configured here yet" in empty.message
 
 
 def test_the_model_map_renames_hard_coded_names_first() -> None:

@@ -129,9 +129,10 @@ def resolve(
             f"The model '{named}' does not exist; available: {', '.join(aliases) or 'none'}.",
             aliases,
         )
-    what = "Name a model (several are served)" if len(aliases) > 1 else "Name a model"
+    # the names the configs offer, running or not: "served" would claim too much
+    what = "Name a model (this router has several)" if len(aliases) > 1 else "Name a model"
     if not aliases:
-        what = "No model is served here yet (see `llama-orch ps`)"
+        what = "No model is configured here yet (`llama-orch init` makes one)"
     return Unresolved(400, f"{what}; available: {', '.join(aliases) or 'none'}.", aliases)
 
 
