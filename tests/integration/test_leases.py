@@ -175,3 +175,23 @@ def test_a_script_task_waits_for_a_card_whose_instance_does_not_yield_and_says_w
         assert "lease_granted" not in kinds(home)
     finally:
         run_cli(home, "down", "--all", "--timeout", "5")
+
+
+def test_a_cpu_instance_that_still_names_a_device_holds_no_card(home, tiny_model, tmp_path):
+    home.settings_path.write_text(json.dumps({"router": {"port": free_port()}}))
+    # validation says device_id is ignored with backend cpu: so is it for leases
+    path = write_config(home, "c", tiny_model, model={"threads": 1}, gpu={"device_id": 0})
+    port = json.loads(path.read_text())["server"]["port"]
+    try:
+        r = run_cli(home, "up", "c", env=ONE_6GB_CARD)
+        assert r.returncode == 0, r.stderr
+        assert "gpu.device_id: is ignored with backend 'cpu'" in r.stderr
+        run_id = submit(home, plan(tmp_path, port, pause=0))
+        done = wait_until(lambda: status(home, run_id)["state"] == "completed", timeout=30)
+        assert done
+        task = tasks_of(home, run_id)["asr"]
+        assert task["attempts"] == 1 and not task["error"]
+        c = ps(home)["c"]
+        assert c["state"] == "healthy" and c["gpu_devices"] == []  # never asked to yield
+    finally:
+        run_cli(home, "down", "--all", "--timeout", "5")

@@ -125,7 +125,11 @@ class GpuSection(Section):
 
     @property
     def devices(self) -> list[int]:
-        """The pinned indices; empty when unpinned or `auto` (chosen at start)."""
+        """The pinned indices; empty when unpinned or `auto` (chosen at start),
+        and for backend cpu, which uses no card whatever device_id says (so it
+        holds none against a plan's script task, nor counts on one)."""
+        if self.backend == "cpu":
+            return []
         if isinstance(self.device_id, int):
             return [self.device_id]
         return list(self.device_id) if isinstance(self.device_id, list) else []
