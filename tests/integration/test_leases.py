@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,6 +23,10 @@ from tests.integration.test_on_demand import ONE_6GB_CARD
 from tests.integration.test_plans import status, submit, tasks_of, write_plan
 
 pytestmark = pytest.mark.integration
+
+FAKES = Path(__file__).parents[1] / "fakes"
+NO_NVML = str(FAKES / "no_nvml")  # NVML absent whatever is installed
+BARE_PATH = str(Path(sys.executable).parent)  # no nvidia-smi, rocm-smi nor vulkaninfo
 
 #: the script: what it was given, whether the instance still listens, then a pause
 SCRIPT = """
@@ -193,5 +198,58 @@ def test_a_cpu_instance_that_still_names_a_device_holds_no_card(home, tiny_model
         assert task["attempts"] == 1 and not task["error"]
         c = ps(home)["c"]
         assert c["state"] == "healthy" and c["gpu_devices"] == []  # never asked to yield
+    finally:
+        run_cli(home, "down", "--all", "--timeout", "5")
+
+
+@pytest.mark.parametrize(
+    ("gpus", "env", "why"),
+    [
+        ([3], ONE_6GB_CARD, "GPU 3 is not on this machine (it has GPU 0)"),
+        (2, ONE_6GB_CARD, "it needs 2 GPUs and this machine has 1"),
+        (1, {"PYTHONPATH": NO_NVML, "PATH": BARE_PATH}, "no GPU was found on this machine"),
+    ],
+)
+def test_a_script_task_asking_for_cards_the_machine_lacks_is_refused_at_plan_run(
+    home, tmp_path, gpus, env, why
+):
+    home.settings_path.write_text(json.dumps({"router": {"port": free_port()}}))
+    path = write_plan(
+        tmp_path,
+        {"id": "asr", "kind": "script", "gpus": gpus, "command": [sys.executable, "-c", "1"]},
+    )
+    try:
+        r = run_cli(home, "plan", "run", str(path), "--wait", env=env)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f"GPUs this machine does not have: task 'asr': {why}." in r.stderr
+        assert json.loads(run_cli(home, "plan", "list", "--json").stdout) == []  # nothing ran
+    finally:
+        run_cli(home, "daemon", "stop")
+
+
+def test_a_waiting_script_task_fails_when_its_card_is_gone(home, tiny_model, tmp_path):
+    card = tmp_path / "nvidia-smi.csv"  # what the fake nvidia-smi reports, changed below
+    card.write_text((FAKES / "gpu_outputs" / "one_6gb.csv").read_text())
+    env = {**ONE_6GB_CARD, "FAKE_NVIDIA_SMI": str(card)}
+    home.settings_path.write_text(json.dumps({"router": {"port": free_port()}}))
+    gpu = {"backend": "cuda", "device_id": 0}
+    write_config(home, "big", tiny_model, model={"threads": 1}, gpu=gpu)
+    try:
+        assert run_cli(home, "up", "big", env=env).returncode == 0
+        path = write_plan(
+            tmp_path,
+            {"id": "asr", "kind": "script", "gpus": 1, "command": [sys.executable, "-c", "1"]},
+        )
+        r = run_cli(home, "plan", "run", str(path), env=env)
+        assert r.returncode == 0, r.stderr
+        run_id = r.stdout.split()[0]
+        wait_until(
+            lambda: "held by instance 'big'" in (tasks_of(home, run_id)["asr"]["error"] or "")
+        )
+        card.write_text("")  # the card is gone (off the bus, say)
+        done = wait_until(lambda: status(home, run_id)["state"] == "failed", timeout=30)
+        assert done
+        task = tasks_of(home, run_id)["asr"]
+        assert task["error"] == "no GPU here can run it: no GPU was found on this machine"
     finally:
         run_cli(home, "down", "--all", "--timeout", "5")

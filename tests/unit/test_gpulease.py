@@ -13,6 +13,7 @@ from llama_orchestrator.gpus.leases import (
     card_state,
     choose,
     lease_env,
+    never,
     occupants,
     refuse_leased,
 )
@@ -168,3 +169,23 @@ def test_device_id_auto_never_picks_a_leased_card(tmp_path):
     assert other.devices == [0]  # card 1 is a script's now
     with pytest.raises(UserError, match="Every GPU is leased to a plan's script task"):
         prepare(home, ["a"], set(), {}, find, leased=frozenset({0, 1}))
+
+
+@pytest.mark.parametrize(
+    ("want", "have", "why"),
+    [
+        ((3,), [0], "GPU 3 is not on this machine (it has GPU 0)"),
+        ((0, 5), [0, 1], "GPU 5 is not on this machine (it has GPU 0, 1)"),
+        (2, [0], "it needs 2 GPUs and this machine has 1"),
+        (1, [], "no GPU was found on this machine"),
+        ((0,), [], "no GPU was found on this machine"),
+        (1, [0], None),
+        ((1,), [0, 1], None),
+        (2, [0, 1], None),
+    ],
+)
+def test_never_is_what_no_wait_can_mend(want, have, why):
+    assert never(want, have) == why
+    cards = [Card(i, 6144, 6144) for i in have]
+    got = choose(want, None, cards)
+    assert (got == why) if why else not isinstance(got, str)  # choose says the same

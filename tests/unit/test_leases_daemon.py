@@ -77,3 +77,15 @@ async def test_a_killed_daemons_lease_is_given_back_and_what_yielded_restored(w)
     await w.fx.advance(0.3)
     assert w.store.leases() == [] and w.row("big").state == S.HEALTHY
     await leases.close()
+
+
+async def test_a_task_asking_for_cards_the_machine_lacks_is_told_it_never_will_get_them(w):
+    leases = await _world(w)
+    named = Task(id="asr", kind="script", gpus=(3,), command=("whisper",))
+    two = Task(id="asr", kind="script", gpus=2, command=("whisper",))
+    assert leases.never(named) == "GPU 3 is not on this machine (it has GPU 0)"
+    assert leases.never(two) == "it needs 2 GPUs and this machine has 1"
+    assert leases.never(ASR) is None  # one card, held: a wait, not a never
+    w.fx.cards = lambda: []
+    await leases.refresh()
+    assert leases.never(ASR) == "no GPU was found on this machine"

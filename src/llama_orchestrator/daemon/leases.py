@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from llama_orchestrator.daemon.tasks import OwnedTasks
 from llama_orchestrator.errors import OrchError
-from llama_orchestrator.gpus.leases import Card, choose, lease_env, occupants
+from llama_orchestrator.gpus.leases import Card, choose, lease_env, never, occupants
 from llama_orchestrator.names import serves
 from llama_orchestrator.store.database import Store
 from llama_orchestrator.store.rows import Lease
@@ -115,6 +115,10 @@ class Leases:
             )
             for g in self.cards
         ]
+
+    def never(self, task: Task) -> str | None:
+        """Why `task` can never get its cards on this machine (see `leases.never`)."""
+        return never(task.gpus if task.gpus is not None else 1, (g.index for g in self.cards))
 
     def reserve(self, run_id: str, task: Task) -> list[Lease] | str:
         """Lease cards to `task` now (persisted as "yielding"), or why it waits."""

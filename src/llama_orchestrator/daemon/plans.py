@@ -127,6 +127,7 @@ class PlanRunner:
             base_dir=Path(base_dir),
             hosts=self.hosts.names(),
         )
+        self._refuse_unplaceable(plan)
         run_id = secrets.token_hex(4)
         files = RunFiles(self.run_dir(run_id))
         files.create(plan, text)
@@ -139,6 +140,24 @@ class PlanRunner:
         replicas = self.router.replicas()
         wanted = sorted({m for t in plan.tasks if (m := t.model_for(1))})  # first attempts
         return run_id, [m for m in wanted if free_slots(m, replicas, {}) == 0]
+
+    def _refuse_unplaceable(self, plan: Plan) -> None:
+        """Script tasks that ask for cards this machine does not have would wait
+        forever (their own timeout counts only once they run): refused, as an
+        instance pinned to an absent card is."""
+        if self.leases is None:
+            return
+        problems = [
+            f"task '{t.id}': {why}"
+            for t in plan.tasks
+            if t.kind == "script" and t.host is None and (why := self.leases.never(t))
+        ]
+        if problems:
+            raise UserError(
+                f"The plan asks for GPUs this machine does not have: {'; '.join(problems)}.",
+                hint='Ask for cards it has (`llama-orch gpus` lists them), or "host" a machine '
+                "that has them.",
+            )
 
     async def cancel(self, run_id: str) -> list[str]:
         active = self.active.get(run_id)
@@ -283,6 +302,11 @@ class PlanRunner:
         picked, changed = [], []
         for task in S.due(active.plan, records, now):
             if task.kind != "script" or task.host is not None:  # a peer leases its own
+                continue
+            if self.leases is not None and (why := self.leases.never(task)):
+                # the machine changed since `plan run` checked (a card gone)
+                error = f"no GPU here can run it: {why}"
+                changed += [task.id, *S.finish(active.plan, records, task.id, now, error, True)]
                 continue
             got = (
                 self.leases.reserve(run_id, task)

@@ -21,6 +21,7 @@ __all__ = [
     "Card",
     "Choice",
     "choose",
+    "never",
     "card_state",
     "occupants",
     "lease_env",
@@ -59,21 +60,33 @@ class Choice:
     yielded: tuple[str, ...] = ()
 
 
+def never(want: int | tuple[int, ...], indices: Iterable[int]) -> str | None:
+    """Why a script task can never get its cards on a machine with these
+    (pure): none at all, one it names is not there, or more than there are.
+    Waiting would not help: it is refused at `plan run`, failed if it runs."""
+    have = set(indices)
+    if not have:
+        return "no GPU was found on this machine"
+    if isinstance(want, tuple):
+        missing = [i for i in want if i not in have]
+        if missing:
+            listed = ", ".join(map(str, sorted(have)))
+            return f"GPU {', '.join(map(str, missing))} is not on this machine (it has GPU {listed})"
+    elif want > len(have):
+        return f"it needs {want} GPUs and this machine has {len(have)}"
+    return None
+
+
 def choose(want: int | tuple[int, ...], vram_mib: int | None, cards: list[Card]) -> Choice | str:
     """The cards for a script task (pure): `want` of them, or those named;
     free ones first, then ones whose every instance may yield and is idle.
-    Else why it must wait."""
-    if not cards:
-        return "no GPU was found on this machine"
+    Else why it must wait (see `never` for what waiting cannot mend)."""
+    if why := never(want, (c.index for c in cards)):
+        return why
     by_index = {c.index: c for c in cards}
     if isinstance(want, tuple):
-        missing = [i for i in want if i not in by_index]
-        if missing:
-            return f"GPU {', '.join(map(str, missing))} is not on this machine"
         picked = [by_index[i] for i in want]
     else:
-        if want > len(cards):
-            return f"it needs {want} GPUs and this machine has {len(cards)}"
         picked = sorted(cards, key=lambda c: (c.leased, _cost(c, vram_mib), c.index))[:want]
     reasons = [r for c in picked if (r := _why_not(c, vram_mib))]
     if reasons:
