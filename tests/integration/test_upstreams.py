@@ -36,6 +36,9 @@ class Recorder:
         self.seen: list[dict] = []
         self.in_flight = self.most = 0
         self.delay = 0.0
+        #: answer requests (not the checks' GET /models) 401, as an API whose
+        #: /models needs no key, or whose key was revoked, does
+        self.refuse = False
         self._loop = asyncio.new_event_loop()
         self._runner = None
         threading.Thread(target=self._loop.run_forever, daemon=True).start()
@@ -82,6 +85,9 @@ class Recorder:
             }
         )
         work = request.method == "POST"  # a request, not a health check's GET /models
+        if work and self.refuse:
+            error = {"message": "Invalid API Key", "type": "invalid_request_error"}
+            return web.json_response({"error": error}, status=401)
         self.in_flight += work
         self.most = max(self.most, self.in_flight)
         try:
@@ -386,3 +392,27 @@ def test_an_upstream_that_goes_down_is_marked_and_refused_fast_then_used_again(
         timeout=30,
     )
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "OK"
+
+
+def test_an_upstream_refusing_the_key_on_requests_is_named_and_taken_out_of_service(fleet, standin):
+    home, url = fleet
+    ask = {"model": "big", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    standin.refuse = True
+    try:
+        r = httpx.post(f"{url}/chat/completions", json=ask, timeout=30)
+        # not the upstream's own 401, which would tell the client its key is wrong
+        assert r.status_code == 502, r.text
+        message = r.json()["error"]["message"]
+        assert "The upstream 'big' refused the key llama-orch sends it" in message
+        assert "HTTP 401: Invalid API Key" in message and "api_key_env" in message
+        big = next(
+            x for x in json.loads(run_cli(home, "ps", "--json").stdout) if x["name"] == "big"
+        )
+        assert big["state"] == "unhealthy"
+        assert "refused the key on a request" in run_cli(home, "events", "big").stdout
+    finally:
+        standin.refuse = False
+    # its checks pass all along; it is tried again after its hold, and serves
+    wait_until(lambda: states(home)["big"] == "healthy", timeout=30)
+    r = httpx.post(f"{url}/chat/completions", json=ask, timeout=30)
+    assert r.status_code == 200, r.text

@@ -96,6 +96,7 @@ class Parts:
 
         externals = Externals(on_usage=on_usage, on_event=event)
         upstreams = Upstreams(effects.load_upstreams, board, externals, event, getter(pool))
+        externals.on_refused = upstreams.refused
         deps = RunnerDeps(
             store,
             effects,

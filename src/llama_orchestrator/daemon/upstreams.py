@@ -55,6 +55,9 @@ class UpstreamState:
     checked_at: float | None = None
     next_check_at: float | None = None
     failures: int = 0
+    #: refused the key on a request: out of service until then, whatever
+    #: its checks find (a `/models` that needs no key passes them)
+    held_until: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -161,6 +164,8 @@ class Upstreams:
         while True:
             why = await self._check(name, cfg)
             now = self.clock()
+            if why is None and state.held_until is not None and now < state.held_until:
+                why = state.error  # a request was refused: the check is not the word
             state.checked_at = now
             old = state.state
             if why is None:
@@ -180,8 +185,27 @@ class Upstreams:
                 )
                 self._event(name, f"upstream_{state.state}", message)
             delay = check_delay(hc.interval, state.failures)
+            if state.held_until is not None and state.held_until > now:
+                delay = min(delay, state.held_until - now)
             state.next_check_at = now + delay
             await asyncio.sleep(delay)
+
+    def refused(self, name: str, why: str) -> None:
+        """A request found the key refused (`Externals.refused`): out of service
+        now, for a check interval that doubles with each refusal in a row, then
+        tried again; said in an event and in `ps`."""
+        state, known = self.states.get(name), self._configs.get(name)
+        if state is None or known is None:
+            return
+        cfg = known[0]
+        state.held_until = self.clock() + check_delay(
+            cfg.healthcheck.interval, self.externals.refusals.get(name, 1)
+        )
+        state.error = why
+        self.board.publish(name, None)
+        if state.state != "unhealthy":
+            state.state = "unhealthy"
+            self._event(name, "upstream_unhealthy", f"upstream {cfg.upstream.url} {why}")
 
     async def _check(self, name: str, cfg: UpstreamConfig) -> str | None:
         """Why the upstream is not usable now (None: it is)."""

@@ -71,7 +71,9 @@ def never(want: int | tuple[int, ...], indices: Iterable[int]) -> str | None:
         missing = [i for i in want if i not in have]
         if missing:
             listed = ", ".join(map(str, sorted(have)))
-            return f"GPU {', '.join(map(str, missing))} is not on this machine (it has GPU {listed})"
+            return (
+                f"GPU {', '.join(map(str, missing))} is not on this machine (it has GPU {listed})"
+            )
     elif want > len(have):
         return f"it needs {want} GPUs and this machine has {len(have)}"
     return None

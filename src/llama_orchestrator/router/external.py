@@ -3,7 +3,8 @@ key (read at each request), its requests-per-minute window, and what it
 spent in the last 24 hours; what each answer cost goes to `on_usage`.
 
 Which requests an upstream may take now is `blocked` (429 + Retry-After when
-none of a model's replicas may); the decisions are `upstreams`' (pure).
+none of a model's replicas may); the decisions are `upstreams`' (pure). An
+upstream that refuses the key on a request is `refused`.
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ class Externals:
     on_usage: Callable[[UsageRecord], None] | None = None
     #: (upstream, kind, message): its daily budget ran out (an event)
     on_event: Callable[[str, str, str], None] | None = None
+    #: (upstream, why): it refused the key on a request (the daemon takes it
+    #: out of service for a while, growing with each refusal in a row)
+    on_refused: Callable[[str, str], None] | None = None
     by_name: dict[str, External] = field(default_factory=dict)
     spending: Spending = field(default_factory=Spending)
+    #: refusals of the key in a row, by upstream (an answer it accepts ends them)
+    refusals: dict[str, int] = field(default_factory=dict)
 
     def set(self, name: str, cfg: UpstreamConfig, config_dir: Path) -> None:
         """Its config as now (its request window kept while its limit is the same)."""
@@ -85,6 +91,23 @@ class Externals:
                 f"upstream '{name}' has spent its budget of {e.budget:g} for the last 24 hours"
             )
         return None
+
+    def refused(self, name: str, status: int, detail: str) -> str:
+        """It answered a request with 401/403: the key llama-orch sends is not
+        taken (revoked, or its `/models`, which the checks ask, needs none).
+        Counted, told to `on_refused`; what the client is told is returned."""
+        self.refusals[name] = self.refusals.get(name, 0) + 1
+        why = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
+        if self.on_refused is not None:
+            self.on_refused(name, f"it refused the key on a request ({why})")
+        return (
+            f"The upstream '{name}' refused the key llama-orch sends it ({why}); it is out of "
+            "service until that is fixed (the api_key_env or api_key_file of its config)."
+        )
+
+    def accepted(self, name: str) -> None:
+        """It answered a request: the key works (again)."""
+        self.refusals.pop(name, None)
 
     def take(self, name: str) -> None:
         """One request goes to it now (counted against its rate)."""

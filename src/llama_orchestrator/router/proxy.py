@@ -130,6 +130,21 @@ def _headers_for(
     return headers
 
 
+#: what an upstream answers a key it does not take with
+KEY_REFUSED = (401, 403)
+
+
+def error_message(body: bytes) -> str:
+    """The `error.message` of an OpenAI-style error body ('' when it has none)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    error = data.get("error") if isinstance(data, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return message[:200] if isinstance(message, str) else ""
+
+
 def upstream_target(r: Replica, target: str) -> str:
     """A request's path as an upstream gets it: its URL's path, then the
     route after /v1 (`/v1/chat/completions` to https://x/api/v1 is
@@ -338,6 +353,14 @@ class Router:
             except BaseException:
                 self.release(r)
                 raise
+            if r.remote is not None and answer.status in KEY_REFUSED:
+                # its own 401 would tell the client that the client's key is wrong
+                refused = await self._refused(answer, r, model, start)
+                tried.add(r.name)
+                last_error = f"{r.name}: refused the key"
+                if len(tried) < len(candidates(model, self.replicas())):
+                    continue
+                return refused
             if answer.status >= 500 and len(tried) + 1 < len(candidates(model, self.replicas())):
                 answer.close()
                 self.release(r)
@@ -366,6 +389,20 @@ class Router:
         if any(c.name != r.name for c in candidates(model, self.replicas())):
             return True
         return blocked
+
+    async def _refused(self, answer: Exchange, r: Replica, model: str, start: float) -> Reply:
+        """An upstream's 401/403 to a request: its body read (for its words),
+        the upstream reported, and the 502 the client gets instead."""
+        try:
+            body = await answer.body()
+        except PoolError:
+            body = b""
+        finally:
+            self.pool.finish(answer)
+            self.release(r)
+        message = self.externals.refused(r.name, answer.status, error_message(body))
+        self.metrics.request(model, r.name, 502, time.perf_counter() - start)
+        return openai_error(502, message, "server_error")
 
     def _limited(self, model: str, wait: float, why: str) -> Reply:
         self.metrics.request(model, "", 429, 0.0)
@@ -423,6 +460,8 @@ class Router:
             if held:
                 self.release(r)
         if r.remote is not None:
+            if answer.status < 400:
+                self.externals.accepted(r.name)
             meter = UsageMeter(False)
             meter.feed(body)
             self._count(r, meter.done())
@@ -507,14 +546,17 @@ class Router:
                 data = json.loads(raw)
             except ValueError:
                 data = None
+            if r.remote is not None and status in KEY_REFUSED:
+                # not the task's fault: it waits for the upstream, as for a busy slot
+                message = self.externals.refused(r.name, status, error_message(raw))
+                raise RouterError(message, busy=True)
             if status >= 400 or not isinstance(data, dict):
-                error = data.get("error") if isinstance(data, dict) else None
-                detail = error.get("message") if isinstance(error, dict) else None
-                detail = detail or raw[-300:].decode("utf-8", "replace")
+                detail = error_message(raw) or raw[-300:].decode("utf-8", "replace")
                 final = 400 <= status < 500 and status not in (408, 429)
                 raise RouterError(f"{r.name} answered HTTP {status}: {detail}", final)
             if r.remote is None:
                 return Completion(r.name, data)
+            self.externals.accepted(r.name)
             meter = UsageMeter(False)
             meter.feed(raw)
             spent = self._count(r, meter.done(), *(origin or (None, None)))
