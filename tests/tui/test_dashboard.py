@@ -4,9 +4,9 @@ from rich.text import Text
 from textual.widgets import DataTable, Log, Static
 
 from llama_orchestrator.tui.app import DashboardApp
-from llama_orchestrator.tui.cells import column_widths
+from llama_orchestrator.tui.cells import COLUMNS, column_widths, shown_columns
 from llama_orchestrator.tui.data import InstanceView
-from llama_orchestrator.tui.screens import ConfirmScreen, HelpScreen, LogScreen
+from llama_orchestrator.tui.screens import KEYS_HELP, ConfirmScreen, HelpScreen, LogScreen
 from tests.fakes.fake_source import FakeSource, status
 from tests.tui.conftest import until
 
@@ -171,17 +171,20 @@ async def test_columns_are_sized_in_the_same_call_that_changes_the_cells(source)
     async with app.run_test(size=(130, 36)):
         await until(lambda: len(rows(app)) == 3)
         table = app.query_one("#instances", DataTable)
-        width = {str(k.value): c for k, c in table.columns.items()}
+
+        def width(col: str) -> int:  # the columns now (a narrower fit rebuilds them)
+            return next(c for k, c in table.columns.items() if k.value == col).content_width
+
         source.instances[1].status["state"] = "backoff"
         source.instances[1].status["next_restart_at"] = "2026-11-22T06:00:03+00:00"
         app.apply(source.snapshot(with_gpus=False))  # no await: nothing idles in between
-        assert width["NEXT TRY"].content_width == len("06:00:03")  # a cell changed in place
+        assert width("NEXT TRY") == len("06:00:03")  # a cell changed in place
         source.instances[0].status["name"] = "a-much-longer-instance-name"
         app.apply(source.snapshot(with_gpus=False))  # the rows are rebuilt
-        assert width["NAME"].content_width == len("a-much-longer-instance-name")
+        assert width("NAME") == len("a-much-longer-instance-name")
         source.instances[0].status["name"] = "gpt"  # narrower again: the column shrinks
         app.apply(source.snapshot(with_gpus=False))
-        assert width["NAME"].content_width == len("llama-8b")
+        assert width("NAME") == len("llama-8b")
 
 
 def test_column_widths_are_the_widest_cell_or_the_label():
@@ -231,9 +234,13 @@ async def test_the_plans_pane_shows_runs_tasks_and_output_and_cancels_and_retrie
         ]
         tasks = app.query_one("#plan-tasks", DataTable)
         assert "HTTP 500 from gpt-oss" in str(tasks.get_cell("summarise", "ERROR"))
-        assert "Cancel run" in _footer(app)
+        # a failed run may be retried, not cancelled: it has ended
+        assert "Retry run" in _footer(app) and "Cancel run" not in _footer(app)
         await pilot.press("down")  # the other run: its tasks
         await until(lambda: plan_rows(app, "#plan-tasks") == [("root", "completed")])
+        # a completed run: nothing to cancel, nothing to retry
+        await until(lambda: "Retry run" not in _footer(app))
+        assert "Cancel run" not in _footer(app)
         await pilot.press("up", "tab", "enter")  # the first run's first task: its output
         await until(lambda: isinstance(app.screen, TaskOutputScreen))
         out = app.screen.query_one("#task-output", Log)
@@ -245,6 +252,9 @@ async def test_the_plans_pane_shows_runs_tasks_and_output_and_cancels_and_retrie
         await pilot.press("y")
         await until(lambda: ("retry_plan", "20261122-0601-b2") in source.calls)
         await until(lambda: ("summarise", "pending") in plan_rows(app, "#plan-tasks"))
+        # running again: now it may be cancelled, and not retried
+        await until(lambda: "Cancel run" in _footer(app))
+        assert "Retry run" not in _footer(app)
         await pilot.press("c", "n")  # asked, answered no: nothing cancelled
         assert ("cancel_plan", "20261122-0601-b2") not in source.calls
         source.fail = "Plan run 20261122-0601-b2 has ended; nothing to cancel."
@@ -283,7 +293,7 @@ def test_the_header_names_the_daemon_and_its_router_or_why_there_is_none():
     from llama_orchestrator.tui.data import header
 
     info = DaemonInfo(7, 0.0, 0.0, "unix", router_url="http://127.0.0.1:8080")
-    assert header(info) == "daemon pid 7 supervises the instances; router http://127.0.0.1:8080/v1"
+    assert header(info) == "daemon pid 7; router http://127.0.0.1:8080/v1"
     info = DaemonInfo(7, 0.0, 0.0, "unix", router_error="port 8080 is in use")
     assert header(info).endswith("; no router: port 8080 is in use")
     assert "`llama-orch up` starts one" in header(None)
@@ -322,3 +332,89 @@ async def test_peers_instances_show_where_they_run_and_are_managed_there(source)
         await pilot.press(*["backspace"] * 4, *"gpt")
         await until(lambda: [n for n, _ in rows(app)] == ["gpt-oss"])
         assert str(table.ordered_columns[0].label) == "HOST"
+
+
+def screen_lines(app) -> list[str]:
+    """The screen's text, line by line, from Textual's own screenshot."""
+    import html
+    import re
+
+    lines: dict[float, list[tuple[float, str]]] = {}
+    for m in re.finditer(
+        r'<text class="[^"]*" x="([\d.]+)" y="([\d.]+)"[^>]*>(.*?)</text>', app.export_screenshot()
+    ):
+        lines.setdefault(float(m.group(2)), []).append((float(m.group(1)), m.group(3)))
+    return [
+        html.unescape("".join(t for _, t in sorted(parts))).replace("\xa0", " ")
+        for _, parts in sorted(lines.items())
+    ]
+
+
+async def test_at_80x24_every_key_shows_and_no_cell_is_cut(source):
+    """Issue 40: the footer hid `? Help` and `q Quit`; RSS read 335 for 335M."""
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(80, 24)):
+        await until(lambda: len(rows(app)) == 3)
+        await until(lambda: any("q Quit" in line for line in screen_lines(app)))
+        lines = screen_lines(app)
+        assert any("? Help" in line and "q Quit" in line for line in lines)  # the footer
+        table = app.query_one("#instances", DataTable)
+        shown = [str(c.label) for c in table.ordered_columns]
+        assert shown[:2] == ["NAME", "STATE"] and "RSS" in shown and "HEALTH" not in shown
+        assert sum(c.content_width + 2 for c in table.ordered_columns) <= 78
+        assert any("2048M" in line for line in lines)  # whole, not 2048
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(200, 36)):  # wide: every column
+        await until(lambda: len(rows(app)) == 3)
+        table = app.query_one("#instances", DataTable)
+        assert len(table.ordered_columns) == len(COLUMNS)
+
+
+async def test_the_detail_pane_follows_the_state_and_says_how_it_last_ended(source):
+    """Issue 40: it went stale until the selection moved, and showed `last None`
+    for a process killed by a signal."""
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await until(lambda: app.selected == "gpt-oss")
+        await pilot.press("down", "down")
+        await until(lambda: app.selected == "llama-8b")
+        config = app.query_one("#config", Static)
+        await until(lambda: "llama-8b  exited" in str(config.render()))
+        status = source.instances[2].status
+        status["state"], status["desired"] = "healthy", "running"
+        status["last_exit"] = {"code": None, "signal": 9, "at": None, "stderr_tail": []}
+        app.apply(source.snapshot(with_gpus=False))  # a refresh, the selection unmoved
+        await until(lambda: "llama-8b  healthy (desired running)" in str(config.render()))
+        assert "last    was killed by signal 9 (SIGKILL)" in str(config.render())
+
+
+async def test_the_help_fits_its_dialog_at_80_columns(source):
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("question_mark")
+        await until(lambda: isinstance(app.screen, HelpScreen))
+        dialog = app.screen.query_one("#dialog")
+        room = dialog.content_region.width
+        plain = [Text.from_markup(line).cell_len for line in KEYS_HELP.splitlines()]
+        assert max(plain) <= room  # no line wraps back to column 0
+
+
+def test_narrow_tables_drop_the_least_needed_columns_first():
+    labels = ("NAME", "STATE", "HEALTH", "PID", "RSS", "NEXT TRY")
+    row = ("gpt-oss", "healthy", "ok", "4242", "335M", "-")
+    widths = [max(len(a), len(b)) + 2 for a, b in zip(labels, row, strict=True)]
+    assert shown_columns(labels, [row], sum(widths)) == [0, 1, 2, 3, 4, 5]
+    assert shown_columns(labels, [row], sum(widths) - 1) == [0, 1, 3, 4, 5]  # HEALTH first
+    assert shown_columns(labels, [row], 30) == [0, 1, 3, 4]
+    assert shown_columns(labels, [row], 5) == [0, 1]  # NAME and STATE always
+
+
+async def test_a_narrower_terminal_drops_columns_at_once(source):
+    app = DashboardApp(source, refresh=60)
+    async with app.run_test(size=(200, 36)) as pilot:
+        await until(lambda: len(rows(app)) == 3)
+        table = app.query_one("#instances", DataTable)
+        assert "HEALTH" in [str(c.label) for c in table.ordered_columns]
+        await pilot.resize_terminal(80, 24)
+        await until(lambda: "HEALTH" not in [str(c.label) for c in table.ordered_columns])
+        assert rows(app)[0] == ("gpt-oss", "healthy*")  # the rows stay

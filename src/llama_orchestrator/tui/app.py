@@ -21,6 +21,7 @@ from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Log, Static
 
+from llama_orchestrator.engine.results import exit_text
 from llama_orchestrator.present import (
     GPU_COLUMNS,
     PLAN_RUN_COLUMNS,
@@ -38,6 +39,7 @@ from llama_orchestrator.tui.cells import (
     fit_columns,
     host_cells,
     peer_detail,
+    shown_columns,
     styled,
     sync_rows,
 )
@@ -58,6 +60,8 @@ MIN_WIDTH, MIN_HEIGHT = 70, 14
 
 class DashboardApp(App[None]):
     TITLE = "llama-orch"
+    # no command palette: its footer key took the room of `? Help` and `q Quit` at 80 columns
+    ENABLE_COMMAND_PALETTE = False
     CSS = """
     #status { height: 1; background: $boost; padding: 0 1; }
     #filter { display: none; height: 3; }
@@ -76,7 +80,7 @@ class DashboardApp(App[None]):
     #too-small { display: none; width: 100%; height: 100%; content-align: center middle; }
     Screen.too-small #main { display: none; }
     Screen.too-small #too-small { display: block; }
-    #dialog { width: 64; height: auto; padding: 1 2; border: thick $primary; background: $surface; }
+    #dialog { width: 72; max-width: 100%; height: auto; padding: 1 2; border: thick $primary; background: $surface; }
     ConfirmScreen, HelpScreen { align: center middle; }
     """
     BINDINGS: ClassVar = [
@@ -133,7 +137,7 @@ class DashboardApp(App[None]):
                     with Horizontal(id="plan-tables"):
                         yield DataTable(id="plan-runs", cursor_type="row")
                         yield DataTable(id="plan-tasks", cursor_type="row")
-            yield Footer()
+            yield Footer(compact=True)  # every key fits 80 columns, ? Help and q Quit too
         yield Static("", id="too-small")
 
     def on_mount(self) -> None:
@@ -180,11 +184,13 @@ class DashboardApp(App[None]):
         away = "".join(f"; peer {n} does not answer" for n in snap.unreached)
         status.update(f"{self.source.home.root} — {snap.mode}{away}")
         self._apply_table([v for v in snap.instances if matches(v, self.query_text)])
+        if self.selected is not None and self._peer_row(self.selected) is None:
+            self._load_detail(self.selected)  # the pane follows the state, as the table does
         self._apply_events(snap)
         self._apply_gpus(snap)
         self._apply_plans(snap)
 
-    def _apply_table(self, rows: list[InstanceView]) -> None:
+    def _apply_table(self, rows: list[InstanceView], width: int | None = None) -> None:
         table = self.query_one("#instances", DataTable)
         empty = self.query_one("#empty", Static)
         no_instances = not (self.snapshot and self.snapshot.instances)
@@ -192,13 +198,17 @@ class DashboardApp(App[None]):
         table.display = not no_instances
         # HOST while any peer's instance is shown (filtered or not: no jumping columns)
         hosts = any(v.machine for v in (self.snapshot.instances if self.snapshot else rows))
-        labels = HOST_COLUMNS if hosts else COLUMNS
-        if [str(c.label) for c in table.ordered_columns] != list(labels):
+        every = HOST_COLUMNS if hosts else COLUMNS
+        full = {v.key: host_cells(v) if hosts else cells(v) for v in rows}
+        # what fits whole (the scrollbar takes two cells): nothing cut at the edge
+        keep = shown_columns(every, list(full.values()), (width or self.size.width) - 2)
+        labels = [every[i] for i in keep]
+        if [str(c.label) for c in table.ordered_columns] != labels:
             table.clear(columns=True)
             for col in labels:
                 table.add_column(col, key=col)
         wanted = [v.key for v in rows]
-        values = {v.key: host_cells(v) if hosts else cells(v) for v in rows}
+        values = {k: [row[i] for i in keep] for k, row in full.items()}
         if sync_rows(table, labels, values) and self.selected in wanted:
             table.move_cursor(row=wanted.index(self.selected))
         if rows and self.selected not in wanted:
@@ -244,6 +254,7 @@ class DashboardApp(App[None]):
         if self.plan_run not in runs:
             self.plan_run = next(iter(runs), None)
         self._show_tasks()
+        self.refresh_bindings()  # cancel and retry follow the run's state
 
     def _show_tasks(self) -> None:
         run = self._run_data(self.plan_run)
@@ -262,6 +273,7 @@ class DashboardApp(App[None]):
         if event.row_key.value is not None and event.row_key.value != self.plan_run:
             self.plan_run = str(event.row_key.value)
             self._show_tasks()
+            self.refresh_bindings()
 
     @on(DataTable.RowSelected, "#plan-tasks")
     def _task_chosen(self) -> None:
@@ -317,7 +329,7 @@ class DashboardApp(App[None]):
                     f"ctx     {cfg.get('model', {}).get('context_size')}  slots {cfg.get('server', {}).get('parallel')}",
                     f"gpu     {d['backend']} {d['gpu_devices'] or ''}",
                     f"restart {cfg.get('restart_policy', {}).get('mode') or 'on-failure'}",
-                    f"last    {(d.get('last_exit') or {}).get('code', '-')}",
+                    f"last    {exit_text(last) if (last := d.get('last_exit')) else '-'}",
                 ]
             )
             od = cfg.get("on_demand") or {}
@@ -382,9 +394,23 @@ class DashboardApp(App[None]):
         self.call_from_thread(self.refresh_data)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """The plan actions only in the plans pane (and only there in the footer)."""
-        if action in ("task_output", "cancel_plan", "retry_plan"):
-            return self.pane == "plans"
+        """The plan actions only in the plans pane (and only there in the footer),
+        and each only where it can do something: cancel a run still running,
+        retry one with tasks that did not complete."""
+        if action not in ("task_output", "cancel_plan", "retry_plan"):
+            return True
+        if self.pane != "plans":
+            return False
+        run = self._run_data(self.plan_run)
+        if action == "cancel_plan":
+            return run is not None and run["state"] == "running"
+        if action == "retry_plan":
+            undone = ("failed", "cancelled", "skipped")
+            return (
+                run is not None
+                and run["state"] != "running"
+                and any((run.get("counts") or {}).get(s) for s in undone)
+            )
         return True
 
     def action_task_output(self) -> None:
@@ -458,6 +484,9 @@ class DashboardApp(App[None]):
 
     def on_resize(self, event: Any) -> None:
         self._check_size(event.size.width, event.size.height)
+        if self.snapshot is not None and not self.snapshot.error:
+            shown = [v for v in self.snapshot.instances if matches(v, self.query_text)]
+            self._apply_table(shown, event.size.width)
 
     def _check_size(self, width: int, height: int) -> None:
         small = width < MIN_WIDTH or height < MIN_HEIGHT

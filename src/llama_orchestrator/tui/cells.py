@@ -27,6 +27,7 @@ __all__ = [
     "styled",
     "COLUMNS",
     "HOST_COLUMNS",
+    "shown_columns",
 ]
 
 HEALTH = {"healthy": "ok", "unhealthy": "failing", "starting": "loading"}
@@ -106,6 +107,39 @@ def column_widths(labels: Sequence[str], rows: Iterable[Sequence[Text | str]]) -
             )  # as DataTable draws it
             widths[i] = max(widths[i], text.cell_len)
     return widths
+
+
+#: the columns a narrow terminal drops first (NAME, STATE and HOST stay)
+DROP_ORDER = (
+    "HEALTH",
+    "NEXT TRY",
+    "CPU%",
+    "BACKEND",
+    "RESTARTS",
+    "TOK/S",
+    "ALIAS",
+    "UPTIME",
+    "ACTIVE",
+    "PORT",
+    "RSS",
+    "PID",
+)
+
+
+def shown_columns(
+    labels: Sequence[str], rows: Sequence[Sequence[Text | str]], width: int
+) -> list[int]:
+    """The indices of the columns that fit `width` cells whole (pure): the
+    others dropped in DROP_ORDER, so that nothing is cut at the edge (an RSS
+    of 335M read as 335). Each column takes its content and two of padding."""
+    widths = column_widths(labels, rows)
+    keep = list(range(len(labels)))
+    for label in DROP_ORDER:
+        if sum(widths[i] + 2 for i in keep) <= width:
+            break
+        if label in labels:
+            keep.remove(labels.index(label))
+    return keep
 
 
 def fit_columns(table: DataTable, rows: Sequence[Sequence[Text | str]]) -> None:

@@ -139,7 +139,7 @@ def header(info: DaemonInfo | None) -> str:
     """What the status line says about who supervises and where the router is (pure)."""
     if info is None:
         return "no daemon: reading state and probing directly (`llama-orch up` starts one)"
-    text = f"daemon pid {info.pid} supervises the instances"
+    text = f"daemon pid {info.pid}"  # short: the router's address must fit 80 columns
     if info.router_url:
         return f"{text}; router {info.router_url}/v1"
     if info.router_error:

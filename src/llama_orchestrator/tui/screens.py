@@ -21,18 +21,18 @@ __all__ = ["LogTail", "LogScreen", "TaskOutputScreen", "ConfirmScreen", "HelpScr
 
 KEYS_HELP = """\
 [b]Keys[/b]
-  ↑/↓, mouse   select an instance
-  u            up: start the selected instance
-  d            down: stop it (asks first)
-  r            restart it (asks first)
-  l            full-screen logs of it (s: stdout/stderr, esc: back)
-  s            switch the log tail between stderr and stdout
-  /            filter by name, alias or state (esc clears)
-  e  g  p      events, GPU, plans pane (again: back to details)
-  in plans     ↑/↓ a run, tab to its tasks; o or enter: a task's output;
-               c cancel the run, t retry its failed tasks (both ask first)
-  ?            this help
-  q            quit
+  ↑/↓      select an instance (or click it)
+  u        up: start the selected instance
+  d        down: stop it (asks first)
+  r        restart it (asks first)
+  l        its logs, full screen (s: stdout/stderr, esc: back)
+  s        switch the log tail between stderr and stdout
+  /        filter by name, alias or state (esc clears)
+  e g p    events, GPU or plans pane (again: details)
+  plans    ↑/↓ a run, tab to its tasks, o or enter: output;
+           c cancel a running run, t retry its failed tasks
+  ?        this help
+  q        quit
 """
 
 
