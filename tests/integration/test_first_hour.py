@@ -1,6 +1,7 @@
 """Defects a newcomer met in the first hour (issue 40), each as they met it."""
 
 import json
+import sys
 
 import pytest
 
@@ -85,3 +86,36 @@ def test_an_instance_that_dies_in_up_no_daemon_is_not_wanted_running(
     (row,) = json.loads(run_cli(cli_home, "ps", "--json").stdout)
     # nothing restarts it here, and a daemon started later does not start it again
     assert (row["desired"], row["pid"]) == ("stopped", None)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the control API is a unix socket here")
+def test_a_flood_of_connections_to_the_control_api_leaves_it_answering(
+    cli_home, tiny_model, fake_bin
+):
+    import socket
+
+    import psutil
+
+    from llama_orchestrator.daemon.info import running
+    from llama_orchestrator.daemon.main import CONTROL_MAX_CONNECTIONS
+
+    write_config(cli_home, "a", tiny_model, binary=str(fake_bin))
+    write_settings(cli_home)
+    assert run_cli(cli_home, "daemon", "start").returncode == 0
+    daemon = psutil.Process(running(cli_home).pid)
+    before = daemon.num_fds()
+    flood = []
+    try:
+        for _ in range(CONTROL_MAX_CONNECTIONS + 200):  # each sends half a head, then waits
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(cli_home.daemon_socket))
+            s.sendall(b"GET /v1/status HTTP/1.1\r\n")
+            flood.append(s)
+        r = run_cli(cli_home, "up", "a", timeout=60)
+        assert r.returncode == 0, r.stderr
+        flood[0].settimeout(10)
+        assert flood[0].recv(1) == b""  # the oldest stalled one gave way
+        assert daemon.num_fds() < before + CONTROL_MAX_CONNECTIONS + 20  # bounded
+    finally:
+        for s in flood:
+            s.close()

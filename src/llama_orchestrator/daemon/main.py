@@ -120,6 +120,40 @@ def run_foreground(home: Home, stop_instances_on_signal: bool = False) -> None:
         lock.close()
 
 
+#: connections to the control API at once: past it, the oldest one that is not
+#: in the middle of a request gives way, so that a flood (of the same user)
+#: cannot take every descriptor and leave `up` and `down` unanswered
+CONTROL_MAX_CONNECTIONS = 256
+
+
+def _capped_protocol(cap: int) -> type:
+    """uvicorn's h11 protocol with a cap on connections, as the router has."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    order: dict[H11Protocol, None] = {}  # the open connections, oldest first
+
+    class Capped(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            order[self] = None
+            if len(order) > cap:
+                stalled = next((c for c in order if c is not self and _between_requests(c)), None)
+                if stalled is not None:
+                    order.pop(stalled, None)
+                    stalled.transport.abort()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            order.pop(self, None)
+            super().connection_lost(exc)
+
+    return Capped
+
+
+def _between_requests(c: Any) -> bool:
+    """No request of it is being answered (idle, or its head still unsent)."""
+    return c.cycle is None or c.cycle.response_complete
+
+
 def _quiet_server() -> type:
     import uvicorn
 
@@ -201,7 +235,12 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
     )
     server = _Server(
         uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+            http=_capped_protocol(CONTROL_MAX_CONNECTIONS),
         )
     )
     loop = asyncio.get_running_loop()
