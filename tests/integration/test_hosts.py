@@ -482,3 +482,42 @@ def test_a_plan_runs_where_its_models_and_hosts_are(net, tmp_path, tiny_model, s
         stop_daemon(a, all_=True)
         for h in (b, c):
             stop_daemon(Home(h.home), all_=True)
+
+
+def test_a_task_on_a_host_that_is_lost_fails_naming_it_not_at_its_timeout(net, tmp_path):
+    if not Path(SSHD).is_file() or not shutil.which("ssh"):
+        pytest.skip("Debian's openssh-server and openssh-client are not installed")
+    d = net.add("pd")
+    net.start_sshd(d)
+    a = Home(tmp_path / "a")
+    a.instances_dir.mkdir(parents=True)
+    peer = {"name": "pd", "url": f"http://{d.addr}:8080", "ssh": f"ssh://root@{d.addr}{d.home}"}
+    a.settings_path.write_text(json.dumps({"router": {"port": free_port()}, "peers": [peer]}))
+    started = tmp_path / "started"  # D's files are A's: the same file system
+    wait = "import pathlib, sys, time; pathlib.Path(sys.argv[1]).touch(); time.sleep(600)"
+    plan = tmp_path / "plan.json"
+    task = {"id": "on-d", "kind": "shell", "host": "pd", "timeout": 600, "retries": 0}
+    task["command"] = [sys.executable, "-c", wait, str(started)]
+    plan.write_text(json.dumps({"name": "lost", "tasks": [task]}))
+    ssh_env = {"LLAMA_ORCH_SSH_COMMAND": f"ssh -F {net.ssh_config()}"}
+    try:
+        assert run_cli(a, "daemon", "start", env=ssh_env).returncode == 0
+        r = run_cli(a, "plan", "run", str(plan), env=ssh_env)
+        assert r.returncode == 0, r.stderr
+        run_id = r.stdout.split()[0]
+        wait_until(started.exists, timeout=60)
+        d.cut()  # D is gone: no answer, no reset
+        task_now = wait_until(
+            lambda: (
+                (t := json.loads(run_cli(a, "plan", "status", run_id, "--json").stdout)["tasks"][0])
+                and t["state"] in ("failed", "completed")
+                and t
+            ),
+            timeout=90,  # its own timeout is 600 s
+            interval=0.5,
+        )
+        assert task_now["state"] == "failed"
+        assert "The SSH connection to pd was lost" in task_now["error"], task_now["error"]
+    finally:
+        d.restore()
+        stop_daemon(a, all_=True)

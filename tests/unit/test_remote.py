@@ -74,6 +74,8 @@ def test_ssh_gets_a_terminal_only_with_one_and_never_a_prompt_without():
     t = SshTarget("rig2", "me", 2222, command="/opt/venv/bin/llama-orch")
     argv = ssh_argv(t, "WORD", tty=False)
     assert argv[:2] == ["ssh", "-T"] and "BatchMode=yes" in argv
+    # a machine that is gone ends the connection in ~15 s, not TCP's minutes
+    assert "ServerAliveInterval=5" in argv and "ServerAliveCountMax=3" in argv
     assert argv[argv.index("-p") + 1] == "2222"
     assert argv[argv.index("--") :] == [
         "--",

@@ -161,14 +161,23 @@ def version_mismatch(theirs: str, here: str, machine: str) -> str | None:
     )
 
 
+#: OpenSSH's keepalive: a probe every ALIVE_S seconds, given up after ALIVE_COUNT unanswered
+ALIVE_S, ALIVE_COUNT = 5, 3
+
+
 def ssh_argv(
     target: SshTarget, payload: str, tty: bool, ssh_command: str | None = None
 ) -> list[str]:
     """The ssh command line: the user's ssh (keys, agent, ~/.ssh/config,
     known_hosts checking left on), a terminal only when we have one, and
-    no prompt when there is nobody to answer it."""
+    no prompt when there is nobody to answer it. OpenSSH's own keepalive
+    ends a connection to a machine that is gone (its link cut, powered off)
+    within about 15 s (ALIVE_S times ALIVE_COUNT), where TCP would wait for
+    many minutes: a plan's task there fails naming the host, not at its own
+    timeout."""
     argv = shlex.split(ssh_command) if ssh_command else ["ssh"]
     argv += ["-t" if tty else "-T", "-o", "ConnectTimeout=10"]
+    argv += ["-o", f"ServerAliveInterval={ALIVE_S}", "-o", f"ServerAliveCountMax={ALIVE_COUNT}"]
     if not tty:
         argv += ["-o", "BatchMode=yes"]
     if target.port:
