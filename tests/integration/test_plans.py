@@ -250,6 +250,55 @@ def test_a_daemon_killed_mid_run_resumes_without_redoing_completed_work(two, tmp
     assert any(e.get("note") == "requeued after a daemon restart" for e in events(home, run_id))
 
 
+def test_tasks_that_ended_while_no_daemon_ran_are_never_run_again(two, tmp_path):
+    """Issue 40: a task whose process finished while no daemon ran was run again."""
+    home = two
+    log, gate = tmp_path / "ran.log", tmp_path / "gate"
+    body = (
+        "import os, sys, time; open(sys.argv[1], 'a').write(sys.argv[2] + chr(10))\n"
+        "while not os.path.exists(sys.argv[3]): time.sleep(0.05)\n"
+        "print('done', sys.argv[2]); sys.exit(int(sys.argv[4]))"
+    )
+
+    def task(name: str, code: int, **more) -> dict:
+        command = [PY, "-c", body, str(log), name, str(gate), str(code)]
+        return {"id": name, "kind": "shell", "command": command, "retries": 1, **more}
+
+    plan = write_plan(
+        tmp_path,
+        task("good", 0),
+        task("bad", 3, retries=0),
+        {"id": "after", "kind": "shell", "depends_on": ["good"],
+         "command": [PY, "-c", "import sys; print('after', sys.argv[1])", "{{good}}"]},
+    )  # fmt: skip
+    run_id = submit(home, plan)
+    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) == 2, 30)
+    waiting = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(gate) in " ".join(p.info["cmdline"] or [])
+    ]
+    info = running(home)
+    assert info is not None
+    os.kill(info.pid, signal.SIGKILL)  # the daemon dies; its tasks go on
+    wait_until(lambda: running(home) is None, 10)
+    gate.touch()  # and they end while no daemon runs
+    assert wait_until(lambda: not any(p.is_running() for p in waiting), 15)
+    r = run_cli(home, "daemon", "start")
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: status(home, run_id)["state"] != "running", 30)
+    tasks = tasks_of(home, run_id)
+    assert sorted(log.read_text().splitlines()) == ["bad", "good"]  # each ran once
+    assert (tasks["good"]["state"], tasks["good"]["attempts"]) == ("completed", 1)
+    assert tasks["after"]["state"] == "completed"
+    folder = home.root / "plans" / run_id
+    assert (folder / "after.out").read_text().split() == ["after", "done", "good"]  # its output
+    # bad ended with 3 meanwhile: failed as it ended, its output kept
+    assert (tasks["bad"]["state"], tasks["bad"]["attempts"]) == ("failed", 1)
+    assert tasks["bad"]["error"].startswith("exit code 3")
+    assert (folder / "bad.out").read_text() == "done bad\n"
+
+
 @pytest.mark.parametrize(
     ("plan_text", "message"),
     [

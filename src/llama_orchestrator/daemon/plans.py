@@ -7,7 +7,9 @@ fairly; shell tasks: one per core), persist every change in one transaction,
 then start the picked attempts. llm attempts go through `Router.complete`
 (balancing, queueing); shell attempts are argv lists in their own process
 group, killed with their tree on timeout or cancel. A run whose daemon died is
-resumed at start: leftover shell processes are killed, running tasks run again.
+resumed at start: a shell task whose process ended meanwhile is recorded as
+it ended (plans.exitfile), never run twice; what still runs is killed and
+runs again.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from llama_orchestrator.daemon.leases import Leases
 from llama_orchestrator.engine.process import ProcRef, create_time_of, stop_tree
 from llama_orchestrator.errors import UserError
 from llama_orchestrator.home import Home
-from llama_orchestrator.plans import WAITING
+from llama_orchestrator.plans import WAITING, exitfile
 from llama_orchestrator.plans import schedule as S
 from llama_orchestrator.plans.check import check_output
 from llama_orchestrator.plans.records import (
@@ -103,16 +105,39 @@ class PlanRunner:
             view = load_run(self.store, run_id)
             if view is None:
                 continue
-            for r in view.records.values():
-                if r.state == S.RUNNING and r.pid and r.create_time:
-                    stop_tree(ProcRef(r.pid, r.create_time), KILL_GRACE_S)  # a leftover
+            active = _Active(view.plan, view.records, RunFiles(self.run_dir(run_id)))
+            ended = self._ended_meanwhile(view.plan, view.records, active.files)
             moved = S.resume(view.records)
-            save(self.store, run_id, view.plan, view.records, moved)
-            files = RunFiles(self.run_dir(run_id))
+            save(self.store, run_id, view.plan, view.records, moved + ended)
+            for task_id in ended:
+                active.files.event(**self._event(active, task_id))
             for task_id in moved:
-                files.event(task=task_id, state=S.READY, note="requeued after a daemon restart")
-            self._launch(run_id, _Active(view.plan, view.records, files))
+                active.files.event(
+                    task=task_id, state=S.READY, note="requeued after a daemon restart"
+                )
+            self._launch(run_id, active)
             log.info(f"plan run {run_id} resumed ({len(moved)} task(s) requeued)")
+
+    def _ended_meanwhile(
+        self, plan: Plan, records: dict[str, S.TaskRecord], files: RunFiles
+    ) -> list[str]:
+        """The shell tasks a dead daemon left running: those whose process ended
+        while no daemon ran are recorded as ended (their exit file says how),
+        never run again; what still runs is killed, to run again. The tasks
+        whose state changed."""
+        changed: list[str] = []
+        now = self.clock()
+        for r in list(records.values()):
+            if r.state != S.RUNNING or not (r.pid and r.create_time):
+                continue
+            done = exitfile.read(files.exit_path(r.id, r.attempts))
+            stop_tree(ProcRef(r.pid, r.create_time), KILL_GRACE_S)  # a leftover, if any
+            if done is None or plan.task(r.id).host is not None:
+                continue  # unfinished: it runs again (a peer's: followed there)
+            result = _shell_result(done, files.output_path(r.id, "err"))
+            r.pid = r.create_time = None
+            changed += [r.id, *S.finish(plan, records, r.id, now, result.get("error"))]
+        return changed
 
     def submit(
         self, text: str, source: str, base_dir: str, given_vars: dict[str, str]
@@ -524,10 +549,12 @@ class PlanRunner:
             active.files.output_path(task.id),
             active.files.output_path(task.id, "err"),
         )
+        # its end is written where a daemon started after a crash finds it
+        exit_file = active.files.exit_path(task.id, active.records[task.id].attempts)
         try:
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
                 env = {**os.environ, **task.env, **(gpu_env or {})}
-                proc = platform.spawn(argv, env, cwd, out, err)
+                proc = platform.spawn(exitfile.wrap(argv, exit_file), env, cwd, out, err)
         except OSError as exc:
             return {"error": f"cannot run {argv[0]!r}: {exc.strerror or exc}"}
         ref = self._hold(run_id, active, task.id, proc.pid)
@@ -537,11 +564,7 @@ class PlanRunner:
             with contextlib.suppress(Exception):
                 await asyncio.shield(asyncio.to_thread(stop_tree, ref, KILL_GRACE_S))
             raise
-        result: dict[str, Any] = {"pid": None, "create_time": None}
-        if code != 0:
-            tail = err_path.read_text(encoding="utf-8", errors="replace").strip()[-200:]
-            result["error"] = f"exit code {code}" + (f": {tail}" if tail else "")
-        return result
+        return _shell_result(exitfile.read(exit_file) or exitfile.Ended(code), err_path)
 
     def _argv(
         self,
@@ -563,3 +586,17 @@ class PlanRunner:
         record.pid, record.create_time = ref.pid, ref.create_time
         save(self.store, run_id, active.plan, active.records, [task_id])
         return ref
+
+
+def _shell_result(ended: exitfile.Ended, err_path: Path) -> dict[str, Any]:
+    """The record fields of a shell attempt that ended so (an "error" unless 0)."""
+    result: dict[str, Any] = {"pid": None, "create_time": None}
+    if ended.error:
+        result["error"] = ended.error
+    elif ended.code != 0:
+        try:
+            tail = err_path.read_text(encoding="utf-8", errors="replace").strip()[-200:]
+        except OSError:
+            tail = ""
+        result["error"] = f"exit code {ended.code}" + (f": {tail}" if tail else "")
+    return result

@@ -221,6 +221,10 @@ class RunFiles:
     def output_path(self, task_id: str, suffix: str = "out") -> Path:
         return self.folder / f"{task_id}.{suffix}"
 
+    def exit_path(self, task_id: str, attempt: int) -> Path:
+        """Where a shell attempt's end is written (plans.exitfile)."""
+        return self.folder / f"{task_id}.{attempt}.exit"
+
     def write_output(self, task_id: str, text: str) -> None:
         # no temp file: a torn output belongs to an attempt still recorded as
         # running, which runs again after a crash and rewrites it
