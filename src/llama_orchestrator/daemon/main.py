@@ -120,12 +120,6 @@ def run_foreground(home: Home, stop_instances_on_signal: bool = False) -> None:
         lock.close()
 
 
-#: connections to the control API at once: past it, the oldest one that is not
-#: in the middle of a request gives way, so that a flood (of the same user)
-#: cannot take every descriptor and leave `up` and `down` unanswered
-CONTROL_MAX_CONNECTIONS = 256
-
-
 def _capped_protocol(cap: int) -> type:
     """uvicorn's h11 protocol with a cap on connections, as the router has."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -345,6 +339,11 @@ def _router(
 #: descriptors kept for the control socket, logs, the database and the daemon's
 #: own requests, whatever the router's clients take
 FD_RESERVE = 128
+#: connections to the control API at once, out of the reserve: past it, the
+#: oldest one that is not in the middle of a request gives way, so that a
+#: flood (of the same user) cannot take every descriptor and leave `up` and
+#: `down` unanswered
+CONTROL_MAX_CONNECTIONS = FD_RESERVE // 2
 
 
 def router_limits(settings: RouterSettings, open_files: int) -> Limits:
