@@ -161,7 +161,7 @@ def _wait_restarted(engine: Engine, name: str, old_pid: int | None) -> Any:
 NEXT_STEPS = """
 Now with your own model, in a folder of your choice:
   mkdir my-llms && cd my-llms && mkdir instances
-  llama-orch init my-model --model /path/to/model.gguf     # add --backend cuda --gpu 0 for a GPU
+  llama-orch init my-model --model /path/to/model.gguf     # a GPU: docs/gpu-builds.md
   llama-orch up my-model                                   # starts the daemon and its router
   llama-orch ps
   curl http://127.0.0.1:8080/v1/chat/completions -d '{"model": "my-model", "messages":[{"role":"user","content":"Hi"}], "max_tokens": 64}'
