@@ -81,13 +81,6 @@ class AppContext:
             from llama_orchestrator.engine.lifecycle import Engine
 
             self._engine = Engine(self.home, lenient_settings=self.read_only)
-            if self.read_only:
-                self._engine.settings  # noqa: B018 -- read now, to warn once
-                for problem in self._engine.settings_problems:
-                    say(
-                        f"warning: {problem} (left out here; up and the daemon refuse it)",
-                        to_err=True,
-                    )
         return self._engine
 
     def control(
@@ -116,6 +109,10 @@ class AppContext:
 
     def close(self) -> None:
         if self._engine is not None:
+            # said at the end: the settings are read only if the command needed
+            # them (pydantic's import is ~60 ms of a `ps` the daemon answers)
+            for problem in self._engine.settings_problems:
+                say(f"warning: {problem} (left out here; up and the daemon refuse it)", to_err=True)
             self._engine.close()
 
 
