@@ -91,6 +91,12 @@ class Home:
         """A plan run's folder: plan.json, <task>.out, <task>.err, run.jsonl."""
         return self.root / "plans" / run_id
 
+    def upstream_names(self) -> set[str]:
+        """The instance folders whose config declares an upstream (an API:
+        nothing of it runs here), read as plain JSON: `up NAME` needs no
+        config schema (pydantic's import is ~100 ms of it)."""
+        return {n for n in self.instance_names() if _declares_upstream_file(self.config_path(n))}
+
     def instance_names(self) -> list[str]:
         """Names of every instance folder that holds a config.json, sorted."""
         if not self.instances_dir.is_dir():
@@ -160,3 +166,21 @@ def daemon_lock_held(home: Home) -> bool:
         return True
     probe.close()
     return False
+
+
+def declares_upstream(text: str) -> bool:
+    """A config's text whose JSON object has `upstream` (see config.parse)."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return False  # the config's own parse says what is wrong
+    return isinstance(data, dict) and "upstream" in data
+
+
+def _declares_upstream_file(config: Path) -> bool:
+    try:
+        return declares_upstream(config.read_text(encoding="utf-8"))
+    except OSError:
+        return False

@@ -18,7 +18,6 @@ from llama_orchestrator.config.command import check_extra_args
 from llama_orchestrator.config.fit import GPU_BACKENDS, demand, on_cards, overcommits
 from llama_orchestrator.config.instance import InstanceConfig
 from llama_orchestrator.config.parse import (
-    is_upstream,
     load_config,
     load_settings,
     parse_upstream,
@@ -28,7 +27,7 @@ from llama_orchestrator.config.upstream import UpstreamConfig
 from llama_orchestrator.errors import BinaryNotFound, ConfigError, Problem, UserError
 from llama_orchestrator.gpus import builds
 from llama_orchestrator.gpus.discover import Discovery, discover
-from llama_orchestrator.home import Home
+from llama_orchestrator.home import Home, declares_upstream
 from llama_orchestrator.models.catalog import REF_PREFIX, is_ref, model_file
 from llama_orchestrator.models.gguf import ModelError, is_gguf, read_model
 from llama_orchestrator.names import alias_names, tag_model
@@ -69,7 +68,7 @@ def load_all(home: Home) -> list[Loaded]:
         text = ""
         try:
             text = path.read_text(encoding="utf-8")
-            if _declares_upstream(text):
+            if declares_upstream(text):
                 out.append(Loaded(name, path, None, [], parse_upstream(text, str(path), name)))
             else:
                 out.append(Loaded(name, path, load_config(path), []))
@@ -78,15 +77,6 @@ def load_all(home: Home) -> list[Loaded]:
         except OSError as exc:
             out.append(Loaded(name, path, None, [Problem(str(path), "", f"cannot be read: {exc}")]))
     return out
-
-
-def _declares_upstream(text: str) -> bool:
-    import json
-
-    try:
-        return is_upstream(json.loads(text))
-    except ValueError:
-        return False  # the process config's parse says what is wrong
 
 
 def upstream_configs(home: Home) -> dict[str, UpstreamConfig]:

@@ -133,7 +133,7 @@ class Engine:
     def known_names(self) -> list[str]:
         """Instances with a config, plus any the store still tracks (not the
         external upstreams: nothing of them runs here)."""
-        names = set(self.home.instance_names()) - set(self.upstreams())
+        names = set(self.home.instance_names()) - self.home.upstream_names()
         names.update(r.name for r in self.store.all())
         return sorted(names)
 
@@ -150,9 +150,11 @@ class Engine:
         for n in names:
             check_name(n)
             if n not in known:
-                if (up := self.upstreams().get(n)) is not None:
+                if n in self.home.upstream_names():
+                    up = self.upstreams().get(n)  # None: its config does not parse
+                    where = f" ({up.upstream.url})" if up is not None else ""
                     raise UserError(
-                        f"'{n}' is an external upstream ({up.upstream.url}), not a llama-server: "
+                        f"'{n}' is an external upstream{where}, not a llama-server: "
                         "there is nothing of it to start, stop, restart or read logs of.",
                         hint="`llama-orch ps` shows its state, `llama-orch usage` what it cost.",
                     )
