@@ -168,15 +168,21 @@ def daemon_lock_held(home: Home) -> bool:
     return False
 
 
+def is_upstream(data: object) -> bool:
+    """A config's JSON that declares an upstream (an API), not a llama-server.
+    Here, not in config: naming instances needs no config schema."""
+    return isinstance(data, dict) and "upstream" in data
+
+
 def declares_upstream(text: str) -> bool:
-    """A config's text whose JSON object has `upstream` (see config.parse)."""
+    """A config's text whose JSON is an upstream's (False when it is no JSON:
+    the config's own parse says what is wrong)."""
     import json
 
     try:
-        data = json.loads(text)
+        return is_upstream(json.loads(text))
     except ValueError:
-        return False  # the config's own parse says what is wrong
-    return isinstance(data, dict) and "upstream" in data
+        return False
 
 
 def _declares_upstream_file(config: Path) -> bool:

@@ -219,3 +219,13 @@ def _ancestors(p: Plan, task_id: str) -> set[str]:
         out |= frontier
         frontier = {d for f in frontier for d in p.task(f).depends_on} - out
     return out
+
+
+def test_what_a_run_can_be_asked_follows_what_retry_starts_over():
+    from llama_orchestrator.plans import RETRYABLE, run_verbs
+
+    assert set(RETRYABLE) == {S.FAILED, S.SKIPPED, S.CANCELLED}
+    assert run_verbs("running", {"running": 1, "failed": 1}) == {"cancel"}
+    assert run_verbs("failed", {"completed": 1, "failed": 1}) == {"retry"}
+    assert run_verbs("cancelled", {"cancelled": 2}) == {"retry"}
+    assert run_verbs("completed", {"completed": 3}) == frozenset()

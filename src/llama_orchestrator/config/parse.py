@@ -17,6 +17,7 @@ from llama_orchestrator.config.upstream import UpstreamConfig
 from llama_orchestrator.errors import ConfigError, Problem
 from llama_orchestrator.files import atomic_write_text
 from llama_orchestrator.gpus.backends import BACKENDS
+from llama_orchestrator.home import is_upstream
 
 __all__ = [
     "pydantic_problems",
@@ -65,11 +66,6 @@ def _parse_json(text: str, file: str) -> Any:
         raise ConfigError(
             [Problem(file, "", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")]
         ) from None
-
-
-def is_upstream(data: Any) -> bool:
-    """A config's JSON that declares an upstream, not a llama-server."""
-    return isinstance(data, dict) and "upstream" in data
 
 
 def parse_config(text: str, file: str, name: str) -> InstanceConfig:

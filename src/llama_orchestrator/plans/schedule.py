@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from llama_orchestrator.plans import RETRYABLE
 from llama_orchestrator.plans.spec import Plan, Task
 
 __all__ = [
@@ -195,7 +196,7 @@ def cancel(records: Records, now: float) -> list[str]:
 
 def retry(records: Records) -> list[str]:
     """failed, skipped and cancelled tasks start over; completed ones keep their results."""
-    again = [r.id for r in records.values() if r.state in (FAILED, SKIPPED, CANCELLED)]
+    again = [r.id for r in records.values() if r.state in RETRYABLE]
     for task_id in again:
         r = records[task_id]
         r.state, r.attempts, r.not_before, r.error = PENDING, 0, 0.0, None

@@ -22,6 +22,7 @@ from textual.css.query import NoMatches
 from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Log, Static
 
 from llama_orchestrator.engine.results import exit_text
+from llama_orchestrator.plans import run_verbs
 from llama_orchestrator.present import (
     GPU_COLUMNS,
     PLAN_RUN_COLUMNS,
@@ -401,17 +402,11 @@ class DashboardApp(App[None]):
             return True
         if self.pane != "plans":
             return False
+        if action == "task_output":
+            return True
         run = self._run_data(self.plan_run)
-        if action == "cancel_plan":
-            return run is not None and run["state"] == "running"
-        if action == "retry_plan":
-            undone = ("failed", "cancelled", "skipped")
-            return (
-                run is not None
-                and run["state"] != "running"
-                and any((run.get("counts") or {}).get(s) for s in undone)
-            )
-        return True
+        verbs = run_verbs(run["state"], run.get("counts") or {}) if run else frozenset()
+        return action.removesuffix("_plan") in verbs
 
     def action_task_output(self) -> None:
         table = self.query_one("#plan-tasks", DataTable)
