@@ -29,6 +29,7 @@ __all__ = [
     "StateError",
     "DiskFull",
     "StartFailed",
+    "NotYet",
 ]
 
 
@@ -109,3 +110,13 @@ class DiskFull(StateError):
 
 class StartFailed(OrchError):
     pass
+
+
+class NotYet(OrchError):
+    """A start that cannot happen now and will once something outside us
+    changes (a lost node back, a card free on one): not the server's fault,
+    so the daemon tries again every `retry_s` without counting a crash."""
+
+    def __init__(self, message: str, hint: str | None = None, retry_s: float = 2.0) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_s = retry_s

@@ -41,16 +41,17 @@ S = InstanceState
 RUNNING_STATES = frozenset({S.STARTING, S.HEALTHY, S.UNHEALTHY, S.STOPPING})
 
 ALLOWED: dict[InstanceState, frozenset[InstanceState]] = {
-    S.CREATED: frozenset({S.QUEUED, S.STARTING, S.STOPPED}),
+    # -> BACKOFF from a rest: a start that must wait (a cluster node lost, no room)
+    S.CREATED: frozenset({S.QUEUED, S.STARTING, S.STOPPED, S.BACKOFF}),
     S.QUEUED: frozenset({S.STARTING, S.STOPPED, S.BACKOFF, S.EXITED, S.FAILED}),
     S.STARTING: frozenset({S.HEALTHY, S.UNHEALTHY, S.EXITED, S.BACKOFF, S.FAILED, S.STOPPING}),
     S.HEALTHY: frozenset({S.UNHEALTHY, S.EXITED, S.BACKOFF, S.FAILED, S.STOPPING}),
     S.UNHEALTHY: frozenset({S.HEALTHY, S.EXITED, S.BACKOFF, S.FAILED, S.STOPPING}),
     S.BACKOFF: frozenset({S.QUEUED, S.STARTING, S.FAILED, S.STOPPED}),
     S.STOPPING: frozenset({S.STOPPED, S.EXITED}),
-    S.STOPPED: frozenset({S.QUEUED, S.STARTING}),
+    S.STOPPED: frozenset({S.QUEUED, S.STARTING, S.BACKOFF}),
     S.EXITED: frozenset({S.QUEUED, S.STARTING, S.BACKOFF, S.FAILED, S.STOPPED}),
-    S.FAILED: frozenset({S.QUEUED, S.STARTING, S.STOPPED}),
+    S.FAILED: frozenset({S.QUEUED, S.STARTING, S.STOPPED, S.BACKOFF}),
 }
 
 

@@ -205,7 +205,14 @@ class FakeEffects:
         proc.end(signal=15)
         return True
 
-    async def probe(self, cfg: InstanceConfig, deep: bool) -> ProbeResult:
+    def address(self, name: str, cfg: InstanceConfig) -> tuple[str, int, str | None]:
+        return (
+            "127.0.0.1" if cfg.server.host == "0.0.0.0" else cfg.server.host,
+            cfg.server.port,
+            None,
+        )
+
+    async def probe(self, name: str, cfg: InstanceConfig, deep: bool) -> ProbeResult:
         name = next(n for n, c in self.configs.items() if c is cfg)
         self.probes.append((self.t, name, deep))
         answer = self.health.get(name, DOWN)

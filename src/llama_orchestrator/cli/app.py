@@ -11,6 +11,7 @@ import typer
 
 from llama_orchestrator import __version__
 from llama_orchestrator.cli import (
+    cluster_cmd,
     config_cmd,
     context_cmd,
     daemon_cmd,
@@ -110,6 +111,7 @@ app.add_typer(plan_cmd.app, name="plan")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(context_cmd.app, name="context")
 app.add_typer(system_cmd.app, name="system")
+app.add_typer(cluster_cmd.app, name="cluster")
 app.command("demo")(demo_cmd.demo)
 app.command("dashboard")(dashboard_cmd.dashboard)
 app.command("usage")(usage_cmd.usage)

@@ -99,12 +99,22 @@ class AppContext:
             if info.router_error:
                 say(f"warning: no router: {info.router_error}", to_err=True)
 
-        return control(self.engine, start_daemon, started)
+        # a cluster home's servers run on its nodes, which only its daemon reaches
+        clustered = self.engine.settings.cluster is not None
+        return control(self.engine, start_daemon or clustered, started)
 
     def unsupervised(self) -> Control:
         """up/down/restart/rm done here, with no daemon (`up --no-daemon`)."""
         from llama_orchestrator.engine.unsupervised import Unsupervised
 
+        if self.engine.settings.cluster is not None:
+            from llama_orchestrator.errors import UserError
+
+            raise UserError(
+                "This home runs its instances on a Ray cluster, which only its daemon reaches, "
+                "so --no-daemon cannot start them.",
+                hint="Leave out --no-daemon.",
+            )
         return Unsupervised(self.engine)
 
     def close(self) -> None:

@@ -34,8 +34,10 @@ def ps_table(
 ) -> str:
     """The `ps` table as plain text (ANSI colours for the state when `color`);
     with a LAST USED column when any instance is on demand, and HOST first
-    when `hosts` (`ps --all-hosts`: each row's `machine`, "local" for this one)."""
+    when `hosts` (`ps --all-hosts`: each row's `machine`, "local" for this one);
+    NODE after the state in a cluster home (where each runs, or is pinned)."""
     on_demand = any(r.get("on_demand") for r in rows)
+    nodes = any(r.get("node") for r in rows)
     now = time.time() if now is None else now
     cells = []
     for r in rows:
@@ -46,6 +48,7 @@ def ps_table(
                 *([str(r.get("machine") or "local")] if hosts else []),
                 r["name"],
                 state,
+                *([str(r.get("node") or "-")] if nodes else []),
                 str(r["pid"] or "-"),
                 str(r["port"] or "-"),
                 r["alias"] or "-",
@@ -56,7 +59,14 @@ def ps_table(
                 (r["model_path"] or "-").rsplit("/", 1)[-1],
             ]
         )
-    headers = ["HOST"] * hosts + PS_COLUMNS[:-1] + ["LAST USED"] * on_demand + PS_COLUMNS[-1:]
+    headers = (
+        ["HOST"] * hosts
+        + PS_COLUMNS[:2]
+        + ["NODE"] * nodes
+        + PS_COLUMNS[2:-1]
+        + ["LAST USED"] * on_demand
+        + PS_COLUMNS[-1:]
+    )
     styles = [STATE_STYLES.get(r["state"]) for r in rows]
     return columns(headers, cells, styles, color, state_at=1 + hosts)
 

@@ -183,7 +183,7 @@ def _report_up(results: list[UpResult]) -> None:
             say(f"warning: {w}", to_err=True)
         for n in r.notes:
             say(f"{r.name}: {n}")
-        url = f"http://127.0.0.1:{r.port}"
+        url = f"http://{r.host or '127.0.0.1'}:{r.port}"
         if r.outcome == "queued":
             place = (
                 f" (load {r.load_position[0]} of {r.load_position[1]})" if r.load_position else ""
@@ -192,6 +192,8 @@ def _report_up(results: list[UpResult]) -> None:
                 f"{r.name} queued{place}: the daemon starts it once the models before it "
                 "have loaded (loads.max_concurrent)"
             )
+        elif r.outcome == "waiting":
+            say(f"{r.name} waits to start; the daemon tries again until it can")
         elif r.outcome == "already running":
             say(f"{r.name} is already running (pid {r.pid}) on {url}")
             if r.stale:

@@ -19,6 +19,7 @@ __all__ = [
     "HealthcheckSection",
     "RestartPolicySection",
     "OnDemandSection",
+    "PlacementSection",
     "InstanceConfig",
 ]
 
@@ -200,6 +201,16 @@ class OnDemandSection(Section):
     )
 
 
+class PlacementSection(Section):
+    node: str | None = Field(
+        None,
+        min_length=1,
+        description="In a cluster home: the node (its `ray start --node-name`) this instance runs "
+        "on, always; with gpu.device_id, on exactly those cards. Unset: the daemon picks a node "
+        "with room.",
+    )
+
+
 class InstanceConfig(Section):
     """One llama-server instance: `instances/<name>/config.json`."""
 
@@ -234,6 +245,9 @@ class InstanceConfig(Section):
     )
     on_demand: OnDemandSection | None = Field(
         None, description="Started by the router on first request and stopped when idle."
+    )
+    placement: PlacementSection | None = Field(
+        None, description="Where it runs in a cluster home (`cluster` in llama-orch.json)."
     )
 
     @field_validator("name")

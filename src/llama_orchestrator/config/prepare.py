@@ -52,11 +52,13 @@ def prepare(
     find_gpus: Callable[[], Discovery],
     strict: bool = False,
     leased: frozenset[int] = frozenset(),
+    cluster: bool = False,
 ) -> list[Prepared]:
     """Check the named instances and build their launches; raise ConfigError
     listing every problem. VRAM is summed over `running` plus `names`: over a
     card's total it is a warning, an error with `strict`. `device_id: auto`
-    never picks a `leased` card (a plan's script task holds it)."""
+    never picks a `leased` card (a plan's script task holds it). `cluster`:
+    no look at this machine's cards or cores (a cluster's nodes run them)."""
     loaded = {x.name: x for x in load_all(home)}
     problems: list[Problem] = []
     prepared: list[Prepared] = []
@@ -74,7 +76,11 @@ def prepare(
         warnings = [str(p) for p in found]
         notes: list[str] = []
         folder = item.path.parent
-        cfg, devices = _resolve_auto(item.config, folder, find_gpus, notes, leased)
+        cfg, devices = (
+            (item.config, item.config.gpu.devices)
+            if cluster
+            else _resolve_auto(item.config, folder, find_gpus, notes, leased)
+        )
         binary = find_llama_server(cfg.binary, home.root, folder)
         launch = build_launch(
             cfg, name, binary, model_file(cfg.model.path, folder), base_env, home.root
@@ -82,6 +88,8 @@ def prepare(
         prepared.append(Prepared(name, item.config, item.path, launch, warnings, devices, notes))
     if problems:
         raise ConfigError(problems)
+    if cluster:
+        return prepared
     together = sorted((running | set(names)) & set(loaded))
     vram = vram_problems([loaded[n] for n in together], find_gpus, strict)
     vram += cpu_thread_problems([loaded[n] for n in together], os.cpu_count() or 1)

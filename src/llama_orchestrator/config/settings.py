@@ -17,6 +17,7 @@ __all__ = [
     "LoadSettings",
     "ModelSettings",
     "PeerSettings",
+    "ClusterSettings",
     "Settings",
 ]
 
@@ -182,6 +183,41 @@ class PeerSettings(Section):
         return v
 
 
+class ClusterSettings(Section):
+    """A Ray cluster that runs this home's instances (the `ray` extra; docs/scaling.md)."""
+
+    address: str = Field(
+        description='The cluster\'s head, as `ray start` printed it ("10.0.0.1:6379"), or "auto" '
+        "(the cluster this machine is a node of). Its token comes from Ray's own places "
+        "($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), never from llama-orch's files."
+    )
+    namespace: str | None = Field(
+        None,
+        pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$",
+        description="The Ray namespace of this home's instances; default llama-orch-<folder name>. "
+        "Two homes on one cluster need different ones.",
+    )
+    node_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds a node may leave the daemon's calls unanswered before it is taken for "
+        "lost: its unpinned instances start again elsewhere, the pinned ones wait for it.",
+    )
+    call_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a start or a stop on a node may take before it is given up.",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _valid_address(cls, v: str) -> str:
+        host, _, port = v.rpartition(":")
+        if v != "auto" and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+            raise ValueError('use the head\'s HOST:PORT ("10.0.0.1:6379") or "auto"')
+        return v
+
+
 class Settings(Section):
     """Global settings: `<home>/llama-orch.json` (all optional)."""
 
@@ -199,6 +235,11 @@ class Settings(Section):
         default_factory=list,
         description="Other machines' routers: their models are served here too, each request "
         "to the least busy replica wherever it runs.",
+    )
+    cluster: ClusterSettings | None = Field(
+        None,
+        description="Run this home's instances on a Ray cluster's nodes instead of this machine "
+        "(pip install 'llama-orch[ray]'; docs/scaling.md).",
     )
 
     @field_validator("peers")

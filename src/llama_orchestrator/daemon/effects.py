@@ -73,8 +73,12 @@ class Effects(Protocol):
         """Stop the process tree (graceful, then killed after `grace`); True
         when the graceful stop was enough. Returns once none of it lives."""
 
-    async def probe(self, cfg: InstanceConfig, deep: bool) -> health.ProbeResult:
-        """One health check (`deep`: the 1-token completion)."""
+    async def probe(self, name: str, cfg: InstanceConfig, deep: bool) -> health.ProbeResult:
+        """One health check of instance `name` (`deep`: the 1-token completion)."""
+
+    def address(self, name: str, cfg: InstanceConfig) -> tuple[str, int, str | None]:
+        """Where the router reaches the server of `name`: host, port, and the
+        cluster node it runs on (None: this machine)."""
 
     async def load_progress(self, name: str, ref: ProcRef) -> LoadProgress:
         """How the model load of process `ref` goes, from its logs and the process."""
@@ -171,6 +175,12 @@ class LiveEffects:
             eng.store.on_event = self.on_event
         return eng
 
+    async def connect(self) -> None:
+        """Join what runs the servers, when it is not this machine (`ClusterEffects`)."""
+
+    async def close(self) -> None:
+        """Leave it again."""
+
     def now(self) -> float:
         return self.clock()
 
@@ -238,7 +248,10 @@ class LiveEffects:
     async def stop(self, ref: ProcRef, grace: float) -> bool:
         return await asyncio.to_thread(stop_tree, ref, grace)
 
-    async def probe(self, cfg: InstanceConfig, deep: bool) -> health.ProbeResult:
+    def address(self, name: str, cfg: InstanceConfig) -> tuple[str, int, str | None]:
+        return health.probe_host(cfg.server.host), cfg.server.port, None
+
+    async def probe(self, name: str, cfg: InstanceConfig, deep: bool) -> health.ProbeResult:
         s = cfg.server
         if deep:
             return await health.aprobe(

@@ -183,7 +183,14 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
 
     settings = load_settings(home.settings_path)
     pool = Pool()  # the one HTTP client: forwarding, probes, upstream checks, peers
-    effects = LiveEffects(home, pool, on_event=on_event)
+    effects: LiveEffects
+    if settings.cluster is not None:  # the instances run on a Ray cluster's nodes
+        from llama_orchestrator.daemon.cluster import ClusterEffects
+
+        effects = ClusterEffects(home, pool, settings.cluster, on_event=on_event)
+    else:
+        effects = LiveEffects(home, pool, on_event=on_event)
+    await effects.connect()  # a cluster it cannot join: the daemon says why and exits
     store = effects.engine().store  # the loop thread's connection
     parts = Parts.build(
         home, settings, effects, pool, store, lambda fn: effects.in_thread(lambda e: fn(e.store))
@@ -273,6 +280,7 @@ async def _serve(home: Home, stop_instances_on_signal: bool) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await router_task
         await parts.close()
+        await effects.close()
         if transport == "unix":
             with contextlib.suppress(FileNotFoundError):
                 home.daemon_socket.unlink()
@@ -398,7 +406,11 @@ def start_background(home: Home, timeout: float = START_TIMEOUT) -> Started:
         info = wait_running(home, timeout)
         if info is not None:
             return Started(info, False)
-    load_settings(home.settings_path)  # a broken llama-orch.json: say so here, exit 2
+    settings = load_settings(home.settings_path)  # a broken llama-orch.json: say so here, exit 2
+    if settings.cluster is not None:  # a cluster it cannot join: said here, nothing started
+        from llama_orchestrator.cluster.rayclient import preflight
+
+        preflight(settings.cluster)
     private_dir(home.logs_dir)
     out_path = home.logs_dir / "daemon.out"
     argv = [

@@ -50,7 +50,7 @@ from llama_orchestrator.engine.policy import Ending, RestartBook, after_exit
 from llama_orchestrator.engine.process import ProcRef
 from llama_orchestrator.engine.results import UpResult, ended, running_rm_refused
 from llama_orchestrator.engine.step import Watch, step
-from llama_orchestrator.errors import DiskFull, OrchError
+from llama_orchestrator.errors import DiskFull, NotYet, OrchError
 from llama_orchestrator.router.balance import Replica
 from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.states import InstanceState as S
@@ -114,6 +114,7 @@ class InstanceRunner:
         # a stop for failing its checks failed: the next failed check tries again
         self._stop_owed = False
         self._room_wait = False  # a start waits for room on a full disk
+        self._waiting: str | None = None  # why a start waits (`NotYet`), as last said
         #: a start waiting for a load slot: (fresh, eager), as its Start said
         self._queued: tuple[bool, bool] | None = None
         #: "probe", "exit", "restart", "stop", "load"
@@ -264,14 +265,16 @@ class InstanceRunner:
         cfg = self._cfg
         replica = None
         if self.healthy and not self._draining and cfg is not None:
+            host, port, node = self._fx.address(self.name, cfg)
             replica = Replica(
                 name=self.name,
                 alias=cfg.alias_or(self.name),
                 tags=tuple(cfg.tags),
-                host=health.probe_host(cfg.server.host),
-                port=cfg.server.port,
+                host=host,
+                port=port,
                 slots=cfg.server.parallel,
                 api_key=cfg.server.api_key,
+                node=node,
             )
         self._d.board.publish(self.name, replica)
 
@@ -319,7 +322,7 @@ class InstanceRunner:
                 pause = hc.interval
             await self._fx.sleep(pause)
             try:
-                result = await self._fx.probe(cfg, False)
+                result = await self._fx.probe(self.name, cfg, False)
                 if (
                     result.ok
                     and self.state == S.HEALTHY  # a deep check of a server healthy before
@@ -327,7 +330,7 @@ class InstanceRunner:
                     and self._fx.now() - last_deep >= hc.deep_interval
                 ):
                     last_deep = self._fx.now()
-                    result = await self._fx.probe(cfg, True)
+                    result = await self._fx.probe(self.name, cfg, True)
                 if result.status == health.LOCAL:  # counted by nobody, but said
                     log.warning(f"{self.name}: {result.error}; no verdict on the server")
                 if self._d.on_health is not None:
@@ -390,11 +393,17 @@ class InstanceRunner:
         is given back unless a load of ours began."""
         try:
             result = await self._fx.spawn(p, fresh)
+        except NotYet as exc:  # not now, and not the server's fault: tried again later
+            if holding:
+                self._d.loads.leave(self.name)
+            self._not_yet(exc)
+            return UpResult(self.name, "waiting", None, p.config.server.port, notes=[exc.message])
         except BaseException:
             if holding:
                 self._d.loads.leave(self.name)
             raise
         self._room_wait = False
+        self._waiting = None
         self._took(result, p, eager)
         if holding and (self._ref is None or result.outcome != "started"):
             self._d.loads.leave(self.name)
@@ -481,6 +490,22 @@ class InstanceRunner:
             self._d.loads.leave(self.name)  # (a prepare that failed held it too)
             self._d.store.add_event(self.name, "start_failed", str(exc))
             self._decide(self._row(), Ending())
+
+    def _not_yet(self, exc: NotYet) -> None:
+        """A start that cannot happen now (`NotYet`): `backoff`, saying why,
+        and tried again every `retry_s` with its restart count unchanged;
+        the event is written when the reason changes."""
+        at = self._fx.now() + exc.retry_s
+        said, self._waiting = self._waiting == exc.message, exc.message
+        self._set(
+            self._row(),
+            S.BACKOFF,
+            exc.message,
+            None if said else {"waiting": exc.message, "restart_at": at},
+            desired=Desired.RUNNING,
+            next_restart_at=at,
+        )
+        self._schedule(at)
 
     def _wait_for_room(self, exc: DiskFull) -> None:
         """A start the full disk refused: tried again every DISK_RETRY_S (its

@@ -125,7 +125,10 @@ class Engine:
 
     def owns(self, row: InstanceRow) -> bool:
         """May this engine record what it sees of `row`? Not while a daemon
-        supervises it (unless this engine is that daemon's)."""
+        supervises it (unless this engine is that daemon's); never when its
+        process runs on a cluster node (only the daemon sees those)."""
+        if row.node is not None:
+            return False
         return self.is_supervisor or not (row.supervised and self.daemon_alive())
 
     # --- names and configs ----------------------------------------------------
@@ -184,10 +187,17 @@ class Engine:
         lazy = {x.name for x in load_all(self.home) if x.config is not None and x.config.on_demand}
         return [t for t in targets if t not in lazy], sorted(lazy)
 
-    def prepare(self, names: list[str], strict: bool = False) -> list[Prepared]:
+    def prepare(
+        self, names: list[str], strict: bool = False, cluster: bool = False
+    ) -> list[Prepared]:
         """Validate the named instances fully and build their launches (see
-        engine.prepare); VRAM is checked against what runs now plus these."""
+        engine.prepare); VRAM is checked against what runs now plus these.
+        `cluster`: they run on a cluster's nodes, whose cards Ray's ledger
+        counts; nothing of this machine's is looked at."""
         from llama_orchestrator.config.prepare import prepare
+
+        if cluster:
+            return prepare(self.home, names, set(), {}, self.find_gpus, strict, cluster=True)
 
         running = {
             r.name for r in self.store.all() if r.state in RUNNING_STATES and is_alive(self.ref(r))

@@ -39,7 +39,9 @@ Progress = Callable[[str, str, float, str], None]
 @dataclass
 class UpResult:
     name: str
-    outcome: str  # "started" | "already running" | "queued" (waiting for its turn to load)
+    #: "started" | "already running" | "queued" (waiting for its turn to load) |
+    #: "waiting" (a start that cannot happen now: a cluster's node lost, no room; `notes` say why)
+    outcome: str
     pid: int | None
     port: int
     healthy: bool = False
@@ -50,6 +52,8 @@ class UpResult:
     notes: list[str] = field(default_factory=list)
     #: queued: [k, n], load k of the n loading or waiting (`loads.max_concurrent`)
     load_position: list[int] | None = None
+    #: where it listens when not on this machine (a cluster node's address)
+    host: str | None = None
 
 
 def exit_text(info: dict[str, Any]) -> str:

@@ -79,6 +79,8 @@ class InstanceStatus(TypedDict):
     load_progress: int | None
     #: an external upstream: its URL, and why it does not answer (None for ours)
     upstream: dict[str, Any] | None
+    #: a cluster home's node: where it runs, else where it is pinned (None: this machine)
+    node: str | None
 
 
 class Description(InstanceStatus, total=False):
@@ -194,6 +196,10 @@ def status_view(
         "load_position": None,
         "load_progress": load_percent,
         "upstream": None,
+        # a cluster home: the node it runs on, else the one it is pinned to
+        "node": row.node
+        if running and row.node
+        else (cfg.placement.node if cfg is not None and cfg.placement else None),
     }
 
 
@@ -230,6 +236,7 @@ def upstream_view(name: str, cfg: UpstreamConfig, state: str = "unchecked") -> I
         "load_position": None,
         "load_progress": None,
         "upstream": {"url": cfg.upstream.url, "error": None, "checked_at": None},
+        "node": None,
     }
 
 

@@ -67,8 +67,13 @@ def wait_healthy(
                 if on_progress:
                     on_progress(name, "queued", elapsed, "waiting for its turn to load")
                 continue
+            if row.state == S.BACKOFF and res.pid is None and res.outcome == "waiting":
+                if on_progress:  # a start that waits for something (a cluster's node, room)
+                    on_progress(name, "waiting", elapsed, "waiting to start")
+                continue
             if res.pid is None and row.state in RUNNING_STATES:  # its turn came
                 res.pid, res.outcome = row.pid, "started"
+                res.host = row.host if row.node else None
             if row.state not in RUNNING_STATES or row.pid != res.pid:
                 res.error = _death_message(engine, name, row)
                 del pending[name]

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -31,8 +32,17 @@ _SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 104 (macOS) or 108 (Linux) bytes
 
 
 def spawn(
-    argv: list[str], env: dict[str, str], cwd: Path, stdout: BinaryIO, stderr: BinaryIO
+    argv: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    stdout: BinaryIO,
+    stderr: BinaryIO,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
+    """`die_with_parent`: the child is killed when the thread that spawned it
+    ends (Linux's PR_SET_PDEATHSIG), as a cluster node's server must be when
+    Ray kills the actor that runs it; spawn from a thread that lives as long
+    as its process does."""
     # A new session detaches the child from our terminal (no SIGINT/SIGHUP
     # from it) and makes it a group leader, so a stop reaches its whole tree.
     return subprocess.Popen(
@@ -44,7 +54,15 @@ def spawn(
         cwd=cwd,
         start_new_session=True,
         close_fds=True,
+        preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
     )
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _group_of(pid: int) -> int | None:
@@ -84,7 +102,6 @@ def raise_open_files_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard one (as nginx's
     worker_rlimit_nofile does); the soft limit now."""
     import resource
-    import sys
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)

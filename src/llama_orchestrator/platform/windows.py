@@ -50,7 +50,12 @@ SW_HIDE = 0
 
 
 def spawn(
-    argv: list[str], env: dict[str, str], cwd: Path, stdout: BinaryIO, stderr: BinaryIO
+    argv: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    stdout: BinaryIO,
+    stderr: BinaryIO,
+    die_with_parent: bool = False,  # Ray runs no multi-node cluster on Windows
 ) -> subprocess.Popen[bytes]:
     info = subprocess.STARTUPINFO()  # type: ignore[attr-defined]
     info.dwFlags |= STARTF_USESHOWWINDOW

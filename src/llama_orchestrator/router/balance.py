@@ -44,6 +44,8 @@ class Replica:
     tls: bool = False  # https
     #: another machine's router serving it (`router.peers`); None: this machine
     peer: str | None = None
+    #: the cluster node it runs on (a cluster home); None: this machine
+    node: str | None = None
 
 
 def matches(model: str, r: Replica) -> bool:
@@ -103,10 +105,10 @@ def model_names(replicas: Iterable[Replica]) -> list[str]:
 
 def hosts_of(alias: str, replicas: Iterable[Replica]) -> list[str]:
     """Where `alias` runs: "local" (this machine), "upstream" (an external
-    API), and the peers' names."""
+    API), the peers' names and the cluster nodes' names."""
     return sorted(
         {
-            r.peer or ("upstream" if r.remote is not None else "local")
+            r.peer or r.node or ("upstream" if r.remote is not None else "local")
             for r in replicas
             if alias in alias_names(r.alias)
         }

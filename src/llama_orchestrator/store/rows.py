@@ -35,6 +35,8 @@ class InstanceRow:
     streak: int = 0  # restarts since the instance last stayed up reset_after seconds
     last_used_at: float | None = None  # an on-demand instance's last request (the daemon writes it)
     config_digest: str | None = None  # InstanceConfig.digest() of the config it was started with
+    #: the cluster node its process runs on (None: this machine)
+    node: str | None = None
 
     @classmethod
     def from_sql(cls, r: sqlite3.Row) -> InstanceRow:

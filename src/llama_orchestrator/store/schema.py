@@ -125,5 +125,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE plan_tasks ADD COLUMN tier TEXT;
     ALTER TABLE plan_tasks ADD COLUMN cost REAL;
     """,
+    # 9 -> 10: the cluster node an instance's process runs on (a cluster home;
+    # NULL: this machine), whose pid is not this machine's to look at
+    """
+    ALTER TABLE instances ADD COLUMN node TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
