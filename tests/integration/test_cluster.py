@@ -165,6 +165,22 @@ def test_a_killed_server_is_restarted_on_its_node(rig):
     assert len(rig.servers("pin2")) == 1
 
 
+def test_a_killed_daemon_is_replaced_and_takes_over_every_node_server(rig):
+    before = {n: s["pid"] for n, s in rig.ps().items()}
+    daemon = json.loads((rig.home.root / "state" / "daemon.json").read_text())["pid"]
+    os.kill(daemon, signal.SIGKILL)
+    wait_until(lambda: not psutil.pid_exists(daemon) or psutil.Process(daemon).status() == "zombie")
+    r = rig.cli("daemon", "start")
+    assert r.returncode == 0, r.stderr
+    after = wait_until(
+        lambda: (s := rig.ps()) and all(x["state"] == "healthy" for x in s.values()) and s,
+        timeout=30,
+    )
+    assert {n: s["pid"] for n, s in after.items()} == before  # adopted, not started again
+    assert all(len(rig.servers(n)) == 1 for n in before)
+    assert "adopted" in rig.cli("events", "free").stdout
+
+
 def test_a_cut_node_moves_its_unpinned_instance_and_its_pinned_one_waits(rig):
     (old_free,) = rig.servers("free")
     rig.cluster.cut("n1")
@@ -214,6 +230,36 @@ def test_down_stops_every_server_on_every_node_and_frees_the_cards(rig):
     for node in status["nodes"]:
         for card in node["cards"]:
             assert card["free_mib"] == card["total_mib"], node
+
+
+def test_a_script_task_runs_on_a_node_with_free_cards_and_holds_them(rig, tmp_path):
+    # after the last test: nothing runs; pin2 takes part of n2's card 0 again
+    r = rig.cli("up", "pin2")
+    assert r.returncode == 0, r.stderr
+    show = "import os, socket; print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ.get('RAY_AUTH_TOKEN'))"
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps(
+            {"tasks": [{"id": "train", "kind": "script", "gpus": 2, "timeout": 120,
+                        "command": [sys.executable, "-c", show]}]}
+        )
+    )  # fmt: skip
+    r = rig.cli("plan", "run", str(plan), "--wait")
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_id = r.stdout.split()[0]
+    (task,) = json.loads(rig.cli("plan", "status", run_id, "--json").stdout)["tasks"]
+    # n2 has one wholly free card: only n1 has two
+    assert (task["state"], task["instance"]) == ("completed", "n1:gpu0,1")
+    (out_file,) = (rig.home.root / "plans" / run_id).rglob("train.out")
+    out = out_file.read_text()
+    assert out.split() == ["0,1", "None"]  # its cards, and not the cluster's token
+    # a task no node can ever hold is refused at once, naming it
+    plan.write_text(
+        json.dumps({"tasks": [{"id": "huge", "kind": "script", "gpus": 3, "command": ["true"]}]})
+    )
+    r = rig.cli("plan", "run", str(plan))
+    assert r.returncode == 2 and "no node of the cluster has 3 card(s)" in r.stderr
+    rig.cli("down", "pin2")
 
 
 def test_a_pin_to_a_node_the_cluster_lacks_is_refused_and_nothing_starts(rig, tiny_model):

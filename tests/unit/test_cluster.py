@@ -302,3 +302,16 @@ def test_cluster_render_kuberay_writes_yaml_of_the_homes_instances(tmp_path, tin
     assert [g["groupName"] for g in ray_cluster["spec"]["workerGroupSpecs"]] == ["vulkan"]
     r = run_cli(home, "cluster", "render", "helm")
     assert r.returncode == 2 and "kuberay" in r.stderr
+
+
+def test_a_script_task_takes_wholly_free_cards_on_one_node_or_waits():
+    from llama_orchestrator.cluster.placement import place_script
+
+    nodes = [node("a", 6144, 2000), node("b", 6144, 6144)]
+    where = place_script("t", 2, None, nodes, ())
+    assert (where.node.name, where.devices) == ("b", (0, 1))
+    assert where.resources[card_resource(0)] == 6144.0  # all of it: nothing beside it
+    assert place_script("t", 1, 1500, [node("a", 3000), node("b", 6144)], ()).node.name == "b"
+    assert place_script("t", (1,), 1500, nodes, {"b"}).devices == (1,)  # a's card 1 has room
+    with pytest.raises(NotYet, match="free card"):
+        place_script("t", 2, None, nodes, (), taken={("b", 1)})

@@ -148,7 +148,9 @@ def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
     row.gpu_devices = [0, 3]
     store.save(row)
     assert store.get("a").gpu_devices == [0, 3]
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
+    assert (
+        sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
+    )
 
 
 def test_last_used_is_written_only_by_mark_used(tmp_path):

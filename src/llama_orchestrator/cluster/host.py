@@ -33,7 +33,7 @@ from llama_orchestrator import platform
 from llama_orchestrator.engine import logs
 from llama_orchestrator.engine.process import ProcRef, create_time_of, find, stop_tree
 
-__all__ = ["InstanceHost", "node_dir", "FENCE_INTERVAL"]
+__all__ = ["InstanceHost", "ScriptHost", "node_dir", "FENCE_INTERVAL"]
 
 FENCE_INTERVAL = 1.0
 #: the logs kept on a node, as `logs` in llama-orch.json keeps them on one box
@@ -135,7 +135,8 @@ class InstanceHost:
         ref = self._ref
         alive = ref is not None and find(ref) is not None
         self._rotate()
-        return {"pid": ref.pid if ref else None, "alive": alive, "ip": self.ip}
+        sizes = {st: _size(logs.log_file(self.dir, st)) for st in logs.STREAMS}
+        return {"pid": ref.pid if ref else None, "alive": alive, "ip": self.ip, "sizes": sizes}
 
     def logs(self, stream: str, tail: int) -> list[str]:
         return logs.tail_lines(logs.log_file(self.dir, stream), tail)
@@ -227,3 +228,48 @@ def _create_time(pid: int) -> float:
         return create_time_of(pid)
     except Exception:  # already gone: a time that matches nothing
         return 0.0
+
+
+class ScriptHost:
+    """The actor that runs one attempt of a plan's script task on its node,
+    holding its cards in Ray's ledger while it runs. Killing the actor (a
+    cancel, a timeout) ends the command's whole process group with it."""
+
+    def __init__(self) -> None:
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="spawner")
+
+    def run(
+        self, argv: list[str], env: dict[str, str], cwd: str, limit: int = 8 << 20
+    ) -> dict[str, Any]:
+        """Run the command to its end: its exit code (or signal) and the
+        first `limit` bytes of its stdout and stderr."""
+        import tempfile
+
+        full = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        full.update(env)
+        folder = Path(cwd) if Path(cwd).is_dir() else Path(tempfile.gettempdir())
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+
+            def spawn() -> Any:
+                return platform.spawn(argv, full, folder, out, err, die_with_parent=True)
+
+            try:
+                proc = self._spawner.submit(spawn).result()
+            except OSError as exc:
+                return {"error": f"cannot run {argv[0]!r} on this node: {exc.strerror or exc}"}
+            code = proc.wait()
+            out.seek(0)
+            err.seek(0)
+            return {
+                "code": None if code < 0 else code,
+                "signal": -code if code < 0 else None,
+                "out": out.read(limit),
+                "err": err.read(limit),
+                "ip": _node_ip(),
+            }
+
+
+def _node_ip() -> str:
+    import ray
+
+    return str(ray.util.get_node_ip_address())

@@ -38,6 +38,7 @@ __all__ = [
     "nodes_of",
     "place",
     "check_pin",
+    "place_script",
     "node_resources",
 ]
 
@@ -251,6 +252,44 @@ def place(
         )
     _, node, devices = min(ranked, key=lambda r: r[0])
     return Placement(node, devices, _ask(devices, need.mib))
+
+
+def place_script(
+    name: str,
+    want: int | tuple[int, ...],
+    vram_mib: int | None,
+    nodes: list[Node],
+    lost: Iterable[str],
+    taken: Iterable[tuple[str, int]] = (),
+) -> Placement:
+    """The node and cards for a plan's script task: `want` cards (a count,
+    or these indices), each wholly free (a lease: no instance beside it),
+    or with `vram_mib` free when the task says what it needs. `taken`:
+    (node, card) pairs other tasks hold already. Raises NotYet (none now)."""
+    lost, taken = set(lost), set(taken)
+    ranked = []
+    for node in nodes:
+        if not (node.ours and node.alive) or node.name in lost:
+            continue
+        fit = [
+            c
+            for c in node.cards
+            if (node.name, c.index) not in taken
+            and (c.free_mib >= vram_mib if vram_mib else c.free_mib == c.total_mib)
+            and (not isinstance(want, tuple) or c.index in want)
+        ]
+        count = len(want) if isinstance(want, tuple) else want
+        if len(fit) >= count:
+            cards = sorted(fit, key=lambda c: (-c.free_mib, c.index))[:count]
+            ranked.append(((-sum(c.free_mib for c in cards), node.name), node, cards))
+    if not ranked:
+        what = "free card(s)" if not vram_mib else f"card(s) with {vram_mib} MiB free"
+        raise NotYet(f"no node has the {what} that task '{name}' asks for now")
+    _, node, cards = min(ranked, key=lambda r: r[0])
+    asks = {MARKER: _MARK_SHARE}
+    for c in cards:
+        asks[card_resource(c.index)] = float(vram_mib or c.total_mib)
+    return Placement(node, tuple(sorted(c.index for c in cards)), asks)
 
 
 def _cards(need: Need) -> str:

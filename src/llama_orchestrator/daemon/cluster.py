@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_orchestrator.cluster.placement import Need, Node, need_of, place
+from llama_orchestrator.cluster.placement import Need, Node, Placement, need_of, place
 from llama_orchestrator.cluster.rayclient import Cluster
 from llama_orchestrator.config.command import build_launch
 from llama_orchestrator.config.fit import GPU_BACKENDS
@@ -41,7 +41,7 @@ from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.logs import LoadProgress
 from llama_orchestrator.engine.process import ProcRef
 from llama_orchestrator.engine.results import UpResult, started
-from llama_orchestrator.errors import OrchError, StartFailed
+from llama_orchestrator.errors import NotYet, OrchError, StartFailed
 from llama_orchestrator.files import private_dir
 from llama_orchestrator.gpus.discover import GpuInfo
 from llama_orchestrator.home import Home
@@ -51,7 +51,7 @@ from llama_orchestrator.states import RUNNING_STATES, Desired
 from llama_orchestrator.store.rows import InstanceRow
 from llama_orchestrator.wire.pool import Pool
 
-__all__ = ["ClusterEffects", "Running"]
+__all__ = ["ClusterEffects", "ClusterScripts", "Running"]
 
 log = logging.getLogger("llama_orchestrator.daemon")
 
@@ -71,6 +71,7 @@ class Running:
     ref: ProcRef | None = None
     exit: dict[str, Any] | None = None  # how it ended, once it has
     live: bool = False  # its exit watch has not returned
+    released: bool = False  # its actor was let go: a start makes a new one
     #: how far the home's copy of each of its node's logs goes (None: not yet started)
     offsets: dict[str, int] | None = None
 
@@ -99,12 +100,17 @@ class ClusterEffects(LiveEffects):
         self.seen: dict[str, _NodeSeen] = {}
         self._placing = asyncio.Lock()  # one placement at a time: the ledger stays true
         self._pinger: asyncio.Task[None] | None = None
+        #: the cluster's nodes as last looked at (each second)
+        self.nodes_now: list[Node] = []
+        #: where the plans' script tasks run (the plan runner takes it)
+        self.scripts = ClusterScripts(self)
 
     # --- the daemon's start and end ---------------------------------------------------
 
     async def connect(self) -> None:
         """Join the cluster and take over the servers a daemon before us started."""
         await asyncio.to_thread(self.cluster.connect)
+        self.nodes_now = await asyncio.to_thread(self.cluster.nodes)
         rows = {r.name: r for r in await self.in_thread(lambda e: e.store.all())}
         for name in await asyncio.to_thread(self.cluster.ours):
             actor = await asyncio.to_thread(self.cluster.actor, name)
@@ -130,6 +136,8 @@ class ClusterEffects(LiveEffects):
                 tuple(row.gpu_devices or ()),
                 ProcRef.of(row.pid, row.create_time),
                 live=bool(pong["alive"]),
+                # its logs are copied on from here (what it wrote meanwhile is on its node)
+                offsets=dict(pong["sizes"]),
             )
             self.seen.setdefault(row.node, _NodeSeen(self.now()))
         self._pinger = asyncio.create_task(self._ping_loop(), name="cluster-nodes")
@@ -235,8 +243,8 @@ class ClusterEffects(LiveEffects):
         r = self.running.get(name)
         if r is not None and r.live and r.ref is not None:
             return UpResult(name, "already running", r.ref.pid, s.port, host=r.ip)
-        if r is not None and (r.need != need or r.node in self.lost()):
-            self._let_go(name)  # placed for another config, or on a lost node
+        if r is not None and (r.released or r.need != need or r.node in self.lost()):
+            self._let_go(name)  # let go already, placed for another config, or on a lost node
             r = None
         if r is None:
             nodes = await asyncio.to_thread(self.cluster.nodes)
@@ -373,6 +381,7 @@ class ClusterEffects(LiveEffects):
         must stop choosing its replicas within seconds. And copy the logs."""
         timeout = self.settings.node_timeout
         nodes: list[Node] = await asyncio.to_thread(self.cluster.nodes)
+        self.nodes_now = nodes
         ours = [n for n in nodes if n.ours]
 
         async def reach(n: Node) -> None:
@@ -449,8 +458,8 @@ class ClusterEffects(LiveEffects):
         if r is None:
             return
         self.cluster.kill(r.actor)
-        if keep_exit:
-            r.live = False
+        if keep_exit:  # its end is still to be read (exit_info)
+            r.live, r.released = False, True
         else:
             self.running.pop(name, None)
 
@@ -463,6 +472,77 @@ class ClusterEffects(LiveEffects):
             "stderr_tail": [],
             "lost": f"{where} was lost or its actor ended",
         }
+
+
+class ClusterScripts:
+    """A cluster home's plan script tasks: each attempt runs on a node with
+    the cards it asks for (`placement.place_script`), in an actor holding
+    them in Ray's ledger; its output comes back to the run's folder."""
+
+    def __init__(self, fx: ClusterEffects) -> None:
+        self.fx = fx
+        #: (node, card) held by a script task picked and not yet ended
+        self.taken: dict[str, set[tuple[str, int]]] = {}
+
+    def never(self, task: Any) -> str | None:
+        """Why `task` can never run on this cluster (no node with that many cards)."""
+        want = task.gpus if task.gpus is not None else 1
+        ids = tuple(want) if isinstance(want, (list, tuple)) else None
+        count = len(ids) if ids is not None else want
+        for n in self.fx.nodes_now:
+            if n.ours and len(n.cards) >= count and all(n.card(i) for i in ids or ()):
+                return None
+        return f"no node of the cluster has {'GPU ' + ','.join(map(str, ids)) if ids else f'{count} card(s)'}"
+
+    def reserve(self, run_id: str, task: Any) -> Placement | str:
+        """The node and cards for `task` now, or why it waits."""
+        from llama_orchestrator.cluster.placement import place_script
+
+        want = task.gpus if task.gpus is not None else 1
+        taken = set().union(*self.taken.values()) if self.taken else set()
+        try:
+            where = place_script(
+                task.id,
+                tuple(want) if isinstance(want, (list, tuple)) else want,
+                task.vram_mib,
+                self.fx.nodes_now,
+                self.fx.lost(),
+                taken,
+            )
+        except NotYet as exc:
+            return exc.message
+        self.taken[f"{run_id}/{task.id}"] = {(where.node.name, d) for d in where.devices}
+        return where
+
+    async def run(
+        self, key: str, where: Placement, argv: list[str], env: dict[str, str], cwd: str
+    ) -> dict[str, Any]:
+        """One attempt on its node: {code, signal, out, err} or {error}."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from llama_orchestrator.cluster.host import ScriptHost
+        from llama_orchestrator.gpus.leases import lease_env
+
+        cluster = self.fx.cluster
+        actor = (
+            cluster.ray.remote(ScriptHost)
+            .options(
+                num_cpus=0,
+                resources=where.resources,
+                max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(where.node.id, soft=False),
+            )
+            .remote()
+        )
+        try:
+            return await _call(actor.run, argv, {**env, **lease_env(where.devices)}, cwd)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return {"error": f"node {where.node.name} did not run it: {_reason(exc)}"}
+        finally:  # cancelled, timed out or done: its command and its cards go
+            cluster.kill(actor)
+            self.taken.pop(key, None)
 
 
 async def _answers(host: str, port: int, timeout: float) -> bool:

@@ -138,6 +138,8 @@ class Parts:
             lambda: board.names() if peers.all_seen() else None,
             leases=leases,
             hosts=HostTasks(settings.peers),
+            # a cluster home's script tasks run on its nodes (`ClusterEffects.scripts`)
+            cluster=getattr(effects, "scripts", None),
         )
         return cls(
             home,

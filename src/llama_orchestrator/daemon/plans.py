@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llama_orchestrator import platform
 from llama_orchestrator.daemon.hosttasks import SLOTS as HOST_SLOTS
@@ -52,6 +52,9 @@ from llama_orchestrator.store.database import Store
 from llama_orchestrator.store.rows import Lease
 from llama_orchestrator.upstreams import redact
 
+if TYPE_CHECKING:
+    from llama_orchestrator.daemon.cluster import ClusterScripts
+
 __all__ = ["PlanRunner"]
 
 log = logging.getLogger("llama_orchestrator.daemon")
@@ -72,6 +75,8 @@ class _Active:
     timed_out: set[str] = field(default_factory=set)
     #: the GPU leases of script tasks picked this turn, handed to their attempts
     leases: dict[str, list[Lease]] = field(default_factory=dict)
+    #: in a cluster home: the node and cards of the script tasks picked this turn
+    placed: dict[str, Any] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     driver: asyncio.Task[None] | None = None
 
@@ -86,6 +91,7 @@ class PlanRunner:
         clock: Callable[[], float] = time.time,
         leases: Leases | None = None,
         hosts: HostTasks | None = None,
+        cluster: ClusterScripts | None = None,
     ) -> None:
         self.home = home
         self.store = store
@@ -93,6 +99,8 @@ class PlanRunner:
         self.known_models = known_models
         self.clock = clock
         self.leases = leases
+        #: a cluster home's script tasks run on its nodes, not under this machine's leases
+        self.cluster = cluster
         self.hosts = hosts or HostTasks([])
         self.shell_slots = os.cpu_count() or 2
         self.active: dict[str, _Active] = {}
@@ -170,16 +178,18 @@ class PlanRunner:
         """Script tasks that ask for cards this machine does not have would wait
         forever (their own timeout counts only once they run): refused, as an
         instance pinned to an absent card is."""
-        if self.leases is None:
+        placer = self.cluster or self.leases
+        if placer is None:
             return
         problems = [
             f"task '{t.id}': {why}"
             for t in plan.tasks
-            if t.kind == "script" and t.host is None and (why := self.leases.never(t))
+            if t.kind == "script" and t.host is None and (why := placer.never(t))
         ]
         if problems:
+            where = "this cluster" if self.cluster else "this machine"
             raise UserError(
-                f"The plan asks for GPUs this machine does not have: {'; '.join(problems)}.",
+                f"The plan asks for GPUs {where} does not have: {'; '.join(problems)}.",
                 hint='Ask for cards it has (`llama-orch gpus` lists them), or "host" a machine '
                 "that has them.",
             )
@@ -328,15 +338,14 @@ class PlanRunner:
         for task in S.due(active.plan, records, now):
             if task.kind != "script" or task.host is not None:  # a peer leases its own
                 continue
-            if self.leases is not None and (why := self.leases.never(task)):
+            placer = self.cluster or self.leases
+            if placer is not None and (why := placer.never(task)):
                 # the machine changed since `plan run` checked (a card gone)
                 error = f"no GPU here can run it: {why}"
                 changed += [task.id, *S.finish(active.plan, records, task.id, now, error, True)]
                 continue
-            got = (
-                self.leases.reserve(run_id, task)
-                if self.leases is not None
-                else "this daemon leases no GPUs"
+            got: Any = (
+                placer.reserve(run_id, task) if placer is not None else "this daemon leases no GPUs"
             )
             if isinstance(got, str):
                 why = f"{WAITING}a GPU: {got}"
@@ -344,7 +353,10 @@ class PlanRunner:
                     records[task.id].error = why
                     changed.append(task.id)
                 continue
-            active.leases[task.id] = got
+            if self.cluster is not None:
+                active.placed[task.id] = got
+            else:
+                active.leases[task.id] = got
             picked.append(task.id)
         return picked, changed
 
@@ -427,6 +439,8 @@ class PlanRunner:
             )
         if task.kind != "script":
             return await self._shell(run_id, active, task, outputs, read_file)
+        if self.cluster is not None:
+            return await self._on_node(run_id, active, task, outputs, read_file)
         leases = active.leases.pop(task.id)  # reserved when it was picked
         assert self.leases is not None  # no leases, no script task is picked
         why = "the task was cancelled or timed out"
@@ -565,6 +579,33 @@ class PlanRunner:
                 await asyncio.shield(asyncio.to_thread(stop_tree, ref, KILL_GRACE_S))
             raise
         return _shell_result(exitfile.read(exit_file) or exitfile.Ended(code), err_path)
+
+    async def _on_node(
+        self,
+        run_id: str,
+        active: _Active,
+        task: Task,
+        outputs: dict[str, str],
+        read_file: Callable[[str], str],
+    ) -> dict[str, Any]:
+        """A cluster home's script task: run on the node and cards it was
+        given (`ClusterScripts`), its output written here."""
+        assert self.cluster is not None
+        where = active.placed.pop(task.id)
+        argv = self._argv(active, task, outputs, read_file)
+        cwd = str(Path(active.plan.base_dir) / (task.cwd or "."))
+        got = await self.cluster.run(f"{run_id}/{task.id}", where, argv, dict(task.env), cwd)
+        out_path = active.files.output_path(task.id)
+        err_path = active.files.output_path(task.id, "err")
+        out_path.write_bytes(got.get("out", b""))
+        err_path.write_bytes(got.get("err", b""))
+        result: dict[str, Any] = {
+            "instance": f"{where.node.name}:gpu{','.join(map(str, where.devices))}"
+        }
+        if got.get("error"):
+            return {**result, "error": got["error"]}
+        ended = exitfile.Ended(got["code"] if got["code"] is not None else -got["signal"])
+        return {**result, **_shell_result(ended, err_path)}
 
     def _argv(
         self,
