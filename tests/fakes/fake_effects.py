@@ -263,6 +263,9 @@ class FakeEffects:
             raise ModelError(f"{path} is not a model the test made")
         return self.models[path.name]
 
+    async def copy_logs(self, names: list[str]) -> None:
+        return None
+
     async def mark_used(self, used: dict[str, float]) -> None:
         await asyncio.sleep(0)  # the real one writes in a thread: the loop turns meanwhile
         self.store.mark_used(used)

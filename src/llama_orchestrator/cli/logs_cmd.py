@@ -41,6 +41,12 @@ def logs(
     if stream not in ("stdout", "stderr", "both"):
         raise UserError(f"--stream {stream!r} is not known.", hint="Use stdout, stderr or both.")
     start = parse_since(since, time.time()) if since else None
+    row = app.engine.store.get(name)
+    if row is not None and row.node is not None:  # its server runs on a cluster node
+        from llama_orchestrator.daemon.client import copy_logs
+        from llama_orchestrator.daemon.info import running
+
+        copy_logs(running(app.home), name)
     streams = logfiles.STREAMS if stream == "both" else (stream,)
     log_dir = app.home.log_dir(name)
     paths = {s: logfiles.log_file(log_dir, s) for s in streams}

@@ -141,19 +141,22 @@ class InstanceHost:
     def logs(self, stream: str, tail: int) -> list[str]:
         return logs.tail_lines(logs.log_file(self.dir, stream), tail)
 
-    def read(self, stream: str, offset: int, limit: int = 1 << 20) -> tuple[int, bytes]:
-        """Bytes of a log from `offset` on (a rotation starts it again at 0)."""
-        path = logs.log_file(self.dir, stream)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return 0, b""
-        if offset > size:
-            offset = 0
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(limit)
-        return offset + len(data), data
+    def read(self, offsets: dict[str, int], limit: int = 4 << 20) -> dict[str, tuple[int, bytes]]:
+        """What each log gained past its offset: (the new offset, the bytes);
+        a rotated log is read again from its start."""
+        out = {}
+        for stream, offset in offsets.items():
+            path = logs.log_file(self.dir, stream)
+            size = _size(path)
+            if offset > size:
+                offset = 0
+            data = b""
+            if size > offset:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(limit)
+            out[stream] = (offset + len(data), data)
+        return out
 
     # --- inside -------------------------------------------------------------------
 

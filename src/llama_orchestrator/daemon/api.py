@@ -33,6 +33,7 @@ from llama_orchestrator.daemon.protocol import (
     DownReply,
     DownRequest,
     ErrorCode,
+    LogsRequest,
     PlanReply,
     PlanRequest,
     RestartRequest,
@@ -164,6 +165,12 @@ def build_app(
     @app.post("/v1/restart")
     async def restart(body: RestartRequest) -> dict[str, Any]:
         return asdict(UpReply(await sup.restart(names(body.names), body.rolling)))
+
+    @app.post("/v1/logs")
+    async def copy_logs(body: LogsRequest) -> dict[str, Any]:
+        """A cluster home's `logs`: the nodes' logs copied here first."""
+        await sup.effects.copy_logs(names(body.names))
+        return {"copied": body.names}
 
     @app.post("/v1/rm")
     async def rm(body: RmRequest) -> dict[str, Any]:

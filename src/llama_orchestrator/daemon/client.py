@@ -9,6 +9,7 @@ keeps httpx's import (~170 ms) out of every `up`. What is said is typed in
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 from dataclasses import asdict, is_dataclass
@@ -38,7 +39,7 @@ from llama_orchestrator.engine.results import Progress, UpResult
 from llama_orchestrator.engine.wait import finish_up
 from llama_orchestrator.errors import OrchError
 
-__all__ = ["DaemonClient", "Supervised", "error_from_json", "error_to_json"]
+__all__ = ["DaemonClient", "Supervised", "error_from_json", "error_to_json", "copy_logs"]
 
 #: the Host header our client sends; the API accepts only loopback names and this
 HOST = "llama-orch"
@@ -178,3 +179,15 @@ class Supervised:
 
     def retry_plan(self, run_id: str) -> RetryReply:
         return RetryReply(**self.client.call("POST", f"/v1/plans/{run_id}/retry"))
+
+
+def copy_logs(info: DaemonInfo | None, name: str, timeout: float = 15.0) -> None:
+    """Have the daemon copy a cluster node's logs of `name` into the home
+    before they are read; a daemon that does not answer leaves the copy as
+    it is (`logs` reads what is there)."""
+    from llama_orchestrator.daemon.protocol import LogsRequest
+
+    if info is None:
+        return
+    with contextlib.suppress(OrchError):
+        DaemonClient(info, timeout=timeout).call("POST", "/v1/logs", LogsRequest([name]))

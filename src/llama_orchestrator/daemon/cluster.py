@@ -40,7 +40,7 @@ from llama_orchestrator.engine import health, logs
 from llama_orchestrator.engine.lifecycle import Engine
 from llama_orchestrator.engine.logs import LoadProgress
 from llama_orchestrator.engine.process import ProcRef
-from llama_orchestrator.engine.results import UpResult, started
+from llama_orchestrator.engine.results import UpResult, ended, started
 from llama_orchestrator.errors import NotYet, OrchError, StartFailed
 from llama_orchestrator.files import private_dir
 from llama_orchestrator.gpus.discover import GpuInfo
@@ -57,6 +57,8 @@ log = logging.getLogger("llama_orchestrator.daemon")
 
 #: how often every llama-orch node is checked for whether it answers
 PING_INTERVAL = 1.0
+#: how often the nodes' server logs are copied into the home (and at each exit)
+LOG_COPY_INTERVAL = 3.0
 
 
 @dataclass
@@ -72,6 +74,8 @@ class Running:
     exit: dict[str, Any] | None = None  # how it ended, once it has
     live: bool = False  # its exit watch has not returned
     released: bool = False  # its actor was let go: a start makes a new one
+    #: set when its node is lost: its exit watch ends (the server counts as gone)
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
     #: how far the home's copy of each of its node's logs goes (None: not yet started)
     offsets: dict[str, int] | None = None
 
@@ -100,6 +104,7 @@ class ClusterEffects(LiveEffects):
         self.seen: dict[str, _NodeSeen] = {}
         self._placing = asyncio.Lock()  # one placement at a time: the ledger stays true
         self._pinger: asyncio.Task[None] | None = None
+        self._copied = float("-inf")  # when the logs were last copied
         #: the cluster's nodes as last looked at (each second)
         self.nodes_now: list[Node] = []
         #: where the plans' script tasks run (the plan runner takes it)
@@ -177,8 +182,6 @@ class ClusterEffects(LiveEffects):
                         and row.pid is not None
                         and (r is None or r.ref is None or r.ref.pid != row.pid)
                     ):
-                        from llama_orchestrator.engine.results import ended
-
                         info = self._lost_exit(row.node)
                         new, message, changes = ended(row, info)
                         row = e.store.set_state(row, new, message, info, **changes)
@@ -333,13 +336,20 @@ class ClusterEffects(LiveEffects):
         r = self.running.get(name) if name else None
         if name is None or r is None or not r.live:
             return
+        ended = asyncio.ensure_future(_call(r.actor.wait_exit, ref.pid))
+        gone = asyncio.ensure_future(r.gone.wait())
         try:
-            r.exit = await _call(r.actor.wait_exit, ref.pid)
-            await self._copy_logs(name, r)  # its last words, before its end is recorded
+            await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if ended.done():
+                r.exit = ended.result()
+                await self._copy_logs(name, r)  # its last words, before its end is recorded
         except Exception:  # the actor is gone (let go, or its node died)
+            pass
+        finally:
+            ended.cancel()
+            gone.cancel()
             if r.exit is None:
                 r.exit = self._lost_exit(r.node)
-        finally:
             if r.ref == ref:
                 r.live = False
 
@@ -360,6 +370,13 @@ class ClusterEffects(LiveEffects):
                 r.ip, s.port, cfg.healthcheck.timeout, self.pool.fetch, True, s.api_key
             )
         return await health.aprobe(r.ip, s.port, cfg.healthcheck.timeout, self.pool.fetch)
+
+    async def copy_logs(self, names: list[str]) -> None:
+        for name in names:
+            r = self.running.get(name)
+            if r is not None and not r.released and r.node not in self.lost():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._copy_logs(name, r), self.settings.call_timeout)
 
     async def forget(self, name: str) -> None:
         self._let_go(name)
@@ -406,12 +423,15 @@ class ClusterEffects(LiveEffects):
                         f"node {n.name} ({n.ip}) has not answered for {now - seen.last_ok:.0f}s; "
                         "its unpinned instances start elsewhere, the pinned ones wait for it",
                     )
+                    self._lose(n.name)
                 else:
                     self._event(None, "node_back", f"node {n.name} ({n.ip}) answers again")
-        away = self.lost()
-        await asyncio.gather(
-            *(copy(name, r) for name, r in list(self.running.items()) if r.node not in away)
-        )
+        if now - self._copied >= LOG_COPY_INTERVAL:
+            self._copied = now
+            away = self.lost()
+            await asyncio.gather(
+                *(copy(name, r) for name, r in list(self.running.items()) if r.node not in away)
+            )
 
     async def _ask(self, r: Running, method: Any, *args: Any, timeout: float = 0.0) -> Any:
         """An actor's answer, given up after `timeout` + `cluster.call_timeout`
@@ -426,24 +446,23 @@ class ClusterEffects(LiveEffects):
         return call.result()
 
     async def _copy_logs(self, name: str, r: Running) -> None:
-        """Append what the node's logs of `name` gained to the home's copy."""
-        if r.offsets is None:
-            return
+        """Append what the node's logs of `name` gained to the home's copy
+        (one call to its actor for both streams; big logs in a few)."""
         log_dir = self.home.log_dir(name)
-        for stream in logs.STREAMS:
-            while True:
-                offset, data = await _call(r.actor.read, stream, r.offsets[stream])
-                if not data:
-                    r.offsets[stream] = offset
-                    break
+        while r.offsets is not None:
+            got = await _call(r.actor.read, dict(r.offsets))
+            if not any(data for _, data in got.values()):
+                return
 
-                def append(data: bytes = data, stream: str = stream) -> None:
-                    private_dir(log_dir)
-                    with open(logs.log_file(log_dir, stream), "ab") as f:
-                        f.write(data)
+            def append(got: dict[str, tuple[int, bytes]] = got) -> None:
+                private_dir(log_dir)
+                for stream, (_, data) in got.items():
+                    if data:
+                        with open(logs.log_file(log_dir, stream), "ab") as f:
+                            f.write(data)
 
-                await asyncio.to_thread(append)
-                r.offsets[stream] = offset
+            await asyncio.to_thread(append)
+            r.offsets = {stream: offset for stream, (offset, _) in got.items()}
 
     def _event(self, instance: str | None, kind: str, message: str) -> None:
         self.engine().store.add_event(instance, kind, message)
@@ -452,6 +471,17 @@ class ClusterEffects(LiveEffects):
 
     def _name_of(self, ref: ProcRef) -> str | None:
         return next((n for n, r in self.running.items() if r.ref == ref), None)
+
+    def _lose(self, node: str) -> None:
+        """A lost node's servers count as ended: their actors let go (Ray's
+        ledger frees their cards; each actor's fence stops its server if the
+        node comes back) and their exit watches end, so that the restart
+        policy starts the unpinned ones elsewhere at once."""
+        for name, r in list(self.running.items()):
+            if r.node == node and not r.released:
+                r.exit = self._lost_exit(node)
+                self._let_go(name, keep_exit=True)
+                r.gone.set()
 
     def _let_go(self, name: str, keep_exit: bool = False) -> None:
         r = self.running.get(name)
@@ -464,13 +494,13 @@ class ClusterEffects(LiveEffects):
             self.running.pop(name, None)
 
     def _lost_exit(self, node: str | None) -> dict[str, Any]:
-        where = f"node {node}" if node else "its node"
+        """How a server ended that went with its node (or its actor)."""
         return {
             "code": None,
             "signal": None,
             "at": self.now(),
             "stderr_tail": [],
-            "lost": f"{where} was lost or its actor ended",
+            "lost": node or "?",
         }
 
 

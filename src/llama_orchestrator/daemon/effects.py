@@ -124,6 +124,10 @@ class Effects(Protocol):
     async def mark_used(self, used: dict[str, float]) -> None:
         """Record when on-demand instances last served a request."""
 
+    async def copy_logs(self, names: list[str]) -> None:
+        """Bring the named instances' logs up to date in the home (a cluster
+        node's are copied; this machine's are there already)."""
+
 
 async def changed_within(fx: Effects, event: asyncio.Event, seconds: float) -> bool:
     """Wait until `event` is set, at most `seconds` of the effects' clock;
@@ -174,6 +178,9 @@ class LiveEffects:
             )
             eng.store.on_event = self.on_event
         return eng
+
+    async def copy_logs(self, names: list[str]) -> None:
+        return None  # this machine's servers write into the home themselves
 
     async def connect(self) -> None:
         """Join what runs the servers, when it is not this machine (`ClusterEffects`)."""

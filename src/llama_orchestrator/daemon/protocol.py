@@ -192,6 +192,17 @@ class RestartRequest:
 
 
 @dataclass
+class LogsRequest:
+    """Copy these instances' logs from their cluster nodes into the home now."""
+
+    __pydantic_config__ = _STRICT
+    names: list[str]
+
+    def __post_init__(self) -> None:
+        _names(self.names)
+
+
+@dataclass
 class RmRequest:
     __pydantic_config__ = _STRICT
     name: str

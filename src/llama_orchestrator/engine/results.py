@@ -58,6 +58,8 @@ class UpResult:
 
 def exit_text(info: dict[str, Any]) -> str:
     """How a process ended, from a `last_exit` record, for people."""
+    if info.get("lost"):  # a cluster node's server, its node lost (daemon.cluster)
+        return f"was lost with its node {info['lost']}"
     if info.get("signal"):
         return f"was killed by signal {info['signal']} ({platform.signal_name(info['signal'])})"
     if info.get("code") is not None:
