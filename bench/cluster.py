@@ -11,7 +11,7 @@ tiny model.
 3. a node's link cut: seconds until the router no longer lists it for the
    model (it stops choosing it), and until the model's unpinned instance is
    healthy on another node, next to that instance's own start time;
-4. the head's daemon with N nodes x M instances, checked every second,
+4. the head's daemon with N nodes x M instances (health checks every 10 s, the default),
    next to a daemon with none, over the same window: CPU % of one core and
    RSS (the peers' figure is in bench/peers.py).
 
@@ -56,16 +56,21 @@ def pct(xs: list[float], q: int) -> float:
     return statistics.quantiles(xs, n=100)[q - 1]
 
 
-def write(home: Path, name: str, model: Path, port: int, alias: str, **more: object) -> None:
+def write(
+    home: Path, name: str, model: Path, port: int, alias: str, fast: bool = True, **more: object
+) -> None:
+    """An instance of the tiny model; `fast`: checked every second (else
+    the defaults, every 10 s, as an operator runs them)."""
     folder = home / "instances" / name
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {
+    cfg: dict[str, object] = {
         "model": {"path": str(model), "context_size": 256, "threads": 1, "alias": alias},
         "server": {"port": port, "parallel": 1},
-        "healthcheck": {"interval": 1, "timeout": 1, "retries": 2, "start_period": 60},
-        "restart_policy": {"backoff_initial": 0.2},
         **more,
     }
+    if fast:
+        cfg["healthcheck"] = {"interval": 1, "timeout": 1, "retries": 2, "start_period": 60}
+        cfg["restart_policy"] = {"backoff_initial": 0.2}
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
@@ -110,8 +115,8 @@ def main() -> None:
         tmp = Path(t)
         model = write_tiny_model(tmp / "tiny.gguf")
         cluster = RayCluster(tmp / "ray")
-        home, idle = tmp / "home", tmp / "idle"
-        for h in (home, idle):
+        home, idle, bare, local = tmp / "home", tmp / "idle", tmp / "bare", tmp / "local"
+        for h in (home, idle, bare, local):
             (h / "instances").mkdir(parents=True)
         router = free_port()
         (home / "llama-orch.json").write_text(
@@ -123,6 +128,12 @@ def main() -> None:
             )
         )
         (idle / "llama-orch.json").write_text(json.dumps({"router": {"port": free_port()}}))
+        # the same instances on this machine: what supervising them costs anyway
+        (local / "llama-orch.json").write_text(json.dumps({"router": {"port": free_port()}}))
+        # a cluster home with no instances: what joining Ray costs the daemon
+        (bare / "llama-orch.json").write_text(
+            json.dumps({"cluster": {"address": cluster.address}, "router": {"port": free_port()}})
+        )
         try:
             # 1. forming the cluster
             starts = {}
@@ -175,6 +186,21 @@ def main() -> None:
                     moved = time.perf_counter() - cut_at
                 time.sleep(0.05)
             cluster.restore(victim)
+            timeline = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "llama_orchestrator",
+                    "--home",
+                    str(home),
+                    "events",
+                    "--since",
+                    "2m",
+                ],
+                env=cluster.env,
+                capture_output=True,
+                text=True,
+            ).stdout.splitlines()[-8:]
             run(cluster, home, "down", "--all")
 
             # 4. the head's daemon with nodes x instances
@@ -186,27 +212,29 @@ def main() -> None:
                         model,
                         30000 + n * 100 + i,
                         "tiny",
+                        fast=False,
                         placement={"node": name},
                     )
             run(cluster, home, "up", "--all", "--timeout", "600")
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "llama_orchestrator",
-                    "--home",
-                    str(idle),
-                    "daemon",
-                    "start",
-                ],
-                check=True,
-            )
+            for i in range(args.nodes * args.instances):
+                write(local, f"l{i}", model, free_port(), "tiny", fast=False)
+            run(cluster, local, "up", "--all", "--timeout", "600")
+            for h in (idle, bare):
+                run(cluster, h, "daemon", "start")
             time.sleep(3)
-            daemon = psutil.Process(json.loads((home / "state" / "daemon.json").read_text())["pid"])
-            idle_daemon = psutil.Process(
-                json.loads((idle / "state" / "daemon.json").read_text())["pid"]
+
+            def daemon_of(h: Path) -> psutil.Process:
+                return psutil.Process(json.loads((h / "state" / "daemon.json").read_text())["pid"])
+
+            results = measure(
+                {
+                    f"{args.nodes * args.instances} on nodes": daemon_of(home),
+                    f"{args.nodes * args.instances} local": daemon_of(local),
+                    "cluster, none": daemon_of(bare),
+                    "local, none": daemon_of(idle),
+                },
+                args.seconds,
             )
-            results = measure({"cluster home": daemon, "empty home": idle_daemon}, args.seconds)
         finally:
             subprocess.run(
                 [sys.executable, "-m", "llama_orchestrator", "--home", str(home), "down", "--all"],
@@ -214,7 +242,13 @@ def main() -> None:
                 capture_output=True,
                 timeout=600,
             )
-            for h in (home, idle):
+            for h in (local,):
+                subprocess.run(
+                    [sys.executable, "-m", "llama_orchestrator", "--home", str(h), "down", "--all"],
+                    capture_output=True,
+                    timeout=600,
+                )
+            for h in (home, idle, bare, local):
                 subprocess.run(
                     [
                         sys.executable,
@@ -259,15 +293,21 @@ def main() -> None:
             f"   the unpinned instance healthy on another node after {moved:.2f} s (its own "
             f"start: {mover_start:.2f} s); target <= {limit:.2f} s: {'OK' if moved <= limit else 'MISSED'}"
         )
+    print("   the events meanwhile:")
+    for line in timeline:
+        print(f"     {line}")
     print(
         f"4. the head's daemon, {args.nodes} nodes x {args.instances} instances, {args.seconds:g} s window"
     )
-    print(f"   {'daemon':<14}{'peak RSS':>10}{'CPU':>8}")
+    print(f"   {'daemon':<16}{'peak RSS':>10}{'CPU':>8}")
     for name, (r, c) in results.items():
-        print(f"   {name:<14}{r:>8.1f}MB{c:>7.2f}%")
-    (rss1, cpu1), (rss0, cpu0) = results["cluster home"], results["empty home"]
+        print(f"   {name:<16}{r:>8.1f}MB{c:>7.2f}%")
+    (rss3, cpu3), (rss2, cpu2), (rss1, cpu1), (rss0, cpu0) = results.values()
+    n = args.nodes * args.instances
     print(
-        f"   the cluster costs {cpu1 - cpu0:+.2f} % of a core and {rss1 - rss0:+.1f} MB over an empty home"
+        f"   joining Ray costs the daemon {cpu1 - cpu0:+.2f} % of a core and {rss1 - rss0:+.1f} MB; "
+        f"supervising {n} instances on nodes {cpu3 - cpu1:+.2f} % more, the same {n} on this "
+        f"machine {cpu2 - cpu0:+.2f} % (the peers' look: 0.17 %, bench/peers.py)"
     )
     print(f"   (first start of `solo` on n1, daemon and actor included: {took_start:.2f} s)")
 

@@ -57,8 +57,12 @@ log = logging.getLogger("llama_orchestrator.daemon")
 
 #: how often every llama-orch node is checked for whether it answers
 PING_INTERVAL = 1.0
-#: how often the nodes' server logs are copied into the home (and at each exit)
-LOG_COPY_INTERVAL = 3.0
+#: how often the nodes' server logs are copied into the home (also at each
+#: exit, and when `logs` asks)
+LOG_COPY_INTERVAL = 5.0
+#: how often Ray's list of nodes is read again (a node's reachability is
+#: looked at every PING_INTERVAL; Ray itself calls a node dead after a minute)
+NODES_INTERVAL = 5.0
 
 
 @dataclass
@@ -85,6 +89,7 @@ class _NodeSeen:
     last_ok: float
     lost: bool = False
     since: float = field(default_factory=time.time)
+    misses: int = 0  # looks in a row that found it not answering
 
 
 class ClusterEffects(LiveEffects):
@@ -105,6 +110,7 @@ class ClusterEffects(LiveEffects):
         self._placing = asyncio.Lock()  # one placement at a time: the ledger stays true
         self._pinger: asyncio.Task[None] | None = None
         self._copied = float("-inf")  # when the logs were last copied
+        self._listed = float("-inf")  # when Ray's nodes were last read
         #: the cluster's nodes as last looked at (each second)
         self.nodes_now: list[Node] = []
         #: where the plans' script tasks run (the plan runner takes it)
@@ -386,7 +392,7 @@ class ClusterEffects(LiveEffects):
 
     async def _ping_loop(self) -> None:
         while True:
-            await asyncio.sleep(PING_INTERVAL)
+            await asyncio.sleep(min(PING_INTERVAL, self.settings.node_timeout / 2))
             try:
                 await self._ping_all()
             except Exception:  # a fault of ours must not end the watch
@@ -397,13 +403,18 @@ class ClusterEffects(LiveEffects):
         Ray itself takes a minute to call a cut-off node dead; the router
         must stop choosing its replicas within seconds. And copy the logs."""
         timeout = self.settings.node_timeout
-        nodes: list[Node] = await asyncio.to_thread(self.cluster.nodes)
-        self.nodes_now = nodes
-        ours = [n for n in nodes if n.ours]
+        if self.now() - self._listed >= NODES_INTERVAL:
+            self._listed = self.now()
+            self.nodes_now = await asyncio.to_thread(self.cluster.nodes)
+        ours = [n for n in self.nodes_now if n.ours]
 
         async def reach(n: Node) -> None:
-            if n.alive and await _answers(n.ip, n.port, min(1.0, timeout)):
-                self.seen.setdefault(n.name, _NodeSeen(self.now())).last_ok = self.now()
+            seen = self.seen.setdefault(n.name, _NodeSeen(self.now()))
+            if n.alive and await _answers(n.ip, n.port, min(1.0, timeout / 2)):
+                seen.last_ok, seen.misses = self.now(), 0
+            else:
+                seen.misses += 1
+                self._listed = float("-inf")  # Ray's list read again: it may have rejoined
 
         async def copy(name: str, r: Running) -> None:
             with contextlib.suppress(Exception):
@@ -413,7 +424,8 @@ class ClusterEffects(LiveEffects):
         now = self.now()
         for n in ours:
             seen = self.seen.setdefault(n.name, _NodeSeen(now))
-            lost = not n.alive or now - seen.last_ok > timeout
+            # lost: Ray says so, or it missed two looks in a row and `timeout` passed
+            lost = not n.alive or (seen.misses >= 2 and now - seen.last_ok > timeout)
             if lost != seen.lost:
                 seen.lost, seen.since = lost, now
                 if lost:

@@ -123,7 +123,9 @@ def probe(engine: Engine, name: str) -> health.ProbeResult:
     loaded = {x.name: x for x in load_all(engine.home)}
     cfg = loaded[name].config if name in loaded else None
     host, port = listening(row, cfg)
-    if port is None or not is_alive(engine.ref(row)):
+    # a cluster node's server is not this machine's process: its row says whether it runs
+    runs = row.state in RUNNING_STATES if row.node else is_alive(engine.ref(row))
+    if port is None or not runs:
         return health.ProbeResult(health.DOWN, None, 0.0, f"instance is {row.state}")
     timeout = cfg.healthcheck.timeout if cfg else 5.0
     return health.probe(host, port, timeout, engine.get)

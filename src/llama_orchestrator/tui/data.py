@@ -212,11 +212,8 @@ class EngineSource:
         ]
         self._unreached = seen.unreached
 
-    def _live(self, status: InstanceStatus) -> InstanceView:
-        view = InstanceView(status)
-        pid = status.get("pid")
-        if not pid:
-            return view
+    def _usage(self, view: InstanceView, pid: int) -> None:
+        """CPU and memory of this machine's process `pid`."""
         proc = self._procs.get(pid)
         try:
             if proc is None:
@@ -227,6 +224,14 @@ class EngineSource:
             view.rss_mib = proc.memory_info().rss / (1024 * 1024)
         except psutil.Error:
             self._procs.pop(pid, None)
+
+    def _live(self, status: InstanceStatus) -> InstanceView:
+        view = InstanceView(status)
+        pid = status.get("pid")
+        if not pid:
+            return view
+        if not status.get("node"):  # a cluster node's pid is not one of this machine's
+            self._usage(view, pid)
         port = status["port"]
         if status["state"] == "healthy" and port:
             try:
