@@ -134,6 +134,16 @@ def test_instances_are_placed_on_nodes_with_room_and_pinned_to_their_cards(rig):
         "free",
         "pin1",
     ]
+    # and `gpus --all-nodes`, card by card
+    r = rig.cli("gpus", "--all-nodes", "--json")
+    assert r.returncode == 0, r.stderr
+    held = {
+        (c["node"], c["index"]): (c["memory_free_mib"], c["instances"])
+        for c in json.loads(r.stdout)
+    }
+    assert held[("n1", 0)] == (6144 - MIB_FREE, ["free"])
+    assert held[("n1", 1)] == (6144 - MIB_PIN, ["pin1"])
+    assert held[("n2", 1)] == (6144, [])
     # a node's server logs read as a local one's
     logs = rig.cli("logs", "free", "--tail", "200")
     node_ip, port = rig.cluster.nodes["n1"].addr, seen["free"]["port"]

@@ -7,14 +7,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from llama_orchestrator.cli.context import app_context, out, print_json, say
 from llama_orchestrator.errors import OrchError, UserError
 
-__all__ = ["app"]
+__all__ = ["app", "cluster_settings"]
 
 app = typer.Typer(
     help="Run this home's instances on a Ray cluster (pip install 'llama-orch[ray]').",
@@ -113,26 +113,27 @@ def start(
         raise OrchError(f"`ray start` failed (exit {code}); its output above says why.")
 
 
-@app.command()
-def status(
-    ctx: typer.Context, json_: bool = typer.Option(False, "--json", help="JSON output.")
-) -> None:
-    """The cluster's nodes, their cards and free VRAM, and what runs where."""
-    from llama_orchestrator.cluster.rayclient import Cluster
-
-    app = app_context(ctx)
+def cluster_settings(app: Any) -> Any:
+    """The home's `cluster` settings; UserError when it has none."""
     settings = app.engine.settings.cluster
     if settings is None:
         raise UserError(
             "This home runs its instances on this machine (no `cluster` in llama-orch.json).",
             hint='Add {"cluster": {"address": "HEAD:6379"}} to llama-orch.json (docs/scaling.md).',
         )
-    cluster = Cluster(settings, app.home.root)
-    cluster.connect()
-    try:
-        nodes = cluster.nodes()
-    finally:
-        cluster.close()
+    return settings
+
+
+@app.command()
+def status(
+    ctx: typer.Context, json_: bool = typer.Option(False, "--json", help="JSON output.")
+) -> None:
+    """The cluster's nodes, their cards and free VRAM, and what runs where."""
+    from llama_orchestrator.cluster.rayclient import look
+
+    app = app_context(ctx)
+    settings = cluster_settings(app)
+    namespace, nodes = look(settings, app.home.root)
     where: dict[str, list[str]] = {}
     for row in app.engine.rows():
         if row.node is not None and row.state.value in ("starting", "healthy", "unhealthy"):
@@ -141,7 +142,7 @@ def status(
         print_json(
             {
                 "address": settings.address,
-                "namespace": cluster.namespace,
+                "namespace": namespace,
                 "nodes": [{**n.to_json(), "instances": where.get(n.name, [])} for n in nodes],
             }
         )
@@ -156,7 +157,7 @@ def status(
         state = ("up" if n.alive else "dead") + ("" if n.ours else " (no llama-orch)")
         table.add_row(n.name, n.ip, state, cards, ", ".join(where.get(n.name, [])) or "-")
     out.print(table)
-    out.print(f"[dim](Ray namespace {cluster.namespace} at {settings.address})[/]")
+    out.print(f"[dim](Ray namespace {namespace} at {settings.address})[/]")
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from llama_orchestrator.cli.context import app_context, err, out, print_json, say
@@ -17,10 +19,17 @@ __all__ = ["register"]
 
 
 def gpus(
-    ctx: typer.Context, json_: bool = typer.Option(False, "--json", help="JSON output.")
+    ctx: typer.Context,
+    json_: bool = typer.Option(False, "--json", help="JSON output."),
+    all_nodes: bool = typer.Option(
+        False, "--all-nodes", help="A cluster home: every node's cards, from Ray's ledger."
+    ),
 ) -> None:
     """GPUs with VRAM, utilisation, temperature, power and the instances pinned to each."""
     app = app_context(ctx)
+    if all_nodes:
+        _all_nodes(app, json_)
+        return
     from llama_orchestrator.engine import views
 
     busy = app.control().activity().in_flight
@@ -63,6 +72,44 @@ def gpus(
             say(f"llama-server {build_label(build.to_json())}{used}")
     for w in warnings:
         err.print(f"warning: {w}", markup=False)
+
+
+def _all_nodes(app: Any, json_: bool) -> None:
+    """`gpus --all-nodes`: each card of each node, its free MiB and what runs on it."""
+    from llama_orchestrator.cli.cluster_cmd import cluster_settings
+    from llama_orchestrator.cluster.placement import cards_in_use
+    from llama_orchestrator.cluster.rayclient import look
+    from llama_orchestrator.states import RUNNING_STATES
+
+    _, nodes = look(cluster_settings(app), app.home.root)
+    running = [
+        (r.name, r.node, r.gpu_devices or [])
+        for r in app.engine.rows()
+        if r.node is not None and r.state in RUNNING_STATES
+    ]
+    cards = cards_in_use(nodes, running)
+    if json_:
+        print_json(cards)
+        return
+    if not cards:
+        say("no node of the cluster declares a card (`llama-orch cluster start --gpu-mib`)")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("NODE", "GPU", "VRAM MiB", "FREE MiB", "INSTANCES"):
+        table.add_column(col)
+    for c in cards:
+        node = c["node"] + ("" if c["alive"] else " (dead)")
+        table.add_row(
+            node,
+            str(c["index"]),
+            str(c["memory_total_mib"]),
+            str(c["memory_free_mib"]),
+            ", ".join(c["instances"]) or "-",
+        )
+    out.print(table)
+    out.print("[dim](from Ray's ledger: each card's declared VRAM and what instances hold)[/]")
 
 
 def register(app: typer.Typer) -> None:

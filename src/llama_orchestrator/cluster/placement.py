@@ -39,6 +39,7 @@ __all__ = [
     "place",
     "check_pin",
     "place_script",
+    "cards_in_use",
     "node_resources",
 ]
 
@@ -290,6 +291,31 @@ def place_script(
     for c in cards:
         asks[card_resource(c.index)] = float(vram_mib or c.total_mib)
     return Placement(node, tuple(sorted(c.index for c in cards)), asks)
+
+
+def cards_in_use(
+    nodes: Iterable[Node], running: Iterable[tuple[str, str, Iterable[int]]]
+) -> list[dict[str, Any]]:
+    """Every card of every llama-orch node, with the instances running on it
+    (`running`: (instance, node, cards)), for `gpus --all-nodes`."""
+    on: dict[tuple[str, int], list[str]] = {}
+    for name, node, cards in running:
+        for d in cards:
+            on.setdefault((node, d), []).append(name)
+    return [
+        {
+            "node": n.name,
+            "ip": n.ip,
+            "alive": n.alive,
+            "index": c.index,
+            "memory_total_mib": c.total_mib,
+            "memory_free_mib": c.free_mib,
+            "instances": sorted(on.get((n.name, c.index), [])),
+        }
+        for n in nodes
+        if n.ours
+        for c in n.cards
+    ]
 
 
 def _cards(need: Need) -> str:

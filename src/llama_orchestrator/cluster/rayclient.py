@@ -19,7 +19,7 @@ from llama_orchestrator.cluster.placement import ACTOR_PREFIX, Node, Placement, 
 from llama_orchestrator.config.settings import ClusterSettings
 from llama_orchestrator.errors import OrchError, UserError
 
-__all__ = ["Cluster", "token_source", "require_ray", "preflight", "TOKEN_HINT"]
+__all__ = ["Cluster", "look", "token_source", "require_ray", "preflight", "TOKEN_HINT"]
 
 TOKEN_HINT = (
     "Make a token once (`ray get-auth-token --generate`, which writes ~/.ray/auth_token) "
@@ -164,6 +164,16 @@ class Cluster:
             for a in list_named_actors(all_namespaces=True)
             if a.get("namespace") == self.namespace and a["name"].startswith(ACTOR_PREFIX)
         )
+
+
+def look(settings: ClusterSettings, home_root: Path) -> tuple[str, list[Node]]:
+    """The home's namespace and the cluster's nodes now (joined and left again)."""
+    cluster = Cluster(settings, home_root)
+    cluster.connect()
+    try:
+        return cluster.namespace, cluster.nodes()
+    finally:
+        cluster.close()
 
 
 def _namespace_of(root: Path) -> str:
