@@ -528,3 +528,29 @@ async def test_a_kill_on_a_full_disk_is_kept_in_memory_and_restarted_once_there_
     kinds = [e.kind for e in disk.events("a")]
     assert kinds == ["starting", "healthy", "exited", "backoff", "backoff", "starting", "healthy"]
     assert disk.events("a")[4].data["disk_full"] is True
+
+
+async def test_a_start_that_must_wait_waits_in_backoff_saying_why_and_counts_no_crash(w):
+    """`NotYet` (a cluster's pinned node lost, no room on any node): the start
+    waits, said once per reason, tried again until it can happen."""
+    from llama_orchestrator.errors import NotYet
+
+    w.fx.add("a")
+    w.fx.health["a"] = HEALTHY
+    lost = NotYet("pinned to node 'n1', which is lost", retry_s=2.0)
+    w.fx.spawn_fails["a"] = lost
+    result = await w.up("a")
+    assert result.outcome == "waiting" and result.notes == [lost.message]
+    r = w.row("a")
+    assert r.state == S.BACKOFF and r.desired == Desired.RUNNING and r.restarts == 0
+    await w.fx.advance(7)  # tried every 2 s, still lost
+    assert w.row("a").state == S.BACKOFF and w.row("a").restarts == 0 and not w.fx.procs
+    w.fx.spawn_fails["a"] = NotYet("no room on any node", retry_s=2.0)
+    await w.fx.advance(2.1)
+    said = [e.message for e in w.store.events("a") if e.kind == "backoff"]
+    assert said == [lost.message, "no room on any node"]  # each reason once
+    del w.fx.spawn_fails["a"]
+    await w.fx.advance(2.5)
+    assert w.row("a").state == S.HEALTHY and len(w.fx.procs) == 1 and w.row("a").restarts == 0
+    await w.sup.down(["a"])
+    assert w.row("a").state == S.STOPPED

@@ -385,7 +385,7 @@ class InstanceRunner:
                 return self._queued_result(p)
             holding = True
         result = await self._spawn(p, c.fresh, c.eager, holding)
-        result.warnings, result.notes = p.warnings, p.notes
+        result.warnings, result.notes = p.warnings, [*p.notes, *result.notes]
         return result
 
     async def _spawn(self, p: Prepared, fresh: bool, eager: bool, holding: bool) -> UpResult:
