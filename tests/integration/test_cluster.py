@@ -150,6 +150,19 @@ def test_instances_are_placed_on_nodes_with_room_and_pinned_to_their_cards(rig):
     assert f"listening on http://{node_ip}:{port}" in logs.stdout + logs.stderr
 
 
+def test_nothing_started_exposes_rays_dashboard_or_job_api(rig):
+    """`cluster start` turns the dashboard off, so no job API either: neither
+    the dashboard's port (8265) nor its agent's (52365) answers anywhere."""
+    import socket
+
+    addresses = [rig.cluster.head_ip, *(h.addr for h in rig.cluster.nodes.values())]
+    for addr in addresses:
+        for port in (8265, 52365):
+            with socket.socket() as s, pytest.raises(OSError):
+                s.settimeout(2)
+                s.connect((addr, port))
+
+
 def test_the_router_serves_every_model_across_nodes(rig):
     from openai import OpenAI
 

@@ -101,7 +101,6 @@ def start(
     if dry_run:
         say(" ".join(argv))
         return
-    app_context(ctx)  # the home's settings checked like any command's
     env = {**os.environ, **START_ENV}
     if block:
         from llama_orchestrator.cluster.node import run_blocking

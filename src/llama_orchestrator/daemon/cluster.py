@@ -57,9 +57,11 @@ log = logging.getLogger("llama_orchestrator.daemon")
 
 #: how often every llama-orch node is checked for whether it answers
 PING_INTERVAL = 1.0
-#: how often the nodes' server logs are copied into the home (also at each
-#: exit, and when `logs` asks)
+#: how often a node's server logs are copied into the home (also at each
+#: exit, and when `logs` asks); a log that had nothing new is looked at half
+#: as often each time, up to LOG_COPY_MAX, and at once again when it grows
 LOG_COPY_INTERVAL = 5.0
+LOG_COPY_MAX = 40.0
 #: how often Ray's list of nodes is read again (a node's reachability is
 #: looked at every PING_INTERVAL; Ray itself calls a node dead after a minute)
 NODES_INTERVAL = 5.0
@@ -82,6 +84,8 @@ class Running:
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     #: how far the home's copy of each of its node's logs goes (None: not yet started)
     offsets: dict[str, int] | None = None
+    copy_every: float = LOG_COPY_INTERVAL  # seconds between looks at its logs now
+    copy_at: float = 0.0  # when they are looked at next
 
 
 @dataclass
@@ -109,7 +113,6 @@ class ClusterEffects(LiveEffects):
         self.seen: dict[str, _NodeSeen] = {}
         self._placing = asyncio.Lock()  # one placement at a time: the ledger stays true
         self._pinger: asyncio.Task[None] | None = None
-        self._copied = float("-inf")  # when the logs were last copied
         self._listed = float("-inf")  # when Ray's nodes were last read
         #: the cluster's nodes as last looked at (each second)
         self.nodes_now: list[Node] = []
@@ -417,8 +420,11 @@ class ClusterEffects(LiveEffects):
                 self._listed = float("-inf")  # Ray's list read again: it may have rejoined
 
         async def copy(name: str, r: Running) -> None:
+            grew = True  # a failed look is tried again soon
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._copy_logs(name, r), timeout)
+                grew = await asyncio.wait_for(self._copy_logs(name, r), timeout)
+            r.copy_every = LOG_COPY_INTERVAL if grew else min(LOG_COPY_MAX, r.copy_every * 2)
+            r.copy_at = self.now() + r.copy_every
 
         await asyncio.gather(*(reach(n) for n in ours))
         now = self.now()
@@ -438,12 +444,9 @@ class ClusterEffects(LiveEffects):
                     self._lose(n.name)
                 else:
                     self._event(None, "node_back", f"node {n.name} ({n.ip}) answers again")
-        if now - self._copied >= LOG_COPY_INTERVAL:
-            self._copied = now
-            away = self.lost()
-            await asyncio.gather(
-                *(copy(name, r) for name, r in list(self.running.items()) if r.node not in away)
-            )
+        away = self.lost()
+        due = [(n, r) for n, r in self.running.items() if r.node not in away and now >= r.copy_at]
+        await asyncio.gather(*(copy(name, r) for name, r in due))
 
     async def _ask(self, r: Running, method: Any, *args: Any, timeout: float = 0.0) -> Any:
         """An actor's answer, given up after `timeout` + `cluster.call_timeout`
@@ -457,14 +460,17 @@ class ClusterEffects(LiveEffects):
             await asyncio.wait({call}, timeout=0.2)
         return call.result()
 
-    async def _copy_logs(self, name: str, r: Running) -> None:
+    async def _copy_logs(self, name: str, r: Running) -> bool:
         """Append what the node's logs of `name` gained to the home's copy
-        (one call to its actor for both streams; big logs in a few)."""
+        (one call to its actor for both streams; big logs in a few);
+        whether they had anything new."""
         log_dir = self.home.log_dir(name)
+        grew = False
         while r.offsets is not None:
             got = await _call(r.actor.read, dict(r.offsets))
             if not any(data for _, data in got.values()):
-                return
+                return grew
+            grew = True
 
             def append(got: dict[str, tuple[int, bytes]] = got) -> None:
                 private_dir(log_dir)
@@ -475,6 +481,7 @@ class ClusterEffects(LiveEffects):
 
             await asyncio.to_thread(append)
             r.offsets = {stream: offset for stream, (offset, _) in got.items()}
+        return grew
 
     def _event(self, instance: str | None, kind: str, message: str) -> None:
         self.engine().store.add_event(instance, kind, message)
