@@ -10,6 +10,7 @@ placement, a killed server, a cut node, the node back, and the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -295,6 +296,35 @@ def test_a_pin_to_a_node_the_cluster_lacks_is_refused_and_nothing_starts(rig, ti
         assert rig.ps()["lost"]["state"] == "created"
     finally:
         rig.cli("rm", "lost")
+
+
+def test_a_killed_actor_or_node_leaves_no_server_behind(rig):
+    """The servers die with what runs them (PR_SET_PDEATHSIG): a killed actor
+    takes its server with it, and the daemon starts the instance again; a
+    node whose Ray is killed outright leaves no server running. Last: n2 is
+    gone for good afterwards."""
+    r = rig.cli("up", "pin2")
+    assert r.returncode == 0, r.stderr
+    (server,) = rig.servers("pin2")
+    actor = server.parent()
+    assert "InstanceHost" in " ".join(actor.cmdline())
+    actor.kill()
+    wait_until(lambda: not server.is_running() or server.status() == "zombie", timeout=15)
+    again = wait_until(
+        lambda: (s := rig.ps()["pin2"])["state"] == "healthy" and s["pid"] != server.pid and s,
+        timeout=60,
+        interval=0.2,
+    )
+    assert again["node"] == "n2" and len(rig.servers("pin2")) == 1
+    (server,) = rig.servers("pin2")
+    ns = rig.cluster.nodes["n2"].ns
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    for pid in map(int, pids.split()):
+        if pid != server.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not server.is_running() or server.status() == "zombie", timeout=30)
+    assert rig.servers("pin2") == []
 
 
 def test_bad_cluster_settings_are_one_sentence_errors(tmp_path, tiny_model):
