@@ -97,6 +97,19 @@ class Home:
         config schema (pydantic's import is ~100 ms of it)."""
         return {n for n in self.instance_names() if _declares_upstream_file(self.config_path(n))}
 
+    def on_cluster(self) -> bool:
+        """Whether llama-orch.json names a cluster (its instances run on Ray's
+        nodes, which only the daemon reaches), read as plain JSON: `ps` needs
+        no settings schema. A file that does not parse says no (the commands
+        that read the settings say what is wrong with it)."""
+        import json
+
+        try:
+            data = json.loads(self.settings_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and data.get("cluster") is not None
+
     def instance_names(self) -> list[str]:
         """Names of every instance folder that holds a config.json, sorted."""
         if not self.instances_dir.is_dir():

@@ -315,3 +315,18 @@ def test_a_script_task_takes_wholly_free_cards_on_one_node_or_waits():
     assert place_script("t", (1,), 1500, nodes, {"b"}).devices == (1,)  # a's card 1 has room
     with pytest.raises(NotYet, match="free card"):
         place_script("t", 2, None, nodes, (), taken={("b", 1)})
+
+
+def test_a_home_on_a_cluster_is_told_from_its_settings_as_plain_json(tmp_path):
+    from llama_orchestrator.home import Home
+
+    home = Home(tmp_path)
+    assert not home.on_cluster()  # no llama-orch.json
+    for text, expected in (
+        ('{"cluster": {"address": "h:1"}}', True),
+        ('{"cluster": null}', False),
+        ('{"router": {"port": 8080}}', False),
+        ("{broken", False),  # said by the commands that read the settings
+    ):
+        home.settings_path.write_text(text)
+        assert home.on_cluster() is expected, text

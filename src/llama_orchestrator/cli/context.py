@@ -99,15 +99,16 @@ class AppContext:
             if info.router_error:
                 say(f"warning: no router: {info.router_error}", to_err=True)
 
-        # a cluster home's servers run on its nodes, which only its daemon reaches
-        clustered = self.engine.settings.cluster is not None
-        return control(self.engine, start_daemon or clustered, started)
+        # a cluster home's servers run on its nodes, which only its daemon reaches:
+        # what changes them starts it (what only looks reads the state as recorded)
+        act = start_daemon or (not self.read_only and self.home.on_cluster())
+        return control(self.engine, act, started)
 
     def unsupervised(self) -> Control:
         """up/down/restart/rm done here, with no daemon (`up --no-daemon`)."""
         from llama_orchestrator.engine.unsupervised import Unsupervised
 
-        if self.engine.settings.cluster is not None:
+        if self.home.on_cluster():
             from llama_orchestrator.errors import UserError
 
             raise UserError(
