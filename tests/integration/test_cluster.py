@@ -92,6 +92,9 @@ def rig(tmp_path_factory, tiny_model, server_bin):
         home, "pin2", tiny_model, placement={"node": "n2"}, gpu={**gpu, "device_id": 0}, **fast
     )
     write_config(home, "free", tiny_model, gpu={"backend": "cuda", "vram_mib": MIB_FREE}, **fast)
+    # on pin2's port: the node with fewer of ours (n2) is not where it can listen
+    port = json.loads(home.config_path("pin2").read_text())["server"]["port"]
+    write_config(home, "twin", tiny_model, server={"port": port, "parallel": 1}, **fast)
     rig = Rig(cluster, home, router)
     try:
         cluster.start_head()
@@ -108,7 +111,7 @@ def rig(tmp_path_factory, tiny_model, server_bin):
 
 
 def test_instances_are_placed_on_nodes_with_room_and_pinned_to_their_cards(rig):
-    r = rig.cli("up", "pin1", "pin2", "free", "--timeout", "120")
+    r = rig.cli("up", "pin1", "pin2", "free", "twin", "--timeout", "120")
     assert r.returncode == 0, r.stdout + r.stderr
     seen = rig.ps()
     assert {n: (s["state"], s["node"]) for n, s in seen.items()} == {
@@ -117,6 +120,7 @@ def test_instances_are_placed_on_nodes_with_room_and_pinned_to_their_cards(rig):
         # the nodes run one of ours each: the one with the most free VRAM on a
         # card, a tie, goes by name
         "free": ("healthy", "n1"),
+        "twin": ("healthy", "n1"),  # n2 runs fewer, but pin2 holds its port there
     }
     assert seen["pin1"]["gpu_devices"] == [1] and seen["pin2"]["gpu_devices"] == [0]
     assert seen["free"]["gpu_devices"] == [0]  # card 1 of n1 holds pin1: it has less room
@@ -134,6 +138,7 @@ def test_instances_are_placed_on_nodes_with_room_and_pinned_to_their_cards(rig):
     assert sorted(next(n for n in status["nodes"] if n["name"] == "n1")["instances"]) == [
         "free",
         "pin1",
+        "twin",
     ]
     # and `gpus --all-nodes`, card by card
     r = rig.cli("gpus", "--all-nodes", "--json")
@@ -169,7 +174,7 @@ def test_the_router_serves_every_model_across_nodes(rig):
 
     client = OpenAI(base_url=f"http://127.0.0.1:{rig.router}/v1", api_key="none", max_retries=0)
     listed = {m.id: m for m in client.models.list().data}
-    assert set(listed) == {"pin1", "pin2", "free"}
+    assert set(listed) == {"pin1", "pin2", "free", "twin"}
     assert listed["pin2"].model_extra["hosts"] == ["n2"]
     for model in ("pin1", "pin2", "free"):
         out = client.completions.create(model=model, prompt="hello", max_tokens=4)
@@ -248,7 +253,7 @@ def test_a_cut_node_moves_its_unpinned_instance_and_its_pinned_one_waits(rig):
 def test_down_stops_every_server_on_every_node_and_frees_the_cards(rig):
     r = rig.cli("down", "--all")
     assert r.returncode == 0, r.stderr
-    for name in ("pin1", "pin2", "free"):
+    for name in ("pin1", "pin2", "free", "twin"):
         assert rig.servers(name) == []
     status = json.loads(rig.cli("cluster", "status", "--json").stdout)
     for node in status["nodes"]:

@@ -330,3 +330,34 @@ def test_a_home_on_a_cluster_is_told_from_its_settings_as_plain_json(tmp_path):
     ):
         home.settings_path.write_text(text)
         assert home.on_cluster() is expected, text
+
+
+def test_instances_on_one_port_are_placed_on_different_nodes():
+    nodes = [node("a", 6144), node("b", 6144)]
+    need = Need(None, (), 0, 0)
+    held = {"a": {8001}, "b": {9000}}
+    assert place("x", need, nodes, (), {}, 8001, held).node.name == "b"
+    assert place("x", need, nodes, (), {}, 8002, held).node.name == "a"
+    with pytest.raises(NotYet, match="and port 8001 free"):
+        place("x", need, nodes, (), {}, 8001, {"a": {8001}, "b": {8001}})
+    with pytest.raises(NotYet, match="port 8001, which another instance holds on node 'a'"):
+        place("x", Need("a", (), 0, 0), nodes, (), {}, 8001, held)
+
+
+def test_on_a_cluster_only_two_instances_pinned_to_one_node_clash_on_a_port(tmp_path, tiny_model):
+    from llama_orchestrator.config.validate import load_all
+    from llama_orchestrator.home import Home
+    from tests.helpers import write_config
+
+    home = Home(tmp_path)
+    home.settings_path.write_text('{"cluster": {"address": "h:1"}}')
+    for name, where in (("a", None), ("b", None), ("c", "n1"), ("d", "n1")):
+        extra = {"placement": {"node": where}} if where else {}
+        write_config(home, name, tiny_model, server={"port": 8001}, **extra)
+    from llama_orchestrator.config.validate import check_instance
+
+    items = load_all(home)
+    clashes = {
+        x.name for x in items for p in check_instance(home, x, items) if p.field == "server.port"
+    }
+    assert clashes == {"c", "d"}  # a and b go where the port is free

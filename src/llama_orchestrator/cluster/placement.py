@@ -210,15 +210,24 @@ def _free_cards(node: Node, need: Need) -> tuple[int, ...] | None:
 
 
 def place(
-    name: str, need: Need, nodes: list[Node], lost: Iterable[str], running: Mapping[str, int]
+    name: str,
+    need: Need,
+    nodes: list[Node],
+    lost: Iterable[str],
+    running: Mapping[str, int],
+    port: int | None = None,
+    ports: Mapping[str, Iterable[int]] | None = None,
 ) -> Placement:
     """The node and cards for `name` now. `lost`: node names that stopped
-    answering (Ray may not know yet); `running`: our instances per node.
+    answering (Ray may not know yet); `running`: our instances per node;
+    `ports`: the ports our other instances hold per node, where one that
+    listens on `port` cannot go.
 
     Raises UserError for a pin no state satisfies, NotYet when the cluster
     has no room now (or a pinned instance's node is lost)."""
     check_pin(name, need, nodes)
     lost = set(lost)
+    taken = {n for n, held in (ports or {}).items() if port is not None and port in held}
     if need.node is not None:
         node = next(n for n in nodes if n.name == need.node and n.ours)
         if not node.alive or node.name in lost:
@@ -226,6 +235,12 @@ def place(
                 f"Instance '{name}' is pinned to node '{node.name}', which is lost; "
                 "it starts there once the node is back.",
                 retry_s=2.0,
+            )
+        if node.name in taken:
+            raise NotYet(
+                f"Instance '{name}' listens on port {port}, which another instance holds on "
+                f"node '{node.name}'; it starts there once the port is free.",
+                retry_s=5.0,
             )
         devices = _free_cards(node, need)
         if devices is None:
@@ -237,7 +252,7 @@ def place(
         return Placement(node, devices, _ask(devices, need.mib))
     ranked = []
     for node in nodes:
-        if not (node.ours and node.alive) or node.name in lost:
+        if not (node.ours and node.alive) or node.name in lost or node.name in taken:
             continue
         devices = _free_cards(node, need)
         if devices is not None:
@@ -246,8 +261,9 @@ def place(
     if not ranked:
         what = f"{need.count} card(s) with {need.mib} MiB free" if need.count else "room"
         up = [n.name for n in nodes if n.ours and n.alive and n.name not in lost]
+        port_note = f", and port {port} free" if taken else ""
         raise NotYet(
-            f"No node of the cluster has {what} for instance '{name}' now "
+            f"No node of the cluster has {what}{port_note} for instance '{name}' now "
             f"(nodes up: {', '.join(up) or 'none'}); it starts once one has.",
             retry_s=5.0,
         )

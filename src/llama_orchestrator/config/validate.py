@@ -88,6 +88,11 @@ def hosts_overlap(a: str, b: str) -> bool:
     return a == b or a in _WILDCARDS or b in _WILDCARDS or {a, b} <= {"127.0.0.1", "localhost"}
 
 
+def _same_node(a: InstanceConfig, b: InstanceConfig) -> bool:
+    node_a = a.placement.node if a.placement else None
+    return node_a is not None and node_a == (b.placement.node if b.placement else None)
+
+
 def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Problem]:
     """Problems of one parsed instance beyond its schema."""
     cfg = item.config
@@ -95,11 +100,16 @@ def check_instance(home: Home, item: Loaded, others: list[Loaded]) -> list[Probl
     file = str(item.path)
     problems: list[Problem] = []
 
+    clustered = home.on_cluster()
     for other in others:
         oc = other.config
         if other.name == item.name or oc is None:
             continue
-        if oc.server.port == cfg.server.port and hosts_overlap(oc.server.host, cfg.server.host):
+        if oc.server.port == cfg.server.port and (
+            # on a cluster, each node has its ports: a clash is two pinned to one
+            # node (the daemon places the others apart, `cluster.placement`)
+            _same_node(cfg, oc) if clustered else hosts_overlap(oc.server.host, cfg.server.host)
+        ):
             problems.append(
                 Problem(
                     file,

@@ -76,6 +76,7 @@ class Running:
     ip: str
     need: Need
     devices: tuple[int, ...] = ()  # the cards it holds
+    port: int = 0  # where it listens on its node
     ref: ProcRef | None = None
     exit: dict[str, Any] | None = None  # how it ended, once it has
     live: bool = False  # its exit watch has not returned
@@ -148,6 +149,7 @@ class ClusterEffects(LiveEffects):
                 pong["ip"],
                 need,
                 tuple(row.gpu_devices or ()),
+                row.port or 0,
                 ProcRef.of(row.pid, row.create_time),
                 live=bool(pong["alive"]),
                 # its logs are copied on from here (what it wrote meanwhile is on its node)
@@ -261,14 +263,17 @@ class ClusterEffects(LiveEffects):
         if r is None:
             nodes = await asyncio.to_thread(self.cluster.nodes)
             per_node: dict[str, int] = {}
-            for other in self.running.values():
-                per_node[other.node] = per_node.get(other.node, 0) + 1
-            where = place(name, need, nodes, self.lost(), per_node)
+            ports: dict[str, set[int]] = {}
+            for other_name, other in self.running.items():
+                if other_name != name and not other.released:
+                    per_node[other.node] = per_node.get(other.node, 0) + 1
+                    ports.setdefault(other.node, set()).add(other.port)
+            where = place(name, need, nodes, self.lost(), per_node, s.port, ports)
             old = await asyncio.to_thread(self.cluster.actor, name)
             if old is not None:  # an actor we no longer know of (its node came back)
                 self.cluster.kill(old)
             actor = await asyncio.to_thread(self.cluster.create, name, where)
-            r = Running(actor, where.node.name, where.node.ip, need, where.devices)
+            r = Running(actor, where.node.name, where.node.ip, need, where.devices, s.port)
         cfg = p.config.model_copy(deep=True)
         cfg.server.host = r.ip
         if need.count:
@@ -291,6 +296,7 @@ class ClusterEffects(LiveEffects):
                 f"Instance '{name}' could not be started on node {r.node}: {_reason(exc)}."
             ) from None
         r.ref, r.exit, r.live = ProcRef(info["pid"], info["create_time"]), None, True
+        r.port = s.port
         if r.offsets is None:  # a new actor: its node's logs of older runs are not copied
             r.offsets = dict(info["sizes"])
         self.running[name] = r
