@@ -71,6 +71,11 @@ def wait_healthy(client: httpx.Client, port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"port {port} never became healthy")
 
 
+def pct(xs: list[float], q: float) -> float:
+    """The q-th percentile (1..99) of `xs`."""
+    return statistics.quantiles(xs, n=100)[int(q) - 1]
+
+
 def median_ms(xs: list[float]) -> float:
     return statistics.median(xs) * 1000
 

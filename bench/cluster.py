@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import free_port  # noqa: E402
+from _common import free_port, pct  # noqa: E402
 from daemon_footprint import measure  # noqa: E402
 
 from llama_orchestrator.models.tiny import write_tiny_model  # noqa: E402
@@ -50,10 +49,6 @@ BODY = {"model": "solo", "prompt": "Hi", "n_predict": 1, "cache_prompt": True}
 P50_TARGET_MS = 1.0
 CUT_TARGET_S = 3.0
 MOVE_MARGIN_S = 5.0
-
-
-def pct(xs: list[float], q: int) -> float:
-    return statistics.quantiles(xs, n=100)[q - 1]
 
 
 def write(

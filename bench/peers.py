@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import cli, free_port, model_and_binary, wait_healthy, write_instance  # noqa: E402
+from _common import cli, free_port, model_and_binary, pct, wait_healthy, write_instance  # noqa: E402
 from daemon_footprint import measure  # noqa: E402
 
 #: only B serves `solo`: a request for it goes to B, directly or through A
@@ -97,10 +96,6 @@ def latency(client: httpx.Client, direct: str, via: str, n: int) -> dict[str, li
             if i >= 20:  # after warm-up: connections open, the prompt cached
                 times[label].append((time.perf_counter() - t) * 1000)
     return times
-
-
-def pct(xs: list[float], q: float) -> float:
-    return statistics.quantiles(xs, n=100)[int(q) - 1]
 
 
 def main() -> None:

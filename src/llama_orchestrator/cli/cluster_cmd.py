@@ -129,14 +129,14 @@ def status(
 ) -> None:
     """The cluster's nodes, their cards and free VRAM, and what runs where."""
     from llama_orchestrator.cluster.rayclient import look
+    from llama_orchestrator.engine.views import on_nodes
 
     app = app_context(ctx)
     settings = cluster_settings(app)
     namespace, nodes = look(settings, app.home.root)
     where: dict[str, list[str]] = {}
-    for row in app.engine.rows():
-        if row.node is not None and row.state.value in ("starting", "healthy", "unhealthy"):
-            where.setdefault(row.node, []).append(row.name)
+    for name, node, _ in on_nodes(app.engine):
+        where.setdefault(node, []).append(name)
     if json_:
         print_json(
             {

@@ -79,15 +79,10 @@ def _all_nodes(app: Any, json_: bool) -> None:
     from llama_orchestrator.cli.cluster_cmd import cluster_settings
     from llama_orchestrator.cluster.placement import cards_in_use
     from llama_orchestrator.cluster.rayclient import look
-    from llama_orchestrator.states import RUNNING_STATES
+    from llama_orchestrator.engine.views import on_nodes
 
     _, nodes = look(cluster_settings(app), app.home.root)
-    running = [
-        (r.name, r.node, r.gpu_devices or [])
-        for r in app.engine.rows()
-        if r.node is not None and r.state in RUNNING_STATES
-    ]
-    cards = cards_in_use(nodes, running)
+    cards = cards_in_use(nodes, on_nodes(app.engine))
     if json_:
         print_json(cards)
         return

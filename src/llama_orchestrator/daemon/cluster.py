@@ -139,7 +139,7 @@ class ClusterEffects(LiveEffects):
             if row is None or row.node is None or pong is None or pong["pid"] != row.pid:
                 # no record of it (a daemon that died between the start and the
                 # record), or the record is of another run: it must not serve
-                self.cluster.kill(actor)
+                await self._kill(actor)
                 continue
             cfg = self.config(name)
             need = self._need_of_config(name, cfg) if cfg else Need(None, (), 0, 0)
@@ -258,7 +258,7 @@ class ClusterEffects(LiveEffects):
         if r is not None and r.live and r.ref is not None:
             return UpResult(name, "already running", r.ref.pid, s.port, host=r.ip)
         if r is not None and (r.released or r.need != need or r.node in self.lost()):
-            self._let_go(name)  # let go already, placed for another config, or on a lost node
+            await self._let_go(name)  # let go already, placed for another config, or on a lost node
             r = None
         if r is None:
             nodes = await asyncio.to_thread(self.cluster.nodes)
@@ -271,7 +271,7 @@ class ClusterEffects(LiveEffects):
             where = place(name, need, nodes, self.lost(), per_node, s.port, ports)
             old = await asyncio.to_thread(self.cluster.actor, name)
             if old is not None:  # an actor we no longer know of (its node came back)
-                self.cluster.kill(old)
+                await self._kill(old)
             actor = await asyncio.to_thread(self.cluster.create, name, where)
             r = Running(actor, where.node.name, where.node.ip, need, where.devices, s.port)
         cfg = p.config.model_copy(deep=True)
@@ -290,7 +290,7 @@ class ClusterEffects(LiveEffects):
                 _call(r.actor.start, launch.argv, launch.added_env), self.settings.call_timeout
             )
         except Exception as exc:
-            self.cluster.kill(r.actor)
+            await self._kill(r.actor)
             self.running.pop(name, None)
             raise StartFailed(
                 f"Instance '{name}' could not be started on node {r.node}: {_reason(exc)}."
@@ -342,7 +342,7 @@ class ClusterEffects(LiveEffects):
                 log.warning(f"{name}: stopping it on node {r.node} failed: {_reason(exc)}")
         desired = await self.in_thread(lambda e: e.store.get_or_new(name).desired)
         if desired == Desired.STOPPED or r.node in self.lost() or not graceful and r.exit is None:
-            self._let_go(name, keep_exit=True)  # its resources back to the ledger
+            await self._let_go(name, keep_exit=True)  # its resources back to the ledger
         r.live = False
         return graceful
 
@@ -394,7 +394,7 @@ class ClusterEffects(LiveEffects):
                     await asyncio.wait_for(self._copy_logs(name, r), self.settings.call_timeout)
 
     async def forget(self, name: str) -> None:
-        self._let_go(name)
+        await self._let_go(name)
         await super().forget(name)
 
     # --- nodes ------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ class ClusterEffects(LiveEffects):
                         f"node {n.name} ({n.ip}) has not answered for {now - seen.last_ok:.0f}s; "
                         "its unpinned instances start elsewhere, the pinned ones wait for it",
                     )
-                    self._lose(n.name)
+                    await self._lose(n.name)
                 else:
                     self._event(None, "node_back", f"node {n.name} ({n.ip}) answers again")
         away = self.lost()
@@ -497,7 +497,11 @@ class ClusterEffects(LiveEffects):
     def _name_of(self, ref: ProcRef) -> str | None:
         return next((n for n, r in self.running.items() if r.ref == ref), None)
 
-    def _lose(self, node: str) -> None:
+    async def _kill(self, actor: Any) -> None:
+        """Ray's kill of an actor (a call to the head, off the event loop)."""
+        await asyncio.to_thread(self.cluster.kill, actor)
+
+    async def _lose(self, node: str) -> None:
         """A lost node's servers count as ended: their actors let go (Ray's
         ledger frees their cards; each actor's fence stops its server if the
         node comes back) and their exit watches end, so that the restart
@@ -505,14 +509,14 @@ class ClusterEffects(LiveEffects):
         for name, r in list(self.running.items()):
             if r.node == node and not r.released:
                 r.exit = self._lost_exit(node)
-                self._let_go(name, keep_exit=True)
+                await self._let_go(name, keep_exit=True)
                 r.gone.set()
 
-    def _let_go(self, name: str, keep_exit: bool = False) -> None:
+    async def _let_go(self, name: str, keep_exit: bool = False) -> None:
         r = self.running.get(name)
         if r is None:
             return
-        self.cluster.kill(r.actor)
+        await self._kill(r.actor)
         if keep_exit:  # its end is still to be read (exit_info)
             r.live, r.released = False, True
         else:
@@ -596,7 +600,7 @@ class ClusterScripts:
         except Exception as exc:
             return {"error": f"node {where.node.name} did not run it: {_reason(exc)}"}
         finally:  # cancelled, timed out or done: its command and its cards go
-            cluster.kill(actor)
+            await asyncio.to_thread(cluster.kill, actor)
             self.taken.pop(key, None)
 
 

@@ -117,6 +117,15 @@ def status_reply(engine: Engine) -> StatusReply:
     return StatusReply(collect(engine), pinned_gpu_warnings(engine))
 
 
+def on_nodes(engine: Engine) -> list[tuple[str, str, list[int]]]:
+    """A cluster home's running instances as recorded: (name, node, cards)."""
+    return [
+        (r.name, r.node, r.gpu_devices or [])
+        for r in engine.rows()
+        if r.node is not None and r.state in RUNNING_STATES
+    ]
+
+
 def probe(engine: Engine, name: str) -> health.ProbeResult:
     """One instance's /health now, as `probe` asks it (down when not running)."""
     row = engine.rows([name])[0]
